@@ -1,0 +1,5 @@
+import sys
+
+from medalloy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,225 @@
+"""The ``medalloy`` command: a thin layer over the Python API (every subcommand calls one function).
+
+Errors a user can fix (:class:`~medalloy.errors.MedalloyError`) print as one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from medalloy.errors import MedalloyError
+
+
+def _labels(pairs: Sequence[str] | None) -> dict[str, int] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise MedalloyError(f"--label '{pair}' is not NAME=VALUE", fix="write e.g. --label polyp=1")
+        out[name.strip()] = int(value)
+    return out
+
+
+def cmd_data_check(a: argparse.Namespace) -> int:
+    from medalloy.data.check import check_dataset, format_report
+
+    problems = check_dataset(a.dataset, progress=not a.quiet)
+    print(format_report(problems, a.dataset))
+    return 1 if problems else 0
+
+
+def cmd_data_import(a: argparse.Namespace) -> int:
+    from medalloy.data.importer import import_folders
+
+    ds = import_folders(a.images, a.masks, a.out, source=a.source, labels=_labels(a.label), overwrite=a.overwrite, progress=not a.quiet)
+    print(f"{ds.root}: {len(ds.cases)} cases, sources {ds.sources}, labels {ds.spec.labels}")
+    return 0
+
+
+def cmd_data_synth(a: argparse.Namespace) -> int:
+    from medalloy.data.synth import generate_collection
+
+    paths = generate_collection(a.out, seed=a.seed, cases_per_source=a.cases, overwrite=a.overwrite, progress=not a.quiet)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_data_split(a: argparse.Namespace) -> int:
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.splits import kfold_splits, leave_one_source_out, save_splits
+
+    ds = RawDataset(a.dataset)
+    splits = leave_one_source_out(ds.cases) if a.loso else kfold_splits(ds.cases, k=a.folds, seed=a.seed)
+    out = Path(a.out) if a.out else ds.root / ("splits_loso.json" if a.loso else "splits_final.json")
+    save_splits(splits, out, overwrite=a.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from medalloy.planning.planner import plan_and_save
+
+    out = Path(a.out) if a.out else Path(a.dataset) / "plan.json"
+    kw = {k: v for k, v in {"max_2d_side": a.max_2d_side, "base_filters": a.base_filters, "force_dim": a.dim}.items() if v is not None}
+    plan = plan_and_save(a.dataset, out, overwrite=a.overwrite, progress=not a.quiet, **kw)
+    print(f"{out}: {plan.dim}D, patch {plan.patch_size}, spacing {plan.target_spacing}, batch {plan.batch_size}, filters {plan.network.filters}")
+    for note in plan.notes:
+        print(f"  - {note}")
+    return 0
+
+
+def cmd_train_expert(a: argparse.Namespace) -> int:
+    from medalloy.recipes.expert import train_expert
+
+    res = train_expert(
+        a.dataset, a.out, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device,
+    )
+    best = res.get("best", {}) or {}
+    print(f"{a.out}: {res['steps']} steps in {res['seconds']:.0f} s ({res['images_per_s']:.1f} images/s, {res['precision']}); best val Dice {best.get('value')}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from medalloy.predict import predict_folder
+
+    files = predict_folder(
+        a.run, a.input, a.output, tta=a.tta, probabilities=a.probabilities, checkpoint=a.checkpoint,
+        device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet,
+    )
+    print(f"{a.output}: {len(files)} predictions")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from medalloy.evaluation import evaluate_folders
+
+    res = evaluate_folders(a.pred, a.gt, dataset=a.dataset, out_dir=a.out, overwrite=a.overwrite, progress=not a.quiet)
+    out = Path(a.out) if a.out else Path(a.pred) / "evaluation"
+    print((out / "summary.md").read_text() if (out / "summary.md").exists() else json.dumps(res.get("summary", {}), indent=1))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from medalloy.demo import run_demo
+
+    report = run_demo(a.out, overwrite=a.overwrite, steps=a.steps, seed=a.seed, progress=not a.quiet)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medalloy import __version__
+
+    p = argparse.ArgumentParser(prog="medalloy", description="Universal medical image segmentation from many datasets and models.")
+    p.add_argument("--version", action="version", version=f"medalloy {__version__}")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets: check, import, synthesise, split").add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("check", help="list every problem of an nnU-Net raw dataset (exit 1 if any)")
+    c.add_argument("dataset")
+    c.set_defaults(fn=cmd_data_check)
+    c = data.add_parser("import-folders", help="images/ + masks/ folders into an nnU-Net raw dataset (PNG)")
+    c.add_argument("--images", required=True)
+    c.add_argument("--masks", required=True)
+    c.add_argument("--out", required=True, help="DatasetNNN_Name folder (created, or extended with a new source)")
+    c.add_argument("--source", required=True, help="centre/scanner/site name of these cases")
+    c.add_argument("--label", action="append", metavar="NAME=VALUE", help="label map entry (repeatable); default foreground=1")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_data_import)
+    c = data.add_parser("synth", help="write the built-in synthetic multi-site collection")
+    c.add_argument("--out", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cases", type=int, default=10, help="training cases per source")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_data_synth)
+    c = data.add_parser("split", help="write k-fold (by patient when known) or leave-one-source-out splits")
+    c.add_argument("dataset")
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--loso", action="store_true", help="leave-one-source-out instead of k-fold")
+    c.add_argument("--out", default=None)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_data_split)
+
+    c = sub.add_parser("plan", help="fingerprint a dataset and write an editable plan JSON")
+    c.add_argument("dataset")
+    c.add_argument("--out", default=None, help="default DATASET/plan.json")
+    c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="force 2D or 3D")
+    c.add_argument("--max-2d-side", type=int, default=None)
+    c.add_argument("--base-filters", type=int, default=None)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_plan)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
+    c = train.add_parser("expert", help="one nnU-Net-style U-Net for one dataset")
+    c.add_argument("dataset")
+    c.add_argument("--out", required=True)
+    c.add_argument("--fold", type=int, default=None, help="fold of 5 (default 0; -1 = train on all)")
+    c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
+    c.add_argument("--config", default=None, help="YAML with train/augment settings")
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+    c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_train_expert)
+
+    c = sub.add_parser("predict", help="segment a folder of images with a trained run")
+    c.add_argument("run", help="run folder or .safetensors checkpoint")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--tta", action="store_true", help="average over mirrored inputs")
+    c.add_argument("--probabilities", action="store_true", help="also write CASE.npz with class probabilities")
+    c.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_predict)
+
+    c = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predictions against ground truth")
+    c.add_argument("--pred", required=True)
+    c.add_argument("--gt", required=True)
+    c.add_argument("--dataset", default=None, help="dataset folder, for labels, sources and images in overlays")
+    c.add_argument("--out", default=None, help="default PRED/evaluation")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_evaluate)
+
+    c = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data")
+    c.add_argument("--out", default="runs/demo")
+    c.add_argument("--steps", type=int, default=None, help="training steps per expert")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.fn(args) or 0)
+    except MedalloyError as exc:
+        print(f"medalloy: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medalloy: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

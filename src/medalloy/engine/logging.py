@@ -1,0 +1,76 @@
+"""Run logs: ``metrics.jsonl`` (one JSON object per training log step or validation) and a curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl``; on resume, rows past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            # A killed run may have logged steps whose checkpoint was never written: those are redone.
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path) if self.path.exists() else []
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """Training loss (raw and smoothed) and every validation metric against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("kind") == "train" and "loss" in r]
+    val = [r for r in rows if r.get("kind") == "val"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+    if train:
+        steps = [r["step"] for r in train]
+        loss = [r["loss"] for r in train]
+        axes[0].plot(steps, loss, color="0.75", lw=0.8, label="loss")
+        smooth, acc = [], None
+        for v in loss:
+            acc = v if acc is None or not math.isfinite(acc) else 0.9 * acc + 0.1 * v
+            smooth.append(acc)
+        axes[0].plot(steps, smooth, color="C0", lw=1.5, label="loss (EMA 0.9)")
+        axes[0].set_yscale("log" if min(loss) > 0 else "linear")
+        axes[0].legend(fontsize=7)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss", fontsize=9)
+    keys = sorted({k for r in val for k in r if k.startswith("val/")})
+    for i, k in enumerate(keys):
+        pts = [(r["step"], r[k]) for r in val if isinstance(r.get(k), (int, float))]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", ms=3, lw=1.2, color=f"C{i % 10}", label=k[4:])
+    if keys:
+        axes[1].legend(fontsize=7)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("validation", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out

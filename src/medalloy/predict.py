@@ -1,0 +1,110 @@
+"""``medalloy predict RUN --input DIR --output DIR``: label maps in the input's format and geometry.
+
+Input cases follow nnU-Net's naming (``CASE_0000.ext`` [+ ``CASE_0001.ext`` ...]); a folder of plain
+images (no channel suffix) is read one case per file. Outputs are ``CASE.ext`` (DICOM inputs become
+``.nii.gz`` for volumes, ``.png`` for 2D), and with ``--probabilities`` also ``CASE.npz`` holding
+``probabilities`` ``(K, *spatial)`` float16, as nnU-Net writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medalloy.data.io import READABLE_ENDINGS, file_ending, read_image, write_label
+from medalloy.engine.checkpoint import read_record
+from medalloy.engine.inference import Predictor
+from medalloy.errors import MedalloyError
+from medalloy.runs import resolve_checkpoint
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def find_input_cases(folder: str | Path) -> dict[str, list[Path]]:
+    """Case id -> channel files, sorted by channel index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedalloyError("input folder not found", folder, "give a folder of images (nnU-Net naming CASE_0000.ext)")
+    cases: dict[str, dict[int, Path]] = {}
+    for p in sorted(folder.iterdir()):
+        ending = file_ending(p)
+        if p.name.startswith(".") or ending not in READABLE_ENDINGS:
+            continue
+        stem = p.name[: -len(ending)]
+        m = _CHANNEL.match(stem)
+        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
+        if ch in cases.setdefault(case, {}):
+            raise MedalloyError(f"two files for case '{case}' channel {ch}", p, "keep one file per case and channel")
+        cases[case][ch] = p
+    if not cases:
+        raise MedalloyError("no images found", folder, f"put images ending in one of {', '.join(READABLE_ENDINGS)} there")
+    return {c: [chs[k] for k in sorted(chs)] for c, chs in cases.items()}
+
+
+def output_ending(input_file: Path, ndim: int) -> str:
+    ending = file_ending(input_file)
+    if ending in (".jpg", ".jpeg"):
+        return ".png"  # masks must be lossless
+    if ending == ".dcm" or input_file.is_dir():
+        return ".nii.gz" if ndim == 3 else ".png"
+    return ending
+
+
+def load_model(checkpoint: Path, device: str = "cpu"):
+    """Model, plan and record for any segmentation method's checkpoint."""
+    record = read_record(checkpoint)
+    method = record.get("method")
+    if method == "expert":
+        from medalloy.recipes.expert import load_expert
+
+        return load_expert(checkpoint, device)
+    raise MedalloyError(f"cannot predict with a '{method}' checkpoint yet", checkpoint, "use an expert run")
+
+
+def predict_folder(
+    run: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tta: bool = False,
+    probabilities: bool = False,
+    checkpoint: str = "best",
+    device: str = "auto",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files."""
+    import torch
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    ckpt_path = resolve_checkpoint(run, checkpoint)
+    model, plan, record = load_model(ckpt_path, dev)
+    cases = find_input_cases(input_dir)
+    out = Path(output_dir)
+    existing = [c for c in cases if any(out.glob(f"{c}.*"))] if out.exists() else []
+    if existing and not overwrite:
+        raise MedalloyError(f"predictions exist already (e.g. {existing[0]})", out, "pass --overwrite or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta)
+    written = []
+    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
+        image, meta = read_image(files)
+        probs = predictor.predict_probabilities(image, meta, files[0])
+        label = predictor.to_labels(probs)
+        target = out / f"{case}{output_ending(files[0], meta.ndim)}"
+        write_label(target, label, meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+        if probabilities:
+            tmp = out / f".tmp-{case}.npz"
+            np.savez_compressed(tmp, probabilities=probs.numpy().astype(np.float16))
+            tmp.replace(out / f"{case}.npz")
+        written.append(target)
+    return written
+
+
+def describe(record: dict[str, Any]) -> str:
+    tasks = ", ".join(t["dataset"] for t in record.get("tasks", []))
+    return f"{record.get('method')} model for {tasks} (step {record.get('step')})"

@@ -1,0 +1,1 @@
+"""One file per method: each wires data, model and loss, then calls the engine."""
