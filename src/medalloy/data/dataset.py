@@ -96,6 +96,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)

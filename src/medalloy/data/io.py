@@ -221,6 +221,7 @@ def _atomic_target(path: Path) -> tuple[Path, str]:
     ending = file_ending(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ending, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should be as readable as any other
     return Path(tmp), ending
 
 
@@ -252,7 +253,8 @@ def _write_array(path: Path, data: np.ndarray, meta: ImageMeta | None) -> None:
                 arr, mode = np.moveaxis(data, 0, -1).astype(np.uint8), "RGB"
             else:
                 raise MedalloyError(f"cannot write {data.shape[0]} channels to PNG", path, "write one file per channel")
-            Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+            # Low zlib effort: several times faster to write, files ~10% larger, pixels identical.
+            Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG", compress_level=1)
         elif ending in NIFTI_ENDINGS:
             import nibabel as nib
 

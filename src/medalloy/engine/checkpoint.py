@@ -49,6 +49,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], record: 
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)
     try:
         save_file(flat, tmp, metadata={META_KEY: text})
         os.replace(tmp, path)

@@ -128,6 +128,7 @@ def train_expert(
 ) -> dict[str, Any]:
     """Train one expert on ``dataset`` (an nnU-Net raw folder); returns the run summary (``run.json``)."""
     from medalloy.data.splits import split_for_fold
+    from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
 
     ds = RawDataset(dataset)
@@ -143,7 +144,7 @@ def train_expert(
     elif resume and (run / "plan.json").exists():
         the_plan = load_plan(run / "plan.json")
     else:
-        the_plan = plan_dataset(ds)
+        the_plan = plan_dataset(ds, fingerprint(ds, progress=progress))
     if cfg.batch_size:
         the_plan = the_plan.model_copy(update={"batch_size": cfg.batch_size})
     missing = sorted(set(ds.spec.labels.values()) - set(the_plan.label_values))
