@@ -130,6 +130,19 @@ def _check_label_values(path: Path, labels: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _test_case_ids(root: Path, ending: str) -> set[str]:
+    folder = root / "imagesTs"
+    if not folder.is_dir():
+        return set()
+    ids = set()
+    for p in folder.iterdir():
+        if p.name.endswith(ending):
+            m = re.match(r"^(?P<case>.+)_\d{4}$", p.name[: -len(ending)])
+            if m:
+                ids.add(m["case"])
+    return ids
+
+
 def _check_bookkeeping(root: Path, raw: dict, spec: DatasetSpec, case_ids: set[str]) -> list[Problem]:
     """``numTraining`` and the cases listed under ``"medalloy"`` must match the cases on disk."""
     path = root / "dataset.json"
@@ -141,7 +154,9 @@ def _check_bookkeeping(root: Path, raw: dict, spec: DatasetSpec, case_ids: set[s
     listed = spec.extension.get("cases", {}) if isinstance(spec.extension, dict) else {}
     if not isinstance(listed, dict):
         return problems + [Problem(path, f"'{EXTENSION_KEY}.cases' is not an object", "make it {\"CASE\": {\"source\": ..., \"patient\": ...}}")]
-    missing = sorted(set(listed) - case_ids)
+    # Held-out cases in imagesTs/ may carry a source too (per-source test summaries need it).
+    test_ids = _test_case_ids(root, spec.file_ending)
+    missing = sorted(set(listed) - case_ids - test_ids)
     if missing:
         problems.append(
             Problem(path, f"{len(missing)} case(s) listed under '{EXTENSION_KEY}.cases' do not exist: {_some(missing)}", "remove them from dataset.json or add their files")
