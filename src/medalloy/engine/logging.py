@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,10 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
         steps = [r["step"] for r in train]
         loss = [r["loss"] for r in train]
         axes[0].plot(steps, loss, color="0.75", lw=0.8, label="loss")
-        smooth, acc = [], None
-        for v in loss:
-            acc = v if acc is None or not math.isfinite(acc) else 0.9 * acc + 0.1 * v
-            smooth.append(acc)
-        axes[0].plot(steps, smooth, color="C0", lw=1.5, label="loss (EMA 0.9)")
+        # Trailing mean over a tenth of the points: smooth on long runs, not lagging on short ones.
+        w = max(1, len(loss) // 10)
+        smooth = [sum(loss[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
+        axes[0].plot(steps, smooth, color="C0", lw=1.5, label=f"loss (mean of {w})")
         axes[0].set_yscale("log" if min(loss) > 0 else "linear")
         axes[0].legend(fontsize=7)
     axes[0].set_xlabel("step")

@@ -306,7 +306,7 @@ class Trainer:
                 log.write({**row, "images_per_s": images * self.dist.world_size / max(elapsed, 1e-9), "data_fraction": data_time / max(elapsed, 1e-9)})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", refresh=False)
             if self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps:
                 metrics = self._validate()
                 barrier(self.dist)
