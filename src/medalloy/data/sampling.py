@@ -83,7 +83,9 @@ class PatchSampler:
             if self.transforms is not None:
                 self.transforms.set_random_state(seed=int(rng.integers(2**31)))
                 out = self.transforms({"image": img_t, "label": lab_t})
-                img_t, lab_t = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+                # MONAI returns MetaTensors; plain tensors spare the network MetaTensor's per-op overhead.
+                img_t = torch.as_tensor(out["image"]).as_subclass(torch.Tensor)
+                lab_t = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)
             images.append(img_t.float())
             labels.append(lab_t.round().long())
         return {"image": torch.stack(images), "label": torch.stack(labels)}

@@ -82,7 +82,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(meta[META_KEY])
     except json.JSONDecodeError:
         raise MedalloyError("checkpoint record is not valid JSON", path, "the file is corrupt: retrain or restore it") from None
-    if record.get("format") != FORMAT:
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise MedalloyError("not a medalloy checkpoint", path, "load only checkpoints written by medalloy")
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise MedalloyError(
