@@ -95,8 +95,8 @@ def test_png_dataset_values_files_and_overlays(png_dataset):
     assert result["labels"] == {"background": 0, "a": 1, "b": 2}
 
     # the file holds exactly what was returned
-    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(result))
-    md = (out / "summary.md").read_text()
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| a | 0.750 ± 0.204 | 1.00 ± 0.82 | 0.889 ± 0.157 |" in md
     assert "siteA" in md and "siteB" in md  # one table per source
 
@@ -143,7 +143,7 @@ def test_nifti_inferred_labels_spacing_and_blank_overlays(tmp_path):
     assert result["per_case"]["v2"]["label_2"] == {"dice": 0.0, "hd95": pytest.approx(diag), "nsd": 0.0}
     assert result["sources"] == {"v1": "default", "v2": "default"}
     assert set(result["summary"]["per_source"]) == {"default"}
-    assert "## Source" not in (out / "summary.md").read_text()  # a single source gets no extra table
+    assert "## Source" not in (out / "summary.md").read_text(encoding="utf-8")  # a single source gets no extra table
     names = sorted(p.name for p in out.glob("overlay_*.png"))
     assert names == ["overlay_best_v1.png", "overlay_median_v2.png", "overlay_worst_v2.png"]
     for name in names:
@@ -215,14 +215,14 @@ def test_refuses_to_overwrite(png_dataset):
     root, pred_dir = png_dataset
     out = pred_dir / "evaluation"
     evaluate_folders(pred_dir, root / "labelsTr", dataset=root, progress=False)
-    before = (out / "summary.json").read_text()
+    before = (out / "summary.json").read_text(encoding="utf-8")
     write_label(pred_dir / "c2.png", CASES["c2"][0])  # c2 now perfect: best c2, median c1, worst c3
     with pytest.raises(MedalloyError, match="already exist.*overwrite"):
         evaluate_folders(pred_dir, root / "labelsTr", dataset=root, progress=False)
-    assert (out / "summary.json").read_text() == before
+    assert (out / "summary.json").read_text(encoding="utf-8") == before
     result = evaluate_folders(pred_dir, root / "labelsTr", dataset=root, progress=False, overwrite=True)
     assert result["per_case"]["c2"]["b"]["dice"] == pytest.approx(1.0)
-    assert json.loads((out / "summary.json").read_text())["per_case"]["c2"]["b"]["dice"] == pytest.approx(1.0)
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["per_case"]["c2"]["b"]["dice"] == pytest.approx(1.0)
     # the previous run's overlays are replaced, not left beside the new ones
     assert sorted(p.name for p in out.glob("overlay_*.png")) == ["overlay_best_c2.png", "overlay_median_c1.png", "overlay_worst_c3.png"]
 

@@ -104,7 +104,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     res = evaluate_folders(a.pred, a.gt, dataset=a.dataset, out_dir=a.out, overwrite=a.overwrite, progress=not a.quiet)
     out = Path(a.out) if a.out else Path(a.pred) / "evaluation"
-    print((out / "summary.md").read_text() if (out / "summary.md").exists() else json.dumps(res.get("summary", {}), indent=1))
+    print((out / "summary.md").read_text(encoding="utf-8") if (out / "summary.md").exists() else json.dumps(res.get("summary", {}), indent=1))
     return 0
 
 

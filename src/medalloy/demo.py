@@ -101,6 +101,6 @@ def _write_report(root: Path, rows: list[dict[str, Any]], seconds: float) -> Pat
         lines.append("")
     path = root / "report.md"
     tmp = path.with_name(".tmp-report.md")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path

@@ -35,7 +35,7 @@ def prepare_output(out: str | Path, overwrite: bool = False, resume: bool = Fals
 
 def read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedalloyError(f"{what} not found", path, fix) from None
     except json.JSONDecodeError as exc:

@@ -56,13 +56,13 @@ def make_nifti(root: Path, n: int = 2, channels: int = 1) -> Path:
 
 
 def _edit_json(root: Path, **changes) -> None:
-    data = json.loads((root / "dataset.json").read_text())
+    data = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             data.pop(key, None)
         else:
             data[key] = value
-    (root / "dataset.json").write_text(json.dumps(data))
+    (root / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
 
 
 def _only(problems: list[Problem], path: Path, *words: str) -> Problem:
@@ -108,7 +108,7 @@ def test_missing_dataset_json(tmp_path: Path) -> None:
 
 def test_invalid_json(tmp_path: Path) -> None:
     root = make_png(tmp_path / "D")
-    (root / "dataset.json").write_text('{"labels": {"a": 1},\n "x": }')
+    (root / "dataset.json").write_text('{"labels": {"a": 1},\n "x": }', encoding="utf-8")
     _only(check_dataset(root, progress=False), root / "dataset.json", "invalid JSON", "line 2")
 
 
@@ -350,5 +350,5 @@ def test_real_datasets_have_no_problem(shared_data: Path, name: str) -> None:
         pytest.skip(f"{root} not found")
     problems = check_dataset(root, progress=False)
     assert [str(p) for p in problems] == []
-    n = json.loads((root / "dataset.json").read_text())["numTraining"]
+    n = json.loads((root / "dataset.json").read_text(encoding="utf-8"))["numTraining"]
     assert format_report(problems, root) == f"{name}: {n} cases, 0 problems"

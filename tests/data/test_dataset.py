@@ -28,7 +28,7 @@ def _write(root: Path, cases: dict[str, int], labelled: set[str], extras: dict |
         (root / "imagesTs").mkdir(exist_ok=True)
         write_image(root / "imagesTs" / f"{cid}_0000.nii.gz", np.zeros((1, 4, 4, 3), np.float32))
     spec = make_dataset_json({"0": "T1", "1": "T2"}, {"background": 0, "tumour": 2}, len(cases), ".nii.gz", "Toy", cases=extras, modality="MR")
-    (root / "dataset.json").write_text(json.dumps(spec))
+    (root / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
 
 
 def test_discovery_of_channels_cases_labels_and_extras(tmp_path):
@@ -36,7 +36,7 @@ def test_discovery_of_channels_cases_labels_and_extras(tmp_path):
     _write(tmp_path, {"b": 2, "a": 2, "c": 2}, labelled={"a", "b"}, extras=extras)
     # files that are not cases are ignored
     (tmp_path / "imagesTr" / ".hidden_0000.nii.gz").write_bytes(b"x")
-    (tmp_path / "imagesTr" / "notes.txt").write_text("x")
+    (tmp_path / "imagesTr" / "notes.txt").write_text("x", encoding="utf-8")
     (tmp_path / "imagesTr" / "nochannel.nii.gz").write_bytes(b"x")
     ds = RawDataset(tmp_path)
     assert [c.case_id for c in ds.cases] == ["a", "b", "c"]
@@ -86,14 +86,14 @@ def test_missing_folder_and_missing_dataset_json(tmp_path):
 
 
 def test_bad_json(tmp_path):
-    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0,}')
+    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0,}', encoding="utf-8")
     with pytest.raises(MedalloyError, match="invalid JSON") as exc:
         RawDataset(tmp_path)
     _one_line(exc, tmp_path / "dataset.json")
 
 
 def test_missing_required_field(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}), encoding="utf-8")
     with pytest.raises(MedalloyError, match="file_ending") as exc:
         RawDataset(tmp_path)
     _one_line(exc, tmp_path / "dataset.json")
@@ -101,7 +101,7 @@ def test_missing_required_field(tmp_path):
 
 def test_region_labels_rejected(tmp_path):
     spec = make_dataset_json({"0": "T1"}, {"background": 0, "whole": [1, 2]}, 1, ".nii.gz", "R")  # type: ignore[dict-item]
-    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    (tmp_path / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
     (tmp_path / "imagesTr").mkdir()
     with pytest.raises(MedalloyError) as exc:
         RawDataset(tmp_path)
@@ -111,7 +111,7 @@ def test_region_labels_rejected(tmp_path):
 
 def test_missing_images_tr(tmp_path):
     spec = make_dataset_json({"0": "T1"}, {"background": 0, "a": 1}, 1, ".nii.gz", "R")
-    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    (tmp_path / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(MedalloyError, match="no imagesTr/ folder") as exc:
         RawDataset(tmp_path)
     _one_line(exc, tmp_path)

@@ -36,7 +36,7 @@ def make_input(root: Path, stems: list[str], grey: bool = False, img_ext: str = 
 
 
 def _json(out: Path) -> dict:
-    return json.loads((out / "dataset.json").read_text())
+    return json.loads((out / "dataset.json").read_text(encoding="utf-8"))
 
 
 def test_rgb_import_writes_nnunet_layout(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_same_source_needs_overwrite(tmp_path: Path) -> None:
     (masks / "3.png").unlink()
     data = _json(out)
     data["medalloy"]["cases"]["s_1"]["patient"] = "P7"
-    (out / "dataset.json").write_text(json.dumps(data))
+    (out / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
     ds = import_folders(images, masks, out, source="s", overwrite=True, progress=False)
     assert [c.case_id for c in ds.cases] == ["s_1", "s_2"]
     assert ds.case("s_1").patient == "P7"
@@ -229,7 +229,7 @@ def test_bad_mask_values(tmp_path: Path) -> None:
 def test_empty_and_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    (tmp_path / "images" / "notes.txt").write_text("no images here")
+    (tmp_path / "images" / "notes.txt").write_text("no images here", encoding="utf-8")
     with pytest.raises(MedalloyError, match="no PNG/JPG images found"):
         import_folders(tmp_path / "images", tmp_path / "masks", tmp_path / "Dataset012_X", source="s", progress=False)
     Image.fromarray(_rgb(0)).save(tmp_path / "images" / "a.png")
@@ -261,10 +261,10 @@ def test_channel_mismatch_with_existing_dataset(tmp_path: Path) -> None:
     grey_img, grey_mask = make_input(tmp_path / "B", ["b"], grey=True)
     out = tmp_path / "Dataset015_X"
     import_folders(rgb_img, rgb_mask, out, source="A", progress=False)
-    before = (out / "dataset.json").read_text()
+    before = (out / "dataset.json").read_text(encoding="utf-8")
     with pytest.raises(MedalloyError, match="dataset holds RGB images but these are grey"):
         import_folders(grey_img, grey_mask, out, source="B", progress=False)
-    assert (out / "dataset.json").read_text() == before and not (out / "imagesTr" / "B_b_0000.png").exists()
+    assert (out / "dataset.json").read_text(encoding="utf-8") == before and not (out / "imagesTr" / "B_b_0000.png").exists()
 
 
 def test_label_map_conflicts(tmp_path: Path) -> None:

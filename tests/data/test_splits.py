@@ -115,7 +115,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 )
 def test_load_errors(tmp_path: Path, content: str, words: str) -> None:
     path = tmp_path / "splits.json"
-    path.write_text(content)
+    path.write_text(content, encoding="utf-8")
     with pytest.raises(MedalloyError, match=words) as exc:
         load_splits(path)
     assert str(exc.value).startswith(str(path))

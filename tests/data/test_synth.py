@@ -37,7 +37,7 @@ def test_collection_layout_and_dataset_json(collection):
                 "Dataset903_SynthCXRLung": ("XR", ".png"), "Dataset904_SynthEndo": ("endoscopy", ".png")}  # fmt: skip
     for name, root in collection.items():
         raw = RawDataset(root)
-        info = json.loads((root / "dataset.json").read_text())
+        info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         assert (info["medalloy"]["modality"], info["file_ending"]) == expected[name]
         assert info["numTraining"] == 2 * N_TRAIN == len(raw.cases)
         assert len(raw.test_cases()) == 2 * N_TEST and all(c.label is not None for c in raw.test_cases())
@@ -159,7 +159,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         for rel in sorted(p.relative_to(a) for p in a.glob("images*/*")):
             assert np.array_equal(read_image(a / rel)[0], read_image(b / rel)[0])
             assert not np.array_equal(read_image(a / rel)[0], read_image(c / rel)[0])
-        assert (a / "dataset.json").read_text() == (b / "dataset.json").read_text()
+        assert (a / "dataset.json").read_text(encoding="utf-8") == (b / "dataset.json").read_text(encoding="utf-8")
 
 
 def test_one_case_renders_alone_as_written(collection):
@@ -192,7 +192,7 @@ def test_refuses_existing_folder_unless_overwrite(tmp_path):
 
 def test_collection_refuses_before_writing_anything(tmp_path):
     (tmp_path / "Dataset903_SynthCXRLung").mkdir()
-    (tmp_path / "Dataset903_SynthCXRLung" / "notes.txt").write_text("mine")
+    (tmp_path / "Dataset903_SynthCXRLung" / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(MedalloyError, match="Dataset903_SynthCXRLung"):
         generate_collection(tmp_path, cases_per_source=1, test_cases_per_source=0, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset903_SynthCXRLung"]

@@ -56,7 +56,7 @@ def test_round_trip_tensors_and_record(tmp_path):
 def test_record_without_tensors_equals_sidecar(tmp_path):
     path = ckpt.save_checkpoint(tmp_path / "best.safetensors", _tensors(), RECORD)
     record = ckpt.read_record(path)
-    sidecar = json.loads((tmp_path / "best.json").read_text())
+    sidecar = json.loads((tmp_path / "best.json").read_text(encoding="utf-8"))
     assert sidecar == record
     assert record["step"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]

@@ -81,7 +81,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_ddp_training(tmp_path):
     script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT, encoding="utf-8")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -97,7 +97,7 @@ def test_two_process_ddp_training(tmp_path):
     tensors, record = ckpt.load_checkpoint(last, method="ddp-test")
     assert record["step"] == 4 and record["best"]["step"] == 2  # first of two equal val values
     assert (out / "checkpoints" / "best.safetensors").exists()
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert all(r["world"] == 2 and r["steps"] == 4 for r in ranks)
     # different data on each rank, step by step
     assert all(len(r["batches"]) == 4 for r in ranks)

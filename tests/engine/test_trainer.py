@@ -200,7 +200,7 @@ def test_training_curve_and_metrics(tmp_path):
     assert all(0.0 <= r["val/dice"] <= 1.0 for r in val)
     assert summary["steps"] == 4 and summary["precision"] == "fp32"
     assert not [p for p in tmp_path.rglob(".tmp-*")]
-    record = json.loads((tmp_path / "checkpoints" / "last.json").read_text())
+    record = json.loads((tmp_path / "checkpoints" / "last.json").read_text(encoding="utf-8"))
     assert record["method"] == "test" and record["kind"] == "last" and record["modules"] == ["net"]
 
 

@@ -49,7 +49,7 @@ def write_dataset(
             write_label(root / "labelsTr" / f"{cid}{file_ending}", case.label, meta)
     extras = {cid: {"source": c.source} for cid, c in cases.items()}
     spec = make_dataset_json(channel_names, labels, len(cases), file_ending, name, cases=extras)
-    (root / "dataset.json").write_text(json.dumps(spec))
+    (root / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
     return RawDataset(root)
 
 

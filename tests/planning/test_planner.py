@@ -219,10 +219,10 @@ def test_plan_and_save_writes_plan_and_fingerprint_and_refuses_overwrite(tmp_pat
     assert load_plan(out) == plan and plan.batch_size == 4
     fp = load_fingerprint(tmp_path / "plans" / "fingerprint.json")
     assert fp["num_cases_fingerprinted"] == 2 and fp["dataset"] == "Grey"
-    before = out.read_text()
+    before = out.read_text(encoding="utf-8")
     with pytest.raises(MedalloyError, match=r"plan\.json: file already exists"):
         plan_and_save(ds.root, out, progress=False)
-    assert out.read_text() == before
+    assert out.read_text(encoding="utf-8") == before
     assert plan_and_save(ds.root, out, overwrite=True, progress=False).batch_size == 32
     out.unlink()  # the fingerprint alone also blocks
     with pytest.raises(MedalloyError, match=r"fingerprint\.json: file already exists"):
@@ -248,9 +248,9 @@ def test_planning_errors(tmp_path):
 
 def test_undeclared_label_value_is_an_error(tmp_path):
     ds = grey_2d(tmp_path)
-    spec = json.loads((ds.root / "dataset.json").read_text())
+    spec = json.loads((ds.root / "dataset.json").read_text(encoding="utf-8"))
     spec["labels"] = {"background": 0, "a": 1}  # the maps also hold 2
-    (ds.root / "dataset.json").write_text(json.dumps(spec))
+    (ds.root / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
     ds = RawDataset(ds.root)
     with pytest.raises(MedalloyError, match=r"dataset\.json: label maps hold values \[2\] not declared"):
         plan_of(ds)

@@ -39,7 +39,7 @@ def test_expert_learns_synthetic_cxr(cxr_run):
     assert result["best"]["metrics"]["val/dice_heart"] > 0.6
     for name in ("run.json", "plan.json", "config.yaml", "split.json", "metrics.jsonl", "training_curve.png"):
         assert (run / name).exists(), name
-    split = json.loads((run / "split.json").read_text())
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
     assert not set(split["train"]) & set(split["val"])
     model, plan, record = load_expert(run / "checkpoints" / "best.safetensors")
     assert record["method"] == "expert" and record["tasks"][0]["labels"] == {"background": 0, "lung": 1, "heart": 2}
@@ -78,11 +78,11 @@ def test_predict_refuses_to_overwrite(cxr, cxr_run, tmp_path, capsys):
 
 def test_train_refuses_existing_run_and_resume_finishes(cxr, cxr_run, capsys):
     run, _ = cxr_run
-    before = (run / "run.json").read_text()
+    before = (run / "run.json").read_text(encoding="utf-8")
     assert main(["-q", "train", "expert", str(cxr), "--out", str(run), "--steps", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(run) in err[0] and "--overwrite" in err[0]
-    assert (run / "run.json").read_text() == before
+    assert (run / "run.json").read_text(encoding="utf-8") == before
 
 
 def test_predict_with_foreign_checkpoint_fails_cleanly(cxr, tmp_path, capsys):

@@ -75,7 +75,7 @@ def _check_json(root: Path) -> tuple[DatasetSpec | None, dict, list[Problem], bo
         fix = "point to an nnU-Net raw dataset folder (DatasetNNN_Name) that holds a dataset.json"
         return None, {}, [Problem(path, "dataset.json not found", fix)], False
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
         return None, {}, [Problem(path, f"invalid JSON ({where})", "fix the syntax")], False
@@ -385,7 +385,7 @@ def check_dataset(root: str | Path, progress: bool = True) -> list[Problem]:
 def _count_cases(root: Path) -> int:
     """Number of case ids in ``imagesTr`` (for the report's summary line)."""
     try:
-        ending = json.loads((root / "dataset.json").read_text()).get("file_ending")
+        ending = json.loads((root / "dataset.json").read_text(encoding="utf-8")).get("file_ending")
         names = [p.name for p in (root / "imagesTr").iterdir()]
     except (OSError, ValueError, AttributeError):
         return 0

@@ -85,7 +85,7 @@ class Case:
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedalloyError("dataset.json not found", path, "point to an nnU-Net raw dataset folder (DatasetNNN_Name)") from None
     except json.JSONDecodeError as exc:

@@ -248,7 +248,7 @@ def _load_existing(out: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedalloyError(f"invalid JSON (line {exc.lineno}: {exc.msg})", path, "fix it or import into a new dataset folder") from None
     RawDataset(out)  # validates the spec with the project's usual messages

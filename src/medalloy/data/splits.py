@@ -123,7 +123,7 @@ def load_splits(path: str | Path) -> list[dict]:
     """Read and validate a ``splits_final.json``."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedalloyError("splits file not found", path, "check the path or make one with kfold_splits") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -18,7 +18,7 @@ def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where autocast pays off."""
     try:
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+            flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
             # oneDNN reports "supported" on plain AVX512 too, where bf16 is emulated and slower.
             return not flags or ("avx512_bf16" in flags or "amx_bf16" in flags)
     except (AttributeError, RuntimeError):

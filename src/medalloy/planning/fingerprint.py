@@ -232,7 +232,7 @@ def load_fingerprint(path: str | Path) -> dict:
     """Read a fingerprint written by :func:`save_fingerprint`."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedalloyError("fingerprint not found", path, "make one with `medalloy plan DATASET`") from None
     except json.JSONDecodeError as exc:

@@ -109,7 +109,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedalloyError("plan not found", path, "make one with `medalloy plan DATASET`") from None
     except json.JSONDecodeError as exc:

@@ -59,7 +59,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> ExpertConfig:
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise MedalloyError("config not found", path, "give the path of a YAML file") from None
         except yaml.YAMLError as exc:
@@ -151,7 +151,7 @@ def train_expert(
     if missing:
         raise MedalloyError(f"plan lacks label values {missing} of the dataset", plan, "make a new plan for this dataset")
     save_plan(the_plan, run / "plan.json")
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
     train_cases, val_cases = split_for_fold(ds, cfg.fold, k=cfg.folds, seed=cfg.train.seed)
     train_cases = [c for c in train_cases if c.label is not None]
