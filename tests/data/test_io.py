@@ -272,3 +272,18 @@ def test_file_ending():
     assert file_ending("A/b_0000.NII.GZ") == ".nii.gz"
     assert file_ending("x.nii") == ".nii"
     assert file_ending("x.tar.gz") == ".gz"
+
+
+def test_palette_label_png_reads_class_indices(tmp_path):
+    from PIL import Image
+
+    idx = np.zeros((6, 8), dtype=np.uint8)
+    idx[1:3, 2:5] = 1
+    idx[4:, 6:] = 2
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9))
+    im.save(tmp_path / "lab.png")
+    lab, meta = read_label(tmp_path / "lab.png")
+    assert np.array_equal(lab, idx)
+    img, _ = read_image(tmp_path / "lab.png")  # as an image, the palette colours are what is shown
+    assert img.shape == (3, 6, 8) and img[0, 1, 2] == 128

@@ -127,7 +127,8 @@ def test_3d_spacing_is_coarsened_finer_axes_first_when_far_over_budget(tmp_path)
     assert t[0] == pytest.approx(t[1]) == pytest.approx(t[2]) and t[0] > 2.0
     volume = lambda s: 40 / s * 40 / s * 40 / s  # noqa: E731 (extent in mm: 40 x 40 x 40)
     assert volume(t[0]) <= 8 * 64 < volume(t[0] / 1.05)  # the smallest 5 % step that fits
-    assert int(np.prod(plan.patch_size)) <= 64
+    # 64 voxels cannot hold a valid DynUNet: the patch stops at the smallest one (two poolings).
+    assert len(plan.network.strides) == 3 and int(np.prod(plan.patch_size)) <= 16**3
 
 
 def test_anisotropic_spacing_gives_2d_per_slice(tmp_path):
@@ -273,3 +274,18 @@ def test_real_datasets(shared_data):
     hippo = plan("Dataset105_Hippocampus")
     assert (hippo.dim, hippo.slice_axis, hippo.batch_size) == (3, None, 2)
     assert int(np.prod(hippo.patch_size)) <= 64**3
+
+
+def test_network_plan_with_too_few_stages_is_rejected():
+    from pydantic import ValidationError
+
+    from medalloy.planning.plan import NetworkPlan
+
+    with pytest.raises(ValidationError, match="at least 3 stages"):
+        NetworkPlan(kernels=[[3, 3], [3, 3]], strides=[[1, 1], [2, 2]], filters=[8, 16])
+
+
+def test_tiny_images_still_get_a_valid_network(tmp_path):
+    plan = plan_of(volumes(tmp_path, (6, 7, 5), (1.0, 1.0, 1.0)))
+    assert len(plan.network.strides) >= 3
+    assert forward_shape(plan)[2:] == tuple(plan.patch_size)

@@ -75,14 +75,15 @@ def _kind(path: Path) -> str:
     )
 
 
-def _read_natural(path: Path) -> tuple[np.ndarray, ImageMeta]:
+def _read_natural(path: Path, label: bool = False) -> tuple[np.ndarray, ImageMeta]:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            if mode in ("RGBA", "P", "CMYK", "YCbCr", "LA"):
+            # A palette label map (Pascal VOC style) stores class indices; its colours are only for display.
+            if mode in ("RGBA", "CMYK", "YCbCr", "LA") or (mode == "P" and not label):
                 im = im.convert("RGB" if mode != "LA" else "L")
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
@@ -161,14 +162,15 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, ImageMeta]:
     return vol[None], meta
 
 
-def read_any(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
-    """Read one file: returns the raw array ``(C, *spatial)`` (original dtype) and its geometry."""
+def read_any(path: str | Path, label: bool = False) -> tuple[np.ndarray, ImageMeta]:
+    """Read one file: returns the raw array ``(C, *spatial)`` (original dtype) and its geometry.
+    ``label``: palette PNGs give their indices rather than their colours."""
     path = Path(path)
     if not path.exists():
         raise MedalloyError("file not found", path, "check the path or the dataset's file_ending")
     kind = _kind(path)
     if kind == "png":
-        return _read_natural(path)
+        return _read_natural(path, label)
     if kind == "nifti":
         return _read_nifti(path)
     return _read_dicom(path)
@@ -202,7 +204,7 @@ def read_image(paths: str | Path | Sequence[str | Path]) -> tuple[np.ndarray, Im
 
 def read_label(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     """Read a label map: integer array ``(*spatial)``. Non-integer values raise."""
-    arr, meta = read_any(path)
+    arr, meta = read_any(path, label=True)
     if arr.shape[0] != 1:
         raise MedalloyError(f"label map has {arr.shape[0]} channels", path, "save labels as a single-channel (grey) image")
     lab = arr[0]

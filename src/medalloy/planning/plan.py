@@ -53,6 +53,8 @@ class NetworkPlan(BaseModel):
     def _same_depth(self) -> "NetworkPlan":
         if not (len(self.kernels) == len(self.strides) == len(self.filters)):
             raise ValueError("kernels, strides and filters need one entry per stage")
+        if len(self.strides) < 3:
+            raise ValueError("a DynUNet needs at least 3 stages (input, one downsampling, bottleneck)")
         return self
 
 

@@ -182,6 +182,10 @@ def _reference_spacing(spacing: np.ndarray, sizes: np.ndarray) -> float:
     return float(spacing[poolable].min() if poolable.any() else spacing.min())
 
 
+MIN_STAGES = 3  # input block, one downsampling, bottleneck: the smallest DynUNet
+MIN_PATCH = 16  # per axis: room for two poolings down to the minimum feature size
+
+
 def topology(patch: list[int], spacing: list[float], dim: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
     """DynUNet ``(kernels, strides, pools_per_axis)`` for a patch at a spacing (rule 4).
 
@@ -211,16 +215,25 @@ def _pad_to_pools(patch: list[int], pools: list[int]) -> list[int]:
 
 
 def patch_and_topology(median: np.ndarray, spacing: list[float], dim: int, max_voxels: int | None) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """Patch (rule 3) and its network layout; ``max_voxels`` caps 3D patches (None: no cap)."""
+    """Patch (rule 3) and its network layout; ``max_voxels`` caps 3D patches (None: no cap).
+
+    A DynUNet needs at least two poolings, so a patch is never shrunk below that, and a tiny one
+    is padded up to ``MIN_PATCH`` per axis (the network pads the image, as nnU-Net does)."""
     patch = [max(1, int(round(m))) for m in median]
+    kernels, strides, pools = topology(patch, spacing, dim)
+    if len(strides) < MIN_STAGES:
+        patch = [max(p, MIN_PATCH) for p in patch]
     while True:
         kernels, strides, pools = topology(patch, spacing, dim)
         padded = _pad_to_pools(patch, pools)
         if max_voxels is None or int(np.prod(padded)) <= max_voxels:
             return padded, kernels, strides
         axis = int(np.argmax(padded))
-        patch = list(padded)
-        patch[axis] = max(1, patch[axis] - 2 ** pools[axis])
+        smaller = list(padded)
+        smaller[axis] = max(1, smaller[axis] - 2 ** pools[axis])
+        if len(topology(smaller, spacing, dim)[1]) < MIN_STAGES:
+            return padded, kernels, strides  # the budget cannot be met by a valid network
+        patch = smaller
 
 
 # -- 5./6./7. batch, normalisation, labels -----------------------------------------------------
