@@ -60,7 +60,8 @@ def test_predict_and_evaluate_held_out(cxr, cxr_run, tmp_path):
         probs = np.load(pred / f"{case.case_id}.npz")["probabilities"].astype(np.float32)
         assert probs.shape == (3, *meta.shape)
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-2)
-        assert np.array_equal(probs.argmax(0), label)  # labels 0,1,2 are class indices here
+        # labels 0,1,2 are class indices here; float16 storage may flip near-ties only
+        assert (probs.argmax(0) == label).mean() > 0.995
     res = evaluate_folders(pred, cxr / "labelsTs", dataset=cxr, overlays=False, progress=False)
     assert res["summary"]["classes"]["lung"]["dice"]["mean"] > 0.85
 
@@ -107,3 +108,15 @@ def test_3d_expert_keeps_nifti_geometry(tmp_path):
         assert pmeta.shape == meta.shape
         np.testing.assert_allclose(pmeta.affine, meta.affine, atol=1e-5)
         np.testing.assert_allclose(pmeta.spacing, meta.spacing, atol=1e-5)
+
+
+def test_explicit_split_is_used_and_checked(cxr, tmp_path):
+    ds = RawDataset(cxr)
+    ids = [c.case_id for c in ds.cases]
+    res = train_expert(cxr, tmp_path / "r", split={"train": ids[:3], "val": ids[3:4]}, steps=2, val_every=2, progress=False)
+    assert (res["train_cases"], res["val_cases"]) == (3, 1)
+    assert json.loads((tmp_path / "r" / "split.json").read_text(encoding="utf-8"))["val"] == ids[3:4]
+    from medalloy.errors import MedalloyError
+
+    with pytest.raises(MedalloyError, match="not in the dataset"):
+        train_expert(cxr, tmp_path / "r2", split={"train": ["nope"]}, steps=1, progress=False)

@@ -116,6 +116,16 @@ def make_validate(predictor_factory: Callable[[], Predictor], cases: list[Prepar
     return validate
 
 
+def _explicit_split(ds: RawDataset, split: dict[str, list[str]]) -> tuple[list[Case], list[Case]]:
+    known = {c.case_id: c for c in ds.cases}
+    unknown = [i for part in ("train", "val") for i in split.get(part, []) if i not in known]
+    if unknown:
+        raise MedalloyError(f"split names cases not in the dataset: {unknown[:5]}", ds.root, "use case ids of imagesTr/")
+    if not split.get("train"):
+        raise MedalloyError("split has no training cases", ds.root, "give a non-empty 'train' list")
+    return [known[i] for i in split["train"]], [known[i] for i in split.get("val", [])]
+
+
 def train_expert(
     dataset: str | Path,
     out: str | Path,
@@ -124,9 +134,13 @@ def train_expert(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    split: dict[str, list[str]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train one expert on ``dataset`` (an nnU-Net raw folder); returns the run summary (``run.json``)."""
+    """Train one expert on ``dataset`` (an nnU-Net raw folder); returns the run summary (``run.json``).
+
+    ``split`` (``{"train": [ids], "val": [ids]}``) replaces the fold's split, e.g. to keep a test
+    set out of both training and model selection."""
     from medalloy.data.splits import split_for_fold
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
@@ -153,7 +167,10 @@ def train_expert(
     save_plan(the_plan, run / "plan.json")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
-    train_cases, val_cases = split_for_fold(ds, cfg.fold, k=cfg.folds, seed=cfg.train.seed)
+    if split is not None:
+        train_cases, val_cases = _explicit_split(ds, split)
+    else:
+        train_cases, val_cases = split_for_fold(ds, cfg.fold, k=cfg.folds, seed=cfg.train.seed)
     train_cases = [c for c in train_cases if c.label is not None]
     val_cases = [c for c in val_cases if c.label is not None][: cfg.max_val_cases]
     write_json_atomic(run / "split.json", {"fold": cfg.fold, "train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]})
