@@ -81,7 +81,7 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
 
     res = train_expert(
         a.dataset, a.out, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
-        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device,
+        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
     )
     best = res.get("best", {}) or {}
     print(f"{a.out}: {res['steps']} steps in {res['seconds']:.0f} s ({res['images_per_s']:.1f} images/s, {res['precision']}); best val Dice {best.get('value')}")
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
     c.add_argument("--config", default=None, help="YAML with train/augment settings")
     c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
     c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")

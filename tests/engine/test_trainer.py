@@ -305,3 +305,25 @@ def test_unknown_trainable_module(tmp_path):
     spec.trainable = ["net", "ghost"]
     with pytest.raises(MedalloyError, match="ghost"):
         Trainer(spec, config(), tmp_path)
+
+
+def test_time_budget_fixes_the_step_count_and_the_schedule_still_ends(tmp_path):
+    import time as _time
+
+    spec = make_spec(validate=None)
+    inner = spec.batches
+
+    def slow(step: int, dist: DistInfo) -> dict:
+        _time.sleep(0.02)  # dominates the tiny network's step: ~25 steps fit 0.6 s
+        return inner(step, dist)
+
+    spec.batches = slow
+    cfg = TrainConfig(steps=100_000, lr=1e-3, time_budget_minutes=0.01, calibration_steps=5, val_every=1000, progress=False, precision="fp32")
+    trainer = Trainer(spec, cfg, tmp_path)
+    res = trainer.fit()
+    assert 5 <= res["steps"] < 60  # far below the 100,000 cap, near 0.55 s / ~0.02 s
+    record = ckpt.read_record(tmp_path / "checkpoints" / "last.safetensors")
+    assert record["total_steps"] == res["steps"]
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    # poly decay reached its end at the budgeted step count
+    assert rows[-1]["lr"] == pytest.approx(1e-3 * lr_factor(res["steps"] - 1, res["steps"]), rel=1e-6)

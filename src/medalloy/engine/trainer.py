@@ -53,6 +53,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    # Wall-clock budget: after `calibration_steps` the step count is fixed to what fits the budget
+    # (at most `steps`), so the schedule still decays to its end and a resumed run stays exact.
+    time_budget_minutes: float | None = Field(None, gt=0)
+    calibration_steps: int = Field(20, ge=2)
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = 0
+        self.total_steps = config.steps
         self.best: dict[str, Any] = {"value": None, "step": None}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class Trainer:
             **self.spec.record,
             "kind": kind,
             "step": self.step,
-            "total_steps": self.cfg.steps,
+            "total_steps": self.total_steps,
             "best": self.best,
             "train_config": self.cfg.model_dump(mode="json"),
             "precision": self.precision,
@@ -217,11 +222,12 @@ class Trainer:
             e.load_state_dict(ckpt.group(tensors, f"ema/{n}"))
         _load_optimizer(self.optimizer, tensors, record["optimizer_groups"])
         self.step = int(record["step"])
+        self.total_steps = int(record.get("total_steps", self.cfg.steps))
         self.best = record.get("best", self.best)
 
     # -- loop ------------------------------------------------------------------------------
     def _set_lr(self) -> float:
-        f = lr_factor(self.step, self.cfg.steps, self.cfg.schedule, self.cfg.warmup_steps)
+        f = lr_factor(self.step, self.total_steps, self.cfg.schedule, self.cfg.warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
         return self.optimizer.param_groups[0]["lr"]
@@ -266,6 +272,18 @@ class Trainer:
                 metrics = self.spec.validate(self.spec.models)
         return metrics
 
+    def _fit_budget(self, elapsed: float, per_step: float, bar: Any) -> None:
+        """Fix ``total_steps`` to what fits the time budget; 8% is kept for validations and checkpoints.
+        Ranks agree on rank 0's estimate."""
+        from medalloy.engine.distributed import broadcast_object
+
+        budget = self.cfg.time_budget_minutes * 60.0 * 0.92
+        fits = self.step + int(max(0.0, budget - elapsed) / max(per_step, 1e-9))
+        self.total_steps = broadcast_object(max(self.step, min(self.cfg.steps, fits)), self.dist)
+        if bar is not None:
+            bar.total = self.total_steps
+            bar.refresh()
+
     def _is_better(self, value: float) -> bool:
         if value is None or not math.isfinite(value):
             return False
@@ -287,9 +305,10 @@ class Trainer:
 
             # Outside a terminal (CI logs, files) a bar line every few seconds would flood the log.
             interval = 1.0 if sys.stderr.isatty() else 30.0
-            bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.spec.record.get("name", "train"), unit="step", dynamic_ncols=True, mininterval=interval)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.record.get("name", "train"), unit="step", dynamic_ncols=True, mininterval=interval)
         t_start, data_time, compute_time, images = time.perf_counter(), 0.0, 0.0, 0
-        while self.step < self.cfg.steps:
+        start_step = self.step
+        while self.step < self.total_steps:
             t0 = time.perf_counter()
             batch = to_device(self.spec.batches(self.step, self.dist), self.device)
             t1 = time.perf_counter()
@@ -300,14 +319,16 @@ class Trainer:
             compute_time += t2 - t1
             images += _batch_size(batch)
             self.step += 1
+            if self.cfg.time_budget_minutes and self.step - start_step == self.cfg.calibration_steps and not resume:
+                self._fit_budget(time.perf_counter() - t_start, (data_time + compute_time) / (self.step - start_step), bar)
             row = {"kind": "train", "step": self.step, "lr": lr, **scalars}
-            if log is not None and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
+            if log is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                 elapsed = data_time + compute_time
                 log.write({**row, "images_per_s": images * self.dist.world_size / max(elapsed, 1e-9), "data_fraction": data_time / max(elapsed, 1e-9)})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", refresh=False)
-            if self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
                 metrics = self._validate()
                 barrier(self.dist)
                 if metrics and log is not None:
@@ -321,7 +342,7 @@ class Trainer:
                 elif self.spec.validate is None and self.dist.is_main:
                     self.best = {"value": None, "step": self.step}
                     self.save_best()
-            if self.step % every_ckpt == 0 or self.step == self.cfg.steps:
+            if self.step % every_ckpt == 0 or self.step == self.total_steps:
                 self.save_last()
                 if log is not None:
                     plot_curves(log.rows(), self.out / "training_curve.png", title=self.spec.record.get("name", ""))

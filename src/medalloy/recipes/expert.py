@@ -65,7 +65,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> ExpertConfig:
         except yaml.YAMLError as exc:
             raise MedalloyError(f"config is not valid YAML ({str(exc).splitlines()[0]})", path, "fix the syntax") from None
     train = dict(raw.get("train", {}))
-    for key in ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay"):
+    for key in ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes"):
         if overrides.get(key) is not None:
             train[key] = overrides[key]
     raw["train"] = {**TrainConfig(steps=1000, val_every=100, lr=3e-3).model_dump(), **train}
