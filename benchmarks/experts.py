@@ -1,0 +1,295 @@
+"""Experts on the real datasets of ../shared/data within a fixed CPU budget per expert.
+
+    python benchmarks/experts.py [--data ../shared/data] [--budget-minutes 10] [--only JSRT ...]
+
+Every expert is trained with medalloy's defaults (planner + expert recipe) for a wall-clock budget,
+then evaluated on held-out cases it never saw, neither in training nor in model selection:
+fold 0 of a 5-fold split (by patient when known) is the test set, and a tenth of the remaining
+cases (at most 16) validates; ACDC uses its `splits_patients.json` (train / val / test patients).
+Cross-source rows apply an expert to another source's held-out cases (labels they share only).
+
+Writes `benchmarks/results/experts.json` and `experts.md`; `--only NAME` runs some experts and merges
+their rows (and the cross rows they make possible) into the existing results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+POLYP = "Dataset201_Polyp"
+
+# name -> (dataset folder, source filter or None, how the held-out set is chosen)
+EXPERTS: dict[str, tuple[str, str | None, str]] = {
+    "JSRT": ("Dataset102_JSRT", None, "kfold"),
+    "Shenzhen": ("Dataset103_Shenzhen", None, "kfold"),
+    "Polyp-Kvasir": (POLYP, "Kvasir", "kfold"),
+    "Polyp-CVC": (POLYP, "CVC", "kfold"),
+    "ACDC": ("Dataset104_ACDC", None, "acdc"),
+    "Hippocampus": ("Dataset105_Hippocampus", None, "kfold"),
+}
+# (trained expert, test set of): evaluated on the labels both share
+CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT")]
+TARGETS = {
+    "JSRT": {"lung": 0.95, "heart": 0.90},
+    "Shenzhen": {"lung": 0.92},
+    "Polyp-Kvasir": {"polyp": 0.75},
+    "ACDC": {"mean": 0.85},
+    "Hippocampus": {"mean": 0.85},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[experts] {msg}", flush=True)
+
+
+def dataset_path(name: str, data: Path, work: Path) -> Path:
+    folder = EXPERTS[name][0]
+    if folder == POLYP:
+        return ensure_polyp(data, work)
+    return data / folder
+
+
+def ensure_polyp(data: Path, work: Path) -> Path:
+    """Kvasir-SEG and CVC-ClinicDB imported into one dataset with two sources (cached in the work dir)."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.importer import import_folders
+
+    out = work / "data" / POLYP
+    if out.exists():
+        ds = RawDataset(out)
+        if set(ds.sources) == {"Kvasir", "CVC"}:
+            return out
+        shutil.rmtree(out)
+    for source, folder in (("Kvasir", "Kvasir-SEG"), ("CVC", "CVC-ClinicDB")):
+        log(f"importing {folder} as source {source}")
+        import_folders(data / "Polyp" / folder / "images", data / "Polyp" / folder / "masks", out, source=source, labels={"polyp": 1}, modality="endoscopy")
+    return out
+
+
+def splits(name: str, ds_path: Path, seed: int = 0) -> dict[str, list[str]]:
+    """{"train", "val", "test"} case ids; test is never used for training or model selection."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.splits import kfold_splits
+
+    ds = RawDataset(ds_path)
+    source, how = EXPERTS[name][1], EXPERTS[name][2]
+    cases = [c for c in ds.labelled_cases() if source is None or c.source == source]
+    if how == "acdc":
+        patients = json.loads((ds_path / "splits_patients.json").read_text(encoding="utf-8"))
+        by = {part: {p for p in ids} for part, ids in patients.items()}
+        pick = lambda part: [c.case_id for c in cases if c.case_id.split("_")[0] in by[part]]  # noqa: E731
+        return {"train": pick("train"), "val": pick("val"), "test": pick("test")}
+    fold0 = kfold_splits(cases, k=5, seed=seed)[0]
+    test = set(fold0["val"])
+    rest = [c for c in cases if c.case_id not in test]
+    val = {c.case_id for c in rest[::10][:16]}
+    return {"train": [c.case_id for c in rest if c.case_id not in val], "val": sorted(val), "test": sorted(test)}
+
+
+def predict_cases(run: Path, ds_path: Path, case_ids: list[str], out: Path, keep: dict[str, int] | None = None) -> float:
+    """Predict ``case_ids`` of a dataset into ``out`` (label values outside ``keep`` become 0);
+    returns seconds per case."""
+    import torch
+
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.io import write_label
+    from medalloy.engine.inference import Predictor
+    from medalloy.recipes.expert import load_expert
+
+    ds = RawDataset(ds_path)
+    model, plan, _ = load_expert(run / "checkpoints" / "best.safetensors")
+    predictor = Predictor(model, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for cid in case_ids:
+            case = ds.case(cid)
+            image, _, meta = ds.load(case)
+            label = predictor.predict(image, meta, case.images[0])
+            if keep is not None:
+                label = np.where(np.isin(label, list(keep.values())), label, 0)
+            write_label(out / f"{cid}{ds.spec.file_ending}", label, meta)
+    return (time.perf_counter() - t0) / max(1, len(case_ids))
+
+
+def copy_ground_truth(ds_path: Path, case_ids: list[str], out: Path, keep: dict[str, int]) -> None:
+    """Held-out labels, with values outside ``keep`` set to background (for cross-label rows)."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.io import read_label, write_label
+
+    ds = RawDataset(ds_path)
+    out.mkdir(parents=True, exist_ok=True)
+    for cid in case_ids:
+        label, meta = read_label(ds.case(cid).label)
+        label = np.where(np.isin(label, list(keep.values())), label, 0)
+        write_label(out / f"{cid}{ds.spec.file_ending}", label, meta)
+
+
+def evaluate(pred: Path, gt: Path, labels: dict[str, int], out: Path) -> dict[str, Any]:
+    from medalloy.evaluation import evaluate_folders
+
+    res = evaluate_folders(pred, gt, labels=labels, out_dir=out, overwrite=True, progress=False)
+    row = {}
+    for name, stats in res["summary"]["classes"].items():
+        row[name] = {"dice": round(stats["dice"]["mean"], 4), "hd95": round(stats["hd95"]["mean"], 3)}
+    return row
+
+
+def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:
+    from medalloy.data.dataset import RawDataset
+    from medalloy.recipes.expert import train_expert
+
+    ds_path = dataset_path(name, data, work)
+    ds = RawDataset(ds_path)
+    split = splits(name, ds_path, seed)
+    log(f"{name}: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test cases, budget {budget} min")
+    run = work / "runs" / name
+    res = train_expert(
+        ds_path, run, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
+        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
+    )
+    labels = ds.spec.labels
+    fg = {k: v for k, v in labels.items() if v != 0}
+    pred, gt = work / "pred" / name, work / "gt" / name
+    for d in (pred, gt):
+        shutil.rmtree(d, ignore_errors=True)
+    sec_per_case = predict_cases(run, ds_path, split["test"], pred)
+    copy_ground_truth(ds_path, split["test"], gt, labels)
+    row = evaluate(pred, gt, labels, work / "eval" / name)
+    row.update(
+        {
+            "train_minutes": round(res["seconds"] / 60, 2),
+            "images_per_second": round(res["images_per_s"], 2),
+            "params": int(res["params"]),
+            "source": "in",
+            "steps": int(res["steps"]),
+            "test_cases": len(split["test"]),
+            "inference_seconds_per_case": round(sec_per_case, 3),
+            "mean_dice": round(float(np.mean([row[k]["dice"] for k in fg])), 4),
+        }
+    )
+    log(f"{name}: " + ", ".join(f"{k} {row[k]['dice']:.3f}" for k in fg) + f" in {row['train_minutes']} min ({row['steps']} steps)")
+    return row
+
+
+def run_cross(train_name: str, test_name: str, data: Path, work: Path, seed: int, rows: dict[str, Any]) -> dict[str, Any]:
+    from medalloy.data.dataset import RawDataset
+
+    run = work / "runs" / train_name
+    test_path = dataset_path(test_name, data, work)
+    train_labels = RawDataset(dataset_path(train_name, data, work)).spec.labels
+    test_labels = RawDataset(test_path).spec.labels
+    shared = {k: v for k, v in test_labels.items() if train_labels.get(k) == v}
+    test_ids = splits(test_name, test_path, seed)["test"]
+    key = f"{train_name}->{test_name}"
+    pred, gt = work / "pred" / key, work / "gt" / key
+    for d in (pred, gt):
+        shutil.rmtree(d, ignore_errors=True)
+    sec = predict_cases(run, test_path, test_ids, pred, keep=shared)
+    copy_ground_truth(test_path, test_ids, gt, shared)
+    row = evaluate(pred, gt, shared, work / "eval" / key)
+    src = lambda n: n.split("-")[-1]  # noqa: E731  (Polyp-Kvasir -> Kvasir)
+    base = rows.get(train_name, {})
+    row.update(
+        {
+            "train_minutes": base.get("train_minutes"),
+            "images_per_second": base.get("images_per_second"),
+            "params": base.get("params"),
+            "source": f"cross:{src(train_name)}->{src(test_name)}",
+            "test_cases": len(test_ids),
+            "inference_seconds_per_case": round(sec, 3),
+            "mean_dice": round(float(np.mean([row[k]["dice"] for k in shared if shared[k] != 0])), 4),
+        }
+    )
+    log(f"{key}: " + ", ".join(f"{k} {row[k]['dice']:.3f}" for k in shared if shared[k] != 0))
+    return row
+
+
+def markdown(rows: dict[str, Any], budget: float) -> str:
+    lines = [
+        "# Experts on real data",
+        "",
+        f"medalloy defaults (planner + expert recipe, bf16 on CPU), {budget:g} min wall-clock budget per expert on 2 CPU cores; "
+        "held-out test cases never used for training or model selection (fold 0 of 5, by patient when known; ACDC: its "
+        "patient split). Cross rows apply an expert to another source's held-out cases, on the labels both share. "
+        "images/s = training throughput. Produced by `python benchmarks/experts.py`.",
+        "",
+        "| expert | source | label | Dice | HD95 | target | train min | steps | images/s | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    missed = []
+    for name, row in rows.items():
+        labels = [k for k, v in row.items() if isinstance(v, dict) and "dice" in v]
+        for label in labels:
+            target = TARGETS.get(name, {}).get(label) if row["source"] == "in" else None
+            lines.append(
+                f"| {name} | {row['source']} | {label} | {row[label]['dice']:.3f} | {row[label]['hd95']:.2f} | "
+                f"{'' if target is None else f'>= {target:.2f}'} | {row.get('train_minutes') or ''} | {row.get('steps', '')} | "
+                f"{row.get('images_per_second') or ''} | {row.get('params') or ''} |"
+            )
+            if target is not None and row[label]["dice"] < target:
+                missed.append(f"{name} {label}: {row[label]['dice']:.3f} < {target}")
+        mean_target = TARGETS.get(name, {}).get("mean") if row["source"] == "in" else None
+        if mean_target is not None:
+            lines.append(f"| {name} | in | mean | {row['mean_dice']:.3f} | | >= {mean_target:.2f} | | | | |")
+            if row["mean_dice"] < mean_target:
+                missed.append(f"{name} mean: {row['mean_dice']:.3f} < {mean_target}")
+    lines += ["", "## Targets", ""]
+    lines += [f"- missed: {m}" for m in missed] or ["- all targets of the rows above are met"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-experts")
+    p.add_argument("--budget-minutes", type=float, default=10.0)
+    p.add_argument("--only", nargs="*", choices=list(EXPERTS), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not a.data.is_dir():
+        print(f"experts.py: data folder {a.data} not found; pass --data", file=sys.stderr)
+        return 1
+    a.results.mkdir(parents=True, exist_ok=True)
+    out_json = a.results / "experts.json"
+    rows: dict[str, Any] = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else {}
+    names = a.only or list(EXPERTS)
+    for name in names:
+        rows[name] = run_expert(name, a.data, a.work, a.budget_minutes, a.seed)
+        _save(rows, a.results, a.budget_minutes)
+    for train_name, test_name in CROSS:
+        if (train_name in names or test_name in names) and (a.work / "runs" / train_name / "checkpoints" / "best.safetensors").exists():
+            rows[f"{train_name}->{test_name}"] = run_cross(train_name, test_name, a.data, a.work, a.seed, rows)
+            _save(rows, a.results, a.budget_minutes)
+    return 0
+
+
+def _save(rows: dict[str, Any], results: Path, budget: float) -> None:
+    order = list(EXPERTS) + [f"{a}->{b}" for a, b in CROSS]
+    rows = {k: rows[k] for k in order if k in rows}
+    for path, text in ((results / "experts.json", json.dumps(rows, indent=2) + "\n"), (results / "experts.md", markdown(rows, budget))):
+        tmp = path.with_name(".tmp-" + path.name)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
