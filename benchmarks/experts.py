@@ -10,6 +10,11 @@ Cross-source rows apply an expert to another source's held-out cases (labels the
 
 Writes `benchmarks/results/experts.json` and `experts.md`; `--only NAME` runs some experts and merges
 their rows (and the cross rows they make possible) into the existing results.
+
+`--with-nnunet` also runs nnU-Net v2 (2d, `-device cpu`, its own commands in its own venv, see
+benchmarks/README.md and nnunet_peer.py) on each expert's split within the same budget, stored as the
+row's "nnunet" entry and shown beside medalloy's columns; `--nnunet-only` keeps the medalloy rows
+already in experts.json and runs just the peer.
 """
 
 from __future__ import annotations
@@ -217,7 +222,40 @@ def run_cross(train_name: str, test_name: str, data: Path, work: Path, seed: int
     return row
 
 
+def _peer_cells(row: dict[str, Any], label: str) -> str:
+    """nnU-Net's columns for one table line ("" when no row has an nnU-Net entry)."""
+    peer = row.get("nnunet")
+    if not isinstance(peer, dict):
+        return " | | | |"
+    if "error" in peer:
+        return " failed | | | |"
+    if label == "mean":
+        return f" {peer['mean_dice']:.3f} | | | |"
+    if label not in peer:
+        return " | | | |"
+    return f" {peer[label]['dice']:.3f} | {peer[label]['hd95']:.2f} | {peer.get('train_minutes', '')} | {peer.get('iterations', '')} |"
+
+
+def _peer_summary(rows: dict[str, Any]) -> list[str]:
+    """Mean Dice of medalloy against nnU-Net's, per expert that has both."""
+    lines = []
+    for name, row in rows.items():
+        peer = row.get("nnunet")
+        if isinstance(peer, dict) and "mean_dice" in peer and "mean_dice" in row:
+            diff = row["mean_dice"] - peer["mean_dice"]
+            lines.append(
+                f"- {name}: medalloy {row['mean_dice']:.3f} vs nnU-Net {peer['mean_dice']:.3f} ({diff:+.3f}); "
+                f"nnU-Net {peer['epochs']} epochs x {peer['iterations_per_epoch']} iterations, batch {peer['batch_size']}, "
+                f"patch {'x'.join(str(s) for s in peer['patch_size'])}, {peer['images_per_second']} images/s"
+            )
+        elif isinstance(peer, dict) and "error" in peer:
+            lines.append(f"- {name}: nnU-Net failed: {peer['error']}")
+    return lines
+
+
 def markdown(rows: dict[str, Any], budget: float) -> str:
+    with_peer = any(isinstance(r.get("nnunet"), dict) for r in rows.values())
+    peer = _peer_cells if with_peer else (lambda row, label: "")
     lines = [
         "# Experts on real data",
         "",
@@ -229,6 +267,17 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
         "| expert | source | label | Dice | HD95 | target | train min | steps | images/s | params |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if with_peer:
+        lines[3:3] = [
+            "",
+            "nnU-Net columns: nnU-Net v2 (2d configuration for every dataset, `-device cpu`, its own commands and defaults) "
+            "trained on the same train/val cases within the same budget: a short calibration run fixes epochs x "
+            "iterations per epoch (trainer `nnUNetTrainerBudget`, otherwise nnU-Net's default trainer), prediction with "
+            "nnU-Net's default test-time mirroring, scored by the same code on the same test cases. nnU-Net iterations "
+            "are batches of its own batch size. Produced by `python benchmarks/experts.py --with-nnunet`.",
+        ]
+        lines[-2] += " nnU-Net Dice | nnU-Net HD95 | nnU-Net train min | nnU-Net iterations |"
+        lines[-1] += "---|---|---|---|"
     missed = []
     for name, row in rows.items():
         labels = [k for k, v in row.items() if isinstance(v, dict) and "dice" in v]
@@ -237,17 +286,19 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
             lines.append(
                 f"| {name} | {row['source']} | {label} | {row[label]['dice']:.3f} | {row[label]['hd95']:.2f} | "
                 f"{'' if target is None else f'>= {target:.2f}'} | {row.get('train_minutes') or ''} | {row.get('steps', '')} | "
-                f"{row.get('images_per_second') or ''} | {row.get('params') or ''} |"
+                f"{row.get('images_per_second') or ''} | {row.get('params') or ''} |" + peer(row, label)
             )
             if target is not None and row[label]["dice"] < target:
                 missed.append(f"{name} {label}: {row[label]['dice']:.3f} < {target}")
         mean_target = TARGETS.get(name, {}).get("mean") if row["source"] == "in" else None
         if mean_target is not None:
-            lines.append(f"| {name} | in | mean | {row['mean_dice']:.3f} | | >= {mean_target:.2f} | | | | |")
+            lines.append(f"| {name} | in | mean | {row['mean_dice']:.3f} | | >= {mean_target:.2f} | | | | |" + peer(row, "mean"))
             if row["mean_dice"] < mean_target:
                 missed.append(f"{name} mean: {row['mean_dice']:.3f} < {mean_target}")
     lines += ["", "## Targets", ""]
     lines += [f"- missed: {m}" for m in missed] or ["- all targets of the rows above are met"]
+    if with_peer:
+        lines += ["", "## medalloy vs nnU-Net (mean foreground Dice)", ""] + (_peer_summary(rows) or ["- no expert has both rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--with-nnunet", action="store_true", help="also run nnU-Net v2 (2d, CPU) on each expert's split and budget")
+    p.add_argument("--nnunet-only", action="store_true", help="keep the medalloy rows of experts.json; run only nnU-Net")
+    p.add_argument("--nnunet-venv", type=Path, default=Path(os.environ.get("MEDALLOY_NNUNET_VENV", HERE.parent / "runs" / "nnunet-venv")))
     a = p.parse_args(argv)
     import torch
 
@@ -272,14 +326,60 @@ def main(argv: list[str] | None = None) -> int:
     out_json = a.results / "experts.json"
     rows: dict[str, Any] = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else {}
     names = a.only or list(EXPERTS)
+    if a.with_nnunet or a.nnunet_only:
+        from nnunet_peer import check_venv
+
+        from medalloy.errors import MedalloyError
+
+        try:
+            check_venv(a.nnunet_venv)  # fail before hours of medalloy training, not after
+        except MedalloyError as exc:
+            print(f"experts.py: {exc}", file=sys.stderr)
+            return 1
+        missing = [n for n in names if n not in rows]
+        if a.nnunet_only and missing:
+            print(f"experts.py: {out_json} has no medalloy row for {', '.join(missing)}; run without --nnunet-only first", file=sys.stderr)
+            return 1
     for name in names:
-        rows[name] = run_expert(name, a.data, a.work, a.budget_minutes, a.seed)
-        _save(rows, a.results, a.budget_minutes)
+        if not a.nnunet_only:
+            earlier = rows.get(name, {}).get("nnunet")
+            rows[name] = run_expert(name, a.data, a.work, a.budget_minutes, a.seed)
+            if _same_setting(earlier, a.budget_minutes, a.seed):  # keep a matching peer row when the peer is not rerun
+                rows[name]["nnunet"] = earlier
+            _save(rows, a.results, a.budget_minutes)
+        if a.with_nnunet or a.nnunet_only:
+            rows[name]["nnunet"] = run_peer(name, a.data, a.work, a.budget_minutes, a.seed, a.nnunet_venv, a.threads)
+            _save(rows, a.results, a.budget_minutes)
+    if a.nnunet_only:
+        return 0
     for train_name, test_name in CROSS:
         if (train_name in names or test_name in names) and (a.work / "runs" / train_name / "checkpoints" / "best.safetensors").exists():
             rows[f"{train_name}->{test_name}"] = run_cross(train_name, test_name, a.data, a.work, a.seed, rows)
             _save(rows, a.results, a.budget_minutes)
     return 0
+
+
+def _same_setting(peer: Any, budget: float, seed: int) -> bool:
+    """An nnU-Net entry made with this budget and seed (hence these splits)."""
+    return isinstance(peer, dict) and "error" not in peer and peer.get("budget_minutes") == budget and peer.get("seed") == seed
+
+
+def run_peer(name: str, data: Path, work: Path, budget: float, seed: int, venv: Path, threads: int | None) -> dict[str, Any]:
+    """nnU-Net v2 on the expert's split and budget (nnunet_peer.run_nnunet); a failure is recorded, not raised,
+    so one dataset nnU-Net cannot handle does not stop the others."""
+    import traceback
+
+    from nnunet_peer import run_nnunet
+
+    ds_path = dataset_path(name, data, work)
+    try:
+        row = run_nnunet(name, ds_path, splits(name, ds_path, seed), budget, work, venv, threads=threads, overwrite=True)
+    except Exception as exc:  # noqa: BLE001  (reported in the results and on stderr)
+        traceback.print_exc()
+        log(f"{name}: nnU-Net failed: {exc}")
+        return {"error": str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__, "budget_minutes": budget, "seed": seed}
+    row["seed"] = seed
+    return row
 
 
 def _save(rows: dict[str, Any], results: Path, budget: float) -> None:

@@ -35,7 +35,7 @@ def make_plan(dim: int, target: list[float], norms: list[ChannelNorm] | None = N
         normalization=norms,
         label_values=LABEL_VALUES,
         labels={"background": 0, "a": 2, "b": 5},
-        network=NetworkPlan(kernels=[[3] * dim] * 2, strides=[[1] * dim, [2] * dim], filters=[4, 8]),
+        network=NetworkPlan(kernels=[[3] * dim] * 3, strides=[[1] * dim] + [[2] * dim] * 2, filters=[4, 8, 16]),
     )
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from medalloy.data.io import ImageMeta
 from medalloy.engine.inference import Predictor
+from medalloy.errors import MedalloyError
 from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
 
 LABEL_VALUES = [0, 2, 5]
@@ -183,5 +184,5 @@ def test_dynunet_predictor_runs_in_bf16():
     probs = Predictor(net, plan, precision="bf16").predict_probabilities(image, meta)
     assert probs.dtype == torch.float32 and probs.shape == (3, 20, 20)
     assert torch.allclose(probs.sum(0), torch.ones(20, 20), atol=1e-3)
-    with pytest.raises(Exception):
+    with pytest.raises(MedalloyError, match="fp16"):
         Predictor(net, plan, precision="fp16")  # no fp16 autocast on CPU

@@ -7,13 +7,13 @@ so the batch at a step never depends on what ran before it (resume = same batche
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from medalloy.data.preprocess import PreparedCase
-from medalloy.data.transforms import training_transforms, AugmentConfig
+from medalloy.data.transforms import AugmentConfig, training_transforms
 from medalloy.engine.distributed import DistInfo
 from medalloy.engine.seed import step_rng
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from medalloy.errors import MedalloyError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where autocast pays off."""
     try:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -299,9 +300,9 @@ class Trainer:
         every_ckpt = self.cfg.checkpoint_every or self.cfg.val_every
         bar = None
         if self.dist.is_main and self.cfg.progress:
-            from tqdm.auto import tqdm
-
             import sys
+
+            from tqdm.auto import tqdm
 
             # Outside a terminal (CI logs, files) a bar line every few seconds would flood the log.
             interval = 1.0 if sys.stderr.isatty() else 30.0

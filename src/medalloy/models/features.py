@@ -42,7 +42,7 @@ class FeatureTap:
         self._handles: list = []
         self._paths = {s: available[s] for s in self.stages}
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:
         modules = dict(self.model.named_modules())
         for stage, path in self._paths.items():
             self._handles.append(modules[path].register_forward_hook(self._hook(stage)))

@@ -50,7 +50,7 @@ class NetworkPlan(BaseModel):
     res_block: bool = False
 
     @model_validator(mode="after")
-    def _same_depth(self) -> "NetworkPlan":
+    def _same_depth(self) -> NetworkPlan:
         if not (len(self.kernels) == len(self.strides) == len(self.filters)):
             raise ValueError("kernels, strides and filters need one entry per stage")
         if len(self.strides) < 3:
@@ -87,7 +87,7 @@ class Plan(BaseModel):
         return len(self.label_values)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Plan":
+    def _consistent(self) -> Plan:
         if len(self.patch_size) != self.dim or len(self.target_spacing) != self.dim:
             raise ValueError(f"patch_size and target_spacing need {self.dim} entries for a {self.dim}D plan")
         if len(self.normalization) != self.in_channels:

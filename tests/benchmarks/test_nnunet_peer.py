@@ -1,0 +1,226 @@
+"""benchmarks/nnunet_peer.py (budget, nnU-Net log parsing, raw folder) and experts.py's nnU-Net table.
+
+nnU-Net itself is not needed: its commands run in their own venv (``nnunet_peer.py --smoke``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import experts  # noqa: E402
+import nnunet_peer as peer  # noqa: E402
+
+from medalloy.data.synth import generate_dataset  # noqa: E402
+from medalloy.errors import MedalloyError  # noqa: E402
+
+
+# -- budget --------------------------------------------------------------------------------------
+def test_plan_budget_short_epochs_when_budget_small() -> None:
+    # (600 - 6) / 0.36 = 1650 iterations < 250 * 10 -> 10 epochs of 165
+    assert peer.plan_budget(600, 0.36, warmup_seconds=6) == (165, 10)
+    # with 1.4 s between epochs: 59.4 - 1.4 = 58 s per epoch -> 161 iterations
+    assert peer.plan_budget(600, 0.36, epoch_overhead=1.4, warmup_seconds=6) == (161, 10)
+
+
+def test_plan_budget_keeps_nnunet_epoch_length_when_budget_large() -> None:
+    # 3600 / (250 * 0.3) = 48 epochs of nnU-Net's 250; with 3 s between epochs 3600 / 78 -> 46
+    assert peer.plan_budget(3600, 0.3) == (250, 48)
+    assert peer.plan_budget(3600, 0.3, epoch_overhead=3) == (250, 46)
+    # exactly 250 * 10 -> the default length already
+    assert peer.plan_budget(2500, 1.0) == (250, 10)
+
+
+def test_plan_budget_tiny_and_exhausted_budgets() -> None:
+    assert peer.plan_budget(10, 2.0) == (1, 5)  # 5 iterations: 5 epochs of 1
+    # 60 s with 2 s between epochs at 1 s/iteration: 10 epochs of 4 (10 * (4 + 2) = 60)
+    assert peer.plan_budget(60, 1.0, epoch_overhead=2) == (4, 10)
+    assert peer.plan_budget(5, 1.0, warmup_seconds=30) == (1, 1)  # warm-up eats it all: at least one step
+    with pytest.raises(ValueError):
+        peer.plan_budget(60, 0.0)
+
+
+# -- nnU-Net training log -------------------------------------------------------------------------
+def _nnunet_log(epochs: list[tuple[str, str, float]]) -> str:
+    """Lines as nnU-Net's print_to_log_file writes them: '<datetime>: <message> '."""
+    lines = ["", "2026-01-01 10:00:00.000000: This is the configuration used by this training: "]
+    for start, end, took in epochs:
+        n = len([ln for ln in lines if ": Epoch " in ln and "time" not in ln])
+        lines += [
+            f"2026-01-01 {start}: Epoch {n} ",
+            f"2026-01-01 {start}: Current learning rate: 0.01 ",
+            f"2026-01-01 {end}: train_loss -0.5 ",
+            f"2026-01-01 {end}: Epoch time: {took} s ",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_calibration_timing_from_epoch_starts() -> None:
+    # epoch 0 starts 10:00:05, epoch 1 at 10:00:25 (20 s incl. warm-up), epoch 2 at 10:00:37 (12 s)
+    text = _nnunet_log([("10:00:05.000000", "10:00:24.000000", 19.0), ("10:00:25", "10:00:36.500000", 11.5), ("10:00:37.000000", "10:00:48.000000", 11.0)])
+    per_iter, overhead, warmup = peer.calibration_timing(text, iterations=30)
+    assert per_iter == pytest.approx(11.5 / 30)  # epoch 1: 10:00:25 -> 10:00:36.5
+    assert overhead == pytest.approx(0.5)  # epoch 1's end -> epoch 2's start
+    assert warmup == pytest.approx(20.0 - 12.0)
+    parsed = peer.parse_training_log(text)
+    assert parsed["epoch_times"] == [19.0, 11.5, 11.0]
+    assert parsed["starts"] == [5.0, 25.0, 37.0]  # seconds after the log's first line
+    assert parsed["ends"] == [24.0, 36.5, 48.0] and parsed["end"] == 48.0
+
+
+def test_calibration_needs_three_epochs() -> None:
+    text = _nnunet_log([("10:00:05.000000", "10:00:24.000000", 19.0), ("10:00:25.000000", "10:00:36.000000", 11.0)])
+    with pytest.raises(ValueError, match="needs 3"):
+        peer.calibration_timing(text, iterations=30)
+
+
+def test_training_seconds_spans_first_start_to_last_end() -> None:
+    text = _nnunet_log([("10:00:05.500000", "10:00:20.000000", 14.5), ("10:00:21.000000", "10:01:05.250000", 44.25)])
+    assert peer.training_seconds(text) == pytest.approx(59.75)
+    with pytest.raises(ValueError):
+        peer.training_seconds("2026-01-01 10:00:00.000000: nothing trained \n")
+
+
+# -- raw dataset ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset("Dataset902_SynthCXR", tmp_path_factory.mktemp("data"), cases_per_source=3, test_cases_per_source=0, progress=False)
+
+
+SPLIT = {"train": ["siteA_tr000", "siteA_tr001", "siteB_tr000"], "val": ["siteB_tr001"], "test": ["siteA_tr002", "siteB_tr002"]}
+
+
+def test_build_raw_dataset_layout(synth: Path, tmp_path: Path) -> None:
+    out = peer.build_raw_dataset(synth, SPLIT, tmp_path, "Dataset902_SynthCXR")
+    assert out == tmp_path / "Dataset902_SynthCXR"
+    tr = sorted(p.name for p in (out / "imagesTr").iterdir())
+    assert tr == sorted(f"{c}_0000.png" for c in SPLIT["train"] + SPLIT["val"])
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == sorted(f"{c}.png" for c in SPLIT["train"] + SPLIT["val"])
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["siteA_tr002_0000.png", "siteB_tr002_0000.png"]
+    link = out / "imagesTr" / "siteA_tr000_0000.png"
+    assert link.is_symlink() and link.resolve() == (synth / "imagesTr" / "siteA_tr000_0000.png").resolve()
+    assert (out / "labelsTr" / "siteB_tr001.png").resolve() == (synth / "labelsTr" / "siteB_tr001.png").resolve()
+    spec = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert spec["numTraining"] == 4  # train + val, never the test cases
+    assert spec["labels"] == {"background": 0, "lung": 1, "heart": 2}
+    assert spec["channel_names"] == {"0": "XR"} and spec["file_ending"] == ".png" and spec["name"] == "SynthCXR"
+    assert "medalloy" not in spec  # its case list names cases that are not in this folder
+
+
+def test_build_raw_dataset_refuses_overlap_and_existing(synth: Path, tmp_path: Path) -> None:
+    bad = {**SPLIT, "test": ["siteB_tr001"]}
+    with pytest.raises(MedalloyError, match="both val and test"):
+        peer.build_raw_dataset(synth, bad, tmp_path, "Dataset902_SynthCXR")
+    with pytest.raises(MedalloyError, match="train and test"):
+        peer.build_raw_dataset(synth, {**SPLIT, "test": []}, tmp_path, "Dataset902_SynthCXR")
+    peer.build_raw_dataset(synth, SPLIT, tmp_path, "Dataset902_SynthCXR")
+    with pytest.raises(FileExistsError):
+        peer.build_raw_dataset(synth, SPLIT, tmp_path, "Dataset902_SynthCXR")
+
+
+def test_write_split_is_fold_zero(tmp_path: Path) -> None:
+    path = peer.write_split(tmp_path / "Dataset902_SynthCXR", {"train": ["b", "a"], "val": ["c"], "test": ["d"]})
+    assert json.loads(path.read_text(encoding="utf-8")) == [{"train": ["a", "b"], "val": ["c"]}]
+
+
+def test_dataset_folder_name() -> None:
+    assert peer.dataset_folder_name(511, "Polyp-Kvasir") == "Dataset511_PolypKvasir"
+    assert peer.dataset_folder_name(7, "JSRT") == "Dataset007_JSRT"
+    with pytest.raises(ValueError):
+        peer.dataset_folder_name(1000, "X")
+
+
+# -- environment and venv ---------------------------------------------------------------------------
+def test_nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    monkeypatch.setenv("MEDALLOY_NNUNET_EPOCHS", "99")
+    env = peer.nnunet_env(tmp_path / "venv", tmp_path, threads=2, iters=30, epochs=3)
+    assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
+    assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
+    assert env["nnUNet_extTrainer"] == str(BENCH / "nnunet")
+    assert (BENCH / "nnunet" / "nnUNetTrainerBudget.py").exists()
+    assert env["MEDALLOY_NNUNET_ITERS"] == "30" and env["MEDALLOY_NNUNET_EPOCHS"] == "3"
+    assert env["OMP_NUM_THREADS"] == "2" and env["PATH"].startswith(str(tmp_path / "venv" / "bin") + os.pathsep)
+    assert "PYTHONPATH" not in env  # medalloy's packages must not leak into nnU-Net's venv
+    plain = peer.nnunet_env(tmp_path / "venv", tmp_path, threads=1)
+    assert "MEDALLOY_NNUNET_EPOCHS" not in plain and "MEDALLOY_NNUNET_ITERS" not in plain
+
+
+def test_check_venv_names_setup_script(tmp_path: Path) -> None:
+    with pytest.raises(MedalloyError, match="setup_venv.sh"):
+        peer.check_venv(tmp_path)
+    (tmp_path / "bin").mkdir()
+    for cmd in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_predict"):
+        (tmp_path / "bin" / cmd).write_text("", encoding="utf-8")
+    assert peer.check_venv(tmp_path) == tmp_path / "bin"
+
+
+# -- experts.py table ---------------------------------------------------------------------------------
+def _row(dice: float, **extra: object) -> dict:
+    return {
+        "lung": {"dice": dice, "hd95": 3.25},
+        "train_minutes": 9.5,
+        "images_per_second": 12.0,
+        "params": 1000,
+        "source": "in",
+        "steps": 800,
+        "mean_dice": dice,
+        **extra,
+    }
+
+
+PEER = {
+    "lung": {"dice": 0.91, "hd95": 4.5},
+    "train_minutes": 9.1,
+    "iterations": 1650,
+    "epochs": 10,
+    "iterations_per_epoch": 165,
+    "batch_size": 12,
+    "patch_size": [256, 256],
+    "images_per_second": 36.3,
+    "mean_dice": 0.91,
+    "budget_minutes": 10.0,
+    "seed": 0,
+}
+
+
+def test_markdown_without_peer_is_unchanged() -> None:
+    md = experts.markdown({"Shenzhen": _row(0.95)}, 10)
+    lines = md.splitlines()
+    assert "| expert | source | label | Dice | HD95 | target | train min | steps | images/s | params |" in lines
+    assert "| Shenzhen | in | lung | 0.950 | 3.25 | >= 0.92 | 9.5 | 800 | 12.0 | 1000 |" in lines
+    assert "nnU-Net" not in md
+
+
+def test_markdown_with_peer_columns_and_summary() -> None:
+    rows = {"Shenzhen": _row(0.95, nnunet=PEER), "JSRT": _row(0.96, nnunet={"error": "boom"}), "Polyp-CVC->Polyp-Kvasir": _row(0.5)}
+    lines = experts.markdown(rows, 10).splitlines()
+    head = "| expert | source | label | Dice | HD95 | target | train min | steps | images/s | params | nnU-Net Dice | nnU-Net HD95 | nnU-Net train min | nnU-Net iterations |"
+    assert head in lines
+    assert lines[lines.index(head) + 1] == "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    assert "| Shenzhen | in | lung | 0.950 | 3.25 | >= 0.92 | 9.5 | 800 | 12.0 | 1000 | 0.910 | 4.50 | 9.1 | 1650 |" in lines
+    assert "| JSRT | in | lung | 0.960 | 3.25 | >= 0.95 | 9.5 | 800 | 12.0 | 1000 | failed | | | |" in lines
+    assert any(ln.startswith("| Polyp-CVC->Polyp-Kvasir |") and ln.endswith("| 1000 | | | | |") for ln in lines)
+    assert "- Shenzhen: medalloy 0.950 vs nnU-Net 0.910 (+0.040); nnU-Net 10 epochs x 165 iterations, batch 12, patch 256x256, 36.3 images/s" in lines
+    assert "- JSRT: nnU-Net failed: boom" in lines
+
+
+def test_markdown_peer_mean_row() -> None:
+    row = _row(0.8, nnunet={**PEER, "mean_dice": 0.83})
+    lines = experts.markdown({"ACDC": row}, 10).splitlines()
+    assert "| ACDC | in | mean | 0.800 | | >= 0.85 | | | | | 0.830 | | | |" in lines
+
+
+def test_same_setting_keeps_only_matching_peer_rows() -> None:
+    assert experts._same_setting(PEER, 10.0, 0)
+    assert not experts._same_setting(PEER, 5.0, 0)
+    assert not experts._same_setting(PEER, 10.0, 1)
+    assert not experts._same_setting({"error": "x", "budget_minutes": 10.0, "seed": 0}, 10.0, 0)
+    assert not experts._same_setting(None, 10.0, 0)
