@@ -223,7 +223,7 @@ def run_cross(train_name: str, test_name: str, data: Path, work: Path, seed: int
 
 
 def _peer_cells(row: dict[str, Any], label: str) -> str:
-    """nnU-Net's columns for one table line ("" when no row has an nnU-Net entry)."""
+    """nnU-Net's four cells for one table line of ``row`` (blank when the row has no nnU-Net entry)."""
     peer = row.get("nnunet")
     if not isinstance(peer, dict):
         return " | | | |"

@@ -224,3 +224,52 @@ def test_same_setting_keeps_only_matching_peer_rows() -> None:
     assert not experts._same_setting(PEER, 10.0, 1)
     assert not experts._same_setting({"error": "x", "budget_minutes": 10.0, "seed": 0}, 10.0, 0)
     assert not experts._same_setting(None, 10.0, 0)
+
+
+# -- experts.py wiring ---------------------------------------------------------------------------------
+def _fake_venv(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    for cmd in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_predict"):
+        (root / "bin" / cmd).write_text("", encoding="utf-8")
+    return root
+
+
+def test_nnunet_only_adds_peer_rows_to_existing_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "experts.json").write_text(json.dumps({"Shenzhen": _row(0.95)}), encoding="utf-8")
+    calls = []
+
+    def fake_peer(name, data, work, budget, seed, venv, threads):  # noqa: ANN001, ANN202
+        calls.append((name, budget, seed, venv))
+        return {**PEER, "budget_minutes": budget, "seed": seed}
+
+    monkeypatch.setattr(experts, "run_peer", fake_peer)
+    venv = _fake_venv(tmp_path / "venv")
+    argv = ["--data", str(tmp_path), "--results", str(results), "--nnunet-venv", str(venv), "--budget-minutes", "10"]
+    # a medalloy row is needed for every expert asked for
+    assert experts.main([*argv, "--nnunet-only", "--only", "Shenzhen", "JSRT"]) == 1
+    assert calls == []
+    assert experts.main([*argv, "--nnunet-only", "--only", "Shenzhen"]) == 0
+    assert calls == [("Shenzhen", 10.0, 0, venv)]
+    rows = json.loads((results / "experts.json").read_text(encoding="utf-8"))
+    assert rows["Shenzhen"]["nnunet"]["lung"] == {"dice": 0.91, "hd95": 4.5}
+    assert rows["Shenzhen"]["lung"] == {"dice": 0.95, "hd95": 3.25}  # medalloy's row untouched
+    assert "| 0.910 | 4.50 | 9.1 | 1650 |" in (results / "experts.md").read_text(encoding="utf-8")
+
+
+def test_with_nnunet_refuses_missing_venv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data", str(tmp_path), "--results", str(tmp_path / "r"), "--nnunet-venv", str(tmp_path / "none"), "--with-nnunet"]
+    assert experts.main(argv) == 1
+    assert "setup_venv.sh" in capsys.readouterr().err
+
+
+def test_run_peer_records_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("nnUNetv2_train exited with code 1\nmore")
+
+    monkeypatch.setattr(experts, "dataset_path", lambda name, data, work: tmp_path)
+    monkeypatch.setattr(experts, "splits", lambda name, ds_path, seed: {"train": ["a"], "val": [], "test": ["b"]})
+    monkeypatch.setattr(peer, "run_nnunet", boom)
+    row = experts.run_peer("JSRT", tmp_path, tmp_path, 10.0, 3, tmp_path, None)
+    assert row == {"error": "nnUNetv2_train exited with code 1", "budget_minutes": 10.0, "seed": 3}
