@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medalloy.data.dataset import make_dataset_json, write_json_atomic
+from medalloy.data.dataset import make_dataset_json
 from medalloy.data.io import ImageMeta, write_image, write_label
 from medalloy.errors import MedalloyError
 from medalloy.evaluation import _slice_index, evaluate_folders, markdown_table
+from medalloy.jsonio import write_json_atomic
 
 SHAPE = (16, 16)
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medalloy.data.dataset import RawDataset, write_json_atomic
+from medalloy.data.dataset import RawDataset
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
 from medalloy.runs import prepare_output
 
 # Steps per expert: enough for Dice > 0.9 on every synthetic task; about a minute each on 2 cores.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from medalloy.errors import MedalloyError
 
@@ -31,15 +29,6 @@ def prepare_output(out: str | Path, overwrite: bool = False, resume: bool = Fals
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedalloyError(f"{what} not found", path, fix) from None
-    except json.JSONDecodeError as exc:
-        raise MedalloyError(f"{what} is not valid JSON (line {exc.lineno})", path, fix) from None
 
 
 def resolve_checkpoint(run: str | Path, which: str = "best") -> Path:

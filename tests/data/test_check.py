@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from medalloy.data.check import Problem, check_dataset, format_report
-from medalloy.data.dataset import make_dataset_json, write_json_atomic
+from medalloy.data.dataset import make_dataset_json
 from medalloy.data.io import ImageMeta, write_image, write_label
+from medalloy.jsonio import write_json_atomic
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 

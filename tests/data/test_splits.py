@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medalloy.data.dataset import Case, RawDataset, make_dataset_json, write_json_atomic
+from medalloy.data.dataset import Case, RawDataset, make_dataset_json
 from medalloy.data.io import write_image, write_label
 from medalloy.data.splits import kfold_splits, leave_one_source_out, load_splits, save_splits, split_for_fold
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
 
 # 7 patients with 3, 2, 2, 1, 1, 1, 1 cases (11 cases), from two sources
 PATIENTS = {"p0": 3, "p1": 2, "p2": 2, "p3": 1, "p4": 1, "p5": 1, "p6": 1}

@@ -8,10 +8,7 @@ in ``dataset.json`` under the key ``"medalloy"``, which nnU-Net ignores::
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medalloy.data.io import ImageMeta, read_image, read_label
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic  # noqa: F401  (write_json_atomic kept importable from here)
 
 EXTENSION_KEY = "medalloy"
 DEFAULT_SOURCE = "default"
@@ -83,30 +81,6 @@ class Case:
         return self.patient or self.case_id
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedalloyError("dataset.json not found", path, "point to an nnU-Net raw dataset folder (DatasetNNN_Name)") from None
-    except json.JSONDecodeError as exc:
-        raise MedalloyError(f"invalid JSON (line {exc.lineno}: {exc.msg})", path, "fix the syntax") from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class RawDataset:
     """An nnU-Net v2 raw dataset folder, with medalloy's per-case ``source``/``patient`` extras."""
 
@@ -114,7 +88,7 @@ class RawDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise MedalloyError("dataset folder not found", self.root, "give the path of a DatasetNNN_Name folder")
-        raw = _load_json(self.root / "dataset.json")
+        raw = read_json(self.root / "dataset.json", "dataset.json", "point to an nnU-Net raw dataset folder (DatasetNNN_Name)")
         try:
             self.spec = DatasetSpec.model_validate(raw)
         except ValidationError as exc:

@@ -20,7 +20,6 @@ existing dataset (one call per ``source``) and updates ``dataset.json`` atomical
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medalloy.data.dataset import EXTENSION_KEY, RawDataset, make_dataset_json, write_json_atomic
+from medalloy.data.dataset import EXTENSION_KEY, RawDataset, make_dataset_json
 from medalloy.data.io import JPG_ENDINGS, PNG_ENDINGS, ImageMeta, file_ending, read_any, write_image, write_label
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic
 
 IMAGE_ENDINGS = JPG_ENDINGS + PNG_ENDINGS
 RGB_CHANNELS = {"0": "R", "1": "G", "2": "B"}
@@ -247,10 +247,7 @@ def _load_existing(out: Path) -> dict | None:
     path = out / "dataset.json"
     if not path.exists():
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MedalloyError(f"invalid JSON (line {exc.lineno}: {exc.msg})", path, "fix it or import into a new dataset folder") from None
+    raw = read_json(path, "dataset.json", "", "fix it or import into a new dataset folder")
     RawDataset(out)  # validates the spec with the project's usual messages
     return raw
 

@@ -7,14 +7,14 @@ on both sides of a fold. ``fold=-1`` means nnU-Net's ``all``: train on every cas
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medalloy.data.dataset import Case, RawDataset, write_json_atomic
+from medalloy.data.dataset import Case, RawDataset
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic
 
 SPLITS_FILE = "splits_final.json"
 ALL_FOLD = -1
@@ -122,12 +122,7 @@ def save_splits(splits: list[dict] | dict[str, dict], path: str | Path, overwrit
 def load_splits(path: str | Path) -> list[dict]:
     """Read and validate a ``splits_final.json``."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedalloyError("splits file not found", path, "check the path or make one with kfold_splits") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MedalloyError(f"invalid JSON ({exc})", path, "fix the syntax") from None
+    raw = read_json(path, "splits file", "check the path or make one with `medalloy data split`")
     return _validate(raw, path)
 
 

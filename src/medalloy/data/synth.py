@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from medalloy.data.dataset import make_dataset_json, write_json_atomic
+from medalloy.data.dataset import make_dataset_json
 from medalloy.data.io import ImageMeta, file_ending, write_image, write_label
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
 
 SPLITS = {"train": 0, "test": 1}
 _PATIENT, _SCAN = 0, 1  # seed roles: anatomy (shared by a patient's scans) vs acquisition

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
 
 FORMAT = "medalloy-checkpoint"
 FORMAT_VERSION = 1
@@ -56,8 +57,6 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], record: 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    from medalloy.data.dataset import write_json_atomic
-
     write_json_atomic(path.with_suffix(".json"), full)
     return path
 

@@ -26,7 +26,6 @@ the same positions for every channel; the statistics are computed over the poole
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from medalloy.data.dataset import Case, RawDataset, write_json_atomic
+from medalloy.data.dataset import Case, RawDataset
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic
 
 VOXELS_PER_CASE = 10_000
 _NATURAL_ENDINGS = (".png", ".jpg", ".jpeg")
@@ -230,10 +230,4 @@ def save_fingerprint(fp: dict, path: str | Path, overwrite: bool = False) -> Pat
 
 def load_fingerprint(path: str | Path) -> dict:
     """Read a fingerprint written by :func:`save_fingerprint`."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedalloyError("fingerprint not found", path, "make one with `medalloy plan DATASET`") from None
-    except json.JSONDecodeError as exc:
-        raise MedalloyError(f"fingerprint is not valid JSON (line {exc.lineno}: {exc.msg})", path, "delete it and plan again") from None
+    return read_json(path, "fingerprint", "make one with `medalloy plan DATASET`", "delete it and plan again")

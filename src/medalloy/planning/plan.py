@@ -6,13 +6,13 @@ training (``medalloy train expert DATASET --plan PLAN.json``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic
 
 Normalization = Literal["ct", "zscore", "rgb", "none"]
 
@@ -101,8 +101,6 @@ class Plan(BaseModel):
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
-    from medalloy.data.dataset import write_json_atomic
-
     path = Path(path)
     write_json_atomic(path, plan.model_dump(mode="json"))
     return path
@@ -110,12 +108,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedalloyError("plan not found", path, "make one with `medalloy plan DATASET`") from None
-    except json.JSONDecodeError as exc:
-        raise MedalloyError(f"plan is not valid JSON (line {exc.lineno}: {exc.msg})", path, "fix the syntax") from None
+    raw = read_json(path, "plan", "make one with `medalloy plan DATASET`")
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from medalloy.data.dataset import Case, RawDataset, write_json_atomic
+from medalloy.data.dataset import Case, RawDataset
 from medalloy.data.preprocess import PreparedCase, foreground_coords, pad_to_patch, to_network_space
 from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
@@ -33,6 +33,7 @@ from medalloy.engine.inference import Predictor
 from medalloy.engine.seed import seed_everything, step_rng
 from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
 from medalloy.losses import DiceCELoss
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, load_plan, save_plan
