@@ -307,23 +307,39 @@ def test_unknown_trainable_module(tmp_path):
         Trainer(spec, config(), tmp_path)
 
 
-def test_time_budget_fixes_the_step_count_and_the_schedule_still_ends(tmp_path):
+def _sleepy(spec: TrainSpec, seconds: Callable[[int], float]) -> TrainSpec:
+    """The spec's batches, each after a sleep that dominates the tiny network's step time."""
     import time as _time
 
-    spec = make_spec(validate=None)
     inner = spec.batches
 
     def slow(step: int, dist: DistInfo) -> dict:
-        _time.sleep(0.02)  # dominates the tiny network's step: ~25 steps fit 0.6 s
+        _time.sleep(seconds(step))
         return inner(step, dist)
 
     spec.batches = slow
-    cfg = TrainConfig(steps=100_000, lr=1e-3, time_budget_minutes=0.01, calibration_steps=5, val_every=1000, progress=False, precision="fp32")
-    trainer = Trainer(spec, cfg, tmp_path)
-    res = trainer.fit()
-    assert 5 <= res["steps"] < 60  # far below the 100,000 cap, near 0.55 s / ~0.02 s
+    return spec
+
+
+def test_time_budget_fixes_the_step_count_and_the_schedule_still_ends(tmp_path):
+    spec = _sleepy(make_spec(validate=None), lambda step: 0.02)
+    cfg = TrainConfig(steps=100_000, lr=1e-3, time_budget_minutes=0.05, calibration_steps=5, val_every=10**6, progress=False, precision="fp32")
+    res = Trainer(spec, cfg, tmp_path).fit()
+    assert 5 < res["steps"] < 400  # ~2.9 s / >= 0.02 s per step, far below the 100,000 cap
     record = ckpt.read_record(tmp_path / "checkpoints" / "last.safetensors")
     assert record["total_steps"] == res["steps"]
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows[-1]["step"] == res["steps"]
     # poly decay reached its end at the budgeted step count
     assert rows[-1]["lr"] == pytest.approx(1e-3 * lr_factor(res["steps"] - 1, res["steps"]), rel=1e-6)
+
+
+def test_time_budget_holds_when_steps_slow_down_after_calibration(tmp_path):
+    # calibration sees 0.01 s steps, the rest take 0.06 s: the first estimate alone (~290 steps)
+    # would run ~17 s; re-estimates at each validation step and the hard stop keep it near 3 s
+    spec = _sleepy(make_spec(validate=None), lambda step: 0.01 if step < 5 else 0.06)
+    cfg = TrainConfig(steps=100_000, lr=1e-3, time_budget_minutes=0.05, calibration_steps=5, val_every=4, progress=False, precision="fp32")
+    res = Trainer(spec, cfg, tmp_path).fit()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows[-1]["step"] == res["steps"] < 60
+    assert rows[-1]["time"] < 3.0 + 0.6  # the budget plus at most a few steps

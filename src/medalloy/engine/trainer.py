@@ -54,8 +54,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     progress: bool = True
-    # Wall-clock budget: after `calibration_steps` the step count is fixed to what fits the budget
-    # (at most `steps`), so the schedule still decays to its end and a resumed run stays exact.
+    # Wall-clock budget: after `calibration_steps` the step count is set to what fits the budget
+    # (at most `steps`) and re-estimated at each validation from wall-clock time (validations
+    # included), so the schedule still decays to its end; past the budget the run stops.
+    # A resumed run keeps the step count of its checkpoint.
     time_budget_minutes: float | None = Field(None, gt=0)
     calibration_steps: int = Field(20, ge=2)
 
@@ -273,17 +275,31 @@ class Trainer:
                 metrics = self.spec.validate(self.spec.models)
         return metrics
 
-    def _fit_budget(self, elapsed: float, per_step: float, bar: Any) -> None:
-        """Fix ``total_steps`` to what fits the time budget; 8% is kept for validations and checkpoints.
-        Ranks agree on rank 0's estimate."""
+    def _fit_budget(self, elapsed: float, start_step: int, mark: tuple[int, float] | None, bar: Any) -> tuple[int, float] | None:
+        """Set ``total_steps`` to what fits the rest of the time budget; returns the calibration mark.
+
+        First after ``calibration_steps`` (time per step so far), then at every validation step
+        (wall-clock time per step since the first estimate, so validations and checkpoints count).
+        3% is kept for the final validation and checkpoint. Ranks agree on rank 0's estimate."""
         from medalloy.engine.distributed import broadcast_object
 
-        budget = self.cfg.time_budget_minutes * 60.0 * 0.92
-        fits = self.step + int(max(0.0, budget - elapsed) / max(per_step, 1e-9))
-        self.total_steps = broadcast_object(max(self.step, min(self.cfg.steps, fits)), self.dist)
+        budget = self.cfg.time_budget_minutes * 60.0
+        done = self.step - start_step
+        if elapsed >= budget:
+            total = self.step
+        elif done == self.cfg.calibration_steps:
+            mark = (self.step, elapsed)
+            total = self.step + int((budget * 0.97 - elapsed) / max(elapsed / done, 1e-9))
+        elif mark is not None and self.step % self.cfg.val_every == 0 and self.step > mark[0]:
+            per_step = (elapsed - mark[1]) / (self.step - mark[0])
+            total = self.step + int((budget * 0.97 - elapsed) / max(per_step, 1e-9))
+        else:
+            return mark
+        self.total_steps = broadcast_object(max(self.step, min(self.cfg.steps, total)), self.dist)
         if bar is not None:
             bar.total = self.total_steps
             bar.refresh()
+        return mark
 
     def _is_better(self, value: float) -> bool:
         if value is None or not math.isfinite(value):
@@ -309,6 +325,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.record.get("name", "train"), unit="step", dynamic_ncols=True, mininterval=interval)
         t_start, data_time, compute_time, images = time.perf_counter(), 0.0, 0.0, 0
         start_step = self.step
+        budget_mark: tuple[int, float] | None = None
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             batch = to_device(self.spec.batches(self.step, self.dist), self.device)
@@ -320,12 +337,19 @@ class Trainer:
             compute_time += t2 - t1
             images += _batch_size(batch)
             self.step += 1
-            if self.cfg.time_budget_minutes and self.step - start_step == self.cfg.calibration_steps and not resume:
-                self._fit_budget(time.perf_counter() - t_start, (data_time + compute_time) / (self.step - start_step), bar)
+            if self.cfg.time_budget_minutes and not resume:
+                budget_mark = self._fit_budget(time.perf_counter() - t_start, start_step, budget_mark, bar)
             row = {"kind": "train", "step": self.step, "lr": lr, **scalars}
             if log is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                 elapsed = data_time + compute_time
-                log.write({**row, "images_per_s": images * self.dist.world_size / max(elapsed, 1e-9), "data_fraction": data_time / max(elapsed, 1e-9)})
+                log.write(
+                    {
+                        **row,
+                        "images_per_s": images * self.dist.world_size / max(elapsed, 1e-9),
+                        "data_fraction": data_time / max(elapsed, 1e-9),
+                        "time": round(time.perf_counter() - t_start, 3),
+                    }
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", refresh=False)
