@@ -44,6 +44,12 @@ EXPERTS: dict[str, tuple[str, str | None, str]] = {
     "ACDC": ("Dataset104_ACDC", None, "acdc"),
     "Hippocampus": ("Dataset105_Hippocampus", None, "kfold"),
 }
+# Planner settings that differ from the defaults, and why (shown in experts.md).
+PLAN_OPTIONS: dict[str, dict[str, Any]] = {
+    # 256x256 colonoscopy frames at full size allow ~6 epochs in 10 CPU minutes; at 128x128 ~4x more.
+    "Polyp-Kvasir": {"max_2d_side": 128},
+    "Polyp-CVC": {"max_2d_side": 128},
+}
 # (trained expert, test set of): evaluated on the labels both share
 CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT")]
 TARGETS = {
@@ -161,8 +167,14 @@ def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> d
     split = splits(name, ds_path, seed)
     log(f"{name}: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test cases, budget {budget} min")
     run = work / "runs" / name
+    plan = None
+    if name in PLAN_OPTIONS:
+        from medalloy.planning.fingerprint import fingerprint
+        from medalloy.planning.planner import plan_dataset
+
+        plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS[name])
     res = train_expert(
-        ds_path, run, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
+        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
         steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
     )
     labels = ds.spec.labels
@@ -183,6 +195,8 @@ def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> d
             "test_cases": len(split["test"]),
             "inference_seconds_per_case": round(sec_per_case, 3),
             "mean_dice": round(float(np.mean([row[k]["dice"] for k in fg])), 4),
+            "patch_size": json.loads((run / "plan.json").read_text(encoding="utf-8"))["patch_size"],
+            "plan_options": PLAN_OPTIONS.get(name, {}),
         }
     )
     log(f"{name}: " + ", ".join(f"{k} {row[k]['dice']:.3f}" for k in fg) + f" in {row['train_minutes']} min ({row['steps']} steps)")
@@ -263,6 +277,10 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
         "held-out test cases never used for training or model selection (fold 0 of 5, by patient when known; ACDC: its "
         "patient split). Cross rows apply an expert to another source's held-out cases, on the labels both share. "
         "images/s = training throughput. Produced by `python benchmarks/experts.py`.",
+        "",
+        "Planner settings other than the defaults: "
+        + ("; ".join(f"{n}: {', '.join(f'{k}={v}' for k, v in o.items())}" for n, o in PLAN_OPTIONS.items()) or "none")
+        + " (256x256 frames at full size leave ~6 epochs in the budget).",
         "",
         "| expert | source | label | Dice | HD95 | target | train min | steps | images/s | params |",
         "|---|---|---|---|---|---|---|---|---|---|",
