@@ -48,7 +48,6 @@ EXPERTS: dict[str, tuple[str, str | None, str]] = {
 PLAN_OPTIONS: dict[str, dict[str, Any]] = {
     # 256x256 colonoscopy frames at full size allow ~6 epochs in 10 CPU minutes; at 128x128 ~4x more.
     "Polyp-Kvasir": {"max_2d_side": 128},
-    "Polyp-CVC": {"max_2d_side": 128},
 }
 # (trained expert, test set of): evaluated on the labels both share
 CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT")]
