@@ -262,6 +262,12 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Defaults: training precision `auto` = {r['defaults']['train_precision']}; inference {r['defaults']['inference']}.",
     ]
+    if not t["bf16_speed"]:
+        lines += [
+            "",
+            f"bf16 below 1.8x: this CPU reports {r.get('bf16_units', 'no bf16 matrix units')} in /proc/cpuinfo; bf16 convolutions "
+            "run on AVX512-BF16 dot products, not AMX tiles, and the instance norms, loss and optimiser stay fp32.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -309,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     fastest = min(infer2d["seconds_per_case"], key=infer2d["seconds_per_case"].get)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if ln.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
+    units = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     result = {
         "cpu": cpu,
+        "bf16_units": ", ".join(units) or "none",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "engine_overhead": overhead,

@@ -32,7 +32,7 @@ class Predictor:
         tta: bool = False,
         overlap: float = 0.5,
         slice_batch: int = 16,
-        channels_last: bool = True,
+        channels_last: bool = False,  # measured slower than contiguous here (benchmarks/results/speed.md)
     ):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
