@@ -146,8 +146,8 @@ def test_resume_is_bitwise_identical_fp32(tmp_path, cfg):
     assert any(k.startswith("optim/") for k in ta)
     assert any(k.startswith("ema/") for k in ta) == bool(cfg.get("ema_decay"))
     # metrics: same rows (train losses bit-equal), no step logged twice after the resume
-    rows_a = [{k: v for k, v in r.items() if k not in ("images_per_s", "data_fraction")} for r in read_metrics(a_dir / "metrics.jsonl")]
-    rows_b = [{k: v for k, v in r.items() if k not in ("images_per_s", "data_fraction")} for r in read_metrics(b_dir / "metrics.jsonl")]
+    rows_a = [{k: v for k, v in r.items() if k not in ("images_per_s", "data_fraction", "time")} for r in read_metrics(a_dir / "metrics.jsonl")]
+    rows_b = [{k: v for k, v in r.items() if k not in ("images_per_s", "data_fraction", "time")} for r in read_metrics(b_dir / "metrics.jsonl")]
     assert rows_a == rows_b
     train_steps = [r["step"] for r in rows_b if r["kind"] == "train"]
     val_steps = [r["step"] for r in rows_b if r["kind"] == "val"]
