@@ -50,6 +50,8 @@ class FeatureTap:
 
     def _hook(self, stage: str):
         def fn(_module, _inp, out):
+            if isinstance(out, tuple):  # e.g. a fusion layer: (features, tokens, ...)
+                out = out[0]
             self.features[stage] = out.detach() if self.detach else out
 
         return fn

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from monai.networks.nets import DynUNet
 from torch import nn
 
@@ -21,6 +24,22 @@ def unet_stages(net: DynUNet) -> dict[str, str]:
         # upsamples[0] is the coarsest decoder stage.
         stages[f"dec{n_up - 1 - j}"] = f"upsamples.{j}"
     return stages
+
+
+def run_stages(net: DynUNet, x: torch.Tensor, after: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """DynUNet's own forward order, block by block, up to the finest decoder features
+    ``(B, filters[0], *sp)`` (before the output layer); ``after(stage, features)`` may replace each
+    stage's output before the next block and the skip connection use it (prior fusion,
+    amalgamation). ``net.output_block(run_stages(net, x))`` equals ``net(x)`` without deep supervision."""
+    step = after or (lambda _stage, f: f)
+    skips = [step("enc0", net.input_block(x))]
+    for i, down in enumerate(net.downsamples):
+        skips.append(step(f"enc{i + 1}", down(skips[-1])))
+    f = step("bottleneck", net.bottleneck(skips[-1]))
+    n_up = len(net.upsamples)
+    for j, up in enumerate(net.upsamples):  # upsamples[0] is the coarsest, paired with the deepest skip
+        f = step(f"dec{n_up - 1 - j}", up(f, skips[n_up - 1 - j]))
+    return f
 
 
 def build_unet(

@@ -1,0 +1,129 @@
+"""Hermes (Gao et al., CVPR 2024): one segmentation network for many tasks, conditioned on
+learnable task and modality priors fused into the backbone at several scales.
+
+The backbone is MONAI's DynUNet, its blocks unchanged: :class:`HermesNet` runs them in DynUNet's
+own order (input block, downsamples, bottleneck, then upsamples with the matching skip) and fuses
+a stage's output before the next block and the skip see it (the encoder stages at 1/4 resolution
+and coarser, the bottleneck, and the decoder stages at the same scales; none at the two finest
+scales, as in the paper). DynUNet's output layer is replaced by the task-prototype head.
+
+``HermesNet(x (B, C_in, *sp), task_ids (B, T), modality_ids (B,))`` returns
+
+- ``logits`` ``(B, T, *sp)``: one sigmoid logit map per requested task, the dot product of the
+  finest decoder features with a per-task prototype made from the task tokens of every fused
+  scale (concatenated, LayerNorm, two-layer MLP);
+- ``modality_logits`` ``(B, n_modalities)``: from the mean modality tokens of every fused scale.
+
+Task lists of different lengths are padded with ``net.null_task``; its channels are ignored by the
+loss (that is how partially labelled datasets share one batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from medalloy.models.features import STAGES_ATTR
+from medalloy.models.prior_fusion import PriorFusionLayer
+from medalloy.models.unet import build_unet, run_stages
+from medalloy.planning.plan import Plan
+
+
+def stage_channels(net: DynUNet, filters: list[int]) -> dict[str, int]:
+    """Output channels of every named stage of a medalloy DynUNet."""
+    stages = getattr(net, STAGES_ATTR)
+    channels = {}
+    for name in stages:
+        if name == "bottleneck":
+            channels[name] = filters[-1]
+        else:
+            channels[name] = filters[int(name[3:])]
+    return channels
+
+
+def default_fusion_stages(stages: list[str], finest_skipped: int = 2) -> list[str]:
+    """Every stage except the ``finest_skipped`` finest encoder and decoder scales."""
+    return [s for s in stages if s == "bottleneck" or int(s[3:]) >= finest_skipped]
+
+
+class HermesNet(nn.Module):
+    """A DynUNet with prior fusion layers, a task-prototype head and a modality head."""
+
+    def __init__(
+        self,
+        backbone: DynUNet,
+        filters: list[int],
+        n_tasks: int,
+        n_modalities: int,
+        fusion_stages: list[str] | None = None,
+        depth: int = 1,
+        tokens_per_modality: int = 10,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.n_tasks, self.n_modalities = n_tasks, n_modalities
+        paths = getattr(backbone, STAGES_ATTR)
+        channels = stage_channels(backbone, filters)
+        self.fusion_stages = list(fusion_stages) if fusion_stages is not None else default_fusion_stages(list(paths))
+        unknown = [s for s in self.fusion_stages if s not in paths]
+        if unknown:
+            raise ValueError(f"unknown fusion stages {unknown}; the backbone has {list(paths)}")
+        self.fusion = nn.ModuleDict(
+            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality) for s in self.fusion_stages}
+        )
+        token_dim = sum(channels[s] for s in self.fusion_stages)
+        out_dim = channels["dec0"]
+        self.task_head = nn.Sequential(
+            nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim)
+        )
+        self.modality_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, n_modalities))
+        # FeatureTap reads the fused features of fused stages (a fusion layer's first output)
+        setattr(self, STAGES_ATTR, {s: (f"fusion.{s}" if s in self.fusion else f"backbone.{p}") for s, p in paths.items()})
+
+    @property
+    def null_task(self) -> int:
+        return self.n_tasks
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if task_ids.ndim != 2 or task_ids.shape[0] != x.shape[0] or modality_ids.shape != (x.shape[0],):
+            raise ValueError(f"need task_ids (B, T) and modality_ids (B,) for B={x.shape[0]}; got {tuple(task_ids.shape)}, {tuple(modality_ids.shape)}")
+        task_ids, modality_ids = task_ids.long(), modality_ids.long()
+        tasks, modality = [], []
+
+        def fused(stage: str, f: torch.Tensor) -> torch.Tensor:
+            if stage not in self.fusion:
+                return f
+            f, t, m = self.fusion[stage](f, task_ids, modality_ids)
+            tasks.append(t)
+            modality.append(m.mean(1))
+            return f
+
+        f = run_stages(self.backbone, x, fused)
+        prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
+        logits = torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype))
+        return {"logits": logits, "modality_logits": self.modality_head(torch.cat(modality, dim=-1))}
+
+
+class TaskBound(nn.Module):
+    """A :class:`HermesNet` asked for fixed tasks of one modality: ``x -> logits (B, T, *sp)``, so
+    the plain :class:`~medalloy.engine.inference.Predictor` (sliding window, TTA) can run it."""
+
+    def __init__(self, net: HermesNet, task_ids: list[int], modality_id: int):
+        super().__init__()
+        self.net = net
+        self.register_buffer("task_ids", torch.tensor([task_ids], dtype=torch.long), persistent=False)
+        self.register_buffer("modality_id", torch.tensor([modality_id], dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        return self.net(x, self.task_ids.expand(b, -1), self.modality_id.expand(b))["logits"]
+
+
+def build_hermes(plan: Plan, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10) -> HermesNet:
+    """A :class:`HermesNet` on the DynUNet a plan describes (its output layer is unused)."""
+    network = plan.network.model_copy(update={"deep_supervision": False})
+    backbone = build_unet(network, in_channels=plan.in_channels, out_channels=1, spatial_dims=plan.dim)
+    # the task-prototype head replaces DynUNet's output layer: unused parameters would stall DDP
+    backbone.output_block = nn.Identity()
+    return HermesNet(backbone, plan.network.filters, n_tasks, n_modalities, depth=depth, tokens_per_modality=tokens_per_modality)

@@ -1,0 +1,100 @@
+"""Hermes' context-prior fusion: learnable task and modality tokens meet backbone features by
+bidirectional attention (Gao et al., CVPR 2024).
+
+Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality tokens):
+
+- :class:`PriorBank` holds one fusion layer's tables: ``task`` ``(n_tasks + 1, C)`` (the last row
+  is the *null* task that pads task lists of different lengths) and ``modality``
+  ``(n_modalities, tokens_per_modality, C)``; ``gather(task_ids (B, T), modality_ids (B,))`` ->
+  ``(B, T + M, C)``.
+- :class:`BidirectionalFusion` ``(features (B, C, *sp), priors (B, P, C)) -> (features, priors)``,
+  same shapes:
+
+  1. ``priors += CA(LN(priors), LN(f))``; ``priors += MLP(LN(priors))`` (priors read the image);
+  2. ``f += CA(LN(f), LN(priors))``; ``f += MLP(LN(f))`` (every position reads the priors),
+
+  where ``CA(q, kv)`` is multi-head softmax attention with head size 32 and the MLP has ratio 4,
+  as in the paper's public code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_DIM = 32
+
+
+def num_heads(channels: int) -> int:
+    """``channels / 32`` heads (the paper's head size), at least one; ``channels`` must divide."""
+    heads = max(1, channels // HEAD_DIM)
+    while channels % heads:
+        heads -= 1
+    return heads
+
+
+class _Mlp(nn.Sequential):
+    def __init__(self, channels: int, ratio: int = 4):
+        super().__init__(nn.Linear(channels, ratio * channels), nn.GELU(), nn.Linear(ratio * channels, channels))
+
+
+class PriorBank(nn.Module):
+    """One fusion layer's own task and modality token tables (not shared across scales)."""
+
+    def __init__(self, n_tasks: int, n_modalities: int, channels: int, tokens_per_modality: int = 10):
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.task = nn.Parameter(torch.randn(n_tasks + 1, channels) * 0.02)
+        self.modality = nn.Parameter(torch.randn(n_modalities, tokens_per_modality, channels) * 0.02)
+
+    @property
+    def null_task(self) -> int:
+        return self.n_tasks
+
+    def gather(self, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        """``task_ids`` (B, T) long (``null_task`` pads), ``modality_ids`` (B,) -> (B, T + M, C)."""
+        return torch.cat([self.task[task_ids], self.modality[modality_ids]], dim=1)
+
+
+class BidirectionalFusion(nn.Module):
+    """Priors attend to features, then features attend to the updated priors (see module doc)."""
+
+    def __init__(self, channels: int, mlp_ratio: int = 4):
+        super().__init__()
+        heads = num_heads(channels)
+        self.norm_p1, self.norm_f1 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.prior_reads = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm_p2 = nn.LayerNorm(channels)
+        self.prior_mlp = _Mlp(channels, mlp_ratio)
+        self.norm_f2, self.norm_p3 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.feature_reads = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm_f3 = nn.LayerNorm(channels)
+        self.feature_mlp = _Mlp(channels, mlp_ratio)
+
+    def forward(self, features: torch.Tensor, priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = features.shape
+        f = features.flatten(2).transpose(1, 2)  # (B, N, C)
+        kv = self.norm_f1(f)
+        priors = priors + self.prior_reads(self.norm_p1(priors), kv, kv, need_weights=False)[0]
+        priors = priors + self.prior_mlp(self.norm_p2(priors))
+        p = self.norm_p3(priors)
+        f = f + self.feature_reads(self.norm_f2(f), p, p, need_weights=False)[0]
+        f = f + self.feature_mlp(self.norm_f3(f))
+        return f.transpose(1, 2).reshape(shape), priors
+
+
+class PriorFusionLayer(nn.Module):
+    """A :class:`PriorBank` and ``depth`` fusion blocks at one scale of the backbone."""
+
+    def __init__(self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10):
+        super().__init__()
+        self.bank = PriorBank(n_tasks, n_modalities, channels, tokens_per_modality)
+        self.blocks = nn.ModuleList(BidirectionalFusion(channels) for _ in range(depth))
+
+    def forward(self, features: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> fused features (B, C, *sp), task tokens (B, T, C), modality tokens (B, M, C)."""
+        priors = self.bank.gather(task_ids, modality_ids)
+        for block in self.blocks:
+            features, priors = block(features, priors)
+        t = task_ids.shape[1]
+        return features, priors[:, :t], priors[:, t:]

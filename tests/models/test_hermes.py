@@ -1,0 +1,122 @@
+"""Hermes: prior fusion blocks and the task-conditioned network (shapes, conditioning, gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medalloy.models import FeatureTap, build_unet
+from medalloy.models.hermes import TaskBound, build_hermes, default_fusion_stages
+from medalloy.models.prior_fusion import BidirectionalFusion, PriorBank, PriorFusionLayer, num_heads
+from medalloy.models.unet import run_stages
+from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
+
+
+def _plan(dim: int = 2, filters=(8, 16, 32, 64), patch: int = 32) -> Plan:
+    n = len(filters)
+    return Plan(
+        dataset="Toy",
+        dim=dim,
+        in_channels=1,
+        target_spacing=[1.0] * dim,
+        patch_size=[patch] * dim,
+        batch_size=2,
+        normalization=[ChannelNorm(scheme="zscore")],
+        label_values=[0, 1],
+        labels={"background": 0, "a": 1},
+        network=NetworkPlan(kernels=[[3] * dim] * n, strides=[[1] * dim] + [[2] * dim] * (n - 1), filters=list(filters)),
+    )
+
+
+def test_num_heads_uses_head_size_32():
+    assert [num_heads(c) for c in (16, 32, 64, 320, 48)] == [1, 1, 2, 10, 1]
+
+
+def test_run_stages_is_dynunets_own_forward():
+    torch.manual_seed(0)
+    net = build_unet(_plan().network, in_channels=1, out_channels=3, spatial_dims=2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    seen = []
+    with torch.no_grad():
+        ours = net.output_block(run_stages(net, x, lambda s, f: seen.append((s, f.shape[1])) or f))
+        torch.testing.assert_close(ours, net(x))
+    assert seen == [("enc0", 8), ("enc1", 16), ("enc2", 32), ("bottleneck", 64), ("dec2", 32), ("dec1", 16), ("dec0", 8)]
+    # a replaced stage output reaches both the next block and the skip connection
+    with torch.no_grad():
+        changed = run_stages(net, x, lambda s, f: f * 0 if s == "enc2" else f)
+    assert not torch.allclose(changed, run_stages(net, x))
+
+
+def test_bidirectional_fusion_is_equivariant_to_positions_and_reads_the_priors():
+    torch.manual_seed(0)
+    block = BidirectionalFusion(32).eval()
+    f = torch.randn(2, 32, 4, 5)
+    p = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out_f, out_p = block(f, p)
+        assert out_f.shape == f.shape and out_p.shape == p.shape
+        # no positional terms: permuting positions permutes the output and leaves the priors alone
+        perm = torch.randperm(20)
+        pf, pp = block(f.flatten(2)[:, :, perm].reshape(f.shape), p)
+        torch.testing.assert_close(pf.flatten(2), out_f.flatten(2)[:, :, perm])
+        torch.testing.assert_close(pp, out_p)
+        # each sample's features depend on its own priors only
+        p2 = p.clone()
+        p2[1] += torch.randn(7, 32)  # (a constant shift would vanish in the LayerNorm)
+        f2, _ = block(f, p2)
+        torch.testing.assert_close(f2[0], out_f[0])
+        assert (f2[1] - out_f[1]).abs().mean() > 1e-3
+
+
+def test_prior_bank_gathers_task_then_modality_tokens():
+    bank = PriorBank(n_tasks=3, n_modalities=2, channels=8, tokens_per_modality=4)
+    tokens = bank.gather(torch.tensor([[0, 2], [1, bank.null_task]]), torch.tensor([1, 0]))
+    assert tokens.shape == (2, 2 + 4, 8)
+    torch.testing.assert_close(tokens[1, 1], bank.task[3])
+    torch.testing.assert_close(tokens[0, 2:], bank.modality[1])
+    layer = PriorFusionLayer(8, 3, 2, depth=2, tokens_per_modality=4)
+    f, t, m = layer(torch.randn(2, 8, 3, 3), torch.tensor([[0, 2], [1, 3]]), torch.tensor([1, 0]))
+    assert (f.shape, t.shape, m.shape) == ((2, 8, 3, 3), (2, 2, 8), (2, 4, 8))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_hermes_logits_per_requested_task(dim):
+    torch.manual_seed(0)
+    patch = 32 if dim == 2 else 16
+    net = build_hermes(_plan(dim, filters=(8, 16, 32) if dim == 3 else (8, 16, 32, 64), patch=patch), n_tasks=4, n_modalities=3)
+    x = torch.randn(2, 1, *([patch] * dim))
+    tasks = torch.tensor([[0, 1, 4], [2, 4, 4]])  # 4 = null task (padding)
+    out = net(x, tasks, torch.tensor([0, 2]))
+    assert out["logits"].shape == (2, 3, *([patch] * dim)) and out["modality_logits"].shape == (2, 3)
+    # a task's map does not depend on where it sits in the list (tokens are per task)
+    swapped = net(x, tasks[:, [1, 0, 2]], torch.tensor([0, 2]))["logits"]
+    torch.testing.assert_close(swapped[0, 0], out["logits"][0, 1], atol=1e-5, rtol=1e-4)
+    # different tasks give different maps for the same image
+    assert (out["logits"][0, 0] - out["logits"][0, 1]).abs().mean() > 1e-4
+
+
+def test_hermes_gradients_reach_every_used_parameter_and_only_requested_task_rows():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=5, n_modalities=2)
+    assert net.fusion_stages == ["enc2", "bottleneck", "dec2"] == default_fusion_stages(["enc0", "enc1", "enc2", "bottleneck", "dec2", "dec1", "dec0"])
+    out = net(torch.randn(2, 1, 32, 32), torch.tensor([[0, 3], [3, 5]]), torch.tensor([0, 1]))
+    (out["logits"].sum() + out["modality_logits"].sum()).backward()
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None]
+    assert no_grad == []
+    for layer in net.fusion.values():
+        rows = layer.bank.task.grad.abs().sum(1)
+        assert (rows[[0, 3, 5]] > 0).all() and (rows[[1, 2, 4]] == 0).all()
+
+
+def test_task_bound_and_feature_tap():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    bound = TaskBound(net, [2, 0], modality_id=1)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad(), FeatureTap(net, ["enc1", "bottleneck"]) as tap:
+        logits = bound(x)
+        direct = net(x, torch.tensor([[2, 0]] * 3), torch.tensor([1, 1, 1]))["logits"]
+    torch.testing.assert_close(logits, direct)
+    assert tap.features["enc1"].shape == (3, 16, 16, 16) and tap.features["bottleneck"].shape == (3, 64, 4, 4)
+    with pytest.raises(ValueError, match="task_ids"):
+        net(x, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]))
