@@ -67,7 +67,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from medalloy.planning.planner import plan_and_save
 
     out = Path(a.out) if a.out else Path(a.dataset) / "plan.json"
-    kw = {k: v for k, v in {"max_2d_side": a.max_2d_side, "base_filters": a.base_filters, "force_dim": a.dim}.items() if v is not None}
+    kw = {k: v for k, v in {"max_2d_side": a.max_2d_side, "max_2d_patch": a.max_2d_patch, "base_filters": a.base_filters, "force_dim": a.dim}.items() if v is not None}
     plan = plan_and_save(a.dataset, out, overwrite=a.overwrite, progress=not a.quiet, **kw)
     print(f"{out}: {plan.dim}D, patch {plan.patch_size}, spacing {plan.target_spacing}, batch {plan.batch_size}, filters {plan.network.filters}")
     for note in plan.notes:
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dataset")
     c.add_argument("--out", default=None, help="default DATASET/plan.json")
     c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="force 2D or 3D")
-    c.add_argument("--max-2d-side", type=int, default=None)
+    c.add_argument("--max-2d-side", type=int, default=None, help="2D: coarsen the spacing so the median image side fits (default 256)")
+    c.add_argument("--max-2d-patch", type=int, default=None, help="2D: cap the patch side; larger images are cropped in training, tiled in inference")
     c.add_argument("--base-filters", type=int, default=None)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_plan)

@@ -83,6 +83,19 @@ def test_2d_spacing_and_patch_rounding(tmp_path, shape, max_side, spacing, patch
     assert forward_shape(plan) == (1, 3, *patch)
 
 
+def test_max_2d_patch_crops_at_full_resolution(tmp_path):
+    plan = plan_of(grey_2d(tmp_path, (96, 64)), max_2d_patch=40)
+    # spacing kept (the image is not shrunk); 40 -> 5 after 3 pools: rounded up stays 40
+    assert plan.target_spacing == pytest.approx([1.0, 1.0])
+    assert plan.patch_size == [40, 40] and plan.network.strides == [[1, 1], [2, 2], [2, 2], [2, 2]]
+    assert any("max_2d_patch=40" in n for n in plan.notes)
+    # an image already smaller than the cap is unaffected, and the note says nothing of a cut
+    small = plan_of(grey_2d(tmp_path, (50, 36), name="Small"), max_2d_patch=64)
+    assert small.patch_size == [56, 40] and not any("max_2d_patch" in n for n in small.notes)
+    with pytest.raises(MedalloyError, match="max_2d_patch must be >= 16"):
+        plan_of(grey_2d(tmp_path, name="Tiny"), max_2d_patch=8)
+
+
 def test_batch_and_filter_settings(tmp_path):
     plan = plan_of(grey_2d(tmp_path), batch_2d=5, base_filters=8, max_filters=32)
     assert plan.batch_size == 5 and plan.network.filters == [8, 16, 32, 32]

@@ -16,7 +16,9 @@ rules below, and is explained in ``Plan.notes``.
    than half of each axis), the finer axes are coarsened in 5 % steps, never beyond the coarsest
    axis (all axes together once isotropic), until it fits.
 3. **Patch.** The median resampled shape (per case ``shape * spacing / target``, median per axis,
-   rounded). 3D: while the padded patch exceeds ``max_3d_voxels`` the largest axis is shrunk by
+   rounded). 2D: with ``max_2d_patch`` each axis is capped at that size, so larger images are
+   trained on random (foreground-oversampled) crops at full resolution and predicted by sliding
+   window (cheaper steps without the detail lost by coarser spacing). 3D: while the padded patch exceeds ``max_3d_voxels`` the largest axis is shrunk by
    its divisibility step. Each axis is finally rounded *up* to a multiple of ``2**pools`` on that
    axis (smaller images are padded, as nnU-Net does).
 4. **Network** (MONAI DynUNet). Stage 0 has stride 1. Each further stage has stride 2 on every
@@ -76,9 +78,12 @@ def is_ct_channel(name: str) -> bool:
     return False
 
 
-def _check_settings(max_2d_side: int, max_3d_voxels: int, base_filters: int, max_filters: int, batch_2d: int | None, force_dim: int | None) -> None:
+def _check_settings(
+    max_2d_side: int, max_3d_voxels: int, base_filters: int, max_filters: int, batch_2d: int | None, force_dim: int | None, max_2d_patch: int | None = None
+) -> None:
     checks = [
         (max_2d_side >= MIN_POOL_SIZE, f"max_2d_side must be >= {MIN_POOL_SIZE} (got {max_2d_side})"),
+        (max_2d_patch is None or max_2d_patch >= MIN_PATCH, f"max_2d_patch must be >= {MIN_PATCH} (got {max_2d_patch})"),
         (max_3d_voxels >= 4**3, f"max_3d_voxels must be >= 64 (got {max_3d_voxels})"),
         (base_filters >= 1 and max_filters >= base_filters, f"need 1 <= base_filters <= max_filters (got {base_filters}, {max_filters})"),
         (batch_2d is None or batch_2d >= 1, f"batch_2d must be >= 1 (got {batch_2d})"),
@@ -214,12 +219,17 @@ def _pad_to_pools(patch: list[int], pools: list[int]) -> list[int]:
     return [int(math.ceil(p / 2**k) * 2**k) for p, k in zip(patch, pools)]
 
 
-def patch_and_topology(median: np.ndarray, spacing: list[float], dim: int, max_voxels: int | None) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """Patch (rule 3) and its network layout; ``max_voxels`` caps 3D patches (None: no cap).
+def patch_and_topology(
+    median: np.ndarray, spacing: list[float], dim: int, max_voxels: int | None, max_side: int | None = None
+) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Patch (rule 3) and its network layout; ``max_voxels`` caps the patch's voxel count and
+    ``max_side`` each of its axes (None: no cap).
 
     A DynUNet needs at least two poolings, so a patch is never shrunk below that, and a tiny one
     is padded up to ``MIN_PATCH`` per axis (the network pads the image, as nnU-Net does)."""
     patch = [max(1, int(round(m))) for m in median]
+    if max_side is not None:
+        patch = [min(p, max_side) for p in patch]
     kernels, strides, pools = topology(patch, spacing, dim)
     if len(strides) < MIN_STAGES:
         patch = [max(p, MIN_PATCH) for p in patch]
@@ -288,6 +298,7 @@ def plan_dataset(
     max_filters: int = 256,
     batch_2d: int | None = None,
     force_dim: int | None = None,
+    max_2d_patch: int | None = None,
 ) -> Plan:
     """Make a :class:`Plan` for ``dataset`` by the rules in the module docstring.
 
@@ -295,7 +306,7 @@ def plan_dataset(
     median shape in array axes (all spatial axes, before resampling); ``target_spacing`` and
     ``patch_size`` are over the network's axes (the non-slice axes for 2D-per-slice plans).
     """
-    _check_settings(max_2d_side, max_3d_voxels, base_filters, max_filters, batch_2d, force_dim)
+    _check_settings(max_2d_side, max_3d_voxels, base_filters, max_filters, batch_2d, force_dim, max_2d_patch)
     fp = fingerprint(dataset) if fp is None else fp
     _check_fingerprint(fp, dataset)
     notes = [
@@ -312,11 +323,14 @@ def plan_dataset(
         target, why = target_spacing_3d(fp["shapes"], fp["spacings"], spacing, max_3d_voxels)
     notes.append(why)
     median = resampled_median(fp["shapes"], fp["spacings"], axes, target)
-    patch, kernels, strides = patch_and_topology(median, target, dim, max_3d_voxels if dim == 3 else None)
+    cap = max_2d_patch if dim == 2 else None
+    patch, kernels, strides = patch_and_topology(median, target, dim, max_3d_voxels if dim == 3 else None, cap)
     pools = np.sum(np.asarray(strides) == 2, axis=0).tolist()
+    cropped = cap is not None and any(round(float(m)) > cap for m in median)
     notes.append(
         f"patch {_fmt(patch)}: median resampled {'image' if dim == 2 else 'volume'} {_fmt([round(float(m), 1) for m in median])}"
         + (f" (within max_3d_voxels={max_3d_voxels})" if dim == 3 else "")
+        + (f" cut to max_2d_patch={cap} per axis (random crops in training, sliding window in inference)" if cropped else "")
         + f", rounded up to multiples of 2**pools ({_fmt(pools)} poolings per axis)"
     )
     filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
