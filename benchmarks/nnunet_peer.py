@@ -60,8 +60,9 @@ MAX_ITERS_PER_EPOCH = 250
 MIN_EPOCHS = 10
 # epoch 0 carries the warm-up; epoch 1 gives the time per iteration and the time between epochs
 # (checkpoint, plot); epoch 2's start closes it
+# (the default 2d plan takes ~6 s per iteration on 2 cores: 3 x 8 iterations cost ~2.5 minutes)
 CALIBRATION_EPOCHS = 3
-CALIBRATION_ITERS = 30
+CALIBRATION_ITERS = 8
 # nnU-Net dataset ids of the peer's datasets (its own nnUNet_raw, so they clash with nothing)
 DATASET_IDS = {"JSRT": 502, "Shenzhen": 503, "ACDC": 504, "Hippocampus": 505, "Polyp-Kvasir": 511, "Polyp-CVC": 512}
 
@@ -87,9 +88,11 @@ def plan_budget(
 
     An epoch of n iterations costs n * seconds_per_iteration + epoch_overhead (checkpoint and plot
     between epochs); usable = budget - warmup. Epochs keep nnU-Net's length (max_iters) when
-    floor(usable / (max_iters * s + o)) >= min_epochs; otherwise the largest epochs <= min_epochs
-    with n = floor((usable / epochs - o) / s) >= 1 is taken, so the poly learning rate still decays
-    over several steps; (1, 1) when not even that fits.
+    floor(usable / (max_iters * s + o)) >= min_epochs. Otherwise, among min_epochs ... 2 * min_epochs
+    epochs of n = floor((usable / epochs - o) / s) >= 1 iterations, the most iterations in total
+    (ties: fewer epochs), so rounding n down wastes little of the budget and the poly learning rate
+    still decays over several steps; when not even min_epochs epochs of one iteration fit, the
+    largest epochs < min_epochs that fits; (1, 1) when nothing does.
     """
     if seconds_per_iteration <= 0 or not math.isfinite(seconds_per_iteration):
         raise ValueError(f"seconds_per_iteration must be positive, got {seconds_per_iteration}")
@@ -98,10 +101,17 @@ def plan_budget(
     full = int(usable // (max_iters * seconds_per_iteration + overhead))
     if full >= min_epochs:
         return max_iters, full
-    for epochs in range(min_epochs, 0, -1):
-        iters = int((usable / epochs - overhead) // seconds_per_iteration)
-        if iters >= 1:
-            return min(iters, max_iters), epochs
+
+    def iters_for(epochs: int) -> int:
+        return min(max_iters, int((usable / epochs - overhead) // seconds_per_iteration))
+
+    fitting = [(iters_for(e) * e, -e) for e in range(min_epochs, 2 * min_epochs + 1) if iters_for(e) >= 1]
+    if fitting:
+        epochs = -max(fitting)[1]
+        return iters_for(epochs), epochs
+    for epochs in range(min_epochs - 1, 0, -1):
+        if iters_for(epochs) >= 1:
+            return iters_for(epochs), epochs
     return 1, 1
 
 

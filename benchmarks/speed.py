@@ -149,8 +149,9 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
 
 def phase_precision(data: Path, steps: int, precision: str, work: Path) -> dict[str, Any]:
     """Train the JSRT expert for a fixed number of steps in one precision; held-out Dice."""
-    from experts import copy_ground_truth, evaluate, predict_cases
+    from experts import copy_ground_truth, evaluate
 
+    from medalloy.predict import predict_cases
     from medalloy.recipes.expert import train_expert
 
     ds, _, split, _ = _jsrt_parts(data, n_cases=1)
@@ -165,7 +166,7 @@ def phase_precision(data: Path, steps: int, precision: str, work: Path) -> dict[
 
     shutil.rmtree(pred, ignore_errors=True)
     shutil.rmtree(gt, ignore_errors=True)
-    predict_cases(run, ds.root, split["test"], pred)
+    predict_cases(run, ds.root, split["test"], pred, device="cpu", progress=False)
     copy_ground_truth(ds.root, split["test"], gt, ds.spec.labels)
     row = evaluate(pred, gt, ds.spec.labels, work / f"eval-{precision}")
     return {

@@ -65,6 +65,62 @@ def load_model(checkpoint: Path, device: str = "cpu"):
     raise MedalloyError(f"cannot predict with a '{method}' checkpoint yet", checkpoint, "use an expert run")
 
 
+def _device(device: str) -> str:
+    import torch
+
+    return "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+
+
+def _kept_values(labels: dict[str, int], keep: list[str] | None, source: Path) -> list[int] | None:
+    """Label values of the names in ``keep`` (None: keep all); unknown names are an error."""
+    if keep is None:
+        return None
+    unknown = [k for k in keep if k not in labels]
+    if unknown:
+        raise MedalloyError(f"the model has no label {unknown[0]!r} (it has {', '.join(labels)})", source, "name labels the model predicts")
+    return [labels[k] for k in keep]
+
+
+def predict_cases(
+    run: str | Path,
+    dataset: str | Path,
+    case_ids: list[str],
+    output_dir: str | Path,
+    keep_labels: list[str] | None = None,
+    tta: bool = False,
+    checkpoint: str = "best",
+    device: str = "auto",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict cases of a raw dataset by id (e.g. a held-out fold) into ``output_dir`` as
+    ``CASE<file_ending>``; ``keep_labels`` names the labels to keep (others become background,
+    e.g. to score a lung+heart model on a lung-only dataset). Returns the written files."""
+    from medalloy.data.dataset import RawDataset
+
+    dev = _device(device)
+    ckpt_path = resolve_checkpoint(run, checkpoint)
+    model, plan, _ = load_model(ckpt_path, dev)
+    kept = _kept_values(plan.labels, keep_labels, ckpt_path)
+    ds = RawDataset(dataset)
+    cases = [ds.case(cid) for cid in case_ids]  # unknown ids fail before any work
+    out = Path(output_dir)
+    targets = [out / f"{c.case_id}{ds.spec.file_ending}" for c in cases]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise MedalloyError("prediction exists already", existing[0], "pass overwrite=True or choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta)
+    for case, target in tqdm(list(zip(cases, targets)), desc="predict", unit="case", disable=not progress):
+        image, _, meta = ds.load(case)
+        label = predictor.predict(image, meta, case.images[0])
+        if kept is not None:
+            label = np.where(np.isin(label, kept), label, 0)
+        write_label(target, label, meta)
+    return targets
+
+
 def predict_folder(
     run: str | Path,
     input_dir: str | Path,
@@ -78,9 +134,7 @@ def predict_folder(
     progress: bool = True,
 ) -> list[Path]:
     """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files."""
-    import torch
-
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = _device(device)
     ckpt_path = resolve_checkpoint(run, checkpoint)
     model, plan, record = load_model(ckpt_path, dev)
     cases = find_input_cases(input_dir)

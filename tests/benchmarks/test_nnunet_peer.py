@@ -30,6 +30,12 @@ def test_plan_budget_short_epochs_when_budget_small() -> None:
     assert peer.plan_budget(600, 0.36, epoch_overhead=1.4, warmup_seconds=6) == (161, 10)
 
 
+def test_plan_budget_picks_the_epoch_count_that_wastes_least() -> None:
+    # JSRT's calibration: 10 epochs of floor((59.16 - 0.95) / 6.474) = 8 use 80 iterations (~535 s);
+    # 11 epochs of 8 fit too (88 iterations, ~589 s); 12 of 7 = 84, 13 of 6 = 78 ... 20 of 4 = 80
+    assert peer.plan_budget(600, 6.474, epoch_overhead=0.95, warmup_seconds=8.4) == (8, 11)
+
+
 def test_plan_budget_keeps_nnunet_epoch_length_when_budget_large() -> None:
     # 3600 / (250 * 0.3) = 48 epochs of nnU-Net's 250; with 3 s between epochs 3600 / 78 -> 46
     assert peer.plan_budget(3600, 0.3) == (250, 48)

@@ -11,8 +11,9 @@ from medalloy.cli import main
 from medalloy.data.dataset import RawDataset
 from medalloy.data.io import read_image, read_label
 from medalloy.data.synth import generate_dataset
+from medalloy.errors import MedalloyError
 from medalloy.evaluation import evaluate_folders
-from medalloy.predict import predict_folder
+from medalloy.predict import predict_cases, predict_folder
 from medalloy.recipes.expert import load_expert, train_expert
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,31 @@ def test_predict_and_evaluate_held_out(cxr, cxr_run, tmp_path):
     assert res["summary"]["classes"]["lung"]["dice"]["mean"] > 0.85
 
 
+def test_predict_cases_by_id_keeps_the_named_labels(cxr, cxr_run, tmp_path):
+    run, _ = cxr_run
+    ds = RawDataset(cxr)
+    ids = [c.case_id for c in ds.cases[:3]]
+    full = predict_cases(run, cxr, ids, tmp_path / "all", progress=False)
+    lung = predict_cases(run, cxr, ids, tmp_path / "lung", keep_labels=["lung"], progress=False)
+    assert [p.name for p in full] == [f"{i}.png" for i in ids]
+    for cid, f, g in zip(ids, full, lung):
+        a, b = read_label(f)[0], read_label(g)[0]
+        truth = read_label(ds.case(cid).label)[0]
+        assert (a == 2).any()  # the heart is predicted...
+        np.testing.assert_array_equal(b, np.where(a == 1, 1, 0))  # ...and dropped when only lung is kept
+        inter = np.logical_and(a == 1, truth == 1).sum()
+        assert 2 * inter / ((a == 1).sum() + (truth == 1).sum()) > 0.85
+    with pytest.raises(MedalloyError, match="no label 'liver'"):
+        predict_cases(run, cxr, ids, tmp_path / "x", keep_labels=["liver"], progress=False)
+    with pytest.raises(MedalloyError, match="no case 'ghost'"):
+        predict_cases(run, cxr, ["ghost"], tmp_path / "x", progress=False)
+    before = full[0].read_bytes()
+    with pytest.raises(MedalloyError, match="overwrite"):
+        predict_cases(run, cxr, ids, tmp_path / "all", progress=False)
+    assert full[0].read_bytes() == before
+    assert not (tmp_path / "x").exists()
+
+
 def test_predict_refuses_to_overwrite(cxr, cxr_run, tmp_path, capsys):
     run, _ = cxr_run
     out = tmp_path / "p"
@@ -116,7 +142,5 @@ def test_explicit_split_is_used_and_checked(cxr, tmp_path):
     res = train_expert(cxr, tmp_path / "r", split={"train": ids[:3], "val": ids[3:4]}, steps=2, val_every=2, progress=False)
     assert (res["train_cases"], res["val_cases"]) == (3, 1)
     assert json.loads((tmp_path / "r" / "split.json").read_text(encoding="utf-8"))["val"] == ids[3:4]
-    from medalloy.errors import MedalloyError
-
     with pytest.raises(MedalloyError, match="not in the dataset"):
         train_expert(cxr, tmp_path / "r2", split={"train": ["nope"]}, steps=1, progress=False)
