@@ -174,6 +174,28 @@ def test_to_labels_lut():
     assert p.to_labels(probs).tolist() == [[0, 2], [5, 5]]
 
 
+class TwoTasks(nn.Module):
+    """Sigmoid logits of two tasks: task a where x > 1.5, task b where x < 0.5 (pointwise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, :1]
+        return torch.cat([(v - 1.5) * 8.0, (0.5 - v) * 8.0], 1)
+
+
+def test_sigmoid_tasks_become_labels_where_a_task_exceeds_one_half():
+    image = np.array([[[0.0, 0.2, 1.0, 1.2], [1.8, 2.0, 0.45, 1.55]]], np.float32)  # (1, 2, 4)
+    meta = ImageMeta(kind="png", shape=(2, 4), spacing=(1.0, 1.0))
+    predictor = Predictor(TwoTasks(), make_plan(2, [8, 8], [1.0, 1.0]), precision="fp32", activation="sigmoid")
+    probs = predictor.predict_probabilities(image, meta)
+    assert probs.shape == (2, 2, 4)
+    x = torch.from_numpy(image[0])
+    torch.testing.assert_close(probs[0], torch.sigmoid((x - 1.5) * 8.0), atol=1e-5, rtol=1e-4)
+    # task order = label_values[1:] = (2, 5): a -> 2, b -> 5, neither -> background
+    assert predictor.to_labels(probs).tolist() == [[5, 5, 0, 0], [2, 2, 5, 2]]
+    with pytest.raises(ValueError, match="activation"):
+        Predictor(TwoTasks(), make_plan(2, [8, 8], [1.0, 1.0]), activation="relu")
+
+
 def test_dynunet_predictor_runs_in_bf16():
     from medalloy.models import build_unet
 

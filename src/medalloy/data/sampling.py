@@ -70,24 +70,28 @@ class PatchSampler:
         sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
         return img[(slice(None),) + sl], lab[sl]
 
+    def sample_one(self, rng: np.random.Generator, force_fg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented ``(image (C, *patch) float, label (1, *patch) long)``, all draws from ``rng``."""
+        case = self.cases[int(rng.choice(len(self.cases), p=self.weights))]
+        img, lab = self._crop(case, rng, force_fg=force_fg)
+        img_t = torch.from_numpy(np.ascontiguousarray(img))
+        lab_t = torch.from_numpy(np.ascontiguousarray(lab)).unsqueeze(0).float()
+        if self.transforms is not None:
+            self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+            out = self.transforms({"image": img_t, "label": lab_t})
+            # MONAI returns MetaTensors; plain tensors spare the network MetaTensor's per-op overhead.
+            img_t = torch.as_tensor(out["image"]).as_subclass(torch.Tensor)
+            lab_t = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)
+        return img_t.float(), lab_t.round().long()
+
     def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
         images, labels = [], []
         n_fg = int(round(self.batch_size * self.fg))
         for i in range(self.batch_size):
-            rng = step_rng(self.seed, step, rank, i)
-            case = self.cases[int(rng.choice(len(self.cases), p=self.weights))]
             # the last n_fg samples are forced foreground, as in nnU-Net
-            img, lab = self._crop(case, rng, force_fg=i >= self.batch_size - n_fg)
-            img_t = torch.from_numpy(np.ascontiguousarray(img))
-            lab_t = torch.from_numpy(np.ascontiguousarray(lab)).unsqueeze(0).float()
-            if self.transforms is not None:
-                self.transforms.set_random_state(seed=int(rng.integers(2**31)))
-                out = self.transforms({"image": img_t, "label": lab_t})
-                # MONAI returns MetaTensors; plain tensors spare the network MetaTensor's per-op overhead.
-                img_t = torch.as_tensor(out["image"]).as_subclass(torch.Tensor)
-                lab_t = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)
-            images.append(img_t.float())
-            labels.append(lab_t.round().long())
+            img, lab = self.sample_one(step_rng(self.seed, step, rank, i), force_fg=i >= self.batch_size - n_fg)
+            images.append(img)
+            labels.append(lab)
         return {"image": torch.stack(images), "label": torch.stack(labels)}
 
     def __call__(self, step: int, dist: DistInfo | None = None) -> dict[str, torch.Tensor]:

@@ -33,7 +33,11 @@ class Predictor:
         overlap: float = 0.5,
         slice_batch: int = 16,
         channels_last: bool = False,  # measured slower than contiguous here (benchmarks/results/speed.md)
+        activation: str = "softmax",
     ):
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be softmax or sigmoid, not {activation!r}")
+        self.activation = activation
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.plan = plan
@@ -57,16 +61,20 @@ class Predictor:
             x, roi_size=self.plan.patch_size, sw_batch_size=4, predictor=net, overlap=self.overlap, mode="gaussian"
         )
 
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
+
     def _logits_to_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (N, C, *spatial) network input -> softmax probabilities (N, K, *spatial)."""
-        probs = torch.softmax(self._window(x), 1)
+        """``x``: (N, C, *spatial) network input -> probabilities (N, K, *spatial): softmax over
+        classes, or one sigmoid per task (universal models)."""
+        probs = self._activate(self._window(x))
         if not self.tta:
             return probs
         axes = list(range(2, x.ndim))
         n = 1
         for r in range(1, len(axes) + 1):
             for flip in itertools.combinations(axes, r):
-                probs += torch.softmax(self._window(torch.flip(x, flip)), 1).flip(flip)
+                probs += self._activate(self._window(torch.flip(x, flip))).flip(flip)
                 n += 1
         return probs / n
 
@@ -91,5 +99,10 @@ class Predictor:
         return self.to_labels(probs)
 
     def to_labels(self, probs: torch.Tensor) -> np.ndarray:
+        """Softmax: the most probable class. Sigmoid (one channel per task, in the order of
+        ``plan.label_values[1:]``): the most probable task where its probability exceeds 0.5, else
+        background."""
         lut = np.asarray(self.plan.label_values, dtype=np.int64)
+        if self.activation == "sigmoid":
+            probs = torch.cat([torch.full_like(probs[:1], 0.5), probs])
         return lut[probs.argmax(0).numpy()]

@@ -1,0 +1,82 @@
+"""MixedSampler: per-task binary targets, padded task slots, channel widening, determinism, weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medalloy.data.io import ImageMeta
+from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
+from medalloy.data.preprocess import PreparedCase, foreground_coords
+from medalloy.data.sampling import PatchSampler
+from medalloy.data.transforms import AugmentConfig
+
+OFF = AugmentConfig(enabled=False)
+
+
+def _case(case_id: str, channels: int, label: np.ndarray, value: float) -> PreparedCase:
+    image = np.full((channels, *label.shape), value, np.float32)
+    image[:, :, 0, 0] = np.arange(channels)[:, None]  # tells the channels apart
+    fg = foreground_coords(label, int(label.max()) + 1, np.random.default_rng(0))
+    return PreparedCase(case_id, image, label, ImageMeta(kind="png", shape=label.shape[1:], spacing=(1.0, 1.0)), fg=fg)
+
+
+def _sources(weight_b: float = 1.0) -> list[MixedSource]:
+    lab_a = np.zeros((1, 8, 8), np.int16)
+    lab_a[0, 2:5, 2:5] = 1  # lung
+    lab_a[0, 5:7, 5:7] = 2  # heart
+    lab_b = np.zeros((1, 8, 8), np.int16)
+    lab_b[0, 1:4, 4:7] = 1  # polyp
+    a = PatchSampler([_case("a", 1, lab_a, 7.0)], [8, 8], 1, 2, augment=OFF)
+    b = PatchSampler([_case("b", 3, lab_b, 9.0)], [8, 8], 1, 2, augment=OFF)
+    # A labels lung (task 0) and heart (task 1); B labels polyp (task 2)
+    return [
+        MixedSource("A", a, task_ids=[0, 1], label_values=[1, 2], modality=0),
+        MixedSource("B", b, task_ids=[2], label_values=[1], modality=1, weight=weight_b),
+    ]
+
+
+def test_targets_slots_channels_and_modality_per_sample():
+    sampler = MixedSampler(_sources(), batch_size=16, channels=3, null_task=3, seed=0)
+    batch = sampler.sample(0)
+    assert batch["image"].shape == (16, 3, 8, 8) and batch["target"].shape == (16, 2, 8, 8)
+    from_a = batch["dataset"] == 0
+    assert 0 < int(from_a.sum()) < 16  # both datasets are drawn
+    for i in range(16):
+        if from_a[i]:
+            assert batch["task_ids"][i].tolist() == [0, 1] and batch["task_weight"][i].tolist() == [1.0, 1.0]
+            assert batch["modality"][i] == 0 and batch["image"][i, :, 3, 3].tolist() == [7.0, 7.0, 7.0]
+            assert batch["target"][i, 0].sum() == 9 and batch["target"][i, 1].sum() == 4
+            assert batch["target"][i, 0, 6, 6] == 0 and batch["target"][i, 1, 6, 6] == 1
+        else:
+            # one task: the second slot is padding with the null task and weight 0
+            assert batch["task_ids"][i].tolist() == [2, 3] and batch["task_weight"][i].tolist() == [1.0, 0.0]
+            assert batch["modality"][i] == 1 and batch["image"][i, :, 0, 0].tolist() == [0.0, 1.0, 2.0]
+            assert batch["target"][i, 0].sum() == 9 and batch["target"][i, 1].sum() == 0
+
+
+def test_batches_are_a_function_of_the_step():
+    s1 = MixedSampler(_sources(), batch_size=6, channels=3, null_task=3, seed=4)
+    s2 = MixedSampler(_sources(), batch_size=6, channels=3, null_task=3, seed=4)
+    later = [s2.sample(k) for k in range(3)][-1]
+    first = s1.sample(2)
+    assert all(torch.equal(first[k], later[k]) for k in first)
+    other_seed = MixedSampler(_sources(), batch_size=6, channels=3, null_task=3, seed=5).sample(2)
+    assert not torch.equal(first["dataset"], other_seed["dataset"]) or not torch.equal(first["image"], other_seed["image"])
+
+
+def test_weights_steer_the_mix():
+    only_a = MixedSampler(_sources(weight_b=0.0), batch_size=12, channels=3, null_task=3)
+    assert (only_a.sample(1)["dataset"] == 0).all()
+    np.testing.assert_allclose(dataset_weights([100, 25], "sqrt"), [10 / 15, 5 / 15])
+    np.testing.assert_allclose(dataset_weights([100, 25], "size"), [0.8, 0.2])
+    np.testing.assert_allclose(dataset_weights([100, 25], "uniform"), [0.5, 0.5])
+    with pytest.raises(ValueError, match="weighting"):
+        dataset_weights([1], "bogus")
+
+
+def test_two_channel_source_cannot_be_widened():
+    srcs = _sources()
+    with pytest.raises(ValueError, match="cannot be widened"):
+        MixedSampler(srcs[1:], batch_size=1, channels=4, null_task=3).sample(0)
