@@ -87,12 +87,25 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_universal(a: argparse.Namespace) -> int:
+    from medalloy.recipes.universal import train_universal
+
+    res = train_universal(
+        a.datasets, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
+        patch_size=a.patch, batch_size=a.batch_size,
+    )
+    best = res.get("best", {}) or {}
+    print(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
+    return 0
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from medalloy.predict import predict_folder
 
     files = predict_folder(
         a.run, a.input, a.output, tta=a.tta, probabilities=a.probabilities, checkpoint=a.checkpoint,
-        device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet,
+        device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet, dataset=a.dataset,
     )
     print(f"{a.output}: {len(files)} predictions")
     return 0
@@ -177,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_train_expert)
 
+    c = train.add_parser("universal", help="one Hermes model for the tasks of several datasets (task and modality priors)")
+    c.add_argument("datasets", nargs="+")
+    c.add_argument("--out", required=True)
+    c.add_argument("--fold", type=int, default=None, help="fold of 5 of every dataset (default 0; -1 = all)")
+    c.add_argument("--config", default=None, help="YAML with train/augment/model settings")
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
+    c.add_argument("--patch", type=int, default=None, help="square 2D patch side shared by all datasets (default 128)")
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+    c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_train_universal)
+
     c = sub.add_parser("predict", help="segment a folder of images with a trained run")
     c.add_argument("run", help="run folder or .safetensors checkpoint")
     c.add_argument("--input", required=True)
@@ -186,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", choices=("best", "last"), default="best")
     c.add_argument("--device", default="auto")
     c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    c.add_argument("--dataset", default=None, help="universal models: the dataset (name) whose tasks and preprocessing apply")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
 

@@ -54,15 +54,24 @@ def output_ending(input_file: Path, ndim: int) -> str:
     return ending
 
 
-def load_model(checkpoint: Path, device: str = "cpu"):
-    """Model, plan and record for any segmentation method's checkpoint."""
+def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None):
+    """Model, plan and record for any segmentation method's checkpoint; ``dataset`` names which of
+    a multi-dataset model's datasets (tasks, modality, preprocessing) the images belong to."""
     record = read_record(checkpoint)
     method = record.get("method")
     if method == "expert":
         from medalloy.recipes.expert import load_expert
 
         return load_expert(checkpoint, device)
-    raise MedalloyError(f"cannot predict with a '{method}' checkpoint yet", checkpoint, "use an expert run")
+    if method == "universal":
+        from medalloy.recipes.universal import load_for_dataset
+
+        return load_for_dataset(checkpoint, dataset, device)
+    raise MedalloyError(f"cannot predict with a '{method}' checkpoint yet", checkpoint, "use an expert or universal run")
+
+
+def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
+    return Predictor(model, plan, device=device, precision=precision, tta=tta, activation=record.get("activation", "softmax"))
 
 
 def _device(device: str) -> str:
@@ -101,9 +110,9 @@ def predict_cases(
 
     dev = _device(device)
     ckpt_path = resolve_checkpoint(run, checkpoint)
-    model, plan, _ = load_model(ckpt_path, dev)
-    kept = _kept_values(plan.labels, keep_labels, ckpt_path)
     ds = RawDataset(dataset)
+    model, plan, record = load_model(ckpt_path, dev, dataset=ds.name)
+    kept = _kept_values(plan.labels, keep_labels, ckpt_path)
     cases = [ds.case(cid) for cid in case_ids]  # unknown ids fail before any work
     out = Path(output_dir)
     targets = [out / f"{c.case_id}{ds.spec.file_ending}" for c in cases]
@@ -111,7 +120,7 @@ def predict_cases(
     if existing and not overwrite:
         raise MedalloyError("prediction exists already", existing[0], "pass overwrite=True or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta)
+    predictor = _predictor(model, plan, record, dev, precision, tta)
     for case, target in tqdm(list(zip(cases, targets)), desc="predict", unit="case", disable=not progress):
         image, _, meta = ds.load(case)
         label = predictor.predict(image, meta, case.images[0])
@@ -132,18 +141,20 @@ def predict_folder(
     precision: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    dataset: str | None = None,
 ) -> list[Path]:
-    """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files."""
+    """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files.
+    ``dataset``: for a model of several datasets, the one whose tasks and preprocessing apply."""
     dev = _device(device)
     ckpt_path = resolve_checkpoint(run, checkpoint)
-    model, plan, record = load_model(ckpt_path, dev)
+    model, plan, record = load_model(ckpt_path, dev, dataset=dataset)
     cases = find_input_cases(input_dir)
     out = Path(output_dir)
     existing = [c for c in cases if any(out.glob(f"{c}.*"))] if out.exists() else []
     if existing and not overwrite:
         raise MedalloyError(f"predictions exist already (e.g. {existing[0]})", out, "pass --overwrite or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta)
+    predictor = _predictor(model, plan, record, dev, precision, tta)
     written = []
     for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
         image, meta = read_image(files)

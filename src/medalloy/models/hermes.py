@@ -27,7 +27,7 @@ from torch import nn
 from medalloy.models.features import STAGES_ATTR
 from medalloy.models.prior_fusion import PriorFusionLayer
 from medalloy.models.unet import build_unet, run_stages
-from medalloy.planning.plan import Plan
+from medalloy.planning.plan import NetworkPlan, Plan
 
 
 def stage_channels(net: DynUNet, filters: list[int]) -> dict[str, int]:
@@ -107,23 +107,36 @@ class HermesNet(nn.Module):
 
 class TaskBound(nn.Module):
     """A :class:`HermesNet` asked for fixed tasks of one modality: ``x -> logits (B, T, *sp)``, so
-    the plain :class:`~medalloy.engine.inference.Predictor` (sliding window, TTA) can run it."""
+    the plain :class:`~medalloy.engine.inference.Predictor` (sliding window, TTA) can run it.
+    One-channel input is repeated to ``in_channels`` (grey images in a model that also saw RGB)."""
 
-    def __init__(self, net: HermesNet, task_ids: list[int], modality_id: int):
+    def __init__(self, net: HermesNet, task_ids: list[int], modality_id: int, in_channels: int | None = None):
         super().__init__()
         self.net = net
+        self.in_channels = in_channels
         self.register_buffer("task_ids", torch.tensor([task_ids], dtype=torch.long), persistent=False)
         self.register_buffer("modality_id", torch.tensor([modality_id], dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels and x.shape[1] == 1 and self.in_channels > 1:
+            x = x.expand(-1, self.in_channels, *x.shape[2:])
         b = x.shape[0]
         return self.net(x, self.task_ids.expand(b, -1), self.modality_id.expand(b))["logits"]
 
 
-def build_hermes(plan: Plan, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10) -> HermesNet:
-    """A :class:`HermesNet` on the DynUNet a plan describes (its output layer is unused)."""
-    network = plan.network.model_copy(update={"deep_supervision": False})
-    backbone = build_unet(network, in_channels=plan.in_channels, out_channels=1, spatial_dims=plan.dim)
+def build_hermes(
+    network: NetworkPlan | Plan, n_tasks: int, n_modalities: int, in_channels: int | None = None, depth: int = 1, tokens_per_modality: int = 10
+) -> HermesNet:
+    """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes."""
+    if isinstance(network, Plan):
+        in_channels = network.in_channels if in_channels is None else in_channels
+        spatial_dims, network = network.dim, network.network
+    else:
+        spatial_dims = len(network.strides[0])
+    if in_channels is None:
+        raise ValueError("give a Plan or in_channels")
+    network = network.model_copy(update={"deep_supervision": False})
+    backbone = build_unet(network, in_channels=in_channels, out_channels=1, spatial_dims=spatial_dims)
     # the task-prototype head replaces DynUNet's output layer: unused parameters would stall DDP
     backbone.output_block = nn.Identity()
-    return HermesNet(backbone, plan.network.filters, n_tasks, n_modalities, depth=depth, tokens_per_modality=tokens_per_modality)
+    return HermesNet(backbone, network.filters, n_tasks, n_modalities, depth=depth, tokens_per_modality=tokens_per_modality)

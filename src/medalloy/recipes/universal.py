@@ -1,0 +1,355 @@
+"""Universal model (Hermes): one 2D network for the tasks of several datasets, conditioned on task
+and modality priors, trained on mixed-dataset batches with partial labels.
+
+Tasks and modalities come from the datasets themselves: a task is a label *name* (so "lung" of a
+lung+heart dataset and "lung" of a lung-only dataset are one task; ``task_names`` renames), a
+modality is ``dataset.json["medalloy"]["modality"]`` (else the first channel name), compared
+case-insensitively. Each dataset keeps its own preprocessing plan (spacing, normalisation; 3D
+volumes are sliced along their coarsest axis) and shares one patch size and one network.
+
+Run folder (``--out RUN``) as for experts: ``run.json``, ``config.yaml``, ``split.json`` (per
+dataset), ``plans/<dataset>.json``, ``metrics.jsonl``, ``training_curve.png``,
+``checkpoints/{best,last}.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medalloy.data.dataset import RawDataset
+from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
+from medalloy.data.sampling import PatchSampler
+from medalloy.data.transforms import AugmentConfig
+from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.inference import Predictor
+from medalloy.engine.seed import seed_everything
+from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
+from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_json_atomic
+from medalloy.losses import TaskBCEDiceLoss
+from medalloy.models.hermes import HermesNet, TaskBound, build_hermes
+from medalloy.models.unet import count_parameters
+from medalloy.planning.plan import NetworkPlan, Plan, save_plan
+from medalloy.recipes.expert import _explicit_split, prepare_cases
+from medalloy.runs import prepare_output
+
+METHOD = "universal"
+UNKNOWN_MODALITY = "unknown"
+
+
+class UniversalConfig(BaseModel):
+    """Everything of a universal run besides the datasets (YAML: ``--config CFG.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=2e-3))
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    patch_size: int = Field(128, ge=16)  # one square 2D patch for every dataset
+    max_2d_side: int = Field(256, ge=16)  # per dataset: coarsen the spacing so the median image fits
+    batch_size: int = Field(12, ge=1)
+    base_filters: int = Field(16, ge=1)
+    max_filters: int = Field(256, ge=1)
+    fusion_depth: int = Field(1, ge=1)
+    tokens_per_modality: int = Field(10, ge=1)
+    modality_weight: float = Field(0.01, ge=0.0)
+    dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
+    task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
+    fold: int = 0
+    folds: int = 5
+    max_val_cases: int = Field(8, ge=0)  # per dataset
+
+
+class TaskRegistry(BaseModel):
+    """Global task and modality ids, and which tasks each dataset labels."""
+
+    tasks: list[str]
+    modalities: list[str]  # the last one is "unknown"
+    datasets: dict[str, dict[str, Any]]  # name -> {"task_ids", "labels" (task name -> label value), "modality"}
+
+    @property
+    def null_task(self) -> int:
+        return len(self.tasks)
+
+
+def _task_name(dataset: str, label: str, names: dict[str, str]) -> str:
+    return names.get(f"{dataset}:{label}", names.get(label, label))
+
+
+def build_registry(datasets: list[RawDataset], task_names: dict[str, str] | None = None) -> TaskRegistry:
+    """Tasks in order of first appearance (datasets in the given order, labels by value)."""
+    names = task_names or {}
+    tasks: list[str] = []
+    modalities: list[str] = []
+    per: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        if ds.name in per:
+            raise MedalloyError("dataset given twice", ds.root, "give each dataset once")
+        fg = sorted(ds.spec.foreground_labels.items(), key=lambda kv: kv[1])
+        if not fg:
+            raise MedalloyError("dataset has no foreground labels", ds.root / "dataset.json", "declare labels besides background")
+        ids, labels = [], {}
+        for label, value in fg:
+            task = _task_name(ds.name, label, names)
+            if task in labels:
+                raise MedalloyError(f"two labels of the dataset map to task '{task}'", ds.root / "dataset.json", "fix task_names")
+            if task not in tasks:
+                tasks.append(task)
+            ids.append(tasks.index(task))
+            labels[task] = int(value)
+        modality = ds.spec.modality.strip().lower() or UNKNOWN_MODALITY
+        if modality != UNKNOWN_MODALITY and modality not in modalities:
+            modalities.append(modality)
+        per[ds.name] = {"task_ids": ids, "labels": labels, "modality": modality}
+    modalities.append(UNKNOWN_MODALITY)
+    for entry in per.values():
+        entry["modality_id"] = modalities.index(entry["modality"])
+    return TaskRegistry(tasks=tasks, modalities=modalities, datasets=per)
+
+
+def shared_network(patch: int, base_filters: int, max_filters: int) -> tuple[list[int], NetworkPlan]:
+    """The planner's U-Net layout for a square 2D patch (rounded up to the poolings)."""
+    from medalloy.planning.planner import patch_and_topology
+
+    size, kernels, strides = patch_and_topology(np.array([patch, patch], float), [1.0, 1.0], 2, None)
+    filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
+    return size, NetworkPlan(kernels=kernels, strides=strides, filters=filters)
+
+
+def dataset_plan(ds: RawDataset, cfg: UniversalConfig, patch: list[int], network: NetworkPlan, entry: dict[str, Any]) -> Plan:
+    """The dataset's own 2D preprocessing plan with the shared patch and network."""
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+
+    own = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=cfg.max_2d_side, force_dim=2)
+    values = [0] + [entry["labels"][t] for t in sorted(entry["labels"], key=lambda t: entry["labels"][t])]
+    return own.model_copy(
+        update={
+            "patch_size": list(patch),
+            "network": network,
+            "batch_size": cfg.batch_size,
+            "label_values": values,
+            "notes": own.notes + [f"universal model: shared patch {patch[0]}x{patch[1]} and network"],
+        }
+    )
+
+
+def bound_model(net: HermesNet, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
+    """The network asked for one dataset's tasks (in its label-value order) and modality."""
+    entry = registry.datasets[dataset]
+    order = sorted(entry["labels"], key=lambda t: entry["labels"][t])
+    return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
+
+
+def make_validate(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str):
+    """Per dataset and label: Dice over the validation cases (whole images, sliding window)."""
+    from medalloy.engine.metrics import batch_dice
+
+    def validate(models: dict) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, prepared in cases.items():
+            plan = plans[name]
+            predictor = Predictor(
+                bound_model(net, registry, name, in_channels), plan, device=next(net.parameters()).device, precision=precision, activation="sigmoid"
+            )
+            per_case = []
+            for c in prepared:
+                probs = predictor.predict_network_space(c.image)
+                scores = torch.cat([torch.full_like(probs[:1], 0.5), probs])
+                per_case.append(batch_dice(scores.argmax(0)[None], torch.from_numpy(c.label.astype(np.int64))[None], plan.num_classes))
+            dice = torch.stack(per_case).mean(0)
+            names = {i: t for t, v in plan.labels.items() for i, lv in enumerate(plan.label_values) if lv == v and i > 0}
+            for k, d in enumerate(dice):
+                metrics[f"val/{name}/dice_{names[k + 1]}"] = float(d)
+        if metrics:
+            metrics["val/dice"] = float(np.mean(list(metrics.values())))
+        return metrics
+
+    return validate
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
+    """YAML config (if any) with CLI overrides (``steps``, ``lr``, ... go to ``train``)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise MedalloyError("config not found", path, "give the path of a YAML file") from None
+        except yaml.YAMLError as exc:
+            raise MedalloyError(f"config is not valid YAML ({str(exc).splitlines()[0]})", path, "fix the syntax") from None
+    default_train = UniversalConfig().train.model_dump()
+    train = {**default_train, **dict(raw.get("train", {}))}
+    for key in ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes"):
+        if overrides.get(key) is not None:
+            train[key] = overrides[key]
+    raw["train"] = train
+    for key in ("fold", "batch_size", "patch_size"):
+        if overrides.get(key) is not None:
+            raw[key] = overrides[key]
+    try:
+        return UniversalConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise MedalloyError(f"config field '{where}': {err['msg']}", path or "config", "fix the value") from None
+
+
+def train_universal(
+    datasets: list[str | Path],
+    out: str | Path,
+    config: str | Path | UniversalConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    splits: dict[str, dict[str, list[str]]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train one Hermes model on several raw datasets; returns the run summary (``run.json``).
+
+    ``splits`` maps a dataset name to ``{"train": [ids], "val": [ids]}`` (else fold ``fold`` of
+    each dataset's own split)."""
+    from medalloy.data.splits import split_for_fold
+
+    if not datasets:
+        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
+    dss = [RawDataset(d) for d in datasets]
+    cfg = config if isinstance(config, UniversalConfig) else load_config(config, **overrides)
+    cfg.train.progress = cfg.train.progress and progress
+    for ds in dss:
+        if not ds.labelled_cases():
+            raise MedalloyError("no labelled cases", ds.root / "labelsTr", "put a label file per case in labelsTr/")
+    registry = build_registry(dss, cfg.task_names)
+    run = prepare_output(out, overwrite=overwrite, resume=resume)
+    patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters)
+    plans = {ds.name: dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name]) for ds in dss}
+    in_channels = max(p.in_channels for p in plans.values())
+    for name, p in plans.items():
+        if p.in_channels not in (1, in_channels):
+            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
+        save_plan(p, run / "plans" / f"{name}.json")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+    seed = cfg.train.seed
+    split_record, sources, val_cases = {}, [], {}
+    sizes = []
+    for ds in dss:
+        if splits is not None and ds.name in splits:
+            train_cases, val = _explicit_split(ds, splits[ds.name])
+        else:
+            train_cases, val = split_for_fold(ds, cfg.fold, k=cfg.folds, seed=seed)
+        train_cases = [c for c in train_cases if c.label is not None]
+        val = [c for c in val if c.label is not None][: cfg.max_val_cases]
+        split_record[ds.name] = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val]}
+        plan = plans[ds.name]
+        prepared = prepare_cases(ds, train_cases, plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=progress)
+        val_cases[ds.name] = prepare_cases(ds, val, plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=progress) if val else []
+        entry = registry.datasets[ds.name]
+        sampler = PatchSampler(prepared, plan.patch_size, 1, 2, seed, plan.foreground_oversample, cfg.augment)
+        t = len(entry["task_ids"])
+        order = sorted(entry["labels"], key=lambda k: entry["labels"][k])
+        sources.append(
+            MixedSource(ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, t + 1)), entry["modality_id"])
+        )
+        sizes.append(len(prepared))
+    for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
+        src.weight = float(w)
+    write_json_atomic(run / "split.json", {"fold": cfg.fold, "datasets": split_record})
+    write_json_atomic(run / "run.json", {"method": METHOD, "datasets": [str(d.root) for d in dss], "status": "training"})
+
+    seed_everything(seed)
+    net = build_hermes(
+        network, len(registry.tasks), len(registry.modalities), in_channels=in_channels, depth=cfg.fusion_depth, tokens_per_modality=cfg.tokens_per_modality
+    )
+    sampler = MixedSampler(sources, cfg.batch_size, in_channels, registry.null_task, seed, foreground_oversample=0.33)
+    seg_loss = TaskBCEDiceLoss()
+    unknown = len(registry.modalities) - 1
+
+    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
+        out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
+        seg = seg_loss(out["logits"], batch["target"], batch["task_weight"])
+        mod = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown)
+        if not torch.isfinite(mod):  # a batch of "unknown" modalities only
+            mod = torch.zeros((), device=seg.device)
+        return {"loss": seg + cfg.modality_weight * mod, "bce": torch.tensor(seg_loss.last["bce"]), "tversky": torch.tensor(seg_loss.last["dice"]), "modality_ce": mod.detach()}
+
+    record = {
+        "method": METHOD,
+        "name": "universal-" + "+".join(ds.name for ds in dss),
+        "tasks": [
+            {"dataset": ds.name, "labels": ds.spec.labels, "modality": ds.spec.modality, "file_ending": ds.spec.file_ending} for ds in dss
+        ],
+        "registry": registry.model_dump(mode="json"),
+        "plans": {k: p.model_dump(mode="json") for k, p in plans.items()},
+        "in_channels": in_channels,
+        "network": network.model_dump(mode="json"),
+        "model": {"fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality},
+        "activation": "sigmoid",
+        "params": count_parameters(net),
+    }
+    has_val = any(val_cases.values())
+    spec = TrainSpec(
+        models={"net": net},
+        trainable=["net"],
+        step_fn=step_fn,
+        batches=sampler,
+        record=record,
+        validate=make_validate(net, registry, plans, {k: v for k, v in val_cases.items() if v}, in_channels, cfg.train.precision) if has_val else None,
+    )
+    summary = Trainer(spec, cfg.train, run).fit(resume=resume)
+    result = {
+        "method": METHOD,
+        "datasets": [str(d.root) for d in dss],
+        "name": record["name"],
+        "status": "done",
+        "fold": cfg.fold,
+        "tasks": registry.tasks,
+        "modalities": registry.modalities,
+        "train_cases": dict(zip([d.name for d in dss], sizes)),
+        "val_cases": {k: len(v) for k, v in val_cases.items()},
+        "params": record["params"],
+        **summary,
+    }
+    write_json_atomic(run / "run.json", result)
+    return result
+
+
+def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, TaskRegistry, dict[str, Plan], dict[str, Any]]:
+    """Network, task registry, per-dataset plans and record of a universal checkpoint."""
+    tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
+    try:
+        registry = TaskRegistry.model_validate(record["registry"])
+        plans = {k: Plan.model_validate(v) for k, v in record["plans"].items()}
+        network = NetworkPlan.model_validate(record["network"])
+        in_channels = int(record["in_channels"])
+        extra = record.get("model", {})
+    except (KeyError, ValidationError, TypeError, ValueError):
+        raise MedalloyError("checkpoint record lacks a valid registry, plans or network", path, "retrain with this medalloy version") from None
+    net = build_hermes(
+        network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
+        depth=int(extra.get("fusion_depth", 1)), tokens_per_modality=int(extra.get("tokens_per_modality", 10)),
+    )
+    try:
+        net.load_state_dict(ckpt.group(tensors, "model/net"))
+    except RuntimeError as exc:
+        raise MedalloyError(f"weights do not fit the recorded network ({str(exc).splitlines()[0]})", path, "use the checkpoint with its own run") from None
+    return net.eval(), registry, plans, record
+
+
+def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu") -> tuple[TaskBound, Plan, dict[str, Any]]:
+    """A universal checkpoint as a single-dataset model (its tasks, modality and preprocessing)."""
+    net, registry, plans, record = load_universal(path, device)
+    if dataset is None:
+        if len(plans) != 1:
+            raise MedalloyError(f"universal model of {len(plans)} datasets: say which one the images come from", path, f"pass --dataset, one of {', '.join(plans)}")
+        dataset = next(iter(plans))
+    if dataset not in plans:
+        raise MedalloyError(f"the model was not trained on '{dataset}'", path, f"pass --dataset, one of {', '.join(plans)}")
+    return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record

@@ -1,0 +1,86 @@
+"""Universal (Hermes) recipe end to end on tiny synthetic data: shared tasks, partial labels, RGB + grey."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medalloy.cli import main
+from medalloy.data.dataset import RawDataset
+from medalloy.data.io import read_label
+from medalloy.data.synth import generate_dataset
+from medalloy.errors import MedalloyError
+from medalloy.predict import predict_cases
+from medalloy.recipes.universal import UniversalConfig, build_registry, load_universal, train_universal
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    names = ["Dataset902_SynthCXR", "Dataset903_SynthCXRLung", "Dataset904_SynthEndo"]
+    return [generate_dataset(n, root, seed=1, cases_per_source=4, test_cases_per_source=1, progress=False) for n in names]
+
+
+@pytest.fixture(scope="module")
+def run(three, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "uni"
+    cfg = UniversalConfig(patch_size=64, batch_size=8, base_filters=8, max_val_cases=2)
+    cfg.train.steps, cfg.train.val_every, cfg.train.progress = 150, 75, False
+    return out, train_universal(three, out, config=cfg, progress=False)
+
+
+def test_registry_shares_tasks_by_label_name(three):
+    reg = build_registry([RawDataset(p) for p in three])
+    assert reg.tasks == ["lung", "heart", "lesion"] and reg.null_task == 3
+    assert reg.modalities == ["xr", "endoscopy", "unknown"]
+    assert reg.datasets["SynthCXR"]["task_ids"] == [0, 1]
+    assert reg.datasets["SynthCXRLung"]["task_ids"] == [0]  # partial labels: lung only, the same task
+    assert reg.datasets["SynthEndo"]["modality_id"] == 1
+    renamed = build_registry([RawDataset(three[1])], {"SynthCXRLung:lung": "lungs"})
+    assert renamed.tasks == ["lungs"]
+
+
+def test_universal_learns_every_dataset(run):
+    out, res = run
+    assert res["status"] == "done" and res["steps"] == 150
+    metrics = res["best"]["metrics"]
+    assert metrics["val/SynthCXR/dice_lung"] > 0.8, metrics
+    assert metrics["val/SynthCXRLung/dice_lung"] > 0.8, metrics
+    assert metrics["val/SynthEndo/dice_lesion"] > 0.5, metrics
+    split = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert set(split["datasets"]) == {"SynthCXR", "SynthCXRLung", "SynthEndo"}
+    assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json"]
+    net, reg, plans, record = load_universal(out / "checkpoints" / "best.safetensors")
+    assert record["method"] == "universal" and record["in_channels"] == 3 and reg.tasks == ["lung", "heart", "lesion"]
+    assert plans["SynthCXR"].patch_size == [64, 64] and plans["SynthCXR"].label_values == [0, 1, 2]
+
+
+def test_predict_held_out_cases_per_dataset(three, run, tmp_path):
+    out, _ = run
+    for path, values in zip(three, ({0, 1, 2}, {0, 1}, {0, 1})):
+        ds = RawDataset(path)
+        ids = [c.case_id for c in ds.labelled_cases()[:2]]
+        written = predict_cases(out, path, ids, tmp_path / ds.name, progress=False)
+        for cid, f in zip(ids, written):
+            pred, truth = read_label(f)[0], read_label(ds.case(cid).label)[0]
+            assert pred.shape == truth.shape and set(np.unique(pred)) <= values
+            fg = truth == 1
+            assert 2 * np.logical_and(pred == 1, fg).sum() / ((pred == 1).sum() + fg.sum()) > 0.5
+
+
+def test_predict_folder_needs_the_dataset_of_a_multi_dataset_model(three, run, tmp_path, capsys):
+    out, _ = run
+    imgs = three[1] / "imagesTs"
+    assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dataset" in err[0]
+    assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "p"), "--dataset", "SynthCXRLung"]) == 0
+    assert len(list((tmp_path / "p").glob("*.png"))) == len(list(imgs.glob("*.png")))
+    with pytest.raises(MedalloyError, match="not trained on 'Nope'"):
+        from medalloy.recipes.universal import load_for_dataset
+
+        load_for_dataset(out / "checkpoints" / "best.safetensors", "Nope")
