@@ -1,8 +1,9 @@
 """``medalloy demo``: the whole pipeline on the built-in synthetic collection, in minutes on a CPU.
 
 synth -> check -> plan -> train one expert per dataset -> predict held-out cases -> evaluate ->
-``OUT/report.md`` (Dice table, training curves, best/median/worst overlays). Later methods add
-their own sections to this demo.
+one universal (Hermes) model for all datasets' tasks -> predict and evaluate it the same way ->
+``OUT/report.md`` (Dice tables, universal vs experts, training curves, best/median/worst overlays).
+Later methods add their own sections to this demo.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from medalloy.runs import prepare_output
 
 # Steps per expert: enough for Dice > 0.9 on every synthetic task; about a minute each on 2 cores.
 DEMO_STEPS = {2: 120, 3: 120}
+# One universal model for the 5 tasks of the 4 datasets (mixed batches).
+UNIVERSAL_STEPS = 300
 DEMO_MARKER = "demo.json"
 
 
@@ -62,13 +65,33 @@ def run_demo(out: str | Path = "runs/demo", overwrite: bool = False, steps: int 
         _log(f"6/6 {name}: evaluating", progress)
         ev = evaluate_folders(pred_dir, ds_path / "labelsTs", dataset=ds_path, out_dir=root / "evaluation" / name, progress=progress)
         rows.append({"dataset": name, "plan": plan, "train": res, "eval": ev, "run": run})
-    report = _write_report(root, rows, time.perf_counter() - t0)
+    universal = _universal_stage(root, datasets, steps or UNIVERSAL_STEPS, seed, progress)
+    report = _write_report(root, rows, time.perf_counter() - t0, universal)
     write_json_atomic(root / DEMO_MARKER, {"status": "done", "seed": seed, "seconds": time.perf_counter() - t0})
     _log(f"done in {time.perf_counter() - t0:.0f} s: {report}", progress)
     return report
 
 
-def _write_report(root: Path, rows: list[dict[str, Any]], seconds: float) -> Path:
+def _universal_stage(root: Path, datasets: list[Path], steps: int, seed: int, progress: bool) -> dict[str, Any]:
+    """One Hermes model on every demo dataset, predicted and evaluated per dataset."""
+    from medalloy.evaluation import evaluate_folders
+    from medalloy.predict import predict_folder
+    from medalloy.recipes.universal import train_universal
+
+    run = root / "universal"
+    _log(f"universal: one Hermes model for the tasks of all {len(datasets)} datasets ({steps} steps, mixed batches)", progress)
+    res = train_universal(datasets, run, steps=steps, seed=seed, val_every=max(20, steps // 3), progress=progress)
+    evals = {}
+    for ds_path in datasets:
+        name = RawDataset(ds_path).name
+        _log(f"universal: predicting and evaluating {name}", progress)
+        pred_dir = root / "predictions-universal" / name
+        predict_folder(run, ds_path / "imagesTs", pred_dir, dataset=name, progress=progress)
+        evals[name] = evaluate_folders(pred_dir, ds_path / "labelsTs", dataset=ds_path, out_dir=root / "evaluation-universal" / name, progress=progress)
+    return {"train": res, "eval": evals, "run": run}
+
+
+def _write_report(root: Path, rows: list[dict[str, Any]], seconds: float, universal: dict[str, Any] | None = None) -> Path:
     from medalloy.evaluation import markdown_table
 
     lines = [
@@ -89,6 +112,27 @@ def _write_report(root: Path, rows: list[dict[str, Any]], seconds: float) -> Pat
                 f"| {r['dataset']} | {r['plan'].dim}D | {label} | {stats['dice']['mean']:.3f} | {stats['hd95']['mean']:.2f} | "
                 f"{stats['nsd']['mean']:.3f} | {r['train']['seconds']:.0f} | {r['train']['params']:,} |"
             )
+    if universal is not None:
+        res = universal["train"]
+        lines += [
+            "",
+            "## Universal model (Hermes) vs experts",
+            "",
+            f"One network ({res['params']:,} parameters) for the tasks {', '.join(res['tasks'])}, conditioned on task and "
+            f"modality priors, trained on mixed batches of all datasets in {res['seconds']:.0f} s; the experts above are "
+            f"{len(rows)} networks ({sum(r['train']['params'] for r in rows):,} parameters together).",
+            "",
+            "| dataset | label | expert Dice | universal Dice |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            uni = universal["eval"][r["dataset"]]["summary"]["classes"]
+            for label, stats in r["eval"]["summary"]["classes"].items():
+                u = uni.get(label, {}).get("dice", {}).get("mean")
+                lines.append(f"| {r['dataset']} | {label} | {stats['dice']['mean']:.3f} | {'-' if u is None else f'{u:.3f}'} |")
+        curve = universal["run"] / "training_curve.png"
+        if curve.exists():
+            lines += ["", f"![universal training curve]({curve.relative_to(root).as_posix()})"]
     lines += ["", "## Per dataset", ""]
     for r in rows:
         name = r["dataset"]

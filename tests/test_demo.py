@@ -1,0 +1,27 @@
+"""The demo pipeline end to end with a few steps per model (the real demo trains longer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medalloy.demo import run_demo
+from medalloy.errors import MedalloyError
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_writes_the_report_with_experts_and_the_universal_model(tmp_path):
+    report = run_demo(tmp_path / "demo", steps=3, progress=False)
+    text = report.read_text(encoding="utf-8")
+    for name in ("SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"):
+        assert f"| {name} |" in text
+        assert (tmp_path / "demo" / "predictions-universal" / name).is_dir()
+    assert "## Universal model (Hermes) vs experts" in text
+    # every expert label has a universal Dice beside it
+    uni_rows = [ln for ln in text.split("## Universal model")[1].split("## Per dataset")[0].splitlines() if ln.startswith("| Synth")]
+    assert len(uni_rows) == 6 and all(ln.split("|")[4].strip() not in ("", "-") for ln in uni_rows)
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text(encoding="utf-8"))["status"] == "done"
+    with pytest.raises(MedalloyError, match="overwrite"):
+        run_demo(tmp_path / "demo", steps=3, progress=False)
