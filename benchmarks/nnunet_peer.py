@@ -60,9 +60,10 @@ MAX_ITERS_PER_EPOCH = 250
 MIN_EPOCHS = 10
 # epoch 0 carries the warm-up; epoch 1 gives the time per iteration and the time between epochs
 # (checkpoint, plot); epoch 2's start closes it
-# (the default 2d plan takes ~6 s per iteration on 2 cores: 3 x 8 iterations cost ~2.5 minutes)
+# nnU-Net's default 2d plans take 6-45 s per iteration on 2 cores (Kvasir: batch 40 of 256x256),
+# so the calibration is kept short: 3 x 4 iterations (+1 validation batch each)
 CALIBRATION_EPOCHS = 3
-CALIBRATION_ITERS = 8
+CALIBRATION_ITERS = 4
 # nnU-Net dataset ids of the peer's datasets (its own nnUNet_raw, so they clash with nothing)
 DATASET_IDS = {"JSRT": 502, "Shenzhen": 503, "ACDC": 504, "Hippocampus": 505, "Polyp-Kvasir": 511, "Polyp-CVC": 512}
 
