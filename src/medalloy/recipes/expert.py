@@ -37,6 +37,7 @@ from medalloy.jsonio import write_json_atomic
 from medalloy.losses import DiceCELoss
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, load_plan, save_plan
+from medalloy.recipes.config import load_recipe_config
 from medalloy.runs import prepare_output
 
 METHOD = "expert"
@@ -57,29 +58,7 @@ class ExpertConfig(BaseModel):
 
 def load_config(path: str | Path | None, **overrides: Any) -> ExpertConfig:
     """Read a YAML config (if any) and apply CLI overrides (``steps=...`` goes to ``train.steps``)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise MedalloyError("config not found", path, "give the path of a YAML file") from None
-        except yaml.YAMLError as exc:
-            raise MedalloyError(f"config is not valid YAML ({str(exc).splitlines()[0]})", path, "fix the syntax") from None
-    train = dict(raw.get("train", {}))
-    for key in ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes"):
-        if overrides.get(key) is not None:
-            train[key] = overrides[key]
-    raw["train"] = {**TrainConfig(steps=1000, val_every=100, lr=3e-3).model_dump(), **train}
-    for key in ("fold", "batch_size"):
-        if overrides.get(key) is not None:
-            raw[key] = overrides[key]
-    try:
-        return ExpertConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise MedalloyError(f"config field '{where}': {err['msg']}", path or "config", "fix the value") from None
+    return load_recipe_config(ExpertConfig, path, ("fold", "batch_size"), overrides)
 
 
 def prepare_cases(dataset: RawDataset, cases: list[Case], plan: Plan, pad: bool, seed: int, desc: str, progress: bool = True) -> list[PreparedCase]:

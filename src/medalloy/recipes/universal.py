@@ -37,6 +37,7 @@ from medalloy.losses import TaskBCEDiceLoss
 from medalloy.models.hermes import HermesNet, TaskBound, build_hermes
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
+from medalloy.recipes.config import load_recipe_config
 from medalloy.recipes.expert import _explicit_split, prepare_cases
 from medalloy.runs import prepare_output
 
@@ -176,30 +177,7 @@ def make_validate(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan]
 
 def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
     """YAML config (if any) with CLI overrides (``steps``, ``lr``, ... go to ``train``)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise MedalloyError("config not found", path, "give the path of a YAML file") from None
-        except yaml.YAMLError as exc:
-            raise MedalloyError(f"config is not valid YAML ({str(exc).splitlines()[0]})", path, "fix the syntax") from None
-    default_train = UniversalConfig().train.model_dump()
-    train = {**default_train, **dict(raw.get("train", {}))}
-    for key in ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes"):
-        if overrides.get(key) is not None:
-            train[key] = overrides[key]
-    raw["train"] = train
-    for key in ("fold", "batch_size", "patch_size"):
-        if overrides.get(key) is not None:
-            raw[key] = overrides[key]
-    try:
-        return UniversalConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise MedalloyError(f"config field '{where}': {err['msg']}", path or "config", "fix the value") from None
+    return load_recipe_config(UniversalConfig, path, ("fold", "batch_size", "patch_size"), overrides)
 
 
 def train_universal(

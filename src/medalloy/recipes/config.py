@@ -1,0 +1,42 @@
+"""Recipe configs: a YAML file (optional) plus command-line overrides, validated by pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from medalloy.errors import MedalloyError
+
+C = TypeVar("C", bound=BaseModel)
+
+# CLI overrides that belong to the engine's ``train`` section
+TRAIN_KEYS = ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes")
+
+
+def load_recipe_config(cls: type[C], path: str | Path | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:
+    """``cls`` from the YAML at ``path`` (if any) with ``overrides`` applied: engine keys go to
+    ``train`` (whose defaults are ``cls()``'s), ``top_keys`` to the top level; None means unset."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise MedalloyError("config not found", path, "give the path of a YAML file") from None
+        except yaml.YAMLError as exc:
+            raise MedalloyError(f"config is not valid YAML ({str(exc).splitlines()[0]})", path, "fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise MedalloyError("config is not a YAML mapping", path, "write 'key: value' lines (train:, augment:, ...)")
+    train = {**cls().train.model_dump(), **dict(raw.get("train") or {})}
+    train.update({k: overrides[k] for k in TRAIN_KEYS if overrides.get(k) is not None})
+    raw["train"] = train
+    raw.update({k: overrides[k] for k in top_keys if overrides.get(k) is not None})
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise MedalloyError(f"config field '{where}': {err['msg']}", path or "config", "fix the value") from None
