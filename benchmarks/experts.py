@@ -58,8 +58,8 @@ WHY_MISSED = {
     "myocardium are what lag. Expected to reach it (not yet measured): a ~20-minute budget",
 }
 PEER_READING = (
-    "How to read the nnU-Net rows: nnU-Net's default 2d plans are sized for a GPU (~20 M parameters, batches of 2-40 "
-    "whole images); on these 2 CPU cores one of its iterations takes 6-47 s, so the budget buys it tens of iterations, "
+    "How to read the nnU-Net rows: nnU-Net's default 2d plans are sized for a GPU (~20 M parameters, batches of 2-56 "
+    "whole images); on these 2 CPU cores one of its iterations takes 6-53 s, so the budget buys it 10-80 iterations, "
     "a fraction of a percent of its default 250,000. The rows show what a CPU-sized plan and schedule buy within the same "
     "wall-clock, not the accuracy nnU-Net reaches when trained to convergence (for JSRT the issue reports 0.970 / 0.926 "
     "after 480 iterations in 52 minutes on these cores)."
@@ -334,6 +334,13 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
     ]
     if with_peer:
         lines += ["", "## medalloy vs nnU-Net (mean foreground Dice)", ""] + (_peer_summary(rows) or ["- no expert has both rows"])
+        no_peer = [n for n, r in rows.items() if r.get("source") == "in" and not isinstance(r.get("nnunet"), dict)]
+        if no_peer:
+            lines.append(
+                f"- not measured yet: {', '.join(no_peer)} (a peer run costs 20-35 minutes per dataset here: preprocessing, "
+                "calibration, the budget, nnU-Net's own validation and prediction; `python benchmarks/experts.py --nnunet-only "
+                "--only NAME` adds a row)"
+            )
         lines += ["", PEER_READING]
     return "\n".join(lines) + "\n"
 
