@@ -98,11 +98,15 @@ class Predictor:
         probs = self.predict_probabilities(image, meta, path)
         return self.to_labels(probs)
 
-    def to_labels(self, probs: torch.Tensor) -> np.ndarray:
-        """Softmax: the most probable class. Sigmoid (one channel per task, in the order of
-        ``plan.label_values[1:]``): the most probable task where its probability exceeds 0.5, else
-        background."""
-        lut = np.asarray(self.plan.label_values, dtype=np.int64)
+    def to_classes(self, probs: torch.Tensor) -> torch.Tensor:
+        """Class indices (0 = background). Softmax: the most probable class. Sigmoid (one channel
+        per task, in the order of ``plan.label_values[1:]``): the most probable task where its
+        probability exceeds 0.5, else background."""
         if self.activation == "sigmoid":
             probs = torch.cat([torch.full_like(probs[:1], 0.5), probs])
-        return lut[probs.argmax(0).numpy()]
+        return probs.argmax(0)
+
+    def to_labels(self, probs: torch.Tensor) -> np.ndarray:
+        """Label map in the dataset's label values (see :meth:`to_classes`)."""
+        lut = np.asarray(self.plan.label_values, dtype=np.int64)
+        return lut[self.to_classes(probs).numpy()]

@@ -79,6 +79,11 @@ class TaskRegistry(BaseModel):
         return len(self.tasks)
 
 
+def tasks_in_label_order(entry: dict[str, Any]) -> list[str]:
+    """A registry entry's task names in the order of their label values (the network's order)."""
+    return sorted(entry["labels"], key=lambda t: entry["labels"][t])
+
+
 def _task_name(dataset: str, label: str, names: dict[str, str]) -> str:
     return names.get(f"{dataset}:{label}", names.get(label, label))
 
@@ -129,7 +134,7 @@ def dataset_plan(ds: RawDataset, cfg: UniversalConfig, patch: list[int], network
     from medalloy.planning.planner import plan_dataset
 
     own = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=cfg.max_2d_side, force_dim=2)
-    values = [0] + [entry["labels"][t] for t in sorted(entry["labels"], key=lambda t: entry["labels"][t])]
+    values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
     return own.model_copy(
         update={
             "patch_size": list(patch),
@@ -144,7 +149,7 @@ def dataset_plan(ds: RawDataset, cfg: UniversalConfig, patch: list[int], network
 def bound_model(net: HermesNet, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
     """The network asked for one dataset's tasks (in its label-value order) and modality."""
     entry = registry.datasets[dataset]
-    order = sorted(entry["labels"], key=lambda t: entry["labels"][t])
+    order = tasks_in_label_order(entry)
     return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
 
 
@@ -162,8 +167,7 @@ def make_validate(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan]
             per_case = []
             for c in prepared:
                 probs = predictor.predict_network_space(c.image)
-                scores = torch.cat([torch.full_like(probs[:1], 0.5), probs])
-                per_case.append(batch_dice(scores.argmax(0)[None], torch.from_numpy(c.label.astype(np.int64))[None], plan.num_classes))
+                per_case.append(batch_dice(predictor.to_classes(probs)[None], torch.from_numpy(c.label.astype(np.int64))[None], plan.num_classes))
             dice = torch.stack(per_case).mean(0)
             names = {i: t for t, v in plan.labels.items() for i, lv in enumerate(plan.label_values) if lv == v and i > 0}
             for k, d in enumerate(dice):
@@ -232,7 +236,7 @@ def train_universal(
         entry = registry.datasets[ds.name]
         sampler = PatchSampler(prepared, plan.patch_size, 1, 2, seed, plan.foreground_oversample, cfg.augment)
         t = len(entry["task_ids"])
-        order = sorted(entry["labels"], key=lambda k: entry["labels"][k])
+        order = tasks_in_label_order(entry)
         sources.append(
             MixedSource(ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, t + 1)), entry["modality_id"])
         )
