@@ -43,7 +43,7 @@ def _jsrt_parts(data: Path, n_cases: int = 60):
     from medalloy.data.sampling import PatchSampler
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
-    from medalloy.recipes.expert import prepare_cases
+    from medalloy.recipes.scaffold import cache_cases as prepare_cases
 
     ds = RawDataset(data / JSRT)
     plan = plan_dataset(ds, fingerprint(ds, progress=False))

@@ -75,6 +75,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """Print once per job: under torchrun only rank 0 reports."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
 def cmd_train_expert(a: argparse.Namespace) -> int:
     from medalloy.recipes.expert import train_expert
 
@@ -83,7 +91,7 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
     )
     best = res.get("best", {}) or {}
-    print(f"{a.out}: {res['steps']} steps in {res['seconds']:.0f} s ({res['images_per_s']:.1f} images/s, {res['precision']}); best val Dice {best.get('value')}")
+    _say(f"{a.out}: {res['steps']} steps in {res['seconds']:.0f} s ({res['images_per_s']:.1f} images/s, {res['precision']}); best val Dice {best.get('value')}")
     return 0
 
 
@@ -96,7 +104,7 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
         patch_size=a.patch, batch_size=a.batch_size,
     )
     best = res.get("best", {}) or {}
-    print(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
+    _say(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
     return 0
 
 
@@ -245,11 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except MedalloyError as exc:
-        print(f"medalloy: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "from_main", False):  # under torchrun, rank 0 has printed it already
+            print(f"medalloy: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("medalloy: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:
+            from medalloy.engine.distributed import cleanup
+
+            cleanup()
 
 
 if __name__ == "__main__":

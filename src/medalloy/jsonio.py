@@ -1,4 +1,4 @@
-"""JSON files: read with one-line errors, write atomically."""
+"""JSON (and other small text) files: read with one-line errors, write atomically."""
 
 from __future__ import annotations
 
@@ -24,17 +24,22 @@ def read_json(path: str | Path, what: str, fix_missing: str, fix_invalid: str = 
         raise MedalloyError(f"invalid JSON in {what} (not UTF-8 text)", path, fix_invalid) from None
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` via a temporary file and a rename: a kill at any moment leaves the old file
+    or the new one, never half of either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

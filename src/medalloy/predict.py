@@ -55,19 +55,13 @@ def output_ending(input_file: Path, ndim: int) -> str:
 
 
 def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None):
-    """Model, plan and record for any segmentation method's checkpoint; ``dataset`` names which of
-    a multi-dataset model's datasets (tasks, modality, preprocessing) the images belong to."""
+    """Model, plan and record for any segmentation method's checkpoint (the loader its recipe
+    registered for the record's ``method``); ``dataset`` names which of a multi-dataset model's
+    datasets (tasks, modality, preprocessing) the images belong to."""
+    from medalloy.recipes.registry import loader_for
+
     record = read_record(checkpoint)
-    method = record.get("method")
-    if method == "expert":
-        from medalloy.recipes.expert import load_expert
-
-        return load_expert(checkpoint, device)
-    if method == "universal":
-        from medalloy.recipes.universal import load_for_dataset
-
-        return load_for_dataset(checkpoint, dataset, device)
-    raise MedalloyError(f"cannot predict with a '{method}' checkpoint yet", checkpoint, "use an expert or universal run")
+    return loader_for(record.get("method"), checkpoint)(Path(checkpoint), device, dataset)
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
@@ -75,9 +69,9 @@ def _predictor(model, plan, record: dict[str, Any], device: str, precision: str,
 
 
 def _device(device: str) -> str:
-    import torch
+    from medalloy.engine.distributed import resolve_device
 
-    return "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    return str(resolve_device(device))
 
 
 def _kept_values(labels: dict[str, int], keep: list[str] | None, source: Path) -> list[int] | None:

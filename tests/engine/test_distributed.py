@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import torch
 
     from medalloy.engine.distributed import cleanup
-    from medalloy.engine.seed import seed_everything, step_rng
+    from medalloy.seeding import seed_everything, step_rng
     from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
     from medalloy.losses import DiceCELoss
     from medalloy.models import build_unet

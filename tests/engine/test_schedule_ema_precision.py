@@ -11,7 +11,7 @@ from torch import nn
 from medalloy.engine import precision as prec
 from medalloy.engine.ema import EMA
 from medalloy.engine.schedule import lr_factor
-from medalloy.engine.seed import step_rng, step_seed
+from medalloy.seeding import step_rng, step_seed
 from medalloy.errors import MedalloyError
 
 

@@ -15,7 +15,7 @@ from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.distributed import DistInfo
 from medalloy.engine.logging import read_metrics
 from medalloy.engine.schedule import lr_factor
-from medalloy.engine.seed import seed_everything, step_rng
+from medalloy.seeding import seed_everything, step_rng
 from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
@@ -359,3 +359,105 @@ def test_time_budget_holds_when_steps_slow_down_after_calibration(tmp_path, monk
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert rows[-1]["step"] == res["steps"] < 60
     assert 2.7 < rows[-1]["time"] <= 3.0 + 0.06 + 1e-9  # the budget used, overshot by one step at most
+
+
+class _TeacherBN(nn.Module):
+    """A frozen teacher whose output depends on its mode: train-mode BatchNorm would use batch
+    statistics and update its running ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.bn = nn.BatchNorm2d(1)
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.5)
+            self.bn.running_var.fill_(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_frozen_teacher_stays_in_eval_mode(tmp_path):
+    spec = make_spec(validate=dice_validate)
+    teacher = _TeacherBN()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes: list[bool] = []
+    inner = spec.step_fn
+
+    def step_fn(models, batch):
+        modes.append(models["teacher"].training)
+        hint = models["teacher"](batch["image"])
+        out = inner(models, batch)
+        return {**out, "loss": out["loss"] + 0.0 * hint.mean()}
+
+    spec.models["teacher"], spec.step_fn = teacher, step_fn
+    Trainer(spec, config(steps=6, val_every=3), tmp_path).fit()  # validation in between must not flip modes
+    assert modes == [False] * 6
+    _assert_same_state(teacher.state_dict(), before)  # running statistics untouched, weights frozen
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_frozen_module_sharing_trainable_parameters_is_an_error(tmp_path):
+    spec = make_spec()
+    spec.models["teacher"] = spec.models["net"].input_block  # would silently freeze the student's first block
+    with pytest.raises(MedalloyError, match="frozen module 'teacher' shares .* trainable module 'net'") as exc:
+        Trainer(spec, config(), tmp_path)
+    assert "\n" not in str(exc.value) and "deepcopy" in str(exc.value)
+    assert all(p.requires_grad for p in spec.models["net"].parameters())
+
+
+def test_validate_without_the_monitored_key_fails_at_the_first_validation(tmp_path):
+    calls: list[int] = []
+
+    def wrong(models):
+        calls.append(1)
+        return {"val/dice_lung": 0.5}
+
+    with pytest.raises(MedalloyError, match="validation returned no 'val/dice' \\(it returned: val/dice_lung\\)"):
+        Trainer(make_spec(validate=wrong), config(steps=8, val_every=2), tmp_path).fit()
+    assert len(calls) == 1 and not (tmp_path / "checkpoints" / "best.safetensors").exists()
+
+
+def test_resume_with_weights_of_another_shape_names_file_and_module(tmp_path):
+    Trainer(make_spec(validate=None), config(steps=4), tmp_path).fit()
+    spec = make_spec(validate=None)
+    spec.models["net"] = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[8, 8, 16]), 1, 2, 2)
+    with pytest.raises(MedalloyError) as exc:
+        Trainer(spec, config(steps=8), tmp_path).fit(resume=True)
+    msg = str(exc.value)
+    assert "\n" not in msg and "last.safetensors" in msg and "module 'net'" in msg and "size mismatch" in msg
+
+
+def test_resume_with_ema_missing_from_the_checkpoint_is_an_error(tmp_path):
+    Trainer(make_spec(validate=None), config(steps=4), tmp_path).fit()  # no EMA
+    with pytest.raises(MedalloyError, match="EMA of module 'net': EMA state lacks") as exc:
+        Trainer(make_spec(validate=None), config(steps=8, ema_decay=0.9), tmp_path).fit(resume=True)
+    assert "last.safetensors" in str(exc.value)
+
+
+def test_scalars_are_read_only_at_sync_steps(tmp_path, monkeypatch):
+    # Logged values stay on the device between log/validation/checkpoint steps: one reduction per
+    # sync step for all scalars together, none on the steps between (no host sync every step).
+    from medalloy.engine import trainer as trainer_module
+
+    calls: list[int] = []
+    inner = trainer_module.all_reduce_mean
+
+    def counting(value, info):
+        calls.append(value.numel())
+        return inner(value, info)
+
+    monkeypatch.setattr(trainer_module, "all_reduce_mean", counting)
+    seen: list[dict] = []
+    spec = make_spec(validate=None, on_step_end=[lambda s, sc: seen.append(sc)])
+    Trainer(spec, config(steps=10, log_every=5, val_every=10, checkpoint_every=10), tmp_path).fit()
+    assert calls == [2, 2]  # steps 5 and 10; "fg_logit" and "loss" packed into one tensor
+    assert [bool(sc) for sc in seen] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert set(seen[4]) == {"fg_logit", "loss"}
+
+
+def test_non_finite_loss_between_log_steps_stops_before_any_checkpoint(tmp_path):
+    t = Trainer(make_spec(nan_at=1), config(steps=8, log_every=4, val_every=4, checkpoint_every=4), tmp_path)
+    with pytest.raises(MedalloyError, match="loss became nan at step 1"):
+        t.fit()
+    assert t.step == 4 and not (tmp_path / "checkpoints" / "last.safetensors").exists()

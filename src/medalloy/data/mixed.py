@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medalloy.data.sampling import PatchSampler
-from medalloy.engine.distributed import DistInfo
-from medalloy.engine.seed import step_rng
+from medalloy.data.sampling import PatchSampler, RankInfo
+from medalloy.seeding import step_rng
 
 
 @dataclass
@@ -109,5 +108,5 @@ class MixedSampler:
             "dataset": torch.tensor(which, dtype=torch.long),
         }
 
-    def __call__(self, step: int, dist: DistInfo | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor]:
         return self.sample(step, 0 if dist is None else dist.rank)

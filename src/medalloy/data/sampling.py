@@ -8,14 +8,21 @@ so the batch at a step never depends on what ran before it (resume = same batche
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from medalloy.data.preprocess import PreparedCase
 from medalloy.data.transforms import AugmentConfig, training_transforms
-from medalloy.engine.distributed import DistInfo
-from medalloy.engine.seed import step_rng
+from medalloy.seeding import step_rng
+
+
+class RankInfo(Protocol):
+    """What a batch source needs of the process it runs in (``engine.distributed.DistInfo`` is one):
+    data stays below the engine, so it names no engine type."""
+
+    rank: int
 
 
 class PatchSampler:
@@ -94,5 +101,5 @@ class PatchSampler:
             labels.append(lab)
         return {"image": torch.stack(images), "label": torch.stack(labels)}
 
-    def __call__(self, step: int, dist: DistInfo | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor]:
         return self.sample(step, 0 if dist is None else dist.rank)

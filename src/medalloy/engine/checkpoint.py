@@ -117,3 +117,19 @@ def group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}/{k}": v for k, v in state.items()}
+
+
+def _first_reason(exc: RuntimeError) -> str:
+    """The informative line of a ``load_state_dict`` error (its first line only names the class)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else exc.__class__.__name__)
+    return detail.rstrip(".")
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str, fix: str) -> None:
+    """``module.load_state_dict(state)`` (strict); weights of another shape or other keys raise one
+    line naming the checkpoint and the module."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MedalloyError(f"weights of module '{name}' do not fit ({_first_reason(exc)})", path, fix) from None

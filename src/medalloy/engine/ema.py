@@ -27,9 +27,17 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict: every shadow key, of its shape; ``ValueError`` names the first key that differs."""
+        missing = [k for k in self.shadow if k not in state]
+        extra = [k for k in state if k not in self.shadow]
+        if missing or extra:
+            what = f"lacks {len(missing)} keys ({missing[0]}, ...)" if missing else f"has {len(extra)} unknown keys ({extra[0]}, ...)"
+            raise ValueError(f"EMA state {what}")
+        for k, v in state.items():
+            if v.shape != self.shadow[k].shape:
+                raise ValueError(f"EMA state key {k} has shape {tuple(v.shape)}, the module {tuple(self.shadow[k].shape)}")
         for k in self.shadow:
-            if k in state:
-                self.shadow[k].copy_(state[k])
+            self.shadow[k].copy_(state[k])
 
     @contextlib.contextmanager
     def applied(self, module: nn.Module):

@@ -6,19 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medalloy.errors import MedalloyError
+from medalloy.jsonio import write_text_atomic
+
 
 class MetricsLog:
-    """Appends rows to ``metrics.jsonl``; on resume, rows past the resumed step are dropped first."""
+    """Appends rows to ``metrics.jsonl``; on resume, rows past the resumed step are dropped first.
+
+    A run killed in the middle of an append leaves a torn last line: it is dropped on resume (and
+    skipped when reading), since the step it belonged to is redone anyway."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("", encoding="utf-8")
+            write_text_atomic(self.path, "")
         elif self.path.exists():
             # A killed run may have logged steps whose checkpoint was never written: those are redone.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
@@ -29,7 +35,19 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a ``metrics.jsonl``; a torn last line (a killed write) is skipped, a broken line
+    before it is an error."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise MedalloyError(f"line {i + 1} is not JSON", path, "delete the broken line (rows after it are kept), then resume") from None
+    return rows
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:

@@ -8,6 +8,11 @@ checkpoints, ``--resume``, progress bar, ``metrics.jsonl`` and a training-curve 
 Batches are a pure function of the step (``batches(step, dist_info)``), and the schedule is a pure
 function of the step, so a run killed after its checkpoint at step N and resumed reaches the same
 weights as a run that was never interrupted.
+
+Logged scalars stay on the device until a *sync step* (a log, validation or checkpoint step, or
+the last one): only then are they reduced over ranks and read, so an ordinary step never waits
+for the device. A non-finite loss is noticed at the next sync step, by every rank at once, before
+any checkpoint could hold its weights.
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medalloy.engine import checkpoint as ckpt
-from medalloy.engine.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from medalloy.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_min,
+    barrier,
+    broadcast_int,
+    ddp_options,
+    from_main,
+    init_distributed,
+    resolve_device,
+)
 from medalloy.engine.ema import EMA
 from medalloy.engine.logging import MetricsLog, plot_curves
 from medalloy.engine.precision import autocast, resolve_precision
@@ -72,7 +87,12 @@ class TrainSpec:
     - ``batches(step, dist) -> batch``: deterministic in ``step`` (and rank), tensors anywhere in it
       are moved to the device by the engine;
     - ``validate(models) -> {"val/<name>": float}``: run on rank 0 with averaged weights when EMA is on;
-    - ``record``: what the checkpoint says about itself (``method``, ``tasks``, ``plan``, ...).
+    - ``record``: what the checkpoint says about itself (``method``, ``tasks``, ``plan``, ...);
+    - ``find_unused_parameters``: for DDP, when a step does not use every trainable parameter
+      (e.g. branches taken per task); costs a graph traversal per step, so off by default;
+    - ``on_step_end(step, scalars)``: ``scalars`` holds the reduced floats at sync steps, else is empty.
+
+    ``step_fn`` returns the same keys at every step on every rank (they are reduced together).
     """
 
     models: dict[str, nn.Module]
@@ -85,12 +105,26 @@ class TrainSpec:
     mode: Literal["max", "min"] = "max"
     lr_scale: dict[str, float] = field(default_factory=dict)
     on_step_end: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list)
+    find_unused_parameters: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+_NO_STEP = 2**62  # "no non-finite loss seen yet"
+
+
+def check_frozen_sharing(models: dict[str, nn.Module], trainable: list[str]) -> None:
+    """A frozen module must not hold a trainable module's parameters: freezing it would silently
+    freeze them too (a teacher built as ``student.encoder``, say)."""
+    owner = {id(p): n for n in trainable for p in models[n].parameters()}
+    for name, module in models.items():
+        if name in trainable:
+            continue
+        shared = [pn for pn, p in module.named_parameters() if id(p) in owner]
+        if shared:
+            first = next(p for p in module.parameters() if id(p) in owner)
+            raise MedalloyError(
+                f"frozen module '{name}' shares {len(shared)} parameters ({shared[0]}, ...) with trainable module '{owner[id(first)]}'",
+                fix="give the frozen module its own copy (copy.deepcopy) or list it among the trainable modules",
+            )
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -136,6 +170,7 @@ class Trainer:
         missing = [n for n in spec.trainable if n not in spec.models]
         if missing:
             raise MedalloyError(f"trainable modules {missing} not among the models {list(spec.models)}")
+        check_frozen_sharing(spec.models, spec.trainable)
         for name, module in spec.models.items():
             module.to(self.device)
             if name not in spec.trainable:
@@ -148,13 +183,14 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             for n in spec.trainable:
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                self.wrapped[n] = DDP(spec.models[n], device_ids=ids)
+                self.wrapped[n] = DDP(spec.models[n], **ddp_options(self.device, spec.find_unused_parameters))
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = 0
         self.total_steps = config.steps
         self.best: dict[str, Any] = {"value": None, "step": None}
+        self._first_bad = torch.tensor(_NO_STEP, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
 
     # -- set-up ----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -220,9 +256,12 @@ class Trainer:
             state = ckpt.group(tensors, f"model/{n}")
             if not state:
                 raise MedalloyError(f"checkpoint holds no weights for module '{n}'", path, "resume a run of the same recipe")
-            self.spec.models[n].load_state_dict(state)
+            ckpt.load_module_state(self.spec.models[n], state, path, n, "resume with the settings the run was started with")
         for n, e in self.ema.items():
-            e.load_state_dict(ckpt.group(tensors, f"ema/{n}"))
+            try:
+                e.load_state_dict(ckpt.group(tensors, f"ema/{n}"))
+            except ValueError as exc:
+                raise MedalloyError(f"EMA of module '{n}': {exc}", path, "resume with the ema_decay setting the run was started with") from None
         _load_optimizer(self.optimizer, tensors, record["optimizer_groups"])
         self.step = int(record["step"])
         self.total_steps = int(record.get("total_steps", self.cfg.steps))
@@ -235,16 +274,17 @@ class Trainer:
             g["lr"] = g["base_lr"] * f
         return self.optimizer.param_groups[0]["lr"]
 
-    def _train_step(self, batch: Any) -> dict[str, float]:
+    def _train_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """One update; returns the step's scalars as detached device tensors (no host sync)."""
         for n in self.spec.trainable:
             self.wrapped[n].train()
         with autocast(self.precision, self.device):
             out = self.spec.step_fn(self.wrapped, batch)
         loss = out["loss"]
-        if not torch.isfinite(loss.detach()):
-            raise MedalloyError(
-                f"loss became {loss.item()} at step {self.step}", self.out, "lower the learning rate or check the data for NaN/extreme values"
-            )
+        with torch.no_grad():
+            new_bad = (~torch.isfinite(loss.detach())) & (self._first_bad == _NO_STEP)
+            self._first_bad = torch.where(new_bad, torch.full_like(self._first_bad, self.step), self._first_bad)
+            self._bad_loss = torch.where(new_bad, loss.detach().float(), self._bad_loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -261,11 +301,21 @@ class Trainer:
             self.optimizer.step()
         for n, e in self.ema.items():
             e.update(self.spec.models[n])
-        return {k: float(all_reduce_mean(v.detach().float(), self.dist)) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        return {k: v.detach().float().reshape(()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
 
-    def _validate(self) -> dict[str, float]:
-        if self.spec.validate is None or not self.dist.is_main:
-            return {}
+    def _sync_scalars(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over ranks of the step's scalars, read once; raises on every rank together if any
+        rank saw a non-finite loss since the last sync."""
+        keys = sorted(scalars)
+        packed = torch.stack([scalars[k].to(self.device) for k in keys]) if keys else torch.zeros(0, device=self.device)
+        values = all_reduce_mean(packed, self.dist).tolist()
+        first_bad = int(all_reduce_min(self._first_bad, self.dist).item())
+        if first_bad != _NO_STEP:
+            bad = float(self._bad_loss.item()) if int(self._first_bad.item()) == first_bad else float("nan")
+            raise MedalloyError(f"loss became {bad} at step {first_bad}", self.out, "lower the learning rate or check the data for NaN/extreme values")
+        return dict(zip(keys, values))
+
+    def _validate_here(self) -> dict[str, float]:
         for n in self.spec.trainable:
             self.spec.models[n].eval()
         with contextlib.ExitStack() as stack:
@@ -273,33 +323,45 @@ class Trainer:
                 stack.enter_context(e.applied(self.spec.models[n]))
             with torch.inference_mode():
                 metrics = self.spec.validate(self.spec.models)
+        if not isinstance(metrics, dict) or self.spec.monitor not in metrics:
+            got = ", ".join(sorted(metrics)) if isinstance(metrics, dict) else type(metrics).__name__
+            raise MedalloyError(
+                f"validation returned no '{self.spec.monitor}' (it returned: {got or 'nothing'})",
+                self.out,
+                "return the monitored metric from validate, or set TrainSpec.monitor to one it returns",
+            )
         return metrics
 
-    def _fit_budget(self, elapsed: float, start_step: int, mark: tuple[int, float] | None, bar: Any) -> tuple[int, float] | None:
-        """Set ``total_steps`` to what fits the rest of the time budget; returns the calibration mark.
+    def _validate(self) -> dict[str, float]:
+        """Rank 0 validates; every rank gets its metrics (or its error) at the same step."""
+        if self.spec.validate is None:
+            return {}
+        return from_main(self._validate_here, self.dist)
+
+    def _budget_proposal(self, elapsed: float, start_step: int, mark: tuple[int, float] | None) -> tuple[int, tuple[int, float] | None]:
+        """The step count that fits the rest of the time budget by this rank's clock, and the
+        calibration mark.
 
         First after ``calibration_steps`` (time per step so far), then at every validation step
         (wall-clock time per step since the first estimate, so validations and checkpoints count).
-        3% is kept for the final validation and checkpoint. Ranks agree on rank 0's estimate."""
-        from medalloy.engine.distributed import broadcast_object
-
+        3% is kept for the final validation and checkpoint; past the budget the run stops here."""
         budget = self.cfg.time_budget_minutes * 60.0
         done = self.step - start_step
         if elapsed >= budget:
             total = self.step
-        elif done == self.cfg.calibration_steps:
+        elif mark is None and done >= self.cfg.calibration_steps:
             mark = (self.step, elapsed)
             total = self.step + int((budget * 0.97 - elapsed) / max(elapsed / done, 1e-9))
         elif mark is not None and self.step % self.cfg.val_every == 0 and self.step > mark[0]:
             per_step = (elapsed - mark[1]) / (self.step - mark[0])
             total = self.step + int((budget * 0.97 - elapsed) / max(per_step, 1e-9))
         else:
-            return mark
-        self.total_steps = broadcast_object(max(self.step, min(self.cfg.steps, total)), self.dist)
-        if bar is not None:
-            bar.total = self.total_steps
-            bar.refresh()
-        return mark
+            return self.total_steps, mark
+        return max(self.step, min(self.cfg.steps, total)), mark
+
+    def _is_sync_step(self, every_ckpt: int) -> bool:
+        s = self.step
+        return s % self.cfg.log_every == 0 or s % self.cfg.val_every == 0 or s % every_ckpt == 0 or s >= self.total_steps
 
     def _is_better(self, value: float) -> bool:
         if value is None or not math.isfinite(value):
@@ -326,19 +388,36 @@ class Trainer:
         t_start, data_time, compute_time, images = time.perf_counter(), 0.0, 0.0, 0
         start_step = self.step
         budget_mark: tuple[int, float] | None = None
+        budgeted = bool(self.cfg.time_budget_minutes) and not resume
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             batch = to_device(self.spec.batches(self.step, self.dist), self.device)
             t1 = time.perf_counter()
             lr = self._set_lr()
-            scalars = self._train_step(batch)
+            device_scalars = self._train_step(batch)
             t2 = time.perf_counter()
             data_time += t1 - t0
             compute_time += t2 - t1
             images += _batch_size(batch)
             self.step += 1
-            if self.cfg.time_budget_minutes and not resume:
-                budget_mark = self._fit_budget(time.perf_counter() - t_start, start_step, budget_mark, bar)
+            if budgeted:
+                proposal, budget_mark = self._budget_proposal(time.perf_counter() - t_start, start_step, budget_mark)
+                # Rank 0's clock decides, at steps every rank recognises (every step when alone,
+                # sync steps under DDP), so no rank can leave the loop while another waits in a collective.
+                if not self.dist.enabled or self._is_sync_step(every_ckpt):
+                    total = broadcast_int(proposal, self.dist, self.device) if self.dist.enabled else proposal
+                    if total != self.total_steps:
+                        self.total_steps = total
+                        if bar is not None:
+                            bar.total = total
+                            bar.refresh()
+            if not self._is_sync_step(every_ckpt):
+                if bar is not None:
+                    bar.update(1)
+                for cb in self.spec.on_step_end:
+                    cb(self.step, {})
+                continue
+            scalars = self._sync_scalars(device_scalars)
             row = {"kind": "train", "step": self.step, "lr": lr, **scalars}
             if log is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                 elapsed = data_time + compute_time
@@ -354,17 +433,17 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", refresh=False)
             if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
-                metrics = self._validate()
-                barrier(self.dist)
-                if metrics and log is not None:
-                    log.write({"kind": "val", "step": self.step, **metrics})
+                metrics = self._validate()  # every rank holds rank 0's metrics, so all agree on `best`
+                if metrics:
+                    if log is not None:
+                        log.write({"kind": "val", "step": self.step, **metrics})
                     value = metrics.get(self.spec.monitor)
                     if self._is_better(value):
                         self.best = {"value": value, "step": self.step, "metrics": metrics}
                         self.save_best()
                     if bar is not None:
                         bar.write(f"step {self.step}: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-                elif self.spec.validate is None and self.dist.is_main:
+                elif self.spec.validate is None:
                     self.best = {"value": None, "step": self.step}
                     self.save_best()
             if self.step % every_ckpt == 0 or self.step == self.total_steps:

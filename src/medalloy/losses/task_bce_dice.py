@@ -23,14 +23,15 @@ from torch import nn
 
 class TaskBCEDiceLoss(nn.Module):
     """``(logits (B, T, *sp), target (B, T, *sp) in {0, 1}, weight (B, T)) -> scalar``; also
-    returns the BCE and Tversky-Dice parts as ``self.last`` (floats) for logging."""
+    keeps the BCE and Tversky-Dice parts in ``self.last`` for logging, as detached 0-d tensors on
+    the logits' device (reading them is left to the engine's sync steps)."""
 
     def __init__(self, smooth: float = 1.0, alpha_range: tuple[float, float] = (0.2, 0.8), adaptive: bool = True):
         super().__init__()
         self.smooth = smooth
         self.alpha_range = alpha_range
         self.adaptive = adaptive
-        self.last: dict[str, float] = {}
+        self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape or weight.shape != logits.shape[:2]:
@@ -53,5 +54,5 @@ class TaskBCEDiceLoss(nn.Module):
         total = w.sum().clamp_min(1e-12)
         bce_part = (w * bce).sum() / total
         dice_part = (w * (1 - tversky)).sum() / total
-        self.last = {"bce": float(bce_part.detach()), "dice": float(dice_part.detach())}
+        self.last = {"bce": bce_part.detach(), "dice": dice_part.detach()}
         return bce_part + dice_part

@@ -16,10 +16,18 @@ C = TypeVar("C", bound=BaseModel)
 TRAIN_KEYS = ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes")
 
 
-def load_recipe_config(cls: type[C], path: str | Path | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:
-    """``cls`` from the YAML at ``path`` (if any) with ``overrides`` applied: engine keys go to
-    ``train`` (whose defaults are ``cls()``'s), ``top_keys`` to the top level; None means unset."""
+def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:
+    """``cls`` from the YAML at ``path`` (if any; or a ``cls`` instance, left unchanged) with
+    ``overrides`` applied: engine keys go to ``train`` (whose defaults are ``cls()``'s),
+    ``top_keys`` to the top level; None means unset. Always a new object."""
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in TRAIN_KEYS and k not in top_keys)
+    if unknown:
+        raise MedalloyError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}", fix=f"use {', '.join(TRAIN_KEYS + top_keys)}, or put others in the YAML config")
     raw: dict[str, Any] = {}
+    if isinstance(path, cls):
+        raw, path = path.model_dump(mode="json"), None
+    elif isinstance(path, BaseModel):
+        raise MedalloyError(f"config is a {type(path).__name__}, not a {cls.__name__}", fix=f"pass a {cls.__name__} or the path of a YAML file")
     if path is not None:
         path = Path(path)
         try:

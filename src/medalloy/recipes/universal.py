@@ -20,7 +20,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medalloy.data.dataset import RawDataset
@@ -29,20 +28,32 @@ from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.inference import Predictor
-from medalloy.engine.seed import seed_everything
-from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
+from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
-from medalloy.jsonio import write_json_atomic
 from medalloy.losses import TaskBCEDiceLoss
 from medalloy.models.hermes import HermesNet, TaskBound, build_hermes
 from medalloy.models.unet import count_parameters
-from medalloy.planning.plan import NetworkPlan, Plan, save_plan
+from medalloy.planning.plan import NetworkPlan, Plan, load_plan, save_plan
 from medalloy.recipes.config import load_recipe_config
-from medalloy.recipes.expert import _explicit_split, prepare_cases
-from medalloy.runs import prepare_output
+from medalloy.recipes.registry import register
+from medalloy.recipes.scaffold import (
+    Run,
+    ValidationSet,
+    cache_cases,
+    cases_of,
+    dice_validation,
+    open_run,
+    require_labelled,
+    resolve_config,
+    select_cases,
+    task_entry,
+)
+from medalloy.seeding import seed_everything
 
 METHOD = "universal"
 UNKNOWN_MODALITY = "unknown"
+TOP_KEYS = ("fold", "batch_size", "patch_size")
+REGISTRY_FILE = "registry.json"
 
 
 class UniversalConfig(BaseModel):
@@ -153,35 +164,58 @@ def bound_model(net: HermesNet, registry: TaskRegistry, dataset: str, in_channel
     return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
 
 
-def make_validate(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str):
-    """Per dataset and label: Dice over the validation cases (whole images, sliding window)."""
-    from medalloy.engine.metrics import batch_dice
+def validation_sets(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str) -> list[ValidationSet]:
+    """Per dataset: its validation cases, scored through the network bound to its tasks."""
 
-    def validate(models: dict) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for name, prepared in cases.items():
-            plan = plans[name]
-            predictor = Predictor(
-                bound_model(net, registry, name, in_channels), plan, device=next(net.parameters()).device, precision=precision, activation="sigmoid"
-            )
-            per_case = []
-            for c in prepared:
-                probs = predictor.predict_network_space(c.image)
-                per_case.append(batch_dice(predictor.to_classes(probs)[None], torch.from_numpy(c.label.astype(np.int64))[None], plan.num_classes))
-            dice = torch.stack(per_case).mean(0)
-            names = {i: t for t, v in plan.labels.items() for i, lv in enumerate(plan.label_values) if lv == v and i > 0}
-            for k, d in enumerate(dice):
-                metrics[f"val/{name}/dice_{names[k + 1]}"] = float(d)
-        if metrics:
-            metrics["val/dice"] = float(np.mean(list(metrics.values())))
-        return metrics
+    def predictor(name: str):
+        return lambda: Predictor(
+            bound_model(net, registry, name, in_channels), plans[name], device=next(net.parameters()).device, precision=precision, activation="sigmoid"
+        )
 
-    return validate
+    return [ValidationSet(predictor(name), prepared, plans[name], prefix=f"{name}/") for name, prepared in cases.items() if prepared]
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
     """YAML config (if any) with CLI overrides (``steps``, ``lr``, ... go to ``train``)."""
-    return load_recipe_config(UniversalConfig, path, ("fold", "batch_size", "patch_size"), overrides)
+    return load_recipe_config(UniversalConfig, path, TOP_KEYS, overrides)
+
+
+def _resumed_order(run: Run, dss: list[RawDataset], cfg: UniversalConfig) -> list[RawDataset]:
+    """A resumed run keeps its task ids: its datasets in the order it was started with (the
+    registry it wrote), or a one-line refusal when the datasets or task names differ."""
+    saved = TaskRegistry.model_validate(run.read_json(REGISTRY_FILE))
+    given = {d.name: d for d in dss}
+    if set(given) != set(saved.datasets):
+        raise MedalloyError(
+            f"the run was trained on {', '.join(saved.datasets)}, not {', '.join(given)}", run.out / REGISTRY_FILE, "resume with the run's datasets"
+        )
+    ordered = [given[n] for n in saved.datasets]
+    if build_registry(ordered, cfg.task_names) != saved:
+        raise MedalloyError("task names differ from the run's", run.out / REGISTRY_FILE, "resume with the run's task_names")
+    return ordered
+
+
+def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: TaskRegistry) -> dict[str, Plan]:
+    """Rank 0: each dataset's plan (a resumed run's own from ``plans/``), saved there."""
+    patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters)
+    plans = {}
+    for ds in dss:
+        saved = run.out / "plans" / f"{ds.name}.json"
+        plans[ds.name] = load_plan(saved) if run.resume and saved.exists() else dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name])
+    in_channels = max(p.in_channels for p in plans.values())
+    for name, p in plans.items():
+        if p.in_channels not in (1, in_channels):
+            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
+        save_plan(p, run.out / "plans" / f"{name}.json")
+    return plans
+
+
+def _splits(run: Run, dss: list[RawDataset], cfg: UniversalConfig, splits: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
+    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own)."""
+    if run.resume and (run.out / "split.json").exists():
+        return run.read_json("split.json")["datasets"]
+    given = splits or {}
+    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
 
 
 def train_universal(
@@ -198,53 +232,38 @@ def train_universal(
 
     ``splits`` maps a dataset name to ``{"train": [ids], "val": [ids]}`` (else fold ``fold`` of
     each dataset's own split)."""
-    from medalloy.data.splits import split_for_fold
-
     if not datasets:
         raise MedalloyError("no datasets given", fix="give at least one dataset folder")
     dss = [RawDataset(d) for d in datasets]
-    cfg = config if isinstance(config, UniversalConfig) else load_config(config, **overrides)
-    cfg.train.progress = cfg.train.progress and progress
+    cfg = resolve_config(UniversalConfig, config, overrides, progress, TOP_KEYS)
     for ds in dss:
-        if not ds.labelled_cases():
-            raise MedalloyError("no labelled cases", ds.root / "labelsTr", "put a label file per case in labelsTr/")
+        require_labelled(ds)
     registry = build_registry(dss, cfg.task_names)
-    run = prepare_output(out, overwrite=overwrite, resume=resume)
-    patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters)
-    plans = {ds.name: dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name]) for ds in dss}
+    run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
+    if resume and (run.out / REGISTRY_FILE).exists():
+        dss = run.main(lambda: _resumed_order(run, dss, cfg))
+        registry = build_registry(dss, cfg.task_names)
+    run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
+    plans = run.main(lambda: _plans(run, dss, cfg, registry))
     in_channels = max(p.in_channels for p in plans.values())
-    for name, p in plans.items():
-        if p.in_channels not in (1, in_channels):
-            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
-        save_plan(p, run / "plans" / f"{name}.json")
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    network = plans[dss[0].name].network
+    run.write_config(cfg)
+    ids = run.main(lambda: _splits(run, dss, cfg, splits))
+    run.write_json("split.json", {"fold": cfg.fold, "datasets": ids})
+    run.status(METHOD, datasets=[str(d.root) for d in dss])
 
     seed = cfg.train.seed
-    split_record, sources, val_cases = {}, [], {}
-    sizes = []
+    sources, val_cases, sizes = [], {}, []
     for ds in dss:
-        if splits is not None and ds.name in splits:
-            train_cases, val = _explicit_split(ds, splits[ds.name])
-        else:
-            train_cases, val = split_for_fold(ds, cfg.fold, k=cfg.folds, seed=seed)
-        train_cases = [c for c in train_cases if c.label is not None]
-        val = [c for c in val if c.label is not None][: cfg.max_val_cases]
-        split_record[ds.name] = {"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val]}
-        plan = plans[ds.name]
-        prepared = prepare_cases(ds, train_cases, plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=progress)
-        val_cases[ds.name] = prepare_cases(ds, val, plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=progress) if val else []
-        entry = registry.datasets[ds.name]
+        plan, entry = plans[ds.name], registry.datasets[ds.name]
+        prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
+        val_cases[ds.name] = cache_cases(ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
         sampler = PatchSampler(prepared, plan.patch_size, 1, 2, seed, plan.foreground_oversample, cfg.augment)
-        t = len(entry["task_ids"])
         order = tasks_in_label_order(entry)
-        sources.append(
-            MixedSource(ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, t + 1)), entry["modality_id"])
-        )
+        sources.append(MixedSource(ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, len(order) + 1)), entry["modality_id"]))
         sizes.append(len(prepared))
     for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
         src.weight = float(w)
-    write_json_atomic(run / "split.json", {"fold": cfg.fold, "datasets": split_record})
-    write_json_atomic(run / "run.json", {"method": METHOD, "datasets": [str(d.root) for d in dss], "status": "training"})
 
     seed_everything(seed)
     net = build_hermes(
@@ -257,17 +276,16 @@ def train_universal(
     def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
         out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
         seg = seg_loss(out["logits"], batch["target"], batch["task_weight"])
-        mod = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown)
-        if not torch.isfinite(mod):  # a batch of "unknown" modalities only
-            mod = torch.zeros((), device=seg.device)
-        return {"loss": seg + cfg.modality_weight * mod, "bce": torch.tensor(seg_loss.last["bce"]), "tversky": torch.tensor(seg_loss.last["dice"]), "modality_ce": mod.detach()}
+        # "unknown" modalities teach nothing; a batch of only those gives 0 (not 0/0), without a host sync
+        known = (batch["modality"] != unknown).float()
+        per_sample = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown, reduction="none")
+        mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
+        return {"loss": seg + cfg.modality_weight * mod, "bce": seg_loss.last["bce"], "tversky": seg_loss.last["dice"], "modality_ce": mod.detach()}
 
     record = {
         "method": METHOD,
         "name": "universal-" + "+".join(ds.name for ds in dss),
-        "tasks": [
-            {"dataset": ds.name, "labels": ds.spec.labels, "modality": ds.spec.modality, "file_ending": ds.spec.file_ending} for ds in dss
-        ],
+        "tasks": [task_entry(ds) for ds in dss],
         "registry": registry.model_dump(mode="json"),
         "plans": {k: p.model_dump(mode="json") for k, p in plans.items()},
         "in_channels": in_channels,
@@ -276,16 +294,9 @@ def train_universal(
         "activation": "sigmoid",
         "params": count_parameters(net),
     }
-    has_val = any(val_cases.values())
-    spec = TrainSpec(
-        models={"net": net},
-        trainable=["net"],
-        step_fn=step_fn,
-        batches=sampler,
-        record=record,
-        validate=make_validate(net, registry, plans, {k: v for k, v in val_cases.items() if v}, in_channels, cfg.train.precision) if has_val else None,
-    )
-    summary = Trainer(spec, cfg.train, run).fit(resume=resume)
+    sets = validation_sets(net, registry, plans, val_cases, in_channels, cfg.train.precision)
+    spec = TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=sampler, record=record, validate=dice_validation(sets) if sets else None)
+    summary = run.train(spec, cfg.train)
     result = {
         "method": METHOD,
         "datasets": [str(d.root) for d in dss],
@@ -299,7 +310,7 @@ def train_universal(
         "params": record["params"],
         **summary,
     }
-    write_json_atomic(run / "run.json", result)
+    run.write_json("run.json", result)
     return result
 
 
@@ -318,10 +329,7 @@ def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, Ta
         network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
         depth=int(extra.get("fusion_depth", 1)), tokens_per_modality=int(extra.get("tokens_per_modality", 10)),
     )
-    try:
-        net.load_state_dict(ckpt.group(tensors, "model/net"))
-    except RuntimeError as exc:
-        raise MedalloyError(f"weights do not fit the recorded network ({str(exc).splitlines()[0]})", path, "use the checkpoint with its own run") from None
+    ckpt.load_module_state(net, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")
     return net.eval(), registry, plans, record
 
 
@@ -335,3 +343,6 @@ def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu")
     if dataset not in plans:
         raise MedalloyError(f"the model was not trained on '{dataset}'", path, f"pass --dataset, one of {', '.join(plans)}")
     return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record
+
+
+register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device))

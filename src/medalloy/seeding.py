@@ -1,4 +1,4 @@
-"""Seeds: one call before building models; per-step generators so data do not depend on history."""
+"""Seeds (a base module every layer may use): one call before building models; per-step generators so data do not depend on history."""
 
 from __future__ import annotations
 

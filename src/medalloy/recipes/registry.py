@@ -1,0 +1,52 @@
+"""Method name -> how to load its checkpoint for prediction (and, later, export).
+
+Each recipe module ends with one ``register(METHOD, loader)`` line. A checkpoint's record names its
+``method``; :func:`loader_for` imports the recipe modules on first use, so ``predict`` needs no list
+of methods and a new recipe needs no change outside its own file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medalloy.errors import MedalloyError
+from medalloy.planning.plan import Plan
+
+# (checkpoint path, device, dataset name or None) -> (network taking (B, C, *sp), plan, record)
+Loader = Callable[[Path, str, "str | None"], "tuple[nn.Module, Plan, dict[str, Any]]"]
+
+_LOADERS: dict[str, Loader] = {}
+
+
+def register(method: str, loader: Loader) -> None:
+    """Make checkpoints whose record says ``method`` loadable; a second loader for one name is an error."""
+    if method in _LOADERS and _LOADERS[method] is not loader:
+        raise ValueError(f"a loader for method '{method}' is registered already")
+    _LOADERS[method] = loader
+
+
+def _import_recipes() -> None:
+    import medalloy.recipes as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("registry", "scaffold", "config"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def registered() -> list[str]:
+    _import_recipes()
+    return sorted(_LOADERS)
+
+
+def loader_for(method: Any, checkpoint: str | Path) -> Loader:
+    if method not in _LOADERS:
+        _import_recipes()
+    if method not in _LOADERS:
+        raise MedalloyError(f"cannot predict with a '{method}' checkpoint", checkpoint, f"use a run of one of: {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[method]

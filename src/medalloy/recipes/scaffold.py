@@ -1,0 +1,183 @@
+"""The set-up every recipe shares around the one training loop.
+
+A recipe file holds only what is its own (models, ``step_fn``, batches, record); everything
+around them comes from here, in this order::
+
+    cfg = resolve_config(MyConfig, config, overrides, progress, top_keys=(...))   # a new object
+    run = open_run(out, cfg.train, overwrite=..., resume=...)                      # rank 0 prepares
+    plan = run.main(lambda: ...)                 # rank 0 computes (and writes), every rank gets it
+    run.write_config(cfg); run.write_json("split.json", ...); run.status(METHOD, ...)
+    cases = cache_cases(ds, ..., plan, ...)      # every rank: decoded, normalised, in memory
+    summary = run.train(TrainSpec(...), cfg.train)
+    run.write_json("run.json", {...})
+
+Under ``torchrun`` only rank 0 touches the run folder; the other ranks wait for its results
+(:func:`~medalloy.engine.distributed.from_main`), so a refused ``--out`` stops every rank with
+the same one-line error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from medalloy.data.dataset import Case, RawDataset
+from medalloy.data.preprocess import PreparedCase, foreground_coords, pad_to_patch, to_network_space
+from medalloy.engine.distributed import DistInfo, from_main, init_distributed, resolve_device
+from medalloy.engine.inference import Predictor
+from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
+from medalloy.errors import MedalloyError
+from medalloy.jsonio import read_json, write_json_atomic, write_text_atomic
+from medalloy.planning.plan import Plan
+from medalloy.recipes.config import load_recipe_config
+from medalloy.runs import prepare_output
+from medalloy.seeding import step_rng
+
+C = TypeVar("C", bound=BaseModel)
+T = TypeVar("T")
+
+
+def resolve_config(cls: type[C], config: str | Path | C | None, overrides: dict[str, Any], progress: bool, top_keys: tuple[str, ...] = ()) -> C:
+    """The run's configuration: a YAML path or a ``cls`` instance (never modified: recipes work on
+    a copy), with CLI-style ``overrides``; ``progress=False`` silences the engine's bar too."""
+    cfg = load_recipe_config(cls, config, top_keys, overrides)
+    cfg.train.progress = cfg.train.progress and progress  # type: ignore[attr-defined]
+    return cfg
+
+
+@dataclass
+class Run:
+    """A run folder being trained into, and the process (group) training it."""
+
+    out: Path
+    dist: DistInfo
+    resume: bool
+    progress: bool
+
+    def main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0 (which may write into the run folder); every rank gets its result."""
+        return from_main(fn, self.dist)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.dist.is_main:
+            write_json_atomic(self.out / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        return read_json(self.out / name, name, "start the run again without --resume")
+
+    def write_config(self, cfg: BaseModel) -> None:
+        if self.dist.is_main:
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    def status(self, method: str, **fields: Any) -> None:
+        """``run.json`` while training (replaced by the result at the end)."""
+        self.write_json("run.json", {"method": method, **fields, "status": "training"})
+
+    def train(self, spec: TrainSpec, train_cfg: TrainConfig) -> dict[str, Any]:
+        return Trainer(spec, train_cfg, self.out).fit(resume=self.resume)
+
+
+def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Run:
+    """Join the process group (if under torchrun), then let rank 0 alone prepare ``out``."""
+    dist = init_distributed(resolve_device(train_cfg.device))
+    path = from_main(lambda: prepare_output(out, overwrite=overwrite, resume=resume), dist)
+    return Run(out=Path(path), dist=dist, resume=resume, progress=progress and dist.is_main)  # one set of bars, rank 0's
+
+
+def require_labelled(ds: RawDataset) -> None:
+    if not ds.labelled_cases():
+        raise MedalloyError("no labelled cases", ds.root / "labelsTr", "put a label file per case in labelsTr/")
+
+
+def explicit_split(ds: RawDataset, split: dict[str, list[str]]) -> tuple[list[Case], list[Case]]:
+    """Cases of a ``{"train": [ids], "val": [ids]}`` split, checked against the dataset."""
+    known = {c.case_id: c for c in ds.cases}
+    unknown = [i for part in ("train", "val") for i in split.get(part, []) if i not in known]
+    if unknown:
+        raise MedalloyError(f"split names cases not in the dataset: {unknown[:5]}", ds.root, "use case ids of imagesTr/")
+    if not split.get("train"):
+        raise MedalloyError("split has no training cases", ds.root, "give a non-empty 'train' list")
+    return [known[i] for i in split["train"]], [known[i] for i in split.get("val", [])]
+
+
+def select_cases(
+    ds: RawDataset, fold: int, folds: int, seed: int, max_val: int, split: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """Training and validation case ids: an explicit ``split``, else the dataset's fold; labelled
+    cases only, at most ``max_val`` validation cases."""
+    from medalloy.data.splits import split_for_fold
+
+    train, val = explicit_split(ds, split) if split is not None else split_for_fold(ds, fold, k=folds, seed=seed)
+    return {"train": [c.case_id for c in train if c.label is not None], "val": [c.case_id for c in val if c.label is not None][:max_val]}
+
+
+def cases_of(ds: RawDataset, ids: Sequence[str]) -> list[Case]:
+    return [ds.case(i) for i in ids]
+
+
+def cache_cases(ds: RawDataset, cases: list[Case], plan: Plan, pad: bool, seed: int, desc: str, progress: bool = True) -> list[PreparedCase]:
+    """Read, move to network space, pad to the patch and index foreground, once per case (cached)."""
+    out = []
+    for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False):
+        image, label, meta = ds.load(case)
+        image, label = to_network_space(image, label, meta, plan, case.images[0])
+        pads: list = []
+        if pad:
+            image, label, pads = pad_to_patch(image, label, plan.patch_size)
+        fg = foreground_coords(label, plan.num_classes, step_rng(seed, "fg", case.case_id)) if label is not None else {}
+        out.append(PreparedCase(case.case_id, image, label, meta, case.source, fg, pads))
+    return out
+
+
+def task_entry(ds: RawDataset) -> dict[str, Any]:
+    """What a checkpoint record says of one dataset it answers for (its ``tasks`` block)."""
+    return {"dataset": ds.name, "labels": ds.spec.labels, "modality": ds.spec.modality, "file_ending": ds.spec.file_ending}
+
+
+def label_names(plan: Plan) -> dict[int, str]:
+    """Network class index -> label name (0 is background)."""
+    by_value = {v: name for name, v in plan.labels.items()}
+    return {i: by_value[v] for i, v in enumerate(plan.label_values) if v in by_value}
+
+
+@dataclass
+class ValidationSet:
+    """Cases scored with one predictor; metric keys are ``val/<prefix>dice_<label>``."""
+
+    predictor: Callable[[], Predictor]
+    cases: list[PreparedCase]
+    plan: Plan
+    prefix: str = ""
+
+
+def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, float]]:
+    """Validation by whole-case prediction in network space: Dice per label over each set's cases,
+    and ``val/dice``, the mean of those."""
+    from medalloy.engine.metrics import batch_dice
+
+    def validate(models: dict) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for vs in sets:
+            predictor = vs.predictor()
+            names = label_names(vs.plan)
+            per_case = []
+            for c in vs.cases:
+                probs = predictor.predict_network_space(c.image)
+                target = torch.from_numpy(c.label.astype(np.int64))
+                per_case.append(batch_dice(predictor.to_classes(probs)[None], target[None], vs.plan.num_classes))
+            dice = torch.stack(per_case).mean(0)
+            for k, d in enumerate(dice):
+                metrics[f"val/{vs.prefix}dice_{names[k + 1]}"] = float(d)
+        if metrics:
+            metrics["val/dice"] = float(np.mean(list(metrics.values())))
+        return metrics
+
+    return validate
