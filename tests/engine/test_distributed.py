@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,54 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert torch.equal(all_reduce_mean(x, info), x)
     assert broadcast_object({"a": 1}, info) == {"a": 1}
     assert DistInfo(rank=1, world_size=2).enabled and not DistInfo(rank=1, world_size=2).is_main
+
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def _ddp(out: Path, mode: str, cwd: Path) -> subprocess.CompletedProcess:
+    from subprocs import run, torchrun
+
+    return run(torchrun(str(DDP_SCRIPT), str(out), mode), cwd, timeout=180)
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_frozen_teacher_ema_kill_and_resume(tmp_path):
+    # Two ranks, a frozen BatchNorm teacher and EMA; one run whole, one SIGKILL-ed on every rank
+    # after step 6 (checkpoint at 4) and resumed: the same weights on both ranks and in both runs.
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    proc = _ddp(whole, "whole", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = _ddp(broken, "kill", tmp_path)
+    assert killed.returncode != 0 and not (broken / "rank0.json").exists()
+    assert ckpt.read_record(broken / "checkpoints" / "last.safetensors")["step"] == 4
+    resumed = _ddp(broken, "resume", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _ranks(whole), _ranks(broken)
+    assert [r["steps"] for r in a + b] == [10] * 4 and all(r["world"] == 2 for r in a + b)
+    assert len({r["net"] for r in a + b}) == 1 and len({r["ema"] for r in a + b}) == 1
+    assert all(r["teacher_unchanged"] and r["teacher_modes"] == [False] for r in a + b)
+    ta, _ = ckpt.load_checkpoint(whole / "checkpoints" / "last.safetensors")
+    tb, _ = ckpt.load_checkpoint(broken / "checkpoints" / "last.safetensors")
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not [k for k in ta if "teacher" in k]  # frozen modules are not saved
+
+
+@pytest.mark.slow
+def test_ddp_time_budget_follows_rank0_clock(tmp_path):
+    # Rank 1's clock runs 3x fast: by its own clock it would stop after a third of rank 0's steps
+    # and leave rank 0 waiting in a collective. Rank 0 decides; both stop at the same step.
+    out = tmp_path / "skew"
+    proc = _ddp(out, "skew", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = _ranks(out)
+    assert r0["steps"] == r1["steps"] and r0["net"] == r1["net"]
+    assert r1["clock"] == pytest.approx(3 * r0["clock"])
+    # rank 0's clock: 0.01 s a step, 0.6 s budget (97% planned) -> about 58 steps, not rank 1's ~19
+    assert 50 <= r0["steps"] <= 60
+    record = ckpt.read_record(out / "checkpoints" / "last.safetensors")
+    assert record["step"] == record["total_steps"] == r0["steps"]
