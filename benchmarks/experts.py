@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import copy_ground_truth, evaluate
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -141,29 +142,6 @@ def timed_prediction(run: Path, ds_path: Path, case_ids: list[str], out: Path, k
     t0 = time.perf_counter()
     predict_cases(run, ds_path, case_ids, out, keep_labels=keep, device="cpu", overwrite=True, progress=False)
     return (time.perf_counter() - t0) / max(1, len(case_ids))
-
-
-def copy_ground_truth(ds_path: Path, case_ids: list[str], out: Path, keep: dict[str, int]) -> None:
-    """Held-out labels, with values outside ``keep`` set to background (for cross-label rows)."""
-    from medalloy.data.dataset import RawDataset
-    from medalloy.data.io import read_label, write_label
-
-    ds = RawDataset(ds_path)
-    out.mkdir(parents=True, exist_ok=True)
-    for cid in case_ids:
-        label, meta = read_label(ds.case(cid).label)
-        label = np.where(np.isin(label, list(keep.values())), label, 0)
-        write_label(out / f"{cid}{ds.spec.file_ending}", label, meta)
-
-
-def evaluate(pred: Path, gt: Path, labels: dict[str, int], out: Path) -> dict[str, Any]:
-    from medalloy.evaluation import evaluate_folders
-
-    res = evaluate_folders(pred, gt, labels=labels, out_dir=out, overwrite=True, progress=False)
-    row = {}
-    for name, stats in res["summary"]["classes"].items():
-        row[name] = {"dice": round(stats["dice"]["mean"], 4), "hd95": round(stats["hd95"]["mean"], 3)}
-    return row
 
 
 def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:

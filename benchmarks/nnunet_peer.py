@@ -349,7 +349,7 @@ def run_nnunet(
 
     if str(HERE) not in sys.path:  # experts.py's scoring code, whether or not it is the running script
         sys.path.insert(0, str(HERE))
-    from experts import copy_ground_truth, evaluate
+    from common import copy_ground_truth, evaluate
 
     bin_dir = check_venv(Path(venv))
     threads = threads or os.cpu_count() or 1

@@ -149,7 +149,7 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
 
 def phase_precision(data: Path, steps: int, precision: str, work: Path) -> dict[str, Any]:
     """Train the JSRT expert for a fixed number of steps in one precision; held-out Dice."""
-    from experts import copy_ground_truth, evaluate
+    from common import copy_ground_truth, evaluate
 
     from medalloy.predict import predict_cases
     from medalloy.recipes.expert import train_expert

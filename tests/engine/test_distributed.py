@@ -176,3 +176,29 @@ def test_ddp_time_budget_follows_rank0_clock(tmp_path):
     assert 50 <= r0["steps"] <= 60
     record = ckpt.read_record(out / "checkpoints" / "last.safetensors")
     assert record["step"] == record["total_steps"] == r0["steps"]
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    from medalloy.engine.distributed import ddp_options, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is the user's choice
+    assert resolve_device("cpu") == torch.device("cpu")
+    opts = ddp_options(torch.device("cuda", 1), find_unused_parameters=True)
+    assert opts == {"device_ids": [1], "output_device": 1, "find_unused_parameters": True}
+    assert ddp_options(torch.device("cpu"))["device_ids"] is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_from_main_hands_rank0s_result_alone():
+    from medalloy.engine.distributed import from_main
+
+    assert from_main(lambda: {"plan": 1}, DistInfo()) == {"plan": 1}

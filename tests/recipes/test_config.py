@@ -33,3 +33,20 @@ def test_bad_config_files_fail_in_one_line(tmp_path, text, match):
         assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
     with pytest.raises(MedalloyError, match="config not found"):
         expert_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_object_is_copied_never_changed():
+    from medalloy.recipes.expert import ExpertConfig
+    from medalloy.recipes.scaffold import resolve_config
+
+    given = ExpertConfig(fold=1)
+    before = given.model_dump()
+    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "batch_size": 3}, progress=False, top_keys=("fold", "batch_size"))
+    assert given.model_dump() == before  # the caller's object: progress still on, steps unchanged
+    assert cfg is not given and cfg.train is not given.train
+    assert (cfg.fold, cfg.train.steps, cfg.batch_size, cfg.train.progress) == (1, 7, 3, False)
+
+
+def test_unknown_overrides_are_refused():
+    with pytest.raises(MedalloyError, match="unknown setting.*stepz"):
+        expert_config(None, stepz=5)

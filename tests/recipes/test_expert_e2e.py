@@ -103,7 +103,7 @@ def test_predict_refuses_to_overwrite(cxr, cxr_run, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_train_refuses_existing_run_and_resume_finishes(cxr, cxr_run, capsys):
+def test_train_refuses_to_replace_an_existing_run(cxr, cxr_run, capsys):
     run, _ = cxr_run
     before = (run / "run.json").read_text(encoding="utf-8")
     assert main(["-q", "train", "expert", str(cxr), "--out", str(run), "--steps", "5"]) == 1

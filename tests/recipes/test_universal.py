@@ -19,18 +19,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory):
+def four(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    names = ["Dataset902_SynthCXR", "Dataset903_SynthCXRLung", "Dataset904_SynthEndo"]
+    names = ["Dataset901_SynthMR", "Dataset902_SynthCXR", "Dataset903_SynthCXRLung", "Dataset904_SynthEndo"]
     return [generate_dataset(n, root, seed=1, cases_per_source=4, test_cases_per_source=1, progress=False) for n in names]
 
 
 @pytest.fixture(scope="module")
-def run(three, tmp_path_factory):
+def three(four):
+    return four[1:]
+
+
+@pytest.fixture(scope="module")
+def run(four, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uni"
-    cfg = UniversalConfig(patch_size=64, batch_size=8, base_filters=8, max_val_cases=2)
-    cfg.train.steps, cfg.train.val_every, cfg.train.progress = 150, 75, False
-    return out, train_universal(three, out, config=cfg, progress=False)
+    cfg = UniversalConfig(patch_size=64, batch_size=8, base_filters=8, max_val_cases=2, folds=4)
+    cfg.train.steps, cfg.train.val_every = 150, 75
+    given = cfg.model_dump()
+    res = train_universal(four, out, config=cfg, progress=False)
+    assert cfg.model_dump() == given  # the caller's config is not changed (progress=False included)
+    return out, res
 
 
 def test_registry_shares_tasks_by_label_name(three):
@@ -48,14 +56,20 @@ def test_universal_learns_every_dataset(run):
     out, res = run
     assert res["status"] == "done" and res["steps"] == 150
     metrics = res["best"]["metrics"]
-    assert metrics["val/SynthCXR/dice_lung"] > 0.8, metrics
-    assert metrics["val/SynthCXRLung/dice_lung"] > 0.8, metrics
-    assert metrics["val/SynthEndo/dice_lesion"] > 0.5, metrics
+    # every task of every dataset, label 2 (heart) and the 3D MR volumes (sliced) included; a model
+    # that mixed up task ids or ignored a dataset would stay near 0 on its tasks
+    expected = {
+        "val/SynthMR/dice_organ": 0.2, "val/SynthMR/dice_core": 0.05, "val/SynthCXR/dice_lung": 0.8, "val/SynthCXR/dice_heart": 0.5,
+        "val/SynthCXRLung/dice_lung": 0.8, "val/SynthEndo/dice_lesion": 0.5,
+    }  # fmt: skip
+    assert set(metrics) == set(expected) | {"val/dice"}
+    low = {k: metrics[k] for k, floor in expected.items() if not metrics[k] > floor}
+    assert not low, metrics
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
-    assert set(split["datasets"]) == {"SynthCXR", "SynthCXRLung", "SynthEndo"}
-    assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json"]
+    assert set(split["datasets"]) == {"SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"}
+    assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json", "SynthMR.json"]
     net, reg, plans, record = load_universal(out / "checkpoints" / "best.safetensors")
-    assert record["method"] == "universal" and record["in_channels"] == 3 and reg.tasks == ["lung", "heart", "lesion"]
+    assert record["method"] == "universal" and record["in_channels"] == 3 and reg.tasks == ["organ", "core", "lung", "heart", "lesion"]
     assert plans["SynthCXR"].patch_size == [64, 64] and plans["SynthCXR"].label_values == [0, 1, 2]
 
 
@@ -84,3 +98,16 @@ def test_predict_folder_needs_the_dataset_of_a_multi_dataset_model(three, run, t
         from medalloy.recipes.universal import load_for_dataset
 
         load_for_dataset(out / "checkpoints" / "best.safetensors", "Nope")
+
+
+def test_resume_keeps_the_task_ids_whatever_the_dataset_order(four, run, capsys):
+    out, res = run
+    before = (out / "checkpoints" / "last.safetensors").read_bytes()
+    again = train_universal(list(reversed(four)), out, resume=True, progress=False, steps=150, val_every=75)
+    assert again["tasks"] == res["tasks"] == ["organ", "core", "lung", "heart", "lesion"]
+    assert [RawDataset(p).name for p in map(str, again["datasets"])] == ["SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"]
+    assert again["steps"] == 150 and (out / "checkpoints" / "last.safetensors").read_bytes() == before
+    args = ["-q", "train", "universal", *map(str, four[1:]), "--out", str(out), "--resume"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "registry.json" in err[0] and "SynthMR" in err[0] and "resume with the run's datasets" in err[0]

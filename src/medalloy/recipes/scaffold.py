@@ -88,7 +88,14 @@ class Run:
 def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Run:
     """Join the process group (if under torchrun), then let rank 0 alone prepare ``out``."""
     dist = init_distributed(resolve_device(train_cfg.device))
-    path = from_main(lambda: prepare_output(out, overwrite=overwrite, resume=resume), dist)
+
+    def prepare() -> Path:
+        path = prepare_output(out, overwrite=overwrite, resume=resume)
+        if not resume:  # marks the folder as medalloy's at once, so --overwrite may replace a failed set-up
+            write_json_atomic(path / "run.json", {"status": "preparing"})
+        return path
+
+    path = from_main(prepare, dist)
     return Run(out=Path(path), dist=dist, resume=resume, progress=progress and dist.is_main)  # one set of bars, rank 0's
 
 

@@ -1,0 +1,68 @@
+"""Pieces of the expert recipe: deep supervision used by the loss (never built unused), the
+prediction registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medalloy.errors import MedalloyError
+from medalloy.losses import DiceCELoss
+from medalloy.models.unet import build_unet
+from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
+from medalloy.recipes.expert import deep_supervision_weights, expert_loss
+
+
+def _plan(deep_supervision: bool) -> Plan:
+    network = NetworkPlan(kernels=[[3, 3]] * 4, strides=[[1, 1], [2, 2], [2, 2], [2, 2]], filters=[4, 8, 8, 8], deep_supervision=deep_supervision)
+    return Plan(
+        dataset="toy", dim=2, in_channels=1, target_spacing=[1.0, 1.0], patch_size=[32, 32], batch_size=2,
+        normalization=[ChannelNorm(scheme="zscore")], label_values=[0, 1, 2], labels={"background": 0, "a": 1, "b": 2}, network=network,
+    )  # fmt: skip
+
+
+def test_deep_supervision_weights_are_nnunets():
+    assert deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_deep_supervision_heads_are_trained_by_the_loss():
+    torch.manual_seed(0)
+    plan = _plan(True)
+    net = build_unet(plan).train()
+    x = torch.randn(2, 1, 32, 32)
+    y = torch.randint(0, 3, (2, 1, 32, 32))
+    out = net(x)
+    assert out.shape == (2, 3, 3, 32, 32)  # (B, main + 2 heads, K, *patch)
+    loss = expert_loss(plan)(out, y)
+    base = DiceCELoss()
+    expected = sum(w * base(out[:, i].float(), y) for i, w in enumerate(deep_supervision_weights(3)))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    unused = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not unused, unused  # DDP would stall on parameters no loss reaches
+
+
+def test_without_deep_supervision_no_heads_are_built():
+    net = build_unet(_plan(False))
+    assert not any("deep_supervision" in n for n, _ in net.named_parameters())
+    assert isinstance(expert_loss(_plan(False)), DiceCELoss)
+
+
+def test_prediction_loaders_come_from_the_recipes(tmp_path):
+    from medalloy.engine import checkpoint as ckpt
+    from medalloy.predict import load_model
+    from medalloy.recipes.registry import register, registered
+
+    assert {"expert", "universal"} <= set(registered())
+    with pytest.raises(ValueError, match="registered already"):
+        register("expert", lambda path, device, dataset=None: None)
+    path = ckpt.save_checkpoint(tmp_path / "x.safetensors", {"model/net/w": torch.zeros(1)}, {"method": "alchemy"})
+    with pytest.raises(MedalloyError, match="cannot predict with a 'alchemy' checkpoint.*expert") as exc:
+        load_model(path)
+    assert "\n" not in str(exc.value) and "x.safetensors" in str(exc.value)
+    plan = _plan(False)
+    net = build_unet(plan)
+    good = ckpt.save_checkpoint(tmp_path / "e.safetensors", ckpt.prefixed(net.state_dict(), "model/net"), {"method": "expert", "plan": plan.model_dump(mode="json")})
+    model, loaded_plan, record = load_model(good)
+    assert loaded_plan == plan and record["method"] == "expert" and not model.training
