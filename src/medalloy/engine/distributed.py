@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -67,7 +68,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        # Ranks wait in a collective while rank 0 validates or writes checkpoints: allow long ones.
+        minutes = float(os.environ.get("MEDALLOY_DIST_TIMEOUT_MINUTES", "60"))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=minutes))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 

@@ -93,6 +93,8 @@ def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, r
         path = prepare_output(out, overwrite=overwrite, resume=resume)
         if not resume:  # marks the folder as medalloy's at once, so --overwrite may replace a failed set-up
             write_json_atomic(path / "run.json", {"status": "preparing"})
+        for stale in path.rglob(".tmp-*"):  # half-written files of a killed run; their targets are whole
+            stale.unlink()
         return path
 
     path = from_main(prepare, dist)
