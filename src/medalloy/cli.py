@@ -109,8 +109,17 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from medalloy.predict import predict_folder
+    from medalloy.predict import predict_folder, predict_tasks
 
+    if a.task:
+        files, note = predict_tasks(
+            a.run, a.input, a.output, a.task, dataset=a.dataset, modality=a.modality, tta=a.tta, checkpoint=a.checkpoint,
+            device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet,
+        )  # fmt: skip
+        print(f"{a.output}: {len(files)} masks ({note})")
+        return 0
+    if a.modality:
+        raise MedalloyError("--modality chooses the preprocessing for --task", fix="add --task T, or use --dataset")
     files = predict_folder(
         a.run, a.input, a.output, tta=a.tta, probabilities=a.probabilities, checkpoint=a.checkpoint,
         device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet, dataset=a.dataset,
@@ -223,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", choices=("best", "last"), default="best")
     c.add_argument("--device", default="auto")
     c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    c.add_argument("--dataset", default=None, help="universal models: the dataset (name) whose tasks and preprocessing apply")
+    c.add_argument("--dataset", default=None, help="universal models: the training dataset (name, folder name or path) whose tasks and preprocessing apply")
+    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/")
+    c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
 

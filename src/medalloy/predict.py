@@ -164,6 +164,51 @@ def predict_folder(
     return written
 
 
+def predict_tasks(
+    run: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    tasks: list[str],
+    dataset: str | None = None,
+    modality: str | None = None,
+    tta: bool = False,
+    checkpoint: str = "best",
+    device: str = "auto",
+    precision: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[list[Path], str]:
+    """One binary mask per task and case, ``output_dir/<task>/CASE.ext`` (1 where that task's own
+    sigmoid exceeds 0.5: tasks may overlap, unlike in a label map), for models with one output per
+    task (universal). The preprocessing is ``dataset``'s, else that of a training dataset that
+    annotates the first task (of ``modality``, when given). Returns the files and a one-line note
+    saying which preprocessing was used."""
+    from medalloy.recipes.registry import task_loader_for
+
+    if not tasks:
+        raise MedalloyError("no task given", fix="name at least one task with --task")
+    dev = _device(device)
+    ckpt_path = resolve_checkpoint(run, checkpoint)
+    record = read_record(ckpt_path)
+    model, plan, record, note = task_loader_for(record.get("method"), ckpt_path)(ckpt_path, tasks, dataset=dataset, modality=modality, device=dev)
+    cases = find_input_cases(input_dir)
+    out = Path(output_dir)
+    existing = [out / t for t in tasks if (out / t).exists() and any((out / t).iterdir())]
+    if existing and not overwrite:
+        raise MedalloyError("task masks exist already", existing[0], "pass --overwrite or choose another --output")
+    predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta, activation="sigmoid")
+    written = []
+    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
+        image, meta = read_image(files)
+        probs = predictor.predict_probabilities(image, meta, files[0])
+        for k, task in enumerate(tasks):
+            target = out / task / f"{case}{output_ending(files[0], meta.ndim)}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_label(target, (probs[k] > 0.5).numpy().astype(np.uint8), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+            written.append(target)
+    return written, note
+
+
 def describe(record: dict[str, Any]) -> str:
     tasks = ", ".join(t["dataset"] for t in record.get("tasks", []))
     return f"{record.get('method')} model for {tasks} (step {record.get('step')})"

@@ -441,17 +441,17 @@ def test_scalars_are_read_only_at_sync_steps(tmp_path, monkeypatch):
     from medalloy.engine import trainer as trainer_module
 
     calls: list[int] = []
-    inner = trainer_module.all_reduce_mean
+    inner = trainer_module.all_reduce_sum
 
     def counting(value, info):
         calls.append(value.numel())
         return inner(value, info)
 
-    monkeypatch.setattr(trainer_module, "all_reduce_mean", counting)
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", counting)
     seen: list[dict] = []
     spec = make_spec(validate=None, on_step_end=[lambda s, sc: seen.append(sc)])
     Trainer(spec, config(steps=10, log_every=5, val_every=10, checkpoint_every=10), tmp_path).fit()
-    assert calls == [2, 2]  # steps 5 and 10; "fg_logit" and "loss" packed into one tensor
+    assert calls == [4, 4]  # steps 5 and 10; "fg_logit" and "loss" (values and counts) packed into one tensor
     assert [bool(sc) for sc in seen] == [False] * 4 + [True] + [False] * 4 + [True]
     assert set(seen[4]) == {"fg_logit", "loss"}
 
@@ -461,3 +461,13 @@ def test_non_finite_loss_between_log_steps_stops_before_any_checkpoint(tmp_path)
     with pytest.raises(MedalloyError, match="loss became nan at step 1"):
         t.fit()
     assert t.step == 4 and not (tmp_path / "checkpoints" / "last.safetensors").exists()
+
+
+def test_nan_scalars_mean_nothing_to_say_and_are_logged_as_null(tmp_path):
+    spec = make_spec(validate=None)
+    inner = spec.step_fn
+    spec.step_fn = lambda models, batch: {**inner(models, batch), "loss/absent": torch.tensor(float("nan")), "loss/present": torch.tensor(2.0)}
+    Trainer(spec, config(steps=2, log_every=1), tmp_path).fit()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["loss/absent"] for r in rows] == [None, None] and [r["loss/present"] for r in rows] == [2.0, 2.0]
+    assert all(np.isfinite(r["loss"]) for r in rows)

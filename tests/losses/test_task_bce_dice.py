@@ -9,19 +9,25 @@ import torch
 from medalloy.losses import TaskBCEDiceLoss
 
 
-def _reference(z: np.ndarray, y: np.ndarray, w: np.ndarray, smooth: float = 1.0, adaptive: bool = True) -> float:
+def _reference(z: np.ndarray, y: np.ndarray, w: np.ndarray, ids: np.ndarray | None = None, smooth: float = 1e-5, adaptive: bool = True) -> float:
+    """The docstring's formula, loop by loop: BCE per (sample, slot), Tversky per task id over
+    every (sample, slot) that annotates it."""
     z, y = z.astype(np.float64), y.astype(np.float64)
     b, t = w.shape
-    num = 0.0
+    ids = np.tile(np.arange(t), (b, 1)) if ids is None else ids
+    bce_sum, sums = 0.0, {}
     for i in range(b):
         for j in range(t):
             p = 1 / (1 + np.exp(-z[i, j]))
-            bce = np.mean(-(y[i, j] * np.log(p) + (1 - y[i, j]) * np.log(1 - p)))
-            tp, fp, fn = (p * y[i, j]).sum(), (p * (1 - y[i, j])).sum(), ((1 - p) * y[i, j]).sum()
-            a = np.clip(fp / (fp + fn), 0.2, 0.8) if adaptive and fp + fn > 0 else 0.5
-            tv = (tp + smooth) / (tp + a * fp + (1 - a) * fn + smooth)
-            num += w[i, j] * (bce + 1 - tv)
-    return num / w.sum()
+            bce_sum += w[i, j] * np.mean(-(y[i, j] * np.log(p) + (1 - y[i, j]) * np.log(1 - p)))
+            if w[i, j] > 0:
+                acc = sums.setdefault(int(ids[i, j]), np.zeros(3))
+                acc += w[i, j] * np.array([(p * y[i, j]).sum(), (p * (1 - y[i, j])).sum(), ((1 - p) * y[i, j]).sum()])
+    dice = []
+    for tp, fp, fn in sums.values():
+        a = np.clip(fp / (fp + fn), 0.2, 0.8) if adaptive and fp + fn > 0 else 0.5
+        dice.append(1 - (tp + smooth) / (tp + a * fp + (1 - a) * fn + smooth))
+    return bce_sum / w.sum() + float(np.mean(dice))
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
@@ -32,6 +38,34 @@ def test_matches_the_formula(adaptive):
     w = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]], np.float32)
     got = TaskBCEDiceLoss(adaptive=adaptive)(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w))
     assert float(got) == pytest.approx(_reference(z, y, w, adaptive=adaptive), rel=1e-5)
+    # slots of different samples that hold one task pool into one Dice (mixed-dataset batches)
+    ids = np.array([[0, 1, 5, 5], [1, 5, 0, 5], [5, 5, 5, 2]])
+    got = TaskBCEDiceLoss(adaptive=adaptive, num_tasks=6)(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w), torch.from_numpy(ids))
+    assert float(got) == pytest.approx(_reference(z, y, w, ids, adaptive=adaptive), rel=1e-5)
+
+
+def test_empty_targets_do_not_drown_the_one_sample_that_has_the_structure():
+    # A small structure in one sample of eight (the MR core): the Dice gradient on that sample
+    # must not shrink because seven already-empty predictions join the batch. Per-sample Dice with
+    # smooth 1 divided it by eight and pulled every empty pair towards predicting nothing.
+    y = torch.zeros(1, 1, 16, 16)
+    y[..., 6:9, 6:9] = 1
+    z = torch.full_like(y, -2.0)
+    z[..., 5:9, 5:9] = 0.5
+
+    def dice_grad(batch_z, batch_y):
+        """Gradient of the Dice part alone (the loss minus its BCE part) on the first sample."""
+        batch_z = batch_z.clone().requires_grad_(True)
+        total = TaskBCEDiceLoss()(batch_z, batch_y, torch.ones(batch_z.shape[:2]))
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(batch_z, batch_y, reduction="none").flatten(2).mean(-1).mean()
+        (total - bce).backward()
+        return batch_z.grad[0]
+
+    alone = dice_grad(z, y)
+    empty_z = torch.full((7, 1, 16, 16), -8.0)
+    with_empty = dice_grad(torch.cat([z, empty_z]), torch.cat([y, torch.zeros(7, 1, 16, 16)]))
+    ratio = float(with_empty.norm() / alone.norm())
+    assert 0.9 < ratio <= 1.0 + 1e-6, ratio
 
 
 def test_unlabelled_tasks_do_not_count():

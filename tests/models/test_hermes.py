@@ -120,3 +120,24 @@ def test_task_bound_and_feature_tap():
     assert tap.features["enc1"].shape == (3, 16, 16, 16) and tap.features["bottleneck"].shape == (3, 64, 4, 4)
     with pytest.raises(ValueError, match="task_ids"):
         net(x, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]))
+
+
+def test_null_task_padding_leaves_every_output_unchanged():
+    # Training pads task lists with the null task, inference (TaskBound) sends none: both must
+    # see the same model, so the features may not read the null tokens.
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    null = net.null_task
+    x = torch.randn(2, 1, 32, 32)
+    mod = torch.tensor([0, 1])
+    with torch.no_grad():
+        plain = net(x, torch.tensor([[2, 0], [1, 2]]), mod)
+        padded = net(x, torch.tensor([[2, 0, null, null], [1, 2, null, null]]), mod)
+        with FeatureTap(net, ["bottleneck", "dec2"]) as tap_plain:
+            net(x, torch.tensor([[2, 0], [1, 2]]), mod)
+        with FeatureTap(net, ["bottleneck", "dec2"]) as tap_padded:
+            net(x, torch.tensor([[2, 0, null], [1, 2, null]]), mod)
+    torch.testing.assert_close(padded["logits"][:, :2], plain["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded["modality_logits"], plain["modality_logits"], atol=1e-5, rtol=1e-5)
+    for stage in ("bottleneck", "dec2"):
+        torch.testing.assert_close(tap_padded.features[stage], tap_plain.features[stage], atol=1e-5, rtol=1e-5)

@@ -65,6 +65,13 @@ def test_universal_learns_every_dataset(run):
     assert set(metrics) == set(expected) | {"val/dice"}
     low = {k: metrics[k] for k, floor in expected.items() if not metrics[k] > floor}
     assert not low, metrics
+    # each dataset's share of the loss is logged (null where a logged step's batch had none of it)
+    from medalloy.engine.logging import read_metrics
+
+    train_rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    for name in ("SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"):
+        values = [r[f"loss/{name}"] for r in train_rows if r[f"loss/{name}"] is not None]
+        assert len(values) >= len(train_rows) // 2 and all(0 < v < 5 for v in values), (name, values)
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert set(split["datasets"]) == {"SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"}
     assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json", "SynthMR.json"]
@@ -111,3 +118,30 @@ def test_resume_keeps_the_task_ids_whatever_the_dataset_order(four, run, capsys)
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "registry.json" in err[0] and "SynthMR" in err[0] and "resume with the run's datasets" in err[0]
+
+
+def test_predict_per_task_masks_and_dataset_by_folder_name(three, run, tmp_path, capsys):
+    out, _ = run
+    cxr = three[0]
+    target = tmp_path / "tasks"
+    assert main(["-q", "predict", str(out), "--input", str(cxr / "imagesTs"), "--output", str(target), "--task", "lung", "--task", "heart"]) == 0
+    said = capsys.readouterr().out
+    assert "SynthCXR" in said and "first dataset that annotates lung" in said  # which preprocessing, in one line
+    for path in sorted((cxr / "labelsTs").glob("*.png")):
+        truth = read_label(path)[0]
+        for task, value in (("lung", 1), ("heart", 2)):
+            mask = read_label(target / task / path.name)[0]
+            assert set(np.unique(mask)) <= {0, 1}
+            fg = truth == value
+            assert 2 * np.logical_and(mask == 1, fg).sum() / (mask.sum() + fg.sum()) > 0.5, (task, path.name)
+    # the training set's folder name works as well as its name
+    imgs = three[1] / "imagesTs"
+    assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "f"), "--dataset", "Dataset903_SynthCXRLung"]) == 0
+    for args, match in (
+        (["--task", "nope"], "no task 'nope'"),
+        (["--task", "lesion", "--modality", "xr"], "no training dataset of modality 'xr' annotates 'lesion'"),
+        (["--dataset", "Dataset999_Other"], "not trained on 'Dataset999_Other'"),
+    ):
+        assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "x"), *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err

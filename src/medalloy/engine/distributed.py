@@ -120,6 +120,14 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out / info.world_size
 
 
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def all_reduce_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return value

@@ -68,7 +68,16 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
         w = max(1, len(loss) // 10)
         smooth = [sum(loss[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
         axes[0].plot(steps, smooth, color="C0", lw=1.5, label=f"loss (mean of {w})")
-        axes[0].set_yscale("log" if min(loss) > 0 else "linear")
+        # parts of the loss (e.g. ``loss/<dataset>``): a part that stops falling shows here
+        parts = sorted({k for r in train for k in r if k.startswith("loss/")})
+        for i, k in enumerate(parts):
+            pts = [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                w = max(1, len(ys) // 10)
+                axes[0].plot(xs, [sum(ys[max(0, j - w + 1) : j + 1]) / (j + 1 - max(0, j - w + 1)) for j in range(len(ys))], lw=0.9, color=f"C{(i + 1) % 10}", label=k)
+        positive = min(loss) > 0 and all(r[k] > 0 for r in train for k in parts if isinstance(r.get(k), (int, float)))
+        axes[0].set_yscale("log" if positive else "linear")
         axes[0].legend(fontsize=7)
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss", fontsize=9)

@@ -32,8 +32,8 @@ from torch import nn
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.distributed import (
     DistInfo,
-    all_reduce_mean,
     all_reduce_min,
+    all_reduce_sum,
     barrier,
     broadcast_int,
     ddp_options,
@@ -303,12 +303,20 @@ class Trainer:
             e.update(self.spec.models[n])
         return {k: v.detach().float().reshape(()) for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
 
-    def _sync_scalars(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean over ranks of the step's scalars, read once; raises on every rank together if any
-        rank saw a non-finite loss since the last sync."""
+    def _sync_scalars(self, scalars: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        """Mean over ranks of the step's scalars, read once (one collective for all of them); raises
+        on every rank together if any rank saw a non-finite loss since the last sync.
+
+        A NaN scalar means "nothing to say this step" (a dataset absent from the batch): it is
+        averaged over the ranks that have a value, and logged as null when none has."""
         keys = sorted(scalars)
         packed = torch.stack([scalars[k].to(self.device) for k in keys]) if keys else torch.zeros(0, device=self.device)
-        values = all_reduce_mean(packed, self.dist).tolist()
+        have = ~torch.isnan(packed)
+        sums = all_reduce_sum(torch.cat([torch.where(have, packed, torch.zeros_like(packed)), have.float()]), self.dist)
+        n = len(keys)
+        means = (sums[:n] / sums[n:].clamp_min(1.0)).tolist()
+        counts = sums[n:].tolist()
+        values = [m if c > 0 else None for m, c in zip(means, counts)]
         first_bad = int(all_reduce_min(self._first_bad, self.dist).item())
         if first_bad != _NO_STEP:
             bad = float(self._bad_loss.item()) if int(self._first_bad.item()) == first_bad else float("nan")
@@ -431,7 +439,8 @@ class Trainer:
                 )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", refresh=False)
+                loss = scalars.get("loss")
+                bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
                 metrics = self._validate()  # every rank holds rank 0's metrics, so all agree on `best`
                 if metrics:

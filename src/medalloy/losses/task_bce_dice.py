@@ -1,17 +1,21 @@
 """Per-task sigmoid BCE + adaptive Tversky Dice over the tasks a sample is labelled for (Hermes).
 
-For logits ``z`` and binary targets ``y`` of shape ``(B, T, *sp)`` and task weights ``w`` ``(B, T)``
-(0 for padding and for tasks a sample's dataset does not label: partial labels), with
-``p = sigmoid(z)`` and sums over positions per (sample, task)::
+For logits ``z`` and binary targets ``y`` of shape ``(B, T, *sp)``, task weights ``w`` ``(B, T)``
+(0 for padding and for tasks a sample's dataset does not label: partial labels) and the global
+task id of every slot ``k`` ``(B, T)`` (default: the slot index), with ``p = sigmoid(z)``::
 
     BCE_bt = mean_x [ -y log p - (1 - y) log(1 - p) ]
-    TP = sum p y,   FP = sum p (1 - y),   FN = sum (1 - p) y
-    alpha = clamp(FP / (FP + FN), 0.2, 0.8)   (no gradient; 0.5 when FP + FN = 0)
-    T_bt = (TP + s) / (TP + alpha FP + (1 - alpha) FN + s)
-    loss = sum_bt w (BCE_bt + 1 - T_bt) / sum_bt w
+    TP_k = sum_{bt: k_bt = k} w_bt sum_x p y        (FP_k, FN_k alike: batch Dice per task)
+    alpha_k = clamp(FP_k / (FP_k + FN_k), 0.2, 0.8)   (no gradient; 0.5 when FP_k + FN_k = 0)
+    T_k = (TP_k + s) / (TP_k + alpha_k FP_k + (1 - alpha_k) FN_k + s)
+    loss = sum_bt w BCE_bt / sum_bt w  +  mean over tasks k with sum w > 0 of (1 - T_k)
 
-``alpha = 0.5`` is the soft Dice; the adaptive alpha penalises whichever error the prediction
-currently makes more of. Computed in float32 whatever the autocast dtype.
+The Dice term pools every sample that annotates a task (nnU-Net's batch Dice, ``s = 1e-5``): a
+sample whose target is empty adds its false positives to its task's sums instead of scoring a Dice
+of its own, which with a large smoothing term pushed hard towards "predict nothing" and let
+structures absent from most patches collapse. ``alpha = 0.5`` is the soft Dice; the adaptive alpha
+penalises whichever error the prediction currently makes more of. Computed in float32 whatever
+the autocast dtype.
 """
 
 from __future__ import annotations
@@ -22,37 +26,45 @@ from torch import nn
 
 
 class TaskBCEDiceLoss(nn.Module):
-    """``(logits (B, T, *sp), target (B, T, *sp) in {0, 1}, weight (B, T)) -> scalar``; also
-    keeps the BCE and Tversky-Dice parts in ``self.last`` for logging, as detached 0-d tensors on
-    the logits' device (reading them is left to the engine's sync steps)."""
+    """``(logits (B, T, *sp), target (B, T, *sp) in {0, 1}, weight (B, T)[, task_ids (B, T)]) ->
+    scalar``; keeps the BCE and Tversky-Dice parts in ``self.last`` for logging, as detached 0-d
+    tensors on the logits' device (reading them is left to the engine's sync steps)."""
 
-    def __init__(self, smooth: float = 1.0, alpha_range: tuple[float, float] = (0.2, 0.8), adaptive: bool = True):
+    def __init__(self, smooth: float = 1e-5, alpha_range: tuple[float, float] = (0.2, 0.8), adaptive: bool = True, num_tasks: int | None = None):
         super().__init__()
+        self.num_tasks = num_tasks  # ids range over 0..num_tasks-1 (padding included); known up front, no device sync
         self.smooth = smooth
         self.alpha_range = alpha_range
         self.adaptive = adaptive
         self.last: dict[str, torch.Tensor] = {}
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         if logits.shape != target.shape or weight.shape != logits.shape[:2]:
             raise ValueError(f"need logits and target (B, T, *sp) and weight (B, T); got {tuple(logits.shape)}, {tuple(target.shape)}, {tuple(weight.shape)}")
+        if task_ids is None:
+            task_ids = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+        if task_ids.shape != weight.shape:
+            raise ValueError(f"need task_ids (B, T) like weight; got {tuple(task_ids.shape)}")
         z = logits.float().flatten(2)
         y = target.float().flatten(2)
         w = weight.float()
         bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
         p = torch.sigmoid(z)
-        tp = (p * y).sum(-1)
-        fp = (p * (1 - y)).sum(-1)
-        fn = ((1 - p) * y).sum(-1)
+        # per task id: weighted sums over every (sample, slot) that annotates it
+        ids = task_ids.long().flatten()
+        n = self.num_tasks if self.num_tasks is not None else int(ids.max().item()) + 1
+        pooled = torch.zeros(4, n, device=z.device)
+        parts = torch.stack([(p * y).sum(-1), (p * (1 - y)).sum(-1), ((1 - p) * y).sum(-1), torch.ones_like(w)]) * w  # (4, B, T)
+        pooled = pooled.index_add(1, ids, parts.flatten(1))
+        tp, fp, fn, count = pooled
         if self.adaptive:
             with torch.no_grad():
-                alpha = torch.where(fp + fn > 0, fp / (fp + fn).clamp_min(1e-12), torch.full_like(fp, 0.5))
-                alpha = alpha.clamp(*self.alpha_range)
+                alpha = torch.where(fp + fn > 0, fp / (fp + fn).clamp_min(1e-12), torch.full_like(fp, 0.5)).clamp(*self.alpha_range)
         else:
             alpha = torch.full_like(fp, 0.5)
         tversky = (tp + self.smooth) / (tp + alpha * fp + (1 - alpha) * fn + self.smooth)
-        total = w.sum().clamp_min(1e-12)
-        bce_part = (w * bce).sum() / total
-        dice_part = (w * (1 - tversky)).sum() / total
+        present = (count > 0).float()
+        dice_part = ((1 - tversky) * present).sum() / present.sum().clamp_min(1.0)
+        bce_part = (w * bce).sum() / w.sum().clamp_min(1e-12)
         self.last = {"bce": bce_part.detach(), "dice": dice_part.detach()}
         return bce_part + dice_part

@@ -11,7 +11,8 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
   same shapes:
 
   1. ``priors += CA(LN(priors), LN(f))``; ``priors += MLP(LN(priors))`` (priors read the image);
-  2. ``f += CA(LN(f), LN(priors))``; ``f += MLP(LN(f))`` (every position reads the priors),
+  2. ``f += CA(LN(f), LN(priors))``; ``f += MLP(LN(f))`` (every position reads the priors but
+     the null tokens that pad a task list: they are masked out, so padding is inert),
 
   where ``CA(q, kv)`` is multi-head softmax attention with head size 32 and the MLP has ratio 4,
   as in the paper's public code.
@@ -71,14 +72,16 @@ class BidirectionalFusion(nn.Module):
         self.norm_f3 = nn.LayerNorm(channels)
         self.feature_mlp = _Mlp(channels, mlp_ratio)
 
-    def forward(self, features: torch.Tensor, priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, priors: torch.Tensor, padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``padding`` (B, P) bool marks null-task tokens: the features do not read them, so a
+        padded task list gives the same features as the list without its padding."""
         shape = features.shape
         f = features.flatten(2).transpose(1, 2)  # (B, N, C)
         kv = self.norm_f1(f)
         priors = priors + self.prior_reads(self.norm_p1(priors), kv, kv, need_weights=False)[0]
         priors = priors + self.prior_mlp(self.norm_p2(priors))
         p = self.norm_p3(priors)
-        f = f + self.feature_reads(self.norm_f2(f), p, p, need_weights=False)[0]
+        f = f + self.feature_reads(self.norm_f2(f), p, p, key_padding_mask=padding, need_weights=False)[0]
         f = f + self.feature_mlp(self.norm_f3(f))
         return f.transpose(1, 2).reshape(shape), priors
 
@@ -94,7 +97,9 @@ class PriorFusionLayer(nn.Module):
     def forward(self, features: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> fused features (B, C, *sp), task tokens (B, T, C), modality tokens (B, M, C)."""
         priors = self.bank.gather(task_ids, modality_ids)
+        # null tasks pad the list; modality tokens are never padding, so every row keeps keys
+        padding = torch.cat([task_ids == self.bank.null_task, torch.zeros_like(priors[:, task_ids.shape[1] :, 0], dtype=torch.bool)], dim=1)
         for block in self.blocks:
-            features, priors = block(features, priors)
+            features, priors = block(features, priors, padding)
         t = task_ids.shape[1]
         return features, priors[:, :t], priors[:, t:]

@@ -21,14 +21,22 @@ from medalloy.planning.plan import Plan
 # (checkpoint path, device, dataset name or None) -> (network taking (B, C, *sp), plan, record)
 Loader = Callable[[Path, str, "str | None"], "tuple[nn.Module, Plan, dict[str, Any]]"]
 
+# (checkpoint path, tasks, dataset or None, modality or None, device) -> (network with one sigmoid
+# map per task, plan whose classes are the tasks, record, one-line note of the preprocessing used)
+TaskLoader = Callable[..., "tuple[nn.Module, Plan, dict[str, Any], str]"]
+
 _LOADERS: dict[str, Loader] = {}
+_TASK_LOADERS: dict[str, TaskLoader] = {}
 
 
-def register(method: str, loader: Loader) -> None:
-    """Make checkpoints whose record says ``method`` loadable; a second loader for one name is an error."""
+def register(method: str, loader: Loader, tasks: TaskLoader | None = None) -> None:
+    """Make checkpoints whose record says ``method`` loadable (``tasks``: also per task, for models
+    with one sigmoid output per task); a second loader for one name is an error."""
     if method in _LOADERS and _LOADERS[method] is not loader:
         raise ValueError(f"a loader for method '{method}' is registered already")
     _LOADERS[method] = loader
+    if tasks is not None:
+        _TASK_LOADERS[method] = tasks
 
 
 def _import_recipes() -> None:
@@ -50,3 +58,10 @@ def loader_for(method: Any, checkpoint: str | Path) -> Loader:
     if method not in _LOADERS:
         raise MedalloyError(f"cannot predict with a '{method}' checkpoint", checkpoint, f"use a run of one of: {', '.join(sorted(_LOADERS))}")
     return _LOADERS[method]
+
+
+def task_loader_for(method: Any, checkpoint: str | Path) -> TaskLoader:
+    loader_for(method, checkpoint)
+    if method not in _TASK_LOADERS:
+        raise MedalloyError(f"a '{method}' model has no per-task outputs", checkpoint, "predict label maps without --task")
+    return _TASK_LOADERS[method]

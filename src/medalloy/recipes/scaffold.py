@@ -148,7 +148,7 @@ def cache_cases(ds: RawDataset, cases: list[Case], plan: Plan, pad: bool, seed: 
 
 def task_entry(ds: RawDataset) -> dict[str, Any]:
     """What a checkpoint record says of one dataset it answers for (its ``tasks`` block)."""
-    return {"dataset": ds.name, "labels": ds.spec.labels, "modality": ds.spec.modality, "file_ending": ds.spec.file_ending}
+    return {"dataset": ds.name, "folder": ds.root.name, "labels": ds.spec.labels, "modality": ds.spec.modality, "file_ending": ds.spec.file_ending}
 
 
 def label_names(plan: Plan) -> dict[int, str]:

@@ -14,6 +14,7 @@ dataset), ``plans/<dataset>.json``, ``metrics.jsonl``, ``training_curve.png``,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,17 +271,25 @@ def train_universal(
         network, len(registry.tasks), len(registry.modalities), in_channels=in_channels, depth=cfg.fusion_depth, tokens_per_modality=cfg.tokens_per_modality
     )
     sampler = MixedSampler(sources, cfg.batch_size, in_channels, registry.null_task, seed, foreground_oversample=0.33)
-    seg_loss = TaskBCEDiceLoss()
+    seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
+    per_dataset_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
     unknown = len(registry.modalities) - 1
+    names = [src.name for src in sources]
 
     def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
         out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
-        seg = seg_loss(out["logits"], batch["target"], batch["task_weight"])
+        seg = seg_loss(out["logits"], batch["target"], batch["task_weight"], batch["task_ids"])
         # "unknown" modalities teach nothing; a batch of only those gives 0 (not 0/0), without a host sync
         known = (batch["modality"] != unknown).float()
         per_sample = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown, reduction="none")
         mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
-        return {"loss": seg + cfg.modality_weight * mod, "bce": seg_loss.last["bce"], "tversky": seg_loss.last["dice"], "modality_ce": mod.detach()}
+        logged = {"loss": seg + cfg.modality_weight * mod, "bce": seg_loss.last["bce"], "tversky": seg_loss.last["dice"], "modality_ce": mod.detach()}
+        with torch.no_grad():  # each dataset's share of the loss, so a starving task shows in the log (NaN: not in this batch)
+            for d, name in enumerate(names):
+                mine = (batch["dataset"] == d).float()
+                value = per_dataset_loss(out["logits"], batch["target"], batch["task_weight"] * mine[:, None], batch["task_ids"])
+                logged[f"loss/{name}"] = torch.where(mine.sum() > 0, value, torch.full_like(value, float("nan")))
+        return logged
 
     record = {
         "method": METHOD,
@@ -333,6 +342,21 @@ def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, Ta
     return net.eval(), registry, plans, record
 
 
+def resolve_dataset(given: str, plans: dict[str, Plan], record: dict[str, Any], path: str | Path) -> str:
+    """A training dataset's name from its name, its folder name (``Dataset103_Shenzhen``) or a
+    path to it, compared case-insensitively."""
+    folders = {t.get("folder", ""): t["dataset"] for t in record.get("tasks", []) if t.get("folder")}
+    candidates = [given, Path(given).name, re.sub(r"^Dataset\d+_", "", Path(given).name)]
+    for c in candidates:
+        for name in plans:
+            if c.lower() == name.lower():
+                return name
+        for folder, name in folders.items():
+            if c.lower() == folder.lower():
+                return name
+    raise MedalloyError(f"the model was not trained on '{given}'", path, f"pass --dataset, one of {', '.join(plans)}")
+
+
 def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu") -> tuple[TaskBound, Plan, dict[str, Any]]:
     """A universal checkpoint as a single-dataset model (its tasks, modality and preprocessing)."""
     net, registry, plans, record = load_universal(path, device)
@@ -340,9 +364,41 @@ def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu")
         if len(plans) != 1:
             raise MedalloyError(f"universal model of {len(plans)} datasets: say which one the images come from", path, f"pass --dataset, one of {', '.join(plans)}")
         dataset = next(iter(plans))
-    if dataset not in plans:
-        raise MedalloyError(f"the model was not trained on '{dataset}'", path, f"pass --dataset, one of {', '.join(plans)}")
+    dataset = resolve_dataset(dataset, plans, record, path)
     return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record
 
 
-register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device))
+def load_for_tasks(
+    path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
+) -> tuple[TaskBound, Plan, dict[str, Any], str]:
+    """The network asked for ``tasks`` (one sigmoid map each, in that order), with the
+    preprocessing and modality of ``dataset``; without one, of the first training dataset that
+    annotates the first task (the first whose modality is ``modality``, when given). Returns the
+    model, a plan whose classes are the tasks, the record and a one-line note of the choice."""
+    net, registry, plans, record = load_universal(path, device)
+    unknown = [t for t in tasks if t not in registry.tasks]
+    if unknown:
+        raise MedalloyError(f"the model has no task '{unknown[0]}'", path, f"use --task with one of {', '.join(registry.tasks)}")
+    how = "given"
+    if dataset is not None:
+        dataset = resolve_dataset(dataset, plans, record, path)
+    else:
+        annotating = [n for n, e in registry.datasets.items() if tasks[0] in e["labels"]]
+        if modality is not None:
+            matching = [n for n in annotating if registry.datasets[n]["modality"] == modality.strip().lower()]
+            if not matching:
+                raise MedalloyError(
+                    f"no training dataset of modality '{modality}' annotates '{tasks[0]}'", path, f"use --modality {' or '.join(sorted({registry.datasets[n]['modality'] for n in annotating}))}, or --dataset"
+                )
+            annotating, how = matching, f"modality {modality}"
+        else:
+            how = f"first dataset that annotates {tasks[0]}"
+        dataset = annotating[0]
+    entry = registry.datasets[dataset]
+    model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["in_channels"])).eval()
+    plan = plans[dataset].model_copy(update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}})
+    note = f"tasks {', '.join(tasks)} with the preprocessing and modality ({entry['modality']}) of {dataset} ({how})"
+    return model, plan, record, note
+
+
+register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device), tasks=load_for_tasks)
