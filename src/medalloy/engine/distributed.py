@@ -111,29 +111,25 @@ def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
     return int(t.item())
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean over ranks of a tensor on the rank's device (a copy; the input is left alone)."""
+def _all_reduce(value: torch.Tensor, info: DistInfo, op) -> torch.Tensor:
+    """A reduced copy over ranks of a tensor on the rank's device (the input is left alone)."""
     if not info.enabled:
         return value
     out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / info.world_size
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    return _all_reduce(value, info, dist.ReduceOp.SUM) / info.world_size if info.enabled else value
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(value, info, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    return _all_reduce(value, info, dist.ReduceOp.MIN)
 
 
 def from_main(fn: Callable[[], T], info: DistInfo) -> T:

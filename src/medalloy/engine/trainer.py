@@ -314,9 +314,8 @@ class Trainer:
         have = ~torch.isnan(packed)
         sums = all_reduce_sum(torch.cat([torch.where(have, packed, torch.zeros_like(packed)), have.float()]), self.dist)
         n = len(keys)
-        means = (sums[:n] / sums[n:].clamp_min(1.0)).tolist()
-        counts = sums[n:].tolist()
-        values = [m if c > 0 else None for m, c in zip(means, counts)]
+        read = sums.tolist()  # the one host read of this sync step
+        values = [s / c if c > 0 else None for s, c in zip(read[:n], read[n:])]
         first_bad = int(all_reduce_min(self._first_bad, self.dist).item())
         if first_bad != _NO_STEP:
             bad = float(self._bad_loss.item()) if int(self._first_bad.item()) == first_bad else float("nan")
