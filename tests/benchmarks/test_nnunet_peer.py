@@ -279,3 +279,33 @@ def test_run_peer_records_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(peer, "run_nnunet", boom)
     row = experts.run_peer("JSRT", tmp_path, tmp_path, 10.0, 3, tmp_path, None)
     assert row == {"error": "nnUNetv2_train exited with code 1", "budget_minutes": 10.0, "seed": 3}
+
+
+def test_model_facts_read_an_nnunet_checkpoint_without_unpickling_code(tmp_path):
+    # An nnU-Net-like checkpoint: shared tensors, numpy scalars in its log, a torch.device in its args.
+    import os
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    conv = torch.zeros(4, 3)
+    ck = {
+        "network_weights": {"conv.weight": conv, "all_modules.0.weight": conv, "bias": torch.zeros(4), "steps": torch.tensor(3)},
+        "logging": {"ema_fg_dice": [np.float64(0.5), np.float32(0.25)]},
+        "init_args": {"device": torch.device("cpu"), "fold": 0},
+        "current_epoch": 3,
+    }
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(ck, path)
+    facts = peer._model_facts(Path(sys.executable).parent, dict(os.environ), path)
+    assert facts["params"] == 16 and facts["torch"] == torch.__version__
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"network_weights": {}, "x": Evil()}, path)
+    with pytest.raises(subprocess.CalledProcessError) as exc:
+        peer._model_facts(Path(sys.executable).parent, dict(os.environ), path)
+    assert "unpickled!" not in exc.value.stdout and "weights_only" in exc.value.stderr
