@@ -22,7 +22,8 @@ DEMO_STEPS = {2: 120, 3: 120}
 # One universal model for the 5 tasks of the 4 datasets (mixed batches).
 UNIVERSAL_STEPS = 300
 # The synthetic images are small (MR slices 40x48, X-rays and endoscopy up to ~128): a 96 px patch
-# holds them (measured: 262 s and MR core val Dice 0.87, against 483 s and 0.67 at the CLI's 128).
+# holds them. `make demo` report, 2026-12-01: universal stage 259 s, MR core 0.799 (expert 0.870);
+# at the CLI's 128 px it took 483 s and reached 0.756 (docs/methods/hermes.md).
 UNIVERSAL_PATCH = 96
 DEMO_MARKER = "demo.json"
 

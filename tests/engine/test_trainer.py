@@ -451,7 +451,7 @@ def test_scalars_are_read_only_at_sync_steps(tmp_path, monkeypatch):
     seen: list[dict] = []
     spec = make_spec(validate=None, on_step_end=[lambda s, sc: seen.append(sc)])
     Trainer(spec, config(steps=10, log_every=5, val_every=10, checkpoint_every=10), tmp_path).fit()
-    assert calls == [4, 4]  # steps 5 and 10; "fg_logit" and "loss" (values and counts) packed into one tensor
+    assert calls == [5, 5]  # steps 5 and 10; "fg_logit" and "loss" (values, counts) and the non-finite flag in one tensor
     assert [bool(sc) for sc in seen] == [False] * 4 + [True] + [False] * 4 + [True]
     assert set(seen[4]) == {"fg_logit", "loss"}
 

@@ -118,11 +118,10 @@ def check_frozen_sharing(models: dict[str, nn.Module], trainable: list[str]) -> 
     for name, module in models.items():
         if name in trainable:
             continue
-        shared = [pn for pn, p in module.named_parameters() if id(p) in owner]
+        shared = [(pn, owner[id(p)]) for pn, p in module.named_parameters() if id(p) in owner]
         if shared:
-            first = next(p for p in module.parameters() if id(p) in owner)
             raise MedalloyError(
-                f"frozen module '{name}' shares {len(shared)} parameters ({shared[0]}, ...) with trainable module '{owner[id(first)]}'",
+                f"frozen module '{name}' shares {len(shared)} parameters ({shared[0][0]}, ...) with trainable module '{shared[0][1]}'",
                 fix="give the frozen module its own copy (copy.deepcopy) or list it among the trainable modules",
             )
 
@@ -312,14 +311,15 @@ class Trainer:
         keys = sorted(scalars)
         packed = torch.stack([scalars[k].to(self.device) for k in keys]) if keys else torch.zeros(0, device=self.device)
         have = ~torch.isnan(packed)
-        sums = all_reduce_sum(torch.cat([torch.where(have, packed, torch.zeros_like(packed)), have.float()]), self.dist)
+        bad = (self._first_bad != _NO_STEP).float().reshape(1)  # ranks that saw a non-finite loss
+        sums = all_reduce_sum(torch.cat([torch.where(have, packed, torch.zeros_like(packed)), have.float(), bad]), self.dist)
         n = len(keys)
-        read = sums.tolist()  # the one host read of this sync step
-        values = [s / c if c > 0 else None for s, c in zip(read[:n], read[n:])]
-        first_bad = int(all_reduce_min(self._first_bad, self.dist).item())
-        if first_bad != _NO_STEP:
-            bad = float(self._bad_loss.item()) if int(self._first_bad.item()) == first_bad else float("nan")
-            raise MedalloyError(f"loss became {bad} at step {first_bad}", self.out, "lower the learning rate or check the data for NaN/extreme values")
+        read = sums.tolist()  # the one host read of an ordinary sync step
+        if read[-1] > 0:  # every rank sees the same sum, so all raise together
+            first_bad = int(all_reduce_min(self._first_bad, self.dist).item())
+            value = float(self._bad_loss.item()) if int(self._first_bad.item()) == first_bad else float("nan")
+            raise MedalloyError(f"loss became {value} at step {first_bad}", self.out, "lower the learning rate or check the data for NaN/extreme values")
+        values = [s / c if c > 0 else None for s, c in zip(read[:n], read[n : 2 * n])]
         return dict(zip(keys, values))
 
     def _validate_here(self) -> dict[str, float]:

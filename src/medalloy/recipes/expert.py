@@ -101,7 +101,7 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
         the_plan = plan
     elif plan is not None:
         the_plan = load_plan(plan)
-    elif run.resume and (run.out / "plan.json").exists():
+    elif run.kept("plan.json"):
         the_plan = load_plan(run.out / "plan.json")
     else:
         the_plan = plan_dataset(ds, fingerprint(ds, progress=progress))
@@ -116,7 +116,7 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
 
 def _choose_split(run: Run, ds: RawDataset, cfg: ExpertConfig, split: dict[str, list[str]] | None) -> dict[str, list[str]]:
     """Rank 0: a resumed run keeps its own split; else the explicit one or the fold's."""
-    if run.resume and split is None and (run.out / "split.json").exists():
+    if split is None and run.kept("split.json"):
         saved = run.read_json("split.json")
         return {"train": saved["train"], "val": saved["val"]}
     return select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, split)

@@ -70,6 +70,11 @@ class Run:
         if self.dist.is_main:
             write_json_atomic(self.out / name, obj)
 
+    def kept(self, name: str) -> Path | None:
+        """A resumed run's own file ``name`` (plan, split, registry), which it keeps; else None."""
+        path = self.out / name
+        return path if self.resume and path.exists() else None
+
     def read_json(self, name: str) -> Any:
         return read_json(self.out / name, name, "start the run again without --resume")
 

@@ -201,8 +201,8 @@ def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: Task
     patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters)
     plans = {}
     for ds in dss:
-        saved = run.out / "plans" / f"{ds.name}.json"
-        plans[ds.name] = load_plan(saved) if run.resume and saved.exists() else dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name])
+        saved = run.kept(f"plans/{ds.name}.json")
+        plans[ds.name] = load_plan(saved) if saved else dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name])
     in_channels = max(p.in_channels for p in plans.values())
     for name, p in plans.items():
         if p.in_channels not in (1, in_channels):
@@ -213,7 +213,7 @@ def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: Task
 
 def _splits(run: Run, dss: list[RawDataset], cfg: UniversalConfig, splits: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
     """Rank 0: per dataset, training and validation ids (a resumed run keeps its own)."""
-    if run.resume and (run.out / "split.json").exists():
+    if run.kept("split.json"):
         return run.read_json("split.json")["datasets"]
     given = splits or {}
     return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
@@ -241,7 +241,7 @@ def train_universal(
         require_labelled(ds)
     registry = build_registry(dss, cfg.task_names)
     run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
-    if resume and (run.out / REGISTRY_FILE).exists():
+    if run.kept(REGISTRY_FILE):
         dss = run.main(lambda: _resumed_order(run, dss, cfg))
         registry = build_registry(dss, cfg.task_names)
     run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
