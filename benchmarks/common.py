@@ -1,12 +1,77 @@
-"""Scoring helpers shared by the benchmark scripts (no benchmark imports another benchmark's
-shared parts: they live here)."""
+"""What the benchmark scripts share: the real datasets, their held-out splits and planner
+settings, and scoring (no benchmark imports another benchmark: shared parts live here)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+POLYP = "Dataset201_Polyp"
+
+# The held-out splits every benchmark shares. name -> (dataset folder, source filter or None, how the held-out set is chosen)
+EXPERTS: dict[str, tuple[str, str | None, str]] = {
+    "JSRT": ("Dataset102_JSRT", None, "kfold"),
+    "Shenzhen": ("Dataset103_Shenzhen", None, "kfold"),
+    "Polyp-Kvasir": (POLYP, "Kvasir", "kfold"),
+    "Polyp-CVC": (POLYP, "CVC", "kfold"),
+    "ACDC": ("Dataset104_ACDC", None, "acdc"),
+    "Hippocampus": ("Dataset105_Hippocampus", None, "kfold"),
+}
+# Planner settings that differ from the defaults (experts.py says why; universal.py plans each dataset the same way)
+PLAN_OPTIONS: dict[str, dict[str, Any]] = {
+    "Polyp-Kvasir": {"max_2d_side": 128},
+    "ACDC": {"max_2d_patch": 128},
+}
+
+
+def dataset_path(name: str, data: Path, work: Path) -> Path:
+    folder = EXPERTS[name][0]
+    if folder == POLYP:
+        return ensure_polyp(data, work)
+    return data / folder
+
+
+def ensure_polyp(data: Path, work: Path) -> Path:
+    """Kvasir-SEG and CVC-ClinicDB imported into one dataset with two sources (cached in the work dir)."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.importer import import_folders
+
+    out = work / "data" / POLYP
+    if out.exists():
+        ds = RawDataset(out)
+        if set(ds.sources) == {"Kvasir", "CVC"}:
+            return out
+        shutil.rmtree(out)
+    for source, folder in (("Kvasir", "Kvasir-SEG"), ("CVC", "CVC-ClinicDB")):
+        print(f"[data] importing {folder} as source {source}", flush=True)
+        import_folders(data / "Polyp" / folder / "images", data / "Polyp" / folder / "masks", out, source=source, labels={"polyp": 1}, modality="endoscopy")
+    return out
+
+
+def splits(name: str, ds_path: Path, seed: int = 0) -> dict[str, list[str]]:
+    """{"train", "val", "test"} case ids; test is never used for training or model selection."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.splits import kfold_splits
+
+    ds = RawDataset(ds_path)
+    source, how = EXPERTS[name][1], EXPERTS[name][2]
+    cases = [c for c in ds.labelled_cases() if source is None or c.source == source]
+    if how == "acdc":
+        patients = json.loads((ds_path / "splits_patients.json").read_text(encoding="utf-8"))
+        by = {part: {p for p in ids} for part, ids in patients.items()}
+        pick = lambda part: [c.case_id for c in cases if c.case_id.split("_")[0] in by[part]]  # noqa: E731
+        return {"train": pick("train"), "val": pick("val"), "test": pick("test")}
+    fold0 = kfold_splits(cases, k=5, seed=seed)[0]
+    test = set(fold0["val"])
+    rest = [c for c in cases if c.case_id not in test]
+    val = {c.case_id for c in rest[::10][:16]}
+    return {"train": [c.case_id for c in rest if c.case_id not in val], "val": sorted(val), "test": sorted(test)}
+
+
 
 
 def copy_ground_truth(ds_path: Path, case_ids: list[str], out: Path, keep: dict[str, int]) -> None:

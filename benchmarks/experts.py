@@ -29,22 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import copy_ground_truth, evaluate
+from common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
-POLYP = "Dataset201_Polyp"
-
-# name -> (dataset folder, source filter or None, how the held-out set is chosen)
-EXPERTS: dict[str, tuple[str, str | None, str]] = {
-    "JSRT": ("Dataset102_JSRT", None, "kfold"),
-    "Shenzhen": ("Dataset103_Shenzhen", None, "kfold"),
-    "Polyp-Kvasir": (POLYP, "Kvasir", "kfold"),
-    "Polyp-CVC": (POLYP, "CVC", "kfold"),
-    "ACDC": ("Dataset104_ACDC", None, "acdc"),
-    "Hippocampus": ("Dataset105_Hippocampus", None, "kfold"),
-}
 # Read when a target is missed: the cause as measured, and what would reach the target.
 WHY_MISSED = {
     "Polyp-Kvasir": "polyps vary in size, colour and texture, and a U-Net trained from scratch (nothing is downloaded "
@@ -65,11 +54,6 @@ PEER_READING = (
     "wall-clock, not the accuracy nnU-Net reaches when trained to convergence (for JSRT the issue reports 0.970 / 0.926 "
     "after 480 iterations in 52 minutes on these cores)."
 )
-# Planner settings that differ from the defaults, and why (shown in experts.md).
-PLAN_OPTIONS: dict[str, dict[str, Any]] = {
-    "Polyp-Kvasir": {"max_2d_side": 128},
-    "ACDC": {"max_2d_patch": 128},
-}
 PLAN_WHY = {
     "Polyp-Kvasir": "256x256 frames at full size leave ~6 epochs in the budget, 128x128 ~4x more",
     "ACDC": "128x128 crops of the 216x256 slices (foreground-oversampled, at full resolution; sliding window at test) "
@@ -88,50 +72,6 @@ TARGETS = {
 
 def log(msg: str) -> None:
     print(f"[experts] {msg}", flush=True)
-
-
-def dataset_path(name: str, data: Path, work: Path) -> Path:
-    folder = EXPERTS[name][0]
-    if folder == POLYP:
-        return ensure_polyp(data, work)
-    return data / folder
-
-
-def ensure_polyp(data: Path, work: Path) -> Path:
-    """Kvasir-SEG and CVC-ClinicDB imported into one dataset with two sources (cached in the work dir)."""
-    from medalloy.data.dataset import RawDataset
-    from medalloy.data.importer import import_folders
-
-    out = work / "data" / POLYP
-    if out.exists():
-        ds = RawDataset(out)
-        if set(ds.sources) == {"Kvasir", "CVC"}:
-            return out
-        shutil.rmtree(out)
-    for source, folder in (("Kvasir", "Kvasir-SEG"), ("CVC", "CVC-ClinicDB")):
-        log(f"importing {folder} as source {source}")
-        import_folders(data / "Polyp" / folder / "images", data / "Polyp" / folder / "masks", out, source=source, labels={"polyp": 1}, modality="endoscopy")
-    return out
-
-
-def splits(name: str, ds_path: Path, seed: int = 0) -> dict[str, list[str]]:
-    """{"train", "val", "test"} case ids; test is never used for training or model selection."""
-    from medalloy.data.dataset import RawDataset
-    from medalloy.data.splits import kfold_splits
-
-    ds = RawDataset(ds_path)
-    source, how = EXPERTS[name][1], EXPERTS[name][2]
-    cases = [c for c in ds.labelled_cases() if source is None or c.source == source]
-    if how == "acdc":
-        patients = json.loads((ds_path / "splits_patients.json").read_text(encoding="utf-8"))
-        by = {part: {p for p in ids} for part, ids in patients.items()}
-        pick = lambda part: [c.case_id for c in cases if c.case_id.split("_")[0] in by[part]]  # noqa: E731
-        return {"train": pick("train"), "val": pick("val"), "test": pick("test")}
-    fold0 = kfold_splits(cases, k=5, seed=seed)[0]
-    test = set(fold0["val"])
-    rest = [c for c in cases if c.case_id not in test]
-    val = {c.case_id for c in rest[::10][:16]}
-    return {"train": [c.case_id for c in rest if c.case_id not in val], "val": sorted(val), "test": sorted(test)}
 
 
 def timed_prediction(run: Path, ds_path: Path, case_ids: list[str], out: Path, keep: list[str] | None = None) -> float:

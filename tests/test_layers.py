@@ -17,6 +17,7 @@ ALLOWED = {
     "models": {"models", "planning"},
     "losses": {"losses"},
     "engine": {"engine", "data", "planning", "models", "losses"},
+    "interop": {"interop", "planning"},
     "recipes": {"recipes", "engine", "data", "planning", "models", "losses", "runs"},
 }
 

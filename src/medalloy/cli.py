@@ -101,10 +101,34 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
     res = train_universal(
         a.datasets, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        patch_size=a.patch, batch_size=a.batch_size,
+        patch_size=a.patch, batch_size=a.batch_size, dim=a.dim, priors=a.priors,
     )
     best = res.get("best", {}) or {}
     _say(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from medalloy.recipes.distill import train_distill
+
+    if len(a.datasets) != 1:
+        raise MedalloyError("one dataset per student for now (it may hold several sources)", fix="give one dataset folder; import the sources into it")
+    res = train_distill(
+        a.datasets[0], a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
+        losses=a.losses, student=a.student, batch_size=a.batch_size,
+    )  # fmt: skip
+    best = res.get("best", {}) or {}
+    _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from medalloy.export import export_onnx
+
+    meta = export_onnx(a.run, a.out, dataset=a.dataset, tasks=a.task, modality=a.modality, checkpoint=a.checkpoint, opset=a.opset, overwrite=a.overwrite)
+    what = f"tasks {', '.join(meta['tasks'])}" if meta["tasks"] else f"labels {', '.join(meta['labels'])}"
+    print(f"{a.out}: ONNX opset {meta['opset']}, input {meta['input']['shape']}, {what}; sidecar {a.out}.json")
     return 0
 
 
@@ -186,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="default DATASET/plan.json")
     c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="force 2D or 3D")
     c.add_argument("--max-2d-side", type=int, default=None, help="2D: coarsen the spacing so the median image side fits (default 256)")
-    c.add_argument("--max-2d-patch", type=int, default=None, help="2D: cap the patch side; larger images are cropped in training, tiled in inference")
+    c.add_argument(
+        "--max-2d-patch", type=int, default=None,
+        help="2D: cap the patch side; larger images are cropped in training, tiled in inference (cheaper steps, less context: less robust on other sources)",
+    )  # fmt: skip
     c.add_argument("--base-filters", type=int, default=None)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_plan)
@@ -214,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="YAML with train/augment/model settings")
     c.add_argument("--steps", type=int, default=None)
     c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
-    c.add_argument("--patch", type=int, default=None, help="square 2D patch side shared by all datasets (default 128)")
+    c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2 (default: volumes sliced) or 3 (volumes, sliding-window prediction)")
+    c.add_argument(
+        "--patch", type=int, default=None,
+        help="one square (cube) patch side for every dataset, datasets mixed in each batch (default: each dataset's own plan patch and batch, one dataset a step)",
+    )  # fmt: skip
+    c.add_argument("--priors", choices=("task+modality", "task", "none"), default=None, help="ablations: task priors only, or none (one head per task)")
     c.add_argument("--batch-size", type=int, default=None)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
@@ -224,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_train_universal)
 
     c = sub.add_parser("predict", help="segment a folder of images with a trained run")
-    c.add_argument("run", help="run folder or .safetensors checkpoint")
+    c.add_argument("run", help="run folder, .safetensors checkpoint or exported .onnx graph (run by ONNX Runtime)")
     c.add_argument("--input", required=True)
     c.add_argument("--output", required=True)
     c.add_argument("--tta", action="store_true", help="average over mirrored inputs")
@@ -237,6 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
+
+    c = sub.add_parser("distill", help="distil a trained model into a lightweight student (relation-based KD)")
+    c.add_argument("datasets", nargs="+", metavar="DATASET")
+    c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
+    c.add_argument("--out", required=True)
+    c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M) or a parameter count")
+    c.add_argument("--losses", default=None, choices=("relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
+    c.add_argument("--config", default=None, help="YAML with train/augment/distillation settings")
+    c.add_argument("--fold", type=int, default=None)
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--budget-minutes", type=float, default=None)
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    c.add_argument("--device", default=None)
+    c.add_argument("--resume", action="store_true")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_distill)
+
+    c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
+    c.add_argument("run", help="run folder or .safetensors checkpoint")
+    c.add_argument("--format", choices=("onnx",), default="onnx")
+    c.add_argument("--out", required=True, help="MODEL.onnx (the sidecar MODEL.onnx.json is written beside it)")
+    c.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    c.add_argument("--dataset", default=None, help="universal models: export bound to this training dataset's tasks and preprocessing")
+    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: export bound to these tasks (one sigmoid map each)")
+    c.add_argument("--modality", default=None, help="with --task and no --dataset: the preprocessing of a training dataset of this modality")
+    c.add_argument("--opset", type=int, default=18)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predictions against ground truth")
     c.add_argument("--pred", required=True)

@@ -1,4 +1,4 @@
-"""``medalloy predict RUN --input DIR --output DIR``: label maps in the input's format and geometry.
+"""``medalloy predict RUN|MODEL.onnx --input DIR --output DIR``: label maps in the input's format and geometry.
 
 Input cases follow nnU-Net's naming (``CASE_0000.ext`` [+ ``CASE_0001.ext`` ...]); a folder of plain
 images (no channel suffix) is read one case per file. Outputs are ``CASE.ext`` (DICOM inputs become
@@ -57,9 +57,15 @@ def output_ending(input_file: Path, ndim: int) -> str:
 def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None):
     """Model, plan and record for any segmentation method's checkpoint (the loader its recipe
     registered for the record's ``method``); ``dataset`` names which of a multi-dataset model's
-    datasets (tasks, modality, preprocessing) the images belong to."""
+    datasets (tasks, modality, preprocessing) the images belong to. An exported ``.onnx`` graph runs
+    through ONNX Runtime with its sidecar's plan; it was bound to its tasks at export, so
+    ``dataset`` does not apply to it."""
     from medalloy.recipes.registry import loader_for
 
+    if Path(checkpoint).suffix == ".onnx":
+        from medalloy.interop.onnx_runtime import load_onnx
+
+        return load_onnx(checkpoint)
     record = read_record(checkpoint)
     return loader_for(record.get("method"), checkpoint)(Path(checkpoint), device, dataset)
 
@@ -96,16 +102,20 @@ def predict_cases(
     precision: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    as_dataset: str | None = None,
 ) -> list[Path]:
     """Predict cases of a raw dataset by id (e.g. a held-out fold) into ``output_dir`` as
     ``CASE<file_ending>``; ``keep_labels`` names the labels to keep (others become background,
-    e.g. to score a lung+heart model on a lung-only dataset). Returns the written files."""
+    e.g. to score a lung+heart model on a lung-only dataset). ``as_dataset`` (universal models):
+    the training dataset whose tasks and preprocessing apply (default: this dataset's name, e.g.
+    another name to test a source the model was asked about as if it came from that one).
+    Returns the written files."""
     from medalloy.data.dataset import RawDataset
 
     dev = _device(device)
     ckpt_path = resolve_checkpoint(run, checkpoint)
     ds = RawDataset(dataset)
-    model, plan, record = load_model(ckpt_path, dev, dataset=ds.name)
+    model, plan, record = load_model(ckpt_path, dev, dataset=as_dataset or ds.name)
     kept = _kept_values(plan.labels, keep_labels, ckpt_path)
     cases = [ds.case(cid) for cid in case_ids]  # unknown ids fail before any work
     out = Path(output_dir)

@@ -80,3 +80,25 @@ def test_two_channel_source_cannot_be_widened():
     srcs = _sources()
     with pytest.raises(ValueError, match="cannot be widened"):
         MixedSampler(srcs[1:], batch_size=1, channels=4, null_task=3).sample(0)
+
+
+def test_per_dataset_batches_keep_each_datasets_patch_and_batch_size():
+    lab_a = np.zeros((1, 8, 8), np.int16)
+    lab_a[0, 2:5, 2:5] = 1
+    lab_b = np.zeros((1, 16, 12), np.int16)
+    lab_b[0, 4:9, 3:7] = 1
+    a = MixedSource("A", PatchSampler([_case("a", 1, lab_a, 7.0)], [8, 8], 1, 2, augment=OFF), [0, 1], [1, 2], 0, weight=3.0, batch_size=5)
+    b = MixedSource("B", PatchSampler([_case("b", 3, lab_b, 9.0)], [16, 12], 1, 2, augment=OFF), [2], [1], 1, weight=1.0, batch_size=2)
+    sampler = MixedSampler([a, b], batch_size=99, channels=3, null_task=3, seed=0, per_dataset=True)
+    seen = []
+    for step in range(200):
+        batch = sampler.sample(step)
+        k = int(batch["dataset"][0])
+        assert (batch["dataset"] == k).all()  # one dataset a step
+        size, patch = ((5, (8, 8)), (2, (16, 12)))[k]
+        assert batch["image"].shape == (size, 3, *patch) and batch["target"].shape == (size, 2, *patch)
+        seen.append(k)
+    # drawn by weight (3:1): 150 expected of 200; the draws are a fixed function of (seed, step)
+    assert 130 <= seen.count(0) <= 170
+    again = MixedSampler([a, b], batch_size=99, channels=3, null_task=3, seed=0, per_dataset=True).sample(17)
+    assert all(torch.equal(again[k], sampler.sample(17)[k]) for k in again)

@@ -141,3 +141,66 @@ def test_null_task_padding_leaves_every_output_unchanged():
     torch.testing.assert_close(padded["modality_logits"], plain["modality_logits"], atol=1e-5, rtol=1e-5)
     for stage in ("bottleneck", "dec2"):
         torch.testing.assert_close(tap_padded.features[stage], tap_plain.features[stage], atol=1e-5, rtol=1e-5)
+
+
+def test_narrow_fusion_layer_runs_at_its_width_and_keeps_the_shape():
+    torch.manual_seed(0)
+    wide = PriorFusionLayer(128, n_tasks=3, n_modalities=2)
+    narrow = PriorFusionLayer(128, n_tasks=3, n_modalities=2, width=32)
+    assert narrow.width == 32 and narrow.bank.task.shape == (4, 32)
+    n_wide, n_narrow = (sum(p.numel() for p in m.parameters()) for m in (wide, narrow))
+    # a 32-wide block (~12.6 k) plus the two projections (2 x 128 x 32 + biases), not a 128-wide one (~200 k)
+    assert n_narrow < n_wide / 10
+    f = torch.randn(2, 128, 4, 4)
+    out, tasks, modality = narrow(f, torch.tensor([[0], [2]]), torch.tensor([0, 1]))
+    assert out.shape == f.shape and tasks.shape == (2, 1, 32) and modality.shape == (2, 10, 32)
+    # residual through the projections: the block changes the features, but only through Up(z' - z)
+    assert (out - f).abs().mean() > 1e-4
+    torch.nn.init.zeros_(narrow.up.weight)
+    torch.nn.init.zeros_(narrow.up.bias)
+    torch.testing.assert_close(narrow(f, torch.tensor([[0], [2]]), torch.tensor([0, 1]))[0], f)
+
+
+def test_universal_at_the_cli_default_is_within_1_3_experts():
+    # the planner's 6-stage layout for a 256 px plan (filters 16..256), 8 tasks, 5 modalities
+    from medalloy.recipes.universal import UniversalConfig, shared_network
+
+    cfg = UniversalConfig()
+    _, network = shared_network(256, cfg.base_filters, cfg.max_filters)
+    expert = sum(p.numel() for p in build_unet(network, in_channels=3, out_channels=3, spatial_dims=2).parameters())
+    net = build_hermes(network, 8, 5, in_channels=3, fusion_width=cfg.fusion_width, finest_skipped=cfg.fusion_finest_skipped)
+    full = build_hermes(network, 8, 5, in_channels=3)
+    size = sum(p.numel() for p in net.parameters())
+    assert size <= 1.3 * expert < sum(p.numel() for p in full.parameters())  # full-width fusion: ~2.4x
+
+
+def test_task_priors_only_ignore_the_modality():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="task").eval()
+    assert all(layer.bank.modality.numel() == 0 for layer in net.fusion.values()) and net.modality_head is None
+    x, tasks = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]])
+    with torch.no_grad():
+        a, b = net(x, tasks, torch.tensor([0, 0])), net(x, tasks, torch.tensor([1, 1]))
+    assert set(a) == {"logits"}
+    torch.testing.assert_close(a["logits"], b["logits"])
+    # the full model does read the modality
+    full = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    with torch.no_grad():
+        assert (full(x, tasks, torch.tensor([0, 0]))["logits"] - full(x, tasks, torch.tensor([1, 1]))["logits"]).abs().max() > 1e-4
+
+
+def test_no_priors_is_the_backbone_with_one_1x1_head_per_task():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="none").eval()
+    assert len(net.fusion) == 0
+    with torch.no_grad():
+        net.task_bias.weight.normal_()
+        x = torch.randn(2, 1, 32, 32)
+        logits = net(x, torch.tensor([[2, 0], [1, 3]]), torch.tensor([0, 1]))["logits"]
+        f = run_stages(net.backbone, x)
+    for b, tasks in enumerate(([2, 0], [1, 3])):
+        for j, t in enumerate(tasks):
+            w, bias = net.task_weight.weight[t], net.task_bias.weight[t, 0]
+            torch.testing.assert_close(logits[b, j], torch.einsum("chw,c->hw", f[b], w) + bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="priors must be one of"):
+        build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="modality")

@@ -1,6 +1,7 @@
 """Both recipes through the CLI under ``torchrun --nproc_per_node=2`` (gloo, one thread a rank):
 rank 0 alone prepares and writes the run folder, a refused ``--out`` is one line, and a universal
-run SIGKILL-ed on every rank and resumed ends bit-identical to one never interrupted."""
+run (one dataset a step, drawn per rank) SIGKILL-ed on every rank and resumed ends bit-identical
+to one never interrupted."""
 
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def test_expert_under_torchrun_writes_one_run_and_refuses_an_existing_one(data, 
 
 def test_universal_under_torchrun_killed_and_resumed_is_bit_identical(data, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CFG + "patch_size: 32\nbatch_size: 2\nbase_filters: 4\n", encoding="utf-8")
+    # each dataset its own field of view (48 and 32 px), one dataset a step: the two ranks often
+    # train on different datasets, of different shapes, in one step
+    plan = "plan_options: {SynthCXR: {max_2d_side: 48}, SynthEndo: {max_2d_side: 32}}\n"
+    cfg.write_text(CFG + plan + "batch_size: 2\nbase_filters: 4\n", encoding="utf-8")
     common = ["train", "universal", *map(str, data), "--steps", "8", "--config", str(cfg)]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     proc = run(_cli(*common, "--out", str(whole)), tmp_path)

@@ -145,3 +145,51 @@ def test_predict_per_task_masks_and_dataset_by_folder_name(three, run, tmp_path,
         assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "x"), *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
+
+
+def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
+    from medalloy.engine.logging import read_metrics
+    from medalloy.recipes.universal import PlanOptions, own_plan
+
+    cxr, endo = four[1], four[3]
+    cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every = 6, 6, 1
+    out = tmp_path / "fov"
+    train_universal([cxr, endo], out, config=cfg, progress=False)
+    _, _, plans, _ = load_universal(out / "checkpoints" / "last.safetensors")
+    for path in (cxr, endo):
+        ds = RawDataset(path)
+        own = own_plan(ds, cfg)
+        assert plans[ds.name].patch_size == own.patch_size and plans[ds.name].batch_size == own.batch_size
+    assert plans["SynthCXR"].patch_size == [112, 112] and plans["SynthEndo"].patch_size == [64, 64]  # each its own, not one shared patch
+    assert plans["SynthCXR"].network == plans["SynthEndo"].network
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    # one dataset a step: exactly one dataset's loss is logged at each step
+    assert len(rows) == 6 and all(sum(r[f"loss/{n}"] is not None for n in ("SynthCXR", "SynthEndo")) == 1 for r in rows)
+    with pytest.raises(MedalloyError, match="plan_options names 'SynthCXRLung', not a dataset of this run"):
+        train_universal([cxr, endo], tmp_path / "typo", config=cfg.model_copy(update={"plan_options": {"SynthCXRLung": PlanOptions()}}), progress=False)
+
+
+def test_universal_3d_trains_on_volumes_and_predicts_by_sliding_window(four, tmp_path):
+    import shutil
+
+    mr = four[0]
+    other = tmp_path / "Dataset905_SynthMRTwo"
+    shutil.copytree(mr, other)
+    spec = json.loads((other / "dataset.json").read_text(encoding="utf-8"))
+    spec["name"] = "SynthMRTwo"
+    (other / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
+    cfg = UniversalConfig(dim=3, base_filters=4, max_val_cases=1, folds=4)
+    cfg.train.steps, cfg.train.val_every = 4, 4
+    out = tmp_path / "uni3d"
+    res = train_universal([mr, other], out, config=cfg, progress=False)
+    assert res["tasks"] == ["organ", "core"] and set(res["best"]["metrics"]) >= {"val/SynthMR/dice_organ", "val/SynthMRTwo/dice_core"}
+    _, _, plans, _ = load_universal(out / "checkpoints" / "last.safetensors")
+    assert plans["SynthMR"].dim == 3 and len(plans["SynthMR"].patch_size) == 3
+    ds = RawDataset(mr)
+    case = ds.labelled_cases()[0]
+    written = predict_cases(out, mr, [case.case_id], tmp_path / "pred", progress=False)
+    assert read_label(written[0])[0].shape == read_label(case.label)[0].shape
+    with pytest.raises(MedalloyError, match="SynthCXR holds 2D images; a 3D universal model needs volumes"):
+        train_universal([mr, four[1]], tmp_path / "bad", config=cfg, progress=False)
+    assert not (tmp_path / "bad" / "checkpoints").exists()

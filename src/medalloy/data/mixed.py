@@ -1,5 +1,11 @@
-"""Mixed-dataset batches for a universal model: every sample comes from its own dataset, with
-the binary targets of the tasks that dataset labels (partial labels) and its modality.
+"""Batches for a universal model: every sample comes with the binary targets of the tasks its
+dataset labels (partial labels) and its dataset's modality. Two ways to draw them:
+
+- *mixed* (``per_dataset=False``): each sample of a step draws its own dataset; every dataset
+  shares one patch size (Hermes' mixed-dataset batches);
+- *per dataset* (``per_dataset=True``): each step draws one dataset and a batch of that dataset's
+  own patch and batch size (``MixedSource.batch_size``), so each dataset keeps the field of view
+  of its own plan (whole images where its expert uses them).
 
 ``MixedSampler(step, dist)`` returns::
 
@@ -11,7 +17,8 @@ the binary targets of the tasks that dataset labels (partial labels) and its mod
     dataset     (B,)            long    index of each sample's source (for logging)
 
 Sample ``i`` of step ``t`` draws its dataset, case, location and augmentation from one generator
-seeded by ``(seed, t, rank, i)``: batches are a pure function of the step, as for experts.
+seeded by ``(seed, t, rank, i)`` (per dataset: the step's dataset from ``(seed, t, rank, "dataset")``):
+batches are a pure function of the step, as for experts.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class MixedSource:
     label_values: list[int]  # the label value of each of those tasks in this dataset's label maps
     modality: int
     weight: float = 1.0
+    batch_size: int | None = None  # per-dataset batches: this dataset's own (None: the sampler's)
 
 
 def dataset_weights(sizes: Sequence[int], scheme: str = "sqrt") -> np.ndarray:
@@ -62,6 +70,7 @@ class MixedSampler:
         null_task: int,
         seed: int = 0,
         foreground_oversample: float = 0.33,
+        per_dataset: bool = False,
     ):
         if not sources:
             raise ValueError("no datasets to mix")
@@ -74,18 +83,23 @@ class MixedSampler:
         self.null_task = null_task
         self.seed = seed
         self.fg = foreground_oversample
+        self.per_dataset = per_dataset
         self.slots = max(len(s.task_ids) for s in self.sources)
         w = np.asarray([s.weight for s in self.sources], dtype=float)
         self.p = w / w.sum()
 
     def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
         images, targets, ids, weights, modality, which = [], [], [], [], [], []
-        n_fg = int(round(self.batch_size * self.fg))
-        for i in range(self.batch_size):
+        size, only = self.batch_size, None
+        if self.per_dataset:
+            only = int(step_rng(self.seed, step, rank, "dataset").choice(len(self.sources), p=self.p))
+            size = self.sources[only].batch_size or self.batch_size
+        n_fg = int(round(size * self.fg))
+        for i in range(size):
             rng = step_rng(self.seed, step, rank, i)
-            k = int(rng.choice(len(self.sources), p=self.p))
+            k = only if only is not None else int(rng.choice(len(self.sources), p=self.p))
             src = self.sources[k]
-            img, lab = src.sampler.sample_one(rng, force_fg=i >= self.batch_size - n_fg)
+            img, lab = src.sampler.sample_one(rng, force_fg=i >= size - n_fg)
             if img.shape[0] != self.channels:
                 if img.shape[0] != 1:
                     raise ValueError(f"{src.name}: {img.shape[0]} channels cannot be widened to {self.channels}")

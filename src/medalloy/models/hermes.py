@@ -12,7 +12,11 @@ scales, as in the paper). DynUNet's output layer is replaced by the task-prototy
 - ``logits`` ``(B, T, *sp)``: one sigmoid logit map per requested task, the dot product of the
   finest decoder features with a per-task prototype made from the task tokens of every fused
   scale (concatenated, LayerNorm, two-layer MLP);
-- ``modality_logits`` ``(B, n_modalities)``: from the mean modality tokens of every fused scale.
+- ``modality_logits`` ``(B, n_modalities)``: from the mean modality tokens of every fused scale
+  (absent without modality priors, ``tokens_per_modality=0``).
+
+Ablations of the benchmark in the same class: ``tokens_per_modality=0`` (task priors only) and
+``fusion_stages=[]`` (no priors: the backbone with one 1x1 output head per task).
 
 Task lists of different lengths are padded with ``net.null_task``; its channels are ignored by the
 loss (that is how partially labelled datasets share one batch).
@@ -59,6 +63,7 @@ class HermesNet(nn.Module):
         fusion_stages: list[str] | None = None,
         depth: int = 1,
         tokens_per_modality: int = 10,
+        fusion_width: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -70,14 +75,20 @@ class HermesNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown fusion stages {unknown}; the backbone has {list(paths)}")
         self.fusion = nn.ModuleDict(
-            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality) for s in self.fusion_stages}
+            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width) for s in self.fusion_stages}
         )
-        token_dim = sum(channels[s] for s in self.fusion_stages)
         out_dim = channels["dec0"]
-        self.task_head = nn.Sequential(
-            nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim)
-        )
-        self.modality_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, n_modalities))
+        if self.fusion:
+            token_dim = sum(layer.width for layer in self.fusion.values())
+            self.task_head = nn.Sequential(
+                nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim)
+            )
+        else:  # no priors: one 1x1 output head (weights and bias) per task, the "no priors" baseline
+            self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
+            self.task_bias = nn.Embedding(n_tasks + 1, 1)
+            nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
+            nn.init.zeros_(self.task_bias.weight)
+        self.modality_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, n_modalities)) if self.fusion and tokens_per_modality else None
         # FeatureTap reads the fused features of fused stages (a fusion layer's first output)
         setattr(self, STAGES_ATTR, {s: (f"fusion.{s}" if s in self.fusion else f"backbone.{p}") for s, p in paths.items()})
 
@@ -96,12 +107,19 @@ class HermesNet(nn.Module):
                 return f
             f, t, m = self.fusion[stage](f, task_ids, modality_ids)
             tasks.append(t)
-            modality.append(m.mean(1))
+            if m.shape[1]:
+                modality.append(m.mean(1))
             return f
 
         f = run_stages(self.backbone, x, fused)
+        if not self.fusion:
+            weight, bias = self.task_weight(task_ids), self.task_bias(task_ids)  # (B, T, C0), (B, T, 1)
+            logits = torch.einsum("bc...,btc->bt...", f, weight.to(f.dtype))
+            return {"logits": logits + bias.to(f.dtype).view(*bias.shape[:2], *([1] * (f.ndim - 2)))}
         prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
         logits = torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype))
+        if self.modality_head is None:
+            return {"logits": logits}
         return {"logits": logits, "modality_logits": self.modality_head(torch.cat(modality, dim=-1))}
 
 
@@ -124,10 +142,25 @@ class TaskBound(nn.Module):
         return self.net(x, self.task_ids.expand(b, -1), self.modality_id.expand(b))["logits"]
 
 
+PRIORS = ("task+modality", "task", "none")
+
+
 def build_hermes(
-    network: NetworkPlan | Plan, n_tasks: int, n_modalities: int, in_channels: int | None = None, depth: int = 1, tokens_per_modality: int = 10
+    network: NetworkPlan | Plan,
+    n_tasks: int,
+    n_modalities: int,
+    in_channels: int | None = None,
+    depth: int = 1,
+    tokens_per_modality: int = 10,
+    fusion_width: int | None = None,
+    priors: str = "task+modality",
+    finest_skipped: int = 2,
 ) -> HermesNet:
-    """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes."""
+    """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
+    ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
+    fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's)."""
+    if priors not in PRIORS:
+        raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
     if isinstance(network, Plan):
         in_channels = network.in_channels if in_channels is None else in_channels
         spatial_dims, network = network.dim, network.network
@@ -139,4 +172,13 @@ def build_hermes(
     backbone = build_unet(network, in_channels=in_channels, out_channels=1, spatial_dims=spatial_dims)
     # the task-prototype head replaces DynUNet's output layer: unused parameters would stall DDP
     backbone.output_block = nn.Identity()
-    return HermesNet(backbone, network.filters, n_tasks, n_modalities, depth=depth, tokens_per_modality=tokens_per_modality)
+    return HermesNet(
+        backbone,
+        network.filters,
+        n_tasks,
+        n_modalities,
+        fusion_stages=[] if priors == "none" else default_fusion_stages(list(getattr(backbone, STAGES_ATTR)), finest_skipped),
+        depth=depth,
+        tokens_per_modality=0 if priors == "task" else tokens_per_modality,
+        fusion_width=fusion_width,
+    )

@@ -5,8 +5,8 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
 
 - :class:`PriorBank` holds one fusion layer's tables: ``task`` ``(n_tasks + 1, C)`` (the last row
   is the *null* task that pads task lists of different lengths) and ``modality``
-  ``(n_modalities, tokens_per_modality, C)``; ``gather(task_ids (B, T), modality_ids (B,))`` ->
-  ``(B, T + M, C)``.
+  ``(n_modalities, tokens_per_modality, C)`` (``tokens_per_modality=0``: task priors only);
+  ``gather(task_ids (B, T), modality_ids (B,))`` -> ``(B, T + M, C)``.
 - :class:`BidirectionalFusion` ``(features (B, C, *sp), priors (B, P, C)) -> (features, priors)``,
   same shapes:
 
@@ -16,6 +16,10 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
 
   where ``CA(q, kv)`` is multi-head softmax attention with head size 32 and the MLP has ratio 4,
   as in the paper's public code.
+- :class:`PriorFusionLayer` ``(features (B, C, *sp), task_ids, modality_ids)``: when ``width < C``
+  the fusion runs on ``z = Down(f)`` (a per-position linear map C -> width) and returns
+  ``f + Up(z' - z)`` (``Up``: width -> C), so its cost and size are those of a ``width``-channel
+  layer at every scale (medalloy's choice, docs/methods/hermes.md "Size").
 """
 
 from __future__ import annotations
@@ -86,20 +90,38 @@ class BidirectionalFusion(nn.Module):
         return f.transpose(1, 2).reshape(shape), priors
 
 
-class PriorFusionLayer(nn.Module):
-    """A :class:`PriorBank` and ``depth`` fusion blocks at one scale of the backbone."""
+class _ChannelLinear(nn.Linear):
+    """A linear map over the channel axis of ``(B, C, *sp)`` (a 1x1 convolution of any dimension)."""
 
-    def __init__(self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class PriorFusionLayer(nn.Module):
+    """A :class:`PriorBank` and ``depth`` fusion blocks at one scale of the backbone, at
+    ``min(channels, width)`` channels (see the module docstring)."""
+
+    def __init__(self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10, width: int | None = None):
         super().__init__()
-        self.bank = PriorBank(n_tasks, n_modalities, channels, tokens_per_modality)
-        self.blocks = nn.ModuleList(BidirectionalFusion(channels) for _ in range(depth))
+        self.width = channels if width is None else min(channels, width)
+        self.bank = PriorBank(n_tasks, n_modalities, self.width, tokens_per_modality)
+        self.blocks = nn.ModuleList(BidirectionalFusion(self.width) for _ in range(depth))
+        narrow = self.width < channels
+        self.down = _ChannelLinear(channels, self.width) if narrow else None
+        self.up = _ChannelLinear(self.width, channels) if narrow else None
 
     def forward(self, features: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> fused features (B, C, *sp), task tokens (B, T, C), modality tokens (B, M, C)."""
+        """-> fused features (B, C, *sp), task tokens (B, T, width), modality tokens (B, M, width)."""
         priors = self.bank.gather(task_ids, modality_ids)
-        # null tasks pad the list; modality tokens are never padding, so every row keeps keys
+        # null tasks pad the list; modality tokens are never padding (with none, the task list holds a real task)
         padding = torch.cat([task_ids == self.bank.null_task, torch.zeros_like(priors[:, task_ids.shape[1] :, 0], dtype=torch.bool)], dim=1)
+        z = features if self.down is None else self.down(features)
+        fused = z
         for block in self.blocks:
-            features, priors = block(features, priors, padding)
+            fused, priors = block(fused, priors, padding)
+        if self.up is not None:
+            features = features + self.up(fused - z)
+        else:
+            features = fused
         t = task_ids.shape[1]
         return features, priors[:, :t], priors[:, t:]

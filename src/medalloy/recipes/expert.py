@@ -38,11 +38,11 @@ from medalloy.recipes.scaffold import (
     ValidationSet,
     cache_cases,
     cases_of,
+    choose_split,
     dice_validation,
     open_run,
     require_labelled,
     resolve_config,
-    select_cases,
     task_entry,
 )
 from medalloy.seeding import seed_everything
@@ -114,14 +114,6 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
     return the_plan
 
 
-def _choose_split(run: Run, ds: RawDataset, cfg: ExpertConfig, split: dict[str, list[str]] | None) -> dict[str, list[str]]:
-    """Rank 0: a resumed run keeps its own split; else the explicit one or the fold's."""
-    if split is None and run.kept("split.json"):
-        saved = run.read_json("split.json")
-        return {"train": saved["train"], "val": saved["val"]}
-    return select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, split)
-
-
 def train_expert(
     dataset: str | Path,
     out: str | Path,
@@ -143,7 +135,7 @@ def train_expert(
     run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
     the_plan = run.main(lambda: _choose_plan(run, ds, plan, cfg, progress))
     run.write_config(cfg)
-    ids = run.main(lambda: _choose_split(run, ds, cfg, split))
+    ids = run.main(lambda: choose_split(run, ds, cfg, split))
     run.write_json("split.json", {"fold": cfg.fold, **ids})
     run.status(METHOD, dataset=str(ds.root))
 

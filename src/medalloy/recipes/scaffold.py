@@ -133,6 +133,15 @@ def select_cases(
     return {"train": [c.case_id for c in train if c.label is not None], "val": [c.case_id for c in val if c.label is not None][:max_val]}
 
 
+def choose_split(run: Run, ds: RawDataset, cfg: Any, split: dict[str, list[str]] | None) -> dict[str, list[str]]:
+    """Rank 0, for single-dataset recipes: a resumed run keeps its own split; else the explicit one
+    or the fold's (``cfg`` has ``fold``, ``folds``, ``max_val_cases`` and ``train.seed``)."""
+    if split is None and run.kept("split.json"):
+        saved = run.read_json("split.json")
+        return {"train": saved["train"], "val": saved["val"]}
+    return select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, split)
+
+
 def cases_of(ds: RawDataset, ids: Sequence[str]) -> list[Case]:
     return [ds.case(i) for i in ids]
 

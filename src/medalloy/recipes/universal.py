@@ -1,11 +1,17 @@
-"""Universal model (Hermes): one 2D network for the tasks of several datasets, conditioned on task
-and modality priors, trained on mixed-dataset batches with partial labels.
+"""Universal model (Hermes): one 2D or 3D network for the tasks of several datasets, conditioned
+on task and modality priors, trained with partial labels.
 
 Tasks and modalities come from the datasets themselves: a task is a label *name* (so "lung" of a
 lung+heart dataset and "lung" of a lung-only dataset are one task; ``task_names`` renames), a
 modality is ``dataset.json["medalloy"]["modality"]`` (else the first channel name), compared
-case-insensitively. Each dataset keeps its own preprocessing plan (spacing, normalisation; 3D
-volumes are sliced along their coarsest axis) and shares one patch size and one network.
+case-insensitively. Each dataset keeps its own preprocessing plan (spacing, normalisation; in 2D,
+3D volumes are sliced along their coarsest axis) and all share one network.
+
+Field of view: by default each dataset keeps its own plan's patch and batch size (whole images
+where its expert would use them) and each step trains on one dataset, drawn by ``dataset_weighting``;
+the network is the planner's topology of the plan with the most stages, and the other datasets'
+patches are padded up to its poolings. ``patch_size`` instead gives every dataset one square (cube)
+patch and mixes datasets within each batch, as the paper does.
 
 Run folder (``--out RUN``) as for experts: ``run.json``, ``config.yaml``, ``split.json`` (per
 dataset), ``plans/<dataset>.json``, ``metrics.jsonl``, ``training_curve.png``,
@@ -53,8 +59,21 @@ from medalloy.seeding import seed_everything
 
 METHOD = "universal"
 UNKNOWN_MODALITY = "unknown"
-TOP_KEYS = ("fold", "batch_size", "patch_size")
+TOP_KEYS = ("fold", "batch_size", "patch_size", "dim", "priors")
 REGISTRY_FILE = "registry.json"
+
+
+MIXED_BATCH = 12
+
+
+class PlanOptions(BaseModel):
+    """Planner settings for one dataset of the mix (as ``medalloy plan`` takes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_2d_side: int | None = Field(None, ge=16)
+    max_2d_patch: int | None = Field(None, ge=16)
+    max_3d_voxels: int | None = Field(None, ge=4096)
 
 
 class UniversalConfig(BaseModel):
@@ -64,11 +83,16 @@ class UniversalConfig(BaseModel):
 
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=2e-3))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    patch_size: int = Field(128, ge=16)  # one square 2D patch for every dataset
+    dim: Literal[2, 3] = 2
+    patch_size: int | None = Field(None, ge=16)  # None: each dataset's own plan patch; a side: one shared patch, mixed batches
     max_2d_side: int = Field(256, ge=16)  # per dataset: coarsen the spacing so the median image fits
-    batch_size: int = Field(12, ge=1)
+    plan_options: dict[str, PlanOptions] = Field(default_factory=dict)  # dataset name -> its planner settings
+    batch_size: int | None = Field(None, ge=1)  # None: each plan's own (per-dataset batches) or 12 (mixed batches)
     base_filters: int = Field(16, ge=1)
     max_filters: int = Field(256, ge=1)
+    priors: Literal["task+modality", "task", "none"] = "task+modality"  # "task", "none": the benchmark's ablations
+    fusion_width: int | None = Field(64, ge=8)  # fusion layers at min(channels, width); None: at the backbone's width
+    fusion_finest_skipped: int = Field(2, ge=0)  # fuse at 1/4 resolution and coarser, as the paper
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
@@ -131,30 +155,48 @@ def build_registry(datasets: list[RawDataset], task_names: dict[str, str] | None
     return TaskRegistry(tasks=tasks, modalities=modalities, datasets=per)
 
 
-def shared_network(patch: int, base_filters: int, max_filters: int) -> tuple[list[int], NetworkPlan]:
-    """The planner's U-Net layout for a square 2D patch (rounded up to the poolings)."""
+def shared_network(patch: int, base_filters: int, max_filters: int, dim: int = 2) -> tuple[list[int], NetworkPlan]:
+    """The planner's U-Net layout for a square (cube) patch at isotropic spacing (rounded up to the poolings)."""
     from medalloy.planning.planner import patch_and_topology
 
-    size, kernels, strides = patch_and_topology(np.array([patch, patch], float), [1.0, 1.0], 2, None)
+    size, kernels, strides = patch_and_topology(np.array([patch] * dim, float), [1.0] * dim, dim, None)
     filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
     return size, NetworkPlan(kernels=kernels, strides=strides, filters=filters)
 
 
-def dataset_plan(ds: RawDataset, cfg: UniversalConfig, patch: list[int], network: NetworkPlan, entry: dict[str, Any]) -> Plan:
-    """The dataset's own 2D preprocessing plan with the shared patch and network."""
+def own_plan(ds: RawDataset, cfg: UniversalConfig) -> Plan:
+    """The dataset's own plan (its spacing, normalisation, patch, batch) in ``cfg.dim`` dimensions."""
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
 
-    own = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=cfg.max_2d_side, force_dim=2)
+    opts = cfg.plan_options.get(ds.name, PlanOptions())
+    kw = {k: v for k, v in opts.model_dump().items() if v is not None}
+    kw.setdefault("max_2d_side", cfg.max_2d_side)
+    try:
+        return plan_dataset(ds, fingerprint(ds, progress=False), force_dim=cfg.dim, base_filters=cfg.base_filters, max_filters=cfg.max_filters, **kw)
+    except MedalloyError as exc:
+        if "3D plan for 2D images" in str(exc):
+            raise MedalloyError(f"{ds.name} holds 2D images; a 3D universal model needs volumes", ds.root, "train it in a 2D model (dim: 2)") from None
+        raise
+
+
+def network_of(plans: dict[str, Plan]) -> tuple[str, NetworkPlan]:
+    """The shared network: the topology of the plan with the most stages (then the largest patch)."""
+    name = max(plans, key=lambda n: (len(plans[n].network.strides), int(np.prod(plans[n].patch_size))))
+    return name, plans[name].network
+
+
+def fit_patch(patch: list[int], network: NetworkPlan) -> list[int]:
+    """``patch`` rounded up, per axis, to a multiple of the network's total stride."""
+    total = np.prod(np.asarray(network.strides), axis=0)
+    return [int(-(-p // t) * t) for p, t in zip(patch, total.tolist())]
+
+
+def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
+    """A dataset's own plan with its patch and batch in the universal model, and the shared network."""
     values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
     return own.model_copy(
-        update={
-            "patch_size": list(patch),
-            "network": network,
-            "batch_size": cfg.batch_size,
-            "label_values": values,
-            "notes": own.notes + [f"universal model: shared patch {patch[0]}x{patch[1]} and network"],
-        }
+        update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]}
     )
 
 
@@ -198,11 +240,25 @@ def _resumed_order(run: Run, dss: list[RawDataset], cfg: UniversalConfig) -> lis
 
 def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: TaskRegistry) -> dict[str, Plan]:
     """Rank 0: each dataset's plan (a resumed run's own from ``plans/``), saved there."""
-    patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters)
-    plans = {}
-    for ds in dss:
-        saved = run.kept(f"plans/{ds.name}.json")
-        plans[ds.name] = load_plan(saved) if saved else dataset_plan(ds, cfg, patch, network, registry.datasets[ds.name])
+    saved = {ds.name: run.kept(f"plans/{ds.name}.json") for ds in dss}
+    if all(saved.values()):
+        plans = {name: load_plan(path) for name, path in saved.items()}
+    else:
+        owns = {ds.name: own_plan(ds, cfg) for ds in dss}
+        plans = {}
+        if cfg.patch_size is not None:
+            patch, network = shared_network(cfg.patch_size, cfg.base_filters, cfg.max_filters, cfg.dim)
+            batch = cfg.batch_size or MIXED_BATCH
+            for name, own in owns.items():
+                note = f"universal model: shared patch {'x'.join(map(str, patch))}, batch {batch}, mixed-dataset batches"
+                plans[name] = dataset_plan(own, patch, network, batch, registry.datasets[name], note)
+        else:
+            source, network = network_of(owns)
+            for name, own in owns.items():
+                patch, batch = fit_patch(own.patch_size, network), cfg.batch_size or own.batch_size
+                padded = "" if patch == own.patch_size else f" (own {'x'.join(map(str, own.patch_size))}, padded to the network's poolings)"
+                note = f"universal model: network of {source}'s plan ({len(network.strides)} stages), patch {'x'.join(map(str, patch))}{padded}, batch {batch}, one dataset a step"
+                plans[name] = dataset_plan(own, patch, network, batch, registry.datasets[name], note)
     in_channels = max(p.in_channels for p in plans.values())
     for name, p in plans.items():
         if p.in_channels not in (1, in_channels):
@@ -239,6 +295,9 @@ def train_universal(
     cfg = resolve_config(UniversalConfig, config, overrides, progress, TOP_KEYS)
     for ds in dss:
         require_labelled(ds)
+    stray = sorted(set(cfg.plan_options) - {ds.name for ds in dss})
+    if stray:
+        raise MedalloyError(f"plan_options names '{stray[0]}', not a dataset of this run", fix=f"key plan_options by {', '.join(ds.name for ds in dss)}")
     registry = build_registry(dss, cfg.task_names)
     run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
     if run.kept(REGISTRY_FILE):
@@ -259,18 +318,23 @@ def train_universal(
         plan, entry = plans[ds.name], registry.datasets[ds.name]
         prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
         val_cases[ds.name] = cache_cases(ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
-        sampler = PatchSampler(prepared, plan.patch_size, 1, 2, seed, plan.foreground_oversample, cfg.augment)
+        sampler = PatchSampler(prepared, plan.patch_size, 1, plan.dim, seed, plan.foreground_oversample, cfg.augment)
         order = tasks_in_label_order(entry)
-        sources.append(MixedSource(ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, len(order) + 1)), entry["modality_id"]))
+        task_ids = [registry.tasks.index(k) for k in order]
+        sources.append(MixedSource(ds.name, sampler, task_ids, list(range(1, len(order) + 1)), entry["modality_id"], batch_size=plan.batch_size))
         sizes.append(len(prepared))
     for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
         src.weight = float(w)
 
     seed_everything(seed)
-    net = build_hermes(
-        network, len(registry.tasks), len(registry.modalities), in_channels=in_channels, depth=cfg.fusion_depth, tokens_per_modality=cfg.tokens_per_modality
+    model = {
+        "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
+        "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped,
+    }  # fmt: skip
+    net = _build(network, registry, in_channels, model)
+    batches = MixedSampler(
+        sources, cfg.batch_size or MIXED_BATCH, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=cfg.patch_size is None
     )
-    sampler = MixedSampler(sources, cfg.batch_size, in_channels, registry.null_task, seed, foreground_oversample=0.33)
     seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
     per_dataset_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
     unknown = len(registry.modalities) - 1
@@ -279,10 +343,13 @@ def train_universal(
     def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
         out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
         seg = seg_loss(out["logits"], batch["target"], batch["task_weight"], batch["task_ids"])
-        # "unknown" modalities teach nothing; a batch of only those gives 0 (not 0/0), without a host sync
-        known = (batch["modality"] != unknown).float()
-        per_sample = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown, reduction="none")
-        mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
+        if "modality_logits" in out:
+            # "unknown" modalities teach nothing; a batch of only those gives 0 (not 0/0), without a host sync
+            known = (batch["modality"] != unknown).float()
+            per_sample = F.cross_entropy(out["modality_logits"].float(), batch["modality"], ignore_index=unknown, reduction="none")
+            mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
+        else:  # no modality priors (an ablation): nothing to classify
+            mod = seg.detach() * 0
         logged = {"loss": seg + cfg.modality_weight * mod, "bce": seg_loss.last["bce"], "tversky": seg_loss.last["dice"], "modality_ce": mod.detach()}
         with torch.no_grad():  # each dataset's share of the loss, so a starving task shows in the log (NaN: not in this batch)
             for d, name in enumerate(names):
@@ -299,12 +366,12 @@ def train_universal(
         "plans": {k: p.model_dump(mode="json") for k, p in plans.items()},
         "in_channels": in_channels,
         "network": network.model_dump(mode="json"),
-        "model": {"fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality},
+        "model": model,
         "activation": "sigmoid",
         "params": count_parameters(net),
     }
     sets = validation_sets(net, registry, plans, val_cases, in_channels, cfg.train.precision)
-    spec = TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=sampler, record=record, validate=dice_validation(sets) if sets else None)
+    spec = TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=batches, record=record, validate=dice_validation(sets) if sets else None)
     summary = run.train(spec, cfg.train)
     result = {
         "method": METHOD,
@@ -323,6 +390,15 @@ def train_universal(
     return result
 
 
+def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model: dict[str, Any]) -> HermesNet:
+    """The network a run's ``record["model"]`` describes (records before fusion_width: full width, fusion from 1/4)."""
+    return build_hermes(
+        network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
+        depth=int(model.get("fusion_depth", 1)), tokens_per_modality=int(model.get("tokens_per_modality", 10)),
+        fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
+    )  # fmt: skip
+
+
 def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, TaskRegistry, dict[str, Plan], dict[str, Any]]:
     """Network, task registry, per-dataset plans and record of a universal checkpoint."""
     tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
@@ -334,10 +410,7 @@ def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, Ta
         extra = record.get("model", {})
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid registry, plans or network", path, "retrain with this medalloy version") from None
-    net = build_hermes(
-        network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
-        depth=int(extra.get("fusion_depth", 1)), tokens_per_modality=int(extra.get("tokens_per_modality", 10)),
-    )
+    net = _build(network, registry, in_channels, extra)
     ckpt.load_module_state(net, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")
     return net.eval(), registry, plans, record
 

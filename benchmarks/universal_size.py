@@ -1,0 +1,90 @@
+"""Size and step cost of the universal (Hermes) network against one expert of the same layout.
+
+    python benchmarks/universal_size.py [--steps 15]
+
+For the planner's 6-stage layout of a 128 px and a 256 px plan (filters 16..256; 8 tasks, 5
+modalities, 3 channels): parameters, and the median time of a training step (forward + backward +
+SGD, bf16 autocast, the torch threads as set) at the planner's batch for that patch, for several
+fusion widths and placements, beside the plain DynUNet expert. Writes
+``benchmarks/results/universal_size.json`` and ``.md`` (docs/methods/hermes.md "Size" quotes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = [("full width", None, 2), ("width 128", 128, 2), ("width 64 (default)", 64, 2), ("width 64, fusion from 1/8", 64, 3), ("width 32", 32, 2)]
+
+
+def step_seconds(model, x, args, steps: int) -> float:
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, *args)
+            out = out["logits"] if isinstance(out, dict) else out
+        out.float().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    a = p.parse_args(argv)
+    import torch
+
+    from medalloy.models.hermes import build_hermes
+    from medalloy.models.unet import build_unet, count_parameters
+    from medalloy.planning.planner import batch_size_2d
+    from medalloy.recipes.universal import shared_network
+
+    torch.manual_seed(0)
+    rows = []
+    for patch in (128, 256):
+        _, network = shared_network(patch, 16, 256)
+        batch = batch_size_2d([patch, patch])
+        x = torch.randn(batch, 3, patch, patch)
+        tasks, modality = torch.zeros(batch, 2, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+        expert = build_unet(network, in_channels=3, out_channels=3, spatial_dims=2)
+        e_params, e_sec = count_parameters(expert), step_seconds(expert, x, (), a.steps)
+        for name, width, skipped in VARIANTS:
+            net = build_hermes(network, 8, 5, in_channels=3, fusion_width=width, finest_skipped=skipped)
+            sec = step_seconds(net, x, (tasks, modality), a.steps)
+            rows.append({"patch": patch, "batch": batch, "fusion": name, "params": count_parameters(net), "expert_params": e_params,
+                         "step_s": round(sec, 4), "expert_step_s": round(e_sec, 4)})  # fmt: skip
+            print(f"{patch} px x{batch} {name}: {rows[-1]['params'] / 1e6:.2f} M ({rows[-1]['params'] / e_params:.2f} x), step {sec / e_sec:.2f} x", flush=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    (a.results / "universal_size.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    md = [
+        "# Universal network: size and step cost vs one expert",
+        "",
+        f"Forward + backward + SGD, bf16 autocast, {torch.get_num_threads()} threads, median of {a.steps} steps after 2 warm-up steps, "
+        "at the planner's batch for the patch. Produced by `python benchmarks/universal_size.py`.",
+        "",
+        "| patch x batch | fusion | parameters | x one expert | step s | x an expert's step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['patch']} x {r['batch']} | {r['fusion']} | {r['params'] / 1e6:.2f} M | {r['params'] / r['expert_params']:.2f} | "
+            f"{r['step_s']:.3f} | {r['step_s'] / r['expert_step_s']:.2f} |"
+        )
+    (a.results / "universal_size.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

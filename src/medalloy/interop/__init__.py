@@ -1,0 +1,1 @@
+"""Other tools' formats: ONNX Runtime graphs (and, later, nnU-Net model folders)."""

@@ -1,0 +1,42 @@
+"""Lightweight students for distillation: the plan's own U-Net topology (MONAI DynUNet, blocks
+unchanged) at a width chosen to fit a parameter budget.
+
+``build_student(plan, size)`` keeps the plan's kernels and strides (so the student sees the same
+field of view and resolutions as its teacher) and picks the widest filters
+``[min(b * 2**i, 8 * b) for each stage]`` whose network has at most the size's parameters:
+``tiny`` 0.35 M (the paper's student has ~353 k), ``small`` 1.0 M; an int is a budget of its own.
+"""
+
+from __future__ import annotations
+
+from monai.networks.nets import DynUNet
+
+from medalloy.errors import MedalloyError
+from medalloy.models.unet import build_unet, count_parameters
+from medalloy.planning.plan import Plan
+
+STUDENT_SIZES = {"tiny": 350_000, "small": 1_000_000}
+
+
+def student_filters(base: int, stages: int) -> list[int]:
+    return [min(base * 2**i, 8 * base) for i in range(stages)]
+
+
+def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None) -> DynUNet:
+    """The plan's U-Net at the widest base width within the size's parameter budget (no deep supervision)."""
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
+    budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)
+    if budget is None:
+        raise MedalloyError(f"unknown student size '{size}'", fix=f"use one of {', '.join(STUDENT_SIZES)} or a parameter count")
+    stages = len(plan.network.strides)
+    best = None
+    for base in range(2, 65):
+        network = plan.network.model_copy(update={"filters": student_filters(base, stages), "deep_supervision": False})
+        net = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
+        if count_parameters(net) > budget:
+            break
+        best = net
+    if best is None:
+        raise MedalloyError(f"no student of this plan's {stages} stages fits {budget} parameters", fix="give a larger size (small, or a parameter count)")
+    return best

@@ -1,0 +1,264 @@
+"""Relation-based distillation (Loussaief et al. 2024): a lightweight student learns a frozen
+teacher's outputs and feature relations (docs/methods/distillation.md).
+
+``L = L_seg + l_logits L_logits + l_kernel L_kernel + l_affinity L_affinity`` (``losses="relation"``),
+or one of the baselines in the same code: ``student_alone`` (L_seg), ``logit_kd``, ``skd``
+(logits + pairwise affinity without weighting), ``cwd`` (channel-wise distillation of the logits),
+``relation_no_kernel``, ``relation_no_affinity``.
+
+The teacher is any medalloy model (expert, universal bound to the dataset, ...), frozen in eval
+mode; its features come through ``FeatureTap`` at ``stages`` of the plan's U-Net, which the
+student shares (same plan, same stage names and resolutions). The student keeps the teacher's plan
+(preprocessing, patch) and activation (softmax, or one sigmoid per task for a universal teacher).
+
+Run folder as for experts (``plan.json``, ``config.yaml``, ``split.json``, ``metrics.jsonl``,
+``checkpoints/``); the checkpoints hold the student and its feature adapters, not the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from medalloy.data.dataset import RawDataset
+from medalloy.data.sampling import PatchSampler
+from medalloy.data.transforms import AugmentConfig
+from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.inference import Predictor
+from medalloy.engine.trainer import TrainConfig, TrainSpec
+from medalloy.errors import MedalloyError
+from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, SpatialAffinityLoss, TaskBCEDiceLoss
+from medalloy.models.features import STAGES_ATTR, FeatureTap
+from medalloy.models.students import build_student
+from medalloy.models.unet import build_unet, count_parameters
+from medalloy.planning.plan import Plan, save_plan
+from medalloy.recipes.registry import loader_for, register
+from medalloy.recipes.scaffold import (
+    ValidationSet,
+    cache_cases,
+    cases_of,
+    choose_split,
+    dice_validation,
+    open_run,
+    require_labelled,
+    resolve_config,
+    task_entry,
+)
+from medalloy.runs import resolve_checkpoint
+from medalloy.seeding import seed_everything
+
+METHOD = "distill"
+TOP_KEYS = ("fold", "batch_size", "losses", "student")
+# which terms each setting trains with (besides L_seg)
+LOSS_SETS: dict[str, tuple[str, ...]] = {
+    "relation": ("logits", "kernel", "affinity"),
+    "relation_no_kernel": ("logits", "affinity"),
+    "relation_no_affinity": ("logits", "kernel"),
+    "student_alone": (),
+    "logit_kd": ("logits",),
+    "skd": ("logits", "pairwise"),
+    "cwd": ("cwd",),
+}
+
+
+class DistillWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    logits: float = Field(1.0, ge=0.0)
+    kernel: float = Field(1.0, ge=0.0)
+    affinity: float = Field(1.0, ge=0.0)
+    cwd: float = Field(1.0, ge=0.0)
+
+
+class DistillConfig(BaseModel):
+    """Everything of a distillation run besides the teacher and the dataset (YAML: ``--config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=3e-3))
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
+    student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
+    stages: list[str] = Field(default_factory=lambda: ["bottleneck", "dec1"])
+    weights: DistillWeights = Field(default_factory=DistillWeights)
+    temperature: float = Field(2.0, gt=0.0)
+    kernel: Literal["poly", "rbf"] = "poly"
+    max_positions: int = Field(256, ge=4)
+    fold: int = 0
+    folds: int = 5
+    max_val_cases: int = 16
+    batch_size: int | None = None
+
+
+def load_teacher(path: str | Path, dataset: str, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Any medalloy model, as its recipe loads it for ``dataset`` (a universal one bound to it)."""
+    checkpoint = resolve_checkpoint(path, "best")
+    record = ckpt.read_record(checkpoint)
+    model, plan, rec = loader_for(record.get("method"), checkpoint)(checkpoint, device, dataset)
+    return model, plan, rec
+
+
+def _tapped(model: nn.Module) -> nn.Module:
+    """The module whose stages FeatureTap reads (a universal model bound to tasks exposes its net's)."""
+    return model if hasattr(model, STAGES_ATTR) else getattr(model, "net", model)
+
+
+def confidence(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """``(B, K, *sp) -> (B, *sp)`` in [0, 1]: one minus the teacher's normalised entropy (softmax),
+    or the mean over tasks of one minus each sigmoid's binary entropy (sigmoid)."""
+    z = logits.float()
+    if activation == "softmax":
+        p = torch.softmax(z, 1)
+        h = -(p * torch.log_softmax(z, 1)).sum(1) / torch.log(torch.tensor(float(z.shape[1])))
+    else:
+        q = torch.sigmoid(z)
+        h = (-(q * torch.nn.functional.logsigmoid(z) + (1 - q) * torch.nn.functional.logsigmoid(-z)) / torch.log(torch.tensor(2.0))).mean(1)
+    return (1 - h).clamp(0, 1)
+
+
+def _adapters(student: nn.Module, teacher: nn.Module, stages: list[str], plan: Plan) -> nn.ModuleDict:
+    """1x1 convolutions from the student's stage widths to the teacher's (for the kernel term)."""
+    x = torch.zeros(1, plan.in_channels, *plan.patch_size)
+    with torch.no_grad(), FeatureTap(_tapped(teacher), stages) as tt, FeatureTap(student, stages) as ts:
+        teacher(x)
+        student(x)
+    conv = nn.Conv2d if plan.dim == 2 else nn.Conv3d
+    return nn.ModuleDict({s: conv(ts.features[s].shape[1], tt.features[s].shape[1], 1) for s in stages})
+
+
+def train_distill(
+    dataset: str | Path,
+    teacher: str | Path,
+    out: str | Path,
+    config: str | Path | DistillConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    split: dict[str, list[str]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Distil ``teacher`` (a run folder or checkpoint) into a student on ``dataset``; returns ``run.json``."""
+    ds = RawDataset(dataset)
+    cfg = resolve_config(DistillConfig, config, overrides, progress, TOP_KEYS)
+    require_labelled(ds)
+    teacher_model, plan, teacher_record = load_teacher(teacher, ds.name)
+    terms = LOSS_SETS[cfg.losses]
+    activation = teacher_record.get("activation", "softmax")
+    with torch.no_grad():
+        n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
+    seed_everything(cfg.train.seed)
+    student = build_student(plan, cfg.student, out_channels=n_out)
+    unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
+    if unknown:
+        raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(getattr(student, STAGES_ATTR))}")
+    run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
+    if cfg.batch_size:
+        plan = plan.model_copy(update={"batch_size": cfg.batch_size})
+    run.main(lambda: save_plan(plan, run.out / "plan.json"))
+    run.write_config(cfg)
+    ids = run.main(lambda: choose_split(run, ds, cfg, split))
+    run.write_json("split.json", {"fold": cfg.fold, **ids})
+    run.status(METHOD, dataset=str(ds.root), teacher=str(teacher))
+
+    seed = cfg.train.seed
+    train_prep = cache_cases(ds, cases_of(ds, ids["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
+    val_prep = cache_cases(ds, cases_of(ds, ids["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
+
+    models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
+    trainable = ["student"]
+    if "kernel" in terms:
+        models["adapters"] = _adapters(student, teacher_model, cfg.stages, plan)
+        trainable.append("adapters")
+    sampler = PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment)
+    w = cfg.weights
+    kd = LogitKDLoss(cfg.temperature, binary=activation == "sigmoid")
+    affinity = SpatialAffinityLoss(cfg.max_positions, weighting="confidence")
+    pairwise = SpatialAffinityLoss(cfg.max_positions, weighting="none")
+    kernel = KernelMMDLoss(cfg.kernel, cfg.max_positions)
+    cwd = ChannelWiseLoss(4.0)
+    dice_ce, task_loss = DiceCELoss(), TaskBCEDiceLoss(num_tasks=n_out)
+    feature_terms = {"kernel", "affinity", "pairwise"} & set(terms)
+
+    def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if activation == "softmax":
+            return dice_ce(logits, label)
+        target = torch.cat([(label == k + 1).float() for k in range(n_out)], dim=1)
+        return task_loss(logits, target, torch.ones(logits.shape[:2], device=logits.device))
+
+    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
+        x, label = batch["image"], batch["label"]
+        stages = cfg.stages if feature_terms else []
+        with torch.no_grad(), FeatureTap(_tapped(models["teacher"]), stages) as tt:
+            zt = models["teacher"](x)
+        with FeatureTap(models["student"], stages) as ts:
+            zs = models["student"](x)
+        seg = seg_loss(zs, label)
+        logged = {"seg": seg.detach()}
+        total = seg
+        if "logits" in terms:
+            logged["logits"] = kd(zs, zt)
+            total = total + w.logits * logged["logits"]
+        if "cwd" in terms:
+            logged["cwd"] = cwd(zs, zt)
+            total = total + w.cwd * logged["cwd"]
+        if feature_terms:
+            conf = confidence(zt, activation)
+            for term in sorted(feature_terms):
+                if term == "kernel":
+                    value = sum(kernel(models["adapters"][s](ts.features[s]), tt.features[s]) for s in stages) / len(stages)
+                else:
+                    loss = affinity if term == "affinity" else pairwise
+                    value = sum(loss(ts.features[s], tt.features[s], conf) for s in stages) / len(stages)
+                logged[term] = value
+                total = total + (w.kernel if term == "kernel" else w.affinity) * value
+        logged = {k: v.detach() for k, v in logged.items()}
+        return {"loss": total, **{f"loss/{k}": v for k, v in logged.items()}}
+
+    def predictor() -> Predictor:
+        return Predictor(student, plan, device=next(student.parameters()).device, precision=cfg.train.precision, activation=activation)
+
+    record = {
+        "method": METHOD,
+        "name": f"student-{ds.name}",
+        "tasks": [task_entry(ds)],
+        "plan": plan.model_dump(mode="json"),
+        "activation": activation,
+        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out},
+        "teacher": {"path": str(teacher), "method": teacher_record.get("method"), "name": teacher_record.get("name"), "params": count_parameters(teacher_model)},
+        "losses": cfg.losses,
+        "params": count_parameters(student),
+    }
+    spec = TrainSpec(
+        models=models, trainable=trainable, step_fn=step_fn, batches=sampler, record=record,
+        validate=dice_validation([ValidationSet(predictor, val_prep, plan)]) if val_prep else None,
+    )  # fmt: skip
+    summary = run.train(spec, cfg.train)
+    result = {
+        "method": METHOD, "dataset": str(ds.root), "name": record["name"], "status": "done", "losses": cfg.losses,
+        "train_cases": len(train_prep), "val_cases": len(val_prep), "params": record["params"], "teacher_params": record["teacher"]["params"], **summary,
+    }  # fmt: skip
+    run.write_json("run.json", result)
+    return result
+
+
+def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """The student network, plan and record of a distillation checkpoint."""
+    tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
+    try:
+        plan = Plan.model_validate(record["plan"])
+        student = record["student"]
+        network = plan.network.model_copy(update={"filters": [int(f) for f in student["filters"]], "deep_supervision": False})
+        out_channels = int(student["out_channels"])
+    except (KeyError, ValidationError, TypeError, ValueError):
+        raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
+    model = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels, spatial_dims=plan.dim)
+    ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
+    return model.eval(), copy.deepcopy(plan), record
+
+
+register(METHOD, lambda path, device, dataset=None: load_student(path, device))

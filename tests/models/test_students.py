@@ -1,0 +1,44 @@
+"""Students: the plan's topology at the widest width within the parameter budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medalloy.errors import MedalloyError
+from medalloy.models.students import STUDENT_SIZES, build_student, student_filters
+from medalloy.models.unet import build_unet, count_parameters
+from medalloy.planning.plan import ChannelNorm, Plan
+from medalloy.recipes.universal import shared_network
+
+
+def _plan(patch: int = 224, dim: int = 2) -> Plan:
+    _, network = shared_network(patch, 16, 256, dim)
+    return Plan(
+        dataset="Toy", dim=dim, in_channels=1, target_spacing=[1.0] * dim, patch_size=[patch] * dim, batch_size=2,
+        normalization=[ChannelNorm(scheme="zscore")], label_values=[0, 1, 2], labels={"background": 0, "a": 1, "b": 2}, network=network,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_student_is_the_widest_of_the_plans_topology_within_its_budget(size):
+    plan = _plan()
+    student = build_student(plan, size)
+    n = count_parameters(student)
+    assert n <= STUDENT_SIZES[size]
+    assert student.strides == plan.network.strides and student.kernel_size == plan.network.kernels
+    # one step wider would not fit: the budget is used, not merely respected
+    wider = plan.network.model_copy(update={"filters": student_filters(student.filters[0] + 1, len(plan.network.strides))})
+    assert count_parameters(build_unet(wider, in_channels=1, out_channels=3, spatial_dims=2)) > STUDENT_SIZES[size]
+    teacher = build_unet(plan)
+    assert count_parameters(teacher) >= 5 * n
+    out = student(torch.zeros(1, 1, 224, 224))
+    assert out.shape == (1, 3, 224, 224)
+
+
+def test_student_sizes_are_checked():
+    with pytest.raises(MedalloyError, match="unknown student size 'huge'"):
+        build_student(_plan(), "huge")
+    with pytest.raises(MedalloyError, match="fits 1000 parameters"):
+        build_student(_plan(), 1000)
+    assert count_parameters(build_student(_plan(64, dim=3), "tiny")) <= STUDENT_SIZES["tiny"]

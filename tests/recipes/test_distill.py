@@ -1,0 +1,101 @@
+"""Distillation recipe end to end on tiny synthetic data: a frozen teacher (bit-identical after),
+a student within its budget that learns, every loss term logged, baselines in the same code,
+prediction and ONNX export of the student."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medalloy.data.dataset import RawDataset
+from medalloy.data.io import read_label
+from medalloy.data.synth import generate_dataset
+from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.logging import read_metrics
+from medalloy.errors import MedalloyError
+from medalloy.planning.fingerprint import fingerprint
+from medalloy.planning.planner import plan_dataset
+from medalloy.predict import predict_cases
+from medalloy.recipes.distill import DistillConfig, confidence, train_distill
+from medalloy.recipes.expert import ExpertConfig, train_expert
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cxr(tmp_path_factory):
+    return generate_dataset("Dataset902_SynthCXR", tmp_path_factory.mktemp("synth"), seed=5, cases_per_source=6, test_cases_per_source=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def teacher(cxr, tmp_path_factory):
+    ds = RawDataset(cxr)
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64)
+    cfg = ExpertConfig(folds=4, max_val_cases=2)
+    cfg.train.steps, cfg.train.val_every = 120, 120
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    train_expert(cxr, out, plan=plan, config=cfg, progress=False)
+    return out
+
+
+def _cfg(losses: str, steps: int = 60) -> DistillConfig:
+    cfg = DistillConfig(losses=losses, folds=4, max_val_cases=2)
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every = steps, steps, 10
+    return cfg
+
+
+def test_relation_kd_student_learns_from_a_frozen_teacher(cxr, teacher, tmp_path):
+    before = ckpt.load_checkpoint(teacher / "checkpoints" / "best.safetensors")[0]
+    res = train_distill(cxr, teacher, tmp_path / "student", config=_cfg("relation"), progress=False)
+    after = ckpt.load_checkpoint(teacher / "checkpoints" / "best.safetensors")[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher's file is untouched
+    assert res["params"] <= 350_000 and res["teacher_params"] >= 5 * res["params"]
+    rows = [r for r in read_metrics(tmp_path / "student" / "metrics.jsonl") if r["kind"] == "train"]
+    for part in ("seg", "logits", "kernel", "affinity"):
+        assert all(np.isfinite(r[f"loss/{part}"]) for r in rows), part
+    assert rows[-1]["loss/logits"] < rows[0]["loss/logits"]  # the student moves towards the teacher
+    assert res["best"]["metrics"]["val/dice_lung"] > 0.6, res["best"]
+    tensors, record = ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "best.safetensors")
+    assert record["method"] == "distill" and record["teacher"]["method"] == "expert"
+    assert not any(k.startswith("model/teacher") for k in tensors)  # frozen modules are not saved
+    ds = RawDataset(cxr)
+    case = ds.labelled_cases()[0]
+    written = predict_cases(tmp_path / "student", cxr, [case.case_id], tmp_path / "pred", progress=False)
+    assert read_label(written[0])[0].shape == read_label(case.label)[0].shape
+
+
+def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
+    for losses, parts in (("student_alone", {"seg"}), ("skd", {"seg", "logits", "pairwise"}), ("cwd", {"seg", "cwd"})):
+        train_distill(cxr, teacher, tmp_path / losses, config=_cfg(losses, steps=4), progress=False)
+        row = [r for r in read_metrics(tmp_path / losses / "metrics.jsonl") if r["kind"] == "train"][-1]
+        assert {k[5:] for k in row if k.startswith("loss/")} == parts, losses
+    with pytest.raises(MedalloyError, match="unknown stage 'dec9'"):
+        train_distill(cxr, teacher, tmp_path / "bad", config=_cfg("relation").model_copy(update={"stages": ["dec9"]}), progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
+    sure = torch.tensor([[[[20.0]], [[-20.0]], [[-20.0]]]])
+    unsure = torch.zeros(1, 3, 1, 1)
+    assert confidence(sure, "softmax").item() == pytest.approx(1.0, abs=1e-4)
+    assert confidence(unsure, "softmax").item() == pytest.approx(0.0, abs=1e-6)
+    assert confidence(torch.zeros(1, 2, 1, 1), "sigmoid").item() == pytest.approx(0.0, abs=1e-6)
+    assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from medalloy.export import export_onnx
+    from medalloy.interop.onnx_runtime import load_onnx
+    from medalloy.recipes.distill import load_student
+
+    train_distill(cxr, teacher, tmp_path / "s", config=_cfg("logit_kd", steps=4), progress=False)
+    meta = export_onnx(tmp_path / "s", tmp_path / "s.onnx")
+    assert meta["method"] == "distill" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
+    student, plan, _ = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
+    graph, _, _ = load_onnx(tmp_path / "s.onnx")
+    x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float((student(x) - graph(x)).abs().max()) < 1e-3

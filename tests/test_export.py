@@ -1,0 +1,114 @@
+"""ONNX export and ONNX Runtime prediction: the graph's logits equal PyTorch's (max abs difference
+< 1e-3, fp32) for an expert, a universal model bound to a task list and a student; a graph without
+its sidecar, or with another model's, is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from medalloy.cli import main  # noqa: E402
+from medalloy.data.io import read_label  # noqa: E402
+from medalloy.data.synth import generate_dataset  # noqa: E402
+from medalloy.errors import MedalloyError  # noqa: E402
+from medalloy.export import export_onnx  # noqa: E402
+from medalloy.interop.onnx_runtime import load_onnx, sidecar_path  # noqa: E402
+from medalloy.predict import load_model, predict_folder  # noqa: E402
+from medalloy.planning.fingerprint import fingerprint  # noqa: E402
+from medalloy.planning.planner import plan_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return [generate_dataset(n, root, seed=2, cases_per_source=2, test_cases_per_source=1, progress=False) for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo")]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    from medalloy.data.dataset import RawDataset
+    from medalloy.recipes.expert import ExpertConfig, train_expert
+    from medalloy.recipes.universal import UniversalConfig, train_universal
+
+    root = tmp_path_factory.mktemp("runs")
+    ds = RawDataset(data[0])
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64, base_filters=4)
+    expert = ExpertConfig(folds=2, max_val_cases=1)
+    expert.train.steps, expert.train.val_every = 3, 3
+    train_expert(data[0], root / "expert", plan=plan, config=expert, progress=False)
+    cfg = UniversalConfig(base_filters=4, max_2d_side=64, max_val_cases=1, folds=2)
+    cfg.train.steps, cfg.train.val_every = 3, 3
+    train_universal(data, root / "universal", config=cfg, progress=False)
+    return root
+
+
+def _max_diff(torch_model, onnx_file, shape):
+    onnx_model, _, _ = load_onnx(onnx_file)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))  # batch 2: the batch axis is dynamic
+    with torch.no_grad():
+        return float((torch_model.eval().float()(x) - onnx_model(x)).abs().max())
+
+
+def test_expert_graph_matches_pytorch_and_predicts_through_onnx_runtime(data, runs, tmp_path):
+    out = tmp_path / "expert.onnx"
+    assert main(["-q", "export", str(runs / "expert"), "--out", str(out)]) == 0
+    meta = json.loads(sidecar_path(out).read_text(encoding="utf-8"))
+    assert meta["opset"] >= 17 and meta["activation"] == "softmax" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
+    model, plan, _ = load_model(runs / "expert" / "checkpoints" / "best.safetensors")
+    assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
+    # the same label maps as the PyTorch path (fp32 both), through the same pre/post-processing
+    a, b = tmp_path / "pt", tmp_path / "ort"
+    predict_folder(runs / "expert", data[0] / "imagesTs", a, precision="fp32", device="cpu", progress=False)
+    assert main(["-q", "predict", str(out), "--input", str(data[0] / "imagesTs"), "--output", str(b), "--precision", "fp32"]) == 0
+    for f in sorted(a.glob("*.png")):
+        agree = (read_label(f)[0] == read_label(b / f.name)[0]).mean()
+        assert agree > 0.999, f.name
+
+
+def test_universal_bound_to_tasks_and_a_student_match_pytorch(runs, tmp_path):
+    from medalloy.models.students import build_student
+    from medalloy.recipes.universal import load_for_tasks
+
+    out = tmp_path / "uni.onnx"
+    meta = export_onnx(runs / "universal", out, tasks=["lesion", "lung"])
+    assert meta["tasks"] == ["lesion", "lung"] and meta["activation"] == "sigmoid"
+    model, plan, _, _ = load_for_tasks(runs / "universal" / "checkpoints" / "best.safetensors", ["lesion", "lung"])
+    assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
+
+    # a student network (its run, exported by medalloy export, is tested with the distillation recipe)
+    student = build_student(plan, "tiny", out_channels=2).eval()
+    path = tmp_path / "student.onnx"
+    with torch.no_grad():
+        torch.onnx.export(student, (torch.zeros(2, plan.in_channels, *plan.patch_size),), input_names=["image"], output_names=["logits"],
+                          dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)).save(str(path))  # fmt: skip
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, plan.in_channels, *plan.patch_size)
+    with torch.no_grad():
+        assert np.abs(student(x).numpy() - session.run(None, {"image": x.numpy()})[0]).max() < 1e-3
+
+
+def test_graph_without_or_with_a_foreign_sidecar_is_one_line(runs, tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(runs / "expert", a)
+    export_onnx(runs / "universal", b, dataset="SynthEndo")
+    lonely = tmp_path / "lonely.onnx"
+    shutil.copy(a, lonely)
+    with pytest.raises(MedalloyError, match="no sidecar lonely.onnx.json"):
+        load_onnx(lonely)
+    shutil.copy(sidecar_path(b), sidecar_path(lonely))  # another model's sidecar
+    assert main(["-q", "predict", str(lonely), "--input", str(tmp_path), "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "describes another model" in err[0] and "lonely.onnx.json" in err[0]
+    assert main(["-q", "export", str(runs / "expert"), "--out", str(a)]) == 1  # an existing file is kept
+    assert "--overwrite" in capsys.readouterr().err
