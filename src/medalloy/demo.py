@@ -19,11 +19,12 @@ from medalloy.runs import prepare_output
 
 # Steps per expert: enough for Dice > 0.9 on every synthetic task; about a minute each on 2 cores.
 DEMO_STEPS = {2: 120, 3: 120}
-# One universal model for the 5 tasks of the 4 datasets (mixed batches).
-UNIVERSAL_STEPS = 300
+# One universal model for the 5 tasks of the 4 datasets (mixed batches). 300 steps left the MR core
+# at 0.770 (90 % of its expert's 0.859 needed), 450 reach 0.793 (92 %) in 117 s (`make demo`, 2026-12-02).
+UNIVERSAL_STEPS = 450
 # The synthetic images are small (MR slices 40x48, X-rays and endoscopy up to ~128): a 96 px patch
-# holds them. `make demo` report, 2026-12-01: universal stage 259 s, MR core 0.799 (expert 0.870);
-# at the CLI's 128 px it took 483 s and reached 0.756 (docs/methods/hermes.md).
+# shared in mixed batches holds them; each dataset at its own field of view (the CLI's default)
+# reached MR core 0.752 / organ 0.630 at 300 steps against 0.770 / 0.679 here (docs/methods/hermes.md).
 UNIVERSAL_PATCH = 96
 DEMO_MARKER = "demo.json"
 
