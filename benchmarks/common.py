@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ def splits(name: str, ds_path: Path, seed: int = 0) -> dict[str, list[str]]:
     return {"train": [c.case_id for c in rest if c.case_id not in val], "val": sorted(val), "test": sorted(test)}
 
 
+
+
+def timed_prediction(run: Path, ds_path: Path, case_ids: list[str], out: Path, keep: list[str] | None = None, as_dataset: str | None = None) -> float:
+    """:func:`medalloy.predict.predict_cases` on ``case_ids`` (labels not in ``keep`` become
+    background; ``as_dataset``: a universal model asked as that training dataset); returns seconds per case."""
+    from medalloy.predict import predict_cases
+
+    t0 = time.perf_counter()
+    predict_cases(run, ds_path, case_ids, out, keep_labels=keep, device="cpu", overwrite=True, progress=False, as_dataset=as_dataset)
+    return (time.perf_counter() - t0) / max(1, len(case_ids))
 
 
 def copy_ground_truth(ds_path: Path, case_ids: list[str], out: Path, keep: dict[str, int]) -> None:

@@ -24,12 +24,11 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits
+from common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -72,16 +71,6 @@ TARGETS = {
 
 def log(msg: str) -> None:
     print(f"[experts] {msg}", flush=True)
-
-
-def timed_prediction(run: Path, ds_path: Path, case_ids: list[str], out: Path, keep: list[str] | None = None) -> float:
-    """:func:`medalloy.predict.predict_cases` on ``case_ids`` (labels not in ``keep`` become
-    background); returns seconds per case."""
-    from medalloy.predict import predict_cases
-
-    t0 = time.perf_counter()
-    predict_cases(run, ds_path, case_ids, out, keep_labels=keep, device="cpu", overwrite=True, progress=False)
-    return (time.perf_counter() - t0) / max(1, len(case_ids))
 
 
 def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:

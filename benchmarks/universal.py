@@ -33,12 +33,11 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, POLYP, copy_ground_truth, dataset_path, evaluate, splits
+from common import PLAN_OPTIONS, POLYP, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -57,12 +56,13 @@ TRANSFER_LEFT_OUT = "JSRT"
 NOTES = [
     "Budget: the results here were made with 2 minutes per expert (`--budget-minutes 2`), not the default 6: the whole "
     "benchmark at 6 minutes takes about 3 hours on 2 cores. At 2 minutes every model is early in training.",
-    "ACDC fails in every universal arm (RV 0.00-0.13 vs the expert's 0.58). Tried: ACDC alone through the universal recipe "
-    "(no priors, 2 minutes): validation RV 0.00 / MYO 0.55 / LV 0.62 at lr 2e-3, 0.00 / 0.49 / 0.58 at 3e-3, against the "
-    "expert's 0.53 / 0.62 / 0.66 after the same 2 minutes. The per-task sigmoid loss (the paper's BCE + adaptive Tversky) "
-    "leaves the RV undecided (mean sigmoid 0.2 inside the RV, 0.08 outside, no pixel above 0.5) where the expert's softmax "
-    "Dice + CE with deep supervision already segments it. In the mix ACDC also gets only 15 % of the steps (sqrt weighting "
-    "counts its 140 volumes, not their ~1,300 slices) and MYO / LV fall to ~0.2.",
+    "ACDC fails in every universal arm (RV 0.00-0.13 vs the expert's 0.58). Tried (`benchmarks/universal_diagnose.py`, "
+    "results/universal_diagnose.json): ACDC alone through the universal recipe, no priors, 400 steps: validation RV 0.04 / "
+    "MYO 0.33 / LV 0.47 at lr 2e-3, 0.00 / 0.42 / 0.46 at 3e-3, against the expert's 0.53 / 0.62 / 0.66 after 337 steps "
+    "(2 minutes). The per-task sigmoid loss (the paper's BCE + adaptive Tversky) leaves the RV undecided (mean sigmoid "
+    "0.27-0.37 inside the RV against 0.65-0.73 inside MYO and LV) where the expert's softmax Dice + CE with deep "
+    "supervision already segments it. In the mix ACDC also gets only 15 % of the steps (sqrt weighting counts its 140 "
+    "volumes, not their ~1,300 slices) and MYO / LV fall to ~0.2.",
     "The priors cost steps: 1,616 steps for the universal model against 2,491 without priors in the same 10 minutes "
     "(fusion at 64 channels from 1/4 resolution); at this budget the no-priors arm is the best one (mean 0.768 over the "
     "tasks other than ACDC, experts 0.765, universal 0.712).",
@@ -72,8 +72,9 @@ NOTES = [
     "are early (ACDC 3D expert RV 0.09), the universal model trains 278 steps in 4 minutes (Hippocampus padded from "
     "40x56x40 to 64x64x40 to fit ACDC's 6-stage network) and reaches mean 0.210 against the experts' 0.524. In 2D and 3D "
     "alike one class of a multi-class dataset can stay near 0 under the per-task sigmoid loss (ACDC RV, Hippocampus "
-    "anterior without priors, 0.000) while its sibling classes learn; the loss itself treats the task slots alike (checked "
-    "on a symmetric toy batch), so this is the optimisation's early dynamics, not a slot bug.",
+    "anterior without priors, 0.000) while its sibling classes learn; the loss itself treats the task slots alike "
+    "(tests/losses/test_task_bce_dice.py::test_task_slots_are_treated_alike), so this is the optimisation's early "
+    "dynamics, not a slot bug.",
     "Next to try: sampling ACDC by slices or all datasets uniformly (equal compute per dataset, as the experts get), deep "
     "supervision in the universal backbone, a prior-probability initialisation of the task logits (RetinaNet's), the "
     "default 6-minute budget, a 3D network chosen to pad less.",
@@ -121,14 +122,10 @@ def member_folder(name: str, data: Path, work: Path) -> Path:
 
 def predict_and_score(run: Path, ds_path: Path, ids: list[str], labels: dict[str, int], key: str, work: Path, as_dataset: str | None = None) -> tuple[dict[str, Any], float]:
     """Predict ``ids`` of ``ds_path`` with ``run``, keep ``labels``; -> (per-label Dice/HD95, s per case)."""
-    from medalloy.predict import predict_cases
-
     pred, gt = work / "pred" / key, work / "gt" / key
     for d in (pred, gt):
         shutil.rmtree(d, ignore_errors=True)
-    t0 = time.perf_counter()
-    predict_cases(run, ds_path, ids, pred, keep_labels=list(labels), device="cpu", overwrite=True, progress=False, as_dataset=as_dataset)
-    sec = (time.perf_counter() - t0) / max(1, len(ids))
+    sec = timed_prediction(run, ds_path, ids, pred, keep=list(labels), as_dataset=as_dataset)
     copy_ground_truth(ds_path, ids, gt, labels)
     return evaluate(pred, gt, labels, work / "eval" / key), sec
 

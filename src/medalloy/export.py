@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from medalloy.engine.checkpoint import read_record
 from medalloy.errors import MedalloyError
 from medalloy.interop.onnx_runtime import INPUT, OUTPUT, SIDECAR_FORMAT, SIDECAR_VERSION, file_sha256, sidecar_path
 from medalloy.jsonio import write_json_atomic
@@ -37,13 +36,12 @@ def _quiet(*loggers: str):
 
 
 def _model(ckpt: Path, dataset: str | None, tasks: list[str] | None, modality: str | None):
-    from medalloy.predict import load_model
-    from medalloy.recipes.registry import task_loader_for
+    from medalloy.recipes.registry import load_checkpoint_model, load_checkpoint_tasks
 
     if tasks:
-        model, plan, record, _ = task_loader_for(read_record(ckpt).get("method"), ckpt)(ckpt, tasks, dataset=dataset, modality=modality, device="cpu")
+        model, plan, record, _ = load_checkpoint_tasks(ckpt, tasks, dataset=dataset, modality=modality, device="cpu")
         return model, plan, {**record, "activation": "sigmoid"}
-    return load_model(ckpt, "cpu", dataset=dataset)
+    return load_checkpoint_model(ckpt, "cpu", dataset=dataset)
 
 
 def export_onnx(

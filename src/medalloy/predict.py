@@ -16,7 +16,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medalloy.data.io import READABLE_ENDINGS, file_ending, read_image, write_label
-from medalloy.engine.checkpoint import read_record
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.runs import resolve_checkpoint
@@ -60,14 +59,13 @@ def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None
     datasets (tasks, modality, preprocessing) the images belong to. An exported ``.onnx`` graph runs
     through ONNX Runtime with its sidecar's plan; it was bound to its tasks at export, so
     ``dataset`` does not apply to it."""
-    from medalloy.recipes.registry import loader_for
+    from medalloy.recipes.registry import load_checkpoint_model
 
     if Path(checkpoint).suffix == ".onnx":
         from medalloy.interop.onnx_runtime import load_onnx
 
         return load_onnx(checkpoint)
-    record = read_record(checkpoint)
-    return loader_for(record.get("method"), checkpoint)(Path(checkpoint), device, dataset)
+    return load_checkpoint_model(checkpoint, device, dataset)
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
@@ -193,14 +191,13 @@ def predict_tasks(
     task (universal). The preprocessing is ``dataset``'s, else that of a training dataset that
     annotates the first task (of ``modality``, when given). Returns the files and a one-line note
     saying which preprocessing was used."""
-    from medalloy.recipes.registry import task_loader_for
+    from medalloy.recipes.registry import load_checkpoint_tasks
 
     if not tasks:
         raise MedalloyError("no task given", fix="name at least one task with --task")
     dev = _device(device)
     ckpt_path = resolve_checkpoint(run, checkpoint)
-    record = read_record(ckpt_path)
-    model, plan, record, note = task_loader_for(record.get("method"), ckpt_path)(ckpt_path, tasks, dataset=dataset, modality=modality, device=dev)
+    model, plan, record, note = load_checkpoint_tasks(ckpt_path, tasks, dataset=dataset, modality=modality, device=dev)
     cases = find_input_cases(input_dir)
     out = Path(output_dir)
     existing = [out / t for t in tasks if (out / t).exists() and any((out / t).iterdir())]

@@ -97,3 +97,18 @@ def test_confident_correct_prediction_is_near_zero_and_adaptive_alpha_weighs_the
 def test_shape_errors():
     with pytest.raises(ValueError, match="weight"):
         TaskBCEDiceLoss()(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.ones(2))
+
+
+def test_task_slots_are_treated_alike():
+    # three tasks of the same size in the three slots: the same gradient inside and outside each
+    # (a slot-dependent loss would leave one class behind, as suspected on ACDC's RV)
+    lab = torch.zeros(4, 16, 16, dtype=torch.long)
+    lab[:, 2:6, 2:6], lab[:, 8:12, 8:12], lab[:, 2:6, 10:14] = 1, 2, 3
+    target = torch.stack([(lab == k + 1).float() for k in range(3)], 1)
+    z = torch.zeros(4, 3, 16, 16, requires_grad=True)
+    TaskBCEDiceLoss(num_tasks=4)(z, target, torch.ones(4, 3), torch.tensor([[0, 1, 2]] * 4)).backward()
+    inside = [z.grad[:, k][target[:, k] > 0].mean() for k in range(3)]
+    outside = [z.grad[:, k][target[:, k] == 0].mean() for k in range(3)]
+    assert inside[0] < 0 < outside[0]
+    torch.testing.assert_close(torch.stack(inside), inside[0].expand(3))
+    torch.testing.assert_close(torch.stack(outside), outside[0].expand(3))

@@ -70,5 +70,9 @@ def test_universal_under_torchrun_killed_and_resumed_is_bit_identical(data, tmp_
     for which in ("last", "best"):
         assert_bit_identical(checkpoint_tensors(whole / "checkpoints" / f"{which}.safetensors"), checkpoint_tensors(broken / "checkpoints" / f"{which}.safetensors"))
     assert rows_without_time(whole / "metrics.jsonl") == rows_without_time(broken / "metrics.jsonl")
+    # the per-dataset losses are reduced over the ranks: a logged step with both means the ranks
+    # trained on different datasets (different shapes) in that step
+    train_rows = [r for r in rows_without_time(whole / "metrics.jsonl") if r["kind"] == "train"]
+    assert any(r["loss/SynthCXR"] is not None and r["loss/SynthEndo"] is not None for r in train_rows), train_rows
     metrics = json.loads((broken / "run.json").read_text(encoding="utf-8"))["best"]["metrics"]
     assert {"val/SynthCXR/dice_lung", "val/SynthCXR/dice_heart", "val/SynthEndo/dice_lesion"} <= set(metrics)

@@ -37,7 +37,7 @@ from medalloy.models.features import STAGES_ATTR, FeatureTap
 from medalloy.models.students import build_student
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, save_plan
-from medalloy.recipes.registry import loader_for, register
+from medalloy.recipes.registry import load_checkpoint_model, register
 from medalloy.recipes.scaffold import (
     ValidationSet,
     cache_cases,
@@ -97,10 +97,7 @@ class DistillConfig(BaseModel):
 
 def load_teacher(path: str | Path, dataset: str, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
     """Any medalloy model, as its recipe loads it for ``dataset`` (a universal one bound to it)."""
-    checkpoint = resolve_checkpoint(path, "best")
-    record = ckpt.read_record(checkpoint)
-    model, plan, rec = loader_for(record.get("method"), checkpoint)(checkpoint, device, dataset)
-    return model, plan, rec
+    return load_checkpoint_model(resolve_checkpoint(path, "best"), device, dataset)
 
 
 def _tapped(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from medalloy.engine.checkpoint import read_record
 from medalloy.errors import MedalloyError
 from medalloy.planning.plan import Plan
 
@@ -65,3 +66,15 @@ def task_loader_for(method: Any, checkpoint: str | Path) -> TaskLoader:
     if method not in _TASK_LOADERS:
         raise MedalloyError(f"a '{method}' model has no per-task outputs", checkpoint, "predict label maps without --task")
     return _TASK_LOADERS[method]
+
+
+def load_checkpoint_model(checkpoint: str | Path, device: str = "cpu", dataset: str | None = None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Model, plan and record of any method's checkpoint, by the ``method`` its record names."""
+    return loader_for(read_record(checkpoint).get("method"), checkpoint)(Path(checkpoint), device, dataset)
+
+
+def load_checkpoint_tasks(
+    checkpoint: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
+) -> tuple[nn.Module, Plan, dict[str, Any], str]:
+    """A per-task model (one sigmoid map per task of ``tasks``) from any method that has one."""
+    return task_loader_for(read_record(checkpoint).get("method"), checkpoint)(Path(checkpoint), tasks, dataset=dataset, modality=modality, device=device)
