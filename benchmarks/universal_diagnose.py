@@ -1,8 +1,11 @@
 """Why ACDC fails in the universal model: ACDC alone through the universal recipe (no priors, so
-only the per-task sigmoid loss and head differ from the expert), a fixed number of steps, then per
-class the mean sigmoid inside and outside the class on validation cases.
+only the per-task loss and head differ from the expert), a fixed number of steps, with the paper's
+per-task BCE and with the exclusive class term (``class_loss``), task logits started at 0 or at a
+prior probability (``prior_probability``), and the expert for the same steps as the control
+(``--expert``); per class the mean probability inside and outside the class on
+validation cases.
 
-    python benchmarks/universal_diagnose.py [--steps 400] [--lr 2e-3 3e-3]
+    python benchmarks/universal_diagnose.py [--steps 400] [--lr 2e-3] [--class-loss bce exclusive] [--prior-probability none 0.01] [--expert]
 
 Writes ``benchmarks/results/universal_diagnose.json`` (benchmarks/results/universal.md's notes quote it).
 """
@@ -27,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-universal")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, nargs="*", default=[2e-3, 3e-3])
+    p.add_argument("--lr", type=float, nargs="*", default=[2e-3])
+    p.add_argument("--class-loss", nargs="*", default=["bce", "exclusive"], choices=["bce", "exclusive"])
+    p.add_argument("--prior-probability", nargs="*", default=["none", "0.01"], help="task logit offsets' start (none: at 0, the paper's)")
+    p.add_argument("--expert", action="store_true", help="also train the ACDC expert for the same steps (the control)")
     p.add_argument("--results", type=Path, default=HERE / "results")
     a = p.parse_args(argv)
     if not a.data.is_dir():
@@ -42,29 +48,49 @@ def main(argv: list[str] | None = None) -> int:
     ids = splits(name, folder, 0)
     ds = RawDataset(folder)
     rows = []
-    for lr in a.lr:
-        cfg = UniversalConfig(plan_options={name: PlanOptions(**PLAN_OPTIONS[name])}, priors="none")
-        cfg.train.steps, cfg.train.val_every, cfg.train.lr = a.steps, a.steps, lr
-        run = a.work / "runs" / "diagnose" / f"acdc-alone-lr{lr:g}"
-        res = train_universal([folder], run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={name: {"train": ids["train"], "val": ids["val"]}})
-        model, plan, _ = load_for_dataset(run / "checkpoints" / "last.safetensors", name)
-        predictor = Predictor(model, plan, activation="sigmoid")
+    classes = sorted(((c, v) for c, v in ds.spec.labels.items() if v), key=lambda cv: cv[1])
+
+    def row(what: dict, res: dict, predictor: Predictor, first: int) -> dict:
+        """Validation Dice, and the mean probability of each class inside and outside it (channel ``first + k``)."""
         inside: dict[str, list[float]] = {}
         outside: dict[str, list[float]] = {}
         for cid in ids["val"]:
             image, label, meta = ds.load(ds.case(cid))
             probs = predictor.predict_probabilities(image, meta).numpy()
             label = label.reshape(probs.shape[1:])
-            for k, (cls, value) in enumerate(sorted(((c, v) for c, v in ds.spec.labels.items() if v), key=lambda cv: cv[1])):
-                inside.setdefault(cls, []).append(float(probs[k][label == value].mean()))
-                outside.setdefault(cls, []).append(float(probs[k][label != value].mean()))
-        row = {
-            "lr": lr, "steps": res["steps"], "val_dice": {k.split("dice_")[1]: round(v, 3) for k, v in res["best"]["metrics"].items() if "dice_" in k},
-            "mean_sigmoid_inside": {k: round(float(np.mean(v)), 3) for k, v in inside.items()},
-            "mean_sigmoid_outside": {k: round(float(np.mean(v)), 3) for k, v in outside.items()},
+            for k, (cls, value) in enumerate(classes):
+                inside.setdefault(cls, []).append(float(probs[first + k][label == value].mean()))
+                outside.setdefault(cls, []).append(float(probs[first + k][label != value].mean()))
+        out = {
+            **what, "steps": res["steps"], "val_dice": {k.split("dice_")[1]: round(v, 3) for k, v in res["best"]["metrics"].items() if "dice_" in k},
+            "mean_probability_inside": {k: round(float(np.mean(v)), 3) for k, v in inside.items()},
+            "mean_probability_outside": {k: round(float(np.mean(v)), 3) for k, v in outside.items()},
         }  # fmt: skip
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        out["val_dice_mean"] = round(float(np.mean(list(out["val_dice"].values()))), 3)
+        print(json.dumps(out), flush=True)
+        return out
+
+    split = {"train": ids["train"], "val": ids["val"]}
+    if a.expert:
+        from medalloy.planning.fingerprint import fingerprint
+        from medalloy.planning.planner import plan_dataset
+        from medalloy.predict import load_model
+        from medalloy.recipes.expert import train_expert
+
+        run = a.work / "runs" / "diagnose" / "acdc-expert"
+        plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS[name])
+        res = train_expert(folder, run, plan=plan, split=split, overwrite=True, progress=sys.stderr.isatty(), steps=a.steps, val_every=a.steps)
+        model, plan, _ = load_model(run / "checkpoints" / "last.safetensors")
+        rows.append(row({"model": "expert (softmax Dice + CE)", "lr": 3e-3}, res, Predictor(model, plan), 1))
+    for lr, class_loss, prior in [(lr, c, p) for p in a.prior_probability for c in a.class_loss for lr in a.lr]:
+        prior = None if prior == "none" else float(prior)
+        cfg = UniversalConfig(plan_options={name: PlanOptions(**PLAN_OPTIONS[name])}, priors="none", class_loss=class_loss, prior_probability=prior)
+        cfg.train.steps, cfg.train.val_every, cfg.train.lr = a.steps, a.steps, lr
+        run = a.work / "runs" / "diagnose" / f"acdc-alone-{class_loss}-prior{prior}-lr{lr:g}"
+        res = train_universal([folder], run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={name: split})
+        model, plan, _ = load_for_dataset(run / "checkpoints" / "last.safetensors", name)
+        what = {"model": f"universal, no priors, class_loss {class_loss}, prior_probability {prior}", "class_loss": class_loss, "prior_probability": prior, "lr": lr}
+        rows.append(row(what, res, Predictor(model, plan, activation="sigmoid"), 0))
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "universal_diagnose.json").write_text(json.dumps({"dataset": name, "priors": "none", "rows": rows}, indent=2) + "\n", encoding="utf-8")
     return 0

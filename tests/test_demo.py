@@ -22,6 +22,12 @@ def test_demo_writes_the_report_with_experts_and_the_universal_model(tmp_path):
     # every expert label has a universal Dice beside it
     uni_rows = [ln for ln in text.split("## Universal model")[1].split("## Per dataset")[0].splitlines() if ln.startswith("| Synth")]
     assert len(uni_rows) == 6 and all(ln.split("|")[4].strip() not in ("", "-") for ln in uni_rows)
+    # the distilled student: predicted through ONNX Runtime, a Dice per teacher label and three latencies
+    assert (tmp_path / "demo" / "student" / "student.onnx").is_file() and (tmp_path / "demo" / "predictions-student" / "SynthCXR").is_dir()
+    section = text.split("## Distilled student")[1].split("## Per dataset")[0]
+    dice_rows = [ln for ln in section.splitlines() if ln.startswith(("| lung", "| heart"))]
+    assert len(dice_rows) == 2 and all(0.0 <= float(ln.split("|")[3]) <= 1.0 for ln in dice_rows)
+    assert len([ln for ln in section.splitlines() if ln.startswith(("| teacher", "| student"))]) == 3
     assert json.loads((tmp_path / "demo" / "demo.json").read_text(encoding="utf-8"))["status"] == "done"
     with pytest.raises(MedalloyError, match="overwrite"):
         run_demo(tmp_path / "demo", steps=3, progress=False)

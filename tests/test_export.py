@@ -17,7 +17,7 @@ from medalloy.cli import main  # noqa: E402
 from medalloy.data.io import read_label  # noqa: E402
 from medalloy.data.synth import generate_dataset  # noqa: E402
 from medalloy.errors import MedalloyError  # noqa: E402
-from medalloy.export import export_onnx  # noqa: E402
+from medalloy.export import calibration_patches, export_onnx  # noqa: E402
 from medalloy.interop.onnx_runtime import load_onnx, sidecar_path  # noqa: E402
 from medalloy.predict import load_model, predict_folder  # noqa: E402
 from medalloy.planning.fingerprint import fingerprint  # noqa: E402
@@ -98,3 +98,31 @@ def test_graph_without_or_with_a_foreign_sidecar_is_one_line(runs, tmp_path, cap
     assert len(err) == 1 and "describes another model" in err[0] and "lonely.onnx.json" in err[0]
     assert main(["-q", "export", str(runs / "expert"), "--out", str(a)]) == 1  # an existing file is kept
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_int8_export_quantizes_weights_and_activations_and_stays_close(data, runs, tmp_path, capsys):
+    import numpy as np
+    import onnx
+
+    model, plan, _ = load_model(runs / "expert" / "checkpoints" / "best.safetensors")
+    fp32, static, dynamic = tmp_path / "fp32.onnx", tmp_path / "static.onnx", tmp_path / "dynamic.onnx"
+    export_onnx(runs / "expert", fp32)
+    assert main(["-q", "export", str(runs / "expert"), "--out", str(static), "--quantize", "int8", "--calibration", str(data[0] / "imagesTr")]) == 0
+    assert "int8 (static, 32 calibration patches)" in capsys.readouterr().out
+    meta = json.loads(sidecar_path(static).read_text(encoding="utf-8"))
+    assert meta["quantization"] == {"type": "int8", "mode": "static", "calibration": str(data[0] / "imagesTr"), "samples": 32}
+    assert export_onnx(runs / "expert", dynamic, quantize="int8")["quantization"]["mode"] == "dynamic"
+    for f in (static, dynamic):
+        graph = onnx.load(str(f))
+        int8 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert int8, f"{f.name} holds no int8 weights"
+    ops = {n.op_type for n in onnx.load(str(static)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations too, not only weights
+    # the int8 graph answers like the fp32 one on held-out images (a network trained 3 steps: logits
+    # of small margins, so correlation rather than label agreement)
+    x = torch.from_numpy(np.concatenate(calibration_patches(plan, data[0] / "imagesTs", 2, seed=1)))
+    ref = load_onnx(fp32)[0](x).flatten()
+    for f in (static, dynamic):
+        got = load_onnx(f)[0](x).flatten()
+        corr = float(torch.corrcoef(torch.stack([got, ref]))[0, 1])
+        assert corr > 0.9, f"{f.name}: {corr}"  # measured 0.958 static, 0.988 dynamic; a broken scale gives ~0

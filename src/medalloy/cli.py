@@ -126,9 +126,14 @@ def cmd_distill(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from medalloy.export import export_onnx
 
-    meta = export_onnx(a.run, a.out, dataset=a.dataset, tasks=a.task, modality=a.modality, checkpoint=a.checkpoint, opset=a.opset, overwrite=a.overwrite)
+    meta = export_onnx(
+        a.run, a.out, dataset=a.dataset, tasks=a.task, modality=a.modality, checkpoint=a.checkpoint, opset=a.opset, overwrite=a.overwrite,
+        quantize=a.quantize, calibration=a.calibration,
+    )  # fmt: skip
     what = f"tasks {', '.join(meta['tasks'])}" if meta["tasks"] else f"labels {', '.join(meta['labels'])}"
-    print(f"{a.out}: ONNX opset {meta['opset']}, input {meta['input']['shape']}, {what}; sidecar {a.out}.json")
+    q = meta.get("quantization")
+    how = f", int8 ({q['mode']}{', ' + str(q['samples']) + ' calibration patches' if q['samples'] else ''})" if q else ""
+    print(f"{a.out}: ONNX opset {meta['opset']}{how}, input {meta['input']['shape']}, {what}; sidecar {a.out}.json")
     return 0
 
 
@@ -297,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: export bound to these tasks (one sigmoid map each)")
     c.add_argument("--modality", default=None, help="with --task and no --dataset: the preprocessing of a training dataset of this modality")
     c.add_argument("--opset", type=int, default=18)
+    c.add_argument("--quantize", choices=("int8",), default=None, help="int8 graph through ONNX Runtime: static with --calibration, else dynamic (weights only)")
+    c.add_argument("--calibration", default=None, metavar="DIR", help="with --quantize: images (as for predict --input, e.g. DATASET/imagesTr) whose activation ranges calibrate int8")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_export)
 

@@ -2,6 +2,10 @@
 dynamic batch; the spatial size is the plan's patch, which is what the sliding window feeds it)
 and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
 dataset (``dataset``: its tasks, modality, preprocessing) or to a task list (``tasks``).
+
+``quantize="int8"`` writes the int8 graph instead (``interop/quantize.py``): static quantization
+with activation ranges from ``calibration`` (a folder of images, read and preprocessed as
+``medalloy predict`` would, cut into the plan's patch), else dynamic (weights only).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from medalloy.errors import MedalloyError
@@ -44,6 +49,35 @@ def _model(ckpt: Path, dataset: str | None, tasks: list[str] | None, modality: s
     return load_checkpoint_model(ckpt, "cpu", dataset=dataset)
 
 
+def calibration_patches(plan, folder: str | Path, count: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """Up to ``count`` network inputs ``(1, C, *patch)`` from the images of ``folder``, preprocessed
+    with ``plan`` (random patches of the padded image; 2D plans take one slice of a volume)."""
+    from medalloy.data.io import read_image
+    from medalloy.data.preprocess import pad_to_patch, to_network_space
+    from medalloy.predict import find_input_cases
+
+    cases = find_input_cases(folder)
+    rng = np.random.default_rng(seed)
+    ids = sorted(cases)
+    rng.shuffle(ids)
+    out = []
+    for i in range(count):
+        files = cases[ids[i % len(ids)]]
+        image, meta = read_image(files)
+        if image.shape[0] != plan.in_channels and image.shape[0] != 1:
+            raise MedalloyError(f"calibration image has {image.shape[0]} channels, the model {plan.in_channels}", files[0], "calibrate with images of the training modality")
+        net, _ = to_network_space(image, None, meta, plan, files[0])
+        if net.shape[0] != plan.in_channels:
+            net = np.repeat(net, plan.in_channels, 0)  # one-channel images in a model of several (as in training)
+        if plan.dim == 2:
+            net = net[:, rng.integers(net.shape[1])]
+        net, _, _ = pad_to_patch(net, None, plan.patch_size)
+        corner = [int(rng.integers(0, s - p + 1)) for s, p in zip(net.shape[1:], plan.patch_size)]
+        window = tuple(slice(c, c + p) for c, p in zip(corner, plan.patch_size))
+        out.append(np.ascontiguousarray(net[(slice(None), *window)][None], np.float32))
+    return out
+
+
 def export_onnx(
     run: str | Path,
     out: str | Path,
@@ -53,6 +87,9 @@ def export_onnx(
     checkpoint: str = "best",
     opset: int = 18,
     overwrite: bool = False,
+    quantize: Literal["int8"] | None = None,
+    calibration: str | Path | None = None,
+    calibration_samples: int = 32,
 ) -> dict[str, Any]:
     """Write ``out`` (``.onnx``) and ``out.json``; returns the sidecar."""
     out = Path(out)
@@ -67,8 +104,11 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
         raise MedalloyError("ONNX export needs the onnx extra", fix='pip install "medalloy[onnx]" (after torch)') from None
+    if quantize not in (None, "int8"):
+        raise MedalloyError(f"unknown quantization '{quantize}'", fix="use --quantize int8")
     ckpt = resolve_checkpoint(run, checkpoint)
     model, plan, record = _model(ckpt, dataset, tasks, modality)
+    patches = calibration_patches(plan, calibration, calibration_samples) if quantize and calibration is not None else None
     model = model.eval().float()
     # batch 2: torch.export specialises axes of size 1, the batch axis must stay dynamic
     example = torch.zeros(2, plan.in_channels, *plan.patch_size)
@@ -84,6 +124,15 @@ def export_onnx(
                 model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},)
             )
         program.save(str(tmp))
+        if quantize:
+            from medalloy.interop.quantize import quantize_int8
+
+            fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
+            os.replace(tmp, fp32)
+            try:
+                quantize_int8(fp32, tmp, "static" if patches else "dynamic", patches)
+            finally:
+                fp32.unlink(missing_ok=True)
         sha = file_sha256(tmp)
         os.replace(tmp, out)
     finally:
@@ -94,6 +143,7 @@ def export_onnx(
         "onnx_file": out.name,
         "onnx_sha256": sha,
         "opset": opset,
+        "quantization": None if not quantize else {"type": "int8", "mode": "static" if patches else "dynamic", "calibration": str(calibration) if patches else None, "samples": len(patches or [])},
         "method": record.get("method"),
         "name": record.get("name"),
         "exported_from": str(ckpt),

@@ -112,3 +112,53 @@ def test_task_slots_are_treated_alike():
     assert inside[0] < 0 < outside[0]
     torch.testing.assert_close(torch.stack(inside), inside[0].expand(3))
     torch.testing.assert_close(torch.stack(outside), outside[0].expand(3))
+
+
+def _exclusive_reference(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """The docstring's exclusive CE, pixel by pixel: softmax over [0, annotated slots]."""
+    z, y = z.astype(np.float64), y.astype(np.float64)
+    num, den = 0.0, 0.0
+    for i in range(w.shape[0]):
+        slots = [j for j in range(w.shape[1]) if w[i, j] > 0]
+        if not slots:
+            continue
+        logits = np.stack([np.zeros_like(z[i, 0])] + [z[i, j] for j in slots])  # (1 + |A|, *sp)
+        cls = np.zeros(z.shape[2:], int)
+        for k, j in enumerate(slots):
+            cls[y[i, j] > 0] = k + 1
+        logp = logits - np.log(np.exp(logits).sum(0))
+        ce = -np.take_along_axis(logp, cls[None], 0)[0].mean()
+        num, den = num + w[i, slots].max() * ce, den + w[i, slots].max()
+    return num / den
+
+
+def test_exclusive_class_term_matches_the_formula_and_is_the_bce_for_one_task():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, (3, 3, 6, 5)).astype(np.float32)
+    lab = rng.integers(0, 4, (3, 6, 5))
+    y = np.stack([(lab == k + 1) for k in range(3)], 1).astype(np.float32)  # a label map: one class per pixel
+    w = np.array([[1, 1, 1], [1, 0, 1], [0, 0, 0]], np.float32)  # sample 2 annotates nothing; sample 1 lacks slot 1
+    y[1, 1] = 0  # an unannotated slot holds no target
+    loss = TaskBCEDiceLoss(exclusive=True)
+    loss(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w))
+    assert float(loss.last["bce"]) == pytest.approx(_exclusive_reference(z, y, w), rel=1e-5)
+    # one task a sample: softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)], so the whole loss is the BCE form's
+    one = (torch.from_numpy(z[:, :1]), torch.from_numpy(y[:, :1]), torch.ones(3, 1))
+    torch.testing.assert_close(TaskBCEDiceLoss(exclusive=True)(*one), TaskBCEDiceLoss()(*one))
+
+
+def test_exclusive_classes_compete_for_a_pixel():
+    # a pixel of class 1 where slot 2 is confidently on: the exclusive term pushes slot 2 down there,
+    # the per-task BCE only through slot 2's own target (the same push) but never lifts slot 1 by
+    # more than its own sigmoid error; with slot 2 off the two agree on slot 1, with it on they differ
+    y = torch.zeros(1, 2, 1, 1)
+    y[0, 0] = 1
+    for z2, differs in ((-20.0, False), (3.0, True)):
+        z = torch.tensor([0.0, z2]).view(1, 2, 1, 1).requires_grad_(True)
+        TaskBCEDiceLoss(exclusive=True)._exclusive_ce(z.flatten(2), y.flatten(2), torch.ones(1, 2)).backward()
+        g_excl = z.grad.clone()
+        z.grad = None
+        torch.nn.functional.binary_cross_entropy_with_logits(z, y).backward()
+        g_bce = z.grad.clone() * 2  # the mean over two slots halves the BCE's gradient
+        assert (abs(float(g_excl[0, 0] - g_bce[0, 0])) > 0.05) == differs
+        assert float(g_excl[0, 0]) < 0  # slot 1 is always pushed up on its own pixel

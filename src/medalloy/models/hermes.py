@@ -64,6 +64,7 @@ class HermesNet(nn.Module):
         depth: int = 1,
         tokens_per_modality: int = 10,
         fusion_width: int | None = None,
+        prior_probability: float | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -85,9 +86,16 @@ class HermesNet(nn.Module):
             )
         else:  # no priors: one 1x1 output head (weights and bias) per task, the "no priors" baseline
             self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
-            self.task_bias = nn.Embedding(n_tasks + 1, 1)
             nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
-            nn.init.zeros_(self.task_bias.weight)
+        # a learned logit offset per task, started at the prior probability (RetinaNet's init): every
+        # task begins by predicting "mostly absent", as the experts' softmax quickly learns to, instead
+        # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/methods/hermes.md)
+        if prior_probability is not None or not self.fusion:
+            self.task_bias = nn.Embedding(n_tasks + 1, 1)
+            start = 0.0 if prior_probability is None else float(torch.logit(torch.tensor(prior_probability)))
+            nn.init.constant_(self.task_bias.weight, start)
+        else:
+            self.task_bias = None
         self.modality_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, n_modalities)) if self.fusion and tokens_per_modality else None
         # FeatureTap reads the fused features of fused stages (a fusion layer's first output)
         setattr(self, STAGES_ATTR, {s: (f"fusion.{s}" if s in self.fusion else f"backbone.{p}") for s, p in paths.items()})
@@ -113,14 +121,19 @@ class HermesNet(nn.Module):
 
         f = run_stages(self.backbone, x, fused)
         if not self.fusion:
-            weight, bias = self.task_weight(task_ids), self.task_bias(task_ids)  # (B, T, C0), (B, T, 1)
-            logits = torch.einsum("bc...,btc->bt...", f, weight.to(f.dtype))
-            return {"logits": logits + bias.to(f.dtype).view(*bias.shape[:2], *([1] * (f.ndim - 2)))}
+            return {"logits": self._offset(torch.einsum("bc...,btc->bt...", f, self.task_weight(task_ids).to(f.dtype)), task_ids)}  # weight (B, T, C0)
         prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
-        logits = torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype))
+        logits = self._offset(torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype)), task_ids)
         if self.modality_head is None:
             return {"logits": logits}
         return {"logits": logits, "modality_logits": self.modality_head(torch.cat(modality, dim=-1))}
+
+
+    def _offset(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        if self.task_bias is None:
+            return logits
+        bias = self.task_bias(task_ids).to(logits.dtype)  # (B, T, 1)
+        return logits + bias.view(*bias.shape[:2], *([1] * (logits.ndim - 2)))
 
 
 class TaskBound(nn.Module):
@@ -155,10 +168,13 @@ def build_hermes(
     fusion_width: int | None = None,
     priors: str = "task+modality",
     finest_skipped: int = 2,
+    prior_probability: float | None = None,
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
-    fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's)."""
+    fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's);
+    ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
+    offset with priors, 0 without, as before)."""
     if priors not in PRIORS:
         raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
     if isinstance(network, Plan):
@@ -181,4 +197,5 @@ def build_hermes(
         depth=depth,
         tokens_per_modality=0 if priors == "task" else tokens_per_modality,
         fusion_width=fusion_width,
+        prior_probability=prior_probability,
     )

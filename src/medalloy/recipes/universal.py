@@ -96,6 +96,8 @@ class UniversalConfig(BaseModel):
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
+    prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
+    class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
     task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
     fold: int = 0
@@ -329,14 +331,15 @@ def train_universal(
     seed_everything(seed)
     model = {
         "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
-        "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped,
+        "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped, "prior_probability": cfg.prior_probability,
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
         sources, cfg.batch_size or MIXED_BATCH, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=cfg.patch_size is None
     )
-    seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
-    per_dataset_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1)
+    exclusive = cfg.class_loss == "exclusive"
+    seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
+    per_dataset_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
     unknown = len(registry.modalities) - 1
     names = [src.name for src in sources]
 
@@ -396,6 +399,7 @@ def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model
         network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
         depth=int(model.get("fusion_depth", 1)), tokens_per_modality=int(model.get("tokens_per_modality", 10)),
         fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
+        prior_probability=model.get("prior_probability"),
     )  # fmt: skip
 
 

@@ -1,0 +1,328 @@
+"""Relation-based distillation on the real data of ../shared/data: a tiny student against its teacher
+and the baselines, on Dice, size, FLOPs and CPU latency per runtime.
+
+    python benchmarks/distill.py [--data ../shared/data] [--teacher-minutes 6] [--steps 600]
+                                 [--only polyp cxr] [--models teacher student_alone ...]
+
+Domains (held-out cases as in benchmarks/experts.py: never used in training or model selection):
+- ``polyp``: Kvasir + CVC in one dataset (two sources). Teacher: a medalloy expert trained on both
+  centres (the experts benchmark's 128 px polyp plan); students distil it on both centres. Scored
+  per source (``polyp/Kvasir``, ``polyp/CVC``). Unseen source: a teacher and students trained on
+  Kvasir alone, scored on CVC (``Kvasir->CVC``).
+- ``cxr``: JSRT (lung, heart). Teacher: the JSRT expert; students distil it on JSRT. Unseen source:
+  the same models on Shenzhen's held-out radiographs (lung; ``JSRT->Shenzhen``).
+
+Models: ``teacher`` (a medalloy expert, time budget ``--teacher-minutes``) and the students (tiny,
+~0.35 M parameters, ``--steps`` steps each, the same seed): ``student_alone``, ``logit_kd``,
+``skd``, ``cwd``, ``relation_kd``, ``relation_no_kernel``, ``relation_no_affinity``.
+Per model: Dice per task/source, parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode)
+and latency at the plan's patch, batch 1, median of 50 after 5 warm-up calls, with 2 threads:
+PyTorch eager fp32, bf16 autocast, ONNX Runtime fp32 and int8 (static, calibrated on 32 training
+patches; its Dice is measured too).
+
+``--only DOMAIN`` / ``--models M ...`` rerun parts and merge them into the results. Writes
+``benchmarks/results/distill.json`` and ``distill.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+
+STUDENTS = {
+    "student_alone": "student_alone", "logit_kd": "logit_kd", "skd": "skd", "cwd": "cwd",
+    "relation_kd": "relation", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
+}  # fmt: skip
+MODELS = ["teacher", *STUDENTS]
+# the students trained on one centre only, for the unseen-source row (the ones the targets compare)
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd"]
+# domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
+DOMAINS: dict[str, dict[str, Any]] = {
+    "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
+    "cxr": {"train": ["JSRT"], "unseen_train": ["JSRT"], "unseen_test": "Shenzhen", "unseen_key": "JSRT->Shenzhen"},
+}
+LATENCY_RUNS, LATENCY_WARMUP = 50, 5
+
+
+def log(msg: str) -> None:
+    print(f"[distill] {msg}", flush=True)
+
+
+def source_of(name: str) -> str:
+    return name.split("-")[-1]
+
+
+def union_split(members: list[str], data: Path, work: Path, seed: int) -> dict[str, list[str]]:
+    parts = [splits(m, dataset_path(m, data, work), seed) for m in members]
+    return {k: [c for p in parts for c in p[k]] for k in ("train", "val", "test")}
+
+
+def score(model_path: Path, test: str, data: Path, work: Path, key: str, seed: int, labels: dict[str, int] | None = None) -> dict[str, float]:
+    """Dice per label of ``model_path`` (run folder or .onnx) on the held-out cases of ``test``."""
+    from medalloy.data.dataset import RawDataset
+    from medalloy.predict import predict_cases
+
+    ds_path = dataset_path(test, data, work)
+    ids = splits(test, ds_path, seed)["test"]
+    fg = {k: v for k, v in RawDataset(ds_path).spec.labels.items() if v}
+    keep = {k: v for k, v in fg.items() if labels is None or labels.get(k) == v}
+    pred, gt = work / "pred" / key, work / "gt" / key
+    for d in (pred, gt):
+        shutil.rmtree(d, ignore_errors=True)
+    predict_cases(model_path, ds_path, ids, pred, keep_labels=list(keep), device="cpu", overwrite=True, progress=False)
+    copy_ground_truth(ds_path, ids, gt, keep)
+    return {label: s["dice"] for label, s in evaluate(pred, gt, keep, work / "eval" / key).items()}
+
+
+def train_teacher(domain: str, members: list[str], data: Path, work: Path, minutes: float, seed: int, tag: str) -> Path:
+    from medalloy.data.dataset import RawDataset
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+    from medalloy.recipes.expert import train_expert
+
+    ds_path = dataset_path(members[0], data, work)
+    split = union_split(members, data, work, seed)
+    ds = RawDataset(ds_path)
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS.get(members[0], {}))
+    run = work / "runs" / domain / f"teacher{tag}"
+    log(f"{domain} teacher{tag}: expert on {', '.join(members)} ({len(split['train'])} cases), patch {plan.patch_size}, {minutes:g} min")
+    train_expert(
+        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
+        steps=1_000_000, time_budget_minutes=minutes, val_every=200, seed=seed,
+    )  # fmt: skip
+    return run
+
+
+def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str) -> tuple[Path, dict[str, Any]]:
+    from medalloy.recipes.distill import train_distill
+
+    ds_path = dataset_path(members[0], data, work)
+    split = union_split(members, data, work, seed)
+    run = work / "runs" / domain / f"{model}{tag}"
+    log(f"{domain} {model}{tag}: {steps} steps on {', '.join(members)}")
+    res = train_distill(
+        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", split={"train": split["train"], "val": split["val"]},
+        overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=seed,
+    )  # fmt: skip
+    return run, res
+
+
+def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any]:
+    """Parameters, ONNX size, GFLOPs and latency per runtime of a run's best model; the int8 graph's path."""
+    import torch
+
+    from medalloy.engine.latency import model_latency_ms
+    from medalloy.export import export_onnx
+    from medalloy.interop.onnx_runtime import load_onnx
+    from medalloy.models.flops import forward_gflops
+    from medalloy.models.unet import count_parameters
+    from medalloy.predict import load_model
+
+    torch.set_num_threads(2)
+    model, plan, _ = load_model(run / "checkpoints" / "best.safetensors")
+    shape = (plan.in_channels, *plan.patch_size)
+    fp32, int8 = work / "onnx" / f"{key}.onnx", work / "onnx" / f"{key}.int8.onnx"
+    export_onnx(run, fp32, overwrite=True)
+    export_onnx(run, int8, overwrite=True, quantize="int8", calibration=calibration)
+    latency = {
+        "eager_fp32": model_latency_ms(model, shape, "fp32", LATENCY_RUNS, LATENCY_WARMUP),
+        "bf16": model_latency_ms(model, shape, "bf16", LATENCY_RUNS, LATENCY_WARMUP),
+        "onnx_fp32": model_latency_ms(load_onnx(fp32, threads=2)[0], shape, "fp32", LATENCY_RUNS, LATENCY_WARMUP),
+        "onnx_int8": model_latency_ms(load_onnx(int8, threads=2)[0], shape, "fp32", LATENCY_RUNS, LATENCY_WARMUP),
+    }
+    return {
+        "params": count_parameters(model), "size_mb": round(fp32.stat().st_size / 2**20, 3), "size_mb_int8": round(int8.stat().st_size / 2**20, 3),
+        "gflops": round(forward_gflops(model, shape), 3), "patch": list(plan.patch_size),
+        "latency_ms": {k: round(v, 2) for k, v in latency.items()}, "int8_graph": str(int8),
+    }  # fmt: skip
+
+
+def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_minutes: float, steps: int, seed: int) -> dict[str, Any]:
+    spec = DOMAINS[domain]
+    members = spec["train"]
+    calibration = dataset_path(members[0], data, work) / "imagesTr"
+    out: dict[str, Any] = {"models": {}, "unseen_source": {}}
+    teacher = work / "runs" / domain / "teacher"
+    if "teacher" in models or not (teacher / "checkpoints" / "best.safetensors").exists():
+        teacher = train_teacher(domain, members, data, work, teacher_minutes, seed, "")
+    for model in models:
+        if model == "teacher":
+            run, res = teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8"))
+        else:
+            run, res = train_student(domain, model, members, teacher, data, work, steps, seed, "")
+        entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "dice": {}}
+        m = measure(run, calibration, work, f"{domain}-{model}")
+        for member in members:
+            for label, d in score(run, member, data, work, f"{domain}-{model}-{member}", seed).items():
+                entry["dice"][f"{label}/{source_of(member)}"] = d
+        if model in ("teacher", "relation_kd"):  # what int8 costs in Dice
+            entry["dice_int8"] = {}
+            for member in members:
+                for label, d in score(Path(m["int8_graph"]), member, data, work, f"{domain}-{model}-{member}-int8", seed).items():
+                    entry["dice_int8"][f"{label}/{source_of(member)}"] = d
+        m.pop("int8_graph")
+        entry.update(m)
+        entry["dice_mean"] = round(float(np.mean(list(entry["dice"].values()))), 4)
+        out["models"][model] = entry
+        log(f"{domain} {model}: Dice {entry['dice']} params {entry['params']} latency {entry['latency_ms']}")
+    # unseen source: trained on one centre, scored on the other
+    test = spec["unseen_test"]
+    from medalloy.data.dataset import RawDataset
+
+    shared = {k: v for k, v in RawDataset(dataset_path(test, data, work)).spec.labels.items() if v}
+    for model in [m for m in UNSEEN_MODELS if m in models]:
+        if spec["unseen_train"] == members:  # the domain's own models were trained on one centre
+            run = Path(out["models"][model]["run"])
+        elif model == "teacher":
+            run = train_teacher(domain, spec["unseen_train"], data, work, teacher_minutes, seed, "-" + source_of(spec["unseen_train"][0]))
+        else:
+            t = work / "runs" / domain / f"teacher-{source_of(spec['unseen_train'][0])}"
+            if not (t / "checkpoints" / "best.safetensors").exists():
+                t = train_teacher(domain, spec["unseen_train"], data, work, teacher_minutes, seed, "-" + source_of(spec["unseen_train"][0]))
+            run, _ = train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, "-" + source_of(spec["unseen_train"][0]))
+        dice = score(run, test, data, work, f"{domain}-unseen-{model}", seed, labels=shared)
+        out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(list(dice.values()))), 4)}
+    return out
+
+
+def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, Any]:
+    doms = old.get("domains", {})
+    mine = doms.setdefault(domain, {"models": {}, "unseen_source": {}})
+    mine["models"].update(new["models"])
+    mine["unseen_source"].update(new["unseen_source"])
+    return {**old, "domains": doms}
+
+
+def summarise(res: dict[str, Any]) -> dict[str, Any]:
+    """The issue's shape: per model, Dice over every task/source of both domains; size and latency at
+    224 px (the chest X-ray domain: the issue's reference size), else the other domain's."""
+    doms = res["domains"]
+    models: dict[str, Any] = {}
+    for name in MODELS:
+        entries = {d: v["models"][name] for d, v in doms.items() if name in v["models"]}
+        if not entries:
+            continue
+        ref = entries.get("cxr") or next(iter(entries.values()))
+        dice = {k: v for e in entries.values() for k, v in e["dice"].items()}
+        models[name] = {
+            "dice_mean": round(float(np.mean(list(dice.values()))), 4), "dice": dice,
+            "params": ref["params"], "size_mb": ref["size_mb"], "gflops": ref["gflops"], "latency_ms": ref["latency_ms"],
+        }  # fmt: skip
+    unseen: dict[str, Any] = {}
+    for v in doms.values():
+        for name, rows in v["unseen_source"].items():
+            unseen.setdefault(name, {}).update(rows)
+    return {**res, "models": models, "unseen_source": unseen}
+
+
+def fastest(lat: dict[str, float]) -> tuple[str, float]:
+    k = min((k for k, v in lat.items() if v is not None), key=lambda k: lat[k])
+    return k, lat[k]
+
+
+def markdown(res: dict[str, Any]) -> str:
+    models, unseen = res["models"], res["unseen_source"]
+    keys = sorted({k for m in models.values() for k in m["dice"]})
+    lines = [
+        "# Distillation: a tiny student against its teacher",
+        "",
+        f"Teacher: a medalloy expert per domain ({res['teacher_minutes']:g} min each); students: {res['steps']} steps each, tiny "
+        "(~0.35 M parameters). Held-out cases of the experts benchmark. Latency: batch 1 at the plan's patch, median of "
+        f"{LATENCY_RUNS} calls after {LATENCY_WARMUP} warm-up, 2 threads; size = the fp32 ONNX file. Rerun: `python benchmarks/distill.py`.",
+        "",
+        "| model | " + " | ".join(keys) + " | mean | params | MB | GFLOPs | eager fp32 ms | bf16 ms | ONNX fp32 ms | ONNX int8 ms |",
+        "|---|" + "---|" * (len(keys) + 8),
+    ]
+    for name, m in models.items():
+        lat = m["latency_ms"]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{m['dice'].get(k, float('nan')):.3f}" for k in keys) + f" | {m['dice_mean']:.3f} | {m['params']:,} | "
+            f"{m['size_mb']:.2f} | {m['gflops']:.2f} | {lat['eager_fp32']:.1f} | {lat['bf16']:.1f} | {lat['onnx_fp32']:.1f} | {lat['onnx_int8']:.1f} |"
+        )
+    lines += ["", "Sizes and latencies are the chest X-ray domain's (224 x 224); per domain in `distill.json`.", ""]
+    if unseen:
+        cols = sorted({k for v in unseen.values() for k in v})
+        lines += ["## Unseen source (trained on one centre, scored on the other)", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, row in unseen.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in cols) + " |")
+        lines.append("")
+    int8 = [(d, name, m) for d, v in res["domains"].items() for name, m in v["models"].items() if "dice_int8" in m]
+    if int8:
+        lines += ["## int8 (ONNX Runtime static quantization) vs fp32 Dice", "", "| domain | model | task/source | fp32 | int8 |", "|---|---|---|---|---|"]
+        for d, name, m in int8:
+            for k, v in m["dice_int8"].items():
+                lines.append(f"| {d} | {name} | {k} | {m['dice'][k]:.3f} | {v:.3f} |")
+        lines.append("")
+    lines += ["## Targets", ""] + targets(res) + [""]
+    return "\n".join(lines)
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    models, unseen = res["models"], res["unseen_source"]
+    if "teacher" not in models or "relation_kd" not in models:
+        return ["- not measured yet (teacher and relation_kd needed)"]
+    t, s = models["teacher"], models["relation_kd"]
+    out = []
+    keep = s["dice_mean"] / max(t["dice_mean"], 1e-9)
+    out.append(f"- relation KD keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
+    ratio = t["params"] / s["params"]
+    out.append(f"- {ratio:.1f}x fewer parameters (target >= 10x): {'met' if ratio >= 10 else '**missed**'}")
+    (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
+    speed = tv / sv
+    out.append(f"- latency, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
+    for base in ("student_alone", "logit_kd"):
+        if "relation_kd" in unseen and base in unseen:
+            for k, v in unseen["relation_kd"].items():
+                b = unseen[base].get(k)
+                if b is not None:
+                    out.append(f"- unseen source {k}: relation KD {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-distill")
+    p.add_argument("--teacher-minutes", type=float, default=6.0)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--only", nargs="*", default=list(DOMAINS), choices=list(DOMAINS))
+    p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    if not a.data.is_dir():
+        print(f"distill.py: data folder {a.data} not found; pass --data", file=sys.stderr)
+        return 1
+    import torch
+
+    torch.set_num_threads(2)
+    path = a.results / "distill.json"
+    res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if res and (res.get("steps"), res.get("teacher_minutes")) != (a.steps, a.teacher_minutes):
+        print(f"distill.py: {path} was made with other settings; move it away or use --steps {res.get('steps')} --teacher-minutes {res.get('teacher_minutes')}", file=sys.stderr)
+        return 1
+    res.update({"steps": a.steps, "teacher_minutes": a.teacher_minutes, "seed": a.seed})
+    for domain in a.only:
+        res = merge(res, domain, run_domain(domain, a.models, a.data, a.work, a.teacher_minutes, a.steps, a.seed))
+        res = summarise(res)
+        a.results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        (a.results / "distill.md").write_text(markdown(res), encoding="utf-8")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
