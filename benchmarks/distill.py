@@ -1,8 +1,9 @@
 """Relation-based distillation on the real data of ../shared/data: a tiny student against its teacher
 and the baselines, on Dice, size, FLOPs and CPU latency per runtime.
 
-    python benchmarks/distill.py [--data ../shared/data] [--teacher-minutes 6] [--steps 600]
+    python benchmarks/distill.py [--data ../shared/data] [--teacher-steps 1500] [--steps 600]
                                  [--only polyp cxr] [--models teacher student_alone ...]
+    python benchmarks/distill.py --measure      # then, on an idle machine: size, FLOPs, latency, int8
 
 Domains (held-out cases as in benchmarks/experts.py: never used in training or model selection):
 - ``polyp``: Kvasir + CVC in one dataset (two sources). Teacher: a medalloy expert trained on both
@@ -12,13 +13,16 @@ Domains (held-out cases as in benchmarks/experts.py: never used in training or m
 - ``cxr``: JSRT (lung, heart). Teacher: the JSRT expert; students distil it on JSRT. Unseen source:
   the same models on Shenzhen's held-out radiographs (lung; ``JSRT->Shenzhen``).
 
-Models: ``teacher`` (a medalloy expert, time budget ``--teacher-minutes``) and the students (tiny,
-~0.35 M parameters, ``--steps`` steps each, the same seed): ``student_alone``, ``logit_kd``,
+Models: ``teacher`` (a medalloy expert, ``--teacher-steps`` steps) and the students (tiny,
+~0.35 M parameters, ``--steps`` steps each, the same seed); fixed step counts, so the training
+pass gives the same models however busy the machine is (the two domains may run side by side,
+``--threads 1`` each): ``student_alone``, ``logit_kd``,
 ``skd``, ``cwd``, ``relation_kd``, ``relation_no_kernel``, ``relation_no_affinity``.
-Per model: Dice per task/source, parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode)
-and latency at the plan's patch, batch 1, median of 50 after 5 warm-up calls, with 2 threads:
-PyTorch eager fp32, bf16 autocast, ONNX Runtime fp32 and int8 (static, calibrated on 32 training
-patches; its Dice is measured too).
+Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
+parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
+batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
+ONNX Runtime fp32 and int8 (static, calibrated on 32 training patches; the teacher's and the
+relation student's int8 Dice too).
 
 ``--only DOMAIN`` / ``--models M ...`` rerun parts and merge them into the results. Writes
 ``benchmarks/results/distill.json`` and ``distill.md``.
@@ -86,7 +90,7 @@ def score(model_path: Path, test: str, data: Path, work: Path, key: str, seed: i
     return {label: s["dice"] for label, s in evaluate(pred, gt, keep, work / "eval" / key).items()}
 
 
-def train_teacher(domain: str, members: list[str], data: Path, work: Path, minutes: float, seed: int, tag: str) -> Path:
+def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps: int, seed: int, tag: str) -> Path:
     from medalloy.data.dataset import RawDataset
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
@@ -97,10 +101,10 @@ def train_teacher(domain: str, members: list[str], data: Path, work: Path, minut
     ds = RawDataset(ds_path)
     plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS.get(members[0], {}))
     run = work / "runs" / domain / f"teacher{tag}"
-    log(f"{domain} teacher{tag}: expert on {', '.join(members)} ({len(split['train'])} cases), patch {plan.patch_size}, {minutes:g} min")
+    log(f"{domain} teacher{tag}: expert on {', '.join(members)} ({len(split['train'])} cases), patch {plan.patch_size}, {steps} steps")
     train_expert(
         ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
-        steps=1_000_000, time_budget_minutes=minutes, val_every=200, seed=seed,
+        steps=steps, val_every=max(100, steps // 4), seed=seed,
     )  # fmt: skip
     return run
 
@@ -149,34 +153,25 @@ def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any
     }  # fmt: skip
 
 
-def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_minutes: float, steps: int, seed: int) -> dict[str, Any]:
+def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int) -> dict[str, Any]:
     spec = DOMAINS[domain]
     members = spec["train"]
-    calibration = dataset_path(members[0], data, work) / "imagesTr"
     out: dict[str, Any] = {"models": {}, "unseen_source": {}}
     teacher = work / "runs" / domain / "teacher"
     if "teacher" in models or not (teacher / "checkpoints" / "best.safetensors").exists():
-        teacher = train_teacher(domain, members, data, work, teacher_minutes, seed, "")
+        teacher = train_teacher(domain, members, data, work, teacher_steps, seed, "")
     for model in models:
         if model == "teacher":
             run, res = teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8"))
         else:
             run, res = train_student(domain, model, members, teacher, data, work, steps, seed, "")
-        entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "dice": {}}
-        m = measure(run, calibration, work, f"{domain}-{model}")
+        entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "params": int(res["params"]), "dice": {}}
         for member in members:
             for label, d in score(run, member, data, work, f"{domain}-{model}-{member}", seed).items():
                 entry["dice"][f"{label}/{source_of(member)}"] = d
-        if model in ("teacher", "relation_kd"):  # what int8 costs in Dice
-            entry["dice_int8"] = {}
-            for member in members:
-                for label, d in score(Path(m["int8_graph"]), member, data, work, f"{domain}-{model}-{member}-int8", seed).items():
-                    entry["dice_int8"][f"{label}/{source_of(member)}"] = d
-        m.pop("int8_graph")
-        entry.update(m)
         entry["dice_mean"] = round(float(np.mean(list(entry["dice"].values()))), 4)
         out["models"][model] = entry
-        log(f"{domain} {model}: Dice {entry['dice']} params {entry['params']} latency {entry['latency_ms']}")
+        log(f"{domain} {model}: Dice {entry['dice']} params {entry['params']}")
     # unseen source: trained on one centre, scored on the other
     test = spec["unseen_test"]
     from medalloy.data.dataset import RawDataset
@@ -186,15 +181,32 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_m
         if spec["unseen_train"] == members:  # the domain's own models were trained on one centre
             run = Path(out["models"][model]["run"])
         elif model == "teacher":
-            run = train_teacher(domain, spec["unseen_train"], data, work, teacher_minutes, seed, "-" + source_of(spec["unseen_train"][0]))
+            run = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
         else:
             t = work / "runs" / domain / f"teacher-{source_of(spec['unseen_train'][0])}"
             if not (t / "checkpoints" / "best.safetensors").exists():
-                t = train_teacher(domain, spec["unseen_train"], data, work, teacher_minutes, seed, "-" + source_of(spec["unseen_train"][0]))
+                t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
             run, _ = train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, "-" + source_of(spec["unseen_train"][0]))
         dice = score(run, test, data, work, f"{domain}-unseen-{model}", seed, labels=shared)
         out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(list(dice.values()))), 4)}
     return out
+
+
+def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int) -> None:
+    """The timing pass (run alone): size, FLOPs, latency per runtime and int8 Dice of every trained model."""
+    for domain, v in res.get("domains", {}).items():
+        members = DOMAINS[domain]["train"]
+        calibration = dataset_path(members[0], data, work) / "imagesTr"
+        for model, entry in v["models"].items():
+            m = measure(Path(entry["run"]), calibration, work, f"{domain}-{model}")
+            if model in ("teacher", "relation_kd"):  # what int8 costs in Dice
+                entry["dice_int8"] = {}
+                for member in members:
+                    for label, d in score(Path(m["int8_graph"]), member, data, work, f"{domain}-{model}-{member}-int8", seed).items():
+                        entry["dice_int8"][f"{label}/{source_of(member)}"] = d
+            m.pop("int8_graph")
+            entry.update(m)
+            log(f"{domain} {model}: params {entry['params']} GFLOPs {entry['gflops']} latency {entry['latency_ms']}")
 
 
 def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +230,7 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         dice = {k: v for e in entries.values() for k, v in e["dice"].items()}
         models[name] = {
             "dice_mean": round(float(np.mean(list(dice.values()))), 4), "dice": dice,
-            "params": ref["params"], "size_mb": ref["size_mb"], "gflops": ref["gflops"], "latency_ms": ref["latency_ms"],
+            "params": ref["params"], "size_mb": ref.get("size_mb"), "gflops": ref.get("gflops"), "latency_ms": ref.get("latency_ms"),
         }  # fmt: skip
     unseen: dict[str, Any] = {}
     for v in doms.values():
@@ -238,7 +250,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# Distillation: a tiny student against its teacher",
         "",
-        f"Teacher: a medalloy expert per domain ({res['teacher_minutes']:g} min each); students: {res['steps']} steps each, tiny "
+        f"Teacher: a medalloy expert per domain ({res['teacher_steps']} steps); students: {res['steps']} steps each, tiny "
         "(~0.35 M parameters). Held-out cases of the experts benchmark. Latency: batch 1 at the plan's patch, median of "
         f"{LATENCY_RUNS} calls after {LATENCY_WARMUP} warm-up, 2 threads; size = the fp32 ONNX file. Rerun: `python benchmarks/distill.py`.",
         "",
@@ -246,10 +258,11 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(keys) + 8),
     ]
     for name, m in models.items():
-        lat = m["latency_ms"]
+        lat = m["latency_ms"] or {}
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731  (not measured yet: --measure)
         lines.append(
             f"| {name} | " + " | ".join(f"{m['dice'].get(k, float('nan')):.3f}" for k in keys) + f" | {m['dice_mean']:.3f} | {m['params']:,} | "
-            f"{m['size_mb']:.2f} | {m['gflops']:.2f} | {lat['eager_fp32']:.1f} | {lat['bf16']:.1f} | {lat['onnx_fp32']:.1f} | {lat['onnx_int8']:.1f} |"
+            f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | " + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8")) + " |"
         )
     lines += ["", "Sizes and latencies are the chest X-ray domain's (224 x 224); per domain in `distill.json`.", ""]
     if unseen:
@@ -279,9 +292,12 @@ def targets(res: dict[str, Any]) -> list[str]:
     out.append(f"- relation KD keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
     ratio = t["params"] / s["params"]
     out.append(f"- {ratio:.1f}x fewer parameters (target >= 10x): {'met' if ratio >= 10 else '**missed**'}")
-    (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
-    speed = tv / sv
-    out.append(f"- latency, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
+    if not t["latency_ms"] or not s["latency_ms"]:
+        out.append("- latency: not measured yet (`--measure`)")
+    else:
+        (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
+        speed = tv / sv
+        out.append(f"- latency, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
     for base in ("student_alone", "logit_kd"):
         if "relation_kd" in unseen and base in unseen:
             for k, v in unseen["relation_kd"].items():
@@ -295,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-distill")
-    p.add_argument("--teacher-minutes", type=float, default=6.0)
+    p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the training pass (1 when two passes run side by side)")
+    p.add_argument("--measure", action="store_true", help="the timing pass over the trained models (run alone)")
     p.add_argument("--only", nargs="*", default=list(DOMAINS), choices=list(DOMAINS))
     p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     p.add_argument("--seed", type=int, default=0)
@@ -307,19 +325,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    torch.set_num_threads(2)
     path = a.results / "distill.json"
-    res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    if res and (res.get("steps"), res.get("teacher_minutes")) != (a.steps, a.teacher_minutes):
-        print(f"distill.py: {path} was made with other settings; move it away or use --steps {res.get('steps')} --teacher-minutes {res.get('teacher_minutes')}", file=sys.stderr)
-        return 1
-    res.update({"steps": a.steps, "teacher_minutes": a.teacher_minutes, "seed": a.seed})
-    for domain in a.only:
-        res = merge(res, domain, run_domain(domain, a.models, a.data, a.work, a.teacher_minutes, a.steps, a.seed))
+
+    def save(res: dict[str, Any]) -> dict[str, Any]:
         res = summarise(res)
         a.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
         (a.results / "distill.md").write_text(markdown(res), encoding="utf-8")
+        return res
+
+    if a.measure:
+        if not path.exists():
+            print(f"distill.py: {path} not found; run the training pass first", file=sys.stderr)
+            return 1
+        torch.set_num_threads(2)
+        res = json.loads(path.read_text(encoding="utf-8"))
+        measure_all(res, a.data, a.work, res.get("seed", 0))
+        save(res)
+        log(f"wrote {path}")
+        return 0
+    torch.set_num_threads(a.threads)
+    for domain in a.only:
+        new = run_domain(domain, a.models, a.data, a.work, a.teacher_steps, a.steps, a.seed)
+        # two passes may run side by side (one domain each): read what the other wrote just before merging
+        res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        if res and (res.get("steps"), res.get("teacher_steps")) != (a.steps, a.teacher_steps):
+            print(f"distill.py: {path} was made with other settings; move it away or use --steps {res.get('steps')} --teacher-steps {res.get('teacher_steps')}", file=sys.stderr)
+            return 1
+        res.update({"steps": a.steps, "teacher_steps": a.teacher_steps, "seed": a.seed})
+        save(merge(res, domain, new))
     log(f"wrote {path}")
     return 0
 

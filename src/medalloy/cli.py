@@ -111,12 +111,10 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
 def cmd_distill(a: argparse.Namespace) -> int:
     from medalloy.recipes.distill import train_distill
 
-    if len(a.datasets) != 1:
-        raise MedalloyError("one dataset per student for now (it may hold several sources)", fix="give one dataset folder; import the sources into it")
     res = train_distill(
-        a.datasets[0], a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.datasets, a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        losses=a.losses, student=a.student, batch_size=a.batch_size,
+        losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None,
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
@@ -280,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
     c.add_argument("--out", required=True)
     c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M) or a parameter count")
+    c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
     c.add_argument("--losses", default=None, choices=("relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
     c.add_argument("--config", default=None, help="YAML with train/augment/distillation settings")
     c.add_argument("--fold", type=int, default=None)

@@ -42,3 +42,33 @@ def test_student_sizes_are_checked():
     with pytest.raises(MedalloyError, match="fits 1000 parameters"):
         build_student(_plan(), 1000)
     assert count_parameters(build_student(_plan(64, dim=3), "tiny")) <= STUDENT_SIZES["tiny"]
+
+
+def test_separable_student_is_wider_within_the_same_budget_and_keeps_the_topology():
+    from torch import nn
+
+    from medalloy.models.features import FeatureTap, stage_names
+    from medalloy.models.students import make_separable
+
+    plan = _plan()
+    plain, sep = build_student(plan, "tiny"), build_student(plan, "tiny", separable=True)
+    assert count_parameters(sep) <= STUDENT_SIZES["tiny"] and sep.filters[0] > plain.filters[0]
+    convs = [m for m in sep.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    # every k x k convolution is depthwise but the first, which reads the one image channel
+    assert convs[0].groups == 1 and convs[0].in_channels == 1
+    assert all(m.groups == m.in_channels for m in convs[1:]) and len(convs) > 10
+    x = torch.randn(1, 1, 224, 224)
+    with FeatureTap(sep, ["bottleneck", "dec1"]) as tap:
+        assert sep(x).shape == (1, 3, 224, 224)
+    assert stage_names(sep) == stage_names(plain) and tap.features["dec1"].shape[-1] == 112
+    # the factorisation keeps each layer's function class: a separable conv equals a full conv whose
+    # k x k kernel is the outer product of the depthwise and pointwise weights
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    wrapper = nn.Sequential(conv)
+    make_separable(wrapper)
+    depthwise, pointwise = wrapper[0][0], wrapper[0][1]
+    full = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    with torch.no_grad():
+        full.weight.copy_(pointwise.weight[:, :, 0, 0, None, None] * depthwise.weight[None, :, 0])
+        y = torch.randn(2, 4, 8, 8)
+        torch.testing.assert_close(wrapper(y), full(y))

@@ -4,6 +4,8 @@ prediction and ONNX export of the student."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,30 @@ def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_several_datasets_a_partially_labelled_one_teaches_through_the_teacher(cxr, teacher, tmp_path):
+    # SynthCXR (lung + heart, the teacher's) and SynthCXRLung (lung only, other sites): the lung-only
+    # set's steps carry no segmentation loss (its "background" hides hearts) but still distil
+    lung_only = generate_dataset("Dataset903_SynthCXRLung", tmp_path / "data", seed=6, cases_per_source=4, test_cases_per_source=1, progress=False)
+    cfg = _cfg("relation", steps=12)
+    cfg.train.log_every = 1
+    res = train_distill([cxr, lung_only], teacher, tmp_path / "s", config=cfg, progress=False)
+    assert set(res["train_cases"]) == {"SynthCXR", "SynthCXRLung"} and list(res["val_cases"]) == ["SynthCXR"]
+    rows = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    seg = [r["loss/seg"] for r in rows]
+    # some steps drew the lung-only set (seg exactly 0, the distillation terms still on), others the full one
+    assert 0 < sum(v == 0 for v in seg) < len(seg)
+    assert all(r["loss/logits"] > 0 and r["loss/affinity"] > 0 for r in rows)
+    record = ckpt.load_checkpoint(tmp_path / "s" / "checkpoints" / "last.safetensors")[1]
+    assert [(d["dataset"], d["fully_labelled"]) for d in record["datasets"]] == [("SynthCXR", True), ("SynthCXRLung", False)]
+    split = json.loads((tmp_path / "s" / "split.json").read_text(encoding="utf-8"))
+    assert set(split["datasets"]) == {"SynthCXR", "SynthCXRLung"} and split["train"] == split["datasets"]["SynthCXR"]["train"]
+    # a dataset whose label the teacher does not know is refused before anything is written
+    endo = generate_dataset("Dataset904_SynthEndo", tmp_path / "data", seed=6, cases_per_source=2, test_cases_per_source=1, progress=False)
+    with pytest.raises(MedalloyError, match="label 'lesion' = 1, but the teacher's plan lacks it"):
+        train_distill([cxr, endo], teacher, tmp_path / "bad", config=_cfg("relation", steps=2), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     sure = torch.tensor([[[[20.0]], [[-20.0]], [[-20.0]]]])
     unsure = torch.zeros(1, 3, 1, 1)
@@ -84,17 +110,22 @@ def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path):
+@pytest.mark.parametrize("separable", [False, True])
+def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from medalloy.export import export_onnx
     from medalloy.interop.onnx_runtime import load_onnx
     from medalloy.recipes.distill import load_student
 
-    train_distill(cxr, teacher, tmp_path / "s", config=_cfg("logit_kd", steps=4), progress=False)
+    cfg = _cfg("logit_kd", steps=4)
+    cfg.separable = separable
+    train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
     meta = export_onnx(tmp_path / "s", tmp_path / "s.onnx")
     assert meta["method"] == "distill" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
-    student, plan, _ = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
+    student, plan, record = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
+    assert record["student"]["separable"] is separable
+    assert any(getattr(m, "groups", 1) > 1 for m in student.modules()) is separable  # loaded as trained
     graph, _, _ = load_onnx(tmp_path / "s.onnx")
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -18,9 +18,11 @@ Run folder as for experts (``plan.json``, ``config.yaml``, ``split.json``, ``met
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
@@ -34,7 +36,7 @@ from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import build_student
+from medalloy.models.students import build_student, make_separable
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, save_plan
 from medalloy.recipes.registry import load_checkpoint_model, register
@@ -42,18 +44,18 @@ from medalloy.recipes.scaffold import (
     ValidationSet,
     cache_cases,
     cases_of,
-    choose_split,
     dice_validation,
     open_run,
     require_labelled,
     resolve_config,
+    select_cases,
     task_entry,
 )
 from medalloy.runs import resolve_checkpoint
-from medalloy.seeding import seed_everything
+from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "distill"
-TOP_KEYS = ("fold", "batch_size", "losses", "student")
+TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable")
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
@@ -84,6 +86,7 @@ class DistillConfig(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
+    separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
     stages: list[str] = Field(default_factory=lambda: ["bottleneck", "dec1"])
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
@@ -128,28 +131,80 @@ def _adapters(student: nn.Module, teacher: nn.Module, stages: list[str], plan: P
     return nn.ModuleDict({s: conv(ts.features[s].shape[1], tt.features[s].shape[1], 1) for s in stages})
 
 
+def _fit_labels(ds: RawDataset, plan: Plan) -> bool:
+    """Whether ``ds`` labels every class of the student's ``plan`` (else it is partially labelled:
+    its samples teach through the teacher alone); a label the plan lacks, or has with another value,
+    is a one-line error."""
+    for name, value in ds.spec.labels.items():
+        if plan.labels.get(name) != value:
+            where = "lacks it" if name not in plan.labels else f"has it as {plan.labels[name]}"
+            raise MedalloyError(f"label '{name}' = {value}, but the teacher's plan {where}", ds.root / "dataset.json", "distil datasets whose labels are the teacher's (names and values)")
+    return set(plan.labels) <= set(ds.spec.labels)
+
+
+class _DatasetSteps:
+    """Each step one dataset's batch (drawn by ``weights`` from ``(seed, step, rank)``), with its
+    index and whether its labels cover the student's classes (``seg_weight``: 1.0 or 0.0)."""
+
+    def __init__(self, samplers: list[PatchSampler], full: list[bool], weights: list[float], seed: int):
+        self.samplers, self.full, self.seed = samplers, full, seed
+        w = np.asarray(weights, float)
+        self.p = w / w.sum()
+
+    def __call__(self, step: int, dist: Any = None) -> dict[str, torch.Tensor]:
+        rank = 0 if dist is None else dist.rank
+        d = int(step_rng(self.seed, step, rank, "dataset").choice(len(self.samplers), p=self.p)) if len(self.samplers) > 1 else 0
+        batch = self.samplers[d].sample(step, rank)
+        return {**batch, "dataset": torch.tensor(d), "seg_weight": torch.tensor(1.0 if self.full[d] else 0.0)}
+
+
+def _splits(run: Any, dss: list[RawDataset], cfg: DistillConfig, split: dict[str, Any] | None) -> dict[str, dict[str, list[str]]]:
+    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own). ``split`` is
+    ``{"train", "val"}`` for one dataset or ``{name: {"train", "val"}}`` for several."""
+    if split is None and run.kept("split.json"):
+        saved = run.read_json("split.json")
+        return saved.get("datasets") or {dss[0].name: {"train": saved["train"], "val": saved["val"]}}
+    given = {dss[0].name: split} if split is not None and "train" in split else (split or {})
+    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
+
+
 def train_distill(
-    dataset: str | Path,
+    dataset: str | Path | Sequence[str | Path],
     teacher: str | Path,
     out: str | Path,
     config: str | Path | DistillConfig | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    split: dict[str, list[str]] | None = None,
+    split: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Distil ``teacher`` (a run folder or checkpoint) into a student on ``dataset``; returns ``run.json``."""
-    ds = RawDataset(dataset)
+    """Distil ``teacher`` (a run folder or checkpoint) into a student on ``dataset`` (one folder or
+    several); returns ``run.json``.
+
+    Several datasets: the student is the teacher as asked for the first (its plan: preprocessing,
+    patch, classes), and every dataset's images go through that plan, as they would at prediction.
+    The others' labels must be the teacher's (names and values); a dataset labelling only some of
+    them (Shenzhen's lung beside JSRT's lung and heart) teaches through the teacher alone, which
+    labels what its annotators did not. Each step trains on one dataset (sqrt of its case count)."""
+    paths = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
+    if not paths:
+        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
+    dss = [RawDataset(d) for d in paths]
+    if len({d.name for d in dss}) != len(dss):
+        raise MedalloyError("dataset given twice", dss[0].root, "give each dataset once")
+    ds = dss[0]
     cfg = resolve_config(DistillConfig, config, overrides, progress, TOP_KEYS)
-    require_labelled(ds)
+    for d in dss:
+        require_labelled(d)
     teacher_model, plan, teacher_record = load_teacher(teacher, ds.name)
+    full = [_fit_labels(d, plan) for d in dss]
     terms = LOSS_SETS[cfg.losses]
     activation = teacher_record.get("activation", "softmax")
     with torch.no_grad():
         n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
     seed_everything(cfg.train.seed)
-    student = build_student(plan, cfg.student, out_channels=n_out)
+    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable)
     unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
     if unknown:
         raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(getattr(student, STAGES_ATTR))}")
@@ -158,20 +213,27 @@ def train_distill(
         plan = plan.model_copy(update={"batch_size": cfg.batch_size})
     run.main(lambda: save_plan(plan, run.out / "plan.json"))
     run.write_config(cfg)
-    ids = run.main(lambda: choose_split(run, ds, cfg, split))
-    run.write_json("split.json", {"fold": cfg.fold, **ids})
-    run.status(METHOD, dataset=str(ds.root), teacher=str(teacher))
+    ids = run.main(lambda: _splits(run, dss, cfg, split))
+    run.write_json("split.json", {"fold": cfg.fold, **ids[ds.name], **({"datasets": ids} if len(dss) > 1 else {})})
+    run.status(METHOD, dataset=str(ds.root), datasets=[str(d.root) for d in dss], teacher=str(teacher))
 
     seed = cfg.train.seed
-    train_prep = cache_cases(ds, cases_of(ds, ids["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
-    val_prep = cache_cases(ds, cases_of(ds, ids["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
+    samplers, sizes, val_sets = [], [], []
+    for d, is_full in zip(dss, full):
+        train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress)
+        samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
+        sizes.append(len(train_prep))
+        if is_full:  # a partially labelled dataset cannot score the classes it lacks
+            val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
+            if val_prep:
+                val_sets.append((d.name, val_prep))
+    batches = _DatasetSteps(samplers, full, [float(np.sqrt(n)) for n in sizes], seed)
 
     models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
     trainable = ["student"]
     if "kernel" in terms:
         models["adapters"] = _adapters(student, teacher_model, cfg.stages, plan)
         trainable.append("adapters")
-    sampler = PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment)
     w = cfg.weights
     kd = LogitKDLoss(cfg.temperature, binary=activation == "sigmoid")
     affinity = SpatialAffinityLoss(cfg.max_positions, weighting="confidence")
@@ -194,7 +256,7 @@ def train_distill(
             zt = models["teacher"](x)
         with FeatureTap(models["student"], stages) as ts:
             zs = models["student"](x)
-        seg = seg_loss(zs, label)
+        seg = seg_loss(zs, label) * batch["seg_weight"]  # 0 on a partially labelled dataset's step
         logged = {"seg": seg.detach()}
         total = seg
         if "logits" in terms:
@@ -223,21 +285,23 @@ def train_distill(
         "method": METHOD,
         "name": f"student-{ds.name}",
         "tasks": [task_entry(ds)],
+        "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f} for d, f in zip(dss, full)],
         "plan": plan.model_dump(mode="json"),
         "activation": activation,
-        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out},
+        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable},
         "teacher": {"path": str(teacher), "method": teacher_record.get("method"), "name": teacher_record.get("name"), "params": count_parameters(teacher_model)},
         "losses": cfg.losses,
         "params": count_parameters(student),
     }
+    sets = [ValidationSet(predictor, prep, plan, prefix=f"{name}/" if len(dss) > 1 else "") for name, prep in val_sets]
     spec = TrainSpec(
-        models=models, trainable=trainable, step_fn=step_fn, batches=sampler, record=record,
-        validate=dice_validation([ValidationSet(predictor, val_prep, plan)]) if val_prep else None,
+        models=models, trainable=trainable, step_fn=step_fn, batches=batches, record=record, validate=dice_validation(sets) if sets else None,
     )  # fmt: skip
     summary = run.train(spec, cfg.train)
     result = {
         "method": METHOD, "dataset": str(ds.root), "name": record["name"], "status": "done", "losses": cfg.losses,
-        "train_cases": len(train_prep), "val_cases": len(val_prep), "params": record["params"], "teacher_params": record["teacher"]["params"], **summary,
+        "datasets": [str(d.root) for d in dss], "train_cases": dict(zip([d.name for d in dss], sizes)),
+        "val_cases": {name: len(prep) for name, prep in val_sets}, "params": record["params"], "teacher_params": record["teacher"]["params"], **summary,
     }  # fmt: skip
     run.write_json("run.json", result)
     return result
@@ -254,6 +318,8 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
     model = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels, spatial_dims=plan.dim)
+    if record["student"].get("separable"):
+        make_separable(model)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 
