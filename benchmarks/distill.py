@@ -90,7 +90,13 @@ def score(model_path: Path, test: str, data: Path, work: Path, key: str, seed: i
     return {label: s["dice"] for label, s in evaluate(pred, gt, keep, work / "eval" / key).items()}
 
 
+def finished(run: Path) -> bool:
+    path = run / "run.json"
+    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("status") == "done"
+
+
 def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps: int, seed: int, tag: str) -> Path:
+    """The domain's teacher (an expert of ``steps`` steps); a finished run of it is reused (delete it to retrain)."""
     from medalloy.data.dataset import RawDataset
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
@@ -101,6 +107,9 @@ def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps
     ds = RawDataset(ds_path)
     plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS.get(members[0], {}))
     run = work / "runs" / domain / f"teacher{tag}"
+    if finished(run) and json.loads((run / "run.json").read_text(encoding="utf-8")).get("steps") == steps:
+        log(f"{domain} teacher{tag}: reusing {run}")
+        return run
     log(f"{domain} teacher{tag}: expert on {', '.join(members)} ({len(split['train'])} cases), patch {plan.patch_size}, {steps} steps")
     train_expert(
         ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
@@ -157,9 +166,7 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
     spec = DOMAINS[domain]
     members = spec["train"]
     out: dict[str, Any] = {"models": {}, "unseen_source": {}}
-    teacher = work / "runs" / domain / "teacher"
-    if "teacher" in models or not (teacher / "checkpoints" / "best.safetensors").exists():
-        teacher = train_teacher(domain, members, data, work, teacher_steps, seed, "")
+    teacher = train_teacher(domain, members, data, work, teacher_steps, seed, "")
     for model in models:
         if model == "teacher":
             run, res = teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8"))
@@ -183,18 +190,18 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
         elif model == "teacher":
             run = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
         else:
-            t = work / "runs" / domain / f"teacher-{source_of(spec['unseen_train'][0])}"
-            if not (t / "checkpoints" / "best.safetensors").exists():
-                t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
+            t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
             run, _ = train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, "-" + source_of(spec["unseen_train"][0]))
         dice = score(run, test, data, work, f"{domain}-unseen-{model}", seed, labels=shared)
         out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(list(dice.values()))), 4)}
     return out
 
 
-def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int) -> None:
+def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains: list[str]) -> None:
     """The timing pass (run alone): size, FLOPs, latency per runtime and int8 Dice of every trained model."""
     for domain, v in res.get("domains", {}).items():
+        if domain not in domains:
+            continue
         members = DOMAINS[domain]["train"]
         calibration = dataset_path(members[0], data, work) / "imagesTr"
         for model, entry in v["models"].items():
@@ -340,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         torch.set_num_threads(2)
         res = json.loads(path.read_text(encoding="utf-8"))
-        measure_all(res, a.data, a.work, res.get("seed", 0))
+        measure_all(res, a.data, a.work, res.get("seed", 0), a.only)
+        fresh = json.loads(path.read_text(encoding="utf-8"))  # a training pass of another domain may have written meanwhile
+        for domain in a.only:
+            if domain in res.get("domains", {}):
+                fresh.setdefault("domains", {})[domain] = res["domains"][domain]
+        res = fresh
         save(res)
         log(f"wrote {path}")
         return 0
