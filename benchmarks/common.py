@@ -106,3 +106,13 @@ def evaluate(pred: Path, gt: Path, labels: dict[str, int], out: Path) -> dict[st
     for name, stats in res["summary"]["classes"].items():
         row[name] = {"dice": round(stats["dice"]["mean"], 4), "hd95": round(stats["hd95"]["mean"], 3)}
     return row
+
+
+def predict_and_score(run: Path, ds_path: Path, ids: list[str], labels: dict[str, int], key: str, work: Path, as_dataset: str | None = None) -> tuple[dict[str, Any], float]:
+    """Predict ``ids`` of ``ds_path`` with ``run``, keep ``labels``; -> (per-label Dice/HD95, s per case)."""
+    pred, gt = work / "pred" / key, work / "gt" / key
+    for d in (pred, gt):
+        shutil.rmtree(d, ignore_errors=True)
+    sec = timed_prediction(run, ds_path, ids, pred, keep=list(labels), as_dataset=as_dataset)
+    copy_ground_truth(ds_path, ids, gt, labels)
+    return evaluate(pred, gt, labels, work / "eval" / key), sec

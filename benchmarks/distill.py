@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits
+from common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -60,14 +59,15 @@ DOMAINS: dict[str, dict[str, Any]] = {
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
 # What the runs showed (rendered under "Notes"; measured, see docs/methods/distillation.md).
 NOTES = [
-    "Student width: the first pass used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 GFLOPs); every JSRT "
-    "student then scored heart Dice 0.000 (lung 0.95-0.96): its predicted heart share fell to 0 within 25 steps, with or "
-    "without distillation. Capped at 4x the base (11..44, 0.34 M, 1.67 GFLOPs; the paper's student: ~353 k, ~2.2 GFLOPs) "
+    "Student width: the first pass (commit 4b4d65e) used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 "
+    "GFLOPs); every JSRT student then scored heart Dice 0.000 (lung 0.95-0.96), with or without distillation. "
+    "`benchmarks/probes.py width` (results/probes.json, the student alone, 120 steps): the 6..48 network predicts almost no "
+    "heart until step ~100 and ends at loss 0.75, the 11..44 one at 0.28. Capped at 4x the base (11..44, 0.34 M, 1.67 GFLOPs; the paper's student: ~353 k, ~2.2 GFLOPs) "
     "every student learns the heart (0.905-0.928). The tables are the second pass.",
     "Latency missed (1.6x, target 5x): FLOPs fall 3.3x (5.45 -> 1.67 GFLOPs) but time only 1.6x. A torch.profiler pass "
-    "(bf16, batch 1, 224 px, one thread) puts 60 % of the student's CPU time in convolutions (a fifth of it dispatch "
-    "overhead of `aten::_convolution`), 21 % in dtype and layout copies around them and 7 % in instance norms: oneDNN's "
-    "kernels run far below peak at 11-44 channels, so halving the FLOPs does not halve the time; ONNX Runtime does not beat bf16 autocast here (14.4 vs 11.3 ms) and "
+    "(`benchmarks/probes.py profile`, results/probes.json; bf16, batch 1, 224 px, one thread) puts 56 % of the relation "
+    "student's CPU time in convolutions (7 points of it dispatch in `aten::_convolution`), 20 % in dtype and layout copies "
+    "around them and 10 % in instance norms (teacher: 50 %, 30 %, 9 %): oneDNN's kernels run far below peak at 11-44 channels, so halving the FLOPs does not halve the time; ONNX Runtime does not beat bf16 autocast here (14.4 vs 11.3 ms) and "
     "int8 (static QDQ) gains nothing for the student (instance norms stay float, with quantize/dequantize pairs around "
     "every convolution) while it brings the teacher from 25.4 to 18.8 ms in ONNX Runtime, as fast as its bf16. Next: a "
     "stride-2 stem (the first stage at half resolution), fewer full-resolution operators, a separable student "
@@ -98,18 +98,13 @@ def union_split(members: list[str], data: Path, work: Path, seed: int) -> dict[s
 def score(model_path: Path, test: str, data: Path, work: Path, key: str, seed: int, labels: dict[str, int] | None = None) -> dict[str, float]:
     """Dice per label of ``model_path`` (run folder or .onnx) on the held-out cases of ``test``."""
     from medalloy.data.dataset import RawDataset
-    from medalloy.predict import predict_cases
 
     ds_path = dataset_path(test, data, work)
     ids = splits(test, ds_path, seed)["test"]
     fg = {k: v for k, v in RawDataset(ds_path).spec.labels.items() if v}
     keep = {k: v for k, v in fg.items() if labels is None or labels.get(k) == v}
-    pred, gt = work / "pred" / key, work / "gt" / key
-    for d in (pred, gt):
-        shutil.rmtree(d, ignore_errors=True)
-    predict_cases(model_path, ds_path, ids, pred, keep_labels=list(keep), device="cpu", overwrite=True, progress=False)
-    copy_ground_truth(ds_path, ids, gt, keep)
-    return {label: s["dice"] for label, s in evaluate(pred, gt, keep, work / "eval" / key).items()}
+    scores, _ = predict_and_score(model_path, ds_path, ids, keep, key, work)
+    return {label: s["dice"] for label, s in scores.items()}
 
 
 def finished(run: Path) -> bool:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, POLYP, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
+from common import PLAN_OPTIONS, POLYP, dataset_path, predict_and_score, splits
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -62,7 +62,7 @@ NOTES = [
     "and 0.576); `task_priors_only`, `transfer` and the 3D mix are still the first run's (per-task BCE, logits from 0).",
     "ACDC alone through the universal recipe now learns (`benchmarks/universal_diagnose.py --expert`, "
     "results/universal_diagnose.json, 400 steps, no priors): mean validation Dice 0.582 (RV 0.49) against the expert's "
-    "0.658 for the same steps, where the paper's head and loss gave 0.29-0.52 (two initialisations). In the mix it still "
+    "0.658 for the same steps, where the paper's head and loss gave 0.28-0.52 (two initialisations, this commit and cc9c0ee). In the mix it still "
     "fails: RV 0.17-0.21, MYO 0.07-0.25, LV 0.21-0.29 against the expert's 0.58 / 0.63 / 0.73. ACDC gets 15 % of the "
     "steps (sqrt weighting counts its 140 volumes, not their ~1,300 slices): ~210 ACDC steps for the universal arm, ~370 "
     "for no priors, about what the expert gets alone in 2 minutes (337) - so the other datasets' steps interfere, not "
@@ -119,16 +119,6 @@ def member_folder(name: str, data: Path, work: Path) -> Path:
     (tmp / "dataset.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
     tmp.rename(view)
     return view
-
-
-def predict_and_score(run: Path, ds_path: Path, ids: list[str], labels: dict[str, int], key: str, work: Path, as_dataset: str | None = None) -> tuple[dict[str, Any], float]:
-    """Predict ``ids`` of ``ds_path`` with ``run``, keep ``labels``; -> (per-label Dice/HD95, s per case)."""
-    pred, gt = work / "pred" / key, work / "gt" / key
-    for d in (pred, gt):
-        shutil.rmtree(d, ignore_errors=True)
-    sec = timed_prediction(run, ds_path, ids, pred, keep=list(labels), as_dataset=as_dataset)
-    copy_ground_truth(ds_path, ids, gt, labels)
-    return evaluate(pred, gt, labels, work / "eval" / key), sec
 
 
 def foreground(ds_path: Path) -> dict[str, int]:

@@ -128,7 +128,6 @@ class HermesNet(nn.Module):
             return {"logits": logits}
         return {"logits": logits, "modality_logits": self.modality_head(torch.cat(modality, dim=-1))}
 
-
     def _offset(self, logits: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         if self.task_bias is None:
             return logits

@@ -5,7 +5,8 @@ unchanged) at a width chosen to fit a parameter budget.
 field of view and resolutions as its teacher) and picks the widest filters
 ``[min(b * 2**i, 4 * b) for each stage]`` whose network has at most the size's parameters
 (capped at 4 b, not nnU-Net's doubling to the bottom: a budget spent on deep stages left 6 channels
-at full resolution, and such a JSRT student never predicted the heart; 10..40 learns it):
+at full resolution, and such JSRT students ended at heart Dice 0; 11..44 learns it,
+docs/methods/distillation.md):
 ``tiny`` 0.35 M (the paper's student has ~353 k), ``small`` 1.0 M; an int is a budget of its own.
 
 ``separable=True`` replaces every k x k convolution of the network (but the first, which reads only

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
+from medalloy.data.mixed import dataset_weights
 from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
@@ -146,10 +147,8 @@ class _DatasetSteps:
     """Each step one dataset's batch (drawn by ``weights`` from ``(seed, step, rank)``), with its
     index and whether its labels cover the student's classes (``seg_weight``: 1.0 or 0.0)."""
 
-    def __init__(self, samplers: list[PatchSampler], full: list[bool], weights: list[float], seed: int):
-        self.samplers, self.full, self.seed = samplers, full, seed
-        w = np.asarray(weights, float)
-        self.p = w / w.sum()
+    def __init__(self, samplers: list[PatchSampler], full: list[bool], weights: np.ndarray, seed: int):
+        self.samplers, self.full, self.seed, self.p = samplers, full, seed, weights
 
     def __call__(self, step: int, dist: Any = None) -> dict[str, torch.Tensor]:
         rank = 0 if dist is None else dist.rank
@@ -227,7 +226,7 @@ def train_distill(
             val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
             if val_prep:
                 val_sets.append((d.name, val_prep))
-    batches = _DatasetSteps(samplers, full, [float(np.sqrt(n)) for n in sizes], seed)
+    batches = _DatasetSteps(samplers, full, dataset_weights(sizes, "sqrt"), seed)
 
     models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
     trainable = ["student"]

@@ -1,0 +1,181 @@
+"""Short probes behind statements in the method notes, each a plain PyTorch loop on real data
+(fixed seeds, fixed steps), so the numbers can be rerun:
+
+- ``head``: ACDC, the expert's DynUNet + softmax Dice/CE against the universal no-priors network +
+  exclusive class loss, with task logits from 0 and from logit(0.01); loss parts every 20 steps
+  (docs/methods/hermes.md, "ACDC").
+- ``width``: JSRT, a tiny student's filter profile (6..48: the first rule; 11..44: the current one)
+  trained alone with Dice + CE; predicted share of each class every 25 steps (docs/methods/distillation.md).
+- ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
+  (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
+
+    python benchmarks/probes.py [head width profile] [--steps 120]
+
+Writes ``benchmarks/results/probes.json`` (merged per probe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import PLAN_OPTIONS, dataset_path, splits
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+
+
+def _sampler(name: str, data: Path, work: Path, plan, cases: int = 60):
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.sampling import PatchSampler
+    from medalloy.recipes.scaffold import cache_cases, cases_of
+
+    folder = dataset_path(name, data, work)
+    ds = RawDataset(folder)
+    prep = cache_cases(ds, cases_of(ds, splits(name, folder, 0)["train"][:cases]), plan, pad=True, seed=0, desc="cache", progress=False)
+    return PatchSampler(prep, plan.patch_size, plan.batch_size, plan.dim, 0, 0.33)
+
+
+def _plan(name: str, data: Path, work: Path):
+    from medalloy.data.dataset import RawDataset
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+
+    ds = RawDataset(dataset_path(name, data, work))
+    return plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS.get(name, {}))
+
+
+def _train(net, loss_fn, sampler, steps: int, every: int, report) -> list[dict[str, Any]]:
+    import torch
+
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=3e-5)
+    rows = []
+    for step in range(steps):
+        b = sampler(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = net(b["image"])
+        loss, parts = loss_fn(z, b["label"])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+        opt.step()
+        if step % every == 0 or step == steps - 1:
+            rows.append({"step": step, "loss": round(float(loss.detach()), 3), **{k: round(float(v.detach()), 3) for k, v in parts.items()}, **report(z.detach(), b)})
+    return rows
+
+
+def probe_head(data: Path, work: Path, steps: int) -> dict[str, Any]:
+    import torch
+
+    from medalloy.losses import DiceCELoss, TaskBCEDiceLoss
+    from medalloy.models.hermes import build_hermes
+    from medalloy.models.unet import build_unet
+
+    plan = _plan("ACDC", data, work)
+    sampler = _sampler("ACDC", data, work, plan)
+    out = {}
+    dice_ce = DiceCELoss()
+
+    def expert_loss(z, lab):
+        return dice_ce(z, lab), {"ce": torch.nn.functional.cross_entropy(z.float(), lab[:, 0])}
+
+    torch.manual_seed(0)
+    out["expert"] = _train(build_unet(plan.network, in_channels=1, out_channels=4, spatial_dims=2), expert_loss, sampler, steps, 20, lambda z, b: {})
+    for prior in (None, 0.01):
+        torch.manual_seed(0)
+        net = build_hermes(plan, 3, 2, priors="none", prior_probability=prior)
+        loss = TaskBCEDiceLoss(num_tasks=4, exclusive=True)
+
+        def wrapped(x, net=net):
+            ids = torch.tensor([[0, 1, 2]] * x.shape[0])
+            return net(x, ids, torch.zeros(x.shape[0], dtype=torch.long))["logits"]
+
+        def uni_loss(z, lab, loss=loss):
+            tgt = torch.stack([(lab[:, 0] == k + 1).float() for k in range(3)], 1)
+            total = loss(z, tgt, torch.ones(z.shape[:2]), torch.tensor([[0, 1, 2]] * z.shape[0]))
+            return total, {"ce": loss.last["bce"], "dice": loss.last["dice"]}
+
+        class Net(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return wrapped(x, self.inner)
+
+        out[f"universal_prior_{prior}"] = _train(Net(net), uni_loss, sampler, steps, 20, lambda z, b: {})
+    return out
+
+
+def probe_width(data: Path, work: Path, steps: int) -> dict[str, Any]:
+    import torch
+
+    from medalloy.losses import DiceCELoss
+    from medalloy.models.unet import build_unet
+
+    plan = _plan("JSRT", data, work)
+    sampler = _sampler("JSRT", data, work, plan)
+    dice_ce = DiceCELoss()
+    out = {}
+    for filters in ([6, 12, 24, 48, 48, 48], [11, 22, 44, 44, 44, 44]):
+        torch.manual_seed(0)
+        net = build_unet(plan.network.model_copy(update={"filters": filters, "deep_supervision": False}), in_channels=1, out_channels=3, spatial_dims=2)
+        share = lambda z, b: {"predicted_share": [round(float((z.argmax(1) == k).float().mean()), 3) for k in range(3)]}  # noqa: E731
+        out["x".join(map(str, filters))] = _train(net, lambda z, lab: (dice_ce(z, lab), {}), sampler, steps, 25, share)
+    return out
+
+
+def probe_profile(runs: Path) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from medalloy.predict import load_model
+
+    torch.set_num_threads(1)
+    out = {}
+    for name in ("teacher", "relation_kd"):
+        model, plan, _ = load_model(runs / "cxr" / name / "checkpoints" / "best.safetensors")
+        x = torch.randn(1, plan.in_channels, *plan.patch_size)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(3):
+                model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    model(x)
+        rows = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda r: -r[1])
+        total = sum(t for _, t in rows)
+        out[name] = {k: round(100 * t / total, 1) for k, t in rows[:8]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile"])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
+    p.add_argument("--runs", type=Path, default=HERE.parent / "runs" / "bench-distill" / "runs")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    a = p.parse_args(argv)
+    if not a.data.is_dir():
+        print(f"probes.py: data folder {a.data} not found; pass --data", file=sys.stderr)
+        return 1
+    path = a.results / "probes.json"
+    for name in a.probes:
+        res = probe_head(a.data, a.work, a.steps) if name == "head" else probe_width(a.data, a.work, a.steps) if name == "width" else probe_profile(a.runs)
+        old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}  # probes may run side by side
+        old[name] = {"steps": a.steps, "results": res} if name != "profile" else {"results": res}
+        a.results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(old, indent=2, default=lambda v: float(np.asarray(v))) + "\n", encoding="utf-8")
+        print(f"[probes] {name}: written to {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
