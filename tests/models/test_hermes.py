@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from medalloy.models import FeatureTap, build_unet
-from medalloy.models.hermes import TaskBound, build_hermes, default_fusion_stages
+from medalloy.models.hermes import build_hermes, default_fusion_stages
 from medalloy.models.prior_fusion import BidirectionalFusion, PriorBank, PriorFusionLayer, num_heads
+from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import run_stages
 from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
 

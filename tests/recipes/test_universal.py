@@ -190,6 +190,6 @@ def test_universal_3d_trains_on_volumes_and_predicts_by_sliding_window(four, tmp
     case = ds.labelled_cases()[0]
     written = predict_cases(out, mr, [case.case_id], tmp_path / "pred", progress=False)
     assert read_label(written[0])[0].shape == read_label(case.label)[0].shape
-    with pytest.raises(MedalloyError, match="SynthCXR holds 2D images; a 3D universal model needs volumes"):
+    with pytest.raises(MedalloyError, match="SynthCXR holds 2D images; a 3D model of several datasets needs volumes"):
         train_universal([mr, four[1]], tmp_path / "bad", config=cfg, progress=False)
     assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -44,7 +44,7 @@ def _import_recipes() -> None:
     import medalloy.recipes as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in ("registry", "scaffold", "config"):
+        if info.name not in ("registry", "scaffold", "config", "multitask"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 

@@ -20,7 +20,6 @@ dataset), ``plans/<dataset>.json``, ``metrics.jsonl``, ``training_curve.png``,
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,46 +33,47 @@ from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
 from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
-from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import TaskBCEDiceLoss
-from medalloy.models.hermes import HermesNet, TaskBound, build_hermes
+from medalloy.models.hermes import HermesNet, build_hermes
+from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, load_plan, save_plan
 from medalloy.recipes.config import load_recipe_config
+from medalloy.recipes.multitask import (
+    REGISTRY_FILE,
+    PlanOptions,
+    TaskRegistry,
+    bind_dataset,
+    bind_tasks,
+    build_registry,
+    check_plan_options,
+    dataset_plan,
+    dataset_splits,
+    own_plan,
+    resumed_order,
+    tasks_in_label_order,
+    validation_sets,
+)
 from medalloy.recipes.registry import register
 from medalloy.recipes.scaffold import (
     Run,
-    ValidationSet,
     cache_cases,
     cases_of,
     dice_validation,
     open_run,
     require_labelled,
     resolve_config,
-    select_cases,
     task_entry,
 )
 from medalloy.seeding import seed_everything
 
 METHOD = "universal"
-UNKNOWN_MODALITY = "unknown"
 TOP_KEYS = ("fold", "batch_size", "patch_size", "dim", "priors")
-REGISTRY_FILE = "registry.json"
 
 
 MIXED_BATCH = 12
-
-
-class PlanOptions(BaseModel):
-    """Planner settings for one dataset of the mix (as ``medalloy plan`` takes them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_2d_side: int | None = Field(None, ge=16)
-    max_2d_patch: int | None = Field(None, ge=16)
-    max_3d_voxels: int | None = Field(None, ge=4096)
 
 
 class UniversalConfig(BaseModel):
@@ -105,58 +105,6 @@ class UniversalConfig(BaseModel):
     max_val_cases: int = Field(8, ge=0)  # per dataset
 
 
-class TaskRegistry(BaseModel):
-    """Global task and modality ids, and which tasks each dataset labels."""
-
-    tasks: list[str]
-    modalities: list[str]  # the last one is "unknown"
-    datasets: dict[str, dict[str, Any]]  # name -> {"task_ids", "labels" (task name -> label value), "modality"}
-
-    @property
-    def null_task(self) -> int:
-        return len(self.tasks)
-
-
-def tasks_in_label_order(entry: dict[str, Any]) -> list[str]:
-    """A registry entry's task names in the order of their label values (the network's order)."""
-    return sorted(entry["labels"], key=lambda t: entry["labels"][t])
-
-
-def _task_name(dataset: str, label: str, names: dict[str, str]) -> str:
-    return names.get(f"{dataset}:{label}", names.get(label, label))
-
-
-def build_registry(datasets: list[RawDataset], task_names: dict[str, str] | None = None) -> TaskRegistry:
-    """Tasks in order of first appearance (datasets in the given order, labels by value)."""
-    names = task_names or {}
-    tasks: list[str] = []
-    modalities: list[str] = []
-    per: dict[str, dict[str, Any]] = {}
-    for ds in datasets:
-        if ds.name in per:
-            raise MedalloyError("dataset given twice", ds.root, "give each dataset once")
-        fg = sorted(ds.spec.foreground_labels.items(), key=lambda kv: kv[1])
-        if not fg:
-            raise MedalloyError("dataset has no foreground labels", ds.root / "dataset.json", "declare labels besides background")
-        ids, labels = [], {}
-        for label, value in fg:
-            task = _task_name(ds.name, label, names)
-            if task in labels:
-                raise MedalloyError(f"two labels of the dataset map to task '{task}'", ds.root / "dataset.json", "fix task_names")
-            if task not in tasks:
-                tasks.append(task)
-            ids.append(tasks.index(task))
-            labels[task] = int(value)
-        modality = ds.spec.modality.strip().lower() or UNKNOWN_MODALITY
-        if modality != UNKNOWN_MODALITY and modality not in modalities:
-            modalities.append(modality)
-        per[ds.name] = {"task_ids": ids, "labels": labels, "modality": modality}
-    modalities.append(UNKNOWN_MODALITY)
-    for entry in per.values():
-        entry["modality_id"] = modalities.index(entry["modality"])
-    return TaskRegistry(tasks=tasks, modalities=modalities, datasets=per)
-
-
 def shared_network(patch: int, base_filters: int, max_filters: int, dim: int = 2) -> tuple[list[int], NetworkPlan]:
     """The planner's U-Net layout for a square (cube) patch at isotropic spacing (rounded up to the poolings)."""
     from medalloy.planning.planner import patch_and_topology
@@ -164,22 +112,6 @@ def shared_network(patch: int, base_filters: int, max_filters: int, dim: int = 2
     size, kernels, strides = patch_and_topology(np.array([patch] * dim, float), [1.0] * dim, dim, None)
     filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
     return size, NetworkPlan(kernels=kernels, strides=strides, filters=filters)
-
-
-def own_plan(ds: RawDataset, cfg: UniversalConfig) -> Plan:
-    """The dataset's own plan (its spacing, normalisation, patch, batch) in ``cfg.dim`` dimensions."""
-    from medalloy.planning.fingerprint import fingerprint
-    from medalloy.planning.planner import plan_dataset
-
-    opts = cfg.plan_options.get(ds.name, PlanOptions())
-    kw = {k: v for k, v in opts.model_dump().items() if v is not None}
-    kw.setdefault("max_2d_side", cfg.max_2d_side)
-    try:
-        return plan_dataset(ds, fingerprint(ds, progress=False), force_dim=cfg.dim, base_filters=cfg.base_filters, max_filters=cfg.max_filters, **kw)
-    except MedalloyError as exc:
-        if "3D plan for 2D images" in str(exc):
-            raise MedalloyError(f"{ds.name} holds 2D images; a 3D universal model needs volumes", ds.root, "train it in a 2D model (dim: 2)") from None
-        raise
 
 
 def network_of(plans: dict[str, Plan]) -> tuple[str, NetworkPlan]:
@@ -194,50 +126,9 @@ def fit_patch(patch: list[int], network: NetworkPlan) -> list[int]:
     return [int(-(-p // t) * t) for p, t in zip(patch, total.tolist())]
 
 
-def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
-    """A dataset's own plan with its patch and batch in the universal model, and the shared network."""
-    values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
-    return own.model_copy(
-        update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]}
-    )
-
-
-def bound_model(net: HermesNet, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
-    """The network asked for one dataset's tasks (in its label-value order) and modality."""
-    entry = registry.datasets[dataset]
-    order = tasks_in_label_order(entry)
-    return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
-
-
-def validation_sets(net: HermesNet, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str) -> list[ValidationSet]:
-    """Per dataset: its validation cases, scored through the network bound to its tasks."""
-
-    def predictor(name: str):
-        return lambda: Predictor(
-            bound_model(net, registry, name, in_channels), plans[name], device=next(net.parameters()).device, precision=precision, activation="sigmoid"
-        )
-
-    return [ValidationSet(predictor(name), prepared, plans[name], prefix=f"{name}/") for name, prepared in cases.items() if prepared]
-
-
 def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
     """YAML config (if any) with CLI overrides (``steps``, ``lr``, ... go to ``train``)."""
     return load_recipe_config(UniversalConfig, path, TOP_KEYS, overrides)
-
-
-def _resumed_order(run: Run, dss: list[RawDataset], cfg: UniversalConfig) -> list[RawDataset]:
-    """A resumed run keeps its task ids: its datasets in the order it was started with (the
-    registry it wrote), or a one-line refusal when the datasets or task names differ."""
-    saved = TaskRegistry.model_validate(run.read_json(REGISTRY_FILE))
-    given = {d.name: d for d in dss}
-    if set(given) != set(saved.datasets):
-        raise MedalloyError(
-            f"the run was trained on {', '.join(saved.datasets)}, not {', '.join(given)}", run.out / REGISTRY_FILE, "resume with the run's datasets"
-        )
-    ordered = [given[n] for n in saved.datasets]
-    if build_registry(ordered, cfg.task_names) != saved:
-        raise MedalloyError("task names differ from the run's", run.out / REGISTRY_FILE, "resume with the run's task_names")
-    return ordered
 
 
 def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: TaskRegistry) -> dict[str, Plan]:
@@ -269,14 +160,6 @@ def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: Task
     return plans
 
 
-def _splits(run: Run, dss: list[RawDataset], cfg: UniversalConfig, splits: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
-    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own)."""
-    if run.kept("split.json"):
-        return run.read_json("split.json")["datasets"]
-    given = splits or {}
-    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
-
-
 def train_universal(
     datasets: list[str | Path],
     out: str | Path,
@@ -297,20 +180,18 @@ def train_universal(
     cfg = resolve_config(UniversalConfig, config, overrides, progress, TOP_KEYS)
     for ds in dss:
         require_labelled(ds)
-    stray = sorted(set(cfg.plan_options) - {ds.name for ds in dss})
-    if stray:
-        raise MedalloyError(f"plan_options names '{stray[0]}', not a dataset of this run", fix=f"key plan_options by {', '.join(ds.name for ds in dss)}")
+    check_plan_options(cfg, dss)
     registry = build_registry(dss, cfg.task_names)
     run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
     if run.kept(REGISTRY_FILE):
-        dss = run.main(lambda: _resumed_order(run, dss, cfg))
+        dss = run.main(lambda: resumed_order(run, dss, cfg.task_names))
         registry = build_registry(dss, cfg.task_names)
     run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
     plans = run.main(lambda: _plans(run, dss, cfg, registry))
     in_channels = max(p.in_channels for p in plans.values())
     network = plans[dss[0].name].network
     run.write_config(cfg)
-    ids = run.main(lambda: _splits(run, dss, cfg, splits))
+    ids = run.main(lambda: dataset_splits(run, dss, cfg, splits))
     run.write_json("split.json", {"fold": cfg.fold, "datasets": ids})
     run.status(METHOD, datasets=[str(d.root) for d in dss])
 
@@ -419,63 +300,18 @@ def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, Ta
     return net.eval(), registry, plans, record
 
 
-def resolve_dataset(given: str, plans: dict[str, Plan], record: dict[str, Any], path: str | Path) -> str:
-    """A training dataset's name from its name, its folder name (``Dataset103_Shenzhen``) or a
-    path to it, compared case-insensitively."""
-    folders = {t.get("folder", ""): t["dataset"] for t in record.get("tasks", []) if t.get("folder")}
-    candidates = [given, Path(given).name, re.sub(r"^Dataset\d+_", "", Path(given).name)]
-    for c in candidates:
-        for name in plans:
-            if c.lower() == name.lower():
-                return name
-        for folder, name in folders.items():
-            if c.lower() == folder.lower():
-                return name
-    raise MedalloyError(f"the model was not trained on '{given}'", path, f"pass --dataset, one of {', '.join(plans)}")
-
-
 def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu") -> tuple[TaskBound, Plan, dict[str, Any]]:
     """A universal checkpoint as a single-dataset model (its tasks, modality and preprocessing)."""
     net, registry, plans, record = load_universal(path, device)
-    if dataset is None:
-        if len(plans) != 1:
-            raise MedalloyError(f"universal model of {len(plans)} datasets: say which one the images come from", path, f"pass --dataset, one of {', '.join(plans)}")
-        dataset = next(iter(plans))
-    dataset = resolve_dataset(dataset, plans, record, path)
-    return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record
+    return bind_dataset(net, registry, plans, record, path, dataset)
 
 
 def load_for_tasks(
     path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
 ) -> tuple[TaskBound, Plan, dict[str, Any], str]:
-    """The network asked for ``tasks`` (one sigmoid map each, in that order), with the
-    preprocessing and modality of ``dataset``; without one, of the first training dataset that
-    annotates the first task (the first whose modality is ``modality``, when given). Returns the
-    model, a plan whose classes are the tasks, the record and a one-line note of the choice."""
+    """The network asked for ``tasks`` (see :func:`~medalloy.recipes.multitask.bind_tasks`)."""
     net, registry, plans, record = load_universal(path, device)
-    unknown = [t for t in tasks if t not in registry.tasks]
-    if unknown:
-        raise MedalloyError(f"the model has no task '{unknown[0]}'", path, f"use --task with one of {', '.join(registry.tasks)}")
-    how = "given"
-    if dataset is not None:
-        dataset = resolve_dataset(dataset, plans, record, path)
-    else:
-        annotating = [n for n, e in registry.datasets.items() if tasks[0] in e["labels"]]
-        if modality is not None:
-            matching = [n for n in annotating if registry.datasets[n]["modality"] == modality.strip().lower()]
-            if not matching:
-                raise MedalloyError(
-                    f"no training dataset of modality '{modality}' annotates '{tasks[0]}'", path, f"use --modality {' or '.join(sorted({registry.datasets[n]['modality'] for n in annotating}))}, or --dataset"
-                )
-            annotating, how = matching, f"modality {modality}"
-        else:
-            how = f"first dataset that annotates {tasks[0]}"
-        dataset = annotating[0]
-    entry = registry.datasets[dataset]
-    model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["in_channels"])).eval()
-    plan = plans[dataset].model_copy(update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}})
-    note = f"tasks {', '.join(tasks)} with the preprocessing and modality ({entry['modality']}) of {dataset} ({how})"
-    return model, plan, record, note
+    return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality)
 
 
 register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device), tasks=load_for_tasks)

@@ -1,0 +1,227 @@
+"""What the recipes that train one network on several datasets share (universal, amalgamate).
+
+Tasks and modalities come from the datasets themselves: a task is a label *name* (so "lung" of a
+lung+heart dataset and "lung" of a lung-only dataset are one task; ``task_names`` renames), a
+modality is ``dataset.json["medalloy"]["modality"]`` (else the first channel name), compared
+case-insensitively. Each dataset keeps its own preprocessing plan; the network answers one sigmoid
+map per task asked, through :class:`~medalloy.models.task_bound.TaskBound` for prediction.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medalloy.data.dataset import RawDataset
+from medalloy.engine.inference import Predictor
+from medalloy.errors import MedalloyError
+from medalloy.models.task_bound import TaskBound
+from medalloy.planning.plan import NetworkPlan, Plan
+from medalloy.recipes.scaffold import Run, ValidationSet, select_cases
+
+UNKNOWN_MODALITY = "unknown"
+REGISTRY_FILE = "registry.json"
+
+
+class PlanOptions(BaseModel):
+    """Planner settings for one dataset of the mix (as ``medalloy plan`` takes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_2d_side: int | None = Field(None, ge=16)
+    max_2d_patch: int | None = Field(None, ge=16)
+    max_3d_voxels: int | None = Field(None, ge=4096)
+
+
+class TaskRegistry(BaseModel):
+    """Global task and modality ids, and which tasks each dataset labels."""
+
+    tasks: list[str]
+    modalities: list[str]  # the last one is "unknown"
+    datasets: dict[str, dict[str, Any]]  # name -> {"task_ids", "labels" (task name -> label value), "modality"}
+
+    @property
+    def null_task(self) -> int:
+        return len(self.tasks)
+
+
+def tasks_in_label_order(entry: dict[str, Any]) -> list[str]:
+    """A registry entry's task names in the order of their label values (the network's order)."""
+    return sorted(entry["labels"], key=lambda t: entry["labels"][t])
+
+
+def _task_name(dataset: str, label: str, names: dict[str, str]) -> str:
+    return names.get(f"{dataset}:{label}", names.get(label, label))
+
+
+def build_registry(datasets: list[RawDataset], task_names: dict[str, str] | None = None) -> TaskRegistry:
+    """Tasks in order of first appearance (datasets in the given order, labels by value)."""
+    names = task_names or {}
+    tasks: list[str] = []
+    modalities: list[str] = []
+    per: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        if ds.name in per:
+            raise MedalloyError("dataset given twice", ds.root, "give each dataset once")
+        fg = sorted(ds.spec.foreground_labels.items(), key=lambda kv: kv[1])
+        if not fg:
+            raise MedalloyError("dataset has no foreground labels", ds.root / "dataset.json", "declare labels besides background")
+        ids, labels = [], {}
+        for label, value in fg:
+            task = _task_name(ds.name, label, names)
+            if task in labels:
+                raise MedalloyError(f"two labels of the dataset map to task '{task}'", ds.root / "dataset.json", "fix task_names")
+            if task not in tasks:
+                tasks.append(task)
+            ids.append(tasks.index(task))
+            labels[task] = int(value)
+        modality = ds.spec.modality.strip().lower() or UNKNOWN_MODALITY
+        if modality != UNKNOWN_MODALITY and modality not in modalities:
+            modalities.append(modality)
+        per[ds.name] = {"task_ids": ids, "labels": labels, "modality": modality}
+    modalities.append(UNKNOWN_MODALITY)
+    for entry in per.values():
+        entry["modality_id"] = modalities.index(entry["modality"])
+    return TaskRegistry(tasks=tasks, modalities=modalities, datasets=per)
+
+
+def own_plan(ds: RawDataset, cfg: Any) -> Plan:
+    """The dataset's own plan (its spacing, normalisation, patch, batch) in ``cfg.dim`` dimensions
+    (``cfg``: a recipe config with ``dim``, ``plan_options``, ``max_2d_side``, ``base_filters``, ``max_filters``)."""
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+
+    opts = cfg.plan_options.get(ds.name, PlanOptions())
+    kw = {k: v for k, v in opts.model_dump().items() if v is not None}
+    kw.setdefault("max_2d_side", cfg.max_2d_side)
+    try:
+        return plan_dataset(ds, fingerprint(ds, progress=False), force_dim=cfg.dim, base_filters=cfg.base_filters, max_filters=cfg.max_filters, **kw)
+    except MedalloyError as exc:
+        if "3D plan for 2D images" in str(exc):
+            raise MedalloyError(f"{ds.name} holds 2D images; a 3D model of several datasets needs volumes", ds.root, "train it in a 2D model (dim: 2)") from None
+        raise
+
+
+def check_plan_options(cfg: Any, dss: list[RawDataset]) -> None:
+    stray = sorted(set(cfg.plan_options) - {ds.name for ds in dss})
+    if stray:
+        raise MedalloyError(f"plan_options names '{stray[0]}', not a dataset of this run", fix=f"key plan_options by {', '.join(ds.name for ds in dss)}")
+
+
+def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
+    """A dataset's own plan with its patch and batch in the shared model, and the shared network."""
+    values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
+    return own.model_copy(
+        update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]}
+    )
+
+
+def bound_model(net: nn.Module, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
+    """The network asked for one dataset's tasks (in its label-value order) and modality."""
+    entry = registry.datasets[dataset]
+    order = tasks_in_label_order(entry)
+    return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
+
+
+def validation_sets(net: nn.Module, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str) -> list[ValidationSet]:
+    """Per dataset: its validation cases, scored through the network bound to its tasks."""
+
+    def predictor(name: str):
+        return lambda: Predictor(
+            bound_model(net, registry, name, in_channels), plans[name], device=next(net.parameters()).device, precision=precision, activation="sigmoid"
+        )
+
+    return [ValidationSet(predictor(name), prepared, plans[name], prefix=f"{name}/") for name, prepared in cases.items() if prepared]
+
+
+def resumed_order(run: Run, dss: list[RawDataset], task_names: dict[str, str]) -> list[RawDataset]:
+    """A resumed run keeps its task ids: its datasets in the order it was started with (the
+    registry it wrote), or a one-line refusal when the datasets or task names differ."""
+    saved = TaskRegistry.model_validate(run.read_json(REGISTRY_FILE))
+    given = {d.name: d for d in dss}
+    if set(given) != set(saved.datasets):
+        raise MedalloyError(
+            f"the run was trained on {', '.join(saved.datasets)}, not {', '.join(given)}", run.out / REGISTRY_FILE, "resume with the run's datasets"
+        )
+    ordered = [given[n] for n in saved.datasets]
+    if build_registry(ordered, task_names) != saved:
+        raise MedalloyError("task names differ from the run's", run.out / REGISTRY_FILE, "resume with the run's task_names")
+    return ordered
+
+
+def dataset_splits(run: Run, dss: list[RawDataset], cfg: Any, splits: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
+    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own)."""
+    if run.kept("split.json"):
+        return run.read_json("split.json")["datasets"]
+    given = splits or {}
+    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
+
+
+def resolve_dataset(given: str, plans: dict[str, Plan], record: dict[str, Any], path: str | Path) -> str:
+    """A training dataset's name from its name, its folder name (``Dataset103_Shenzhen``) or a
+    path to it, compared case-insensitively."""
+    folders = {t.get("folder", ""): t["dataset"] for t in record.get("tasks", []) if t.get("folder")}
+    candidates = [given, Path(given).name, re.sub(r"^Dataset\d+_", "", Path(given).name)]
+    for c in candidates:
+        for name in plans:
+            if c.lower() == name.lower():
+                return name
+        for folder, name in folders.items():
+            if c.lower() == folder.lower():
+                return name
+    raise MedalloyError(f"the model was not trained on '{given}'", path, f"pass --dataset, one of {', '.join(plans)}")
+
+
+def bind_dataset(
+    net: nn.Module, registry: TaskRegistry, plans: dict[str, Plan], record: dict[str, Any], path: str | Path, dataset: str | None
+) -> tuple[TaskBound, Plan, dict[str, Any]]:
+    """A multi-dataset network as a single-dataset model (its tasks, modality and preprocessing)."""
+    if dataset is None:
+        if len(plans) != 1:
+            raise MedalloyError(f"a model of {len(plans)} datasets: say which one the images come from", path, f"pass --dataset, one of {', '.join(plans)}")
+        dataset = next(iter(plans))
+    dataset = resolve_dataset(dataset, plans, record, path)
+    return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record
+
+
+def bind_tasks(
+    net: nn.Module,
+    registry: TaskRegistry,
+    plans: dict[str, Plan],
+    record: dict[str, Any],
+    path: str | Path,
+    tasks: list[str],
+    dataset: str | None = None,
+    modality: str | None = None,
+) -> tuple[TaskBound, Plan, dict[str, Any], str]:
+    """The network asked for ``tasks`` (one sigmoid map each, in that order), with the
+    preprocessing and modality of ``dataset``; without one, of the first training dataset that
+    annotates the first task (the first whose modality is ``modality``, when given). Returns the
+    model, a plan whose classes are the tasks, the record and a one-line note of the choice."""
+    unknown = [t for t in tasks if t not in registry.tasks]
+    if unknown:
+        raise MedalloyError(f"the model has no task '{unknown[0]}'", path, f"use --task with one of {', '.join(registry.tasks)}")
+    how = "given"
+    if dataset is not None:
+        dataset = resolve_dataset(dataset, plans, record, path)
+    else:
+        annotating = [n for n, e in registry.datasets.items() if tasks[0] in e["labels"]]
+        if modality is not None:
+            matching = [n for n in annotating if registry.datasets[n]["modality"] == modality.strip().lower()]
+            if not matching:
+                raise MedalloyError(
+                    f"no training dataset of modality '{modality}' annotates '{tasks[0]}'", path, f"use --modality {' or '.join(sorted({registry.datasets[n]['modality'] for n in annotating}))}, or --dataset"
+                )
+            annotating, how = matching, f"modality {modality}"
+        else:
+            how = f"first dataset that annotates {tasks[0]}"
+        dataset = annotating[0]
+    entry = registry.datasets[dataset]
+    model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["in_channels"])).eval()
+    plan = plans[dataset].model_copy(update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}})
+    note = f"tasks {', '.join(tasks)} with the preprocessing and modality ({entry['modality']}) of {dataset} ({how})"
+    return model, plan, record, note
