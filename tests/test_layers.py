@@ -18,7 +18,7 @@ ALLOWED = {
     "losses": {"losses"},
     "engine": {"engine", "data", "planning", "models", "losses"},
     "interop": {"interop", "planning"},
-    "recipes": {"recipes", "engine", "data", "planning", "models", "losses", "runs"},
+    "recipes": {"recipes", "engine", "data", "planning", "models", "losses", "runs", "interop"},  # interop: foreign experts (nnU-Net)
 }
 
 

@@ -121,6 +121,25 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_amalgamate(a: argparse.Namespace) -> int:
+    from medalloy.recipes.amalgamate import train_amalgamate
+
+    foundation = "scratch" if a.foundation in ("swinunetr", "scratch") else a.foundation
+    stages = None if a.stages is None else ([] if a.stages == ["none"] else a.stages)
+    res = train_amalgamate(
+        a.datasets, a.experts, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
+        batch_size=a.batch_size, foundation=foundation if a.foundation else None, feature_size=a.feature_size, decoder=a.decoder,
+        hierarchical=False if a.flat else None, stages=stages,
+    )  # fmt: skip
+    best = res.get("best", {}) or {}
+    _say(
+        f"{a.out}: {len(res['tasks'])} tasks from {len(res['experts'])} frozen experts ({res['trainable_params']} trainable of {res['params']} parameters), "
+        f"{res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}"
+    )
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from medalloy.export import export_onnx
 
@@ -291,6 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_distill)
+
+    c = sub.add_parser("amalgamate", help="merge frozen experts (medalloy or nnU-Net v2) into one SwinUNETR model of all tasks (KA2ER)")
+    c.add_argument("datasets", nargs="+", metavar="DATASET")
+    c.add_argument(
+        "--experts", nargs="+", action="extend", default=[], metavar="RUN",
+        help="medalloy expert runs or trained nnU-Net v2 model folders (.../nnUNetTrainer__nnUNetPlans__2d[/fold_0]); none: the foundation alone",
+    )  # fmt: skip
+    c.add_argument("--out", required=True)
+    c.add_argument("--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run")
+    c.add_argument("--feature-size", type=int, default=None, help="SwinUNETR width, a multiple of 12 (default 12; 48 on a GPU)")
+    c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
+    c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
+    c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
+    c.add_argument("--config", default=None, help="YAML with train/augment/amalgamation settings")
+    c.add_argument("--fold", type=int, default=None)
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--budget-minutes", type=float, default=None)
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    c.add_argument("--device", default=None)
+    c.add_argument("--resume", action="store_true")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_amalgamate)
 
     c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
     c.add_argument("run", help="run folder or .safetensors checkpoint")

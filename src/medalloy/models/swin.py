@@ -43,7 +43,19 @@ DIVISOR = 32
 def swin_stage_channels(feature_size: int) -> dict[str, int]:
     """Channels of every stage (see the module docstring)."""
     f = feature_size
-    return {"enc0": f, "enc1": f, "enc2": 2 * f, "enc3": 4 * f, "enc4": 8 * f, "bottleneck": 16 * f, "dec4": 8 * f, "dec3": 4 * f, "dec2": 2 * f, "dec1": f, "dec0": f}
+    return {
+        "enc0": f,
+        "enc1": f,
+        "enc2": 2 * f,
+        "enc3": 4 * f,
+        "enc4": 8 * f,
+        "bottleneck": 16 * f,
+        "dec4": 8 * f,
+        "dec3": 4 * f,
+        "dec2": 2 * f,
+        "dec1": f,
+        "dec0": f,
+    }
 
 
 def swin_stage_stride(stage: str) -> int:
@@ -127,7 +139,9 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled code, a truncated file, or not a checkpoint at all
         raise MedalloyError(
-            f"cannot read as tensors only ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})", path, "convert it to safetensors, or give MONAI's model_swinvit.pt"
+            f"cannot read as tensors only ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
+            path,
+            "convert it to safetensors, or give MONAI's model_swinvit.pt",
         ) from None
     for key in ("state_dict", "model", "net", "network_weights"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -156,9 +170,15 @@ def repair_swin_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def load_swin_weights(net: nn.Module, path: str | Path) -> WeightReport:
     """Load what fits of a weights file into ``net`` (a SwinUNETR); see the module docstring."""
-    tensors = repair_swin_keys(read_weight_file(path))
+    return load_swin_state(net, read_weight_file(path), path)
+
+
+def load_swin_state(net: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> WeightReport:
+    """Load what fits of ``tensors`` (keys repaired) into ``net``; tensors of another shape are
+    skipped, nothing fitting at all is an error naming ``source``."""
+    tensors = repair_swin_keys(tensors)
     own = net.state_dict()
-    report = WeightReport(source=str(path))
+    report = WeightReport(source=str(source))
     usable = {}
     for k, v in tensors.items():
         if k not in own:
@@ -170,7 +190,7 @@ def load_swin_weights(net: nn.Module, path: str | Path) -> WeightReport:
     if not usable:
         raise MedalloyError(
             f"no tensor fits this SwinUNETR ({len(report.unexpected)} unexpected, {len(report.mismatched)} of another shape)",
-            path,
+            source,
             "give weights of a SwinUNETR with the same spatial_dims and feature_size",
         )
     report.missing = [k for k in own if k not in usable]

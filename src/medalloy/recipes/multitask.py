@@ -102,7 +102,9 @@ def own_plan(ds: RawDataset, cfg: Any) -> Plan:
         return plan_dataset(ds, fingerprint(ds, progress=False), force_dim=cfg.dim, base_filters=cfg.base_filters, max_filters=cfg.max_filters, **kw)
     except MedalloyError as exc:
         if "3D plan for 2D images" in str(exc):
-            raise MedalloyError(f"{ds.name} holds 2D images; a 3D model of several datasets needs volumes", ds.root, "train it in a 2D model (dim: 2)") from None
+            raise MedalloyError(
+                f"{ds.name} holds 2D images; a 3D model of several datasets needs volumes", ds.root, "train it in a 2D model (dim: 2)"
+            ) from None
         raise
 
 
@@ -115,9 +117,7 @@ def check_plan_options(cfg: Any, dss: list[RawDataset]) -> None:
 def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
     """A dataset's own plan with its patch and batch in the shared model, and the shared network."""
     values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
-    return own.model_copy(
-        update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]}
-    )
+    return own.model_copy(update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]})
 
 
 def bound_model(net: nn.Module, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
@@ -127,7 +127,9 @@ def bound_model(net: nn.Module, registry: TaskRegistry, dataset: str, in_channel
     return TaskBound(net, [registry.tasks.index(t) for t in order], entry["modality_id"], in_channels=in_channels)
 
 
-def validation_sets(net: nn.Module, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str) -> list[ValidationSet]:
+def validation_sets(
+    net: nn.Module, registry: TaskRegistry, plans: dict[str, Plan], cases: dict[str, list], in_channels: int, precision: str
+) -> list[ValidationSet]:
     """Per dataset: its validation cases, scored through the network bound to its tasks."""
 
     def predictor(name: str):
@@ -214,7 +216,9 @@ def bind_tasks(
             matching = [n for n in annotating if registry.datasets[n]["modality"] == modality.strip().lower()]
             if not matching:
                 raise MedalloyError(
-                    f"no training dataset of modality '{modality}' annotates '{tasks[0]}'", path, f"use --modality {' or '.join(sorted({registry.datasets[n]['modality'] for n in annotating}))}, or --dataset"
+                    f"no training dataset of modality '{modality}' annotates '{tasks[0]}'",
+                    path,
+                    f"use --modality {' or '.join(sorted({registry.datasets[n]['modality'] for n in annotating}))}, or --dataset",
                 )
             annotating, how = matching, f"modality {modality}"
         else:
@@ -222,6 +226,8 @@ def bind_tasks(
         dataset = annotating[0]
     entry = registry.datasets[dataset]
     model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["in_channels"])).eval()
-    plan = plans[dataset].model_copy(update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}})
+    plan = plans[dataset].model_copy(
+        update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}}
+    )
     note = f"tasks {', '.join(tasks)} with the preprocessing and modality ({entry['modality']}) of {dataset} ({how})"
     return model, plan, record, note

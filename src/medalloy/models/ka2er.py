@@ -1,0 +1,196 @@
+"""KA2ER (Gao et al. 2024): a SwinUNETR foundation and frozen task experts encode the same input;
+amalgamation layers merge the experts' hidden features into the foundation's at its deepest
+stages; a prompt-driven mask decoder answers one sigmoid map per task asked.
+
+``KA2ERNet(x (B, C, *sp), task_ids (B, T), modality_ids (B,) | None)`` returns
+
+- ``logits`` ``(B, T, *sp)``: one sigmoid logit map per task asked;
+- ``expert_logits``: each expert's own output ``(B, K_k, *sp)`` on the same input (for distillation);
+- ``merged`` / ``expert_tokens``: per amalgamated stage, the merged tokens ``(B, N, D)`` and each
+  expert's projected tokens ``[(B, N, D)]`` (for feature distillation).
+
+Experts live inside the network (so one checkpoint answers on its own) but never train: their
+parameters do not require gradients, they stay in eval mode whatever ``train()`` is called, and
+they run under ``no_grad`` (not ``inference_mode``: their features feed trainable projections).
+Each expert sees the input with its own channel count (a grey expert gets the channel mean of an
+RGB input, an RGB expert a grey input repeated) and gives the features of one of its stages per
+amalgamated foundation stage, the deepest with no coarser stride (chosen once by :func:`choose_taps`).
+
+Ablations of the benchmark in the same class: ``hierarchical=False`` (concatenate + 1x1 conv),
+``decoder="plain"`` (one 1x1 head per task), no experts (the layer is self-attention only), no
+amalgamation stages and a plain decoder (the foundation alone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medalloy.models.amalgamation import AmalgamationLayer, conv1x1, tokens
+from medalloy.models.features import STAGES_ATTR, FeatureTap, stage_names
+from medalloy.models.prompt_decoder import PlainTaskHead, PromptMaskDecoder
+from medalloy.models.swin import build_swinunetr, run_swin_stages, swin_stage_channels, swin_stage_stride
+
+AMALGAMATION_STAGES = ("enc4", "bottleneck")
+
+
+def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The input with ``channels`` channels: kept, averaged to one, or one repeated."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 1:
+        return x.mean(1, keepdim=True)
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, *x.shape[2:])
+    raise ValueError(f"cannot give a {channels}-channel expert a {x.shape[1]}-channel input")
+
+
+@torch.no_grad()
+def probe_stages(model: nn.Module, in_channels: int, shape: list[int]) -> dict[str, tuple[int, int]]:
+    """``{stage: (channels, stride)}`` of a network's encoder stages and bottleneck, from one
+    forward pass of zeros of ``shape`` (sides the network accepts)."""
+    names = [s for s in stage_names(model) if s.startswith("enc") or s == "bottleneck"]
+    was = model.training
+    model.eval()
+    with FeatureTap(model, names, detach=True) as tap:
+        model(torch.zeros(1, in_channels, *shape, device=next(model.parameters()).device))
+    model.train(was)
+    return {s: (int(f.shape[1]), int(round(shape[0] / f.shape[2]))) for s, f in tap.features.items()}
+
+
+def choose_taps(probed: dict[str, tuple[int, int]], stages: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """For each foundation stage, the expert stage with the largest stride not coarser than it
+    (the deeper on ties) and its channels."""
+    taps, channels = {}, {}
+    order = list(probed)
+    for stage in stages:
+        stride = swin_stage_stride(stage)
+        fitting = [s for s in order if probed[s][1] <= stride] or order[:1]
+        best = max(fitting, key=lambda s: (probed[s][1], order.index(s)))
+        taps[stage], channels[stage] = best, probed[best][0]
+    return taps, channels
+
+
+class ExpertBank(nn.Module):
+    """Frozen experts: ``x -> ({foundation stage: [(B, C_k, *g_k)]}, [(B, K_k, *sp)])``."""
+
+    def __init__(self, experts: list[nn.Module], in_channels: list[int], taps: list[dict[str, str]]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.in_channels, self.taps = list(in_channels), [dict(t) for t in taps]
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ExpertBank:  # noqa: ARG002 - experts are always in eval mode
+        return super().train(False)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+        features: dict[str, list[torch.Tensor]] = {}
+        logits = []
+        with torch.no_grad():
+            for expert, channels, taps in zip(self.experts, self.in_channels, self.taps):
+                with FeatureTap(expert, sorted(set(taps.values())), detach=True) as tap:
+                    out = expert(adapt_channels(x, channels))
+                logits.append(out[0] if isinstance(out, (list, tuple)) else out)
+                for stage, source in taps.items():
+                    features.setdefault(stage, []).append(tap.features[source])
+        return features, logits
+
+
+class KA2ERNet(nn.Module):
+    """A SwinUNETR foundation, frozen experts, amalgamation layers and a task decoder."""
+
+    def __init__(
+        self,
+        foundation: nn.Module,
+        feature_size: int,
+        n_tasks: int,
+        experts: ExpertBank | None = None,
+        expert_channels: list[dict[str, int]] | None = None,
+        stages: list[str] | tuple[str, ...] = AMALGAMATION_STAGES,
+        width: int = 64,
+        heads: int = 4,
+        hierarchical: bool = True,
+        decoder: str = "prompt",
+        decoder_depth: int = 2,
+        task_adaptive: bool = True,
+        prior_probability: float | None = 0.01,
+    ):
+        super().__init__()
+        dim = foundation.swinViT.patch_embed.proj.weight.ndim - 2
+        self.foundation = foundation
+        self.foundation.out = nn.Identity()  # the task decoder replaces SwinUNETR's output layer (unused parameters stall DDP)
+        self.experts = experts if experts is not None and len(experts) else None
+        channels = swin_stage_channels(feature_size)
+        per_expert = expert_channels or []
+        if len(per_expert) != (len(self.experts) if self.experts else 0):
+            raise ValueError("give the channels of every expert's tapped stages")
+        self.amalgamation = nn.ModuleDict({s: AmalgamationLayer(dim, channels[s], [c[s] for c in per_expert], width, heads, hierarchical) for s in stages})
+        prior = 0.0 if prior_probability is None else float(torch.logit(torch.tensor(prior_probability)))
+        self.n_tasks, self.task_adaptive = n_tasks, task_adaptive and decoder == "prompt"
+        if decoder == "prompt":
+            self.image_proj = conv1x1(dim, channels["bottleneck"], width)
+            self.image_pos = (nn.Conv2d if dim == 2 else nn.Conv3d)(width, width, 3, padding=1, groups=width)
+            self.decoder: nn.Module = PromptMaskDecoder(n_tasks, width, channels["dec0"], decoder_depth, heads, prior)
+        elif decoder == "plain":
+            self.decoder = PlainTaskHead(n_tasks, channels["dec0"], prior)
+        else:
+            raise ValueError(f"decoder must be 'prompt' or 'plain', not {decoder!r}")
+        paths = {s: f"foundation.{p}" for s, p in getattr(foundation, STAGES_ATTR).items()}
+        paths.update({s: f"amalgamation.{s}" for s in self.amalgamation if s in paths})
+        setattr(self, STAGES_ATTR, paths)
+
+    @property
+    def null_task(self) -> int:
+        return self.n_tasks
+
+    def _condition(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        if not self.task_adaptive:
+            return None
+        real = (task_ids != self.null_task).float()[..., None]  # padded slots say nothing of the task set
+        prompts = self.decoder.prompts(task_ids)
+        return (prompts * real).sum(1) / real.sum(1).clamp_min(1.0)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor | None = None) -> dict:
+        if task_ids.ndim != 2 or task_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"need task_ids (B, T) for B={x.shape[0]}; got {tuple(task_ids.shape)}")
+        task_ids = task_ids.long()
+        expert_features, expert_logits = self.experts(x) if self.experts is not None else ({}, [])
+        condition = self._condition(task_ids)
+        merged, projected, deepest = {}, {}, []
+
+        def after(stage: str, f: torch.Tensor) -> torch.Tensor:
+            if stage in self.amalgamation:
+                f, merged[stage], projected[stage] = self.amalgamation[stage](f, expert_features.get(stage, []), condition)
+            if stage == "bottleneck":
+                deepest.append(f)
+            return f
+
+        z = run_swin_stages(self.foundation, x, after)
+        if isinstance(self.decoder, PromptMaskDecoder):
+            img = self.image_proj(deepest[0])
+            logits = self.decoder(tokens(img + self.image_pos(img)), z, task_ids)
+        else:
+            logits = self.decoder(z, task_ids)
+        return {"logits": logits, "expert_logits": expert_logits, "merged": merged, "expert_tokens": projected}
+
+
+def build_ka2er(
+    spatial_dims: int,
+    in_channels: int,
+    n_tasks: int,
+    feature_size: int = 12,
+    experts: list[nn.Module] | None = None,
+    expert_in_channels: list[int] | None = None,
+    expert_taps: list[dict[str, str]] | None = None,
+    expert_channels: list[dict[str, int]] | None = None,
+    **options,
+) -> KA2ERNet:
+    """A :class:`KA2ERNet` on a fresh SwinUNETR; ``options`` go to :class:`KA2ERNet`."""
+    foundation = build_swinunetr(spatial_dims, in_channels, feature_size)
+    bank = ExpertBank(experts, expert_in_channels or [], expert_taps or []) if experts else None
+    return KA2ERNet(foundation, feature_size, n_tasks, bank, expert_channels if experts else None, **options)

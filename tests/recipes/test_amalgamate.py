@@ -1,0 +1,125 @@
+"""Amalgamation end to end on tiny synthetic data: two frozen medalloy experts (grey and RGB)
+amalgamated into one SwinUNETR model of both datasets' tasks; the experts' weights leave the
+run bit-identical, the loss terms are logged, prediction works per dataset and per task, and
+foreign foundation weights load with a report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medalloy.data.dataset import RawDataset
+from medalloy.data.io import read_label
+from medalloy.data.synth import generate_dataset
+from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.logging import read_metrics
+from medalloy.errors import MedalloyError
+from medalloy.planning.fingerprint import fingerprint
+from medalloy.planning.planner import plan_dataset
+from medalloy.predict import predict_cases
+from medalloy.recipes.amalgamate import AmalgamateConfig, load_for_tasks, train_amalgamate
+from medalloy.recipes.expert import ExpertConfig, train_expert
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("einops")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return [
+        generate_dataset(n, root, seed=3, cases_per_source=4, test_cases_per_source=1, progress=False) for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo")
+    ]
+
+
+@pytest.fixture(scope="module")
+def experts(data, tmp_path_factory):
+    runs = []
+    for path in data:
+        ds = RawDataset(path)
+        plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64, base_filters=8).model_copy(update={"batch_size": 4})
+        cfg = ExpertConfig(folds=4, max_val_cases=1)
+        cfg.train.steps, cfg.train.val_every = 30, 30
+        out = tmp_path_factory.mktemp("runs") / f"expert-{ds.name}"
+        train_expert(path, out, plan=plan, config=cfg, progress=False)
+        runs.append(out)
+    return runs
+
+
+def _cfg(steps: int = 16, **kw) -> AmalgamateConfig:
+    cfg = AmalgamateConfig(folds=4, max_val_cases=1, max_2d_side=64, width=32, batch_size=4, **kw)
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every = steps, steps, 5
+    return cfg
+
+
+def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp_path):
+    out = tmp_path / "ka"
+    res = train_amalgamate(data, experts, out, config=_cfg(), progress=False)
+    assert res["tasks"] == ["lung", "heart", "lesion"] and len(res["experts"]) == 2
+    assert res["trainable_params"] < res["params"]  # the experts are inside, frozen
+    tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")
+    assert record["kd_pairs"] == {"SynthCXR": 0, "SynthEndo": 1}
+    for k, run in enumerate(experts):  # the experts' weights come out of training bit-identical
+        own = ckpt.group(ckpt.load_checkpoint(run / "checkpoints" / "best.safetensors")[0], "model/net")
+        prefix = f"experts.experts.{k}."
+        kept = {n[len(prefix) :]: v for n, v in ckpt.group(tensors, "model/net").items() if n.startswith(prefix)}
+        assert own.keys() == kept.keys() and all(torch.equal(own[n], kept[n]) for n in own)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    for part in ("seg", "kd_logits", "kd_features"):
+        assert all(np.isfinite(r[f"loss/{part}"]) for r in rows if f"loss/{part}" in r), part
+    assert any(r.get("loss/kd_logits", 0) > 0 for r in rows) and any(r.get("loss/kd_features", 0) > 0 for r in rows)
+
+    for path in data:
+        ds = RawDataset(path)
+        case = ds.labelled_cases()[0]
+        written = predict_cases(out, path, [case.case_id], tmp_path / f"pred-{ds.name}", progress=False)
+        label = read_label(written[0])[0]
+        assert label.shape == read_label(case.label)[0].shape and set(np.unique(label)) <= set(ds.spec.labels.values())
+    model, plan, _, note = load_for_tasks(out / "checkpoints" / "best.safetensors", ["lesion"])
+    assert plan.in_channels == 3 and "SynthEndo" in note
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(MedalloyError, match="no task 'liver'"):
+        load_for_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
+
+
+def test_foundation_weights_file_and_ablations(data, experts, tmp_path):
+    from medalloy.models.swin import build_swinunetr
+
+    torch.manual_seed(1)
+    donor = build_swinunetr(2, 1, 12)  # SynthCXR is grey
+    weights = tmp_path / "swin.safetensors"
+    save_file({"module." + k: v.contiguous() for k, v in donor.state_dict().items()}, str(weights))
+    res = train_amalgamate(
+        data[:1], experts[:1], tmp_path / "flat", config=_cfg(steps=2, hierarchical=False, decoder="plain", foundation=str(weights)), progress=False
+    )
+    assert (
+        "tensors loaded, 0 missing, 2 unexpected" in res["foundation_init"] and "another shape" not in res["foundation_init"]
+    )  # unexpected: SwinUNETR's output layer
+    alone = train_amalgamate(data[:1], [], tmp_path / "alone", config=_cfg(steps=2, decoder="plain", stages=[]), progress=False)
+    assert alone["trainable_params"] == alone["params"] and alone["experts"] == []
+    # the foundation alone as the start of an amalgamation
+    res = train_amalgamate(data[:1], experts[:1], tmp_path / "from-run", config=_cfg(steps=2, foundation=str(tmp_path / "alone")), progress=False)
+    assert "0 missing" in res["foundation_init"]
+
+
+def test_bad_experts_are_refused_before_writing(data, experts, tmp_path):
+    with pytest.raises(MedalloyError, match="no best checkpoint"):
+        train_amalgamate(data, [tmp_path / "nothing"], tmp_path / "bad", config=_cfg(), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_trains_the_foundation_alone_and_predicts_per_task(data, tmp_path, capsys):
+    from medalloy.cli import main
+
+    out = tmp_path / "alone"
+    args = ["-q", "amalgamate", str(data[0]), "--out", str(out), "--steps", "2", "--decoder", "plain", "--stages", "none", "--batch-size", "2"]
+    assert main(args) == 0
+    assert "0 frozen experts" in capsys.readouterr().out
+    target = tmp_path / "masks"
+    assert main(["-q", "predict", str(out), "--input", str(data[0] / "imagesTs"), "--output", str(target), "--task", "heart"]) == 0
+    assert sorted(p.name for p in (target / "heart").iterdir())
+    assert main(["-q", "predict", str(out), "--input", str(data[0] / "imagesTs"), "--output", str(tmp_path / "x"), "--task", "liver"]) == 1
+    assert "no task 'liver'" in capsys.readouterr().err
