@@ -1,4 +1,8 @@
-"""``medalloy predict RUN|MODEL.onnx --input DIR --output DIR``: label maps in the input's format and geometry.
+"""``medalloy predict RUN|MODEL.onnx|NNUNET_FOLDER --input DIR --output DIR``: label maps in the input's format and geometry.
+
+``NNUNET_FOLDER``: a trained nnU-Net v2 model (``TRAINER__PLANS__CONFIG`` or its ``fold_X``; see
+:mod:`medalloy.interop.nnunet`), ``--checkpoint best`` its ``checkpoint_best.pth`` (else
+``checkpoint_final.pth``), ``last`` its ``checkpoint_final.pth``.
 
 Input cases follow nnU-Net's naming (``CASE_0000.ext`` [+ ``CASE_0001.ext`` ...]); a folder of plain
 images (no channel suffix) is read one case per file. Outputs are ``CASE.ext`` (DICOM inputs become
@@ -58,14 +62,24 @@ def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None
     registered for the record's ``method``); ``dataset`` names which of a multi-dataset model's
     datasets (tasks, modality, preprocessing) the images belong to. An exported ``.onnx`` graph runs
     through ONNX Runtime with its sidecar's plan; it was bound to its tasks at export, so
-    ``dataset`` does not apply to it."""
+    ``dataset`` does not apply to it. An nnU-Net v2 folder or ``.pth`` checkpoint has one dataset."""
+    from medalloy.interop.nnunet import is_nnunet_folder, load_nnunet_expert
     from medalloy.recipes.registry import load_checkpoint_model
 
     if Path(checkpoint).suffix == ".onnx":
         from medalloy.interop.onnx_runtime import load_onnx
 
         return load_onnx(checkpoint)
+    if Path(checkpoint).suffix == ".pth" or is_nnunet_folder(checkpoint):
+        return load_nnunet_expert(checkpoint, device)
     return load_checkpoint_model(checkpoint, device, dataset)
+
+
+def _checkpoint(run: str | Path, which: str) -> Path:
+    """:func:`~medalloy.runs.resolve_checkpoint`, or the ``.pth`` file of an nnU-Net v2 folder."""
+    from medalloy.interop.nnunet import is_nnunet_folder, nnunet_checkpoint
+
+    return nnunet_checkpoint(run, which) if is_nnunet_folder(run) else resolve_checkpoint(run, which)
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
@@ -111,7 +125,7 @@ def predict_cases(
     from medalloy.data.dataset import RawDataset
 
     dev = _device(device)
-    ckpt_path = resolve_checkpoint(run, checkpoint)
+    ckpt_path = _checkpoint(run, checkpoint)
     ds = RawDataset(dataset)
     model, plan, record = load_model(ckpt_path, dev, dataset=as_dataset or ds.name)
     kept = _kept_values(plan.labels, keep_labels, ckpt_path)
@@ -148,7 +162,7 @@ def predict_folder(
     """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files.
     ``dataset``: for a model of several datasets, the one whose tasks and preprocessing apply."""
     dev = _device(device)
-    ckpt_path = resolve_checkpoint(run, checkpoint)
+    ckpt_path = _checkpoint(run, checkpoint)
     model, plan, record = load_model(ckpt_path, dev, dataset=dataset)
     cases = find_input_cases(input_dir)
     out = Path(output_dir)

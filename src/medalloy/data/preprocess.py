@@ -48,6 +48,9 @@ def normalize(image: np.ndarray, norms: list[ChannelNorm], path: object = None) 
             x = (x - x.mean()) / max(float(x.std()), 1e-8)
         elif norm.scheme == "rgb":
             x = x / 255.0
+        elif norm.scheme == "rescale01":
+            x = x - x.min()
+            x = x / max(float(x.max()), 1e-8)
         out[c] = x
     return out
 

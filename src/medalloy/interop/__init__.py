@@ -1,1 +1,1 @@
-"""Other tools' formats: ONNX Runtime graphs (and, later, nnU-Net model folders)."""
+"""Other tools' formats: ONNX Runtime graphs and their sidecars, trained nnU-Net v2 model folders."""

@@ -56,7 +56,7 @@ def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None
     stages = len(plan.network.strides)
     best = None
     for base in range(2, 129):
-        network = plan.network.model_copy(update={"filters": student_filters(base, stages), "deep_supervision": False})
+        network = plan.network.model_copy(update={"filters": student_filters(base, stages), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
         net = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
         if separable:
             make_separable(net)

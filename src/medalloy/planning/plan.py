@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import read_json, write_json_atomic
 
-Normalization = Literal["ct", "zscore", "rgb", "none"]
+Normalization = Literal["ct", "zscore", "rgb", "rescale01", "none"]
 
 
 class ChannelNorm(BaseModel):
@@ -24,6 +24,7 @@ class ChannelNorm(BaseModel):
       ``(x - mean) / std`` with the dataset's foreground statistics;
     - ``zscore``: per-image ``(x - mean(x)) / std(x)``;
     - ``rgb``: ``x / 255``;
+    - ``rescale01``: per-image ``(x - min(x)) / max(x - min(x))`` (nnU-Net's ``RescaleTo01Normalization``);
     - ``none``: unchanged.
     """
 
@@ -37,11 +38,15 @@ class ChannelNorm(BaseModel):
 
 
 class NetworkPlan(BaseModel):
-    """A MONAI DynUNet: one kernel and stride per stage, ``filters[i]`` channels at stage ``i``."""
+    """A U-Net: one kernel and stride per stage, ``filters[i]`` channels at stage ``i``.
+
+    ``DynUNet``: MONAI's, built by :func:`medalloy.models.unet.build_unet`. ``nnUNet``: a trained
+    nnU-Net v2 network imported by :mod:`medalloy.interop.nnunet` (built there, by nnU-Net's own
+    architecture package); its kernels, strides and filters are described here all the same."""
 
     model_config = ConfigDict(extra="forbid")
 
-    architecture: Literal["DynUNet"] = "DynUNet"
+    architecture: Literal["DynUNet", "nnUNet"] = "DynUNet"
     kernels: list[list[int]]
     strides: list[list[int]]
     filters: list[int]

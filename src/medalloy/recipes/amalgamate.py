@@ -103,23 +103,17 @@ class AmalgamateConfig(BaseModel):
 # -- experts ---------------------------------------------------------------------------------
 
 
-def _is_nnunet(path: Path) -> bool:
-    try:
-        from medalloy.interop.nnunet import is_nnunet_folder
-    except ImportError:  # the interop module is optional at import time
-        return False
-    return is_nnunet_folder(path)
-
-
 def load_frozen_expert(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any], dict[str, Any]]:
     """A medalloy expert run (or checkpoint) or a trained nnU-Net v2 folder: network, plan,
     record, and the spec a checkpoint keeps to rebuild it."""
+    from medalloy.interop.nnunet import is_nnunet_folder
+
     path = Path(path)
-    if path.is_dir() and _is_nnunet(path):
-        from medalloy.interop.nnunet import load_nnunet_expert, nnunet_architecture
+    if is_nnunet_folder(path):
+        from medalloy.interop.nnunet import load_nnunet_expert
 
         net, plan, record = load_nnunet_expert(path, device=device)
-        spec = {"kind": "nnunet", "architecture": nnunet_architecture(record), "out_channels": len(plan.label_values)}
+        spec = {"kind": "nnunet", "architecture": record["architecture"], "plan": plan.model_dump(mode="json")}
     else:
         checkpoint = resolve_checkpoint(path)
         net, plan, record = load_checkpoint_model(checkpoint, device)
@@ -136,7 +130,7 @@ def rebuild_expert(spec: dict[str, Any]) -> nn.Module:
     if spec["kind"] == "nnunet":
         from medalloy.interop.nnunet import build_nnunet_network
 
-        return build_nnunet_network(spec["architecture"], spec["in_channels"], spec["out_channels"])
+        return build_nnunet_network(spec["architecture"], Plan.model_validate(spec["plan"]))
     return build_unet(Plan.model_validate(spec["plan"]))
 
 

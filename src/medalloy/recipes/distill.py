@@ -312,7 +312,7 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
     try:
         plan = Plan.model_validate(record["plan"])
         student = record["student"]
-        network = plan.network.model_copy(update={"filters": [int(f) for f in student["filters"]], "deep_supervision": False})
+        network = plan.network.model_copy(update={"filters": [int(f) for f in student["filters"]], "deep_supervision": False, "architecture": "DynUNet"})
         out_channels = int(student["out_channels"])
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
