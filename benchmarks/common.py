@@ -116,3 +116,62 @@ def predict_and_score(run: Path, ds_path: Path, ids: list[str], labels: dict[str
     sec = timed_prediction(run, ds_path, ids, pred, keep=list(labels), as_dataset=as_dataset)
     copy_ground_truth(ds_path, ids, gt, labels)
     return evaluate(pred, gt, labels, work / "eval" / key), sec
+
+
+def member_folder(name: str, data: Path, work: Path) -> Path:
+    """A dataset folder of its own per mix member: a polyp centre becomes a dataset named after it
+    (links to the combined import's files, same case ids, so the experts' splits apply)."""
+    folder = dataset_path(name, data, work)
+    if folder.name != POLYP:
+        return folder
+    from medalloy.data.dataset import RawDataset
+
+    centre = name.split("-")[1]
+    view = work / "data" / f"Dataset21{1 if centre == 'Kvasir' else 2}_Polyp{centre}"
+    if (view / "dataset.json").exists():
+        return view
+    combined = RawDataset(folder)
+    raw = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    cases = [c for c in combined.labelled_cases() if c.source == centre]
+    tmp = view.with_name(view.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp / sub).mkdir(parents=True)
+    for c in cases:
+        for f in c.images:
+            (tmp / "imagesTr" / f.name).symlink_to(f.resolve())
+        (tmp / "labelsTr" / c.label.name).symlink_to(c.label.resolve())
+    raw["name"], raw["numTraining"] = name, len(cases)
+    raw.setdefault("medalloy", {})["cases"] = {c.case_id: raw.get("medalloy", {}).get("cases", {}).get(c.case_id, {}) for c in cases}
+    (tmp / "dataset.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    tmp.rename(view)
+    return view
+
+
+def foreground(ds_path: Path) -> dict[str, int]:
+    from medalloy.data.dataset import RawDataset
+
+    return {k: v for k, v in RawDataset(ds_path).spec.labels.items() if v != 0}
+
+
+def train_benchmark_expert(name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str) -> dict[str, Any]:
+    """A medalloy expert on the benchmark's train/val split of ``name`` for ``budget`` minutes,
+    scored on its held-out cases: ``{"run", "scores", "seconds_per_case", "params", "minutes", "steps"}``."""
+    import sys
+
+    from medalloy.data.dataset import RawDataset
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+    from medalloy.recipes.expert import train_expert
+
+    ds_path = member_folder(name, data, work)
+    split = splits(name, dataset_path(name, data, work), seed)
+    ds = RawDataset(ds_path)
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_kw)
+    print(f"[{what}] {name}: {len(split['train'])} train / {len(split['test'])} test cases, {plan.dim}D patch {plan.patch_size}, {budget:g} min", flush=True)
+    res = train_expert(
+        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
+        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
+    )  # fmt: skip
+    scores, sec = predict_and_score(run, ds_path, split["test"], foreground(ds_path), f"{what.replace(' ', '-')}-{name}", work)
+    return {"run": str(run), "scores": scores, "seconds_per_case": round(sec, 3), "params": int(res["params"]), "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"])}

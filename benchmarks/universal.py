@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, POLYP, dataset_path, predict_and_score, splits
+from common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -91,60 +90,8 @@ def plan_options(name: str, mix: str) -> dict[str, Any]:
     return dict(PLAN_OPTIONS.get(name, {})) if mix == "2d" else {"force_dim": 3}
 
 
-def member_folder(name: str, data: Path, work: Path) -> Path:
-    """A dataset folder of its own per mix member: a polyp centre becomes a dataset named after it
-    (links to the combined import's files, same case ids, so the experts' splits apply)."""
-    folder = dataset_path(name, data, work)
-    if folder.name != POLYP:
-        return folder
-    from medalloy.data.dataset import RawDataset
-
-    centre = name.split("-")[1]
-    view = work / "data" / f"Dataset21{1 if centre == 'Kvasir' else 2}_Polyp{centre}"
-    if (view / "dataset.json").exists():
-        return view
-    combined = RawDataset(folder)
-    raw = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    cases = [c for c in combined.labelled_cases() if c.source == centre]
-    tmp = view.with_name(view.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("imagesTr", "labelsTr"):
-        (tmp / sub).mkdir(parents=True)
-    for c in cases:
-        for f in c.images:
-            (tmp / "imagesTr" / f.name).symlink_to(f.resolve())
-        (tmp / "labelsTr" / c.label.name).symlink_to(c.label.resolve())
-    raw["name"], raw["numTraining"] = name, len(cases)
-    raw.setdefault("medalloy", {})["cases"] = {c.case_id: raw.get("medalloy", {}).get("cases", {}).get(c.case_id, {}) for c in cases}
-    (tmp / "dataset.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
-    tmp.rename(view)
-    return view
-
-
-def foreground(ds_path: Path) -> dict[str, int]:
-    from medalloy.data.dataset import RawDataset
-
-    return {k: v for k, v in RawDataset(ds_path).spec.labels.items() if v != 0}
-
-
 def train_expert_arm(name: str, mix: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:
-    from medalloy.data.dataset import RawDataset
-    from medalloy.planning.fingerprint import fingerprint
-    from medalloy.planning.planner import plan_dataset
-    from medalloy.recipes.expert import train_expert
-
-    ds_path = member_folder(name, data, work)
-    split = splits(name, dataset_path(name, data, work), seed)
-    ds = RawDataset(ds_path)
-    plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_options(name, mix))
-    run = work / "runs" / mix / "experts" / name
-    log(f"{mix} expert {name}: {len(split['train'])} train / {len(split['test'])} test cases, {plan.dim}D patch {plan.patch_size}, {budget:g} min")
-    res = train_expert(
-        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
-        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
-    )  # fmt: skip
-    scores, sec = predict_and_score(run, ds_path, split["test"], foreground(ds_path), f"{mix}-expert-{name}", work)
-    return {"run": str(run), "scores": scores, "seconds_per_case": round(sec, 3), "params": int(res["params"]), "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"])}
+    return train_benchmark_expert(name, data, work, work / "runs" / mix / "experts" / name, budget, seed, plan_options(name, mix), f"{mix} expert")
 
 
 def train_universal_arm(arm: str, members: list[str], mix: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:

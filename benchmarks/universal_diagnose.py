@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from medalloy.data.dataset import RawDataset
     from medalloy.engine.inference import Predictor
-    from medalloy.recipes.universal import PlanOptions, UniversalConfig, load_for_dataset, train_universal
+    from medalloy.recipes.registry import load_checkpoint_model
+    from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
 
     name = "ACDC"
     folder = dataset_path(name, a.data, a.work)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.steps, cfg.train.val_every, cfg.train.lr = a.steps, a.steps, lr
         run = a.work / "runs" / "diagnose" / f"acdc-alone-{class_loss}-prior{prior}-lr{lr:g}"
         res = train_universal([folder], run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={name: split})
-        model, plan, _ = load_for_dataset(run / "checkpoints" / "last.safetensors", name)
+        model, plan, _ = load_checkpoint_model(run / "checkpoints" / "last.safetensors", "cpu", name)
         what = {"model": f"universal, no priors, class_loss {class_loss}, prior_probability {prior}", "class_loss": class_loss, "prior_probability": prior, "lr": lr}
         rows.append(row(what, res, Predictor(model, plan, activation="sigmoid"), 0))
     a.results.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from medalloy.data.synth import generate_dataset  # noqa: E402
 from medalloy.errors import MedalloyError  # noqa: E402
 from medalloy.export import calibration_patches, export_onnx  # noqa: E402
 from medalloy.interop.onnx_runtime import load_onnx, sidecar_path  # noqa: E402
-from medalloy.predict import load_model, predict_folder  # noqa: E402
 from medalloy.planning.fingerprint import fingerprint  # noqa: E402
 from medalloy.planning.planner import plan_dataset  # noqa: E402
+from medalloy.predict import load_model, predict_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -74,12 +74,12 @@ def test_expert_graph_matches_pytorch_and_predicts_through_onnx_runtime(data, ru
 
 
 def test_universal_bound_to_tasks_matches_pytorch(runs, tmp_path):
-    from medalloy.recipes.universal import load_for_tasks
+    from medalloy.recipes.registry import load_checkpoint_tasks
 
     out = tmp_path / "uni.onnx"
     meta = export_onnx(runs / "universal", out, tasks=["lesion", "lung"])
     assert meta["tasks"] == ["lesion", "lung"] and meta["activation"] == "sigmoid"
-    model, plan, _, _ = load_for_tasks(runs / "universal" / "checkpoints" / "best.safetensors", ["lesion", "lung"])
+    model, plan, _, _ = load_checkpoint_tasks(runs / "universal" / "checkpoints" / "best.safetensors", ["lesion", "lung"])
     assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
     # a student run: tests/recipes/test_distill.py::test_student_run_exports_to_onnx_with_matching_logits
 

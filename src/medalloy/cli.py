@@ -140,6 +140,20 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _run_flags(c: argparse.ArgumentParser, what: str) -> None:
+    """The training flags the method subcommands (distill, amalgamate) share."""
+    c.add_argument("--config", default=None, help=f"YAML with train/augment/{what} settings")
+    c.add_argument("--fold", type=int, default=None)
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
+    c.add_argument("--device", default=None)
+    c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    c.add_argument("--overwrite", action="store_true")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from medalloy.export import export_onnx
 
@@ -299,16 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M) or a parameter count")
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
     c.add_argument("--losses", default=None, choices=("relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
-    c.add_argument("--config", default=None, help="YAML with train/augment/distillation settings")
-    c.add_argument("--fold", type=int, default=None)
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--budget-minutes", type=float, default=None)
-    c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
-    c.add_argument("--device", default=None)
-    c.add_argument("--resume", action="store_true")
-    c.add_argument("--overwrite", action="store_true")
+    _run_flags(c, "distillation")
     c.set_defaults(fn=cmd_distill)
 
     c = sub.add_parser("amalgamate", help="merge frozen experts (medalloy or nnU-Net v2) into one SwinUNETR model of all tasks (KA2ER)")
@@ -323,16 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
     c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
     c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
-    c.add_argument("--config", default=None, help="YAML with train/augment/amalgamation settings")
-    c.add_argument("--fold", type=int, default=None)
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--budget-minutes", type=float, default=None)
-    c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
-    c.add_argument("--device", default=None)
-    c.add_argument("--resume", action="store_true")
-    c.add_argument("--overwrite", action="store_true")
+    _run_flags(c, "amalgamation")
     c.set_defaults(fn=cmd_amalgamate)
 
     c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")

@@ -3,8 +3,9 @@
 synth -> check -> plan -> train one expert per dataset -> predict held-out cases -> evaluate ->
 one universal (Hermes) model for all datasets' tasks -> predict and evaluate it the same way ->
 a tiny student distilled from the chest X-ray expert by relation KD, exported to ONNX and predicted
-through ONNX Runtime -> ``OUT/report.md`` (Dice tables, universal vs experts, student vs teacher
-with parameters and latency, training curves, best/median/worst overlays).
+through ONNX Runtime -> the 2D experts amalgamated (KA2ER) into one SwinUNETR model of their tasks ->
+``OUT/report.md`` (Dice tables, universal vs experts, student vs teacher with parameters and
+latency, amalgamated vs experts, training curves, best/median/worst overlays).
 Later methods add their own sections to this demo.
 """
 
@@ -32,6 +33,10 @@ UNIVERSAL_PATCH = 96
 # The student (relation KD, tiny) learns the chest X-ray expert; 300 steps on its 2 labels.
 DISTILL_STEPS = 300
 DISTILL_DATASET = "SynthCXR"
+# The 2D experts (chest X-ray lung + heart, lung only, RGB endoscopy) amalgamated into one SwinUNETR
+# (feature size 12) with their frozen features; batch 8 of each dataset's own field of view.
+AMALGAMATE_STEPS = 200
+AMALGAMATE_BATCH = 8
 DEMO_MARKER = "demo.json"
 
 
@@ -78,29 +83,37 @@ def run_demo(out: str | Path = "runs/demo", overwrite: bool = False, steps: int 
         rows.append({"dataset": name, "plan": plan, "train": res, "eval": ev, "run": run})
     universal = _universal_stage(root, datasets, steps or UNIVERSAL_STEPS, seed, progress)
     student = _distill_stage(root, next(r for r in rows if r["dataset"] == DISTILL_DATASET), steps or DISTILL_STEPS, seed, progress)
-    report = _write_report(root, rows, time.perf_counter() - t0, universal, student)
+    amalgamated = _amalgamate_stage(root, [r for r in rows if r["plan"].dim == 2], steps or AMALGAMATE_STEPS, seed, progress)
+    report = _write_report(root, rows, time.perf_counter() - t0, universal, student, amalgamated)
     write_json_atomic(root / DEMO_MARKER, {"status": "done", "seed": seed, "seconds": time.perf_counter() - t0})
     _log(f"done in {time.perf_counter() - t0:.0f} s: {report}", progress)
     return report
 
 
-def _universal_stage(root: Path, datasets: list[Path], steps: int, seed: int, progress: bool) -> dict[str, Any]:
-    """One Hermes model on every demo dataset, predicted and evaluated per dataset."""
+def _predict_each(root: Path, run: Path, datasets: list[Path], tag: str, progress: bool) -> dict[str, Any]:
+    """A model of several datasets predicts and is evaluated on each one's held-out cases
+    (``predictions-<tag>/``, ``evaluation-<tag>/``)."""
     from medalloy.evaluation import evaluate_folders
     from medalloy.predict import predict_folder
+
+    evals = {}
+    for ds_path in datasets:
+        name = RawDataset(ds_path).name
+        _log(f"{tag}: predicting and evaluating {name}", progress)
+        pred_dir = root / f"predictions-{tag}" / name
+        predict_folder(run, ds_path / "imagesTs", pred_dir, dataset=name, progress=progress)
+        evals[name] = evaluate_folders(pred_dir, ds_path / "labelsTs", dataset=ds_path, out_dir=root / f"evaluation-{tag}" / name, progress=progress)
+    return evals
+
+
+def _universal_stage(root: Path, datasets: list[Path], steps: int, seed: int, progress: bool) -> dict[str, Any]:
+    """One Hermes model on every demo dataset, predicted and evaluated per dataset."""
     from medalloy.recipes.universal import train_universal
 
     run = root / "universal"
     _log(f"universal: one Hermes model for the tasks of all {len(datasets)} datasets ({steps} steps, mixed batches)", progress)
     res = train_universal(datasets, run, steps=steps, seed=seed, val_every=max(20, steps // 3), patch_size=UNIVERSAL_PATCH, progress=progress)
-    evals = {}
-    for ds_path in datasets:
-        name = RawDataset(ds_path).name
-        _log(f"universal: predicting and evaluating {name}", progress)
-        pred_dir = root / "predictions-universal" / name
-        predict_folder(run, ds_path / "imagesTs", pred_dir, dataset=name, progress=progress)
-        evals[name] = evaluate_folders(pred_dir, ds_path / "labelsTs", dataset=ds_path, out_dir=root / "evaluation-universal" / name, progress=progress)
-    return {"train": res, "eval": evals, "run": run}
+    return {"train": res, "eval": _predict_each(root, run, datasets, "universal", progress), "run": run}
 
 
 def _distill_stage(root: Path, teacher: dict[str, Any], steps: int, seed: int, progress: bool) -> dict[str, Any]:
@@ -132,8 +145,26 @@ def _distill_stage(root: Path, teacher: dict[str, Any], steps: int, seed: int, p
     return {"dataset": name, "train": res, "eval": ev, "run": run, "latency_ms": latency, "patch": plan.patch_size}
 
 
+def _amalgamate_stage(root: Path, experts: list[dict[str, Any]], steps: int, seed: int, progress: bool) -> dict[str, Any]:
+    """The 2D experts, frozen, amalgamated into one SwinUNETR model of their datasets' tasks."""
+    from medalloy.recipes.amalgamate import train_amalgamate
+
+    datasets = [Path(r["train"]["dataset"]) for r in experts]
+    run = root / "amalgamated"
+    _log(f"amalgamate: {len(experts)} frozen experts into one SwinUNETR model ({steps} steps)", progress)
+    res = train_amalgamate(
+        datasets, [r["run"] for r in experts], run, steps=steps, seed=seed, val_every=max(20, steps // 2), batch_size=AMALGAMATE_BATCH, progress=progress
+    )
+    return {"train": res, "eval": _predict_each(root, run, datasets, "amalgamated", progress), "run": run}
+
+
 def _write_report(
-    root: Path, rows: list[dict[str, Any]], seconds: float, universal: dict[str, Any] | None = None, student: dict[str, Any] | None = None
+    root: Path,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    universal: dict[str, Any] | None = None,
+    student: dict[str, Any] | None = None,
+    amalgamated: dict[str, Any] | None = None,
 ) -> Path:
     from medalloy.evaluation import markdown_table
 
@@ -198,6 +229,29 @@ def _write_report(
         for what, ms in lat.items():
             who, runtime = what.split(" ", 1)
             lines.append(f"| {who} | {runtime} | {ms:.1f} |")
+    if amalgamated is not None:
+        res = amalgamated["train"]
+        lines += [
+            "",
+            "## Amalgamated model (KA2ER) vs experts",
+            "",
+            f"One SwinUNETR model ({res['trainable_params']:,} trainable parameters; {res['params']:,} with the frozen experts inside) "
+            f"learned the tasks of {len(amalgamated['eval'])} datasets in {res['steps']} steps ({res['seconds']:.0f} s), "
+            "merging the frozen 2D experts' features by hierarchical attention and answering through a prompt decoder.",
+            "",
+            "| dataset | label | expert Dice | amalgamated Dice |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            if r["dataset"] not in amalgamated["eval"]:
+                continue
+            ka = amalgamated["eval"][r["dataset"]]["summary"]["classes"]
+            for label, stats in r["eval"]["summary"]["classes"].items():
+                a = ka.get(label, {}).get("dice", {}).get("mean")
+                lines.append(f"| {r['dataset']} | {label} | {stats['dice']['mean']:.3f} | {'-' if a is None else f'{a:.3f}'} |")
+        curve = amalgamated["run"] / "training_curve.png"
+        if curve.exists():
+            lines += ["", f"![amalgamation training curve]({curve.relative_to(root).as_posix()})"]
     lines += ["", "## Per dataset", ""]
     for r in rows:
         name = r["dataset"]

@@ -19,8 +19,9 @@ from medalloy.errors import MedalloyError
 from medalloy.planning.fingerprint import fingerprint
 from medalloy.planning.planner import plan_dataset
 from medalloy.predict import predict_cases
-from medalloy.recipes.amalgamate import AmalgamateConfig, load_for_tasks, train_amalgamate
+from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
 from medalloy.recipes.expert import ExpertConfig, train_expert
+from medalloy.recipes.registry import load_checkpoint_tasks
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("einops")
@@ -77,12 +78,12 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
         written = predict_cases(out, path, [case.case_id], tmp_path / f"pred-{ds.name}", progress=False)
         label = read_label(written[0])[0]
         assert label.shape == read_label(case.label)[0].shape and set(np.unique(label)) <= set(ds.spec.labels.values())
-    model, plan, _, note = load_for_tasks(out / "checkpoints" / "best.safetensors", ["lesion"])
+    model, plan, _, note = load_checkpoint_tasks(out / "checkpoints" / "best.safetensors", ["lesion"])
     assert plan.in_channels == 3 and "SynthEndo" in note
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     with pytest.raises(MedalloyError, match="no task 'liver'"):
-        load_for_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
+        load_checkpoint_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
 
 
 def test_foundation_weights_file_and_ablations(data, experts, tmp_path):

@@ -102,9 +102,9 @@ def test_predict_folder_needs_the_dataset_of_a_multi_dataset_model(three, run, t
     assert main(["-q", "predict", str(out), "--input", str(imgs), "--output", str(tmp_path / "p"), "--dataset", "SynthCXRLung"]) == 0
     assert len(list((tmp_path / "p").glob("*.png"))) == len(list(imgs.glob("*.png")))
     with pytest.raises(MedalloyError, match="not trained on 'Nope'"):
-        from medalloy.recipes.universal import load_for_dataset
+        from medalloy.recipes.registry import load_checkpoint_model
 
-        load_for_dataset(out / "checkpoints" / "best.safetensors", "Nope")
+        load_checkpoint_model(out / "checkpoints" / "best.safetensors", "cpu", "Nope")
 
 
 def test_resume_keeps_the_task_ids_whatever_the_dataset_order(four, run, capsys):

@@ -30,8 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
-from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
-from medalloy.data.sampling import PatchSampler
+from medalloy.data.mixed import MixedSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.trainer import TrainConfig, TrainSpec
@@ -39,26 +38,25 @@ from medalloy.errors import MedalloyError
 from medalloy.losses import LogitKDLoss, TaskBCEDiceLoss
 from medalloy.models.ka2er import KA2ERNet, build_ka2er, choose_taps, probe_stages
 from medalloy.models.swin import load_swin_state, load_swin_weights
-from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, load_plan, save_plan
 from medalloy.recipes.multitask import (
     REGISTRY_FILE,
     PlanOptions,
     TaskRegistry,
-    bind_dataset,
-    bind_tasks,
     build_registry,
     check_plan_options,
     dataset_plan,
+    dataset_sources,
     dataset_splits,
     own_plan,
+    register_multitask,
     resumed_order,
     tasks_in_label_order,
     validation_sets,
 )
-from medalloy.recipes.registry import load_checkpoint_model, register
-from medalloy.recipes.scaffold import Run, cache_cases, cases_of, dice_validation, open_run, require_labelled, resolve_config, task_entry
+from medalloy.recipes.registry import load_checkpoint_model
+from medalloy.recipes.scaffold import Run, dice_validation, open_run, require_labelled, resolve_config, task_entry
 from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
 
@@ -284,23 +282,7 @@ def train_amalgamate(
     kd_pairs = _kd_pairs(specs, registry)
 
     seed = cfg.train.seed
-    sources, val_cases, sizes = [], {}, []
-    for ds in dss:
-        plan, entry = plans[ds.name], registry.datasets[ds.name]
-        prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
-        val_cases[ds.name] = cache_cases(
-            ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress
-        )
-        sampler = PatchSampler(prepared, plan.patch_size, 1, plan.dim, seed, plan.foreground_oversample, cfg.augment)
-        order = tasks_in_label_order(entry)
-        sources.append(
-            MixedSource(
-                ds.name, sampler, [registry.tasks.index(k) for k in order], list(range(1, len(order) + 1)), entry["modality_id"], batch_size=plan.batch_size
-            )
-        )
-        sizes.append(len(prepared))
-    for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
-        src.weight = float(w)
+    sources, val_cases, sizes = dataset_sources(run, dss, plans, registry, ids, cfg)
 
     seed_everything(seed)
     model = _model_options(cfg)
@@ -392,16 +374,4 @@ def load_amalgamated(path: str | Path, device: str = "cpu") -> tuple[KA2ERNet, T
     return net.eval(), registry, plans, record
 
 
-def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu") -> tuple[TaskBound, Plan, dict[str, Any]]:
-    net, registry, plans, record = load_amalgamated(path, device)
-    return bind_dataset(net, registry, plans, record, path, dataset)
-
-
-def load_for_tasks(
-    path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
-) -> tuple[TaskBound, Plan, dict[str, Any], str]:
-    net, registry, plans, record = load_amalgamated(path, device)
-    return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality)
-
-
-register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device), tasks=load_for_tasks)
+register_multitask(METHOD, load_amalgamated)

@@ -17,11 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
+from medalloy.data.mixed import MixedSource, dataset_weights
+from medalloy.data.sampling import PatchSampler
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.models.task_bound import TaskBound
 from medalloy.planning.plan import NetworkPlan, Plan
-from medalloy.recipes.scaffold import Run, ValidationSet, select_cases
+from medalloy.recipes.registry import register
+from medalloy.recipes.scaffold import Run, ValidationSet, cache_cases, cases_of, select_cases
 
 UNKNOWN_MODALITY = "unknown"
 REGISTRY_FILE = "registry.json"
@@ -231,3 +234,42 @@ def bind_tasks(
     )
     note = f"tasks {', '.join(tasks)} with the preprocessing and modality ({entry['modality']}) of {dataset} ({how})"
     return model, plan, record, note
+
+
+def dataset_sources(
+    run: Run, dss: list[RawDataset], plans: dict[str, Plan], registry: TaskRegistry, ids: dict[str, dict[str, list[str]]], cfg: Any
+) -> tuple[list[MixedSource], dict[str, list], list[int]]:
+    """Per dataset: its cached training cases as a :class:`MixedSource` (weighted by
+    ``cfg.dataset_weighting``), its cached validation cases, and its training-case count
+    (``cfg``: ``augment``, ``dataset_weighting``, ``train.seed``)."""
+    seed = cfg.train.seed
+    sources, val_cases, sizes = [], {}, []
+    for ds in dss:
+        plan, entry = plans[ds.name], registry.datasets[ds.name]
+        prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
+        val_cases[ds.name] = cache_cases(ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
+        sampler = PatchSampler(prepared, plan.patch_size, 1, plan.dim, seed, plan.foreground_oversample, cfg.augment)
+        order = tasks_in_label_order(entry)
+        task_ids = [registry.tasks.index(k) for k in order]
+        sources.append(MixedSource(ds.name, sampler, task_ids, list(range(1, len(order) + 1)), entry["modality_id"], batch_size=plan.batch_size))
+        sizes.append(len(prepared))
+    for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
+        src.weight = float(w)
+    return sources, val_cases, sizes
+
+
+def register_multitask(method: str, load: Any) -> None:
+    """Register a multi-dataset method for prediction, per dataset and per task, given its
+    ``load(path, device) -> (net, registry, plans, record)``."""
+
+    def for_dataset(path: str | Path, device: str = "cpu", dataset: str | None = None) -> tuple[TaskBound, Plan, dict[str, Any]]:
+        net, registry, plans, record = load(path, device)
+        return bind_dataset(net, registry, plans, record, path, dataset)
+
+    def for_tasks(
+        path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
+    ) -> tuple[TaskBound, Plan, dict[str, Any], str]:
+        net, registry, plans, record = load(path, device)
+        return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality)
+
+    register(method, for_dataset, tasks=for_tasks)

@@ -29,15 +29,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medalloy.data.dataset import RawDataset
-from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
-from medalloy.data.sampling import PatchSampler
+from medalloy.data.mixed import MixedSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import TaskBCEDiceLoss
 from medalloy.models.hermes import HermesNet, build_hermes
-from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, load_plan, save_plan
 from medalloy.recipes.config import load_recipe_config
@@ -45,22 +43,18 @@ from medalloy.recipes.multitask import (
     REGISTRY_FILE,
     PlanOptions,
     TaskRegistry,
-    bind_dataset,
-    bind_tasks,
     build_registry,
     check_plan_options,
     dataset_plan,
+    dataset_sources,
     dataset_splits,
     own_plan,
+    register_multitask,
     resumed_order,
-    tasks_in_label_order,
     validation_sets,
 )
-from medalloy.recipes.registry import register
 from medalloy.recipes.scaffold import (
     Run,
-    cache_cases,
-    cases_of,
     dice_validation,
     open_run,
     require_labelled,
@@ -196,18 +190,7 @@ def train_universal(
     run.status(METHOD, datasets=[str(d.root) for d in dss])
 
     seed = cfg.train.seed
-    sources, val_cases, sizes = [], {}, []
-    for ds in dss:
-        plan, entry = plans[ds.name], registry.datasets[ds.name]
-        prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
-        val_cases[ds.name] = cache_cases(ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
-        sampler = PatchSampler(prepared, plan.patch_size, 1, plan.dim, seed, plan.foreground_oversample, cfg.augment)
-        order = tasks_in_label_order(entry)
-        task_ids = [registry.tasks.index(k) for k in order]
-        sources.append(MixedSource(ds.name, sampler, task_ids, list(range(1, len(order) + 1)), entry["modality_id"], batch_size=plan.batch_size))
-        sizes.append(len(prepared))
-    for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
-        src.weight = float(w)
+    sources, val_cases, sizes = dataset_sources(run, dss, plans, registry, ids, cfg)
 
     seed_everything(seed)
     model = {
@@ -300,18 +283,4 @@ def load_universal(path: str | Path, device: str = "cpu") -> tuple[HermesNet, Ta
     return net.eval(), registry, plans, record
 
 
-def load_for_dataset(path: str | Path, dataset: str | None, device: str = "cpu") -> tuple[TaskBound, Plan, dict[str, Any]]:
-    """A universal checkpoint as a single-dataset model (its tasks, modality and preprocessing)."""
-    net, registry, plans, record = load_universal(path, device)
-    return bind_dataset(net, registry, plans, record, path, dataset)
-
-
-def load_for_tasks(
-    path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
-) -> tuple[TaskBound, Plan, dict[str, Any], str]:
-    """The network asked for ``tasks`` (see :func:`~medalloy.recipes.multitask.bind_tasks`)."""
-    net, registry, plans, record = load_universal(path, device)
-    return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality)
-
-
-register(METHOD, lambda path, device, dataset=None: load_for_dataset(path, dataset, device), tasks=load_for_tasks)
+register_multitask(METHOD, load_universal)
