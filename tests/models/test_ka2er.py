@@ -57,11 +57,8 @@ def test_amalgamation_starts_as_the_identity_and_experts_stay_frozen():
             return f
 
         run_swin_stages(net.foundation, x, keep)
-        amalgamated = {}
-        net.eval()
-        for stage, layer in net.amalgamation.items():
-            feats, _ = net.experts(x)
-            amalgamated[stage] = layer(features[stage], feats[stage])[0]
+        feats, _ = net.experts(x)
+        amalgamated = {stage: layer(features[stage], feats[stage])[0] for stage, layer in net.amalgamation.items()}
     for stage in net.amalgamation:  # a zero-initialised output projection: training starts from the foundation
         torch.testing.assert_close(amalgamated[stage], features[stage])
     assert out["logits"].shape == (2, 2, 64, 64)

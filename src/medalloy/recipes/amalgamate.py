@@ -46,6 +46,7 @@ from medalloy.recipes.multitask import (
     TaskRegistry,
     build_registry,
     check_plan_options,
+    common_in_channels,
     dataset_plan,
     dataset_sources,
     dataset_splits,
@@ -265,10 +266,7 @@ def train_amalgamate(
     run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
     multiple = stride_multiple([p for _, p, _, _ in loaded], cfg.dim)
     plans = run.main(lambda: _plans(run, dss, cfg, registry, multiple))
-    in_channels = max(p.in_channels for p in plans.values())
-    for name, p in plans.items():
-        if p.in_channels not in (1, in_channels):
-            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
+    in_channels = common_in_channels(plans)
     run.write_config(cfg)
     ids = run.main(lambda: dataset_splits(run, dss, cfg, splits))
     run.write_json("split.json", {"fold": cfg.fold, "datasets": ids})

@@ -117,6 +117,15 @@ def check_plan_options(cfg: Any, dss: list[RawDataset]) -> None:
         raise MedalloyError(f"plan_options names '{stray[0]}', not a dataset of this run", fix=f"key plan_options by {', '.join(ds.name for ds in dss)}")
 
 
+def common_in_channels(plans: dict[str, Plan]) -> int:
+    """The network's input channels: the widest dataset's; the others must have 1 (repeated) or as many."""
+    in_channels = max(p.in_channels for p in plans.values())
+    for name, p in plans.items():
+        if p.in_channels not in (1, in_channels):
+            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
+    return in_channels
+
+
 def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
     """A dataset's own plan with its patch and batch in the shared model, and the shared network."""
     values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]

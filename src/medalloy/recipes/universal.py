@@ -45,6 +45,7 @@ from medalloy.recipes.multitask import (
     TaskRegistry,
     build_registry,
     check_plan_options,
+    common_in_channels,
     dataset_plan,
     dataset_sources,
     dataset_splits,
@@ -146,10 +147,8 @@ def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: Task
                 padded = "" if patch == own.patch_size else f" (own {'x'.join(map(str, own.patch_size))}, padded to the network's poolings)"
                 note = f"universal model: network of {source}'s plan ({len(network.strides)} stages), patch {'x'.join(map(str, patch))}{padded}, batch {batch}, one dataset a step"
                 plans[name] = dataset_plan(own, patch, network, batch, registry.datasets[name], note)
-    in_channels = max(p.in_channels for p in plans.values())
+    common_in_channels(plans)
     for name, p in plans.items():
-        if p.in_channels not in (1, in_channels):
-            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
         save_plan(p, run.out / "plans" / f"{name}.json")
     return plans
 
@@ -182,7 +181,7 @@ def train_universal(
         registry = build_registry(dss, cfg.task_names)
     run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
     plans = run.main(lambda: _plans(run, dss, cfg, registry))
-    in_channels = max(p.in_channels for p in plans.values())
+    in_channels = common_in_channels(plans)
     network = plans[dss[0].name].network
     run.write_config(cfg)
     ids = run.main(lambda: dataset_splits(run, dss, cfg, splits))
