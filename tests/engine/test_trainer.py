@@ -15,12 +15,12 @@ from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.distributed import DistInfo
 from medalloy.engine.logging import read_metrics
 from medalloy.engine.schedule import lr_factor
-from medalloy.seeding import seed_everything, step_rng
 from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
 from medalloy.models import build_unet
 from medalloy.planning.plan import NetworkPlan
+from medalloy.seeding import seed_everything, step_rng
 
 NETWORK = NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16])
 RECORD = {"method": "test", "name": "tiny"}

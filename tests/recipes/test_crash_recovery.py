@@ -61,3 +61,22 @@ def test_expert_killed_and_resumed_is_bit_identical(data, tmp_path):
 
 def test_universal_killed_and_resumed_is_bit_identical(data, tmp_path):
     _kill_and_resume(tmp_path, ["train", "universal", *map(str, data)], UNIVERSAL_CFG)
+
+
+PRETRAIN_CFG = (
+    "train: {val_every: 4, checkpoint_every: 4, log_every: 1}\nimage_size: 32\nbatch_size: 4\nsummarize_steps: 4\n"
+    "width: 32\nembed_dim: 16\ntext_layers: 1\ndecoder_layers: 1\nheads: 2\nmax_findings_len: 48\nmax_impression_len: 16\n"
+)
+
+
+def test_pretrain_killed_in_stage_two_and_resumed_is_bit_identical(tmp_path):
+    from medalloy.data.synth_reports import generate_report_pairs
+
+    pairs = generate_report_pairs(tmp_path / "reports", n_cases=12, text_only=8, size=48, progress=False)
+    args = ["pretrain", "--pairs", str(pairs / "pairs.csv"), "--text-only", str(pairs / "reports.csv"), "--text-encoder", "scratch"]
+    whole, broken = _kill_and_resume(tmp_path, args, PRETRAIN_CFG)  # dropout included: each step's random state is seeded
+    for which in ("last", "best"):
+        assert_bit_identical(
+            checkpoint_tensors(whole / "summarize" / "checkpoints" / f"{which}.safetensors"),
+            checkpoint_tensors(broken / "summarize" / "checkpoints" / f"{which}.safetensors"),
+        )

@@ -301,10 +301,11 @@ def _render_mr(patient: np.random.Generator, scan: np.random.Generator, site: Si
 # ------------------------------------------------------------------------------------------------
 # 902 / 903: chest-X-ray-like 2D images
 # ------------------------------------------------------------------------------------------------
-def _cxr_anatomy(patient: np.random.Generator, n: int, zoom: float) -> dict[str, np.ndarray]:
+def _cxr_anatomy(patient: np.random.Generator, n: int, zoom: float, heart_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Level sets (normalised units, negative inside) and texture of one frontal chest radiograph.
 
     Image-left is the patient's right; the heart bulges to image-right as in a PA view.
+    ``heart_scale`` multiplies the heart's radii (cardiomegaly); 1.0 leaves every draw and value unchanged.
     """
     v, u = _grid2d(n)
     z = zoom * patient.uniform(0.94, 1.04)
@@ -333,7 +334,7 @@ def _cxr_anatomy(patient: np.random.Generator, n: int, zoom: float) -> dict[str,
 
     hc = (patient.uniform(0.06, 0.12), patient.uniform(0.11, 0.17))
     ha, hb = _rotate(u - hc[0], v - hc[1], patient.uniform(-0.5, -0.25))
-    heart = _ellipse_level(ha, hb, patient.uniform(0.30, 0.35), patient.uniform(0.22, 0.26))
+    heart = _ellipse_level(ha, hb, patient.uniform(0.30, 0.35) * heart_scale, patient.uniform(0.22, 0.26) * heart_scale)
 
     # posterior ribs: arcs that rise from the spine and fall laterally, one every ~0.17
     rib_phase = v + 1.1 * au**2 - 0.75 * au

@@ -5,9 +5,9 @@ function returning losses, a batch source, an optional validation); :class:`Trai
 optimiser and LR schedule, mixed precision, gradient clipping, EMA, DDP, validation, best/last
 checkpoints, ``--resume``, progress bar, ``metrics.jsonl`` and a training-curve PNG.
 
-Batches are a pure function of the step (``batches(step, dist_info)``), and the schedule is a pure
-function of the step, so a run killed after its checkpoint at step N and resumed reaches the same
-weights as a run that was never interrupted.
+Batches are a pure function of the step (``batches(step, dist_info)``), and so are the random state
+a step starts with (dropout) and the schedule, so a run killed after its checkpoint at step N and
+resumed reaches the same weights as a run that was never interrupted.
 
 Logged scalars stay on the device until a *sync step* (a log, validation or checkpoint step, or
 the last one): only then are they reduced over ranks and read, so an ordinary step never waits
@@ -46,6 +46,7 @@ from medalloy.engine.logging import MetricsLog, plot_curves
 from medalloy.engine.precision import autocast, resolve_precision
 from medalloy.engine.schedule import lr_factor
 from medalloy.errors import MedalloyError
+from medalloy.seeding import step_seed
 
 
 class TrainConfig(BaseModel):
@@ -277,6 +278,9 @@ class Trainer:
         """One update; returns the step's scalars as detached device tensors (no host sync)."""
         for n in self.spec.trainable:
             self.wrapped[n].train()
+        # Randomness inside the step (dropout) is a pure function of (seed, step, rank) too, so a
+        # resumed run draws what the uninterrupted one drew.
+        torch.manual_seed(step_seed(self.cfg.seed, "step", self.step, self.dist.rank))
         with autocast(self.precision, self.device):
             out = self.spec.step_fn(self.wrapped, batch)
         loss = out["loss"]

@@ -386,3 +386,27 @@ def plan_and_save(dataset_path: str | Path, out_path: str | Path, overwrite: boo
     save_fingerprint(fp, fp_path, overwrite=True)
     save_plan(plan, out)
     return plan
+
+
+def plan_images_2d(size: int, in_channels: int = 1, name: str = "images", base_filters: int = 16, max_filters: int = 256) -> Plan:
+    """The plan the rules above give a 2D dataset of ``size x size`` images at 1 mm with per-image
+    z-score normalisation and no labels: the network an image-only model (a pretrained encoder)
+    shares with the experts of such images (JSRT at 224 px and Shenzhen at 256 px get the same
+    six stages)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise MedalloyError(f"image size must be an integer >= 16, got {size!r}", fix="pass e.g. --image-size 224")
+    patch, kernels, strides = patch_and_topology(np.asarray([size, size], float), [1.0, 1.0], 2, None)
+    filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
+    return Plan(
+        dataset=name,
+        dim=2,
+        in_channels=in_channels,
+        target_spacing=[1.0, 1.0],
+        patch_size=patch,
+        batch_size=batch_size_2d(patch),
+        normalization=[ChannelNorm(scheme="zscore") for _ in range(in_channels)],
+        label_values=[0],
+        labels={"background": 0},
+        network=NetworkPlan(kernels=kernels, strides=strides, filters=filters),
+        notes=[f"{size} px 2D images: DynUNet {len(strides)} stages, strides {strides}, filters {filters}"],
+    )

@@ -29,9 +29,11 @@ from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
+from medalloy.models.image_encoder import load_encoder_into
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan, load_plan, save_plan
 from medalloy.recipes.config import load_recipe_config
+from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
 from medalloy.recipes.registry import register
 from medalloy.recipes.scaffold import (
     Run,
@@ -92,8 +94,9 @@ def expert_loss(plan: Plan):
     return loss
 
 
-def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: ExpertConfig, progress: bool) -> Plan:
-    """Rank 0: the given plan, the resumed run's own, or a new one; saved as ``plan.json``."""
+def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: ExpertConfig, progress: bool, init: InitEncoder | None = None) -> Plan:
+    """Rank 0: the given plan, the resumed run's own, or a new one (with ``init``: on the
+    encoder's network); saved as ``plan.json``."""
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
 
@@ -105,6 +108,8 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
         the_plan = load_plan(run.out / "plan.json")
     else:
         the_plan = plan_dataset(ds, fingerprint(ds, progress=progress))
+        if init is not None:
+            the_plan = adopt_encoder_network(the_plan, init)
     if cfg.batch_size:
         the_plan = the_plan.model_copy(update={"batch_size": cfg.batch_size})
     missing = sorted(set(ds.spec.labels.values()) - set(the_plan.label_values))
@@ -123,17 +128,20 @@ def train_expert(
     overwrite: bool = False,
     progress: bool = True,
     split: dict[str, list[str]] | None = None,
+    init: str | Path | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train one expert on ``dataset`` (an nnU-Net raw folder); returns the run summary (``run.json``).
 
     ``split`` (``{"train": [ids], "val": [ids]}``) replaces the fold's split, e.g. to keep a test
-    set out of both training and model selection."""
+    set out of both training and model selection. ``init``: a pretrain or expert run (or its
+    checkpoint) whose encoder the network starts from (:mod:`medalloy.recipes.init_weights`)."""
     ds = RawDataset(dataset)
     cfg = resolve_config(ExpertConfig, config, overrides, progress, TOP_KEYS)
     require_labelled(ds)
+    init_enc = read_init_encoder(init) if init is not None else None  # refused before the run folder is touched
     run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
-    the_plan = run.main(lambda: _choose_plan(run, ds, plan, cfg, progress))
+    the_plan = run.main(lambda: _choose_plan(run, ds, plan, cfg, progress, init_enc))
     run.write_config(cfg)
     ids = run.main(lambda: choose_split(run, ds, cfg, split))
     run.write_json("split.json", {"fold": cfg.fold, **ids})
@@ -145,6 +153,8 @@ def train_expert(
 
     seed_everything(seed)
     model = build_unet(the_plan)
+    if init_enc is not None:
+        load_encoder_into(model, init_enc.state, init_enc.path)
     loss_fn = expert_loss(the_plan)
     sampler = PatchSampler(train_prep, the_plan.patch_size, the_plan.batch_size, the_plan.dim, seed, the_plan.foreground_oversample, cfg.augment)
 
@@ -160,6 +170,7 @@ def train_expert(
         "tasks": [task_entry(ds)],
         "plan": the_plan.model_dump(mode="json"),
         "params": count_parameters(model),
+        "init": None if init_enc is None else {"path": str(init_enc.path), "method": init_enc.method},
     }
     spec = TrainSpec(
         models={"net": model},
@@ -179,6 +190,7 @@ def train_expert(
         "train_cases": len(train_prep),
         "val_cases": len(val_prep),
         "params": record["params"],
+        "init": record["init"],
         **summary,
     }
     run.write_json("run.json", result)

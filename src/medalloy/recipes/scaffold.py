@@ -86,8 +86,13 @@ class Run:
         """``run.json`` while training (replaced by the result at the end)."""
         self.write_json("run.json", {"method": method, **fields, "status": "training"})
 
-    def train(self, spec: TrainSpec, train_cfg: TrainConfig) -> dict[str, Any]:
-        return Trainer(spec, train_cfg, self.out).fit(resume=self.resume)
+    def train(self, spec: TrainSpec, train_cfg: TrainConfig, stage: str | None = None, resume: bool | None = None) -> dict[str, Any]:
+        """Train ``spec``; a multi-stage recipe gives each earlier ``stage`` its own sub-folder
+        (checkpoints, metrics, curve) and says whether that stage resumes."""
+        out = self.out if stage is None else self.out / stage
+        if stage is not None and self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        return Trainer(spec, train_cfg, out).fit(resume=self.resume if resume is None else resume)
 
 
 def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, resume: bool = False, progress: bool = True) -> Run:

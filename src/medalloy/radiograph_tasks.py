@@ -1,0 +1,181 @@
+"""What a pretrained X-ray encoder is for, besides starting experts: zero-shot classification by
+text prompts, impression generation, image <-> text retrieval and linear probes.
+
+``medalloy zeroshot RUN --images DIR --classes "COVID-19,No Finding"`` and ``medalloy caption RUN
+--images DIR`` write one CSV row per image; the metric functions are what ``benchmarks/pretrain.py``
+reports (BLEU-4 by sacrebleu, ROUGE-L by rouge-score: the packages papers use, not our own).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from medalloy.data.radiograph import load_radiograph
+from medalloy.errors import MedalloyError
+
+IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".nii.gz", ".nii")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedalloyError("image folder not found", folder, "give a folder of radiographs (PNG/JPG/DICOM)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
+    if not files:
+        raise MedalloyError("no images in the folder", folder, f"put radiographs ({', '.join(IMAGE_ENDINGS)}) in it")
+    return files
+
+
+@torch.inference_mode()
+def encode_images(model: torch.nn.Module, paths: Sequence[Path], size: int, batch: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(global embeddings (N, E), patch tokens (N, P, width))`` of the images, unaugmented."""
+    device = next(model.parameters()).device
+    glob, patches = [], []
+    for s in tqdm(range(0, len(paths), batch), desc="encoding images", unit="batch", disable=not progress, leave=False):
+        x = torch.from_numpy(np.stack([load_radiograph(p, size) for p in paths[s : s + batch]])).to(device)
+        g, p = model.image_features(x)
+        glob.append(g.float().cpu())
+        patches.append(p.float().cpu())
+    return torch.cat(glob), torch.cat(patches)
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tok, texts: Sequence[str], max_len: int, batch: int = 64) -> torch.Tensor:
+    """Global text embeddings ``(N, E)``."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(texts), batch):
+        ids, mask = tok.encode(list(texts[s : s + batch]), max_len)
+        out.append(model.text_features(ids.to(device), mask.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities ``(N images, M texts)``."""
+    return F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()
+
+
+def zero_shot_probs(image_emb: torch.Tensor, class_emb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Class probabilities ``(N, K)``: softmax over the prompts' cosine similarities / temperature."""
+    return torch.softmax(similarity(image_emb, class_emb) / temperature, dim=1)
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: Sequence[str] | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image -> text Recall@k: the share of images whose own report is among the ``k`` most similar
+    texts. With ``keys`` (the texts, normalised), a report identical to the image's own counts as
+    its own (many impressions are the same sentence)."""
+    sims = similarity(image_emb, text_emb)
+    n = sims.shape[0]
+    keys_arr = np.asarray(keys if keys is not None else np.arange(n))
+    order = sims.argsort(dim=1, descending=True).numpy()
+    hits = keys_arr[order] == keys_arr[:, None]
+    return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, fraction: float = 1.0, seed: int = 0, weight_decay: float = 1e-3
+) -> float:
+    """Accuracy of a multinomial logistic regression (L-BFGS, standardised features) trained on a
+    class-stratified ``fraction`` of the training set (at least one example a class)."""
+    classes = sorted(set(train_y.tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in classes:
+        idx = np.flatnonzero(train_y == c)
+        chosen.extend(rng.choice(idx, max(1, int(round(fraction * len(idx)))), replace=False).tolist())
+    chosen = np.sort(np.asarray(chosen))
+    x = train_x[chosen].double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6) if len(chosen) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
+    x = (x - mean) / std
+    y = torch.tensor([index[c] for c in train_y[chosen]])
+    w = torch.zeros(x.shape[1], len(classes), dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + weight_decay * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = ((test_x.double() - mean) / std @ w + b).argmax(1).numpy()
+    return float(np.mean(np.array([classes[p] for p in pred]) == test_y))
+
+
+def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU-4 (sacrebleu, 0-100 scaled to 0-1) and mean ROUGE-L F1 (rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError("give one reference per prediction")
+    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
+    return {"bleu4": float(bleu), "rougeL": rouge}
+
+
+@torch.inference_mode()
+def generate_impressions(model: torch.nn.Module, dec_tok, patches: torch.Tensor, batch: int = 32) -> list[str]:
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, patches.shape[0], batch):
+        ids = model.decoder.generate(patches[s : s + batch].to(device), None, "caption", dec_tok.bos_id, dec_tok.eos_id)
+        out.extend(dec_tok.decode(row) for row in ids.cpu())
+    return out
+
+
+def _write_csv(path: str | Path, header: Sequence[str], rows: list[Sequence]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def zeroshot(
+    run: str | Path, images: str | Path, classes: Sequence[str], out: str | Path, prompt: str = "{}", device: str = "cpu", progress: bool = True
+) -> Path:
+    """Classify every image of ``images`` among ``classes`` by the prompts ``prompt.format(class)``;
+    writes ``out`` (CSV: image, predicted class, one probability column a class)."""
+    from medalloy.recipes.pretrain import load_pretrained
+
+    classes = [c.strip() for c in classes if c.strip()]
+    if len(classes) < 2:
+        raise MedalloyError(f"zero-shot needs at least two classes, got {classes}", fix='give --classes "COVID-19,No Finding"')
+    model, enc_tok, _dec, record = load_pretrained(run, device)
+    paths = list_images(images)
+    img, _ = encode_images(model, paths, record["plan"]["patch_size"][0], progress=progress)
+    txt = encode_texts(model, enc_tok, [prompt.format(c) for c in classes], record["model"]["max_impression_len"])
+    probs = zero_shot_probs(img, txt, record["temperature"])
+    rows = [[p.name, classes[int(pr.argmax())], *[f"{v:.4f}" for v in pr.tolist()]] for p, pr in zip(paths, probs)]
+    return _write_csv(out, ["image", "predicted", *classes], rows)
+
+
+def caption(run: str | Path, images: str | Path, out: str | Path, device: str = "cpu", progress: bool = True) -> Path:
+    """Generate an impression for every image of ``images``; writes ``out`` (CSV: image, impression)."""
+    from medalloy.recipes.pretrain import load_pretrained
+
+    model, _enc, dec_tok, record = load_pretrained(run, device)
+    if "generation" not in record.get("losses", []):
+        raise MedalloyError("this pretraining run has no generation decoder trained", run, "pretrain with --losses global token generation")
+    paths = list_images(images)
+    _, patches = encode_images(model, paths, record["plan"]["patch_size"][0], progress=progress)
+    texts = generate_impressions(model, dec_tok, patches)
+    return _write_csv(out, ["image", "impression"], [[p.name, t] for p, t in zip(paths, texts)])

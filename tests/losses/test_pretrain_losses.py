@@ -1,0 +1,322 @@
+"""Image-report pretraining losses against hand computations (plain loops, explicit math) of their docstring formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medalloy.losses import GenerationDistillLoss, GlobalContrastiveLoss, LanguageModelLoss, TokenAlignmentLoss
+
+
+# ---------------------------------------------------------------------------------------------- hand references
+def _norm(v):
+    return math.sqrt(sum(x * x for x in v))
+
+
+def _cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (_norm(a) * _norm(b))
+
+
+def _log_softmax(row):
+    m = max(row)
+    lse = m + math.log(sum(math.exp(x - m) for x in row))
+    return [x - lse for x in row]
+
+
+def _softmax(row):
+    return [math.exp(x) for x in _log_softmax(row)]
+
+
+def _hand_info_nce(logits, positives=None):
+    """0.5 * (soft CE over rows + soft CE over columns), targets uniform over the positives (default: the diagonal)."""
+    b = len(logits)
+    pos = positives if positives is not None else [[i == j for j in range(b)] for i in range(b)]
+    row = 0.0
+    for i in range(b):
+        lp = _log_softmax(logits[i])
+        n = sum(pos[i])
+        row -= sum(lp[j] / n for j in range(b) if pos[i][j])
+    col = 0.0
+    for j in range(b):
+        lp = _log_softmax([logits[i][j] for i in range(b)])
+        n = sum(pos[i][j] for i in range(b))
+        col -= sum(lp[i] / n for i in range(b) if pos[i][j])
+    return 0.5 * (row / b + col / b)
+
+
+def _hand_global(image, text, scale, positives=None):
+    img = [[x / _norm(r) for x in r] for r in image.tolist()]
+    txt = [[x / _norm(r) for x in r] for r in text.tolist()]
+    logits = [[scale * sum(a * c for a, c in zip(img[i], txt[j])) for j in range(len(txt))] for i in range(len(img))]
+    return _hand_info_nce(logits, None if positives is None else positives.tolist())
+
+
+def _hand_pair_score(queries, keys, attn_t, agg_t):
+    """Each query attends over the keys (softmax of cos / attn_t), context = sum a k, r = cos(context, query); LSE-aggregate."""
+    rs = []
+    for q in queries:
+        a = _softmax([_cos(q, k) / attn_t for k in keys])
+        c = [sum(a[n] * keys[n][d] for n in range(len(keys))) for d in range(len(q))]
+        rs.append(_cos(c, q))
+    return agg_t * math.log(sum(math.exp(r / agg_t) for r in rs))
+
+
+def _hand_token_scores(patches, words, mask, attn_t, agg_t):
+    b = patches.shape[0]
+    s_word = [[0.0] * b for _ in range(b)]
+    s_patch = [[0.0] * b for _ in range(b)]
+    for i in range(b):
+        v = patches[i].tolist()
+        for j in range(b):
+            e = [w for w, m in zip(words[j].tolist(), mask[j].tolist()) if m]
+            s_word[i][j] = _hand_pair_score(e, v, attn_t, agg_t)
+            s_patch[i][j] = _hand_pair_score(v, e, attn_t, agg_t)
+    return s_word, s_patch
+
+
+# ---------------------------------------------------------------------------------------------- global contrastive
+def test_global_contrastive_is_the_symmetric_info_nce_of_scaled_cosines():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    loss = GlobalContrastiveLoss(init_temperature=0.5)
+    assert loss.temperature == pytest.approx(0.5, rel=1e-6)
+    assert loss(image, text).item() == pytest.approx(_hand_global(image, text, 2.0), rel=1e-6)
+    # the scale is clamped to max_scale
+    clamped = GlobalContrastiveLoss(init_temperature=0.001, max_scale=10.0)
+    assert clamped.temperature == pytest.approx(0.1, rel=1e-6)
+    assert clamped(image, text).item() == pytest.approx(_hand_global(image, text, 10.0), rel=1e-6)
+
+
+def test_global_contrastive_is_lower_for_matched_than_for_shuffled_pairs():
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(8, 16, generator=g)
+    text = image + 0.1 * torch.randn(8, 16, generator=g)
+    loss = GlobalContrastiveLoss()
+    shuffled = text[torch.roll(torch.arange(8), 1)]
+    assert loss(image, text).item() < loss(image, shuffled).item()
+
+
+def test_global_contrastive_identical_texts_are_positives_not_negatives():
+    g = torch.Generator().manual_seed(2)
+    image, text = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    text[1] = text[0] + 0.3 * torch.randn(2, generator=g, dtype=torch.float64)  # the same impression, encoded with dropout
+    positives = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    loss = GlobalContrastiveLoss(init_temperature=0.25)
+    with_pos, without = loss(image, text, positives).item(), loss(image, text).item()
+    assert with_pos == pytest.approx(_hand_global(image, text, 4.0, positives), rel=1e-6)
+    assert without == pytest.approx(_hand_global(image, text, 4.0), rel=1e-6)
+    assert abs(with_pos - without) > 1e-3
+    # explicitly for row 0 (image 0 -> texts): the target is 1/2 on texts 0 and 1
+    lp = _log_softmax([4.0 * _cos(image[0].tolist(), text[j].tolist()) for j in range(3)])
+    lp_col = _log_softmax([4.0 * _cos(image[i].tolist(), text[0].tolist()) for i in range(3)])  # column 0 (text 0 -> images)
+    assert -(0.5 * lp[0] + 0.5 * lp[1]) != pytest.approx(-lp[0], rel=1e-3)
+    assert -(0.5 * lp_col[0] + 0.5 * lp_col[1]) != pytest.approx(-lp_col[0], rel=1e-3)
+    bad = positives.clone()
+    bad[2, 2] = False
+    with pytest.raises(ValueError, match="diagonal"):
+        loss(image, text, bad)
+    with pytest.raises(ValueError, match="bool"):
+        loss(image, text, positives.float())
+
+
+def test_global_contrastive_exactly_equal_texts_give_the_one_hot_value_and_gradients():
+    # with exactly equal embeddings, uniform soft targets and one-hot targets coincide (see the module docstring)
+    g = torch.Generator().manual_seed(10)
+    image = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    encoded = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    positives = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).bool()
+    loss = GlobalContrastiveLoss(init_temperature=0.1)
+    values, grads = [], []
+    for pos in (None, positives):
+        image.grad = encoded.grad = None
+        value = loss(image, torch.cat([encoded[:1], encoded]), pos)  # texts 0 and 1: one encoder output
+        value.backward()
+        values.append(value.item())
+        grads.append((image.grad.clone(), encoded.grad.clone()))
+    assert values[1] == pytest.approx(_hand_global(image.detach(), torch.cat([encoded[:1], encoded]).detach(), 10.0, positives), rel=1e-6)
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+
+
+def test_global_contrastive_temperature_learns_or_stays_fixed():
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(4, 5, generator=g, requires_grad=True)
+    text = torch.randn(4, 5, generator=g)
+    loss = GlobalContrastiveLoss()
+    assert [n for n, _ in loss.named_parameters()] == ["logit_scale"]
+    assert loss.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    loss(image, text).backward()
+    assert loss.logit_scale.grad is not None and loss.logit_scale.grad.abs().item() > 0
+    assert image.grad.abs().sum() > 0
+    fixed = GlobalContrastiveLoss(learnable=False)
+    assert list(fixed.parameters()) == [] and "logit_scale" in dict(fixed.named_buffers())
+    assert fixed(image, text).item() == pytest.approx(loss(image, text).item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- token alignment
+def test_token_alignment_pair_score_by_hand():
+    # one image with patches (1, 0), (0, 2); one report with words (1, 0), (0, 1) and a padded slot
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    words = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, -3.0]]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    attn_t, agg_t = 0.25, 0.2
+    s_word, s_patch = TokenAlignmentLoss(attn_t, agg_t, 0.1).scores(patches, words, mask)
+    a1, a2 = math.exp(4) / (math.exp(4) + 1), 1 / (math.exp(4) + 1)  # softmax([cos=1, cos=0] / 0.25)
+    # word -> patch: word (1, 0) gets context (a1, 2 a2), word (0, 1) gets context (a2, 2 a1)
+    r1 = a1 / math.sqrt(a1**2 + 4 * a2**2)
+    r2 = 2 * a1 / math.sqrt(a2**2 + 4 * a1**2)
+    assert s_word[0, 0].item() == pytest.approx(agg_t * math.log(math.exp(r1 / agg_t) + math.exp(r2 / agg_t)), rel=1e-12)
+    # patch -> word: patch (1, 0) gets context (a1, a2), patch (0, 2) gets (a2, a1); both r = a1 / |(a1, a2)|
+    r = a1 / math.sqrt(a1**2 + a2**2)
+    assert s_patch[0, 0].item() == pytest.approx(agg_t * math.log(2 * math.exp(r / agg_t)), rel=1e-12)
+
+
+def test_token_alignment_equals_the_hand_computed_loss():
+    g = torch.Generator().manual_seed(4)
+    b, p, w, d = 3, 4, 5, 3
+    patches = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+    words = torch.randn(b, w, d, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False], [True, False, False, False, False]])
+    attn_t, agg_t, t = 0.25, 0.2, 0.1
+    loss = TokenAlignmentLoss(attn_t, agg_t, t)
+    s_word, s_patch = loss.scores(patches, words, mask)
+    hw, hp = _hand_token_scores(patches, words, mask, attn_t, agg_t)
+    for i in range(b):
+        assert s_patch[i].tolist() == pytest.approx(hp[i], rel=1e-10)
+        assert s_word[i].tolist() == pytest.approx(hw[i], rel=1e-10)
+    scaled = lambda s: [[x / t for x in row] for row in s]  # noqa: E731
+    ref = 0.5 * (_hand_info_nce(scaled(hw)) + _hand_info_nce(scaled(hp)))
+    assert loss(patches, words, mask).item() == pytest.approx(ref, rel=1e-10)
+    positives = torch.tensor([[True, False, True], [False, True, False], [True, False, True]])
+    ref_pos = 0.5 * (_hand_info_nce(scaled(hw), positives.tolist()) + _hand_info_nce(scaled(hp), positives.tolist()))
+    assert loss(patches, words, mask, positives).item() == pytest.approx(ref_pos, rel=1e-10)
+
+
+def test_token_alignment_ignores_padded_words():
+    g = torch.Generator().manual_seed(5)
+    b, p, w, d = 3, 6, 4, 5
+    patches = torch.randn(b, p, d, generator=g, dtype=torch.float64)
+    words = torch.randn(b, w, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, False]])
+    loss = TokenAlignmentLoss()
+    base = loss(patches, words, mask)
+    base.backward()
+    assert words.grad[~mask].abs().max().item() == 0.0 and words.grad[mask].abs().sum() > 0
+    # append padded slots with random values, and scramble the existing padded slots
+    extra = 10 * torch.randn(b, 3, d, generator=g, dtype=torch.float64)
+    longer = torch.cat([words.detach(), extra], 1)
+    longer[~torch.cat([mask, torch.ones(b, 3, dtype=torch.bool)], 1)] = 7.0 * torch.randn(int((~mask).sum()), d, generator=g, dtype=torch.float64)
+    longer_mask = torch.cat([mask, torch.zeros(b, 3, dtype=torch.bool)], 1)
+    assert loss(patches, longer, longer_mask).item() == pytest.approx(base.item(), abs=1e-6)
+    # even non-finite padding has no effect
+    longer[:, -1] = float("nan")
+    assert loss(patches, longer, longer_mask).item() == pytest.approx(base.item(), abs=1e-6)
+
+
+def test_token_alignment_float32_gradients_and_checks():
+    g = torch.Generator().manual_seed(6)
+    patches = torch.randn(4, 9, 8, generator=g, requires_grad=True)
+    words = torch.randn(4, 6, 8, generator=g, requires_grad=True)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    mask[:, 0] = True
+    loss = TokenAlignmentLoss()(patches, words, mask)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(patches.grad).all() and torch.isfinite(words.grad).all() and patches.grad.abs().sum() > 0
+    ref = TokenAlignmentLoss()(patches.detach().double(), words.detach().double(), mask)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    empty = mask.clone()
+    empty[2] = False
+    with pytest.raises(ValueError, match="at least one real word"):
+        TokenAlignmentLoss()(patches, words, empty)
+
+
+# ---------------------------------------------------------------------------------------------- language model
+def test_language_model_loss_is_the_mean_nll_over_non_pad_targets():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    targets = torch.tensor([[3, 1, 0, 0], [2, 4, 4, 0]])
+    ref, n = 0.0, 0
+    for b in range(2):
+        for t in range(4):
+            if targets[b, t] != 0:
+                ref -= _log_softmax(logits[b, t].tolist())[targets[b, t].item()]
+                n += 1
+    loss = LanguageModelLoss(pad_id=0)
+    assert loss(logits, targets).item() == pytest.approx(ref / n, rel=1e-10)
+    # logits at pad positions change nothing
+    changed = logits.clone()
+    changed[0, 2:] = 100 * torch.randn(2, 5, generator=g, dtype=torch.float64)
+    changed[1, 3] = float("inf")
+    assert loss(changed, targets).item() == pytest.approx(ref / n, rel=1e-10)
+    # label smoothing: (1 - eps) nll + eps * mean_v (-log p_v)
+    eps, ref_s = 0.1, 0.0
+    for b in range(2):
+        for t in range(4):
+            if targets[b, t] != 0:
+                lp = _log_softmax(logits[b, t].tolist())
+                ref_s += -(1 - eps) * lp[targets[b, t].item()] - eps * sum(lp) / 5
+    assert LanguageModelLoss(0, eps)(logits, targets).item() == pytest.approx(ref_s / n, rel=1e-10)
+    # another pad id: 0 is then a real token
+    assert LanguageModelLoss(pad_id=4)(logits, targets).item() != pytest.approx(ref / n, rel=1e-6)
+
+
+def test_language_model_loss_all_pad_is_zero_with_a_gradient_path():
+    logits = torch.randn(2, 3, 6, requires_grad=True)
+    loss = LanguageModelLoss(pad_id=1)(logits, torch.ones(2, 3, dtype=torch.long))
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- generation distillation
+def _hand_distill(zs, zt, hs, ht, mask, tau, w):
+    kl, mse, n = 0.0, 0.0, 0
+    for b in range(zs.shape[0]):
+        for t in range(zs.shape[1]):
+            if not mask[b, t]:
+                continue
+            ls = _log_softmax([x / tau for x in zs[b, t].tolist()])
+            lt = _log_softmax([x / tau for x in zt[b, t].tolist()])
+            kl += sum(math.exp(q) * (q - p) for p, q in zip(ls, lt))
+            h = hs.shape[2]
+            mse += sum((hs[b, t, k].item() - ht[b, t, k].item()) ** 2 for k in range(h)) / h
+            n += 1
+    return tau * tau * kl / n + w * mse / n, kl / n, mse / n
+
+
+def test_generation_distill_by_hand_with_t2_scaling_and_hidden_term():
+    g = torch.Generator().manual_seed(8)
+    zs, zt = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    hs, ht = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    for tau in (1.0, 2.0, 3.0):
+        ref, kl, _ = _hand_distill(zs, zt, hs, ht, mask, tau, 0.0)
+        assert ref == pytest.approx(tau * tau * kl)
+        assert GenerationDistillLoss(tau, hidden_weight=0.0)(zs, zt, hs, ht, mask).item() == pytest.approx(ref, rel=1e-10)
+    ref, _, mse = _hand_distill(zs, zt, hs, ht, mask, 2.0, 0.5)
+    assert GenerationDistillLoss(2.0, 0.5)(zs, zt, hs, ht, mask).item() == pytest.approx(ref, rel=1e-10)
+    # the hidden term alone: identical logits
+    assert GenerationDistillLoss(2.0, 0.5)(zt, zt, hs, ht, mask).item() == pytest.approx(0.5 * mse, rel=1e-10)
+    # masked-out positions change nothing
+    zs2, hs2 = zs.clone(), hs.clone()
+    zs2[~mask] += 50.0 * torch.randn(int((~mask).sum()), 4, generator=g, dtype=torch.float64)
+    hs2[~mask] -= 3.0
+    assert GenerationDistillLoss(2.0, 0.5)(zs2, zt, hs2, ht, mask).item() == pytest.approx(ref, rel=1e-10)
+
+
+def test_generation_distill_zero_for_a_perfect_student_and_no_grad_to_the_teacher():
+    g = torch.Generator().manual_seed(9)
+    zt, ht = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 6, generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    loss = GenerationDistillLoss()
+    assert loss(zt.clone(), zt, ht.clone(), ht, mask).item() == pytest.approx(0.0, abs=1e-6)
+    zs, hs = torch.randn(2, 4, 7, generator=g, requires_grad=True), torch.randn(2, 4, 6, generator=g, requires_grad=True)
+    zt.requires_grad_(True)
+    ht.requires_grad_(True)
+    loss(zs, zt, hs, ht, mask).backward()
+    assert zt.grad is None and ht.grad is None
+    assert zs.grad.abs().sum() > 0 and hs.grad.abs().sum() > 0
+    assert loss(zs, zt, hs, ht, torch.zeros(2, 4, dtype=torch.bool)).item() == 0.0
