@@ -154,9 +154,13 @@ def foreground(ds_path: Path) -> dict[str, int]:
     return {k: v for k, v in RawDataset(ds_path).spec.labels.items() if v != 0}
 
 
-def train_benchmark_expert(name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str) -> dict[str, Any]:
+def train_benchmark_expert(
+    name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str, init: Path | None = None, train_fraction: float = 1.0
+) -> dict[str, Any]:
     """A medalloy expert on the benchmark's train/val split of ``name`` for ``budget`` minutes,
-    scored on its held-out cases: ``{"run", "scores", "seconds_per_case", "params", "minutes", "steps"}``."""
+    scored on its held-out cases: ``{"run", "scores", "seconds_per_case", "params", "minutes", "steps"}``.
+    ``init``: a pretrain run its encoder starts from; ``train_fraction``: the share of the training
+    cases whose labels it may use (a seeded sample; validation and test unchanged)."""
     import sys
 
     from medalloy.data.dataset import RawDataset
@@ -166,12 +170,16 @@ def train_benchmark_expert(name: str, data: Path, work: Path, run: Path, budget:
 
     ds_path = member_folder(name, data, work)
     split = splits(name, dataset_path(name, data, work), seed)
+    if train_fraction < 1.0:
+        rng = np.random.default_rng(seed)
+        keep = max(1, int(round(train_fraction * len(split["train"]))))
+        split = {**split, "train": sorted(rng.choice(split["train"], keep, replace=False).tolist())}
     ds = RawDataset(ds_path)
     plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_kw)
     print(f"[{what}] {name}: {len(split['train'])} train / {len(split['test'])} test cases, {plan.dim}D patch {plan.patch_size}, {budget:g} min", flush=True)
     res = train_expert(
         ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
-        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
+        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed, init=init,
     )  # fmt: skip
     scores, sec = predict_and_score(run, ds_path, split["test"], foreground(ds_path), f"{what.replace(' ', '-')}-{name}", work)
     return {"run": str(run), "scores": scores, "seconds_per_case": round(sec, 3), "params": int(res["params"]), "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"])}

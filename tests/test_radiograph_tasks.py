@@ -9,7 +9,7 @@ from PIL import Image
 
 from medalloy.data.radiograph import augment_batch, load_radiograph
 from medalloy.errors import MedalloyError
-from medalloy.radiograph_tasks import caption_scores, linear_probe, list_images, retrieval_recall, zero_shot_probs
+from medalloy.radiograph_tasks import balanced_accuracy, caption_scores, linear_probe, list_images, retrieval_recall, zero_shot_probs
 
 
 def test_load_radiograph_keeps_aspect_and_zscores(tmp_path):
@@ -68,6 +68,9 @@ def test_linear_probe_fraction_and_accuracy():
     assert linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=1.0) == 1.0
     noise = torch.tensor(rng.normal(size=(60, 5)))  # features unrelated to the labels
     assert linear_probe(noise[:40], y[:40], noise[40:], y[40:]) < 0.9
+    majority = np.array(["a"] * 20)
+    truth = np.array(["a"] * 15 + ["b"] * 5)
+    assert balanced_accuracy(majority, truth) == pytest.approx(0.5)  # 75 % accuracy, chance-level balanced
     # 5 % of 40 is 2 examples, one a class: still trains, and is seeded
     once = linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=0.05, seed=3)
     assert once == linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=0.05, seed=3)

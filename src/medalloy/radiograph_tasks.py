@@ -81,11 +81,24 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: Sequ
     return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}
 
 
+def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over the true classes of the share predicted right (chance: 1 / classes, whatever the mix)."""
+    return float(np.mean([np.mean(pred[truth == c] == c) for c in np.unique(truth)]))
+
+
 def linear_probe(
-    train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, fraction: float = 1.0, seed: int = 0, weight_decay: float = 1e-3
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    test_x: torch.Tensor,
+    test_y: np.ndarray,
+    fraction: float = 1.0,
+    seed: int = 0,
+    weight_decay: float = 1e-3,
+    balanced: bool = False,
 ) -> float:
-    """Accuracy of a multinomial logistic regression (L-BFGS, standardised features) trained on a
-    class-stratified ``fraction`` of the training set (at least one example a class)."""
+    """Accuracy (``balanced``: :func:`balanced_accuracy`) of a multinomial logistic regression
+    (L-BFGS, standardised features) trained on a class-stratified ``fraction`` of the training set
+    (at least one example a class)."""
     classes = sorted(set(train_y.tolist()))
     index = {c: i for i, c in enumerate(classes)}
     rng = np.random.default_rng(seed)
@@ -110,8 +123,8 @@ def linear_probe(
 
     opt.step(closure)
     with torch.no_grad():
-        pred = ((test_x.double() - mean) / std @ w + b).argmax(1).numpy()
-    return float(np.mean(np.array([classes[p] for p in pred]) == test_y))
+        pred = np.array([classes[p] for p in ((test_x.double() - mean) / std @ w + b).argmax(1).numpy()])
+    return balanced_accuracy(pred, test_y) if balanced else float(np.mean(pred == test_y))
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

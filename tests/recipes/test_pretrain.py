@@ -27,6 +27,7 @@ TINY = {"image_size": 32, "batch_size": 8, "summarize_steps": 6, "steps": 8, "va
 
 
 def tiny_config(**kw) -> PretrainConfig:
+    kw.setdefault("text_encoder", "scratch")  # MiniLM (the text extra) has its own test; this one stays small
     return PretrainConfig(width=32, embed_dim=16, text_layers=1, decoder_layers=1, heads=2, max_findings_len=48, max_impression_len=16, **kw)
 
 
@@ -178,3 +179,21 @@ def test_too_few_pairs_and_bad_columns(pairs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pairs.csv" in err and "'notes'" in err and err.count("\n") == 1  # one line naming the file and the column
     assert not (tmp_path / "r2").exists()
+
+
+def test_empty_reports_stop_or_are_skipped_and_counted(pairs, tmp_path, capsys):
+    rows = list(csv.DictReader((pairs / "pairs.csv").open(newline="")))
+    rows[3]["impression"] = "  "
+    bad = tmp_path / "pairs.csv"
+    with bad.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "image": str(pairs / r["image"])} for r in rows)
+    args = ["-q", "pretrain", "--pairs", str(bad), "--out", str(tmp_path / "r"), "--losses", "global", "--image-size", "32", "--steps", "2", "--text-encoder", "scratch"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "line 5" in err and "empty impression" in err and not (tmp_path / "r").exists()
+    assert main([*args, "--skip-empty"]) == 0
+    res = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert res["skipped"] == {"empty impression": 1} and res["train_pairs"] + res["val_pairs"] == 23
+    assert "rows skipped: 1 empty impression" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from medalloy.models.unet import build_unet, unet_stages
 from medalloy.planning.plan import Plan
 
 ENCODER_MODULES = ("input_block", "downsamples", "bottleneck")
+_FIT = "train the expert with the encoder's network: omit --plan, or copy 'network' and 'in_channels' from the pretraining run's plan.json"
 
 
 class UNetEncoder(nn.Module):
@@ -65,20 +66,20 @@ def load_encoder_into(net: nn.Module, state: dict[str, torch.Tensor], source: ob
             raise MedalloyError(
                 f"pretrained encoder has no weights for stage '{stage_of(key, stages)}' ({key})",
                 source,
-                "train the expert with the encoder's network: omit --plan, or copy 'network' from the pretraining run's plan.json",
+                _FIT,
             )
         if tuple(state[key].shape) != tuple(value.shape):
             raise MedalloyError(
                 f"stage '{stage_of(key, stages)}' does not fit: pretrained {key} is {tuple(state[key].shape)}, the expert's plan needs {tuple(value.shape)}",
                 source,
-                "train the expert with the encoder's network: omit --plan, or copy 'network' and 'in_channels' from the pretraining run's plan.json",
+                _FIT,
             )
     extra = sorted(set(state) - set(own))
     if extra:
         raise MedalloyError(
             f"pretrained encoder has stage '{stage_of(extra[0], stages)}' that the expert's plan lacks ({len(extra)} tensors)",
             source,
-            "train the expert with the encoder's network: omit --plan, or copy 'network' from the pretraining run's plan.json",
+            _FIT,
         )
     with torch.no_grad():
         params = dict(net.named_parameters())

@@ -31,7 +31,7 @@ from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
 from medalloy.models.image_encoder import load_encoder_into
 from medalloy.models.unet import build_unet, count_parameters
-from medalloy.planning.plan import Plan, load_plan, save_plan
+from medalloy.planning.plan import Plan, save_plan
 from medalloy.recipes.config import load_recipe_config
 from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
 from medalloy.recipes.registry import register
@@ -42,6 +42,7 @@ from medalloy.recipes.scaffold import (
     cases_of,
     choose_split,
     dice_validation,
+    given_or_kept_plan,
     open_run,
     require_labelled,
     resolve_config,
@@ -100,16 +101,11 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
 
-    if isinstance(plan, Plan):
-        the_plan = plan
-    elif plan is not None:
-        the_plan = load_plan(plan)
-    elif run.kept("plan.json"):
-        the_plan = load_plan(run.out / "plan.json")
-    else:
-        the_plan = plan_dataset(ds, fingerprint(ds, progress=progress))
-        if init is not None:
-            the_plan = adopt_encoder_network(the_plan, init)
+    def new_plan() -> Plan:
+        made = plan_dataset(ds, fingerprint(ds, progress=progress))
+        return made if init is None else adopt_encoder_network(made, init)
+
+    the_plan = given_or_kept_plan(run, plan, new_plan)
     if cfg.batch_size:
         the_plan = the_plan.model_copy(update={"batch_size": cfg.batch_size})
     missing = sorted(set(ds.spec.labels.values()) - set(the_plan.label_values))

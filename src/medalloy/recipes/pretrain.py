@@ -45,13 +45,13 @@ from medalloy.losses.token_alignment import TokenAlignmentLoss
 from medalloy.models.hybridmed import HybridMED
 from medalloy.models.text_encoder import MiniLMTextEncoder, ScratchTextEncoder, minilm_dir
 from medalloy.models.unet import count_parameters
-from medalloy.planning.plan import Plan, load_plan, save_plan
-from medalloy.recipes.scaffold import Run, open_run, resolve_config
+from medalloy.planning.plan import Plan, save_plan
+from medalloy.recipes.scaffold import Run, given_or_kept_plan, open_run, resolve_config
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "pretrain"
 STAGE1 = "summarize"
-TOP_KEYS = ("batch_size", "image_size", "text_encoder", "losses", "summarize_steps")
+TOP_KEYS = ("batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty")
 LossGroup = Literal["global", "token", "generation"]
 
 
@@ -139,6 +139,11 @@ def cache_images(pairs: list[ReportPair], size: int, desc: str, progress: bool) 
     return torch.from_numpy(out)
 
 
+def _used(mask: torch.Tensor) -> int:
+    """Columns up to the longest sequence of a batch (at least 2: a begin and an end token)."""
+    return max(2, int(mask.sum(1).max()))
+
+
 def _positives(keys: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(keys[:, None] == keys[None, :])
 
@@ -162,16 +167,20 @@ class PairBatches:
 
     def take(self, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, Any]:
         t = torch.from_numpy(idx)
+        fm, im = self.texts.findings_mask[t], self.texts.impression_mask[t]
+        nf, ni = _used(fm), _used(im)  # padding every batch shares costs attention for nothing: cut it
         out: dict[str, Any] = {
-            "findings": self.texts.findings[t],
-            "findings_mask": self.texts.findings_mask[t],
-            "impression": self.texts.impression[t],
-            "impression_mask": self.texts.impression_mask[t],
+            "findings": self.texts.findings[t, :nf],
+            "findings_mask": fm[:, :nf],
+            "impression": self.texts.impression[t, :ni],
+            "impression_mask": im[:, :ni],
             "same_findings": _positives(self.texts.findings_key[idx]),
             "same_impression": _positives(self.texts.impression_key[idx]),
         }
         if self.impression_enc is not None:
-            out["impression_enc"], out["impression_enc_mask"] = self.impression_enc[0][t], self.impression_enc[1][t]
+            em = self.impression_enc[1][t]
+            ne = _used(em)
+            out["impression_enc"], out["impression_enc_mask"] = self.impression_enc[0][t, :ne], em[:, :ne]
         if self.images is not None:
             img = self.images[t]
             out["images"] = augment_batch(img, rng) if (self.augment and rng is not None) else img
@@ -297,14 +306,7 @@ def retrieval_r1(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: np.ndarr
 def _choose_plan(run: Run, plan: str | Path | Plan | None, cfg: PretrainConfig) -> Plan:
     from medalloy.planning.planner import plan_images_2d
 
-    if isinstance(plan, Plan):
-        the_plan = plan
-    elif plan is not None:
-        the_plan = load_plan(plan)
-    elif run.kept("plan.json"):
-        the_plan = load_plan(run.out / "plan.json")
-    else:
-        the_plan = plan_images_2d(cfg.image_size, name="pretrain")
+    the_plan = given_or_kept_plan(run, plan, lambda: plan_images_2d(cfg.image_size, name="pretrain"))
     if the_plan.dim != 2 or the_plan.in_channels != 1:
         raise MedalloyError(
             f"pretraining encodes grey 2D radiographs; the plan is {the_plan.dim}D with {the_plan.in_channels} channel(s)",
@@ -458,7 +460,7 @@ def pretrain(
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
         "text_only_pairs": len(text_pairs),
-        "skipped": table.skipped,
+        "skipped": {**table.skipped, **({f"text-only {k}": v for k, v in extra.skipped.items()} if extra is not None else {})},
         "params": record["params"],
         "summarize": None if stage1_summary is None else {k: stage1_summary[k] for k in ("steps", "best", "seconds")},
         **summary,

@@ -111,6 +111,18 @@ def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, r
     return Run(out=Path(path), dist=dist, resume=resume, progress=progress and dist.is_main)  # one set of bars, rank 0's
 
 
+def given_or_kept_plan(run: Run, plan: str | Path | Plan | None, make: Callable[[], Plan]) -> Plan:
+    """Rank 0: the given plan (object or JSON path), else a resumed run's own ``plan.json``, else ``make()``."""
+    from medalloy.planning.plan import load_plan
+
+    if isinstance(plan, Plan):
+        return plan
+    if plan is not None:
+        return load_plan(plan)
+    kept = run.kept("plan.json")
+    return load_plan(kept) if kept is not None else make()
+
+
 def require_labelled(ds: RawDataset) -> None:
     if not ds.labelled_cases():
         raise MedalloyError("no labelled cases", ds.root / "labelsTr", "put a label file per case in labelsTr/")

@@ -1,0 +1,298 @@
+"""Image-report pretraining (HybridMED) against random init and two simpler objectives, on the real
+chest X-ray data of ../shared/data, with every downstream use the issue names.
+
+    python benchmarks/pretrain.py [--data ../shared/data] [--budget-minutes 8] [--seg-minutes 2]
+                                  [--seeds 0 1 2] [--only global_only token_level hybridmed] [--skip-seg]
+    python benchmarks/pretrain.py --report      # re-render the markdown from the raw results
+
+Data: ``CXR-Text/covid_cxr_notes.csv`` (459 radiographs; findings = the clinical ``notes``,
+impression = the diagnosis ``finding``), split by patient: 25 % of the patients are held out for
+every downstream score (never pretrained on); ``CXR-Text/iu_xray_reports.csv`` (3,331 findings ->
+impression reports, text only) feeds the summarization stage of the HybridMED arm.
+
+Arms (same image encoder: the U-Net encoder of a 224 px X-ray plan, same budget, same split):
+``random`` (no pretraining), ``global_only`` (image <-> impression InfoNCE: ConVIRT/CLIP style),
+``token_level`` (+ patch <-> word alignment: GLoRIA/MGCA style), ``hybridmed`` (+ summarization,
+captioning and distillation; its budget includes stage 1).
+
+Downstream, on the held-out patients' images:
+1. zero-shot: every distinct ``finding`` of the held-out set is a prompt; the predicted finding's
+   group (COVID-19 / other pneumonia / no finding) against the true group: accuracy (and balanced);
+2. linear probe on the encoder's pooled bottleneck features, the three groups, 1 / 10 / 100 % of
+   the pretraining images' labels (stratified, at least one a class);
+3. retrieval image -> impression, Recall@1/5 (an identical impression counts as the image's own);
+4. captioning (HybridMED only): BLEU-4 (sacrebleu) and ROUGE-L (rouge-score);
+5. segmentation: JSRT and Shenzhen lung experts (the shared benchmark splits) with 10 % and 100 % of
+   their training labels, ``--init`` from each arm vs random init, ``--seg-minutes`` each; test Dice.
+
+Writes ``benchmarks/results/pretrain.json`` (the issue's shape: means over seeds),
+``pretrain_raw.json`` (every seed) and ``pretrain.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import train_benchmark_expert
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ARMS = ("random", "global_only", "token_level", "hybridmed")
+LOSSES = {"global_only": ["global"], "token_level": ["global", "token"], "hybridmed": ["global", "token", "generation"]}
+SEG = ("JSRT", "Shenzhen")
+FRACTIONS = {"1": 0.01, "10": 0.1, "100": 1.0}
+USES = (
+    "zeroshot_acc", "zeroshot_balanced_acc", "linear_probe_acc_1", "linear_probe_acc_10", "linear_probe_acc_100",
+    "linear_probe_bacc_1", "linear_probe_bacc_10", "linear_probe_bacc_100",
+    "retrieval_r1", "retrieval_r5", "caption_bleu4", "caption_rougeL", "seg_dice_10", "seg_dice_100",
+)  # fmt: skip
+TEST_FRACTION = 0.25
+IMAGE_SIZE = 224
+
+
+def group(finding: str) -> str:
+    if "COVID-19" in finding:
+        return "COVID-19"
+    if finding.strip().lower() == "no finding":
+        return "No Finding"
+    return "Other pneumonia"
+
+
+def prepare_pairs(data: Path, work: Path):
+    """Pretraining CSV (held-out patients removed, image paths absolute) and the held-out pairs."""
+    from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_patient
+
+    columns = ReportColumns(findings="notes", impression="finding", label="finding")
+    table = read_report_pairs(data / "CXR-Text" / "covid_cxr_notes.csv", columns)
+    train, test = split_by_patient(table.pairs, TEST_FRACTION, seed=0)  # one held-out set for every seed and arm
+    out = work / "pretrain_pairs.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "patient", "notes", "finding"])
+        for p in train:
+            w.writerow([str(p.image), p.patient, p.findings, p.impression])
+    return out, columns, train, test
+
+
+def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float) -> Path:
+    from medalloy.recipes.pretrain import PretrainConfig, pretrain
+
+    run = work / "runs" / f"{arm}-s{seed}"
+    if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "done":
+        print(f"[pretrain] {arm} seed {seed}: done already ({run})", flush=True)
+        return run
+    print(f"[pretrain] {arm} seed {seed}: {budget:g} min", flush=True)
+    cfg = PretrainConfig(columns=columns.model_copy(update={"label": None}), text_encoder="scratch")
+    text_only = data / "CXR-Text" / "iu_xray_reports.csv" if "generation" in LOSSES[arm] else None
+    pretrain(
+        pairs_csv, run, text_only=text_only, config=cfg, overwrite=True, progress=sys.stderr.isatty(), losses=LOSSES[arm],
+        image_size=IMAGE_SIZE, steps=1_000_000, summarize_steps=1_000_000, time_budget_minutes=budget, seed=seed,
+    )  # fmt: skip
+    return run
+
+
+def encoder_features(model, paths: list[Path], batch: int = 16):
+    """Pooled bottleneck features ``(N, C)`` (the encoder a downstream model would start from)."""
+    import torch
+
+    from medalloy.data.radiograph import load_radiograph
+
+    feats = []
+    with torch.inference_mode():
+        for s in range(0, len(paths), batch):
+            x = torch.from_numpy(np.stack([load_radiograph(p, IMAGE_SIZE) for p in paths[s : s + batch]]))
+            feats.append(model.image(x)[-1].mean(dim=(2, 3)).float())
+    return torch.cat(feats)
+
+
+def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, Any]:
+    """Downstream uses 1-4 for one arm and seed (``run`` None: random init)."""
+    import torch
+
+    from medalloy.planning.planner import plan_images_2d
+    from medalloy.radiograph_tasks import (
+        balanced_accuracy,
+        caption_scores,
+        encode_images,
+        encode_texts,
+        generate_impressions,
+        linear_probe,
+        retrieval_recall,
+        zero_shot_probs,
+    )
+    from medalloy.recipes.pretrain import load_pretrained
+    from medalloy.seeding import seed_everything
+
+    test_groups = np.array([group(p.impression) for p in test])
+    train_groups = np.array([group(p.impression) for p in train])
+    row: dict[str, Any] = {}
+    if run is None:
+        from medalloy.models.image_encoder import UNetEncoder
+
+        seed_everything(seed)
+        encoder = UNetEncoder(plan_images_2d(IMAGE_SIZE)).eval()
+
+        class _Random(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.image = encoder
+
+        model = _Random()
+    else:
+        model, enc_tok, dec_tok, record = load_pretrained(run)
+    tr_f, te_f = encoder_features(model, [p.image for p in train]), encoder_features(model, [p.image for p in test])
+    for key, frac in FRACTIONS.items():
+        row[f"linear_probe_acc_{key}"] = linear_probe(tr_f, train_groups, te_f, test_groups, frac, seed)
+        row[f"linear_probe_bacc_{key}"] = linear_probe(tr_f, train_groups, te_f, test_groups, frac, seed, balanced=True)
+    if run is None:
+        return row
+    g, patches = encode_images(model, [p.image for p in test], IMAGE_SIZE)
+    findings = sorted({p.impression for p in test})
+    txt = encode_texts(model, enc_tok, findings, record["model"]["max_impression_len"])
+    pred = zero_shot_probs(g, txt, record["temperature"]).argmax(1).numpy()
+    pred_groups = np.array([group(findings[i]) for i in pred])
+    row["zeroshot_acc"] = float(np.mean(pred_groups == test_groups))
+    row["zeroshot_balanced_acc"] = balanced_accuracy(pred_groups, test_groups)
+    imp_emb = encode_texts(model, enc_tok, [p.impression for p in test], record["model"]["max_impression_len"])
+    r = retrieval_recall(g, imp_emb, keys=[" ".join(p.impression.lower().split()) for p in test], ks=(1, 5))
+    row["retrieval_r1"], row["retrieval_r5"] = r["r1"], r["r5"]
+    if "generation" in record["losses"]:
+        caps = generate_impressions(model, dec_tok, patches)
+        s = caption_scores(caps, [p.impression for p in test])
+        row["caption_bleu4"], row["caption_rougeL"] = s["bleu4"], s["rougeL"]
+        row["caption_examples"] = [[p.impression, c] for p, c in list(zip(test, caps))[:5]]
+    return row
+
+
+def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minutes: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for frac_key, frac in (("10", 0.1), ("100", 1.0)):
+        dice = []
+        for name in SEG:
+            res = train_benchmark_expert(
+                name, data, work, work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}", minutes, seed, {}, f"seg {arm}", init=run, train_fraction=frac
+            )
+            out[f"{name}_{frac_key}"] = {"dice": res["scores"]["lung"]["dice"], "steps": res["steps"], "minutes": res["minutes"]}
+            dice.append(res["scores"]["lung"]["dice"])
+        out[f"seg_dice_{frac_key}"] = float(np.mean(dice))
+    return out
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    downstream: dict[str, dict[str, Any]] = {u: {} for u in USES}
+    spread: dict[str, dict[str, Any]] = {u: {} for u in USES}
+    for use in USES:
+        for arm in ARMS:
+            vals = [r[use] for r in raw.get(arm, {}).values() if r.get(use) is not None]
+            downstream[use][arm] = round(float(np.mean(vals)), 4) if vals else None
+            spread[use][arm] = round(float(np.std(vals)), 4) if len(vals) > 1 else None
+    return {"downstream": downstream, "std_over_seeds": spread, "text_encoder": "scratch", "seeds": sorted({int(s) for arm in raw.values() for s in arm})}
+
+
+def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any]) -> str:
+    lines = [
+        "# Pretraining benchmark (HybridMED vs random init and simpler objectives)",
+        "",
+        f"Settings: {json.dumps(settings)}. Held-out: {TEST_FRACTION:.0%} of the COVID-notes patients (never pretrained on). "
+        "Mean over seeds (std in brackets where there are several); null: the use does not apply to the arm.",
+        "",
+        "| downstream use | " + " | ".join(ARMS) + " |",
+        "|---|" + "---|" * len(ARMS),
+    ]
+    for use in USES:
+        cells = []
+        for arm in ARMS:
+            v, s = summary["downstream"][use][arm], summary["std_over_seeds"][use][arm]
+            cells.append("null" if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "")))
+        lines.append(f"| {use} | " + " | ".join(cells) + " |")
+    lines += ["", "Cost per run:", ""]
+    for arm in ARMS:
+        for seed, r in sorted(raw.get(arm, {}).items()):
+            if "pretrain" in r:
+                p = r["pretrain"]
+                lines.append(
+                    f"- {arm} seed {seed}: {p['steps']} steps ({p.get('summarize_steps') or 0} summarization) in {p['minutes']:.1f} min; the benchmark process's peak RSS by then {p['peak_mb']:.0f} MB"
+                )
+    for arm in ARMS:
+        for seed, r in sorted(raw.get(arm, {}).items()):
+            for ref, cap in r.get("caption_examples", []):
+                lines.append(f"- caption ({arm} s{seed}): reference `{ref}` -> generated `{cap}`")
+    return "\n".join(lines) + "\n"
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-pretrain")
+    ap.add_argument("--budget-minutes", type=float, default=8.0)
+    ap.add_argument("--seg-minutes", type=float, default=2.0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--skip-seg", action="store_true")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--rescore", action="store_true", help="score finished pretraining runs again (uses 1-4), keeping their segmentation rows")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results)")
+    a = ap.parse_args()
+    results = a.results
+    raw_path = results / "pretrain_raw.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    settings = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
+    if not a.report:
+        import torch
+
+        pairs_csv, columns, train, test = prepare_pairs(a.data, a.work)
+        print(f"[data] {len(train)} pretraining pairs, {len(test)} held-out ({len({p.patient for p in test})} patients)", flush=True)
+        for seed in a.seeds:
+            for arm in a.only:
+                t0 = time.perf_counter()
+                if a.rescore:
+                    row = dict(raw.get(arm, {}).get(str(seed), {}))
+                    row.update(score_arm(arm, seed, None if arm == "random" else a.work / "runs" / f"{arm}-s{seed}", train, test))
+                    raw.setdefault(arm, {})[str(seed)] = row
+                    continue
+                run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes)
+                row: dict[str, Any] = {}
+                if run is not None:
+                    res = json.loads((run / "run.json").read_text())
+                    row["pretrain"] = {
+                        "steps": res["steps"], "summarize_steps": (res.get("summarize") or {}).get("steps"),
+                        "minutes": round((res["seconds"] + ((res.get("summarize") or {}).get("seconds") or 0)) / 60, 2), "peak_mb": peak_rss_mb(),
+                    }  # fmt: skip
+                torch.set_num_threads(2)
+                row.update(score_arm(arm, seed, run, train, test))
+                if not a.skip_seg:
+                    row.update(seg_arm(arm, seed, run, a.data, a.work, a.seg_minutes))
+                row["wall_minutes"] = round((time.perf_counter() - t0) / 60, 2)
+                raw.setdefault(arm, {})[str(seed)] = row
+                results.mkdir(parents=True, exist_ok=True)
+                raw_path.write_text(json.dumps(raw, indent=1))
+                print(f"[scores] {arm} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        if a.rescore:
+            raw_path.write_text(json.dumps(raw, indent=1))
+        settings["cpu_threads"] = torch.get_num_threads()
+    summary = summarise(raw)
+    summary["settings"] = settings
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    (results / "pretrain.md").write_text(render(summary, raw, settings))
+    print((results / "pretrain.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
