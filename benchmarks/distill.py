@@ -17,7 +17,8 @@ Models: ``teacher`` (a medalloy expert, ``--teacher-steps`` steps) and the stude
 ~0.35 M parameters, ``--steps`` steps each, the same seed); fixed step counts, so the training
 pass gives the same models however busy the machine is (the two domains may run side by side,
 ``--threads 1`` each): ``student_alone``, ``logit_kd``,
-``skd``, ``cwd``, ``relation_kd``, ``relation_no_kernel``, ``relation_no_affinity``.
+``skd``, ``cwd``, ``relation_kd``, ``relation_no_kernel``, ``relation_no_affinity``, and
+``relation_kd_stem`` (relation KD into a student that starts at the first pooling: ``--stem``).
 Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
 parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
 batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
@@ -47,10 +48,12 @@ DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / 
 STUDENTS = {
     "student_alone": "student_alone", "logit_kd": "logit_kd", "skd": "skd", "cwd": "cwd",
     "relation_kd": "relation", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
+    "relation_kd_stem": "relation",
 }  # fmt: skip
+STEM = {"relation_kd_stem"}  # students without the full-resolution stage (models/students.py, stem)
 MODELS = ["teacher", *STUDENTS]
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd"]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_stem"]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -143,7 +146,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     run = work / "runs" / domain / f"{model}{tag}"
     log(f"{domain} {model}{tag}: {steps} steps on {', '.join(members)}")
     res = train_distill(
-        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", split={"train": split["train"], "val": split["val"]},
+        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", stem=model in STEM, split={"train": split["train"], "val": split["val"]},
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=seed,
     )  # fmt: skip
     return run, res
@@ -214,16 +217,18 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
     return out
 
 
-def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains: list[str]) -> None:
-    """The timing pass (run alone): size, FLOPs, latency per runtime and int8 Dice of every trained model."""
+def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains: list[str], models: list[str]) -> None:
+    """The timing pass (run alone): size, FLOPs, latency per runtime and int8 Dice of the trained models named."""
     for domain, v in res.get("domains", {}).items():
         if domain not in domains:
             continue
         members = DOMAINS[domain]["train"]
         calibration = dataset_path(members[0], data, work) / "imagesTr"
         for model, entry in v["models"].items():
+            if model not in models:
+                continue
             m = measure(Path(entry["run"]), calibration, work, f"{domain}-{model}")
-            if model in ("teacher", "relation_kd"):  # what int8 costs in Dice
+            if model in ("teacher", "relation_kd", "relation_kd_stem"):  # what int8 costs in Dice
                 entry["dice_int8"] = {}
                 for member in members:
                     for label, d in score(Path(m["int8_graph"]), member, data, work, f"{domain}-{model}-{member}-int8", seed).items():
@@ -317,18 +322,25 @@ def targets(res: dict[str, Any]) -> list[str]:
     out.append(f"- relation KD keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
     ratio = t["params"] / s["params"]
     out.append(f"- {ratio:.1f}x fewer parameters (target >= 10x): {'met' if ratio >= 10 else '**missed**'}")
-    if not t["latency_ms"] or not s["latency_ms"]:
-        out.append("- latency: not measured yet (`--measure`)")
-    else:
-        (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
-        speed = tv / sv
-        out.append(f"- latency, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
-    for base in ("student_alone", "logit_kd"):
-        if "relation_kd" in unseen and base in unseen:
-            for k, v in unseen["relation_kd"].items():
+    for name in ("relation_kd", "relation_kd_stem"):
+        if name not in models:
+            continue
+        s = models[name]
+        if name != "relation_kd":
+            keep = s["dice_mean"] / max(t["dice_mean"], 1e-9)
+            out.append(f"- {name} keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
+        if not t["latency_ms"] or not s["latency_ms"]:
+            out.append(f"- latency of {name}: not measured yet (`--measure`)")
+        else:
+            (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
+            speed = tv / sv
+            out.append(f"- latency of {name}, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
+    for name, base in [(n, b) for n in ("relation_kd", "relation_kd_stem") for b in ("student_alone", "logit_kd")]:
+        if name in unseen and base in unseen:
+            for k, v in unseen[name].items():
                 b = unseen[base].get(k)
                 if b is not None:
-                    out.append(f"- unseen source {k}: relation KD {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}")
+                    out.append(f"- unseen source {k}: {name.replace('_kd', ' KD').replace('_', ' ')} {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}")
     return out
 
 
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         torch.set_num_threads(2)
         res = json.loads(path.read_text(encoding="utf-8"))
-        measure_all(res, a.data, a.work, res.get("seed", 0), a.only)
+        measure_all(res, a.data, a.work, res.get("seed", 0), a.only, a.models)
         fresh = json.loads(path.read_text(encoding="utf-8"))  # a training pass of another domain may have written meanwhile
         for domain in a.only:
             if domain in res.get("domains", {}):

@@ -6,10 +6,14 @@
   (docs/methods/hermes.md, "ACDC").
 - ``width``: JSRT, a tiny student's filter profile (6..48: the first rule; 11..44: the current one)
   trained alone with Dice + CE; predicted share of each class every 25 steps (docs/methods/distillation.md).
+- ``latency``: batch-1 latency at JSRT's 224 px plan of the teacher's network, the tiny student and
+  the tiny stem student (``--stem``), untrained (weights do not change the time): eager fp32, bf16
+  autocast, ONNX Runtime fp32; median of 50 after 5 warm-up calls, 2 threads; and GFLOPs
+  (docs/methods/distillation.md, "stem"). Run it alone on the machine.
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
-    python benchmarks/probes.py [head width profile] [--steps 120]
+    python benchmarks/probes.py [head width profile latency] [--steps 120]
 
 Writes ``benchmarks/results/probes.json`` (merged per probe).
 """
@@ -154,9 +158,48 @@ def probe_profile(runs: Path) -> dict[str, Any]:
     return out
 
 
+def probe_latency(data: Path, work: Path) -> dict[str, Any]:
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    from medalloy.engine.latency import median_ms, model_latency_ms
+    from medalloy.models.flops import forward_gflops
+    from medalloy.models.students import build_student
+    from medalloy.models.unet import build_unet, count_parameters
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    plan = _plan("JSRT", data, work)
+    shape = (plan.in_channels, *plan.patch_size)
+    nets = {"teacher": build_unet(plan), "student": build_student(plan, "tiny"), "student_stem": build_student(plan, "tiny", stem=True)}
+    out: dict[str, Any] = {"patch": list(plan.patch_size)}
+    x = torch.randn(1, *shape)
+    for name, net in nets.items():
+        net.eval()
+        row = {"params": count_parameters(net), "gflops": round(forward_gflops(net, shape), 3)}
+        row["eager_fp32_ms"] = round(model_latency_ms(net, shape, "fp32"), 2)
+        row["bf16_ms"] = round(model_latency_ms(net, shape, "bf16"), 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.onnx"
+            torch.onnx.export(net, (torch.randn(2, *shape),), str(path), input_names=["image"], output_names=["logits"], opset_version=18, dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))  # fmt: skip
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = {"image": x.numpy()}
+            row["onnx_fp32_ms"] = round(median_ms(lambda s=sess, f=feed: s.run(None, f)), 2)
+        out[name] = row
+        print(f"[probes] latency {name}: {row}", flush=True)
+    best = {k: min(v[m] for m in ("eager_fp32_ms", "bf16_ms", "onnx_fp32_ms")) for k, v in out.items() if k != "patch"}
+    out["speedup_fastest"] = {k: round(best["teacher"] / best[k], 2) for k in ("student", "student_stem")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile"])
+    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency"])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
     p.add_argument("--runs", type=Path, default=HERE.parent / "runs" / "bench-distill" / "runs")
@@ -168,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     path = a.results / "probes.json"
     for name in a.probes:
-        res = probe_head(a.data, a.work, a.steps) if name == "head" else probe_width(a.data, a.work, a.steps) if name == "width" else probe_profile(a.runs)
+        probes = {"head": lambda: probe_head(a.data, a.work, a.steps), "width": lambda: probe_width(a.data, a.work, a.steps), "profile": lambda: probe_profile(a.runs), "latency": lambda: probe_latency(a.data, a.work)}
+        res = probes[name]()
         old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}  # probes may run side by side
-        old[name] = {"steps": a.steps, "results": res} if name != "profile" else {"results": res}
+        old[name] = {"steps": a.steps, "results": res} if name in ("head", "width") else {"results": res}
         a.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(old, indent=2, default=lambda v: float(np.asarray(v))) + "\n", encoding="utf-8")
         print(f"[probes] {name}: written to {path}", flush=True)

@@ -55,29 +55,35 @@ TRANSFER_LEFT_OUT = "JSRT"
 NOTES = [
     "Budget: the results here were made with 2 minutes per expert (`--budget-minutes 2`), not the default 6: the whole "
     "benchmark at 6 minutes takes about 3 hours on 2 cores. At 2 minutes every model is early in training.",
-    "Two changes since the first run (2026-12-02, docs/methods/hermes.md \"ACDC\"): task logits start at logit(0.01) "
-    "(`prior_probability`) and a dataset's labels compete through the exclusive class term (`class_loss: exclusive`). "
-    "The `universal` and `no_priors` 2D arms were rerun with both (first run: universal 0.500, no priors 0.529; now 0.509 "
-    "and 0.576); `task_priors_only`, `transfer` and the 3D mix are still the first run's (per-task BCE, logits from 0).",
-    "ACDC alone through the universal recipe now learns (`benchmarks/universal_diagnose.py --expert`, "
+    "Rerun of 2026-12-03 (experts, universal and no_priors 2D arms, on a machine that ran ~1.3-1.6x slower than the "
+    "2026-12-02 one: experts 1,737 steps in 10 minutes, were 2,198): a volume sliced for a 2D plan now counts its slices "
+    "in the sampling weights (`data/mixed.sample_count`), so ACDC gets 34 % of the steps (was ~12 %; run.json "
+    "`dataset_weights`). Without priors ACDC rose to RV / MYO / LV 0.32 / 0.38 / 0.43 (was 0.21 / 0.25 / 0.29) and the "
+    "arm's mean to 0.613 (was 0.576), against the experts' 0.680 (0.720 on the faster machine): the gap fell from 0.144 "
+    "to 0.067. With priors the arm trained 882 steps (was 1,445) and fell to 0.498: at this budget and speed the fusion's "
+    "cost per step outweighs everything else. `task_priors_only`, `transfer` and the 3D mix are still the first run's "
+    "(per-task BCE, logits from 0, volumes counted as one).",
+    "Earlier changes (2026-12-02, docs/methods/hermes.md \"ACDC\"): task logits start at logit(0.01) "
+    "(`prior_probability`) and a dataset's labels compete through the exclusive class term (`class_loss: exclusive`); "
+    "with them the 2D universal and no_priors arms went from 0.500 / 0.529 to 0.509 / 0.576.",
+    "ACDC alone through the universal recipe learns (`benchmarks/universal_diagnose.py --expert`, "
     "results/universal_diagnose.json, 400 steps, no priors): mean validation Dice 0.582 (RV 0.49) against the expert's "
-    "0.658 for the same steps, where the paper's head and loss gave 0.28-0.52 (two initialisations, this commit and cc9c0ee). In the mix it still "
-    "fails: RV 0.17-0.21, MYO 0.07-0.25, LV 0.21-0.29 against the expert's 0.58 / 0.63 / 0.73. ACDC gets 15 % of the "
-    "steps (sqrt weighting counts its 140 volumes, not their ~1,300 slices): ~210 ACDC steps for the universal arm, ~370 "
-    "for no priors, about what the expert gets alone in 2 minutes (337) - so the other datasets' steps interfere, not "
-    "only the share. Suspects, untested: Adam's second moments set by the other datasets' (larger) gradients, the "
-    "schedule decaying while ACDC is still early, the shared task-independent decoder.",
-    "The priors cost steps: 1,445 steps for the universal model against 2,493 without priors in the same 10 minutes "
-    "(fusion at 64 channels from 1/4 resolution); at this budget the no-priors arm is the best universal arm (0.576), "
-    "and on the tasks other than ACDC it is at the experts' level (0.773 vs 0.765).",
+    "0.658 for the same steps. Beside one neighbour at an equal number of ACDC steps (`--mix JSRT`, "
+    "results/universal_diagnose_mix.json, 800 steps, each dataset half of them): 0.420 one dataset a step, 0.514 with "
+    "mixed batches at a shared 128 px patch (JSRT heart 0.92 -> 0.84 there); within the ~0.2 initialisation noise of "
+    "single 400-step runs, so suggestive only. Suspects left: Adam's moments shared between datasets, the shared "
+    "task-independent decoder.",
+    "The priors cost steps: 882 steps for the universal model against 1,653 without priors in the same 10 minutes "
+    "(2026-12-02: 1,445 vs 2,493; fusion at 64 channels from 1/4 resolution); at this budget the no-priors arm is the "
+    "best universal arm (0.613), and on the tasks other than ACDC it is near the experts' level (0.754 vs 0.770).",
     "Cross-source rows: the universal model beats the experts on all four, but it has seen both sources in training; the "
     "transfer arm's JSRT row is the fair unseen-source comparison.",
     "3D mix (ACDC volumes + Hippocampus, experts, universal and no priors only; first run): at 2 minutes per expert even "
     "the experts are early (ACDC 3D expert RV 0.09), the universal model trains 278 steps in 4 minutes (Hippocampus padded "
     "from 40x56x40 to 64x64x40 to fit ACDC's 6-stage network) and reaches mean 0.210 against the experts' 0.524.",
-    "Next to try: uniform or per-slice dataset weighting, ACDC in a two-dataset mix to find which neighbour interferes, "
-    "per-dataset gradient normalisation, the default 6-minute budget, the remaining arms and the 3D mix with the new "
-    "defaults, a 3D network chosen to pad less.",
+    "Next to try: cheaper priors (fusion at fewer stages or one token set), per-dataset gradient normalisation or "
+    "optimiser state, more seeds for the mix diagnostics, the default 6-minute budget, the remaining arms and the 3D mix "
+    "with the new defaults, a 3D network chosen to pad less.",
 ]
 
 

@@ -6,6 +6,11 @@ prior probability (``prior_probability``), and the expert for the same steps as 
 validation cases.
 
     python benchmarks/universal_diagnose.py [--steps 400] [--lr 2e-3] [--class-loss bce exclusive] [--prior-probability none 0.01] [--expert]
+    python benchmarks/universal_diagnose.py --mix JSRT [Shenzhen Polyp] [--weighting uniform] [--priors none] [--steps 800]
+
+``--mix`` trains ACDC in a mix with the named datasets instead (defaults otherwise; ``--steps`` for
+the whole mix, so with uniform weighting and one neighbour ACDC gets about half): does a neighbour
+interfere, and which? Rows go to ``universal_diagnose_mix.json`` (appended, one per mix).
 
 Writes ``benchmarks/results/universal_diagnose.json`` (benchmarks/results/universal.md's notes quote it).
 """
@@ -19,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, splits
+from common import PLAN_OPTIONS, dataset_path, member_folder, splits
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -35,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-probability", nargs="*", default=["none", "0.01"], help="task logit offsets' start (none: at 0, the paper's)")
     p.add_argument("--expert", action="store_true", help="also train the ACDC expert for the same steps (the control)")
     p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--mix", nargs="*", default=None, help="train ACDC in a mix with these datasets (JSRT, Shenzhen, Polyp, ...)")
+    p.add_argument("--weighting", default="uniform", choices=["uniform", "sqrt", "size"])
+    p.add_argument("--priors", default="none", choices=["task+modality", "task", "none"])
+    p.add_argument("--patch", type=int, default=None, help="with --mix: one shared patch side and mixed-dataset batches (default: one dataset a step)")
     a = p.parse_args(argv)
     if not a.data.is_dir():
         print(f"universal_diagnose.py: data folder {a.data} not found; pass --data", file=sys.stderr)
@@ -45,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
 
     name = "ACDC"
+    if a.mix is not None:
+        return mix(a, name)
     folder = dataset_path(name, a.data, a.work)
     ids = splits(name, folder, 0)
     ds = RawDataset(folder)
@@ -94,6 +105,32 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(what, res, Predictor(model, plan, activation="sigmoid"), 0))
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "universal_diagnose.json").write_text(json.dumps({"dataset": name, "priors": "none", "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def mix(a: argparse.Namespace, name: str) -> int:
+    """ACDC with neighbours, a fixed number of steps: ACDC's validation Dice against the others'."""
+    from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
+
+    names = [name, *a.mix]
+    folders = [member_folder(n, a.data, a.work) for n in names]
+    ids = {n: splits(n, dataset_path(n, a.data, a.work), 0) for n in names}
+    cfg = UniversalConfig(plan_options={n: PlanOptions(**PLAN_OPTIONS.get(n, {})) for n in names}, priors=a.priors, dataset_weighting=a.weighting, patch_size=a.patch)
+    cfg.train.steps, cfg.train.val_every, cfg.train.lr = a.steps, a.steps, a.lr[0]
+    run = a.work / "runs" / "diagnose" / f"mix-{'+'.join(names)}-{a.weighting}-{a.priors.replace('+', '')}-{a.steps}{f'-patch{a.patch}' if a.patch else ''}"
+    res = train_universal(folders, run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={n: {"train": ids[n]["train"], "val": ids[n]["val"]} for n in names})
+    dice = {k.removeprefix("val/"): round(v, 3) for k, v in res["best"]["metrics"].items() if "/dice_" in k}
+    acdc = {k.split("dice_")[1]: v for k, v in dice.items() if k.startswith(f"{name}/")}
+    row = {
+        "mix": names, "patch": a.patch, "weighting": a.weighting, "priors": a.priors, "steps": res["steps"], "lr": a.lr[0], "minutes": round(res["seconds"] / 60, 2),
+        "acdc_val_dice": acdc, "acdc_val_dice_mean": round(float(np.mean(list(acdc.values()))), 3),
+        "others_val_dice": {k: v for k, v in dice.items() if not k.startswith(f"{name}/")},
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    out = a.results / "universal_diagnose_mix.json"
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"] if out.exists() else []
+    out.write_text(json.dumps({"rows": [*rows, row]}, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

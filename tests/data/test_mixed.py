@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medalloy.data.io import ImageMeta
-from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights
+from medalloy.data.mixed import MixedSampler, MixedSource, dataset_weights, sample_count
 from medalloy.data.preprocess import PreparedCase, foreground_coords
 from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
@@ -74,6 +74,15 @@ def test_weights_steer_the_mix():
     np.testing.assert_allclose(dataset_weights([100, 25], "uniform"), [0.5, 0.5])
     with pytest.raises(ValueError, match="weighting"):
         dataset_weights([1], "bogus")
+
+
+def test_a_sliced_volume_counts_its_slices_for_a_2d_network():
+    from types import SimpleNamespace
+
+    volumes = [SimpleNamespace(image=np.zeros((1, s, 8, 8), np.float32)) for s in (9, 7)]
+    images = [SimpleNamespace(image=np.zeros((3, 1, 8, 8), np.float32)) for _ in range(4)]
+    assert sample_count(volumes, 2) == 16 and sample_count(images, 2) == 4
+    assert sample_count([SimpleNamespace(image=np.zeros((1, 9, 8, 8), np.float32))], 3) == 1  # 3D: a volume is one sample
 
 
 def test_two_channel_source_cannot_be_widened():

@@ -36,6 +36,31 @@ def test_student_is_the_widest_of_the_plans_topology_within_its_budget(size):
     assert out.shape == (1, 3, 224, 224)
 
 
+def test_stem_student_drops_the_full_resolution_stage_and_keeps_the_teachers_resolutions():
+    from medalloy.models.features import FeatureTap
+    from medalloy.models.flops import forward_gflops
+
+    plan = _plan()
+    plain, stem = build_student(plan, "tiny"), build_student(plan, "tiny", stem=True)
+    assert count_parameters(stem) <= STUDENT_SIZES["tiny"]
+    assert stem.net.strides == plan.network.strides[1:] and stem.net.strides[0] == [2, 2]
+    assert "enc0" not in stem.medalloy_stages and "dec0" not in stem.medalloy_stages
+    x = torch.randn(1, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    teacher = build_unet(plan)
+    with torch.no_grad(), FeatureTap(teacher) as tt, FeatureTap(stem) as ts:
+        out = stem(x)
+        teacher(x)
+    assert out.shape == (1, 3, 224, 224)  # logits back at the input size
+    # a stage of the stem student has the resolution of the teacher's stage of the same name
+    assert set(ts.features) < set(tt.features)
+    assert all(ts.features[k].shape[2:] == tt.features[k].shape[2:] for k in ts.features)
+    assert forward_gflops(stem, (1, 224, 224)) < 0.6 * forward_gflops(plain, (1, 224, 224))
+    net = plan.network
+    two = plan.model_copy(update={"network": net.model_copy(update={"strides": net.strides[:2], "kernels": net.kernels[:2], "filters": net.filters[:2]})})
+    with pytest.raises(MedalloyError, match="at least 3 stages"):
+        build_student(two, "tiny", stem=True)
+
+
 def test_student_sizes_are_checked():
     with pytest.raises(MedalloyError, match="unknown student size 'huge'"):
         build_student(_plan(), "huge")

@@ -110,8 +110,8 @@ def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("separable", [False, True])
-def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable):
+@pytest.mark.parametrize(("separable", "stem"), [(False, False), (True, False), (False, True)])
+def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable, stem):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from medalloy.export import export_onnx
@@ -119,13 +119,14 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     from medalloy.recipes.distill import load_student
 
     cfg = _cfg("logit_kd", steps=4)
-    cfg.separable = separable
+    cfg.separable, cfg.stem = separable, stem
     train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
     meta = export_onnx(tmp_path / "s", tmp_path / "s.onnx")
     assert meta["method"] == "distill" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
     student, plan, record = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
     assert record["student"]["separable"] is separable
     assert any(getattr(m, "groups", 1) > 1 for m in student.modules()) is separable  # loaded as trained
+    assert record["student"]["stem"] is stem and ("enc0" in student.medalloy_stages) is not stem
     graph, _, _ = load_onnx(tmp_path / "s.onnx")
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -72,6 +72,10 @@ def test_universal_learns_every_dataset(run):
     for name in ("SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"):
         values = [r[f"loss/{name}"] for r in train_rows if r[f"loss/{name}"] is not None]
         assert len(values) >= len(train_rows) // 2 and all(0 < v < 5 for v in values), (name, values)
+    # the MR volumes are sliced for this 2D network: each slice counts in the sampling weights (16-32
+    # slices a volume), not each volume, or MR would be drawn about as often as a few X-rays
+    w, n = res["dataset_weights"], res["train_cases"]
+    assert w["SynthMR"] / w["SynthCXR"] > 3 * np.sqrt(n["SynthMR"] / n["SynthCXR"]) and abs(sum(w.values()) - 1) < 1e-3
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert set(split["datasets"]) == {"SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"}
     assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json", "SynthMR.json"]

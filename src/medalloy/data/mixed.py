@@ -46,10 +46,19 @@ class MixedSource:
     batch_size: int | None = None  # per-dataset batches: this dataset's own (None: the sampler's)
 
 
+def sample_count(cases: Sequence, dim: int) -> int:
+    """What a dataset's size is for weighting: its 2D images for a 2D network (a volume sliced for a
+    2D plan counts each slice, as nnU-Net's 2D configuration samples slices), its volumes for a 3D
+    one. Cases are prepared cases: ``image`` ``(C, S, H, W)`` for 2D plans."""
+    if dim == 2:
+        return int(sum(c.image.shape[1] for c in cases))
+    return len(cases)
+
+
 def dataset_weights(sizes: Sequence[int], scheme: str = "sqrt") -> np.ndarray:
-    """Sampling probability per dataset from its training-case count: ``uniform`` (each dataset
-    alike), ``size`` (each case alike) or ``sqrt`` (between the two: small datasets are seen more
-    often than their size alone would give, large ones still more than small ones)."""
+    """Sampling probability per dataset from its size (:func:`sample_count`): ``uniform`` (each
+    dataset alike), ``size`` (each sample alike) or ``sqrt`` (between the two: small datasets are
+    seen more often than their size alone would give, large ones still more than small ones)."""
     n = np.asarray(sizes, dtype=float)
     if (n <= 0).any():
         raise ValueError("every dataset needs at least one training case")

@@ -13,14 +13,27 @@ docs/methods/distillation.md):
 the image's 1-3 channels) by a depthwise k x k convolution and a pointwise 1 x 1 one (MobileNet's
 factorisation): about k^2 times fewer weights per layer, so the same budget buys wider filters.
 The DynUNet's blocks, stage names and resolutions stay; only their convolution layers change.
+
+``stem=True`` starts the network at the plan's first pooling instead of full resolution: the first
+stage takes the stride of the plan's second (the full-resolution stage is dropped, the total stride
+and the bottleneck's resolution stay the teacher's), and the logits are interpolated back to the
+input size. At 11-44 channels the full-resolution stages cost more time than their FLOPs say (memory
+traffic of norms and copies, docs/methods/distillation.md), so the stem buys latency; stage names
+keep the teacher's resolutions (the stem student's first stage is ``enc1``; it has no ``enc0`` or
+``dec0``), so the relation losses compare features of equal resolution.
 """
 
 from __future__ import annotations
 
+import re
+
+import torch
+import torch.nn.functional as F
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from medalloy.errors import MedalloyError
+from medalloy.models.features import STAGES_ATTR
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import Plan
 
@@ -45,21 +58,65 @@ def make_separable(net: nn.Module) -> nn.Module:
     return net
 
 
-def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False) -> DynUNet:
+def _one_finer(name: str) -> str:
+    """``enc2`` -> ``enc3``, ``dec0`` -> ``dec1``: a stem network's stage named by the teacher stage of its resolution."""
+    m = re.fullmatch(r"(enc|dec)(\d+)", name)
+    return f"{m.group(1)}{int(m.group(2)) + 1}" if m else name
+
+
+class StemStudent(nn.Module):
+    """A U-Net whose first stage is strided, its logits interpolated back to the input size.
+
+    ``(B, C, *patch) -> (B, K, *patch)``; ``net`` sees the image at the stem's stride and returns
+    ``(B, K, *patch / stem)``."""
+
+    def __init__(self, net: DynUNet, dim: int):
+        super().__init__()
+        self.net = net
+        self.mode = "bilinear" if dim == 2 else "trilinear"
+        setattr(self, STAGES_ATTR, {_one_finer(k): f"net.{v}" for k, v in getattr(net, STAGES_ATTR).items()})
+
+    @property
+    def filters(self) -> list[int]:
+        return list(self.net.filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.net(x), size=x.shape[2:], mode=self.mode, align_corners=False)
+
+
+def student_model(plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: bool = False) -> nn.Module:
+    """The student network of ``plan`` with these filters (a checkpoint's record rebuilds it this way)."""
+    network = plan.network
+    if stem:
+        if len(network.strides) < 3:
+            raise MedalloyError(f"a stem student needs a plan of at least 3 stages; this one has {len(network.strides)}", fix="distil without --stem")
+        network = network.model_copy(update={"kernels": network.kernels[1:], "strides": network.strides[1:]})
+    network = network.model_copy(update={"filters": list(filters), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
+    net: nn.Module = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
+    if stem:
+        net = StemStudent(net, plan.dim)
+    if separable:
+        make_separable(net)
+    return net
+
+
+def student_stages(plan: Plan, stem: bool = False) -> int:
+    return len(plan.network.strides) - (1 if stem else 0)
+
+
+def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: bool = False) -> nn.Module:
     """The plan's U-Net at the widest base width within the size's parameter budget (no deep
-    supervision); ``separable``: with depthwise-separable convolutions."""
+    supervision); ``separable``: with depthwise-separable convolutions; ``stem``: a
+    :class:`StemStudent`, from the plan's first pooling on."""
     if isinstance(size, str) and size.isdigit():
         size = int(size)
     budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)
     if budget is None:
         raise MedalloyError(f"unknown student size '{size}'", fix=f"use one of {', '.join(STUDENT_SIZES)} or a parameter count")
-    stages = len(plan.network.strides)
+    stages = student_stages(plan, stem)
     best = None
     for base in range(2, 129):
-        network = plan.network.model_copy(update={"filters": student_filters(base, stages), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
-        net = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
-        if separable:
-            make_separable(net)
+        net = student_model(plan, student_filters(base, stages), out_channels, separable, stem)
         if count_parameters(net) > budget:
             break
         best = net

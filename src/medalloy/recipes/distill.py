@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
-from medalloy.data.mixed import dataset_weights
+from medalloy.data.mixed import dataset_weights, sample_count
 from medalloy.data.sampling import PatchSampler
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
@@ -37,8 +37,8 @@ from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import build_student, make_separable
-from medalloy.models.unet import build_unet, count_parameters
+from medalloy.models.students import build_student, student_model
+from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import Plan, save_plan
 from medalloy.recipes.registry import load_checkpoint_model, register
 from medalloy.recipes.scaffold import (
@@ -56,7 +56,7 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "distill"
-TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable")
+TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem")
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
@@ -88,6 +88,7 @@ class DistillConfig(BaseModel):
     losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
+    stem: bool = False  # start at the plan's first pooling (no full-resolution stage), logits interpolated back
     stages: list[str] = Field(default_factory=lambda: ["bottleneck", "dec1"])
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
@@ -185,7 +186,7 @@ def train_distill(
     patch, classes), and every dataset's images go through that plan, as they would at prediction.
     The others' labels must be the teacher's (names and values); a dataset labelling only some of
     them (Shenzhen's lung beside JSRT's lung and heart) teaches through the teacher alone, which
-    labels what its annotators did not. Each step trains on one dataset (sqrt of its case count)."""
+    labels what its annotators did not. Each step trains on one dataset (sqrt of its 2D images or 3D volumes)."""
     paths = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
     if not paths:
         raise MedalloyError("no datasets given", fix="give at least one dataset folder")
@@ -203,7 +204,7 @@ def train_distill(
     with torch.no_grad():
         n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
     seed_everything(cfg.train.seed)
-    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable)
+    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem)
     unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
     if unknown:
         raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(getattr(student, STAGES_ATTR))}")
@@ -217,16 +218,17 @@ def train_distill(
     run.status(METHOD, dataset=str(ds.root), datasets=[str(d.root) for d in dss], teacher=str(teacher))
 
     seed = cfg.train.seed
-    samplers, sizes, val_sets = [], [], []
+    samplers, sizes, samples, val_sets = [], [], [], []
     for d, is_full in zip(dss, full):
         train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress)
         samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
         sizes.append(len(train_prep))
+        samples.append(sample_count(train_prep, plan.dim))
         if is_full:  # a partially labelled dataset cannot score the classes it lacks
             val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
             if val_prep:
                 val_sets.append((d.name, val_prep))
-    batches = _DatasetSteps(samplers, full, dataset_weights(sizes, "sqrt"), seed)
+    batches = _DatasetSteps(samplers, full, dataset_weights(samples, "sqrt"), seed)
 
     models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
     trainable = ["student"]
@@ -287,7 +289,7 @@ def train_distill(
         "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f} for d, f in zip(dss, full)],
         "plan": plan.model_dump(mode="json"),
         "activation": activation,
-        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable},
+        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable, "stem": cfg.stem},
         "teacher": {"path": str(teacher), "method": teacher_record.get("method"), "name": teacher_record.get("name"), "params": count_parameters(teacher_model)},
         "losses": cfg.losses,
         "params": count_parameters(student),
@@ -312,13 +314,10 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
     try:
         plan = Plan.model_validate(record["plan"])
         student = record["student"]
-        network = plan.network.model_copy(update={"filters": [int(f) for f in student["filters"]], "deep_supervision": False, "architecture": "DynUNet"})
-        out_channels = int(student["out_channels"])
+        filters, out_channels = [int(f) for f in student["filters"]], int(student["out_channels"])
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels, spatial_dims=plan.dim)
-    if record["student"].get("separable"):
-        make_separable(model)
+    model = student_model(plan, filters, out_channels, bool(student.get("separable")), bool(student.get("stem")))
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
-from medalloy.data.mixed import MixedSource, dataset_weights
+from medalloy.data.mixed import MixedSource, dataset_weights, sample_count
 from medalloy.data.sampling import PatchSampler
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
@@ -249,10 +249,11 @@ def dataset_sources(
     run: Run, dss: list[RawDataset], plans: dict[str, Plan], registry: TaskRegistry, ids: dict[str, dict[str, list[str]]], cfg: Any
 ) -> tuple[list[MixedSource], dict[str, list], list[int]]:
     """Per dataset: its cached training cases as a :class:`MixedSource` (weighted by
-    ``cfg.dataset_weighting``), its cached validation cases, and its training-case count
+    ``cfg.dataset_weighting`` over :func:`sample_count`: slices of a volume a 2D plan slices count one
+    by one), its cached validation cases, and its training-case count
     (``cfg``: ``augment``, ``dataset_weighting``, ``train.seed``)."""
     seed = cfg.train.seed
-    sources, val_cases, sizes = [], {}, []
+    sources, val_cases, sizes, samples = [], {}, [], []
     for ds in dss:
         plan, entry = plans[ds.name], registry.datasets[ds.name]
         prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
@@ -262,7 +263,8 @@ def dataset_sources(
         task_ids = [registry.tasks.index(k) for k in order]
         sources.append(MixedSource(ds.name, sampler, task_ids, list(range(1, len(order) + 1)), entry["modality_id"], batch_size=plan.batch_size))
         sizes.append(len(prepared))
-    for src, w in zip(sources, dataset_weights(sizes, cfg.dataset_weighting)):
+        samples.append(sample_count(prepared, plan.dim))
+    for src, w in zip(sources, dataset_weights(samples, cfg.dataset_weighting)):
         src.weight = float(w)
     return sources, val_cases, sizes
 

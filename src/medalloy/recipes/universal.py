@@ -248,6 +248,7 @@ def train_universal(
         "tasks": registry.tasks,
         "modalities": registry.modalities,
         "train_cases": dict(zip([d.name for d in dss], sizes)),
+        "dataset_weights": {src.name: round(src.weight, 4) for src in sources},
         "val_cases": {k: len(v) for k, v in val_cases.items()},
         "params": record["params"],
         **summary,
