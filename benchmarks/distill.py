@@ -79,6 +79,13 @@ NOTES = [
     "the plain student is at 97.7 %); relation KD reaches 100 % of the teacher, CWD 101 %, the relation ablations 98-99 %. "
     "On the unseen source relation KD is above logit KD and the student alone on both rows (JSRT->Shenzhen 0.686 vs 0.666 / "
     "0.620; Kvasir->CVC 0.487 vs 0.479 / 0.457). One seed: in-domain differences of ~0.01 are noise.",
+    "Stem student (2026-12-03, `relation_kd_stem`: `--stem`, no full-resolution stage, 0.57 GFLOPs at 224 px): trained "
+    "with a teacher retrained that day on another machine (same seed and steps, different thread count: JSRT heart "
+    "0.938 / lung 0.975, where the other students' teacher had 0.928 / 0.975; its row in the table is the new one). "
+    "JSRT: stem student 0.933 / 0.969 (99.4 % of its teacher), JSRT->Shenzhen 0.705 (relation KD 0.687, logit KD "
+    "0.666). Latency from `benchmarks/probes.py latency` (results/probes.json, untrained networks of the same plan, "
+    "alone on that machine): teacher fastest 36.1 ms (bf16), full-resolution student 19.1 ms (ONNX, 1.9x), stem student "
+    "6.3 ms (ONNX, 5.7x). The `--measure` latencies of the table predate it (the other runs were not kept).",
     "int8 (static QDQ, 32 calibration patches) changes Dice by at most 0.003 on every task; it speeds up the teachers in "
     "ONNX Runtime (25.4 -> 18.8 ms at 224 px, 9.0 -> 7.2 ms at 128 px) and not the students. At 128 px (polyp) the "
     "fastest teacher is 7.2 ms (ONNX int8) and the fastest student 4.6 ms (ONNX fp32): 1.5x.",
