@@ -82,7 +82,7 @@ NOTES = [
     "Stem student (2026-12-03, `relation_kd_stem`: `--stem`, no full-resolution stage, 0.57 GFLOPs at 224 px): trained "
     "with a teacher retrained that day on another machine (same seed and steps, different thread count: JSRT heart "
     "0.938 / lung 0.975, where the other students' teacher had 0.928 / 0.975; its row in the table is the new one). "
-    "JSRT: stem student 0.933 / 0.969 (99.4 % of its teacher), JSRT->Shenzhen 0.705 (relation KD 0.687, logit KD "
+    "JSRT: stem student 0.932 / 0.969 (99.4 % of its teacher), JSRT->Shenzhen 0.705 (relation KD 0.687, logit KD "
     "0.666); polyp (teachers retrained likewise, CVC 0.566 / Kvasir 0.553): 0.565 / 0.573, Kvasir->CVC 0.497 (relation KD "
     "0.487, logit KD 0.479); 100.3 % of the teacher over the four tasks. Latency from `benchmarks/probes.py latency` (results/probes.json, untrained networks of the same plan, "
     "alone on that machine): teacher fastest 36.1 ms (bf16), full-resolution student 19.1 ms (ONNX, 1.9x), stem student "
