@@ -246,9 +246,20 @@ def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains:
             log(f"{domain} {model}: params {entry['params']} GFLOPs {entry['gflops']} latency {entry['latency_ms']}")
 
 
+# What --measure adds that depends on the architecture only (not on the weights: int8 Dice does)
+ARCHITECTURE_MEASURES = ("size_mb", "size_mb_int8", "gflops", "patch", "latency_ms")
+
+
 def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s models and unseen rows into ``old``'s domain; a retrained model of the same size
+    keeps the previous --measure pass's architecture measures, and says so."""
     doms = old.get("domains", {})
     mine = doms.setdefault(domain, {"models": {}, "unseen_source": {}})
+    for name, entry in new["models"].items():
+        before = mine["models"].get(name, {})
+        if "latency_ms" not in entry and "latency_ms" in before and before.get("params") == entry.get("params"):
+            entry.update({k: before[k] for k in ARCHITECTURE_MEASURES if k in before})
+            entry["measured"] = before.get("measured") or "an earlier --measure pass of the same architecture (the model was retrained since)"
     mine["models"].update(new["models"])
     mine["unseen_source"].update(new["unseen_source"])
     return {**old, "domains": doms}

@@ -44,8 +44,8 @@ AMALGAMATE_STEPS = 140
 AMALGAMATE_BATCH = 8
 # Image-report pretraining (HybridMED) on synthetic radiographs with reports (4 findings), at the chest
 # X-ray expert's 112 px so its encoder fits that expert's plan; then that expert retrained from it. The
-# text side at half the default width and depth: synthetic reports need no more (2026-12-03, 160 pairs:
-# default model 300 steps 228 s, zero-shot 0.600, BLEU-4 0.42; this one 144 s, 0.625, 0.43; 200 steps 92 s, 0.65, 0.26).
+# text side at half the default width and depth, for the demo's budget (`make demo`, 2026-12-03: the
+# default model, 300 steps, 228 s, zero-shot 0.600, BLEU-4 0.416; these settings 115 s, 0.550, 0.290).
 PRETRAIN_CASES = 160
 PRETRAIN_TEST_CASES = 40
 PRETRAIN_SIZE = 112
