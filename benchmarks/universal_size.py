@@ -18,7 +18,25 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = [("full width", None, 2), ("width 128", 128, 2), ("width 64 (default)", 64, 2), ("width 64, fusion from 1/8", 64, 3), ("width 32", 32, 2)]
+# (name, fusion width, fusion scales): every scale from 1/4 (None) or the three coarsest (3, from 1/8 at these 6-level plans)
+VARIANTS = [
+    ("full width, from 1/4", None, None), ("width 128, from 1/4", 128, None), ("width 64, from 1/4", 64, None),
+    ("width 32, from 1/4", 32, None), ("width 64, three coarsest scales (default)", 64, 3),
+]  # fmt: skip
+
+
+def forward_seconds(model, x, args, steps: int) -> float:
+    """Median inference forward (bf16 autocast, ``inference_mode``), as in validation and prediction."""
+    import torch
+
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            model(x, *args)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def step_seconds(model, x, args, steps: int) -> float:
@@ -59,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, 3, patch, patch)
         tasks, modality = torch.zeros(batch, 2, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
         expert = build_unet(network, in_channels=3, out_channels=3, spatial_dims=2)
-        e_params, e_sec = count_parameters(expert), step_seconds(expert, x, (), a.steps)
-        for name, width, skipped in VARIANTS:
-            net = build_hermes(network, 8, 5, in_channels=3, fusion_width=width, finest_skipped=skipped)
+        e_params, e_sec, e_fwd = count_parameters(expert), step_seconds(expert, x, (), a.steps), forward_seconds(expert.eval(), x, (), a.steps)
+        for name, width, scales in VARIANTS:
+            net = build_hermes(network, 8, 5, in_channels=3, fusion_width=width, fusion_scales=scales)
             sec = step_seconds(net, x, (tasks, modality), a.steps)
+            fwd = forward_seconds(net.eval(), x, (tasks, modality), a.steps)
             rows.append({"patch": patch, "batch": batch, "fusion": name, "params": count_parameters(net), "expert_params": e_params,
-                         "step_s": round(sec, 4), "expert_step_s": round(e_sec, 4)})  # fmt: skip
-            print(f"{patch} px x{batch} {name}: {rows[-1]['params'] / 1e6:.2f} M ({rows[-1]['params'] / e_params:.2f} x), step {sec / e_sec:.2f} x", flush=True)
+                         "step_s": round(sec, 4), "expert_step_s": round(e_sec, 4),
+                         "forward_s": round(fwd, 4), "expert_forward_s": round(e_fwd, 4)})  # fmt: skip
+            print(f"{patch} px x{batch} {name}: {rows[-1]['params'] / 1e6:.2f} M ({rows[-1]['params'] / e_params:.2f} x), "
+                  f"step {sec / e_sec:.2f} x, inference {fwd / e_fwd:.2f} x", flush=True)  # fmt: skip
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "universal_size.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
     md = [
@@ -74,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Forward + backward + SGD, bf16 autocast, {torch.get_num_threads()} threads, median of {a.steps} steps after 2 warm-up steps, "
         "at the planner's batch for the patch. Produced by `python benchmarks/universal_size.py`.",
         "",
-        "| patch x batch | fusion | parameters | x one expert | step s | x an expert's step |",
-        "|---|---|---|---|---|---|",
+        "Inference: the forward pass alone (bf16 autocast, `inference_mode`, same batch), as validation and prediction run it.",
+        "",
+        "| patch x batch | fusion | parameters | x one expert | step s | x an expert's step | inference s | x an expert's |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['patch']} x {r['batch']} | {r['fusion']} | {r['params'] / 1e6:.2f} M | {r['params'] / r['expert_params']:.2f} | "
-            f"{r['step_s']:.3f} | {r['step_s'] / r['expert_step_s']:.2f} |"
+            f"{r['step_s']:.3f} | {r['step_s'] / r['expert_step_s']:.2f} | {r['forward_s']:.3f} | {r['forward_s'] / r['expert_forward_s']:.2f} |"
         )
     (a.results / "universal_size.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return 0

@@ -7,7 +7,7 @@ import torch
 
 from medalloy.models import FeatureTap, build_unet
 from medalloy.models.hermes import build_hermes, default_fusion_stages
-from medalloy.models.prior_fusion import BidirectionalFusion, PriorBank, PriorFusionLayer, num_heads
+from medalloy.models.prior_fusion import BidirectionalFusion, CrossAttention, PriorBank, PriorFusionLayer, num_heads
 from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import run_stages
 from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
@@ -67,6 +67,43 @@ def test_bidirectional_fusion_is_equivariant_to_positions_and_reads_the_priors()
         f2, _ = block(f, p2)
         torch.testing.assert_close(f2[0], out_f[0])
         assert (f2[1] - out_f[1]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("channels, heads", [(64, 2), (32, 1), (96, 3)])
+def test_cross_attention_is_multihead_attentions_maths_and_loads_its_weights(channels, heads):
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(channels, heads, batch_first=True)
+    torch.manual_seed(0)
+    ours = CrossAttention(channels, heads)
+    # the same seed draws the same initial weights, and the parameter names and shapes are
+    # nn.MultiheadAttention's, so checkpoints written with it load
+    mha = reference.state_dict()
+    assert sorted(ours.state_dict()) == sorted(mha)
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, mha[name], rtol=0, atol=0)
+    q, kv = torch.randn(3, 50, channels), torch.randn(3, 7, channels)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, :3] = True
+    padding[2, 6] = True
+    expected = reference(q, kv, kv, key_padding_mask=padding, need_weights=False)[0]
+    torch.testing.assert_close(ours(q, kv, padding), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(q, kv), reference(q, kv, kv, need_weights=False)[0], rtol=1e-5, atol=1e-6)
+
+
+def _stages(levels: int) -> list[str]:
+    enc = [f"enc{i}" for i in range(levels - 1)]
+    return [*enc, "bottleneck", *[f"dec{i}" for i in reversed(range(levels - 1))]]
+
+
+def test_fusion_sits_at_the_three_coarsest_scales_never_the_two_finest():
+    # the paper's 5-level backbone: 1/4, 1/8, 1/16 (both rules agree)
+    assert default_fusion_stages(_stages(5)) == ["enc2", "enc3", "bottleneck", "dec3", "dec2"]
+    # a 6-level plan (256 px) keeps three scales: from 1/8, not 1/4
+    assert default_fusion_stages(_stages(6)) == ["enc3", "enc4", "bottleneck", "dec4", "dec3"]
+    assert default_fusion_stages(_stages(6), coarsest=None) == ["enc2", "enc3", "enc4", "bottleneck", "dec4", "dec3", "dec2"]
+    # a shallow plan never fuses at the two finest scales, even with fewer than three left
+    assert default_fusion_stages(_stages(4)) == ["enc2", "bottleneck", "dec2"]
+    assert default_fusion_stages(_stages(3)) == ["bottleneck"]
 
 
 def test_prior_bank_gathers_task_then_modality_tokens():
@@ -169,8 +206,8 @@ def test_universal_at_the_cli_default_is_within_1_3_experts():
     cfg = UniversalConfig()
     _, network = shared_network(256, cfg.base_filters, cfg.max_filters)
     expert = sum(p.numel() for p in build_unet(network, in_channels=3, out_channels=3, spatial_dims=2).parameters())
-    net = build_hermes(network, 8, 5, in_channels=3, fusion_width=cfg.fusion_width, finest_skipped=cfg.fusion_finest_skipped)
-    full = build_hermes(network, 8, 5, in_channels=3)
+    net = build_hermes(network, 8, 5, in_channels=3, fusion_width=cfg.fusion_width, finest_skipped=cfg.fusion_finest_skipped, fusion_scales=cfg.fusion_scales)
+    full = build_hermes(network, 8, 5, in_channels=3, fusion_scales=None)
     size = sum(p.numel() for p in net.parameters())
     assert size <= 1.3 * expert < sum(p.numel() for p in full.parameters())  # full-width fusion: ~2.4x
 

@@ -46,9 +46,15 @@ def stage_channels(net: DynUNet, filters: list[int]) -> dict[str, int]:
     return channels
 
 
-def default_fusion_stages(stages: list[str], finest_skipped: int = 2) -> list[str]:
-    """Every stage except the ``finest_skipped`` finest encoder and decoder scales."""
-    return [s for s in stages if s == "bottleneck" or int(s[3:]) >= finest_skipped]
+def default_fusion_stages(stages: list[str], finest_skipped: int = 2, coarsest: int | None = 3) -> list[str]:
+    """The encoder and decoder stages of the ``coarsest`` coarsest scales (the bottleneck's
+    included), never one of the ``finest_skipped`` finest. The paper's 5-level backbone fuses at
+    1/4, 1/8 and 1/16: its three coarsest scales, which are also all but its two finest; a deeper
+    plan (6 levels for a 256 px image) keeps three scales, so the fusion's cost does not grow with
+    the image (``coarsest=None``: every scale but the ``finest_skipped`` finest)."""
+    levels = 1 + max(int(s[3:]) for s in stages if s != "bottleneck") + 1  # the bottleneck is the last level
+    first = finest_skipped if coarsest is None else max(finest_skipped, levels - coarsest)
+    return [s for s in stages if s == "bottleneck" or int(s[3:]) >= first]
 
 
 class HermesNet(nn.Module):
@@ -149,10 +155,13 @@ def build_hermes(
     priors: str = "task+modality",
     finest_skipped: int = 2,
     prior_probability: float | None = None,
+    fusion_scales: int | None = 3,
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
-    fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's);
+    fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's),
+    and only at the ``fusion_scales`` coarsest (3: the paper's count, see :func:`default_fusion_stages`;
+    None: no such limit);
     ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
     offset with priors, 0 without, as before)."""
     if priors not in PRIORS:
@@ -173,7 +182,7 @@ def build_hermes(
         network.filters,
         n_tasks,
         n_modalities,
-        fusion_stages=[] if priors == "none" else default_fusion_stages(list(getattr(backbone, STAGES_ATTR)), finest_skipped),
+        fusion_stages=[] if priors == "none" else default_fusion_stages(list(getattr(backbone, STAGES_ATTR)), finest_skipped, fusion_scales),
         depth=depth,
         tokens_per_modality=0 if priors == "task" else tokens_per_modality,
         fusion_width=fusion_width,

@@ -25,6 +25,7 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HEAD_DIM = 32
@@ -41,6 +42,34 @@ def num_heads(channels: int) -> int:
 class _Mlp(nn.Sequential):
     def __init__(self, channels: int, ratio: int = 4):
         super().__init__(nn.Linear(channels, ratio * channels), nn.GELU(), nn.Linear(ratio * channels, channels))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head softmax attention ``(query (B, Nq, C), kv (B, Nk, C), key_padding (B, Nk) bool | None)
+    -> (B, Nq, C)``, the maths and parameter names of ``nn.MultiheadAttention`` (``in_proj_weight``
+    (3C, C), ``in_proj_bias``, ``out_proj``), so its checkpoints load. Written out because
+    ``nn.MultiheadAttention(batch_first=True)`` transposes to sequence-first inside, and a linear
+    layer on that view runs as a copy plus a batched matmul: on CPU ~2x this module's time."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * channels, channels))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * channels))
+        self.out_proj = nn.Linear(channels, channels)
+        # in nn.MultiheadAttention's order (out_proj drawn first), so a seed gives its initial weights
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        b, nq, c = query.shape
+        w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
+        b_q, b_kv = self.in_proj_bias.split([c, 2 * c])
+        q = F.linear(query, w_q, b_q).view(b, nq, self.heads, -1).transpose(1, 2)
+        k, v = F.linear(kv, w_kv, b_kv).view(b, kv.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if key_padding is None else ~key_padding[:, None, None, :]  # True = may attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Nq, head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))
 
 
 class PriorBank(nn.Module):
@@ -68,11 +97,11 @@ class BidirectionalFusion(nn.Module):
         super().__init__()
         heads = num_heads(channels)
         self.norm_p1, self.norm_f1 = nn.LayerNorm(channels), nn.LayerNorm(channels)
-        self.prior_reads = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.prior_reads = CrossAttention(channels, heads)
         self.norm_p2 = nn.LayerNorm(channels)
         self.prior_mlp = _Mlp(channels, mlp_ratio)
         self.norm_f2, self.norm_p3 = nn.LayerNorm(channels), nn.LayerNorm(channels)
-        self.feature_reads = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.feature_reads = CrossAttention(channels, heads)
         self.norm_f3 = nn.LayerNorm(channels)
         self.feature_mlp = _Mlp(channels, mlp_ratio)
 
@@ -80,21 +109,29 @@ class BidirectionalFusion(nn.Module):
         """``padding`` (B, P) bool marks null-task tokens: the features do not read them, so a
         padded task list gives the same features as the list without its padding."""
         shape = features.shape
-        f = features.flatten(2).transpose(1, 2)  # (B, N, C)
+        f, priors = self.tokens(to_tokens(features), priors, padding)
+        return from_tokens(f, shape), priors
+
+    def tokens(self, f: torch.Tensor, priors: torch.Tensor, padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same on features as contiguous tokens ``(B, N, C)``."""
         kv = self.norm_f1(f)
-        priors = priors + self.prior_reads(self.norm_p1(priors), kv, kv, need_weights=False)[0]
+        priors = priors + self.prior_reads(self.norm_p1(priors), kv)
         priors = priors + self.prior_mlp(self.norm_p2(priors))
         p = self.norm_p3(priors)
-        f = f + self.feature_reads(self.norm_f2(f), p, p, key_padding_mask=padding, need_weights=False)[0]
+        f = f + self.feature_reads(self.norm_f2(f), p, padding)
         f = f + self.feature_mlp(self.norm_f3(f))
-        return f.transpose(1, 2).reshape(shape), priors
+        return f, priors
 
 
-class _ChannelLinear(nn.Linear):
-    """A linear map over the channel axis of ``(B, C, *sp)`` (a 1x1 convolution of any dimension)."""
+def to_tokens(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *sp)`` -> contiguous ``(B, N, C)``. Contiguous matters: a linear layer on a
+    transposed view runs as a batched matmul behind a copy, ~4x slower on CPU than one matmul."""
+    return features.flatten(2).transpose(1, 2).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+def from_tokens(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(B, N, C)`` -> contiguous ``(B, C, *sp)`` of ``shape``."""
+    return tokens.transpose(1, 2).reshape(shape)
 
 
 class PriorFusionLayer(nn.Module):
@@ -107,21 +144,19 @@ class PriorFusionLayer(nn.Module):
         self.bank = PriorBank(n_tasks, n_modalities, self.width, tokens_per_modality)
         self.blocks = nn.ModuleList(BidirectionalFusion(self.width) for _ in range(depth))
         narrow = self.width < channels
-        self.down = _ChannelLinear(channels, self.width) if narrow else None
-        self.up = _ChannelLinear(self.width, channels) if narrow else None
+        self.down = nn.Linear(channels, self.width) if narrow else None
+        self.up = nn.Linear(self.width, channels) if narrow else None
 
     def forward(self, features: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> fused features (B, C, *sp), task tokens (B, T, width), modality tokens (B, M, width)."""
         priors = self.bank.gather(task_ids, modality_ids)
         # null tasks pad the list; modality tokens are never padding (with none, the task list holds a real task)
         padding = torch.cat([task_ids == self.bank.null_task, torch.zeros_like(priors[:, task_ids.shape[1] :, 0], dtype=torch.bool)], dim=1)
-        z = features if self.down is None else self.down(features)
+        f = to_tokens(features)  # once per layer: every block and projection then works on one matrix
+        z = f if self.down is None else self.down(f)
         fused = z
         for block in self.blocks:
-            fused, priors = block(fused, priors, padding)
-        if self.up is not None:
-            features = features + self.up(fused - z)
-        else:
-            features = fused
+            fused, priors = block.tokens(fused, priors, padding)
+        f = fused if self.up is None else f + self.up(fused - z)
         t = task_ids.shape[1]
-        return features, priors[:, :t], priors[:, t:]
+        return from_tokens(f, features.shape), priors[:, :t], priors[:, t:]

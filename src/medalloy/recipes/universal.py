@@ -87,7 +87,8 @@ class UniversalConfig(BaseModel):
     max_filters: int = Field(256, ge=1)
     priors: Literal["task+modality", "task", "none"] = "task+modality"  # "task", "none": the benchmark's ablations
     fusion_width: int | None = Field(64, ge=8)  # fusion layers at min(channels, width); None: at the backbone's width
-    fusion_finest_skipped: int = Field(2, ge=0)  # fuse at 1/4 resolution and coarser, as the paper
+    fusion_finest_skipped: int = Field(2, ge=0)  # never at the two finest scales, as the paper
+    fusion_scales: int | None = Field(3, ge=1)  # at the three coarsest scales, as the paper's 5-level net (None: all but the finest)
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
@@ -195,6 +196,7 @@ def train_universal(
     model = {
         "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
         "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped, "prior_probability": cfg.prior_probability,
+        "fusion_scales": cfg.fusion_scales,
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
@@ -258,12 +260,13 @@ def train_universal(
 
 
 def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model: dict[str, Any]) -> HermesNet:
-    """The network a run's ``record["model"]`` describes (records before fusion_width: full width, fusion from 1/4)."""
+    """The network a run's ``record["model"]`` describes (records before fusion_width: full width, fusion from 1/4;
+    before fusion_scales: every scale but the finest skipped)."""
     return build_hermes(
         network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
         depth=int(model.get("fusion_depth", 1)), tokens_per_modality=int(model.get("tokens_per_modality", 10)),
         fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
-        prior_probability=model.get("prior_probability"),
+        prior_probability=model.get("prior_probability"), fusion_scales=model.get("fusion_scales"),
     )  # fmt: skip
 
 
