@@ -55,14 +55,16 @@ TRANSFER_LEFT_OUT = "JSRT"
 NOTES = [
     "Budget: the results here were made with 2 minutes per expert (`--budget-minutes 2`), not the default 6: the whole "
     "benchmark at 6 minutes takes about 3 hours on 2 cores. At 2 minutes every model is early in training.",
-    "Rerun of 2026-12-03 (experts, universal and no_priors 2D arms, on a machine that ran ~1.3-1.6x slower than the "
-    "2026-12-02 one: experts 1,737 steps in 10 minutes, were 2,198): a volume sliced for a 2D plan now counts its slices "
-    "in the sampling weights (`data/mixed.sample_count`), so ACDC gets 34 % of the steps (was ~12 %; run.json "
-    "`dataset_weights`). Without priors ACDC rose to RV / MYO / LV 0.32 / 0.38 / 0.43 (was 0.21 / 0.25 / 0.29) and the "
-    "arm's mean to 0.613 (was 0.576), against the experts' 0.680 (0.720 on the faster machine): the gap fell from 0.144 "
-    "to 0.067. With priors the arm trained 882 steps (was 1,445) and fell to 0.498: at this budget and speed the fusion's "
-    "cost per step outweighs everything else. `task_priors_only`, `transfer` and the 3D mix are still the first run's "
-    "(per-task BCE, logits from 0, volumes counted as one).",
+    "Runs of 2026-12-03, on a machine ~1.3-1.6x slower than the 2026-12-02 one (experts 1,737 steps in 10 minutes, were "
+    "2,198). (1) A volume sliced for a 2D plan counts its slices in the sampling weights (`data/mixed.sample_count`): ACDC "
+    "gets 34 % of the steps (was ~12 %; run.json `dataset_weights`); without priors ACDC rose to RV / MYO / LV 0.28-0.32 / "
+    "0.38 / 0.41-0.43 (was 0.21 / 0.25 / 0.29), the arm's mean to 0.602-0.613 (two runs, 1,528 and 1,653 steps; was 0.576). "
+    "(2) The universal arm's fusion got cheaper (docs/methods/hermes.md \"Size and cost per step\"): attention on contiguous "
+    "tokens instead of `nn.MultiheadAttention`'s sequence-first copies, and fusion at the three coarsest scales as in the "
+    "paper's 5-level backbone (from 1/8 in these 6-level plans, was from 1/4): 882 -> 1,106 steps in 10 minutes, mean "
+    "0.498 -> 0.569 (0.534 with the attention change alone). On the five tasks other than ACDC it is now at the no-priors "
+    "arm's level (0.754 vs 0.748; experts 0.770); ACDC's RV is the whole remaining gap (0.012 vs 0.281). `task_priors_only`, "
+    "`transfer` and the 3D mix are still the first run's (per-task BCE, logits from 0, volumes counted as one, fusion from 1/4).",
     "Earlier changes (2026-12-02, docs/methods/hermes.md \"ACDC\"): task logits start at logit(0.01) "
     "(`prior_probability`) and a dataset's labels compete through the exclusive class term (`class_loss: exclusive`); "
     "with them the 2D universal and no_priors arms went from 0.500 / 0.529 to 0.509 / 0.576.",
@@ -73,17 +75,18 @@ NOTES = [
     "mixed batches at a shared 128 px patch (JSRT heart 0.92 -> 0.84 there); within the ~0.2 initialisation noise of "
     "single 400-step runs, so suggestive only. Suspects left: Adam's moments shared between datasets, the shared "
     "task-independent decoder.",
-    "The priors cost steps: 882 steps for the universal model against 1,653 without priors in the same 10 minutes "
-    "(2026-12-02: 1,445 vs 2,493; fusion at 64 channels from 1/4 resolution); at this budget the no-priors arm is the "
-    "best universal arm (0.613), and on the tasks other than ACDC it is near the experts' level (0.754 vs 0.770).",
-    "Cross-source rows: the universal model beats the experts on all four, but it has seen both sources in training; the "
-    "transfer arm's JSRT row is the fair unseen-source comparison.",
+    "The priors cost steps: 1,106 steps for the universal model against 1,528 without priors in the same 10 minutes (the "
+    "same day; 882 before the cheaper fusion). Per step the two arms track each other (validation Dice 0.536 vs 0.548 at "
+    "~1,000 steps in the earlier pair of runs), so at this budget the step count decides, and the no-priors arm stays the "
+    "best universal arm (0.602).",
+    "Cross-source rows: the universal model beats the experts on three of four (JSRT->Shenzhen 0.735 vs 0.748), but it has "
+    "seen both sources in training; the transfer arm's JSRT row is the fair unseen-source comparison.",
     "3D mix (ACDC volumes + Hippocampus, experts, universal and no priors only; first run): at 2 minutes per expert even "
     "the experts are early (ACDC 3D expert RV 0.09), the universal model trains 278 steps in 4 minutes (Hippocampus padded "
     "from 40x56x40 to 64x64x40 to fit ACDC's 6-stage network) and reaches mean 0.210 against the experts' 0.524.",
-    "Next to try: cheaper priors (fusion at fewer stages or one token set), per-dataset gradient normalisation or "
-    "optimiser state, more seeds for the mix diagnostics, the default 6-minute budget, the remaining arms and the 3D mix "
-    "with the new defaults, a 3D network chosen to pad less.",
+    "Next to try: ACDC's RV in the mix with priors (it collapsed to 0.01 in the last run while MYO / LV rose to 0.40 / "
+    "0.37; one seed), per-dataset gradient normalisation or optimiser state, seeds, the default 6-minute budget, the "
+    "remaining arms and the 3D mix with the new defaults, a 3D network chosen to pad less.",
 ]
 
 
