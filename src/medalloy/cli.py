@@ -114,7 +114,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     res = train_distill(
         a.datasets, a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None, stem=a.stem or None,
+        losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None, stem=a.stem_depth if a.stem_depth is not None else (1 if a.stem else None),
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M) or a parameter count")
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
     c.add_argument("--stem", action="store_true", help="the student starts at the plan's first pooling (no full-resolution stage; faster), logits interpolated back")
+    c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (2: also folds 2x2 pixels into channels; --stem is 1)")
     c.add_argument("--losses", default=None, choices=("relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
     _run_flags(c, "distillation")
     c.set_defaults(fn=cmd_distill)

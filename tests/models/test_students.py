@@ -61,6 +61,37 @@ def test_stem_student_drops_the_full_resolution_stage_and_keeps_the_teachers_res
         build_student(two, "tiny", stem=True)
 
 
+def test_stem_of_two_folds_pixels_into_channels_and_starts_at_a_quarter():
+    from medalloy.models.features import FeatureTap
+    from medalloy.models.flops import forward_gflops
+    from medalloy.models.students import space_to_depth
+
+    x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(space_to_depth(x, [2, 2]), torch.nn.functional.pixel_unshuffle(x, 2), rtol=0, atol=0)
+    v = torch.arange(2 * 4 * 6 * 8.0).reshape(1, 2, 4, 6, 8)
+    folded = space_to_depth(v, [1, 2, 2])  # an anisotropic 3D stride folds only the pooled axes
+    assert folded.shape == (1, 8, 4, 3, 4) and torch.equal(folded.flatten().sort().values, v.flatten())
+
+    plan = _plan()
+    one, two = build_student(plan, "tiny", stem=1), build_student(plan, "tiny", stem=2)
+    assert count_parameters(two) <= STUDENT_SIZES["tiny"]
+    assert two.net.strides == plan.network.strides[2:] and two.fold == [2, 2]
+    assert two.net.input_block.conv1.conv.in_channels == 4  # one grey channel, 2 x 2 pixels
+    assert not {"enc0", "enc1", "dec0", "dec1"} & set(two.medalloy_stages)
+    x = torch.randn(1, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    teacher = build_unet(plan)
+    with torch.no_grad(), FeatureTap(teacher) as tt, FeatureTap(two) as ts:
+        out = two(x)
+        teacher(x)
+    assert out.shape == (1, 3, 224, 224)
+    assert all(ts.features[k].shape[2:] == tt.features[k].shape[2:] for k in ts.features)  # names keep the teacher's resolutions
+    assert forward_gflops(two, (1, 224, 224)) < 0.6 * forward_gflops(one, (1, 224, 224))
+    net = plan.network
+    three = plan.model_copy(update={"network": net.model_copy(update={"strides": net.strides[:3], "kernels": net.kernels[:3], "filters": net.filters[:3]})})
+    with pytest.raises(MedalloyError, match="depth 2 needs a plan of at least 4 stages"):
+        build_student(three, "tiny", stem=2)
+
+
 def test_student_sizes_are_checked():
     with pytest.raises(MedalloyError, match="unknown student size 'huge'"):
         build_student(_plan(), "huge")

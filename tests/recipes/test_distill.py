@@ -110,7 +110,7 @@ def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize(("separable", "stem"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(("separable", "stem"), [(False, 0), (True, 0), (False, 1), (False, 2)])
 def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable, stem):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -126,8 +126,25 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     student, plan, record = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
     assert record["student"]["separable"] is separable
     assert any(getattr(m, "groups", 1) > 1 for m in student.modules()) is separable  # loaded as trained
-    assert record["student"]["stem"] is stem and ("enc0" in student.medalloy_stages) is not stem
+    assert record["student"]["stem"] == stem and ("enc0" in student.medalloy_stages) is (stem == 0)
+    assert ("enc1" in student.medalloy_stages) is (stem < 2)  # a stem of 2 starts at 1/4
     graph, _, _ = load_onnx(tmp_path / "s.onnx")
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert float((student(x) - graph(x)).abs().max()) < 1e-3
+
+
+def test_cli_stem_flags_reach_the_config(monkeypatch):
+    import medalloy.recipes.distill as recipe
+    from medalloy.cli import main
+
+    seen = []
+
+    def fake(*args, **kw):
+        seen.append(kw.get("stem"))
+        return {"params": 1, "teacher_params": 2, "steps": 0, "seconds": 0.0, "best": {}}
+
+    monkeypatch.setattr(recipe, "train_distill", fake)
+    for flags, stem in [([], None), (["--stem"], 1), (["--stem-depth", "2"], 2)]:
+        assert main(["distill", "DS", "--teacher", "T", "--out", "O", *flags]) == 0
+        assert seen[-1] == stem

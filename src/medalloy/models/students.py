@@ -14,19 +14,23 @@ the image's 1-3 channels) by a depthwise k x k convolution and a pointwise 1 x 1
 factorisation): about k^2 times fewer weights per layer, so the same budget buys wider filters.
 The DynUNet's blocks, stage names and resolutions stay; only their convolution layers change.
 
-``stem=True`` starts the network at the plan's first pooling instead of full resolution: the first
-stage takes the stride of the plan's second (the full-resolution stage is dropped, the total stride
-and the bottleneck's resolution stay the teacher's), and the logits are interpolated back to the
-input size. At 11-44 channels the full-resolution stages cost more time than their FLOPs say (memory
-traffic of norms and copies, docs/methods/distillation.md), so the stem buys latency; stage names
-keep the teacher's resolutions (the stem student's first stage is ``enc1``; it has no ``enc0`` or
-``dec0``), so the relation losses compare features of equal resolution.
+``stem=1`` (or True) starts the network at the plan's first pooling instead of full resolution: the
+first stage takes the stride of the plan's second (the full-resolution stage is dropped, the total
+stride and the bottleneck's resolution stay the teacher's), and the logits are interpolated back to
+the input size. ``stem=2`` drops the two finest stages: the image is first folded into channels by
+the second stage's stride (space-to-depth, as a pixel unshuffle: ``(C, H, W)`` -> ``(4C, H/2, W/2)``
+for stride 2, no information lost), then the network starts strided at 1/4. At 11-52 channels the
+fine stages cost more time than their FLOPs say (memory traffic of norms and copies,
+docs/methods/distillation.md), so the stem buys latency; stage names keep the teacher's
+resolutions (a ``stem=1`` student's first stage is ``enc1``; it has no ``enc0`` or ``dec0``), so the
+relation losses compare features of equal resolution.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DynUNet
@@ -58,56 +62,78 @@ def make_separable(net: nn.Module) -> nn.Module:
     return net
 
 
-def _one_finer(name: str) -> str:
-    """``enc2`` -> ``enc3``, ``dec0`` -> ``dec1``: a stem network's stage named by the teacher stage of its resolution."""
+def _finer(name: str, by: int) -> str:
+    """``enc2`` -> ``enc3`` (by 1): a stem network's stage named by the teacher stage of its resolution."""
     m = re.fullmatch(r"(enc|dec)(\d+)", name)
-    return f"{m.group(1)}{int(m.group(2)) + 1}" if m else name
+    return f"{m.group(1)}{int(m.group(2)) + by}" if m else name
+
+
+def space_to_depth(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
+    """``(B, C, *sp)`` -> ``(B, C * prod(factors), *(sp / factors))``: each ``factors`` block of
+    positions becomes channels (``nn.PixelUnshuffle`` for any dimension; exact, no information lost)."""
+    b, c, *sp = x.shape
+    dims = len(sp)
+    split = [v for s, f in zip(sp, factors) for v in (s // f, f)]
+    x = x.reshape(b, c, *split)
+    order = [0, 1, *[3 + 2 * i for i in range(dims)], *[2 + 2 * i for i in range(dims)]]
+    x = x.permute(order)
+    return x.reshape(b, -1, *[s // f for s, f in zip(sp, factors)])
 
 
 class StemStudent(nn.Module):
-    """A U-Net whose first stage is strided, its logits interpolated back to the input size.
+    """A U-Net whose first stage is strided (after a space-to-depth fold when ``fold`` is given),
+    its logits interpolated back to the input size.
 
     ``(B, C, *patch) -> (B, K, *patch)``; ``net`` sees the image at the stem's stride and returns
-    ``(B, K, *patch / stem)``."""
+    ``(B, K, *patch / stem stride)``; ``depth``: the teacher stages it drops (stage names shift by it)."""
 
-    def __init__(self, net: DynUNet, dim: int):
+    def __init__(self, net: DynUNet, dim: int, depth: int = 1, fold: list[int] | None = None):
         super().__init__()
         self.net = net
+        self.depth, self.fold = depth, list(fold) if fold else None
         self.mode = "bilinear" if dim == 2 else "trilinear"
-        setattr(self, STAGES_ATTR, {_one_finer(k): f"net.{v}" for k, v in getattr(net, STAGES_ATTR).items()})
+        setattr(self, STAGES_ATTR, {_finer(k, depth): f"net.{v}" for k, v in getattr(net, STAGES_ATTR).items()})
 
     @property
     def filters(self) -> list[int]:
         return list(self.net.filters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.net(x), size=x.shape[2:], mode=self.mode, align_corners=False)
+        y = self.net(space_to_depth(x, self.fold) if self.fold else x)
+        return F.interpolate(y, size=x.shape[2:], mode=self.mode, align_corners=False)
 
 
-def student_model(plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: bool = False) -> nn.Module:
-    """The student network of ``plan`` with these filters (a checkpoint's record rebuilds it this way)."""
-    network = plan.network
-    if stem:
-        if len(network.strides) < 3:
-            raise MedalloyError(f"a stem student needs a plan of at least 3 stages; this one has {len(network.strides)}", fix="distil without --stem")
-        network = network.model_copy(update={"kernels": network.kernels[1:], "strides": network.strides[1:]})
+def student_model(plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: int | bool = 0) -> nn.Module:
+    """The student network of ``plan`` with these filters (a checkpoint's record rebuilds it this
+    way); ``stem``: how many of the finest stages it drops (see the module docstring)."""
+    network, depth = plan.network, int(stem)
+    in_channels, fold = plan.in_channels, None
+    if depth:
+        if len(network.strides) < depth + 2:
+            raise MedalloyError(
+                f"a stem student of depth {depth} needs a plan of at least {depth + 2} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
+            )
+        if depth > 1:  # fold the strides of the dropped stages after the first into channels
+            fold = [int(v) for v in np.prod(np.asarray(network.strides[1:depth]), axis=0)]
+            in_channels *= int(np.prod(fold))
+        network = network.model_copy(update={"kernels": network.kernels[depth:], "strides": network.strides[depth:]})
     network = network.model_copy(update={"filters": list(filters), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
-    net: nn.Module = build_unet(network, in_channels=plan.in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
-    if stem:
-        net = StemStudent(net, plan.dim)
+    net: nn.Module = build_unet(network, in_channels=in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
+    if depth:
+        net = StemStudent(net, plan.dim, depth, fold)
     if separable:
         make_separable(net)
     return net
 
 
-def student_stages(plan: Plan, stem: bool = False) -> int:
-    return len(plan.network.strides) - (1 if stem else 0)
+def student_stages(plan: Plan, stem: int | bool = 0) -> int:
+    return len(plan.network.strides) - int(stem)
 
 
-def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: bool = False) -> nn.Module:
+def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: int | bool = 0) -> nn.Module:
     """The plan's U-Net at the widest base width within the size's parameter budget (no deep
     supervision); ``separable``: with depthwise-separable convolutions; ``stem``: a
-    :class:`StemStudent`, from the plan's first pooling on."""
+    :class:`StemStudent` without the ``stem`` finest stages."""
     if isinstance(size, str) and size.isdigit():
         size = int(size)
     budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)

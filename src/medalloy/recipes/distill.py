@@ -88,8 +88,8 @@ class DistillConfig(BaseModel):
     losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
-    stem: bool = False  # start at the plan's first pooling (no full-resolution stage), logits interpolated back
-    stages: list[str] = Field(default_factory=lambda: ["bottleneck", "dec1"])
+    stem: int = Field(0, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels)
+    stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
     kernel: Literal["poly", "rbf"] = "poly"
@@ -205,6 +205,8 @@ def train_distill(
         n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
     seed_everything(cfg.train.seed)
     student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem)
+    if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
+        cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem)}"]})
     unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
     if unknown:
         raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(getattr(student, STAGES_ATTR))}")
@@ -317,7 +319,7 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
         filters, out_channels = [int(f) for f in student["filters"]], int(student["out_channels"])
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = student_model(plan, filters, out_channels, bool(student.get("separable")), bool(student.get("stem")))
+    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0))
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 
