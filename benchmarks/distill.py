@@ -16,10 +16,12 @@ Domains (held-out cases as in benchmarks/experts.py: never used in training or m
 Models: ``teacher`` (a medalloy expert, ``--teacher-steps`` steps) and the students (tiny,
 ~0.35 M parameters, ``--steps`` steps each, the same seed); fixed step counts, so the training
 pass gives the same models however busy the machine is (the two domains may run side by side,
-``--threads 1`` each): ``student_alone``, ``logit_kd``,
-``skd``, ``cwd``, ``relation_kd``, ``relation_no_kernel``, ``relation_no_affinity``, and
-``relation_kd_stem`` (relation KD into a student that starts at the first pooling: ``--stem``) and
-``relation_kd_stem2`` (one that also folds 2x2 pixels into channels and starts at 1/4: ``--stem-depth 2``).
+``--threads 1`` each). ``student_alone``, ``logit_kd`` and ``relation_kd`` are the recipe's default
+student (``models/students.default_stem``: a stem of two at both domains' patches, the image's 2x2
+pixel blocks folded into channels and the network from 1/4), so the unseen-source rows compare
+like for like; ``student_alone_full``, ``logit_kd_full``, ``relation_kd_full`` the same at full
+resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); ``skd``,
+``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students.
 Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
 parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
 batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
@@ -47,15 +49,20 @@ RESULTS = HERE / "results"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 STUDENTS = {
-    "student_alone": "student_alone", "logit_kd": "logit_kd", "skd": "skd", "cwd": "cwd",
-    "relation_kd": "relation", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
-    "relation_kd_stem": "relation", "relation_kd_stem2": "relation",
+    "student_alone": "student_alone", "logit_kd": "logit_kd", "relation_kd": "relation", "relation_kd_stem": "relation",
+    "student_alone_full": "student_alone", "logit_kd_full": "logit_kd", "relation_kd_full": "relation",
+    "skd": "skd", "cwd": "cwd", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
 }  # fmt: skip
-# students without their finest stages (models/students.py, stem): how many they drop
-STEM = {"relation_kd_stem": 1, "relation_kd_stem2": 2}
+# students whose stem is not the recipe's default (models/students.py): how many of the finest stages they drop
+STEM = {
+    "relation_kd_stem": 1, "student_alone_full": 0, "logit_kd_full": 0, "relation_kd_full": 0,
+    "skd": 0, "cwd": 0, "relation_no_kernel": 0, "relation_no_affinity": 0,
+}  # fmt: skip
 MODELS = ["teacher", *STUDENTS]
+# relation KD at each student architecture, and the baselines it must beat at the same one
+RELATION_VS_BASELINES = {"relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": ()}
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_stem", "relation_kd_stem2"]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full"]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -167,7 +174,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     run = work / "runs" / domain / f"{model}{tag}"
     log(f"{domain} {model}{tag}: {steps} steps on {', '.join(members)}")
     res = train_distill(
-        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", stem=STEM.get(model, 0), split={"train": split["train"], "val": split["val"]},
+        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", stem=STEM.get(model), split={"train": split["train"], "val": split["val"]},
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=seed,
     )  # fmt: skip
     return run, res
@@ -249,7 +256,7 @@ def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains:
             if model not in models:
                 continue
             m = measure(Path(entry["run"]), calibration, work, f"{domain}-{model}")
-            if model in ("teacher", "relation_kd", *STEM):  # what int8 costs in Dice
+            if model in ("teacher", *RELATION_VS_BASELINES):  # what int8 costs in Dice
                 entry["dice_int8"] = {}
                 for member in members:
                     for label, d in score(Path(m["int8_graph"]), member, data, work, f"{domain}-{model}-{member}-int8", seed).items():
@@ -354,7 +361,7 @@ def targets(res: dict[str, Any]) -> list[str]:
     out.append(f"- relation KD keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
     ratio = t["params"] / s["params"]
     out.append(f"- {ratio:.1f}x fewer parameters (target >= 10x): {'met' if ratio >= 10 else '**missed**'}")
-    for name in ("relation_kd", *STEM):
+    for name in RELATION_VS_BASELINES:
         if name not in models:
             continue
         s = models[name]
@@ -368,7 +375,7 @@ def targets(res: dict[str, Any]) -> list[str]:
             (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
             speed = tv / sv
             out.append(f"- latency of {name}, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
-    for name, base in [(n, b) for n in ("relation_kd", *STEM) for b in ("student_alone", "logit_kd")]:
+    for name, base in [(n, b) for n, bases in RELATION_VS_BASELINES.items() for b in bases]:
         if name in unseen and base in unseen:
             for k, v in unseen[name].items():
                 b = unseen[base].get(k)

@@ -111,3 +111,29 @@ def test_per_dataset_batches_keep_each_datasets_patch_and_batch_size():
     assert 130 <= seen.count(0) <= 170
     again = MixedSampler([a, b], batch_size=99, channels=3, null_task=3, seed=0, per_dataset=True).sample(17)
     assert all(torch.equal(again[k], sampler.sample(17)[k]) for k in again)
+
+
+def test_several_datasets_a_step_give_one_batch_each_at_its_own_patch():
+    lab_a = np.zeros((1, 8, 8), np.int16)
+    lab_a[0, 2:5, 2:5] = 1
+    lab_b = np.zeros((1, 16, 12), np.int16)
+    lab_b[0, 4:9, 3:7] = 1
+    a = MixedSource("A", PatchSampler([_case("a", 1, lab_a, 7.0)], [8, 8], 1, 2, augment=OFF), [0, 1], [1, 2], 0, batch_size=5)
+    b = MixedSource("B", PatchSampler([_case("b", 3, lab_b, 9.0)], [16, 12], 1, 2, augment=OFF), [2], [1], 1, batch_size=2)
+    c = MixedSource("C", PatchSampler([_case("c", 1, lab_a, 5.0)], [8, 8], 1, 2, augment=OFF), [3], [1], 0, weight=0.0, batch_size=3)
+    sampler = MixedSampler([a, b, c], batch_size=99, channels=3, null_task=4, seed=0, per_dataset=True, datasets_per_step=3)
+    for step in range(20):
+        parts = sampler.sample(step)
+        # C has no weight: never drawn, so each step holds A then B, each at its own patch and batch size
+        assert [int(p["dataset"][0]) for p in parts] == [0, 1]
+        assert parts[0]["image"].shape == (5, 3, 8, 8) and parts[1]["image"].shape == (2, 3, 16, 12)
+        assert torch.equal(parts[0]["image"][:, 0, 4, 4], torch.full((5,), 7.0)) and torch.equal(parts[1]["image"][:, 0, 8, 8], torch.full((2,), 9.0))
+    again = MixedSampler([a, b, c], batch_size=99, channels=3, null_task=4, seed=0, per_dataset=True, datasets_per_step=3).sample(7)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(again, sampler.sample(7)) for k in x)
+    # the first dataset's samples are those a one-dataset step would draw for it
+    one = MixedSampler([a, b], batch_size=99, channels=3, null_task=4, seed=0, per_dataset=True)
+    step = next(t for t in range(50) if int(one.sample(t)["dataset"][0]) == 0)
+    two = MixedSampler([a, b], batch_size=99, channels=3, null_task=4, seed=0, per_dataset=True, datasets_per_step=2)
+    assert torch.equal(two.sample(step)[0]["image"], one.sample(step)["image"])
+    with pytest.raises(ValueError, match="per-dataset"):
+        MixedSampler([a, b], batch_size=4, channels=3, null_task=4, datasets_per_step=2)

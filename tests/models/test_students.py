@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medalloy.errors import MedalloyError
-from medalloy.models.students import STUDENT_SIZES, build_student, student_filters
+from medalloy.models.students import MIN_STEM_SIDE, STUDENT_SIZES, build_student, default_stem, student_filters
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import ChannelNorm, Plan
 from medalloy.recipes.universal import shared_network
@@ -57,7 +57,7 @@ def test_stem_student_drops_the_full_resolution_stage_and_keeps_the_teachers_res
     assert forward_gflops(stem, (1, 224, 224)) < 0.6 * forward_gflops(plain, (1, 224, 224))
     net = plan.network
     two = plan.model_copy(update={"network": net.model_copy(update={"strides": net.strides[:2], "kernels": net.kernels[:2], "filters": net.filters[:2]})})
-    with pytest.raises(MedalloyError, match="at least 3 stages"):
+    with pytest.raises(MedalloyError, match="at least 4 stages"):
         build_student(two, "tiny", stem=True)
 
 
@@ -88,8 +88,25 @@ def test_stem_of_two_folds_pixels_into_channels_and_starts_at_a_quarter():
     assert forward_gflops(two, (1, 224, 224)) < 0.6 * forward_gflops(one, (1, 224, 224))
     net = plan.network
     three = plan.model_copy(update={"network": net.model_copy(update={"strides": net.strides[:3], "kernels": net.kernels[:3], "filters": net.filters[:3]})})
-    with pytest.raises(MedalloyError, match="depth 2 needs a plan of at least 4 stages"):
+    with pytest.raises(MedalloyError, match="depth 2 needs a plan of at least 5 stages"):
         build_student(three, "tiny", stem=2)
+
+
+def test_default_stem_is_the_deepest_that_keeps_enough_pixels_and_stages():
+    assert default_stem(_plan(224)) == 2  # starts at 56 px
+    assert default_stem(_plan(224), deepest=1) == 1
+    assert default_stem(_plan(96)) == 1  # 96 / 4 = 24 < 32, 96 / 2 = 48
+    assert default_stem(_plan(48)) == 0  # 24 px after one pooling
+    assert MIN_STEM_SIDE == 32
+    # the shortest axis decides: a 3D patch with an unpooled first axis of 20 voxels gets none
+    net = _plan(160).network
+    anisotropic = _plan(160).model_copy(update={"dim": 3, "patch_size": [20, 160, 160], "network": net.model_copy(update={"strides": [[1, *s] for s in net.strides], "kernels": [[1, *k] for k in net.kernels]})})
+    assert default_stem(anisotropic) == 0
+    # too few stages for a stem of two: one is left
+    net = _plan(224).network
+    short = _plan(224).model_copy(update={"network": net.model_copy(update={"strides": net.strides[:4], "kernels": net.kernels[:4], "filters": net.filters[:4]})})
+    assert default_stem(short) == 1
+    build_student(short, "tiny", stem=default_stem(short))  # what it returns is a student that builds
 
 
 def test_student_sizes_are_checked():

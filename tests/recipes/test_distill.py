@@ -134,6 +134,18 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
         assert float((student(x) - graph(x)).abs().max()) < 1e-3
 
 
+def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path):
+    from medalloy.models.students import default_stem
+    from medalloy.recipes.distill import load_student
+
+    cfg = _cfg("logit_kd", steps=2)
+    assert cfg.stem is None
+    train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
+    _, plan, record = load_student(tmp_path / "s" / "checkpoints" / "last.safetensors")
+    assert record["student"]["stem"] == default_stem(plan)
+    assert "stem: null" not in (tmp_path / "s" / "config.yaml").read_text()  # a resumed run keeps the same student
+
+
 def test_cli_stem_flags_reach_the_config(monkeypatch):
     import medalloy.recipes.distill as recipe
     from medalloy.cli import main
@@ -145,6 +157,6 @@ def test_cli_stem_flags_reach_the_config(monkeypatch):
         return {"params": 1, "teacher_params": 2, "steps": 0, "seconds": 0.0, "best": {}}
 
     monkeypatch.setattr(recipe, "train_distill", fake)
-    for flags, stem in [([], None), (["--stem"], 1), (["--stem-depth", "2"], 2)]:
+    for flags, stem in [([], None), (["--stem"], 1), (["--stem-depth", "2"], 2), (["--stem-depth", "0"], 0)]:
         assert main(["distill", "DS", "--teacher", "T", "--out", "O", *flags]) == 0
         assert seen[-1] == stem

@@ -174,6 +174,21 @@ def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
         train_universal([cxr, endo], tmp_path / "typo", config=cfg.model_copy(update={"plan_options": {"SynthCXRLung": PlanOptions()}}), progress=False)
 
 
+def test_several_datasets_a_step_average_their_losses(four, tmp_path):
+    from medalloy.engine.logging import read_metrics
+    from medalloy.recipes.universal import PlanOptions
+
+    cxr, endo = four[1], four[3]
+    cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, datasets_per_step=2, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every = 4, 4, 1
+    train_universal([cxr, endo], tmp_path / "two", config=cfg, progress=False)
+    rows = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == 4
+    for r in rows:  # both datasets in every step, and the step's loss is their mean (plus the modality term)
+        both = (r["loss/SynthCXR"] + r["loss/SynthEndo"]) / 2
+        assert r["loss"] == pytest.approx(both + cfg.modality_weight * r["modality_ce"], rel=1e-3, abs=1e-4)
+
+
 def test_universal_3d_trains_on_volumes_and_predicts_by_sliding_window(four, tmp_path):
     import shutil
 

@@ -5,7 +5,10 @@ dataset labels (partial labels) and its dataset's modality. Two ways to draw the
   shares one patch size (Hermes' mixed-dataset batches);
 - *per dataset* (``per_dataset=True``): each step draws one dataset and a batch of that dataset's
   own patch and batch size (``MixedSource.batch_size``), so each dataset keeps the field of view
-  of its own plan (whole images where its expert uses them).
+  of its own plan (whole images where its expert uses them). With ``datasets_per_step=k > 1`` a
+  step draws ``k`` distinct datasets and returns a list of ``k`` such batches, one per dataset,
+  whose losses one optimizer step averages: the gradient mixes datasets as a mixed batch does, and
+  each keeps its own field of view.
 
 ``MixedSampler(step, dist)`` returns::
 
@@ -17,7 +20,8 @@ dataset labels (partial labels) and its dataset's modality. Two ways to draw the
     dataset     (B,)            long    index of each sample's source (for logging)
 
 Sample ``i`` of step ``t`` draws its dataset, case, location and augmentation from one generator
-seeded by ``(seed, t, rank, i)`` (per dataset: the step's dataset from ``(seed, t, rank, "dataset")``):
+seeded by ``(seed, t, rank, i)`` (per dataset: the step's dataset from ``(seed, t, rank, "dataset")``,
+the ``j``-th of several datasets' samples from ``(seed, t, rank, j, i)`` for ``j > 0``):
 batches are a pure function of the step, as for experts.
 """
 
@@ -80,6 +84,7 @@ class MixedSampler:
         seed: int = 0,
         foreground_oversample: float = 0.33,
         per_dataset: bool = False,
+        datasets_per_step: int = 1,
     ):
         if not sources:
             raise ValueError("no datasets to mix")
@@ -93,19 +98,29 @@ class MixedSampler:
         self.seed = seed
         self.fg = foreground_oversample
         self.per_dataset = per_dataset
+        if datasets_per_step < 1 or (datasets_per_step > 1 and not per_dataset):
+            raise ValueError("datasets_per_step > 1 needs per-dataset batches")
+        self.datasets_per_step = min(datasets_per_step, len(self.sources))
         self.slots = max(len(s.task_ids) for s in self.sources)
         w = np.asarray([s.weight for s in self.sources], dtype=float)
         self.p = w / w.sum()
 
-    def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
+    def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        if not self.per_dataset:
+            return self._batch(step, rank, None, 0)
+        pick = step_rng(self.seed, step, rank, "dataset")
+        if self.datasets_per_step == 1:
+            return self._batch(step, rank, int(pick.choice(len(self.sources), p=self.p)), 0)
+        nonzero = int((self.p > 0).sum())  # numpy cannot draw more distinct items than have weight
+        chosen = pick.choice(len(self.sources), size=min(self.datasets_per_step, nonzero), replace=False, p=self.p)
+        return [self._batch(step, rank, int(k), j) for j, k in enumerate(sorted(chosen.tolist()))]
+
+    def _batch(self, step: int, rank: int, only: int | None, part: int) -> dict[str, torch.Tensor]:
         images, targets, ids, weights, modality, which = [], [], [], [], [], []
-        size, only = self.batch_size, None
-        if self.per_dataset:
-            only = int(step_rng(self.seed, step, rank, "dataset").choice(len(self.sources), p=self.p))
-            size = self.sources[only].batch_size or self.batch_size
+        size = self.batch_size if only is None else self.sources[only].batch_size or self.batch_size
         n_fg = int(round(size * self.fg))
         for i in range(size):
-            rng = step_rng(self.seed, step, rank, i)
+            rng = step_rng(self.seed, step, rank, i) if part == 0 else step_rng(self.seed, step, rank, part, i)
             k = only if only is not None else int(rng.choice(len(self.sources), p=self.p))
             src = self.sources[k]
             img, lab = src.sampler.sample_one(rng, force_fg=i >= size - n_fg)
@@ -131,5 +146,5 @@ class MixedSampler:
             "dataset": torch.tensor(which, dtype=torch.long),
         }
 
-    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         return self.sample(step, 0 if dist is None else dist.rank)

@@ -109,9 +109,9 @@ def student_model(plan: Plan, filters: list[int], out_channels: int | None = Non
     network, depth = plan.network, int(stem)
     in_channels, fold = plan.in_channels, None
     if depth:
-        if len(network.strides) < depth + 2:
+        if len(network.strides) < depth + 3:  # MONAI's DynUNet needs three stages after the stem
             raise MedalloyError(
-                f"a stem student of depth {depth} needs a plan of at least {depth + 2} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
+                f"a stem student of depth {depth} needs a plan of at least {depth + 3} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
             )
         if depth > 1:  # fold the strides of the dropped stages after the first into channels
             fold = [int(v) for v in np.prod(np.asarray(network.strides[1:depth]), axis=0)]
@@ -124,6 +124,23 @@ def student_model(plan: Plan, filters: list[int], out_channels: int | None = Non
     if separable:
         make_separable(net)
     return net
+
+
+# the stem's output must keep at least this many pixels (voxels) along every axis: finer
+# structures than ~1/32 of the patch are what a 1/4-resolution student would blur away
+MIN_STEM_SIDE = 32
+
+
+def default_stem(plan: Plan, deepest: int = 2) -> int:
+    """The stem a student of ``plan`` gets by default: the deepest (up to ``deepest``) that leaves at
+    least three stages (MONAI's DynUNet) and at least :data:`MIN_STEM_SIDE` along every axis at the resolution where the
+    student starts (2: a 224 px radiograph starts at 56 px; a 40 px hippocampus patch gets none)."""
+    strides = np.asarray(plan.network.strides)
+    patch = np.asarray(plan.patch_size)
+    for depth in range(deepest, 0, -1):
+        if len(strides) >= depth + 3 and (patch / np.prod(strides[: depth + 1], axis=0)).min() >= MIN_STEM_SIDE:
+            return depth
+    return 0
 
 
 def student_stages(plan: Plan, stem: int | bool = 0) -> int:

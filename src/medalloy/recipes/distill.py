@@ -37,7 +37,7 @@ from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import build_student, student_model
+from medalloy.models.students import build_student, default_stem, student_model
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import Plan, save_plan
 from medalloy.recipes.registry import load_checkpoint_model, register
@@ -88,7 +88,7 @@ class DistillConfig(BaseModel):
     losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
-    stem: int = Field(0, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels)
+    stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: models/students.default_stem
     stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
@@ -204,6 +204,8 @@ def train_distill(
     with torch.no_grad():
         n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
     seed_everything(cfg.train.seed)
+    if cfg.stem is None:  # resolved once, so config.yaml and a resumed run keep the student it chose
+        cfg = cfg.model_copy(update={"stem": default_stem(plan)})
     student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem)
     if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
         cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem)}"]})

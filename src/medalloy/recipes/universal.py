@@ -95,6 +95,7 @@ class UniversalConfig(BaseModel):
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
+    datasets_per_step: int = Field(1, ge=1)  # per-dataset batches: how many datasets (each at its own patch) one optimizer step averages
     task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
     fold: int = 0
     folds: int = 5
@@ -200,7 +201,8 @@ def train_universal(
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
-        sources, cfg.batch_size or MIXED_BATCH, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=cfg.patch_size is None
+        sources, cfg.batch_size or MIXED_BATCH, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=cfg.patch_size is None,
+        datasets_per_step=cfg.datasets_per_step if cfg.patch_size is None else 1,
     )
     exclusive = cfg.class_loss == "exclusive"
     seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
@@ -208,8 +210,8 @@ def train_universal(
     unknown = len(registry.modalities) - 1
     names = [src.name for src in sources]
 
-    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
-        out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
+    def part_loss(net: torch.nn.Module, batch: dict, logged: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = net(batch["image"], batch["task_ids"], batch["modality"])
         seg = seg_loss(out["logits"], batch["target"], batch["task_weight"], batch["task_ids"])
         if "modality_logits" in out:
             # "unknown" modalities teach nothing; a batch of only those gives 0 (not 0/0), without a host sync
@@ -218,13 +220,20 @@ def train_universal(
             mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
         else:  # no modality priors (an ablation): nothing to classify
             mod = seg.detach() * 0
-        logged = {"loss": seg + cfg.modality_weight * mod, "bce": seg_loss.last["bce"], "tversky": seg_loss.last["dice"], "modality_ce": mod.detach()}
         with torch.no_grad():  # each dataset's share of the loss, so a starving task shows in the log (NaN: not in this batch)
             for d, name in enumerate(names):
                 mine = (batch["dataset"] == d).float()
                 value = per_dataset_loss(out["logits"], batch["target"], batch["task_weight"] * mine[:, None], batch["task_ids"])
-                logged[f"loss/{name}"] = torch.where(mine.sum() > 0, value, torch.full_like(value, float("nan")))
-        return logged
+                value = torch.where(mine.sum() > 0, value, torch.full_like(value, float("nan")))
+                logged[f"loss/{name}"] = torch.where(value.isnan(), logged.get(f"loss/{name}", value), value)
+        return seg, mod, seg_loss.last["bce"], seg_loss.last["dice"]
+
+    def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        # several datasets a step (datasets_per_step): their losses averaged, one optimizer step
+        logged: dict[str, torch.Tensor] = {}
+        parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
+        seg, mod, bce, dice = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
+        return {"loss": seg + cfg.modality_weight * mod, "bce": bce, "tversky": dice, "modality_ce": mod.detach(), **logged}
 
     record = {
         "method": METHOD,
