@@ -69,6 +69,7 @@ DOMAINS: dict[str, dict[str, Any]] = {
     "cxr": {"train": ["JSRT"], "unseen_train": ["JSRT"], "unseen_test": "Shenzhen", "unseen_key": "JSRT->Shenzhen"},
 }
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
+REUSE_STUDENTS = False  # --reuse-students: a finished student run of the same steps is scored, not retrained
 # What the runs showed (rendered under "Notes"; measured, see docs/methods/distillation.md).
 NOTES = [
     "Student width: the first pass (commit 4b4d65e) used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 "
@@ -166,18 +167,27 @@ def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps
     return run
 
 
-def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str) -> tuple[Path, dict[str, Any]]:
+def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str, student_seed: int) -> tuple[Path, dict[str, Any]]:
+    """One student; ``seed`` picks the split (as for the teacher), ``student_seed`` its training
+    (initialisation, batches): one run folder per student seed."""
     from medalloy.recipes.distill import train_distill
 
     ds_path = dataset_path(members[0], data, work)
     split = union_split(members, data, work, seed)
-    run = work / "runs" / domain / f"{model}{tag}"
-    log(f"{domain} {model}{tag}: {steps} steps on {', '.join(members)}")
+    run = work / "runs" / domain / f"{model}{tag}{f'-seed{student_seed}' if student_seed != seed else ''}"
+    if REUSE_STUDENTS and finished(run) and json.loads((run / "run.json").read_text(encoding="utf-8")).get("steps") == steps:
+        log(f"{domain} {run.name}: reusing {run}")
+        return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
+    log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
     res = train_distill(
         ds_path, teacher, run, losses=STUDENTS[model], student="tiny", stem=STEM.get(model), split={"train": split["train"], "val": split["val"]},
-        overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=seed,
+        overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
     )  # fmt: skip
     return run, res
+
+
+def mean_dice(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(float(np.mean([d[k] for d in per_seed])), 4) for k in per_seed[0]}
 
 
 def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any]:
@@ -210,20 +220,32 @@ def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any
     }  # fmt: skip
 
 
-def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int) -> dict[str, Any]:
+def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int, student_seeds: list[int]) -> dict[str, Any]:
+    """The domain's teacher and students (each student once per seed of ``student_seeds``: its Dice
+    is the mean over them, ``dice_per_seed`` keeps each), then the unseen-source rows."""
     spec = DOMAINS[domain]
     members = spec["train"]
-    out: dict[str, Any] = {"models": {}, "unseen_source": {}}
+    out: dict[str, Any] = {"models": {}, "unseen_source": {}, "unseen_source_per_seed": {}}
     teacher = train_teacher(domain, members, data, work, teacher_steps, seed, "")
+    runs: dict[str, list[Path]] = {}
     for model in models:
         if model == "teacher":
-            run, res = teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8"))
+            trained = [(teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8")))]
         else:
-            run, res = train_student(domain, model, members, teacher, data, work, steps, seed, "")
-        entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "params": int(res["params"]), "dice": {}}
-        for member in members:
-            for label, d in score(run, member, data, work, f"{domain}-{model}-{member}", seed).items():
-                entry["dice"][f"{label}/{source_of(member)}"] = d
+            trained = [train_student(domain, model, members, teacher, data, work, steps, seed, "", s) for s in student_seeds]
+        runs[model] = [run for run, _ in trained]
+        per_seed = []
+        for run, _ in trained:
+            dice = {}
+            for member in members:
+                for label, d in score(run, member, data, work, f"{domain}-{run.name}-{member}", seed).items():
+                    dice[f"{label}/{source_of(member)}"] = d
+            per_seed.append(dice)
+        run, res = trained[0]
+        entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "params": int(res["params"])}
+        entry["dice"] = mean_dice(per_seed)
+        if model != "teacher" and len(student_seeds) > 1:
+            entry["seeds"], entry["dice_per_seed"] = list(student_seeds), per_seed
         entry["dice_mean"] = round(float(np.mean(list(entry["dice"].values()))), 4)
         out["models"][model] = entry
         log(f"{domain} {model}: Dice {entry['dice']} params {entry['params']}")
@@ -232,16 +254,22 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
     from medalloy.data.dataset import RawDataset
 
     shared = {k: v for k, v in RawDataset(dataset_path(test, data, work)).spec.labels.items() if v}
+    tag = "-" + source_of(spec["unseen_train"][0])
     for model in [m for m in UNSEEN_MODELS if m in models]:
         if spec["unseen_train"] == members:  # the domain's own models were trained on one centre
-            run = Path(out["models"][model]["run"])
+            unseen_runs = runs[model]
         elif model == "teacher":
-            run = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
+            unseen_runs = [train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, tag)]
         else:
-            t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, "-" + source_of(spec["unseen_train"][0]))
-            run, _ = train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, "-" + source_of(spec["unseen_train"][0]))
-        dice = score(run, test, data, work, f"{domain}-unseen-{model}", seed, labels=shared)
-        out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(list(dice.values()))), 4)}
+            t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, tag)
+            unseen_runs = [train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, tag, s)[0] for s in student_seeds]
+        values = []
+        for run in unseen_runs:
+            dice = score(run, test, data, work, f"{domain}-unseen-{run.name}", seed, labels=shared)
+            values.append(round(float(np.mean(list(dice.values()))), 4))
+        out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(values)), 4)}
+        if len(values) > 1:
+            out["unseen_source_per_seed"][model] = {spec["unseen_key"]: values}
     return out
 
 
@@ -282,6 +310,9 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
             entry["measured"] = before.get("measured") or "an earlier --measure pass of the same architecture (the model was retrained since)"
     mine["models"].update(new["models"])
     mine["unseen_source"].update(new["unseen_source"])
+    for name in new["unseen_source"]:  # a rerun with one seed drops an older per-seed list of the same model
+        mine.setdefault("unseen_source_per_seed", {}).pop(name, None)
+    mine["unseen_source_per_seed"].update(new.get("unseen_source_per_seed", {}))
     return {**old, "domains": doms}
 
 
@@ -301,10 +332,13 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
             "params": ref["params"], "size_mb": ref.get("size_mb"), "gflops": ref.get("gflops"), "latency_ms": ref.get("latency_ms"),
         }  # fmt: skip
     unseen: dict[str, Any] = {}
+    per_seed: dict[str, Any] = {}
     for v in doms.values():
         for name, rows in v["unseen_source"].items():
             unseen.setdefault(name, {}).update(rows)
-    return {**res, "models": models, "unseen_source": unseen}
+        for name, rows in v.get("unseen_source_per_seed", {}).items():
+            per_seed.setdefault(name, {}).update(rows)
+    return {**res, "models": models, "unseen_source": unseen, "unseen_source_per_seed": per_seed}
 
 
 def fastest(lat: dict[str, float]) -> tuple[str, float]:
@@ -336,8 +370,18 @@ def markdown(res: dict[str, Any]) -> str:
     if unseen:
         cols = sorted({k for v in unseen.values() for k in v})
         lines += ["## Unseen source (trained on one centre, scored on the other)", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for name, row in unseen.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in cols) + " |")
+        seeds = res.get("unseen_source_per_seed", {})
+
+        def cell(name: str, c: str) -> str:
+            row, each = unseen[name], seeds.get(name, {}).get(c)
+            if c not in row:
+                return ""
+            return f"{row[c]:.3f}" + (f" ({' / '.join(f'{v:.3f}' for v in each)})" if each else "")
+
+        for name in unseen:
+            lines.append(f"| {name} | " + " | ".join(cell(name, c) for c in cols) + " |")
+        if seeds:
+            lines += ["", "A student's row with seeds in brackets: the mean over its training seeds, then each seed's (splits and teacher fixed)."]
         lines.append("")
     int8 = [(d, name, m) for d, v in res["domains"].items() for name, m in v["models"].items() if "dice_int8" in m]
     if int8:
@@ -395,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only rewrite distill.md from distill.json (e.g. after editing the notes)")
     p.add_argument("--only", nargs="*", default=list(DOMAINS), choices=list(DOMAINS))
     p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the splits' and the teachers' seed")
+    p.add_argument("--reuse-students", action="store_true", help="score finished student runs of the same steps instead of retraining them (after a code change, do not)")
+    p.add_argument("--student-seeds", type=int, nargs="*", default=None, help="train each student once per seed and report the mean (default: --seed only)")
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if not a.data.is_dir():
@@ -431,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {path}")
         return 0
     torch.set_num_threads(a.threads)
+    global REUSE_STUDENTS
+    REUSE_STUDENTS = a.reuse_students
     for domain in a.only:
-        new = run_domain(domain, a.models, a.data, a.work, a.teacher_steps, a.steps, a.seed)
+        new = run_domain(domain, a.models, a.data, a.work, a.teacher_steps, a.steps, a.seed, a.student_seeds or [a.seed])
         # two passes may run side by side (one domain each): read what the other wrote just before merging
         res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         if res and (res.get("steps"), res.get("teacher_steps")) != (a.steps, a.teacher_steps):

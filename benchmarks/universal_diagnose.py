@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix", nargs="*", default=None, help="train ACDC in a mix with these datasets (JSRT, Shenzhen, Polyp, ...)")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "sqrt", "size"])
     p.add_argument("--priors", default="none", choices=["task+modality", "task", "none"])
+    p.add_argument("--seed", type=int, default=0, help="with --mix: the training seed (initialisation, sampling)")
     p.add_argument("--datasets-per-step", type=int, default=1, help="with --mix: datasets whose batches one optimizer step averages (each at its own patch)")
     p.add_argument("--patch", type=int, default=None, help="with --mix: one shared patch side and mixed-dataset batches (default: one dataset a step)")
     a = p.parse_args(argv)
@@ -117,13 +118,13 @@ def mix(a: argparse.Namespace, name: str) -> int:
     folders = [member_folder(n, a.data, a.work) for n in names]
     ids = {n: splits(n, dataset_path(n, a.data, a.work), 0) for n in names}
     cfg = UniversalConfig(plan_options={n: PlanOptions(**PLAN_OPTIONS.get(n, {})) for n in names}, priors=a.priors, dataset_weighting=a.weighting, patch_size=a.patch, datasets_per_step=a.datasets_per_step)
-    cfg.train.steps, cfg.train.val_every, cfg.train.lr = a.steps, a.steps, a.lr[0]
-    run = a.work / "runs" / "diagnose" / f"mix-{'+'.join(names)}-{a.weighting}-{a.priors.replace('+', '')}-{a.steps}{f'-patch{a.patch}' if a.patch else ''}{f'-dps{a.datasets_per_step}' if a.datasets_per_step > 1 else ''}"
+    cfg.train.steps, cfg.train.val_every, cfg.train.lr, cfg.train.seed = a.steps, a.steps, a.lr[0], a.seed
+    run = a.work / "runs" / "diagnose" / f"mix-{'+'.join(names)}-{a.weighting}-{a.priors.replace('+', '')}-{a.steps}{f'-patch{a.patch}' if a.patch else ''}{f'-dps{a.datasets_per_step}' if a.datasets_per_step > 1 else ''}{f'-seed{a.seed}' if a.seed else ''}"
     res = train_universal(folders, run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={n: {"train": ids[n]["train"], "val": ids[n]["val"]} for n in names})
     dice = {k.removeprefix("val/"): round(v, 3) for k, v in res["best"]["metrics"].items() if "/dice_" in k}
     acdc = {k.split("dice_")[1]: v for k, v in dice.items() if k.startswith(f"{name}/")}
     row = {
-        "mix": names, "patch": a.patch, "datasets_per_step": a.datasets_per_step, "weighting": a.weighting, "priors": a.priors, "steps": res["steps"], "lr": a.lr[0], "minutes": round(res["seconds"] / 60, 2),
+        "mix": names, "patch": a.patch, "datasets_per_step": a.datasets_per_step, "weighting": a.weighting, "priors": a.priors, "steps": res["steps"], "lr": a.lr[0], "seed": a.seed, "minutes": round(res["seconds"] / 60, 2),
         "acdc_val_dice": acdc, "acdc_val_dice_mean": round(float(np.mean(list(acdc.values()))), 3),
         "others_val_dice": {k: v for k, v in dice.items() if not k.startswith(f"{name}/")},
     }  # fmt: skip
