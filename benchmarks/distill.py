@@ -108,6 +108,18 @@ NOTES = [
     "full-resolution student, 0.479, and relation KD's, 0.487: a 32 x 32 output map at 128 px loses small-polyp outlines; one "
     "seed). The rows of the other students keep the latencies of a 2026-12-02 `--measure` pass on a faster machine (their "
     "runs were not kept); the teacher's and the stem students' are from 2026-12-03.",
+    "Default student, like for like (2026-12-04): `student_alone`, `logit_kd` and `relation_kd` are now the recipe's "
+    "default student (stem of two) and were trained the same day from the same teachers (cxr's teacher reproduced the "
+    "2026-12-03 one: heart / lung 0.938 / 0.975; polyp's, retrained, 0.574 / 0.551 where the earlier rows had 0.553 / "
+    "0.566). The earlier full-resolution rows are renamed `*_full` (and keep that day's teachers). JSRT and "
+    "JSRT->Shenzhen: three student seeds (`--student-seeds 0 1 2`); polyp: one. Relation KD keeps 98.4 % of the "
+    "teacher's mean Dice, but is not above the student alone and logit KD on the unseen sources: JSRT->Shenzhen 0.716 vs "
+    "0.719 / 0.722 (seeds spread 0.69-0.74 for each loss), Kvasir->CVC 0.470 vs 0.488 / 0.480. The earlier "
+    "`relation_kd_stem2` run of the same configuration scored JSRT->Shenzhen 0.708 where today's seed 0 scores 0.687 (the "
+    "same teacher; other thread counts): single-seed unseen rows move by ~0.02-0.05. At a quarter resolution the student "
+    "alone generalises as well as the distilled ones; the full-resolution students did show relation KD ahead "
+    "(`relation_kd_full` 0.686 / 0.487 vs 0.666 / 0.479 and 0.620 / 0.457, one seed). The new `student_alone` and "
+    "`logit_kd` rows have no latency of their own: the architecture is relation_kd's (2.0 ms, ONNX fp32).",
     "int8 (static QDQ, 32 calibration patches) changes Dice by at most 0.003 on every task; it speeds up the teachers in "
     "ONNX Runtime (25.4 -> 18.8 ms at 224 px, 9.0 -> 7.2 ms at 128 px) and not the students. At 128 px (polyp) the "
     "fastest teacher is 7.2 ms (ONNX int8) and the fastest student 4.6 ms (ONNX fp32): 1.5x.",

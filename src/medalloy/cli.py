@@ -101,7 +101,7 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
     res = train_universal(
         a.datasets, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        patch_size=a.patch, batch_size=a.batch_size, dim=a.dim, priors=a.priors,
+        patch_size=a.patch, batch_size=a.batch_size, dim=a.dim, priors=a.priors, datasets_per_step=a.datasets_per_step,
     )
     best = res.get("best", {}) or {}
     _say(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2 (default: volumes sliced) or 3 (volumes, sliding-window prediction)")
     c.add_argument(
         "--patch", type=int, default=None,
-        help="one square (cube) patch side for every dataset, datasets mixed in each batch (default: each dataset's own plan patch and batch, one dataset a step)",
+        help="one square (cube) patch side for every dataset, datasets mixed in each batch (default: each dataset's own plan patch and batch, --datasets-per-step of them a step)",
     )  # fmt: skip
+    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2; docs/methods/hermes.md)")
     c.add_argument("--priors", choices=("task+modality", "task", "none"), default=None, help="ablations: task priors only, or none (one head per task)")
     c.add_argument("--batch-size", type=int, default=None)
     c.add_argument("--seed", type=int, default=None)

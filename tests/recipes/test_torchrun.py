@@ -57,7 +57,7 @@ def test_universal_under_torchrun_killed_and_resumed_is_bit_identical(data, tmp_
     # each dataset its own field of view (48 and 32 px), one dataset a step: the two ranks often
     # train on different datasets, of different shapes, in one step
     plan = "plan_options: {SynthCXR: {max_2d_side: 48}, SynthEndo: {max_2d_side: 32}}\n"
-    cfg.write_text(CFG + plan + "batch_size: 2\nbase_filters: 4\n", encoding="utf-8")
+    cfg.write_text(CFG + plan + "batch_size: 2\nbase_filters: 4\ndatasets_per_step: 1\n", encoding="utf-8")
     common = ["train", "universal", *map(str, data), "--steps", "8", "--config", str(cfg)]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     proc = run(_cli(*common, "--out", str(whole)), tmp_path)

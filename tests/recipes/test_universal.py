@@ -156,7 +156,7 @@ def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
     from medalloy.recipes.universal import PlanOptions, own_plan
 
     cxr, endo = four[1], four[3]
-    cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
+    cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, datasets_per_step=1, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
     cfg.train.steps, cfg.train.val_every, cfg.train.log_every = 6, 6, 1
     out = tmp_path / "fov"
     train_universal([cxr, endo], out, config=cfg, progress=False)

@@ -8,7 +8,8 @@ case-insensitively. Each dataset keeps its own preprocessing plan (spacing, norm
 3D volumes are sliced along their coarsest axis) and all share one network.
 
 Field of view: by default each dataset keeps its own plan's patch and batch size (whole images
-where its expert would use them) and each step trains on one dataset, drawn by ``dataset_weighting``;
+where its expert would use them) and each optimizer step averages the losses of ``datasets_per_step``
+distinct datasets' batches (2 by default; docs/methods/hermes.md), drawn by ``dataset_weighting``;
 the network is the planner's topology of the plan with the most stages, and the other datasets'
 patches are padded up to its poolings. ``patch_size`` instead gives every dataset one square (cube)
 patch and mixes datasets within each batch, as the paper does.
@@ -65,7 +66,7 @@ from medalloy.recipes.scaffold import (
 from medalloy.seeding import seed_everything
 
 METHOD = "universal"
-TOP_KEYS = ("fold", "batch_size", "patch_size", "dim", "priors")
+TOP_KEYS = ("fold", "batch_size", "patch_size", "dim", "priors", "datasets_per_step")
 
 
 MIXED_BATCH = 12
@@ -95,7 +96,7 @@ class UniversalConfig(BaseModel):
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
-    datasets_per_step: int = Field(1, ge=1)  # per-dataset batches: how many datasets (each at its own patch) one optimizer step averages
+    datasets_per_step: int = Field(2, ge=1)  # per-dataset batches: how many datasets (each at its own patch) one optimizer step averages (docs/methods/hermes.md)
     task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
     fold: int = 0
     folds: int = 5
@@ -147,7 +148,7 @@ def _plans(run: Run, dss: list[RawDataset], cfg: UniversalConfig, registry: Task
             for name, own in owns.items():
                 patch, batch = fit_patch(own.patch_size, network), cfg.batch_size or own.batch_size
                 padded = "" if patch == own.patch_size else f" (own {'x'.join(map(str, own.patch_size))}, padded to the network's poolings)"
-                note = f"universal model: network of {source}'s plan ({len(network.strides)} stages), patch {'x'.join(map(str, patch))}{padded}, batch {batch}, one dataset a step"
+                note = f"universal model: network of {source}'s plan ({len(network.strides)} stages), patch {'x'.join(map(str, patch))}{padded}, batch {batch}, {cfg.datasets_per_step} dataset(s) a step"
                 plans[name] = dataset_plan(own, patch, network, batch, registry.datasets[name], note)
     common_in_channels(plans)
     for name, p in plans.items():
