@@ -81,6 +81,10 @@ NOTES = [
     "best universal arm (0.602).",
     "Cross-source rows: the universal model beats the experts on three of four (JSRT->Shenzhen 0.735 vs 0.748), but it has "
     "seen both sources in training; the transfer arm's JSRT row is the fair unseen-source comparison.",
+    "Universal arm of 2026-12-04: two datasets' own-patch batches averaged per optimizer step (`datasets_per_step=2`, "
+    "the new default; docs/methods/hermes.md, results/universal_diagnose_mix.json: ACDC beside JSRT with priors 0.57 / "
+    "0.68 two a step vs 0.46 / 0.43 one a step, two seeds). Mean 0.607 (was 0.569), above the no-priors arm (0.602, "
+    "not rerun with the new default); ACDC MYO / LV 0.49 / 0.50 (were 0.40 / 0.37), RV still 0.03.",
     "3D mix (ACDC volumes + Hippocampus, experts, universal and no priors only; first run): at 2 minutes per expert even "
     "the experts are early (ACDC 3D expert RV 0.09), the universal model trains 278 steps in 4 minutes (Hippocampus padded "
     "from 40x56x40 to 64x64x40 to fit ACDC's 6-stage network) and reaches mean 0.210 against the experts' 0.524.",
