@@ -69,7 +69,6 @@ DOMAINS: dict[str, dict[str, Any]] = {
     "cxr": {"train": ["JSRT"], "unseen_train": ["JSRT"], "unseen_test": "Shenzhen", "unseen_key": "JSRT->Shenzhen"},
 }
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
-REUSE_STUDENTS = False  # --reuse-students: a finished student run of the same steps is scored, not retrained
 # What the runs showed (rendered under "Notes"; measured, see docs/methods/distillation.md).
 NOTES = [
     "Student width: the first pass (commit 4b4d65e) used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 "
@@ -179,15 +178,16 @@ def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps
     return run
 
 
-def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str, student_seed: int) -> tuple[Path, dict[str, Any]]:
+def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str, student_seed: int, reuse: bool = False) -> tuple[Path, dict[str, Any]]:
     """One student; ``seed`` picks the split (as for the teacher), ``student_seed`` its training
-    (initialisation, batches): one run folder per student seed."""
+    (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
+    steps is scored, not retrained."""
     from medalloy.recipes.distill import train_distill
 
     ds_path = dataset_path(members[0], data, work)
     split = union_split(members, data, work, seed)
     run = work / "runs" / domain / f"{model}{tag}{f'-seed{student_seed}' if student_seed != seed else ''}"
-    if REUSE_STUDENTS and finished(run) and json.loads((run / "run.json").read_text(encoding="utf-8")).get("steps") == steps:
+    if reuse and finished(run) and json.loads((run / "run.json").read_text(encoding="utf-8")).get("steps") == steps:
         log(f"{domain} {run.name}: reusing {run}")
         return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
@@ -232,7 +232,7 @@ def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any
     }  # fmt: skip
 
 
-def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int, student_seeds: list[int]) -> dict[str, Any]:
+def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int, student_seeds: list[int], reuse: bool = False) -> dict[str, Any]:
     """The domain's teacher and students (each student once per seed of ``student_seeds``: its Dice
     is the mean over them, ``dice_per_seed`` keeps each), then the unseen-source rows."""
     spec = DOMAINS[domain]
@@ -244,7 +244,7 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
         if model == "teacher":
             trained = [(teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8")))]
         else:
-            trained = [train_student(domain, model, members, teacher, data, work, steps, seed, "", s) for s in student_seeds]
+            trained = [train_student(domain, model, members, teacher, data, work, steps, seed, "", s, reuse) for s in student_seeds]
         runs[model] = [run for run, _ in trained]
         per_seed = []
         for run, _ in trained:
@@ -274,7 +274,7 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
             unseen_runs = [train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, tag)]
         else:
             t = train_teacher(domain, spec["unseen_train"], data, work, teacher_steps, seed, tag)
-            unseen_runs = [train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, tag, s)[0] for s in student_seeds]
+            unseen_runs = [train_student(domain, model, spec["unseen_train"], t, data, work, steps, seed, tag, s, reuse)[0] for s in student_seeds]
         values = []
         for run in unseen_runs:
             dice = score(run, test, data, work, f"{domain}-unseen-{run.name}", seed, labels=shared)
@@ -489,10 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {path}")
         return 0
     torch.set_num_threads(a.threads)
-    global REUSE_STUDENTS
-    REUSE_STUDENTS = a.reuse_students
     for domain in a.only:
-        new = run_domain(domain, a.models, a.data, a.work, a.teacher_steps, a.steps, a.seed, a.student_seeds or [a.seed])
+        new = run_domain(domain, a.models, a.data, a.work, a.teacher_steps, a.steps, a.seed, a.student_seeds or [a.seed], a.reuse_students)
         # two passes may run side by side (one domain each): read what the other wrote just before merging
         res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         if res and (res.get("steps"), res.get("teacher_steps")) != (a.steps, a.teacher_steps):

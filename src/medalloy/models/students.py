@@ -109,9 +109,9 @@ def student_model(plan: Plan, filters: list[int], out_channels: int | None = Non
     network, depth = plan.network, int(stem)
     in_channels, fold = plan.in_channels, None
     if depth:
-        if len(network.strides) < depth + 3:  # MONAI's DynUNet needs three stages after the stem
+        if len(network.strides) < depth + MIN_STAGES:
             raise MedalloyError(
-                f"a stem student of depth {depth} needs a plan of at least {depth + 3} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
+                f"a stem student of depth {depth} needs a plan of at least {depth + MIN_STAGES} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
             )
         if depth > 1:  # fold the strides of the dropped stages after the first into channels
             fold = [int(v) for v in np.prod(np.asarray(network.strides[1:depth]), axis=0)]
@@ -126,6 +126,8 @@ def student_model(plan: Plan, filters: list[int], out_channels: int | None = Non
     return net
 
 
+MIN_STAGES = 3  # MONAI's DynUNet needs at least three stages after a stem
+
 # the stem's output must keep at least this many pixels (voxels) along every axis: finer
 # structures than ~1/32 of the patch are what a 1/4-resolution student would blur away
 MIN_STEM_SIDE = 32
@@ -138,7 +140,7 @@ def default_stem(plan: Plan, deepest: int = 2) -> int:
     strides = np.asarray(plan.network.strides)
     patch = np.asarray(plan.patch_size)
     for depth in range(deepest, 0, -1):
-        if len(strides) >= depth + 3 and (patch / np.prod(strides[: depth + 1], axis=0)).min() >= MIN_STEM_SIDE:
+        if len(strides) >= depth + MIN_STAGES and (patch / np.prod(strides[: depth + 1], axis=0)).min() >= MIN_STEM_SIDE:
             return depth
     return 0
 
