@@ -2,7 +2,7 @@
 equal compute, on the real 2D data of ../shared/data.
 
     python benchmarks/amalgamate.py [--data ../shared/data] [--budget-minutes 2] [--feature-size 12]
-                                    [--only experts foundation amalgamated no_hier_attention no_prompt_decoder no_experts]
+                                    [--only experts foundation amalgamated no_hier_attention no_prompt_decoder no_experts no_expert_priors]
     python benchmarks/amalgamate.py --report      # re-render the markdown from the raw results
 
 Tasks, held-out cases and equal-compute rule are the universal benchmark's (benchmarks/universal.py):
@@ -13,9 +13,11 @@ slice (RV, MYO, LV); each expert trains B minutes, every other arm 5 x B minutes
   amalgamated arms; cross-source rows as the experts benchmark's);
 - ``foundation``: SwinUNETR alone on all tasks (no experts, no amalgamation, one head per task),
   the same per-dataset batches;
-- ``amalgamated``: SwinUNETR + the five frozen experts, hierarchical attention, prompt decoder;
+- ``amalgamated``: SwinUNETR + the five frozen experts, hierarchical attention, prompt decoder,
+  each task's logits starting from its own experts' log-odds (expert priors);
 - ``no_hier_attention`` (concatenate + 1x1 conv), ``no_prompt_decoder`` (one head per task),
-  ``no_experts`` (the amalgamation layer's self-attention and the prompt decoder, no experts).
+  ``no_experts`` (the amalgamation layer's self-attention and the prompt decoder, no experts),
+  ``no_expert_priors`` (the experts' hidden features only, the paper's form: the decoder answers alone).
 - ``universal``: the universal benchmark's 2D universal arm (results/universal.json), when present:
   same tasks, splits and rule.
 
@@ -41,7 +43,7 @@ RESULTS = HERE / "results"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 MEMBERS = ["JSRT", "Shenzhen", "Polyp-Kvasir", "Polyp-CVC", "ACDC"]
-ARMS = ["experts", "foundation", "amalgamated", "no_hier_attention", "no_prompt_decoder", "no_experts"]
+ARMS = ["experts", "foundation", "amalgamated", "no_hier_attention", "no_prompt_decoder", "no_experts", "no_expert_priors"]
 # arm -> (uses the experts, AmalgamateConfig overrides)
 SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "foundation": (False, {"decoder": "plain", "stages": []}),
@@ -49,6 +51,7 @@ SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "no_hier_attention": (True, {"hierarchical": False}),
     "no_prompt_decoder": (True, {"decoder": "plain"}),
     "no_experts": (False, {}),
+    "no_expert_priors": (True, {"expert_priors": False}),
 }
 HARDEST = ["ACDC/RV", "ACDC/MYO"]
 CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir")]
@@ -197,7 +200,7 @@ def _fmt(v: Any) -> str:
 
 def markdown(res: dict[str, Any], raw: dict[str, Any]) -> str:
     s = res["setting"]
-    cols = [c for c in ["experts", "foundation", "universal", "amalgamated", "no_hier_attention", "no_prompt_decoder", "no_experts"] if any(c in r and r[c] is not None for r in res["tasks"].values())]
+    cols = [c for c in ["experts", "foundation", "universal", *ARMS[2:]] if any(c in r and r[c] is not None for r in res["tasks"].values())]
     out = [
         "# Knowledge amalgamation (KA2ER) on real data",
         "",

@@ -130,7 +130,8 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
         a.datasets, a.experts, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
         batch_size=a.batch_size, foundation=foundation if a.foundation else None, feature_size=a.feature_size, decoder=a.decoder,
-        hierarchical=False if a.flat else None, stages=stages,
+        hierarchical=False if a.flat else None, stages=stages, expert_priors=False if a.no_expert_priors else None,
+        datasets_per_step=a.datasets_per_step,
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(
@@ -375,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
     c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
     c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
+    c.add_argument("--no-expert-priors", action="store_true", help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)")
+    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2)")
     _run_flags(c, "amalgamation")
     c.set_defaults(fn=cmd_amalgamate)
 

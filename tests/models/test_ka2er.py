@@ -135,3 +135,36 @@ def test_ablations_are_the_same_class():
         assert no_experts(x, tasks)["expert_logits"] == []
     with pytest.raises(ValueError, match="decoder"):
         build_ka2er(2, 3, 4, 12, decoder="sam")
+
+
+def test_expert_priors_add_each_tasks_own_expert_log_odds():
+    # tasks: 0 = class 1 of expert 0; 1 = class 2 of expert 0 and class 1 of expert 1 (shared: mean); 2, 3: none
+    net = _net(task_experts=[[(0, 1)], [(0, 2), (1, 1)], [], []])[0].eval()
+    torch.nn.init.zeros_(net.decoder.hyper[-1].weight)
+    torch.nn.init.zeros_(net.decoder.hyper[-1].bias)  # the decoder says nothing: logits are bias + prior
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x, torch.tensor([[0, 1, 2], [1, 0, net.null_task]]))
+    e0, e1 = out["expert_logits"]
+    lo0, lo1, lo2 = e0[:, 1] - e0[:, 0], e0[:, 2] - e0[:, 0], e1[:, 1] - e1[:, 0]
+    torch.testing.assert_close(out["logits"][:, 0][0], lo0[0])
+    torch.testing.assert_close(out["logits"][1, 1], lo0[1])
+    torch.testing.assert_close(out["logits"][0, 1], (lo1[0] + lo2[0]) / 2)
+    assert torch.allclose(out["logits"][0, 2], torch.full_like(lo0[0], float(torch.logit(torch.tensor(0.01)))))  # no expert: the prior bias
+    # the exclusive class form of expert 0's tasks is expert 0's own softmax (task 1 alone has two experts)
+    solo = _net(task_experts=[[(0, 1)], [(0, 2)], [], []])[0].eval()
+    torch.nn.init.zeros_(solo.decoder.hyper[-1].weight)
+    torch.nn.init.zeros_(solo.decoder.hyper[-1].bias)
+    with torch.no_grad():
+        z = solo(x, torch.tensor([[0, 1]] * 2))["logits"]
+        ref = solo.experts(x)[1][0]
+    mine = torch.cat([torch.zeros_like(z[:, :1]), z], 1).softmax(1)
+    torch.testing.assert_close(mine, ref.float().softmax(1), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        solo.expert_gate[0] = 0.5
+        half = solo(x, torch.tensor([[0]] * 2))["logits"]
+    torch.testing.assert_close(half[:, 0], z[:, 0] / 2)
+    with pytest.raises(ValueError, match="background"):
+        _net(task_experts=[[(0, 0)], [], [], []])
+    with pytest.raises(ValueError, match="one entry per task"):
+        _net(task_experts=[[(0, 1)]])

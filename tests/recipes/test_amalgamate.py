@@ -62,6 +62,7 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
     assert res["trainable_params"] < res["params"]  # the experts are inside, frozen
     tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")
     assert record["kd_pairs"] == {"SynthCXR": 0, "SynthEndo": 1}
+    assert record["model"]["task_experts"] == [[[0, 1]], [[0, 2]], [[1, 1]]]  # lung, heart: the CXR expert's classes 1, 2; lesion: the endoscopy expert's
     for k, run in enumerate(experts):  # the experts' weights come out of training bit-identical
         own = ckpt.group(ckpt.load_checkpoint(run / "checkpoints" / "best.safetensors")[0], "model/net")
         prefix = f"experts.experts.{k}."
@@ -71,6 +72,8 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
     for part in ("seg", "kd_logits", "kd_features"):
         assert all(np.isfinite(r[f"loss/{part}"]) for r in rows if f"loss/{part}" in r), part
     assert any(r.get("loss/kd_logits", 0) > 0 for r in rows) and any(r.get("loss/kd_features", 0) > 0 for r in rows)
+    both = [r for r in rows if np.isfinite(r.get("seg/SynthCXR", np.nan)) and np.isfinite(r.get("seg/SynthEndo", np.nan))]
+    assert len(both) == len(rows)  # two datasets a step (the default): every logged step saw both
 
     for path in data:
         ds = RawDataset(path)

@@ -5,6 +5,9 @@ stages; a prompt-driven mask decoder answers one sigmoid map per task asked.
 ``KA2ERNet(x (B, C, *sp), task_ids (B, T), modality_ids (B,) | None)`` returns
 
 - ``logits`` ``(B, T, *sp)``: one sigmoid logit map per task asked;
+  with ``task_experts``, a task its own expert labels gets that expert's log-odds added
+  (``z_c - z_0`` of its softmax classes, scaled by a learned per-task gate that starts at 1), so
+  the decoder learns a correction of the expert, not the whole mask (our choice; see below);
 - ``expert_logits``: each expert's own output ``(B, K_k, *sp)`` on the same input (for distillation);
 - ``merged`` / ``expert_tokens``: per amalgamated stage, the merged tokens ``(B, N, D)`` and each
   expert's projected tokens ``[(B, N, D)]`` (for feature distillation).
@@ -15,6 +18,14 @@ they run under ``no_grad`` (not ``inference_mode``: their features feed trainabl
 Each expert sees the input with its own channel count (a grey expert gets the channel mean of an
 RGB input, an RGB expert a grey input repeated) and gives the features of one of its stages per
 amalgamated foundation stage, the deepest with no coarser stride (chosen once by :func:`choose_taps`).
+
+Expert priors (``task_experts[t] = [(k, c), ...]``: task ``t`` is class ``c`` of expert ``k``;
+an empty list for a task no expert labels): the paper merges only hidden features; on a CPU budget a decoder from
+scratch relearns an expert's fine boundaries far slower than the amalgamation can use them, so
+the own expert's output is a skip to the task's logits. Its decoder bias starts at 0 (not the
+rare-foreground prior), so an untrained model answers as its expert does (up to the decoder's
+small random term): with the ``exclusive`` class form, ``softmax([0, z^e_c - z^e_0 ...])`` is the
+expert's own softmax.
 
 Ablations of the benchmark in the same class: ``hierarchical=False`` (concatenate + 1x1 conv),
 ``decoder="plain"`` (one 1x1 head per task), no experts (the layer is self-attention only), no
@@ -119,6 +130,7 @@ class KA2ERNet(nn.Module):
         decoder_depth: int = 2,
         task_adaptive: bool = True,
         prior_probability: float | None = 0.01,
+        task_experts: list[list[tuple[int, int]]] | None = None,
     ):
         super().__init__()
         dim = foundation.swinViT.patch_embed.proj.weight.ndim - 2
@@ -140,6 +152,13 @@ class KA2ERNet(nn.Module):
             self.decoder = PlainTaskHead(n_tasks, channels["dec0"], prior)
         else:
             raise ValueError(f"decoder must be 'prompt' or 'plain', not {decoder!r}")
+        self.task_experts = self._check_task_experts(task_experts, n_tasks)
+        if self.task_experts:
+            self.expert_gate = nn.Parameter(torch.ones(n_tasks + 1))
+            with torch.no_grad():
+                for t, entry in enumerate(self.task_experts):
+                    if entry:
+                        self.decoder.bias.weight[t] = 0.0  # the expert's log-odds are the prior here
         paths = {s: f"foundation.{p}" for s, p in getattr(foundation, STAGES_ATTR).items()}
         paths.update({s: f"amalgamation.{s}" for s in self.amalgamation if s in paths})
         setattr(self, STAGES_ATTR, paths)
@@ -147,6 +166,35 @@ class KA2ERNet(nn.Module):
     @property
     def null_task(self) -> int:
         return self.n_tasks
+
+    def _check_task_experts(self, pairs: list[list[tuple[int, int]]] | None, n_tasks: int) -> list[list[tuple[int, int]]]:
+        if not pairs or self.experts is None:
+            return []
+        if len(pairs) != n_tasks:
+            raise ValueError(f"task_experts needs one entry per task ({n_tasks}), got {len(pairs)}")
+        out = []
+        for entry in pairs:
+            checked = []
+            for k, c in entry:
+                if not 0 <= int(k) < len(self.experts) or int(c) < 1:
+                    raise ValueError(f"task_experts entry {(k, c)}: no expert {k}, or class {c} is the background")
+                checked.append((int(k), int(c)))
+            out.append(checked)
+        return out if any(out) else []
+
+    def expert_prior(self, expert_logits: list[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T, *sp)``: per asked task, the mean log-odds ``z_c - z_0`` of the experts that label
+        it (several when datasets share a task: an ensemble), times its gate; 0 where none does."""
+        ref = expert_logits[0]
+        zero = torch.zeros(ref.shape[0], *ref.shape[2:], dtype=torch.float32, device=ref.device)
+
+        def log_odds(k: int, c: int) -> torch.Tensor:
+            return (expert_logits[k][:, c] - expert_logits[k][:, 0]).float()
+
+        maps = [torch.stack([log_odds(k, c) for k, c in entry]).mean(0) if entry else zero for entry in self.task_experts]
+        every = torch.stack([*maps, zero], dim=1) * self.expert_gate.view(1, -1, *([1] * (ref.ndim - 2)))  # + the null task
+        rows = torch.arange(task_ids.shape[0], device=task_ids.device)[:, None]
+        return every[rows, task_ids]
 
     def _condition(self, task_ids: torch.Tensor) -> torch.Tensor | None:
         if not self.task_adaptive:
@@ -176,6 +224,8 @@ class KA2ERNet(nn.Module):
             logits = self.decoder(tokens(img + self.image_pos(img)), z, task_ids)
         else:
             logits = self.decoder(z, task_ids)
+        if self.task_experts:
+            logits = logits.float() + self.expert_prior(expert_logits, task_ids)
         return {"logits": logits, "expert_logits": expert_logits, "merged": merged, "expert_tokens": projected}
 
 

@@ -11,8 +11,12 @@ through amalgamation layers; a prompt-driven mask decoder answers per task (docs
 - ``L_features``: ``1 - cos`` between the merged tokens of each amalgamated stage and the own
   expert's projected tokens (held fixed), so the own expert's knowledge is what the layer keeps first.
 
+With ``expert_priors`` (default) each task's logits start from its own experts' log-odds (see
+:mod:`medalloy.models.ka2er`): the decoder learns a correction, and ``L_logits`` keeps it near the expert.
+
 Datasets keep their own plans (spacing, normalisation, patch, batch); patches are rounded up to
-the foundation's 32 and every expert's total stride; each step trains on one dataset. The
+the foundation's 32 and every expert's total stride; each optimizer step averages the losses of
+``datasets_per_step`` datasets' own batches (as the universal model, docs/methods/hermes.md). The
 checkpoint holds the experts too, so ``medalloy predict RUN --dataset NAME`` (or ``--task T``)
 needs nothing else. Run folder as for the universal model (``registry.json``, ``plans/``, ...).
 """
@@ -62,7 +66,7 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
 
 METHOD = "amalgamate"
-TOP_KEYS = ("fold", "batch_size", "dim", "feature_size", "foundation", "decoder", "hierarchical", "stages")
+TOP_KEYS = ("fold", "batch_size", "dim", "feature_size", "foundation", "decoder", "hierarchical", "stages", "expert_priors", "datasets_per_step")
 
 
 class AmalgamateConfig(BaseModel):
@@ -87,6 +91,8 @@ class AmalgamateConfig(BaseModel):
     decoder: Literal["prompt", "plain"] = "prompt"
     decoder_depth: int = Field(2, ge=1)
     task_adaptive: bool = True
+    expert_priors: bool = True  # each task's logits = its own experts' log-odds + the decoder's correction
+    datasets_per_step: int = Field(2, ge=1)  # own-patch batches of this many datasets averaged per optimizer step
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)
     class_loss: Literal["exclusive", "bce"] = "exclusive"
     kd_logits: float = Field(1.0, ge=0.0)
@@ -153,6 +159,19 @@ def _kd_pairs(experts: list[dict[str, Any]], registry: TaskRegistry) -> dict[str
         expert_values = e.get("label_values", [])
         if expert_values == [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]:
             pairs[d] = k
+    return pairs
+
+
+def task_expert_pairs(experts: list[dict[str, Any]], registry: TaskRegistry) -> list[list[tuple[int, int]]]:
+    """Per task of the registry, ``[(expert index, class channel)]`` of the experts trained on a
+    dataset that labels it (their ``label_values`` hold the dataset's value of that task)."""
+    pairs: list[list[tuple[int, int]]] = [[] for _ in registry.tasks]
+    for k, e in enumerate(experts):
+        entry = registry.datasets.get(e.get("dataset") or "")
+        values = list(e.get("label_values", []))
+        for task, value in (entry or {}).get("labels", {}).items():
+            if value in values and values.index(value) > 0:
+                pairs[registry.tasks.index(task)].append((k, values.index(value)))
     return pairs
 
 
@@ -284,11 +303,13 @@ def train_amalgamate(
 
     seed_everything(seed)
     model = _model_options(cfg)
+    if cfg.expert_priors and loaded:
+        model["task_experts"] = task_expert_pairs(specs, registry)
     net = _build(model, cfg.dim, in_channels, len(registry.tasks), [e for e, _, _, _ in loaded], specs)
     foundation_note = init_foundation(net, cfg.foundation) if not run.resume else "resumed"  # every rank: each holds its own copy
     if run.progress:
         print(foundation_note)
-    batches = MixedSampler(sources, cfg.batch_size or 1, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=True)
+    batches = MixedSampler(sources, cfg.batch_size or 1, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=True, datasets_per_step=cfg.datasets_per_step)
     exclusive = cfg.class_loss == "exclusive"
     seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
     kd = LogitKDLoss(cfg.kd_temperature)
@@ -296,12 +317,12 @@ def train_amalgamate(
     teacher_of = [kd_pairs.get(n) for n in names]
     n_tasks_of = [len(s.task_ids) for s in sources]  # the batch's task slots beyond these are padding
 
-    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
-        out = models["net"](batch["image"], batch["task_ids"], batch["modality"])
+    def part_loss(net: nn.Module, batch: dict, logged: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = net(batch["image"], batch["task_ids"], batch["modality"])
         seg = seg_loss(out["logits"], batch["target"], batch["task_weight"], batch["task_ids"])
         zero = seg.detach() * 0
         kd_logit, kd_feat = zero, zero
-        d = int(batch["dataset"][0])  # one dataset a step
+        d = int(batch["dataset"][0])  # a part holds one dataset
         k = teacher_of[d]
         if k is not None and cfg.kd_logits > 0:
             z = out["logits"][:, : n_tasks_of[d]]
@@ -310,11 +331,15 @@ def train_amalgamate(
         if k is not None and cfg.kd_features > 0 and out["merged"]:
             terms = [1 - F.cosine_similarity(out["merged"][s].float(), out["expert_tokens"][s][k].detach().float(), dim=-1).mean() for s in out["merged"]]
             kd_feat = torch.stack(terms).mean()
+        logged[f"seg/{names[d]}"] = seg.detach()
+        return seg, kd_logit, kd_feat
+
+    def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        logged = {f"seg/{name}": torch.tensor(float("nan")) for name in names}  # NaN: not in this step
+        parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
+        seg, kd_logit, kd_feat = (torch.stack([p[i] for p in parts]).mean() for i in range(3))
         loss = seg + cfg.kd_logits * kd_logit + cfg.kd_features * kd_feat
-        logged = {"loss": loss, "loss/seg": seg.detach(), "loss/kd_logits": kd_logit.detach(), "loss/kd_features": kd_feat.detach()}
-        for i, name in enumerate(names):  # each dataset's segmentation loss, NaN when absent (one dataset a step)
-            logged[f"seg/{name}"] = torch.where(batch["dataset"][0] == i, seg.detach(), torch.full_like(seg.detach(), float("nan")))
-        return logged
+        return {"loss": loss, "loss/seg": seg.detach(), "loss/kd_logits": kd_logit.detach(), "loss/kd_features": kd_feat.detach(), **logged}
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     record = {
