@@ -471,3 +471,11 @@ def test_nan_scalars_mean_nothing_to_say_and_are_logged_as_null(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["loss/absent"] for r in rows] == [None, None] and [r["loss/present"] for r in rows] == [2.0, 2.0]
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_images_of_a_step_count_every_part():
+    from medalloy.engine.trainer import _batch_size
+
+    parts = [{"image": torch.zeros(5, 1, 4, 4), "one_dataset": 0}, {"image": torch.zeros(2, 1, 8, 8), "one_dataset": 1}]
+    assert _batch_size(parts) == 7  # several datasets a step: images/s counts them all
+    assert _batch_size((torch.zeros(3, 1), torch.zeros(3))) == 3  # an (input, target) pair: one batch

@@ -168,3 +168,28 @@ def test_expert_priors_add_each_tasks_own_expert_log_odds():
         _net(task_experts=[[(0, 0)], [], [], []])
     with pytest.raises(ValueError, match="one entry per task"):
         _net(task_experts=[[(0, 1)]])
+
+
+def test_a_router_weighs_the_experts_of_a_shared_task_per_image():
+    net = _net(task_experts=[[(0, 1), (1, 1)], [(0, 2)], [], []])[0].eval()
+    torch.nn.init.zeros_(net.decoder.hyper[-1].weight)
+    torch.nn.init.zeros_(net.decoder.hyper[-1].bias)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x, torch.tensor([[0, 1]] * 2))
+    e0, e1 = out["expert_logits"]
+    lo0, lo1 = e0[:, 1] - e0[:, 0], e1[:, 1] - e1[:, 0]
+    assert out["route_logits"].shape == (2, 2)
+    torch.testing.assert_close(out["logits"][:, 0], (lo0 + lo1) / 2)  # an untrained router: the plain mean
+    torch.testing.assert_close(out["logits"][:, 1], e0[:, 2] - e0[:, 0])  # one expert: no routing
+    with torch.no_grad():
+        net.router.bias.copy_(torch.tensor([-30.0, 30.0]))  # every image looks like expert 1's source
+        routed = net(x, torch.tensor([[0]] * 2))["logits"]
+    torch.testing.assert_close(routed[:, 0], lo1, atol=1e-4, rtol=1e-4)
+    # the router reads the image: its weights on the pooled expert features move it per sample
+    with torch.no_grad():
+        net.router.bias.zero_()
+        net.router.weight.normal_()
+        r = net(x, torch.tensor([[0]] * 2))["route_logits"]
+    assert not torch.allclose(r[0], r[1])
+    assert _net(task_experts=[[(0, 1)], [(0, 2)], [], []])[0].router is None  # nothing shared: no router

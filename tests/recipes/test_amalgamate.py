@@ -31,7 +31,8 @@ pytest.importorskip("einops")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     return [
-        generate_dataset(n, root, seed=3, cases_per_source=4, test_cases_per_source=1, progress=False) for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo")
+        generate_dataset(n, root, seed=3, cases_per_source=4, test_cases_per_source=1, progress=False)
+        for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo", "Dataset903_SynthCXRLung")
     ]
 
 
@@ -56,6 +57,7 @@ def _cfg(steps: int = 16, **kw) -> AmalgamateConfig:
 
 
 def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp_path):
+    data, experts = data[:2], experts[:2]
     out = tmp_path / "ka"
     res = train_amalgamate(data, experts, out, config=_cfg(), progress=False)
     assert res["tasks"] == ["lung", "heart", "lesion"] and len(res["experts"]) == 2
@@ -87,6 +89,20 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     with pytest.raises(MedalloyError, match="no task 'liver'"):
         load_checkpoint_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
+
+
+def test_experts_sharing_a_task_are_routed(data, experts, tmp_path):
+    # SynthCXR (lung, heart) and SynthCXRLung (lung) share "lung": its prior weighs both experts per image
+    out = tmp_path / "routed"
+    train_amalgamate([data[0], data[2]], [experts[0], experts[2]], out, config=_cfg(steps=10), progress=False)
+    tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "last.safetensors")
+    assert record["model"]["task_experts"] == [[[0, 1], [1, 1]], [[0, 2]]] and record["model"]["route"] is True
+    assert "router.weight" in ckpt.group(tensors, "model/net")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(r["loss/route"] > 0 and np.isfinite(r["loss/route"]) for r in rows)
+    case = RawDataset(data[2]).labelled_cases()[0]
+    written = predict_cases(out, data[2], [case.case_id], tmp_path / "pred-routed", checkpoint="last", progress=False)
+    assert set(np.unique(read_label(written[0])[0])) <= {0, 1}
 
 
 def test_foundation_weights_file_and_ablations(data, experts, tmp_path):

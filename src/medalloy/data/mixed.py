@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class MixedSampler:
         w = np.asarray([s.weight for s in self.sources], dtype=float)
         self.p = w / w.sum()
 
-    def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    def sample(self, step: int, rank: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
         if not self.per_dataset:
             return self._batch(step, rank, None, 0)
         pick = step_rng(self.seed, step, rank, "dataset")
@@ -115,7 +116,7 @@ class MixedSampler:
         chosen = pick.choice(len(self.sources), size=min(self.datasets_per_step, nonzero), replace=False, p=self.p)
         return [self._batch(step, rank, int(k), j) for j, k in enumerate(sorted(chosen.tolist()))]
 
-    def _batch(self, step: int, rank: int, only: int | None, part: int) -> dict[str, torch.Tensor]:
+    def _batch(self, step: int, rank: int, only: int | None, part: int) -> dict[str, Any]:
         images, targets, ids, weights, modality, which = [], [], [], [], [], []
         size = self.batch_size if only is None else self.sources[only].batch_size or self.batch_size
         n_fg = int(round(size * self.fg))
@@ -144,7 +145,8 @@ class MixedSampler:
             "task_weight": torch.tensor(weights),
             "modality": torch.tensor(modality, dtype=torch.long),
             "dataset": torch.tensor(which, dtype=torch.long),
+            "one_dataset": only,  # a plain int (or None when mixed), so a step can read it without a device sync
         }
 
-    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         return self.sample(step, 0 if dist is None else dist.rank)

@@ -485,6 +485,8 @@ def _batch_size(batch: Any) -> int:
         for v in batch.values():
             if isinstance(v, torch.Tensor) and v.ndim > 0:
                 return int(v.shape[0])
+    if isinstance(batch, list) and batch and all(isinstance(b, dict) for b in batch):  # the parts of one step
+        return sum(_batch_size(b) for b in batch)
     if isinstance(batch, (list, tuple)) and batch:
         return _batch_size(batch[0])
     return 0

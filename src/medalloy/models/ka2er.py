@@ -9,6 +9,7 @@ stages; a prompt-driven mask decoder answers one sigmoid map per task asked.
   (``z_c - z_0`` of its softmax classes, scaled by a learned per-task gate that starts at 1), so
   the decoder learns a correction of the expert, not the whole mask (our choice; see below);
 - ``expert_logits``: each expert's own output ``(B, K_k, *sp)`` on the same input (for distillation);
+- ``route_logits`` ``(B, K)`` or ``None``: the router's scores of which expert's source the image is from;
 - ``merged`` / ``expert_tokens``: per amalgamated stage, the merged tokens ``(B, N, D)`` and each
   expert's projected tokens ``[(B, N, D)]`` (for feature distillation).
 
@@ -25,7 +26,11 @@ scratch relearns an expert's fine boundaries far slower than the amalgamation ca
 the own expert's output is a skip to the task's logits. Its decoder bias starts at 0 (not the
 rare-foreground prior), so an untrained model answers as its expert does (up to the decoder's
 small random term): with the ``exclusive`` class form, ``softmax([0, z^e_c - z^e_0 ...])`` is the
-expert's own softmax.
+expert's own softmax. Where several experts label one task (lung of JSRT and of Shenzhen, polyp of
+two centres), an image-level router (a linear layer on the experts' pooled deepest features, zero
+at the start: the plain mean) weighs them; training teaches it which expert's dataset an image
+comes from (``route_logits``; the recipe's cross-entropy), so an image gets the expert of the
+source it resembles, also when asked as another source.
 
 Ablations of the benchmark in the same class: ``hierarchical=False`` (concatenate + 1x1 conv),
 ``decoder="plain"`` (one 1x1 head per task), no experts (the layer is self-attention only), no
@@ -131,6 +136,7 @@ class KA2ERNet(nn.Module):
         task_adaptive: bool = True,
         prior_probability: float | None = 0.01,
         task_experts: list[list[tuple[int, int]]] | None = None,
+        route: bool = True,
     ):
         super().__init__()
         dim = foundation.swinViT.patch_embed.proj.weight.ndim - 2
@@ -153,6 +159,13 @@ class KA2ERNet(nn.Module):
         else:
             raise ValueError(f"decoder must be 'prompt' or 'plain', not {decoder!r}")
         self.task_experts = self._check_task_experts(task_experts, n_tasks)
+        self.router: nn.Module | None = None
+        if self.task_experts and route and self.amalgamation and any(len(e) > 1 for e in self.task_experts):
+            deepest = max(self.amalgamation, key=swin_stage_stride)
+            self.route_stage = deepest
+            self.router = nn.Linear(sum(c[deepest] for c in per_expert), len(self.experts))
+            nn.init.zeros_(self.router.weight)  # uniform at the start: the plain mean of the experts
+            nn.init.zeros_(self.router.bias)
         if self.task_experts:
             self.expert_gate = nn.Parameter(torch.ones(n_tasks + 1))
             with torch.no_grad():
@@ -182,17 +195,32 @@ class KA2ERNet(nn.Module):
             out.append(checked)
         return out if any(out) else []
 
-    def expert_prior(self, expert_logits: list[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T, *sp)``: per asked task, the mean log-odds ``z_c - z_0`` of the experts that label
-        it (several when datasets share a task: an ensemble), times its gate; 0 where none does."""
+    def route_logits(self, expert_features: dict[str, list[torch.Tensor]]) -> torch.Tensor | None:
+        """``(B, K)``: which expert's training source the image looks like, from the experts' own
+        (frozen) deepest tapped features, pooled over space; ``None`` without a router."""
+        if self.router is None:
+            return None
+        pooled = torch.cat([f.float().mean(dim=tuple(range(2, f.ndim))) for f in expert_features[self.route_stage]], dim=1)
+        return self.router(pooled)
+
+    def expert_prior(self, expert_logits: list[torch.Tensor], task_ids: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, *sp)``: per asked task, its experts' log-odds ``z_c - z_0`` times its gate, 0
+        where no expert labels it; where several do (datasets sharing a task), weighted per image
+        by the router's softmax over those experts (the plain mean without one)."""
         ref = expert_logits[0]
+        spatial = [1] * (ref.ndim - 2)
         zero = torch.zeros(ref.shape[0], *ref.shape[2:], dtype=torch.float32, device=ref.device)
 
-        def log_odds(k: int, c: int) -> torch.Tensor:
-            return (expert_logits[k][:, c] - expert_logits[k][:, 0]).float()
+        def combined(entry: list[tuple[int, int]]) -> torch.Tensor:
+            if not entry:
+                return zero
+            odds = torch.stack([(expert_logits[k][:, c] - expert_logits[k][:, 0]).float() for k, c in entry], dim=1)  # (B, n, *sp)
+            if route is None or len(entry) == 1:
+                return odds.mean(1)
+            w = route[:, [k for k, _ in entry]].float().softmax(1)  # (B, n)
+            return (odds * w.view(*w.shape, *spatial)).sum(1)
 
-        maps = [torch.stack([log_odds(k, c) for k, c in entry]).mean(0) if entry else zero for entry in self.task_experts]
-        every = torch.stack([*maps, zero], dim=1) * self.expert_gate.view(1, -1, *([1] * (ref.ndim - 2)))  # + the null task
+        every = torch.stack([*(combined(e) for e in self.task_experts), zero], dim=1) * self.expert_gate.view(1, -1, *spatial)  # + the null task
         rows = torch.arange(task_ids.shape[0], device=task_ids.device)[:, None]
         return every[rows, task_ids]
 
@@ -224,9 +252,10 @@ class KA2ERNet(nn.Module):
             logits = self.decoder(tokens(img + self.image_pos(img)), z, task_ids)
         else:
             logits = self.decoder(z, task_ids)
+        route = self.route_logits(expert_features)
         if self.task_experts:
-            logits = logits.float() + self.expert_prior(expert_logits, task_ids)
-        return {"logits": logits, "expert_logits": expert_logits, "merged": merged, "expert_tokens": projected}
+            logits = logits.float() + self.expert_prior(expert_logits, task_ids, route)
+        return {"logits": logits, "expert_logits": expert_logits, "merged": merged, "expert_tokens": projected, "route_logits": route}
 
 
 def build_ka2er(

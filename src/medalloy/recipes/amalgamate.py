@@ -2,14 +2,16 @@
 while frozen experts (medalloy expert runs or trained nnU-Net v2 folders) lend it their features
 through amalgamation layers; a prompt-driven mask decoder answers per task (docs/methods/amalgamation.md).
 
-``L = L_seg + kd_logits * L_logits + kd_features * L_features``:
+``L = L_seg + kd_logits * L_logits + kd_features * L_features + route_weight * L_route``:
 
 - ``L_seg``: per-task BCE + Dice with partial labels, as the universal model (``class_loss``);
 - ``L_logits``: on a dataset's own batches, KL from its expert's softmax (temperature T) to the
   model's classes ``[0, z_1 .. z_k]`` (background logit 0, the exclusive form of the task logits),
   when the expert labels exactly the dataset's labels;
 - ``L_features``: ``1 - cos`` between the merged tokens of each amalgamated stage and the own
-  expert's projected tokens (held fixed), so the own expert's knowledge is what the layer keeps first.
+  expert's projected tokens (held fixed), so the own expert's knowledge is what the layer keeps first;
+- ``L_route``: cross-entropy of the router (which expert's source an image is from) against the
+  expert trained on the batch's dataset, when experts share a task (:mod:`medalloy.models.ka2er`).
 
 With ``expert_priors`` (default) each task's logits start from its own experts' log-odds (see
 :mod:`medalloy.models.ka2er`): the decoder learns a correction, and ``L_logits`` keeps it near the expert.
@@ -92,6 +94,8 @@ class AmalgamateConfig(BaseModel):
     decoder_depth: int = Field(2, ge=1)
     task_adaptive: bool = True
     expert_priors: bool = True  # each task's logits = its own experts' log-odds + the decoder's correction
+    route: bool = True  # experts sharing a task weighed per image by a router trained to tell their sources apart
+    route_weight: float = Field(1.0, ge=0.0)
     datasets_per_step: int = Field(2, ge=1)  # own-patch batches of this many datasets averaged per optimizer step
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)
     class_loss: Literal["exclusive", "bce"] = "exclusive"
@@ -235,6 +239,7 @@ def _model_options(cfg: AmalgamateConfig) -> dict[str, Any]:
     return {
         "feature_size": cfg.feature_size, "stages": list(cfg.stages), "width": cfg.width, "heads": cfg.heads, "hierarchical": cfg.hierarchical,
         "decoder": cfg.decoder, "decoder_depth": cfg.decoder_depth, "task_adaptive": cfg.task_adaptive, "prior_probability": cfg.prior_probability,
+        "route": cfg.route,
     }  # fmt: skip
 
 
@@ -315,6 +320,7 @@ def train_amalgamate(
     kd = LogitKDLoss(cfg.kd_temperature)
     names = [s.name for s in sources]
     teacher_of = [kd_pairs.get(n) for n in names]
+    own_expert = [next((k for k, sp in enumerate(specs) if sp["dataset"] == n), None) for n in names]  # the router's target
     n_tasks_of = [len(s.task_ids) for s in sources]  # the batch's task slots beyond these are padding
 
     def part_loss(net: nn.Module, batch: dict, logged: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -322,7 +328,7 @@ def train_amalgamate(
         seg = seg_loss(out["logits"], batch["target"], batch["task_weight"], batch["task_ids"])
         zero = seg.detach() * 0
         kd_logit, kd_feat = zero, zero
-        d = int(batch["dataset"][0])  # a part holds one dataset
+        d = batch["one_dataset"]  # a part holds one dataset
         k = teacher_of[d]
         if k is not None and cfg.kd_logits > 0:
             z = out["logits"][:, : n_tasks_of[d]]
@@ -331,15 +337,20 @@ def train_amalgamate(
         if k is not None and cfg.kd_features > 0 and out["merged"]:
             terms = [1 - F.cosine_similarity(out["merged"][s].float(), out["expert_tokens"][s][k].detach().float(), dim=-1).mean() for s in out["merged"]]
             kd_feat = torch.stack(terms).mean()
+        route = zero
+        if out.get("route_logits") is not None and own_expert[d] is not None:
+            target = torch.full((out["route_logits"].shape[0],), own_expert[d], dtype=torch.long, device=out["route_logits"].device)
+            route = F.cross_entropy(out["route_logits"].float(), target)
         logged[f"seg/{names[d]}"] = seg.detach()
-        return seg, kd_logit, kd_feat
+        return seg, kd_logit, kd_feat, route
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
         logged = {f"seg/{name}": torch.tensor(float("nan")) for name in names}  # NaN: not in this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
-        seg, kd_logit, kd_feat = (torch.stack([p[i] for p in parts]).mean() for i in range(3))
-        loss = seg + cfg.kd_logits * kd_logit + cfg.kd_features * kd_feat
-        return {"loss": loss, "loss/seg": seg.detach(), "loss/kd_logits": kd_logit.detach(), "loss/kd_features": kd_feat.detach(), **logged}
+        seg, kd_logit, kd_feat, route = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
+        loss = seg + cfg.kd_logits * kd_logit + cfg.kd_features * kd_feat + cfg.route_weight * route
+        logged.update({"loss/seg": seg.detach(), "loss/kd_logits": kd_logit.detach(), "loss/kd_features": kd_feat.detach(), "loss/route": route.detach()})
+        return {"loss": loss, **logged}
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     record = {
@@ -390,7 +401,8 @@ def load_amalgamated(path: str | Path, device: str = "cpu") -> tuple[KA2ERNet, T
         registry = TaskRegistry.model_validate(record["registry"])
         plans = {k: Plan.model_validate(v) for k, v in record["plans"].items()}
         specs = list(record["experts"])
-        net = _build(record["model"], int(record["dim"]), int(record["in_channels"]), len(registry.tasks), [rebuild_expert(s) for s in specs], specs)
+        model = {"route": False, **record["model"]}  # records before the router have none
+        net = _build(model, int(record["dim"]), int(record["in_channels"]), len(registry.tasks), [rebuild_expert(s) for s in specs], specs)
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid registry, plans, model or experts", path, "retrain with this medalloy version") from None
     ckpt.load_module_state(net, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")

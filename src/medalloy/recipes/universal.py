@@ -221,6 +221,9 @@ def train_universal(
             mod = (per_sample * known).sum() / known.sum().clamp_min(1.0)
         else:  # no modality priors (an ablation): nothing to classify
             mod = seg.detach() * 0
+        if batch.get("one_dataset") is not None:  # one dataset a part: its loss is the part's
+            logged[f"loss/{names[batch['one_dataset']]}"] = seg.detach()
+            return seg, mod, seg_loss.last["bce"], seg_loss.last["dice"]
         with torch.no_grad():  # each dataset's share of the loss, so a starving task shows in the log (NaN: not in this batch)
             for d, name in enumerate(names):
                 mine = (batch["dataset"] == d).float()
@@ -231,7 +234,7 @@ def train_universal(
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
         # several datasets a step (datasets_per_step): their losses averaged, one optimizer step
-        logged: dict[str, torch.Tensor] = {}
+        logged = {f"loss/{name}": torch.tensor(float("nan")) for name in names}  # every rank logs the same keys; NaN: not this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
         seg, mod, bce, dice = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
         return {"loss": seg + cfg.modality_weight * mod, "bce": bce, "tversky": dice, "modality_ce": mod.detach(), **logged}
