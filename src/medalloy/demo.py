@@ -40,7 +40,9 @@ DISTILL_DATASET = "SynthCXR"
 # 113 s, lung 0.977 / 0.981, heart 0.936, lesion 0.876 against the experts' 0.983 / 0.986 / 0.978 / 0.966
 # (`make demo` 6.8 min in all, 2026-12-02); 140 steps since the pretraining stage came (the demo's budget):
 # 115 s, lung 0.976 / 0.979, heart 0.916, lesion 0.853 (`make demo` 11.9 min in all on a slower machine, 2026-12-03).
-AMALGAMATE_STEPS = 140
+# Since two datasets a step and expert priors (2026-12-04): 70 steps of two datasets' batches, the
+# same images as 140 one-dataset steps; the priors start each task at its expert.
+AMALGAMATE_STEPS = 70
 AMALGAMATE_BATCH = 8
 # Image-report pretraining (HybridMED) on synthetic radiographs with reports (4 findings), at the chest
 # X-ray expert's 112 px so its encoder fits that expert's plan; then that expert retrained from it. The

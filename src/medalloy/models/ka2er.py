@@ -27,7 +27,8 @@ the own expert's output is a skip to the task's logits. Its decoder bias starts 
 rare-foreground prior), so an untrained model answers as its expert does (up to the decoder's
 small random term): with the ``exclusive`` class form, ``softmax([0, z^e_c - z^e_0 ...])`` is the
 expert's own softmax. Where several experts label one task (lung of JSRT and of Shenzhen, polyp of
-two centres), an image-level router (a linear layer on the experts' pooled deepest features, zero
+two centres), an image-level router (a linear layer on the experts' pooled deepest features, each
+expert's standardised, zero
 at the start: the plain mean) weighs them; training teaches it which expert's dataset an image
 comes from (``route_logits``; the recipe's cross-entropy), so an image gets the expert of the
 source it resembles, also when asked as another source.
@@ -40,6 +41,7 @@ amalgamation stages and a plain decoder (the foundation alone).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medalloy.models.amalgamation import AmalgamationLayer, conv1x1, tokens
@@ -200,7 +202,10 @@ class KA2ERNet(nn.Module):
         (frozen) deepest tapped features, pooled over space; ``None`` without a router."""
         if self.router is None:
             return None
-        pooled = torch.cat([f.float().mean(dim=tuple(range(2, f.ndim))) for f in expert_features[self.route_stage]], dim=1)
+        # each expert's pooled features standardised on their own: their scales differ by orders of
+        # magnitude, and raw ones make the router's logits swing by tens per optimizer step
+        pooled = [f.float().mean(dim=tuple(range(2, f.ndim))) for f in expert_features[self.route_stage]]
+        pooled = torch.cat([F.layer_norm(p, p.shape[1:]) for p in pooled], dim=1)
         return self.router(pooled)
 
     def expert_prior(self, expert_logits: list[torch.Tensor], task_ids: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
