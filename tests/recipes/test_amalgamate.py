@@ -91,6 +91,24 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
         load_checkpoint_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
 
 
+def test_task_expert_pairs_follow_label_values():
+    from medalloy.recipes.amalgamate import task_expert_pairs
+    from medalloy.recipes.multitask import TaskRegistry
+
+    registry = TaskRegistry(
+        tasks=["lung", "heart", "polyp"],
+        modalities=["xray", "unknown"],
+        datasets={"A": {"task_ids": [0, 1], "labels": {"lung": 1, "heart": 2}}, "B": {"task_ids": [0], "labels": {"lung": 1}}, "C": {"task_ids": [2], "labels": {"polyp": 1}}},
+    )
+    experts = [
+        {"dataset": "A", "label_values": [0, 2, 1]},  # channels in its own order: heart is class 1, lung class 2
+        {"dataset": "B", "label_values": [0, 1]},
+        {"dataset": "C", "label_values": [0, 255]},  # renumbered labels: no pair (the recipe warns)
+        {"dataset": None, "label_values": [0, 1]},  # trained elsewhere: teaches features only
+    ]
+    assert task_expert_pairs(experts, registry) == [[(0, 2), (1, 1)], [(0, 1)], []]
+
+
 def test_experts_sharing_a_task_are_routed(data, experts, tmp_path):
     # SynthCXR (lung, heart) and SynthCXRLung (lung) share "lung": its prior weighs both experts per image
     out = tmp_path / "routed"

@@ -310,6 +310,11 @@ def train_amalgamate(
     model = _model_options(cfg)
     if cfg.expert_priors and loaded:
         model["task_experts"] = task_expert_pairs(specs, registry)
+        paired = {k for entry in model["task_experts"] for k, _ in entry}
+        for k, sp in enumerate(specs):
+            if sp["dataset"] is not None and k not in paired and run.progress:  # e.g. an nnU-Net expert whose labels were renumbered
+                values = sorted(registry.datasets[sp["dataset"]]["labels"].values())
+                print(f"warning: expert {sp['source']} (of {sp['dataset']}) has none of its label values {values} (it has {sp['label_values']}): no expert prior from it")
     net = _build(model, cfg.dim, in_channels, len(registry.tasks), [e for e, _, _, _ in loaded], specs)
     foundation_note = init_foundation(net, cfg.foundation) if not run.resume else "resumed"  # every rank: each holds its own copy
     if run.progress:
