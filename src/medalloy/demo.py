@@ -41,7 +41,8 @@ DISTILL_DATASET = "SynthCXR"
 # (`make demo` 6.8 min in all, 2026-12-02); 140 steps since the pretraining stage came (the demo's budget):
 # 115 s, lung 0.976 / 0.979, heart 0.916, lesion 0.853 (`make demo` 11.9 min in all on a slower machine, 2026-12-03).
 # Since two datasets a step and expert priors (2026-12-04): 70 steps of two datasets' batches, the
-# same images as 140 one-dataset steps; the priors start each task at its expert.
+# same images as 140 one-dataset steps; the priors start each task at its expert: 122 s, lung 0.963 /
+# 0.986, heart 0.971, lesion 0.969 (`make demo` 10.9 min in all, 2026-12-04).
 AMALGAMATE_STEPS = 70
 AMALGAMATE_BATCH = 8
 # Image-report pretraining (HybridMED) on synthetic radiographs with reports (4 findings), at the chest
