@@ -300,7 +300,7 @@ def _write_report(
             "",
             f"One SwinUNETR model ({res['trainable_params']:,} trainable parameters; {res['params']:,} with the frozen experts inside) "
             f"learned the tasks of {len(amalgamated['eval'])} datasets in {res['steps']} steps ({res['seconds']:.0f} s), "
-            "merging the frozen 2D experts' features by hierarchical attention and answering through a prompt decoder.",
+            "merging the frozen 2D experts' features by hierarchical attention and answering through a prompt decoder that corrects each task's own experts' log-odds (expert priors).",
             "",
             "| dataset | label | expert Dice | amalgamated Dice |",
             "|---|---|---|---|",
