@@ -2,7 +2,7 @@
 equal compute, on the real 2D data of ../shared/data.
 
     python benchmarks/amalgamate.py [--data ../shared/data] [--budget-minutes 2] [--feature-size 12]
-                                    [--only experts foundation amalgamated no_hier_attention no_prompt_decoder no_experts no_expert_priors]
+                                    [--only experts foundation amalgamated no_hier_attention no_prompt_decoder no_experts no_expert_priors no_router]
     python benchmarks/amalgamate.py --report      # re-render the markdown from the raw results
 
 Tasks, held-out cases and equal-compute rule are the universal benchmark's (benchmarks/universal.py):
@@ -17,7 +17,8 @@ slice (RV, MYO, LV); each expert trains B minutes, every other arm 5 x B minutes
   each task's logits starting from its own experts' log-odds (expert priors);
 - ``no_hier_attention`` (concatenate + 1x1 conv), ``no_prompt_decoder`` (one head per task),
   ``no_experts`` (the amalgamation layer's self-attention and the prompt decoder, no experts),
-  ``no_expert_priors`` (the experts' hidden features only, the paper's form: the decoder answers alone).
+  ``no_expert_priors`` (the experts' hidden features only, the paper's form: the decoder answers alone),
+  ``no_router`` (priors, but experts that share a task averaged, not routed).
 - ``universal``: the universal benchmark's 2D universal arm (results/universal.json), when present:
   same tasks, splits and rule.
 
@@ -43,7 +44,7 @@ RESULTS = HERE / "results"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 MEMBERS = ["JSRT", "Shenzhen", "Polyp-Kvasir", "Polyp-CVC", "ACDC"]
-ARMS = ["experts", "foundation", "amalgamated", "no_hier_attention", "no_prompt_decoder", "no_experts", "no_expert_priors"]
+ARMS = ["experts", "foundation", "amalgamated", "no_hier_attention", "no_prompt_decoder", "no_experts", "no_expert_priors", "no_router"]
 # arm -> (uses the experts, AmalgamateConfig overrides)
 SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "foundation": (False, {"decoder": "plain", "stages": []}),
@@ -52,6 +53,7 @@ SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "no_prompt_decoder": (True, {"decoder": "plain"}),
     "no_experts": (False, {}),
     "no_expert_priors": (True, {"expert_priors": False}),
+    "no_router": (True, {"route": False}),  # priors, but the plain mean of experts sharing a task
 }
 HARDEST = ["ACDC/RV", "ACDC/MYO"]
 CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir")]
@@ -65,7 +67,7 @@ NOTES: list[str] = [
     "their pooled features weighs them per image. Without priors (no_expert_priors, the paper's hidden-feature form) "
     "the same 10 minutes give 0.509 mean Dice, below the foundation alone (0.574): 251 steps that also run five "
     "experts do not rebuild what the experts know. With priors but the plain mean of the experts sharing a task (no "
-    "router; commit f35eed5, same experts): 0.690, below the experts (0.695), because the other centre's expert "
+    "router; commit f35eed5, same experts, the arm `--only no_router` reruns it): 0.690, below the experts (0.695), because the other centre's expert "
     "pulled each in-centre task down (Kvasir 0.519 vs 0.545, JSRT lung 0.950 vs 0.968); the router restores them "
     "(0.544, 0.967). Across centres the plain mean did better (0.470 / 0.414 vs the router's 0.435 / 0.394): an image "
     "of the other centre gets one expert from the router, an ensemble from the mean.",

@@ -229,7 +229,7 @@ def train_universal(
                 mine = (batch["dataset"] == d).float()
                 value = per_dataset_loss(out["logits"], batch["target"], batch["task_weight"] * mine[:, None], batch["task_ids"])
                 value = torch.where(mine.sum() > 0, value, torch.full_like(value, float("nan")))
-                logged[f"loss/{name}"] = torch.where(value.isnan(), logged.get(f"loss/{name}", value), value)
+                logged[f"loss/{name}"] = torch.where(value.isnan(), logged[f"loss/{name}"], value)
         return seg, mod, seg_loss.last["bce"], seg_loss.last["dice"]
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
