@@ -75,22 +75,30 @@ NOTES = [
     "mixed batches at a shared 128 px patch (JSRT heart 0.92 -> 0.84 there); within the ~0.2 initialisation noise of "
     "single 400-step runs, so suggestive only. Suspects left: Adam's moments shared between datasets, the shared "
     "task-independent decoder.",
-    "The priors cost steps: 1,106 steps for the universal model against 1,528 without priors in the same 10 minutes (the "
-    "same day; 882 before the cheaper fusion). Per step the two arms track each other (validation Dice 0.536 vs 0.548 at "
-    "~1,000 steps in the earlier pair of runs), so at this budget the step count decides, and the no-priors arm stays the "
-    "best universal arm (0.602).",
-    "Cross-source rows: the universal model beats the experts on three of four (JSRT->Shenzhen 0.735 vs 0.748), but it has "
-    "seen both sources in training; the transfer arm's JSRT row is the fair unseen-source comparison.",
-    "Universal arm of 2026-12-04: two datasets' own-patch batches averaged per optimizer step (`datasets_per_step=2`, "
-    "the new default; docs/methods/hermes.md, results/universal_diagnose_mix.json: ACDC beside JSRT with priors 0.57 / "
-    "0.68 two a step vs 0.46 / 0.43 one a step, two seeds). Mean 0.607 (was 0.569), above the no-priors arm (0.602, "
-    "not rerun with the new default); ACDC MYO / LV 0.49 / 0.50 (were 0.40 / 0.37), RV still 0.03.",
-    "3D mix (ACDC volumes + Hippocampus, experts, universal and no priors only; first run): at 2 minutes per expert even "
-    "the experts are early (ACDC 3D expert RV 0.09), the universal model trains 278 steps in 4 minutes (Hippocampus padded "
-    "from 40x56x40 to 64x64x40 to fit ACDC's 6-stage network) and reaches mean 0.210 against the experts' 0.524.",
-    "Next to try: ACDC's RV in the mix with priors (it collapsed to 0.01 in the last run while MYO / LV rose to 0.40 / "
-    "0.37; one seed), per-dataset gradient normalisation or optimiser state, seeds, the default 6-minute budget, the "
-    "remaining arms and the 3D mix with the new defaults, a 3D network chosen to pad less.",
+    "Universal arm of 2026-12-04 (this table): task anchors (docs/methods/hermes.md \"Task anchors\"). The prototypes the "
+    "task head makes from the fused task tokens started almost parallel for every task (cosine 0.91-0.99 at init), and in "
+    "the previous run's checkpoint RV's prototype was still at cosine 0.99 with LV's: RV never split off (Dice 0.03 while "
+    "MYO / LV reached 0.49 / 0.50). A learned vector per task added to its prototype (drawn like the no-priors head's "
+    "weights) starts the tasks apart. Same budget, 800 steps: mean 0.607 -> 0.658, every task up (RV 0.026 -> 0.302, LV "
+    "0.496 -> 0.560, JSRT heart 0.864 -> 0.883, Kvasir / CVC 0.550 / 0.564 -> 0.568 / 0.583); above the no-priors arm "
+    "(0.602, one dataset a step; not rerun with two a step) and 0.021 below the experts (0.680), above them on both polyp "
+    "centres. Single seed.",
+    "Before it (same day): two datasets' own-patch batches averaged per optimizer step (`datasets_per_step=2`, the "
+    "default; results/universal_diagnose_mix.json: ACDC beside JSRT with priors 0.57 / 0.68 two a step vs 0.46 / 0.43 one "
+    "a step, two seeds): mean 0.569 -> 0.607.",
+    "Cross-source rows: the universal model beats the experts on all four (JSRT->Shenzhen 0.783 vs 0.748, Shenzhen->JSRT "
+    "0.746 vs 0.229), but it has seen both sources in training; the transfer arm's JSRT row (first run) is the fair "
+    "unseen-source comparison.",
+    "Not rerun with the current defaults: `no_priors` (one dataset a step, 1,528 steps), `task_priors_only` and "
+    "`transfer` and the 3D `no_priors` (first run: per-task BCE, logits from 0, volumes counted as one, fusion from 1/4).",
+    "3D mix (ACDC volumes + Hippocampus), universal arm of 2026-12-04 with every current default (task anchors, two "
+    "datasets a step): mean 0.408 (first run 0.210), Hippocampus anterior / posterior 0.524 / 0.635 (were 0.451 / 0.064: "
+    "two neighbouring classes of one label map, the same split the anchors fix), ACDC 0.078 / 0.360 / 0.444 (3D experts "
+    "0.086 / 0.360 / 0.520). Above the no-priors arm (0.310, first run) and 0.116 below the experts (0.524) after only 114 "
+    "steps in 4 minutes (the experts: 702): Hippocampus is padded from 40x56x40 to 64x64x40 to fit ACDC's 6-stage network, "
+    "and every step runs two datasets' 3D batches.",
+    "Next to try: seeds (the margins to the experts are within one seed's spread), the default 6-minute budget, the "
+    "remaining arms with the current defaults, a 3D network chosen to pad less.",
 ]
 
 

@@ -257,3 +257,40 @@ def test_prior_probability_starts_every_task_mostly_absent(priors):
     assert 0.2 < float(plain.median()) < 0.8
     # records before the offset (priors, no prior_probability) build without it and load as they were
     assert not any("task_bias" in k for k in build_hermes(_plan(), 3, 2).state_dict())
+
+
+def _prototype_cosines(net, n_tasks: int, side: int) -> torch.Tensor:
+    """Cosine similarity between the prototypes (task head output + anchor) of every pair of distinct tasks, for one image."""
+    out = {}
+    ids = torch.arange(n_tasks)[None]
+    handle = net.task_head.register_forward_hook(lambda m, i, o: out.__setitem__("p", o))
+    with torch.no_grad():
+        net(torch.randn(1, 1, side, side), ids, torch.tensor([0]))
+        p = out["p"][0] if net.task_anchor is None else out["p"][0] + net.task_anchor(ids[0])
+    handle.remove()
+    p = torch.nn.functional.normalize(p, dim=-1)
+    return (p @ p.T)[~torch.eye(n_tasks, dtype=torch.bool)]
+
+
+def test_task_anchors_start_every_task_in_its_own_direction():
+    # Without anchors the prototypes come from tokens that start at 0.02 scale and read the same
+    # image: every pair of tasks starts nearly parallel, so the classes of one label map begin as
+    # one class. With anchors they start far apart. The planner's 6-level layout of a 128 px plan
+    # and the recipe's fusion width: the deeper the net, the more fused scales, the more parallel.
+    plan = _plan(filters=(16, 32, 64, 128, 256, 256), patch=128)
+    torch.manual_seed(0)
+    plain = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01).eval()
+    torch.manual_seed(0)
+    anchored = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01, task_anchors=True).eval()
+    assert plain.task_anchor is None and anchored.task_anchor.weight.shape == (5, 16)
+    assert _prototype_cosines(plain, 4, 128).min() > 0.85  # 0.93 measured
+    assert _prototype_cosines(anchored, 4, 128).abs().mean() < 0.6  # 0.39 measured
+    anchored = build_hermes(_plan(), n_tasks=4, n_modalities=2, task_anchors=True).eval()
+    # the anchor enters the logits: moving one task's anchor moves only that task's map
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        before = anchored(x, ids, mod)["logits"]
+        anchored.task_anchor.weight[1] += 1.0
+        after = anchored(x, ids, mod)["logits"]
+    changed = (after - before).abs().flatten(2).amax(-1) > 1e-4
+    assert changed.tolist() == [[False, True], [False, False]]

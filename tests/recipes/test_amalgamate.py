@@ -91,8 +91,8 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
         load_checkpoint_tasks(out / "checkpoints" / "best.safetensors", ["liver"])
 
 
-def test_task_expert_pairs_follow_label_values():
-    from medalloy.recipes.amalgamate import task_expert_pairs
+def test_expert_links_follow_datasets_and_label_values():
+    from medalloy.recipes.amalgamate import expert_links
     from medalloy.recipes.multitask import TaskRegistry
 
     registry = TaskRegistry(
@@ -105,8 +105,12 @@ def test_task_expert_pairs_follow_label_values():
         {"dataset": "B", "label_values": [0, 1]},
         {"dataset": "C", "label_values": [0, 255]},  # renumbered labels: no pair (the recipe warns)
         {"dataset": None, "label_values": [0, 1]},  # trained elsewhere: teaches features only
+        {"dataset": "B", "label_values": [0, 1]},  # a second expert of B: priors, but neither teacher nor router target
     ]
-    assert task_expert_pairs(experts, registry) == [[(0, 2), (1, 1)], [(0, 1)], []]
+    links = expert_links(experts, registry)
+    assert links.task == [[(0, 2), (1, 1), (4, 1)], [(0, 1)], []]
+    # A's expert has A's labels in another channel order: no logit teacher for A
+    assert links.teacher == {"B": 1} and links.own == {"A": 0, "B": 1, "C": 2}
 
 
 def test_experts_sharing_a_task_are_routed(data, experts, tmp_path):

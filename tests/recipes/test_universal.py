@@ -59,7 +59,7 @@ def test_universal_learns_every_dataset(run):
     # every task of every dataset, label 2 (heart) and the 3D MR volumes (sliced) included; a model
     # that mixed up task ids or ignored a dataset would stay near 0 on its tasks
     expected = {
-        "val/SynthMR/dice_organ": 0.2, "val/SynthMR/dice_core": 0.05, "val/SynthCXR/dice_lung": 0.8, "val/SynthCXR/dice_heart": 0.5,
+        "val/SynthMR/dice_organ": 0.2, "val/SynthMR/dice_core": 0.05, "val/SynthCXR/dice_lung": 0.7, "val/SynthCXR/dice_heart": 0.5,
         "val/SynthCXRLung/dice_lung": 0.8, "val/SynthEndo/dice_lesion": 0.5,
     }  # fmt: skip
     assert set(metrics) == set(expected) | {"val/dice"}

@@ -11,7 +11,8 @@ scales, as in the paper). DynUNet's output layer is replaced by the task-prototy
 
 - ``logits`` ``(B, T, *sp)``: one sigmoid logit map per requested task, the dot product of the
   finest decoder features with a per-task prototype made from the task tokens of every fused
-  scale (concatenated, LayerNorm, two-layer MLP);
+  scale (concatenated, LayerNorm, two-layer MLP), plus a learned per-task anchor vector
+  (``task_anchors``, ours: see :class:`HermesNet`);
 - ``modality_logits`` ``(B, n_modalities)``: from the mean modality tokens of every fused scale
   (absent without modality priors, ``tokens_per_modality=0``).
 
@@ -71,6 +72,7 @@ class HermesNet(nn.Module):
         tokens_per_modality: int = 10,
         fusion_width: int | None = None,
         prior_probability: float | None = None,
+        task_anchors: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -93,6 +95,17 @@ class HermesNet(nn.Module):
         else:  # no priors: one 1x1 output head (weights and bias) per task, the "no priors" baseline
             self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
             nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
+        # Task tokens start at 0.02 scale and read the same image, so the prototypes the head makes
+        # from them start almost equal (cosine ~0.99 between any two tasks, measured): the classes of
+        # one label map (ACDC's RV / MYO / LV) then begin as one class, and the hardest of them never
+        # split off (trained RV vs LV prototypes: cosine 0.99, RV Dice 0.01). An anchor per task,
+        # drawn like the no-priors head's weights, gives every task its own direction from the start;
+        # the priors then modulate it per image (docs/methods/hermes.md "Task anchors").
+        if self.fusion and task_anchors:
+            self.task_anchor = nn.Embedding(n_tasks + 1, out_dim)
+            nn.init.normal_(self.task_anchor.weight, std=out_dim**-0.5)
+        else:
+            self.task_anchor = None
         # a learned logit offset per task, started at the prior probability (RetinaNet's init): every
         # task begins by predicting "mostly absent", as the experts' softmax quickly learns to, instead
         # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/methods/hermes.md)
@@ -129,6 +142,8 @@ class HermesNet(nn.Module):
         if not self.fusion:
             return {"logits": self._offset(torch.einsum("bc...,btc->bt...", f, self.task_weight(task_ids).to(f.dtype)), task_ids)}  # weight (B, T, C0)
         prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
+        if self.task_anchor is not None:
+            prototypes = prototypes + self.task_anchor(task_ids)
         logits = self._offset(torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype)), task_ids)
         if self.modality_head is None:
             return {"logits": logits}
@@ -156,12 +171,14 @@ def build_hermes(
     finest_skipped: int = 2,
     prior_probability: float | None = None,
     fusion_scales: int | None = 3,
+    task_anchors: bool = False,
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
     fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's),
     and only at the ``fusion_scales`` coarsest (3: the paper's count, see :func:`default_fusion_stages`;
     None: no such limit);
+    ``task_anchors``: add a learned vector per task to its prototype (see :class:`HermesNet`);
     ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
     offset with priors, 0 without, as before)."""
     if priors not in PRIORS:
@@ -187,4 +204,5 @@ def build_hermes(
         tokens_per_modality=0 if priors == "task" else tokens_per_modality,
         fusion_width=fusion_width,
         prior_probability=prior_probability,
+        task_anchors=task_anchors,
     )

@@ -26,6 +26,7 @@ needs nothing else. Run folder as for the universal model (``registry.json``, ``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,31 +153,37 @@ def _expert_dataset(record: dict[str, Any], dss: list[RawDataset]) -> str | None
     return None
 
 
-def _kd_pairs(experts: list[dict[str, Any]], registry: TaskRegistry) -> dict[str, int]:
-    """Dataset -> index of the expert that teaches its logits (one labelling exactly its labels)."""
-    pairs = {}
+@dataclass(frozen=True)
+class ExpertLinks:
+    """How a run's experts relate to its datasets and tasks, read once from each expert's dataset
+    and label values: ``teacher`` (dataset -> the first expert labelling exactly its labels, in its
+    order: it teaches the dataset's logits), ``own`` (dataset -> the first expert trained on it: the
+    router's target) and ``task`` (per registry task, ``[(expert, class channel)]`` of every expert
+    whose dataset labels it and whose label values hold that label: its expert priors)."""
+
+    teacher: dict[str, int]
+    own: dict[str, int]
+    task: list[list[tuple[int, int]]]
+
+
+def expert_links(experts: list[dict[str, Any]], registry: TaskRegistry) -> ExpertLinks:
+    """The :class:`ExpertLinks` of ``experts`` (``{"dataset": name | None, "label_values": [...]}``)."""
+    teacher: dict[str, int] = {}
+    own: dict[str, int] = {}
+    task: list[list[tuple[int, int]]] = [[] for _ in registry.tasks]
     for k, e in enumerate(experts):
         d = e.get("dataset")
-        if d is None or d in pairs:
+        entry = registry.datasets.get(d or "")
+        if entry is None:  # trained elsewhere: it teaches features only
             continue
-        entry = registry.datasets[d]
-        expert_values = e.get("label_values", [])
-        if expert_values == [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]:
-            pairs[d] = k
-    return pairs
-
-
-def task_expert_pairs(experts: list[dict[str, Any]], registry: TaskRegistry) -> list[list[tuple[int, int]]]:
-    """Per task of the registry, ``[(expert index, class channel)]`` of the experts trained on a
-    dataset that labels it (their ``label_values`` hold the dataset's value of that task)."""
-    pairs: list[list[tuple[int, int]]] = [[] for _ in registry.tasks]
-    for k, e in enumerate(experts):
-        entry = registry.datasets.get(e.get("dataset") or "")
         values = list(e.get("label_values", []))
-        for task, value in (entry or {}).get("labels", {}).items():
-            if value in values and values.index(value) > 0:
-                pairs[registry.tasks.index(task)].append((k, values.index(value)))
-    return pairs
+        own.setdefault(d, k)
+        if d not in teacher and values == [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]:
+            teacher[d] = k
+        for name, value in entry["labels"].items():
+            if value in values[1:]:
+                task[registry.tasks.index(name)].append((k, values.index(value)))
+    return ExpertLinks(teacher, own, task)
 
 
 def stride_multiple(plans: list[Plan], dim: int) -> list[int]:
@@ -301,7 +308,8 @@ def train_amalgamate(
     for net, plan, record, spec in loaded:
         taps, channels = choose_taps(probe_stages(net, plan.in_channels, largest), list(cfg.stages))
         specs.append({**spec, "taps": taps, "channels": channels, "dataset": _expert_dataset(record, dss), "label_values": list(plan.label_values)})
-    kd_pairs = _kd_pairs(specs, registry)
+    links = expert_links(specs, registry)
+    kd_pairs = links.teacher
 
     seed = cfg.train.seed
     sources, val_cases, sizes = dataset_sources(run, dss, plans, registry, ids, cfg)
@@ -309,7 +317,7 @@ def train_amalgamate(
     seed_everything(seed)
     model = _model_options(cfg)
     if cfg.expert_priors and loaded:
-        model["task_experts"] = task_expert_pairs(specs, registry)
+        model["task_experts"] = links.task
         paired = {k for entry in model["task_experts"] for k, _ in entry}
         for k, sp in enumerate(specs):
             if sp["dataset"] is not None and k not in paired and run.progress:  # e.g. an nnU-Net expert whose labels were renumbered
@@ -325,7 +333,7 @@ def train_amalgamate(
     kd = LogitKDLoss(cfg.kd_temperature)
     names = [s.name for s in sources]
     teacher_of = [kd_pairs.get(n) for n in names]
-    own_expert = [next((k for k, sp in enumerate(specs) if sp["dataset"] == n), None) for n in names]  # the router's target
+    own_expert = [links.own.get(n) for n in names]  # the router's target
     n_tasks_of = [len(s.task_ids) for s in sources]  # the batch's task slots beyond these are padding
 
     def part_loss(net: nn.Module, batch: dict, logged: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
