@@ -81,7 +81,7 @@ NOTES = [
     "MYO / LV reached 0.49 / 0.50). A learned vector per task added to its prototype (drawn like the no-priors head's "
     "weights) starts the tasks apart. Same budget, 800 steps: mean 0.607 -> 0.658, every task up (RV 0.026 -> 0.302, LV "
     "0.496 -> 0.560, JSRT heart 0.864 -> 0.883, Kvasir / CVC 0.550 / 0.564 -> 0.568 / 0.583); above the no-priors arm "
-    "(0.602, one dataset a step; not rerun with two a step) and 0.021 below the experts (0.680), above them on both polyp "
+    "(rerun the same day with two datasets a step: 0.611 in 951 steps, was 0.602 one a step) and 0.021 below the experts (0.680), above them on both polyp "
     "centres. Single seed.",
     "Before it (same day): two datasets' own-patch batches averaged per optimizer step (`datasets_per_step=2`, the "
     "default; results/universal_diagnose_mix.json: ACDC beside JSRT with priors 0.57 / 0.68 two a step vs 0.46 / 0.43 one "
@@ -89,7 +89,7 @@ NOTES = [
     "Cross-source rows: the universal model beats the experts on all four (JSRT->Shenzhen 0.783 vs 0.748, Shenzhen->JSRT "
     "0.746 vs 0.229), but it has seen both sources in training; the transfer arm's JSRT row (first run) is the fair "
     "unseen-source comparison.",
-    "Not rerun with the current defaults: `no_priors` (one dataset a step, 1,528 steps), `task_priors_only` and "
+    "Not rerun with the current defaults: `task_priors_only` and "
     "`transfer` and the 3D `no_priors` (first run: per-task BCE, logits from 0, volumes counted as one, fusion from 1/4).",
     "3D mix (ACDC volumes + Hippocampus), universal arm of 2026-12-04 with every current default (task anchors, two "
     "datasets a step): mean 0.408 (first run 0.210), Hippocampus anterior / posterior 0.524 / 0.635 (were 0.451 / 0.064: "
