@@ -266,7 +266,7 @@ def _prototype_cosines(net, n_tasks: int, side: int) -> torch.Tensor:
     handle = net.task_head.register_forward_hook(lambda m, i, o: out.__setitem__("p", o))
     with torch.no_grad():
         net(torch.randn(1, 1, side, side), ids, torch.tensor([0]))
-        p = out["p"][0] if net.task_anchor is None else out["p"][0] + net.task_anchor(ids[0])
+        p = out["p"][0] if net.task_weight is None else out["p"][0] + net.task_weight(ids[0])
     handle.remove()
     p = torch.nn.functional.normalize(p, dim=-1)
     return (p @ p.T)[~torch.eye(n_tasks, dtype=torch.bool)]
@@ -282,7 +282,7 @@ def test_task_anchors_start_every_task_in_its_own_direction():
     plain = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01).eval()
     torch.manual_seed(0)
     anchored = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01, task_anchors=True).eval()
-    assert plain.task_anchor is None and anchored.task_anchor.weight.shape == (5, 16)
+    assert plain.task_weight is None and anchored.task_weight.weight.shape == (5, 16)
     assert _prototype_cosines(plain, 4, 128).min() > 0.85  # 0.93 measured
     assert _prototype_cosines(anchored, 4, 128).abs().mean() < 0.6  # 0.39 measured
     anchored = build_hermes(_plan(), n_tasks=4, n_modalities=2, task_anchors=True).eval()
@@ -290,7 +290,7 @@ def test_task_anchors_start_every_task_in_its_own_direction():
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
     with torch.no_grad():
         before = anchored(x, ids, mod)["logits"]
-        anchored.task_anchor.weight[1] += 1.0
+        anchored.task_weight.weight[1] += 1.0
         after = anchored(x, ids, mod)["logits"]
     changed = (after - before).abs().flatten(2).amax(-1) > 1e-4
     assert changed.tolist() == [[False, True], [False, False]]

@@ -92,20 +92,19 @@ class HermesNet(nn.Module):
             self.task_head = nn.Sequential(
                 nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim)
             )
-        else:  # no priors: one 1x1 output head (weights and bias) per task, the "no priors" baseline
-            self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
-            nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
+        # One vector per task, N(0, 1/C0): without priors it is the whole 1x1 output head (the "no
+        # priors" baseline); with priors (``task_anchors``) an anchor added to the fused prototype.
         # Task tokens start at 0.02 scale and read the same image, so the prototypes the head makes
         # from them start almost equal (cosine ~0.99 between any two tasks, measured): the classes of
         # one label map (ACDC's RV / MYO / LV) then begin as one class, and the hardest of them never
-        # split off (trained RV vs LV prototypes: cosine 0.99, RV Dice 0.01). An anchor per task,
-        # drawn like the no-priors head's weights, gives every task its own direction from the start;
-        # the priors then modulate it per image (docs/methods/hermes.md "Task anchors").
-        if self.fusion and task_anchors:
-            self.task_anchor = nn.Embedding(n_tasks + 1, out_dim)
-            nn.init.normal_(self.task_anchor.weight, std=out_dim**-0.5)
+        # split off (trained RV vs LV prototypes: cosine 0.99, RV Dice 0.01). The anchor gives every
+        # task its own direction from the start; the priors then modulate it per image
+        # (docs/methods/hermes.md "Task anchors").
+        if not self.fusion or task_anchors:
+            self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
+            nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
         else:
-            self.task_anchor = None
+            self.task_weight = None
         # a learned logit offset per task, started at the prior probability (RetinaNet's init): every
         # task begins by predicting "mostly absent", as the experts' softmax quickly learns to, instead
         # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/methods/hermes.md)
@@ -142,8 +141,8 @@ class HermesNet(nn.Module):
         if not self.fusion:
             return {"logits": self._offset(torch.einsum("bc...,btc->bt...", f, self.task_weight(task_ids).to(f.dtype)), task_ids)}  # weight (B, T, C0)
         prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
-        if self.task_anchor is not None:
-            prototypes = prototypes + self.task_anchor(task_ids)
+        if self.task_weight is not None:
+            prototypes = prototypes + self.task_weight(task_ids)
         logits = self._offset(torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype)), task_ids)
         if self.modality_head is None:
             return {"logits": logits}

@@ -309,7 +309,6 @@ def train_amalgamate(
         taps, channels = choose_taps(probe_stages(net, plan.in_channels, largest), list(cfg.stages))
         specs.append({**spec, "taps": taps, "channels": channels, "dataset": _expert_dataset(record, dss), "label_values": list(plan.label_values)})
     links = expert_links(specs, registry)
-    kd_pairs = links.teacher
 
     seed = cfg.train.seed
     sources, val_cases, sizes = dataset_sources(run, dss, plans, registry, ids, cfg)
@@ -332,7 +331,7 @@ def train_amalgamate(
     seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
     kd = LogitKDLoss(cfg.kd_temperature)
     names = [s.name for s in sources]
-    teacher_of = [kd_pairs.get(n) for n in names]
+    teacher_of = [links.teacher.get(n) for n in names]
     own_expert = [links.own.get(n) for n in names]  # the router's target
     n_tasks_of = [len(s.task_ids) for s in sources]  # the batch's task slots beyond these are padding
 
@@ -376,7 +375,7 @@ def train_amalgamate(
         "dim": cfg.dim,
         "model": model,
         "experts": specs,
-        "kd_pairs": kd_pairs,
+        "kd_pairs": links.teacher,
         "foundation_init": foundation_note,
         "activation": "sigmoid",
         "params": count_parameters(net),
