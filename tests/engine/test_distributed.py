@@ -17,6 +17,7 @@ import torch
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.distributed import DistInfo, all_reduce_mean, broadcast_object, init_distributed
 from medalloy.engine.logging import read_metrics
+from medalloy.errors import MedalloyError
 
 SCRIPT = textwrap.dedent(
     '''
@@ -182,6 +183,7 @@ def test_each_rank_gets_its_own_gpu(monkeypatch):
     from medalloy.engine.distributed import ddp_options, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == torch.device("cuda", 1)
@@ -196,6 +198,20 @@ def test_each_rank_gets_its_own_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch):
+    from medalloy.engine.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(MedalloyError, match="rank 1 of 2 needs GPU 1, but this machine has 1") as err:
+        resolve_device("auto")
+    assert "--device cpu" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0)
 
 
 def test_from_main_hands_rank0s_result_alone():

@@ -15,7 +15,7 @@ from medalloy.engine import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
-CFG = "train: {val_every: 4, checkpoint_every: 4, log_every: 2}\nmax_val_cases: 1\nfolds: 2\n"
+CFG = "train: {val_every: 4, checkpoint_every: 4, log_every: 2, device: cpu}\nmax_val_cases: 1\nfolds: 2\n"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_expert_under_torchrun_writes_one_run_and_refuses_an_existing_one(data, 
     )
     assert [r["step"] for r in rows_without_time(out / "metrics.jsonl") if r["kind"] == "train"] == [2, 4]
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    again = run(_cli("train", "expert", str(data[0]), "--out", str(out), "--steps", "4"), tmp_path)
+    again = run(_cli("train", "expert", str(data[0]), "--out", str(out), "--steps", "4", "--device", "cpu"), tmp_path)
     assert again.returncode != 0
     errors = [line for line in again.stderr.splitlines() if line.startswith("medalloy: error")]
     assert len(errors) == 1 and "--overwrite" in errors[0] and str(out) in errors[0]

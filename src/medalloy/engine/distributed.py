@@ -56,6 +56,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world > 1 else 0)
+        if device.index >= torch.cuda.device_count():
+            raise MedalloyError(
+                f"rank {local_rank} of {world} needs GPU {device.index}, but this machine has {torch.cuda.device_count()}",
+                fix="start at most one process per GPU (torchrun --nproc-per-node), or train on the CPU with --device cpu",
+            )
     return device
 
 

@@ -145,7 +145,7 @@ def batch_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> to
             fix="pass label maps (B, *spatial) of equal shape",
         )
     p = pred.reshape(-1).long()
-    t = target.reshape(-1).long()
+    t = target.reshape(-1).long().to(p.device)  # a GPU prediction against labels read on the host
     if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes or int(t.min()) < 0 or int(t.max()) >= num_classes):
         raise MedalloyError(
             f"label values outside [0, {num_classes - 1}]",

@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     device: str = "auto"
+    # On a GPU: cuDNN's deterministic convolutions (as MONAI's set_determinism), so a seeded run
+    # repeats and resumes the same; false lets cuDNN pick the fastest algorithm (nnU-Net's choice).
+    deterministic: bool = True
     progress: bool = True
     # Wall-clock budget: after `calibration_steps` the step count is set to what fits the budget
     # (at most `steps`) and re-estimated at each validation from wall-clock time (validations
@@ -167,6 +170,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
         self.precision = resolve_precision(config.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = config.deterministic
+            torch.backends.cudnn.benchmark = not config.deterministic
         missing = [n for n in spec.trainable if n not in spec.models]
         if missing:
             raise MedalloyError(f"trainable modules {missing} not among the models {list(spec.models)}")

@@ -36,7 +36,7 @@ from medalloy.data.radiograph import augment_batch, load_radiograph
 from medalloy.data.reports import ReportColumns, ReportPair, read_report_pairs, read_text_pairs, split_by_patient
 from medalloy.data.tokenizer import TextTokenizer, train_report_tokenizer
 from medalloy.engine import checkpoint as ckpt
-from medalloy.engine.trainer import TrainConfig, TrainSpec
+from medalloy.engine.trainer import TrainConfig, TrainSpec, to_device
 from medalloy.errors import MedalloyError
 from medalloy.losses.generation_distill import GenerationDistillLoss
 from medalloy.losses.global_contrastive import GlobalContrastiveLoss
@@ -393,7 +393,8 @@ def pretrain(
         s1_val = PairBatches(encode_reports(val_text + val_pairs, enc_tok, dec_tok, cfg), None, cfg.batch_size, seed, "summary-val", False)
 
         def validate_summary(models: dict) -> dict[str, float]:
-            rows = [objective.summary_step(models["model"], b) for b in s1_val.chunks()]
+            device = next(models["model"].parameters()).device
+            rows = [objective.summary_step(models["model"], to_device(b, device)) for b in s1_val.chunks()]
             return {"val/summary": _mean_metrics(rows)["val/summary"]}
 
         s1_cfg = cfg.train.model_copy(update={"steps": cfg.summarize_steps})
@@ -429,7 +430,9 @@ def pretrain(
 
     def validate(ms: dict) -> dict[str, float]:
         rows, img_emb, txt_emb = [], [], []
+        device = next(ms["model"].parameters()).device
         for b in val_batches.chunks():
+            b = to_device(b, device)
             rows.append(objective.joint_step(ms, b, ms.get("teacher")))
             out = ms["model"](images=b["images"], impression_enc=b["impression_enc"], impression_enc_mask=b["impression_enc_mask"], parts=("global",))
             img_emb.append(out["image_global"].float())
