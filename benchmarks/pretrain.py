@@ -190,21 +190,45 @@ def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minut
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     downstream: dict[str, dict[str, Any]] = {u: {} for u in USES}
     spread: dict[str, dict[str, Any]] = {u: {} for u in USES}
+    counted: dict[str, dict[str, list[int]]] = {u: {} for u in USES}
     for use in USES:
         for arm in ARMS:
-            vals = [r[use] for r in raw.get(arm, {}).values() if r.get(use) is not None]
+            seeds = sorted(int(s) for s, r in raw.get(arm, {}).items() if r.get(use) is not None)
+            vals = [raw[arm][str(s)][use] for s in seeds]
             downstream[use][arm] = round(float(np.mean(vals)), 4) if vals else None
             spread[use][arm] = round(float(np.std(vals)), 4) if len(vals) > 1 else None
-    return {"downstream": downstream, "std_over_seeds": spread, "text_encoder": "scratch", "seeds": sorted({int(s) for arm in raw.values() for s in arm})}
+            counted[use][arm] = seeds
+    return {
+        "downstream": downstream, "std_over_seeds": spread, "seeds_counted": counted, "text_encoder": "scratch",
+        "seeds": sorted({int(s) for arm in raw.values() for s in arm}),
+    }  # fmt: skip
 
 
-def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any]) -> str:
+def reference_scores(test) -> dict[str, Any]:
+    """What a constant guess scores on the held-out set (the floor every probe must clear)."""
+    groups = [group(p.impression) for p in test]
+    top = max(set(groups), key=groups.count)
+    return {"n": len(groups), "majority": top, "majority_acc": round(groups.count(top) / len(groups), 4), "constant_balanced_acc": round(1 / len(set(groups)), 4)}
+
+
+def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    seeds = summary["seeds"]
     lines = [
         "# Pretraining benchmark (HybridMED vs random init and simpler objectives)",
         "",
         f"Settings: {json.dumps(settings)}. Held-out: {TEST_FRACTION:.0%} of the COVID-notes patients (never pretrained on). "
-        "Mean over seeds (std in brackets where there are several); null: the use does not apply to the arm.",
+        f"Mean over seeds {seeds} (std in brackets where there are several; `[seeds]` where a cell has fewer, e.g. a score added "
+        "after a seed's checkpoints were gone); null: the use does not apply to the arm. `*_bacc_*`: balanced accuracy (mean recall "
+        "of the three groups).",
         "",
+    ]
+    if reference:
+        lines += [
+            f"Floor: always answering {reference['majority']} scores accuracy {reference['majority_acc']:.3f} on the {reference['n']} "
+            f"held-out images, and any constant answer balanced accuracy {reference['constant_balanced_acc']:.3f}.",
+            "",
+        ]
+    lines += [
         "| downstream use | " + " | ".join(ARMS) + " |",
         "|---|" + "---|" * len(ARMS),
     ]
@@ -212,7 +236,9 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
         cells = []
         for arm in ARMS:
             v, s = summary["downstream"][use][arm], summary["std_over_seeds"][use][arm]
-            cells.append("null" if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "")))
+            n = summary.get("seeds_counted", {}).get(use, {}).get(arm, seeds)
+            few = f" {n}" if v is not None and len(n) < len(seeds) else ""
+            cells.append("null" if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "") + few))
         lines.append(f"| {use} | " + " | ".join(cells) + " |")
     lines += ["", "Cost per run:", ""]
     for arm in ARMS:
@@ -252,6 +278,9 @@ def main() -> int:
     raw_path = results / "pretrain_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     settings = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
+    reference = None
+    if (a.data / "CXR-Text" / "covid_cxr_notes.csv").exists():
+        reference = reference_scores(prepare_pairs(a.data, a.work)[3])
     if not a.report:
         import torch
 
@@ -287,9 +316,10 @@ def main() -> int:
         settings["cpu_threads"] = torch.get_num_threads()
     summary = summarise(raw)
     summary["settings"] = settings
+    summary["reference"] = reference
     results.mkdir(parents=True, exist_ok=True)
     (results / "pretrain.json").write_text(json.dumps(summary, indent=1))
-    (results / "pretrain.md").write_text(render(summary, raw, settings))
+    (results / "pretrain.md").write_text(render(summary, raw, settings, reference))
     print((results / "pretrain.md").read_text())
     return 0
 

@@ -293,15 +293,17 @@ def targets(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(res: dict[str, Any], raw: dict[str, Any]) -> str:
+def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) -> str:
     b = res["budget_per_expert_minutes"]
+    where = results.resolve()
+    shown = where.relative_to(HERE.parent) if where.is_relative_to(HERE.parent) else where
     out = [
         "# Universal model (Hermes) vs experts on real data",
         "",
         f"Equal compute on 2 CPU cores: each expert trains {b:g} min, each universal arm (number of experts) x {b:g} min. "
         "Held-out test cases of the experts benchmark (never used for training or model selection). Universal: each dataset at "
         "its own plan's field of view and batch (two datasets' batches a step), fusion at 64 channels. Produced by `python benchmarks/universal.py"
-        + (f" --budget-minutes {b:g}" if b != 6 else "") + "`.",
+        + (f" --budget-minutes {b:g}" if b != 6 else "") + (f" --results {shown}" if where != RESULTS.resolve() else "") + "`.",
         "",
     ]
     for mix, title in (("tasks", "2D mix"), ("tasks_3d", "3D mix")):
@@ -356,7 +358,7 @@ def save(raw: dict[str, Any], results: Path, budget: float) -> dict[str, Any]:
     results.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results / "universal_raw.json", json.dumps(raw, indent=2) + "\n")
     write_text_atomic(results / "universal.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(results / "universal.md", markdown(res, raw))
+    write_text_atomic(results / "universal.md", markdown(res, raw, results))
     return res
 
 
