@@ -278,13 +278,13 @@ def main() -> int:
     raw_path = results / "pretrain_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     settings = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
-    reference = None
-    if (a.data / "CXR-Text" / "covid_cxr_notes.csv").exists():
-        reference = reference_scores(prepare_pairs(a.data, a.work)[3])
+    # --report renders without the data; with it, the held-out set gives the constant-guess floor
+    prepared = prepare_pairs(a.data, a.work) if not a.report or (a.data / "CXR-Text" / "covid_cxr_notes.csv").exists() else None
+    reference = reference_scores(prepared[3]) if prepared else None
     if not a.report:
         import torch
 
-        pairs_csv, columns, train, test = prepare_pairs(a.data, a.work)
+        pairs_csv, columns, train, test = prepared
         print(f"[data] {len(train)} pretraining pairs, {len(test)} held-out ({len({p.patient for p in test})} patients)", flush=True)
         for seed in a.seeds:
             for arm in a.only:

@@ -357,9 +357,7 @@ def train_amalgamate(
         return seg, kd_logit, kd_feat, route
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
-        first = batch[0] if isinstance(batch, list) else batch
-        nan = torch.full((), float("nan"), device=first["image"].device)
-        logged = {f"seg/{name}": nan for name in names}  # NaN: not in this step
+        logged = {f"seg/{name}": torch.tensor(float("nan")) for name in names}  # NaN: not in this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
         seg, kd_logit, kd_feat, route = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
         loss = seg + cfg.kd_logits * kd_logit + cfg.kd_features * kd_feat + cfg.route_weight * route

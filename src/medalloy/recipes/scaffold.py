@@ -211,7 +211,7 @@ def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, flo
             per_case = []
             for c in vs.cases:
                 probs = predictor.predict_network_space(c.image)
-                target = torch.from_numpy(c.label.astype(np.int64)).to(probs.device)
+                target = torch.from_numpy(c.label.astype(np.int64))
                 per_case.append(batch_dice(predictor.to_classes(probs)[None], target[None], vs.plan.num_classes))
             dice = torch.stack(per_case).mean(0)
             for k, d in enumerate(dice):

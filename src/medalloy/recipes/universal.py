@@ -235,9 +235,7 @@ def train_universal(
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
         # several datasets a step (datasets_per_step): their losses averaged, one optimizer step
-        first = batch[0] if isinstance(batch, list) else batch
-        nan = torch.full((), float("nan"), device=first["image"].device)
-        logged = {f"loss/{name}": nan for name in names}  # every rank logs the same keys; NaN: not this step
+        logged = {f"loss/{name}": torch.tensor(float("nan")) for name in names}  # every rank logs the same keys; NaN: not this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
         seg, mod, bce, dice = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
         return {"loss": seg + cfg.modality_weight * mod, "bce": bce, "tversky": dice, "modality_ce": mod.detach(), **logged}
