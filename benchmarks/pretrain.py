@@ -3,6 +3,8 @@ chest X-ray data of ../shared/data, with every downstream use the issue names.
 
     python benchmarks/pretrain.py [--data ../shared/data] [--budget-minutes 8] [--seg-minutes 2]
                                   [--seeds 0 1 2] [--only global_only token_level hybridmed] [--skip-seg]
+    python benchmarks/pretrain.py --text-encoder minilm --work runs/bench-pretrain-minilm \
+        --results benchmarks/results/pretrain_minilm --random-from benchmarks/results
     python benchmarks/pretrain.py --report      # re-render the markdown from the raw results
 
 Data: ``CXR-Text/covid_cxr_notes.csv`` (459 radiographs; findings = the clinical ``notes``,
@@ -24,6 +26,11 @@ Downstream, on the held-out patients' images:
 4. captioning (HybridMED only): BLEU-4 (sacrebleu) and ROUGE-L (rouge-score);
 5. segmentation: JSRT and Shenzhen lung experts (the shared benchmark splits) with 10 % and 100 % of
    their training labels, ``--init`` from each arm vs random init, ``--seg-minutes`` each; test Dice.
+
+Text encoder: ``scratch`` (default; a small transformer trained on the reports) or ``minilm`` (the
+packaged all-MiniLM-L6-v2, ``medalloy[text]``). The random arm has no text side, so a MiniLM table
+may take its rows from the scratch table's raw results (``--random-from DIR``) instead of
+retraining the same segmentation experts.
 
 Writes ``benchmarks/results/pretrain.json`` (the issue's shape: means over seeds),
 ``pretrain_raw.json`` (every seed) and ``pretrain.md``.
@@ -83,15 +90,15 @@ def prepare_pairs(data: Path, work: Path):
     return out, columns, train, test
 
 
-def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float) -> Path:
+def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float, text_encoder: str = "scratch") -> Path:
     from medalloy.recipes.pretrain import PretrainConfig, pretrain
 
     run = work / "runs" / f"{arm}-s{seed}"
     if (run / "run.json").exists() and json.loads((run / "run.json").read_text()).get("status") == "done":
         print(f"[pretrain] {arm} seed {seed}: done already ({run})", flush=True)
         return run
-    print(f"[pretrain] {arm} seed {seed}: {budget:g} min", flush=True)
-    cfg = PretrainConfig(columns=columns.model_copy(update={"label": None}), text_encoder="scratch")
+    print(f"[pretrain] {arm} seed {seed}: {budget:g} min, {text_encoder} text encoder", flush=True)
+    cfg = PretrainConfig(columns=columns.model_copy(update={"label": None}), text_encoder=text_encoder)
     text_only = data / "CXR-Text" / "iu_xray_reports.csv" if "generation" in LOSSES[arm] else None
     pretrain(
         pairs_csv, run, text_only=text_only, config=cfg, overwrite=True, progress=sys.stderr.isatty(), losses=LOSSES[arm],
@@ -187,6 +194,12 @@ def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minut
     return out
 
 
+def text_encoders(raw: dict[str, Any]) -> str:
+    """Which text encoder the pretrained arms used (rows from before the flag: scratch)."""
+    kinds = {r.get("text_encoder", "scratch") for arm, rows in raw.items() if arm != "random" for r in rows.values()}
+    return "+".join(sorted(kinds)) or "scratch"
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     downstream: dict[str, dict[str, Any]] = {u: {} for u in USES}
     spread: dict[str, dict[str, Any]] = {u: {} for u in USES}
@@ -199,7 +212,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             spread[use][arm] = round(float(np.std(vals)), 4) if len(vals) > 1 else None
             counted[use][arm] = seeds
     return {
-        "downstream": downstream, "std_over_seeds": spread, "seeds_counted": counted, "text_encoder": "scratch",
+        "downstream": downstream, "std_over_seeds": spread, "seeds_counted": counted, "text_encoder": text_encoders(raw),
         "seeds": sorted({int(s) for arm in raw.values() for s in arm}),
     }  # fmt: skip
 
@@ -215,6 +228,9 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
     seeds = summary["seeds"]
     lines = [
         "# Pretraining benchmark (HybridMED vs random init and simpler objectives)",
+        "",
+        f"Text encoder: {summary['text_encoder']}."
+        + (f" Random-init rows from `{settings['random_from']}` (no text side; the same experts)." if settings.get("random_from") else ""),
         "",
         f"Settings: {json.dumps(settings)}. Held-out: {TEST_FRACTION:.0%} of the COVID-notes patients (never pretrained on). "
         f"Mean over seeds {seeds} (std in brackets where there are several; `[seeds]` where a cell has fewer, e.g. a score added "
@@ -273,11 +289,19 @@ def main() -> int:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--rescore", action="store_true", help="score finished pretraining runs again (uses 1-4), keeping their segmentation rows")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results)")
+    ap.add_argument("--text-encoder", choices=("scratch", "minilm"), default="scratch", help="minilm needs medalloy[text]")
+    ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/pretrain_raw.json")
     a = ap.parse_args()
     results = a.results
     raw_path = results / "pretrain_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    settings = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
+    settings: dict[str, Any] = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
+    if a.random_from is not None:
+        src = a.random_from / "pretrain_raw.json"
+        if not src.exists():
+            sys.exit(f"error: {src} not found; fix: point --random-from at a results folder of this benchmark")
+        raw["random"] = json.loads(src.read_text()).get("random", {})
+        settings["random_from"] = str(a.random_from)
     # --report renders without the data; with it, the held-out set gives the constant-guess floor
     prepared = prepare_pairs(a.data, a.work) if not a.report or (a.data / "CXR-Text" / "covid_cxr_notes.csv").exists() else None
     reference = reference_scores(prepared[3]) if prepared else None
@@ -294,10 +318,13 @@ def main() -> int:
                     row.update(score_arm(arm, seed, None if arm == "random" else a.work / "runs" / f"{arm}-s{seed}", train, test))
                     raw.setdefault(arm, {})[str(seed)] = row
                     continue
-                run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes)
+                if arm == "random" and a.random_from is not None:
+                    continue
+                run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes, a.text_encoder)
                 row: dict[str, Any] = {}
                 if run is not None:
                     res = json.loads((run / "run.json").read_text())
+                    row["text_encoder"] = res["text_encoder"]
                     row["pretrain"] = {
                         "steps": res["steps"], "summarize_steps": (res.get("summarize") or {}).get("steps"),
                         "minutes": round((res["seconds"] + ((res.get("summarize") or {}).get("seconds") or 0)) / 60, 2), "peak_mb": peak_rss_mb(),

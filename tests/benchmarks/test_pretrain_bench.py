@@ -1,0 +1,39 @@
+"""benchmarks/pretrain.py: the summary's means, spread, seeds counted and text encoder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import pretrain as bench  # noqa: E402
+
+
+def test_summary_means_seeds_and_text_encoder() -> None:
+    raw = {
+        "random": {"0": {"linear_probe_acc_1": 0.5}, "1": {"linear_probe_acc_1": 0.7}},
+        "global_only": {"0": {"text_encoder": "minilm", "zeroshot_acc": 0.2}, "1": {"text_encoder": "minilm", "zeroshot_acc": 0.4}},
+        "hybridmed": {"1": {"text_encoder": "minilm", "zeroshot_acc": 0.3, "caption_bleu4": 0.1}},
+    }
+    s = bench.summarise(raw)
+    assert s["text_encoder"] == "minilm"  # the random arm (no text side) does not count
+    assert s["downstream"]["linear_probe_acc_1"]["random"] == pytest.approx(0.6)
+    assert s["std_over_seeds"]["linear_probe_acc_1"]["random"] == pytest.approx(0.1)
+    assert s["downstream"]["zeroshot_acc"]["global_only"] == pytest.approx(0.3)
+    assert s["seeds_counted"]["zeroshot_acc"]["hybridmed"] == [1]
+    assert s["std_over_seeds"]["zeroshot_acc"]["hybridmed"] is None  # one seed: no spread
+    assert s["downstream"]["caption_bleu4"]["global_only"] is None
+    assert s["seeds"] == [0, 1]
+    md = bench.render(s, raw, {"budget_minutes": 8.0, "random_from": "benchmarks/results"})
+    assert "Text encoder: minilm. Random-init rows from `benchmarks/results`" in md
+    assert "| zeroshot_acc | null | 0.300 (0.100) | null | 0.300 [1] |" in md
+
+
+def test_rows_from_before_the_flag_are_scratch() -> None:
+    raw = {"global_only": {"0": {"zeroshot_acc": 0.2}}, "token_level": {"0": {"text_encoder": "minilm"}}}
+    assert bench.text_encoders({"global_only": raw["global_only"]}) == "scratch"
+    assert bench.text_encoders(raw) == "minilm+scratch"  # a mixed table says so
