@@ -124,8 +124,16 @@ NOTES_6MIN: list[str] = [
     "0.605 / 0.726, Hippocampus equal). So at this budget the gain over the experts comes from sharing one network "
     "across datasets, not from the task and modality priors; at 2 minutes the priors were ahead (0.658 vs 0.611, 0.408 "
     "vs 0.310), where the anchored task split helped early training.",
-    "Not run at this budget yet: `task_priors_only` and `transfer` (30 and 24 minutes; the 2-minute table has them, "
-    "from the first run's settings). Single seed.",
+    "Task priors only (2026-12-04, a later run of the same code, `--only task_priors_only "
+    "transfer`): 0.828, below the full universal model (0.853) and the experts (0.831), on every task (ACDC and polyp "
+    "most: RV 0.728 vs 0.784, Kvasir / CVC 0.711 / 0.741 vs 0.758 / 0.791). The modality priors earn their place "
+    "against task priors alone; the caveat is steps: this arm trained 3,578 steps against the universal arm's 4,253 "
+    "although it is no more expensive a step (the two arms ran in different sessions, and step "
+    "rates on these shared hosts vary between runs), so part of the 0.025 may be the 16 % fewer steps.",
+    "Transfer (24 minutes, four experts' budget, no JSRT in training): Shenzhen lung 0.928 against 0.951 for the "
+    "universal model trained with JSRT (JSRT's lungs help Shenzhen's). On JSRT, a source it never saw, it scores lung "
+    "Dice 0.441 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair unseen-source row, above "
+    "the expert (at 2 minutes it was 0.187 vs 0.229). Single seed.",
 ]
 NOTES: dict[float, list[str]] = {2.0: NOTES_2MIN, 6.0: NOTES_6MIN}
 
