@@ -312,13 +312,13 @@ def main() -> int:
         print(f"[data] {len(train)} pretraining pairs, {len(test)} held-out ({len({p.patient for p in test})} patients)", flush=True)
         for seed in a.seeds:
             for arm in a.only:
+                if arm == "random" and a.random_from is not None:
+                    continue  # its rows are the other table's
                 t0 = time.perf_counter()
                 if a.rescore:
                     row = dict(raw.get(arm, {}).get(str(seed), {}))
                     row.update(score_arm(arm, seed, None if arm == "random" else a.work / "runs" / f"{arm}-s{seed}", train, test))
                     raw.setdefault(arm, {})[str(seed)] = row
-                    continue
-                if arm == "random" and a.random_from is not None:
                     continue
                 run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes, a.text_encoder)
                 row: dict[str, Any] = {}
