@@ -294,3 +294,34 @@ def test_task_anchors_start_every_task_in_its_own_direction():
         after = anchored(x, ids, mod)["logits"]
     changed = (after - before).abs().flatten(2).amax(-1) > 1e-4
     assert changed.tolist() == [[False, True], [False, False]]
+
+
+@pytest.mark.parametrize("width", [None, 16])
+def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_priors(width):
+    # with the fusion layers at identity and prototypes at their anchors, a fresh universal network
+    # computes what the no-priors network with the same backbone, anchors and offsets computes
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True, identity_init=True)
+    plain = build_hermes(_plan(), 3, 2, priors="none", prior_probability=0.01)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
+    out = net(x, ids, mod)
+    torch.testing.assert_close(out["logits"], plain(x, ids, mod)["logits"], atol=1e-5, rtol=1e-5)
+    # the zeroed output maps get gradients at once, so the priors are not dead weight
+    out["logits"].square().mean().backward()
+    for layer in net.fusion.values():
+        zeroed = [layer.up] if layer.up is not None else [layer.blocks[0].feature_reads.out_proj, layer.blocks[0].feature_mlp[-1]]
+        assert all(float(m.weight.grad.abs().sum()) > 0 for m in zeroed)
+    assert float(net.task_head[-1].weight.grad.abs().sum()) > 0
+    # one step later the priors act: the output now differs from the no-priors network's
+    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        moved = net(x, ids, mod)["logits"]
+        plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+        assert (moved - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
+    # without the flag a fresh fusion layer changes the features (the behaviour of records before it)
+    torch.manual_seed(0)
+    random = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True)
+    plain.load_state_dict({k: v for k, v in random.state_dict().items() if k in plain.state_dict()})
+    with torch.no_grad():
+        assert (random(x, ids, mod)["logits"] - plain(x, ids, mod)["logits"]).abs().max() > 1e-3

@@ -73,6 +73,7 @@ class HermesNet(nn.Module):
         fusion_width: int | None = None,
         prior_probability: float | None = None,
         task_anchors: bool = False,
+        identity_init: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -84,7 +85,7 @@ class HermesNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown fusion stages {unknown}; the backbone has {list(paths)}")
         self.fusion = nn.ModuleDict(
-            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width) for s in self.fusion_stages}
+            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width, identity_init) for s in self.fusion_stages}
         )
         out_dim = channels["dec0"]
         if self.fusion:
@@ -105,6 +106,12 @@ class HermesNet(nn.Module):
             nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
         else:
             self.task_weight = None
+        if identity_init and self.fusion and self.task_weight is not None:
+            # the prototype starts as the anchor alone: with the fusion layers at identity, a fresh
+            # network is the no-priors one (its backbone, a vector and an offset per task), and the
+            # priors add only what training finds useful (docs/methods/hermes.md)
+            nn.init.zeros_(self.task_head[-1].weight)
+            nn.init.zeros_(self.task_head[-1].bias)
         # a learned logit offset per task, started at the prior probability (RetinaNet's init): every
         # task begins by predicting "mostly absent", as the experts' softmax quickly learns to, instead
         # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/methods/hermes.md)
@@ -171,6 +178,7 @@ def build_hermes(
     prior_probability: float | None = None,
     fusion_scales: int | None = 3,
     task_anchors: bool = False,
+    identity_init: bool = False,
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
@@ -179,7 +187,9 @@ def build_hermes(
     None: no such limit);
     ``task_anchors``: add a learned vector per task to its prototype (see :class:`HermesNet`);
     ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
-    offset with priors, 0 without, as before)."""
+    offset with priors, 0 without, as before); ``identity_init``: every fusion layer starts as the
+    identity and, with anchors, every prototype as its anchor (a fresh network computes what the
+    no-priors one of the same backbone weights does)."""
     if priors not in PRIORS:
         raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
     if isinstance(network, Plan):
@@ -204,4 +214,5 @@ def build_hermes(
         fusion_width=fusion_width,
         prior_probability=prior_probability,
         task_anchors=task_anchors,
+        identity_init=identity_init,
     )

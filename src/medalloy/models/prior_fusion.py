@@ -19,7 +19,10 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
 - :class:`PriorFusionLayer` ``(features (B, C, *sp), task_ids, modality_ids)``: when ``width < C``
   the fusion runs on ``z = Down(f)`` (a per-position linear map C -> width) and returns
   ``f + Up(z' - z)`` (``Up``: width -> C), so its cost and size are those of a ``width``-channel
-  layer at every scale (medalloy's choice, docs/methods/hermes.md "Size").
+  layer at every scale (medalloy's choice, docs/methods/hermes.md "Size"). ``identity_init``: the
+  layer's feature output starts at zero (``Up``, or each block's last feature projections when the
+  layer runs at full width), so a fresh layer passes the features through unchanged (ControlNet's
+  zero convolution; docs/methods/hermes.md "Fusion that starts as the identity").
 """
 
 from __future__ import annotations
@@ -138,7 +141,10 @@ class PriorFusionLayer(nn.Module):
     """A :class:`PriorBank` and ``depth`` fusion blocks at one scale of the backbone, at
     ``min(channels, width)`` channels (see the module docstring)."""
 
-    def __init__(self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10, width: int | None = None):
+    def __init__(
+        self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10, width: int | None = None,
+        identity_init: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.width = channels if width is None else min(channels, width)
         self.bank = PriorBank(n_tasks, n_modalities, self.width, tokens_per_modality)
@@ -146,6 +152,14 @@ class PriorFusionLayer(nn.Module):
         narrow = self.width < channels
         self.down = nn.Linear(channels, self.width) if narrow else None
         self.up = nn.Linear(self.width, channels) if narrow else None
+        if identity_init:
+            # zeroed after every layer is drawn, so a seed gives the other weights it gave before. One
+            # zero map at the output keeps every inner weight's gradient alive once the map has moved;
+            # at full width the residual branches' last maps are that output.
+            last = [self.up] if narrow else [m for b in self.blocks for m in (b.feature_reads.out_proj, b.feature_mlp[-1])]
+            for m in last:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> fused features (B, C, *sp), task tokens (B, T, width), modality tokens (B, M, width)."""

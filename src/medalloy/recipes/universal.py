@@ -95,6 +95,7 @@ class UniversalConfig(BaseModel):
     modality_weight: float = Field(0.01, ge=0.0)
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
+    fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
     datasets_per_step: int = Field(2, ge=1)  # per-dataset batches: how many datasets (each at its own patch) one optimizer step averages (docs/methods/hermes.md)
@@ -199,7 +200,7 @@ def train_universal(
     model = {
         "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
         "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped, "prior_probability": cfg.prior_probability,
-        "fusion_scales": cfg.fusion_scales, "task_anchors": cfg.task_anchors,
+        "fusion_scales": cfg.fusion_scales, "task_anchors": cfg.task_anchors, "identity_init": cfg.fusion_identity_init,
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
@@ -281,7 +282,7 @@ def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model
         depth=int(model.get("fusion_depth", 1)), tokens_per_modality=int(model.get("tokens_per_modality", 10)),
         fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
         prior_probability=model.get("prior_probability"), fusion_scales=model.get("fusion_scales"),
-        task_anchors=bool(model.get("task_anchors", False)),
+        task_anchors=bool(model.get("task_anchors", False)), identity_init=bool(model.get("identity_init", False)),
     )  # fmt: skip
 
 
