@@ -103,37 +103,44 @@ NOTES_2MIN = [
     "remaining arms with the current defaults, a 3D network chosen to pad less.",
 ]
 NOTES_6MIN: list[str] = [
-    "Run of 2026-12-04, seed 0, every current default (task anchors, two datasets' batches a step, fusion at 64 "
-    "channels at the three coarsest scales), the issue's default budget of 6 minutes per expert. Step counts differ "
-    "from the 2-minute table's machine (2D experts: 11,507 steps in 29 minutes here, 1,737 in 10 there): compare arms "
-    "within one table. Written with `--results benchmarks/results/universal_6min`, beside the 2-minute table.",
+    "Run of 2026-12-04, seed 0, the issue's default budget of 6 minutes per expert, every default of its day (task anchors, "
+    "two datasets' batches a step, fusion at 64 channels at the three coarsest scales). Step counts differ from the "
+    "2-minute table's machine (2D experts: 11,507 steps in 29 minutes here, 1,737 in 10 there): compare arms within one "
+    "table. Written with `--results benchmarks/results/universal_6min`, beside the 2-minute table.",
+    "The universal rows (2D and 3D, cross-source rows included) are a rerun of 2026-12-04 (`--only universal`) with the "
+    "fusion layers started as the identity and the prototypes as their anchors (`fusion_identity_init`, the default since: "
+    "a fresh universal network computes the no-priors one, docs/methods/hermes.md). Against the first run with randomly "
+    "started fusion: 2D 0.852 vs 0.853 (4,003 steps vs 4,253; ACDC RV / MYO / LV 0.750 / 0.795 / 0.894 vs 0.784 / 0.774 / "
+    "0.872, the rest within 0.006), 3D 0.705 vs 0.697 (600 steps vs 648), Shenzhen -> JSRT lung 0.729 vs 0.612. Within one "
+    "seed's noise in 2D; it did not close the gap to the no-priors arm. The other arms are the first run's.",
     "2D: the universal model is above the experts' mean (+0.022) because of polyp: it trains on both centres' images, "
-    "each polyp expert on one (Kvasir 0.758 vs 0.651, CVC 0.791 vs 0.549). On every other task it is below its expert "
-    "(JSRT lung / heart -0.010 / -0.012, Shenzhen -0.006, ACDC RV / MYO / LV -0.052 / -0.053 / -0.042): without the "
-    "polyp rows the means are 0.879 vs 0.908. Sharing helps where two datasets carry the same task; it costs a little "
+    "each polyp expert on one (Kvasir 0.757 vs 0.651, CVC 0.785 vs 0.549). On every other task it is below its expert "
+    "(JSRT lung / heart -0.012 / -0.012, Shenzhen -0.009, ACDC RV / MYO / LV -0.086 / -0.032 / -0.020): without the "
+    "polyp rows the means are 0.880 vs 0.908. Sharing helps where two datasets carry the same task; it costs a little "
     "elsewhere at this budget.",
-    "3D: the universal model is above the 3D experts on ACDC's volumes (RV 0.500 vs 0.351, MYO 0.605 vs 0.513, LV "
-    "0.726 vs 0.643) and below on Hippocampus (0.836 / 0.817 vs 0.874 / 0.855), after 648 two-dataset steps against "
+    "3D: the universal model is above the 3D experts on ACDC's volumes (RV 0.505 vs 0.351, MYO 0.620 vs 0.513, LV "
+    "0.766 vs 0.643) and below on Hippocampus (0.823 / 0.812 vs 0.874 / 0.855), after 600 two-dataset steps against "
     "the experts' 2,596 (Hippocampus is padded from 40x56x40 to 64x64x40 for ACDC's 6-stage network).",
     "Against the 2-minute table (`benchmarks/results/universal.md`): there the universal model was below the experts "
     "(2D 0.658 vs 0.680, 3D 0.408 vs 0.524); at three times the budget every model is much further along (the 2D ACDC "
     "expert's RV 0.46 -> 0.84) and the order flips in both mixes.",
     "The no-priors arm (the same backbone, one head per task, no fusion) is above the universal model at this budget: "
-    "2D 0.861 vs 0.853 (5,260 steps vs 4,253: the fusion costs ~24 % a step; above it on 5 of 8 tasks, ACDC MYO / LV "
-    "most), 3D 0.730 vs 0.697 at about equal steps (622 vs 648; ACDC RV / MYO / LV 0.577 / 0.646 / 0.773 vs 0.500 / "
-    "0.605 / 0.726, Hippocampus equal). So at this budget the gain over the experts comes from sharing one network "
-    "across datasets, not from the task and modality priors; at 2 minutes the priors were ahead (0.658 vs 0.611, 0.408 "
-    "vs 0.310), where the anchored task split helped early training.",
-    "Task priors only (2026-12-04, a later run of the same code, `--only task_priors_only "
-    "transfer`): 0.828, below the full universal model (0.853) and the experts (0.831), on every task (ACDC and polyp "
-    "most: RV 0.728 vs 0.784, Kvasir / CVC 0.711 / 0.741 vs 0.758 / 0.791). The modality priors earn their place "
-    "against task priors alone; the caveat is steps: this arm trained 3,578 steps against the universal arm's 4,253 "
-    "although it is no more expensive a step (the two arms ran in different sessions, and step "
-    "rates on these shared hosts vary between runs), so part of the 0.025 may be the 16 % fewer steps.",
-    "Transfer (24 minutes, four experts' budget, no JSRT in training): Shenzhen lung 0.928 against 0.951 for the "
-    "universal model trained with JSRT (JSRT's lungs help Shenzhen's). On JSRT, a source it never saw, it scores lung "
-    "Dice 0.441 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair unseen-source row, above "
-    "the expert (at 2 minutes it was 0.187 vs 0.229). Single seed.",
+    "2D 0.861 vs 0.852 (5,260 steps vs 4,003: the fusion costs ~30 % a step; above it on 7 of 8 tasks by 0.001-0.019, equal on JSRT lung), "
+    "3D 0.730 vs 0.705 at about equal steps (622 vs 600; ACDC RV / MYO / LV 0.577 / 0.646 / 0.773 vs 0.505 / 0.620 / "
+    "0.766, Hippocampus 0.835 / 0.817 vs 0.823 / 0.812). So at this budget the gain over the experts comes from sharing "
+    "one network across datasets, not from the task and modality priors; at 2 minutes the priors were ahead (0.658 vs "
+    "0.611, 0.408 vs 0.310), where the anchored task split helped early training. Tried: anchors (the 2-minute table), "
+    "a fusion that starts as the identity (above). Not yet: a second seed, fusion at fewer scales.",
+    "Task priors only (2026-12-04, a later run of the code before the identity start, `--only task_priors_only "
+    "transfer`): 0.828, below the universal model (0.852) and the experts (0.831), on every task (ACDC and polyp "
+    "most: RV 0.728 vs 0.750, Kvasir / CVC 0.711 / 0.741 vs 0.757 / 0.785). The modality priors earn their place "
+    "against task priors alone; the caveat is steps: this arm trained 3,578 steps against the first universal run's "
+    "4,253 although it is no more expensive a step (the two arms ran in different sessions, and step "
+    "rates on these shared hosts vary between runs), so part of the gap may be the fewer steps.",
+    "Transfer (24 minutes, four experts' budget, no JSRT in training; the code before the identity start): Shenzhen lung "
+    "0.928 against 0.948 for the universal model trained with JSRT (JSRT's lungs help Shenzhen's). On JSRT, a source it "
+    "never saw, it scores lung Dice 0.441 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair "
+    "unseen-source row, above the expert (at 2 minutes it was 0.187 vs 0.229). Single seed.",
 ]
 NOTES: dict[float, list[str]] = {2.0: NOTES_2MIN, 6.0: NOTES_6MIN}
 
