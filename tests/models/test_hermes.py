@@ -296,6 +296,12 @@ def test_task_anchors_start_every_task_in_its_own_direction():
     assert changed.tolist() == [[False, True], [False, False]]
 
 
+def _load_shared(src, dst) -> None:
+    """Copy into ``dst`` (a no-priors net) the backbone, anchors and offsets of ``src``."""
+    keys = dst.state_dict().keys()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in keys})
+
+
 @pytest.mark.parametrize("width", [None, 16])
 def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_priors(width):
     # with the fusion layers at identity and prototypes at their anchors, a fresh universal network
@@ -303,7 +309,7 @@ def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_prio
     torch.manual_seed(0)
     net = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True, identity_init=True)
     plain = build_hermes(_plan(), 3, 2, priors="none", prior_probability=0.01)
-    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+    _load_shared(net, plain)
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
     out = net(x, ids, mod)
     torch.testing.assert_close(out["logits"], plain(x, ids, mod)["logits"], atol=1e-5, rtol=1e-5)
@@ -317,11 +323,11 @@ def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_prio
     torch.optim.SGD(net.parameters(), lr=0.5).step()
     with torch.no_grad():
         moved = net(x, ids, mod)["logits"]
-        plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+        _load_shared(net, plain)
         assert (moved - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
-    # without the flag a fresh fusion layer changes the features (the behaviour of records before it)
+    # without the flag a fresh network is not the no-priors one (random fusion output and task head, as before)
     torch.manual_seed(0)
     random = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True)
-    plain.load_state_dict({k: v for k, v in random.state_dict().items() if k in plain.state_dict()})
+    _load_shared(random, plain)
     with torch.no_grad():
         assert (random(x, ids, mod)["logits"] - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
