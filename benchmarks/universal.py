@@ -158,13 +158,15 @@ def train_expert_arm(name: str, mix: str, data: Path, work: Path, budget: float,
     return train_benchmark_expert(name, data, work, work / "runs" / mix / "experts" / name, budget, seed, plan_options(name, mix), f"{mix} expert")
 
 
-def train_universal_arm(arm: str, members: list[str], mix: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:
+def train_universal_arm(
+    arm: str, members: list[str], mix: str, data: Path, work: Path, budget: float, seed: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
 
     folders = {n: member_folder(n, data, work) for n in members}
     ids = {n: splits(n, dataset_path(n, data, work), seed) for n in members}
     options = {n: PlanOptions(**{k: v for k, v in plan_options(n, mix).items() if k != "force_dim"}) for n in members}
-    cfg = UniversalConfig(dim=3 if mix == "3d" else 2, plan_options=options, priors=PRIORS.get(arm, "task+modality"))
+    cfg = UniversalConfig(dim=3 if mix == "3d" else 2, plan_options=options, priors=PRIORS.get(arm, "task+modality"), **(overrides or {}))
     cfg.train.steps, cfg.train.val_every, cfg.train.seed = 1_000_000, 200, seed
     cfg.train.time_budget_minutes = budget * len(members)
     run = work / "runs" / mix / arm
@@ -197,7 +199,7 @@ def cross_rows(arm: str, entry: dict[str, Any], data: Path, work: Path, seed: in
     return rows
 
 
-def run_arm(arm: str, mix: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:
+def run_arm(arm: str, mix: str, data: Path, work: Path, budget: float, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     members = MIXES[mix]
     if arm == "experts":
         out = {n: train_expert_arm(n, mix, data, work, budget, seed) for n in members}
@@ -206,13 +208,13 @@ def run_arm(arm: str, mix: str, data: Path, work: Path, budget: float, seed: int
         return out
     if arm == "transfer":
         kept = [n for n in members if n != TRANSFER_LEFT_OUT]
-        out = train_universal_arm(arm, kept, mix, data, work, budget, seed)
+        out = train_universal_arm(arm, kept, mix, data, work, budget, seed, overrides)
         # the unseen source: JSRT lung, asked as Shenzhen (the lung dataset the model knows)
         jsrt, shenzhen = member_folder("JSRT", data, work), "Shenzhen"
         ids = splits("JSRT", dataset_path("JSRT", data, work), seed)["test"]
         out["unseen"], _ = predict_and_score(Path(out["run"]), jsrt, ids, {"lung": 1}, f"{mix}-transfer-unseen-JSRT", work, as_dataset=shenzhen)
         return out
-    out = train_universal_arm(arm, members, mix, data, work, budget, seed)
+    out = train_universal_arm(arm, members, mix, data, work, budget, seed, overrides)
     if arm == "universal" and mix == "2d":
         out["cross"] = cross_rows(arm, out, data, work, seed, members)
     return out
@@ -377,6 +379,22 @@ def save(raw: dict[str, Any], results: Path, budget: float) -> dict[str, Any]:
     return res
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (values read as YAML: ``1``, ``null``, ``true``), checked against the universal config."""
+    import yaml
+
+    from medalloy.recipes.universal import UniversalConfig
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in UniversalConfig.model_fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a field of the universal config (e.g. fusion_scales=1)")
+        out[key] = yaml.safe_load(value)
+    UniversalConfig(**out)  # a bad value fails here, before any training
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -386,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=ARMS, default=None, help="run these arms and merge them into the results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="universal-recipe settings for every universal arm (e.g. fusion_scales=1), recorded with the results")
     p.add_argument("--report", action="store_true", help="only rewrite universal.json / .md from universal_raw.json (e.g. after editing the notes)")
     a = p.parse_args(argv)
     raw_path = a.results / "universal_raw.json"
@@ -397,7 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"universal.py: data folder {a.data} not found; pass --data", file=sys.stderr)
         return 1
     raw: dict[str, Any] = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.exists() else {}
-    setting = {"budget_per_expert_minutes": a.budget_minutes, "seed": a.seed}
+    try:
+        overrides = parse_overrides(a.set)
+    except ValueError as e:
+        print(f"universal.py: {e}", file=sys.stderr)
+        return 1
+    setting: dict[str, Any] = {"budget_per_expert_minutes": a.budget_minutes, "seed": a.seed}
+    if overrides:  # only when given, so the results written before --set still merge
+        setting["universal_config"] = overrides
     if raw and raw.get("setting") != setting:
         if a.only:
             print(f"universal.py: {raw_path} was made with {raw.get('setting')}; rerun every arm, or pass its budget and seed", file=sys.stderr)
@@ -408,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in a.only or ARMS:
             if arm == "transfer" and mix != "2d":
                 continue
-            raw.setdefault(mix, {})[arm] = run_arm(arm, mix, a.data, a.work, a.budget_minutes, a.seed)
+            raw.setdefault(mix, {})[arm] = run_arm(arm, mix, a.data, a.work, a.budget_minutes, a.seed, overrides)
             save(raw, a.results, a.budget_minutes)
     res = save(raw, a.results, a.budget_minutes)
     print("\n".join(targets(res)))

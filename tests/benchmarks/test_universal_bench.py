@@ -1,0 +1,36 @@
+"""benchmarks/universal.py: ``--set`` overrides are read as YAML and checked before any training."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import universal as bench  # noqa: E402
+
+
+def test_overrides_are_typed_and_checked() -> None:
+    assert bench.parse_overrides(["fusion_scales=1", "fusion_width=null", "task_anchors=false"]) == {
+        "fusion_scales": 1,
+        "fusion_width": None,
+        "task_anchors": False,
+    }
+    assert bench.parse_overrides([]) == {}
+    with pytest.raises(ValueError, match="fusion_scale"):
+        bench.parse_overrides(["fusion_scale=1"])  # not a field
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.parse_overrides(["fusion_scales"])
+    with pytest.raises(ValueError):
+        bench.parse_overrides(["fusion_scales=0"])  # the config's own bound (>= 1)
+
+
+def test_a_table_made_with_other_settings_is_not_merged(tmp_path: Path) -> None:
+    (tmp_path / "universal_raw.json").write_text('{"setting": {"budget_per_expert_minutes": 6.0, "seed": 0}}', encoding="utf-8")
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["--data", str(data), "--results", str(tmp_path), "--only", "universal", "--set", "fusion_scales=1"]
+    assert bench.main(argv) == 1  # one table, one configuration: no training starts
