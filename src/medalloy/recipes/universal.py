@@ -89,7 +89,7 @@ class UniversalConfig(BaseModel):
     priors: Literal["task+modality", "task", "none"] = "task+modality"  # "task", "none": the benchmark's ablations
     fusion_width: int | None = Field(64, ge=8)  # fusion layers at min(channels, width); None: at the backbone's width
     fusion_finest_skipped: int = Field(2, ge=0)  # never at the two finest scales, as the paper
-    fusion_scales: int | None = Field(3, ge=1)  # at the three coarsest scales, as the paper's 5-level net (None: all but the finest)
+    fusion_scales: int | None = Field(1, ge=1)  # at the bottleneck (measured: docs/methods/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
