@@ -12,8 +12,7 @@ scales, as in the paper). DynUNet's output layer is replaced by the task-prototy
 - ``logits`` ``(B, T, *sp)``: one sigmoid logit map per requested task, the dot product of the
   finest decoder features with a per-task prototype made from the task tokens of every fused
   scale (concatenated, LayerNorm, two-layer MLP), plus a learned per-task anchor vector
-  (``task_anchors``, ours: see :class:`HermesNet`), or, with ``prototype="scale"``, the anchor
-  scaled channel-wise by one plus that MLP's output;
+  (``task_anchors``, ours: see :class:`HermesNet`);
 - ``modality_logits`` ``(B, n_modalities)``: from the mean modality tokens of every fused scale
   (absent without modality priors, ``tokens_per_modality=0``).
 
@@ -59,9 +58,6 @@ def default_fusion_stages(stages: list[str], finest_skipped: int = 2, coarsest: 
     return [s for s in stages if s == "bottleneck" or int(s[3:]) >= first]
 
 
-PROTOTYPES = ("add", "scale")  # how the fused task tokens make a prototype from the anchor (see HermesNet.forward)
-
-
 class HermesNet(nn.Module):
     """A DynUNet with prior fusion layers, a task-prototype head and a modality head."""
 
@@ -78,14 +74,8 @@ class HermesNet(nn.Module):
         prior_probability: float | None = None,
         task_anchors: bool = False,
         identity_init: bool = False,
-        prototype: str = "add",
     ):
         super().__init__()
-        if prototype not in PROTOTYPES:
-            raise ValueError(f"prototype must be one of {', '.join(PROTOTYPES)}, not {prototype!r}")
-        if prototype == "scale" and not task_anchors:
-            raise ValueError('prototype="scale" scales each task\'s anchor: it needs task_anchors=True')
-        self.prototype = prototype
         self.backbone = backbone
         self.n_tasks, self.n_modalities = n_tasks, n_modalities
         paths = getattr(backbone, STAGES_ATTR)
@@ -159,12 +149,7 @@ class HermesNet(nn.Module):
             return {"logits": self._offset(torch.einsum("bc...,btc->bt...", f, self.task_weight(task_ids).to(f.dtype)), task_ids)}  # weight (B, T, C0)
         prototypes = self.task_head(torch.cat(tasks, dim=-1))  # (B, T, C0)
         if self.task_weight is not None:
-            # "scale": the fused tokens of one image are nearly the same for every task, so an added
-            # MLP output is nearly one vector for all of them and, once it outgrows the anchors,
-            # pulls a label map's classes together again; a channel-wise gain keeps each task on
-            # its own anchor's direction (docs/methods/hermes.md "Prototypes that scale their anchor")
-            anchors = self.task_weight(task_ids)
-            prototypes = anchors * (1 + prototypes) if self.prototype == "scale" else anchors + prototypes
+            prototypes = prototypes + self.task_weight(task_ids)
         logits = self._offset(torch.einsum("bc...,btc->bt...", f, prototypes.to(f.dtype)), task_ids)
         if self.modality_head is None:
             return {"logits": logits}
@@ -194,7 +179,6 @@ def build_hermes(
     fusion_scales: int | None = 3,
     task_anchors: bool = False,
     identity_init: bool = False,
-    prototype: str = "add",
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
@@ -205,8 +189,7 @@ def build_hermes(
     ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
     offset with priors, 0 without, as before); ``identity_init``: every fusion layer starts as the
     identity and, with anchors, every prototype as its anchor (a fresh network computes what the
-    no-priors one of the same backbone weights does); ``prototype``: ``add`` (anchor + MLP output)
-    or ``scale`` (anchor * (1 + MLP output)), see :class:`HermesNet`."""
+    no-priors one of the same backbone weights does)."""
     if priors not in PRIORS:
         raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
     if isinstance(network, Plan):
@@ -232,5 +215,4 @@ def build_hermes(
         prior_probability=prior_probability,
         task_anchors=task_anchors,
         identity_init=identity_init,
-        prototype=prototype,
     )

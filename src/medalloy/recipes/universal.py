@@ -96,7 +96,6 @@ class UniversalConfig(BaseModel):
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
     fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
-    task_prototype: Literal["add", "scale"] = "add"  # anchor + MLP(tokens), or anchor * (1 + MLP(tokens)) (docs/methods/hermes.md)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
     datasets_per_step: int = Field(2, ge=1)  # per-dataset batches: how many datasets (each at its own patch) one optimizer step averages (docs/methods/hermes.md)
@@ -201,7 +200,7 @@ def train_universal(
     model = {
         "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
         "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped, "prior_probability": cfg.prior_probability,
-        "fusion_scales": cfg.fusion_scales, "task_anchors": cfg.task_anchors, "identity_init": cfg.fusion_identity_init, "prototype": cfg.task_prototype,
+        "fusion_scales": cfg.fusion_scales, "task_anchors": cfg.task_anchors, "identity_init": cfg.fusion_identity_init,
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
@@ -277,14 +276,13 @@ def train_universal(
 
 def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model: dict[str, Any]) -> HermesNet:
     """The network a run's ``record["model"]`` describes (records before fusion_width: full width, fusion from 1/4;
-    before fusion_scales: every scale but the finest skipped; before task_anchors: none; before prototype: add)."""
+    before fusion_scales: every scale but the finest skipped; before task_anchors: none)."""
     return build_hermes(
         network, len(registry.tasks), len(registry.modalities), in_channels=in_channels,
         depth=int(model.get("fusion_depth", 1)), tokens_per_modality=int(model.get("tokens_per_modality", 10)),
         fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
         prior_probability=model.get("prior_probability"), fusion_scales=model.get("fusion_scales"),
         task_anchors=bool(model.get("task_anchors", False)), identity_init=bool(model.get("identity_init", False)),
-        prototype=str(model.get("prototype", "add")),
     )  # fmt: skip
 
 
