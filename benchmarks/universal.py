@@ -128,12 +128,13 @@ NOTES_6MIN: list[str] = [
     "The no-priors arm (the same backbone, one head per task, no fusion) is still above the universal model in 2D: "
     "0.861 vs 0.853 at nearly equal steps (5,260 vs 4,964), above it on 6 of 8 tasks (JSRT heart -0.011, Kvasir / CVC "
     "-0.012 / -0.011, ACDC RV / MYO / LV -0.006 / -0.021 / -0.014), below on the two lungs (JSRT +0.003, Shenzhen "
-    "+0.005); so in 2D the gap is not the fusion's step cost. In 3D the universal model is now above it: 0.736 vs 0.730 "
+    "+0.005); so in 2D the gap is not the fusion's step cost. In 3D the universal model is above it here: 0.736 vs 0.730 "
     "(698 steps vs 622, a different session's step rate; ACDC RV / MYO / LV 0.588 / 0.654 / 0.780 vs 0.577 / 0.646 / "
-    "0.773, Hippocampus 0.844 / 0.814 vs 0.835 / 0.817). One seed each, margins under 0.01: the priors are level with a "
-    "plain head per task at this budget, not clearly above (at 2 minutes they were ahead: 0.658 vs 0.611, 0.408 vs "
-    "0.310). Tried: anchors (the 2-minute table), a fusion that starts as the identity, fusion at the bottleneck only "
-    "(above). Seed 1 of both arms: `results/universal_6min_seed1` (its own splits).",
+    "0.773, Hippocampus 0.844 / 0.814 vs 0.835 / 0.817), but with seed 1 (`results/universal_6min_seed1`, its own "
+    "splits, both arms in one session) it is below: 0.736 vs 0.763, on all five tasks. So the priors do not earn their "
+    "place at this budget (at 2 minutes they were ahead: 0.658 vs 0.611, 0.408 vs 0.310). Tried: anchors (the 2-minute "
+    "table), a fusion that starts as the identity, fusion at the bottleneck only (above), prototypes that scale their "
+    "anchor (seed 1, 3D: 0.721; docs/methods/hermes.md).",
     "Task priors only (2026-12-04, a later run of the code before the identity start, `--only task_priors_only "
     "transfer`): 0.828, below the universal model (0.852) and the experts (0.831), on every task (ACDC and polyp "
     "most: RV 0.728 vs 0.750, Kvasir / CVC 0.711 / 0.741 vs 0.757 / 0.785; the universal numbers here are the "
@@ -399,6 +400,7 @@ def save(raw: dict[str, Any], results: Path, budget: float) -> dict[str, Any]:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (values read as YAML: ``1``, ``null``, ``true``), checked against the universal config."""
     import yaml
+    from pydantic import ValidationError
 
     from medalloy.recipes.universal import UniversalConfig
 
@@ -408,7 +410,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or key not in UniversalConfig.model_fields:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a field of the universal config (e.g. fusion_scales=1)")
         out[key] = yaml.safe_load(value)
-    UniversalConfig(**out)  # a bad value fails here, before any training
+    try:
+        UniversalConfig(**out)  # a bad value fails here, before any training
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"--set {'.'.join(map(str, err['loc']))}={out.get(err['loc'][0])!r}: {err['msg']}") from None
     return out
 
 
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         setting["universal_config"] = overrides
     if raw and raw.get("setting") != setting:
         if a.only:
-            print(f"universal.py: {raw_path} was made with {raw.get('setting')}; rerun every arm, or pass its budget and seed", file=sys.stderr)
+            print(f"universal.py: {raw_path} was made with {raw.get('setting')}; rerun every arm, or pass its budget, seed and --set", file=sys.stderr)
             return 1
         raw = {}
     raw["setting"] = setting
