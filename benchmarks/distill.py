@@ -119,6 +119,16 @@ NOTES = [
     "alone generalises as well as the distilled ones; the full-resolution students did show relation KD ahead "
     "(`relation_kd_full` 0.686 / 0.487 vs 0.666 / 0.479 and 0.620 / 0.457, one seed). The new `student_alone` and "
     "`logit_kd` rows have no latency of their own: the architecture is relation_kd's (2.0 ms, ONNX fp32).",
+    "Polyp with three student seeds (2026-12-04, later: `--only polyp --models teacher student_alone logit_kd relation_kd "
+    "--student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2`): the teachers retrained with two threads "
+    "reproduce the 2026-12-03 ones (Kvasir / CVC 0.553 / 0.566; the one-thread retrain of the morning had 0.574 / 0.551), "
+    "and the three default students were retrained from them, three seeds each. Kvasir->CVC: relation KD 0.479 (0.472 / "
+    "0.490 / 0.475) vs the student alone 0.481 (0.473 / 0.490 / 0.480) and logit KD 0.466 (0.464 / 0.492 / 0.442): level "
+    "with the student alone, above logit KD, all within the seeds' spread. In domain distillation pays on polyp: CVC "
+    "0.530 relation KD and 0.538 logit KD against 0.495 for the student alone (Kvasir 0.563 / 0.568 / 0.544). So over "
+    "three seeds on both unseen rows, relation KD at the default (quarter-resolution) student is level with training "
+    "the student alone (JSRT->Shenzhen -0.003, Kvasir->CVC -0.002): the unseen-source target is missed by margins well "
+    "inside the seeds' spread.",
     "int8 (static QDQ, 32 calibration patches) changes Dice by at most 0.003 on every task; it speeds up the teachers in "
     "ONNX Runtime (25.4 -> 18.8 ms at 224 px, 9.0 -> 7.2 ms at 128 px) and not the students. At 128 px (polyp) the "
     "fastest teacher is 7.2 ms (ONNX int8) and the fastest student 4.6 ms (ONNX fp32): 1.5x.",
