@@ -402,6 +402,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     import yaml
     from pydantic import ValidationError
 
+    from medalloy.recipes.config import first_error
     from medalloy.recipes.universal import UniversalConfig
 
     out: dict[str, Any] = {}
@@ -413,8 +414,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     try:
         UniversalConfig(**out)  # a bad value fails here, before any training
     except ValidationError as e:
-        err = e.errors()[0]
-        raise ValueError(f"--set {'.'.join(map(str, err['loc']))}={out.get(err['loc'][0])!r}: {err['msg']}") from None
+        raise ValueError(f"--set {' '.join(items)}: {first_error(e)}") from None
     return out
 
 

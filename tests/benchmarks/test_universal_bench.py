@@ -28,9 +28,10 @@ def test_overrides_are_typed_and_checked() -> None:
         bench.parse_overrides(["fusion_scales=0"])  # the config's own bound, in one line
 
 
-def test_a_table_made_with_other_settings_is_not_merged(tmp_path: Path) -> None:
+def test_a_table_made_with_other_settings_is_not_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "universal_raw.json").write_text('{"setting": {"budget_per_expert_minutes": 6.0, "seed": 0}}', encoding="utf-8")
     data = tmp_path / "data"
     data.mkdir()
     argv = ["--data", str(data), "--results", str(tmp_path), "--only", "universal", "--set", "fusion_scales=1"]
     assert bench.main(argv) == 1  # one table, one configuration: no training starts
+    assert "--set" in capsys.readouterr().err  # the message says which flag to match

@@ -45,6 +45,10 @@ def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_ke
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise MedalloyError(f"config field '{where}': {err['msg']}", path or "config", "fix the value") from None
+        raise MedalloyError(first_error(exc), path or "config", "fix the value") from None
+
+
+def first_error(exc: ValidationError) -> str:
+    """A pydantic error in one line: ``config field 'train.lr': <message>`` (its first error)."""
+    err = exc.errors()[0]
+    return f"config field '{'.'.join(str(x) for x in err['loc'])}': {err['msg']}"
