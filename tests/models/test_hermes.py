@@ -331,3 +331,24 @@ def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_prio
     _load_shared(random, plain)
     with torch.no_grad():
         assert (random(x, ids, mod)["logits"] - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
+
+
+def test_prior_scale_keeps_fused_task_tokens_apart_and_leaves_the_identity_start():
+    """At ViT's 0.02 a task token is swamped by what it reads from the image (fused tokens of three
+    tasks at cosine ~0.6); at std 1 its identity survives the read. The scale changes no output of an
+    identity-started network (the tokens only reach the output through zeroed maps)."""
+    f = torch.randn(2, 128, 4, 4, generator=torch.Generator().manual_seed(1))
+    task_ids, modality_ids = torch.tensor([[0, 1, 2], [3, 1, 0]]), torch.tensor([0, 1])
+
+    def token_cosines(std: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = PriorFusionLayer(128, n_tasks=4, n_modalities=2, width=64, identity_init=True, prior_init_std=std)
+        assert layer.bank.task.std().item() == pytest.approx(std, rel=0.3)
+        out, tasks, _ = layer(f, task_ids, modality_ids)
+        torch.testing.assert_close(out, f)
+        t = torch.nn.functional.layer_norm(tasks, tasks.shape[-1:])
+        cos = torch.nn.functional.cosine_similarity(t[:, :, None], t[:, None], dim=-1)
+        return cos[:, [0, 0, 1], [1, 2, 2]]
+
+    assert token_cosines(0.02).min() > 0.4
+    assert token_cosines(1.0).abs().max() < 0.3

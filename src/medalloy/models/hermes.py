@@ -74,6 +74,7 @@ class HermesNet(nn.Module):
         prior_probability: float | None = None,
         task_anchors: bool = False,
         identity_init: bool = False,
+        prior_init_std: float = 0.02,
     ):
         super().__init__()
         self.backbone = backbone
@@ -85,7 +86,7 @@ class HermesNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown fusion stages {unknown}; the backbone has {list(paths)}")
         self.fusion = nn.ModuleDict(
-            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width, identity_init) for s in self.fusion_stages}
+            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width, identity_init, prior_init_std) for s in self.fusion_stages}
         )
         out_dim = channels["dec0"]
         if self.fusion:
@@ -179,6 +180,7 @@ def build_hermes(
     fusion_scales: int | None = 3,
     task_anchors: bool = False,
     identity_init: bool = False,
+    prior_init_std: float = 0.02,
 ) -> HermesNet:
     """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
@@ -189,7 +191,8 @@ def build_hermes(
     ``prior_probability``: every task's logit offset starts at ``logit(prior_probability)`` (None: no
     offset with priors, 0 without, as before); ``identity_init``: every fusion layer starts as the
     identity and, with anchors, every prototype as its anchor (a fresh network computes what the
-    no-priors one of the same backbone weights does)."""
+    no-priors one of the same backbone weights does); ``prior_init_std``: the task and modality
+    tables start at N(0, std^2) (see :class:`~medalloy.models.prior_fusion.PriorBank`)."""
     if priors not in PRIORS:
         raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
     if isinstance(network, Plan):
@@ -215,4 +218,5 @@ def build_hermes(
         prior_probability=prior_probability,
         task_anchors=task_anchors,
         identity_init=identity_init,
+        prior_init_std=prior_init_std,
     )

@@ -22,7 +22,9 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
   layer at every scale (medalloy's choice, docs/methods/hermes.md "Size"). ``identity_init``: the
   layer's feature output starts at zero (``Up``, or each block's last feature projections when the
   layer runs at full width), so a fresh layer passes the features through unchanged (ControlNet's
-  zero convolution; docs/methods/hermes.md "Fusion that starts as the identity").
+  zero convolution; docs/methods/hermes.md "Fusion that starts as the identity"). ``prior_init_std``:
+  the prior tables start at N(0, std^2) (0.02: ViT's token init; larger keeps a task's identity
+  above what its token reads from the image, docs/methods/hermes.md "Prior scale").
 """
 
 from __future__ import annotations
@@ -78,11 +80,11 @@ class CrossAttention(nn.Module):
 class PriorBank(nn.Module):
     """One fusion layer's own task and modality token tables (not shared across scales)."""
 
-    def __init__(self, n_tasks: int, n_modalities: int, channels: int, tokens_per_modality: int = 10):
+    def __init__(self, n_tasks: int, n_modalities: int, channels: int, tokens_per_modality: int = 10, init_std: float = 0.02):
         super().__init__()
         self.n_tasks = n_tasks
-        self.task = nn.Parameter(torch.randn(n_tasks + 1, channels) * 0.02)
-        self.modality = nn.Parameter(torch.randn(n_modalities, tokens_per_modality, channels) * 0.02)
+        self.task = nn.Parameter(torch.randn(n_tasks + 1, channels) * init_std)
+        self.modality = nn.Parameter(torch.randn(n_modalities, tokens_per_modality, channels) * init_std)
 
     @property
     def null_task(self) -> int:
@@ -143,11 +145,11 @@ class PriorFusionLayer(nn.Module):
 
     def __init__(
         self, channels: int, n_tasks: int, n_modalities: int, depth: int = 1, tokens_per_modality: int = 10, width: int | None = None,
-        identity_init: bool = False,
+        identity_init: bool = False, prior_init_std: float = 0.02,
     ):  # fmt: skip
         super().__init__()
         self.width = channels if width is None else min(channels, width)
-        self.bank = PriorBank(n_tasks, n_modalities, self.width, tokens_per_modality)
+        self.bank = PriorBank(n_tasks, n_modalities, self.width, tokens_per_modality, prior_init_std)
         self.blocks = nn.ModuleList(BidirectionalFusion(self.width) for _ in range(depth))
         narrow = self.width < channels
         self.down = nn.Linear(channels, self.width) if narrow else None

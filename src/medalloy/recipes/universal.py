@@ -95,6 +95,7 @@ class UniversalConfig(BaseModel):
     modality_weight: float = Field(0.01, ge=0.0)
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
+    prior_init_std: float = Field(0.02, gt=0.0)  # task and modality tokens start at N(0, std^2) (docs/methods/hermes.md "Prior scale")
     fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
@@ -201,6 +202,7 @@ def train_universal(
         "fusion_depth": cfg.fusion_depth, "tokens_per_modality": cfg.tokens_per_modality, "fusion_width": cfg.fusion_width,
         "priors": cfg.priors, "finest_skipped": cfg.fusion_finest_skipped, "prior_probability": cfg.prior_probability,
         "fusion_scales": cfg.fusion_scales, "task_anchors": cfg.task_anchors, "identity_init": cfg.fusion_identity_init,
+        "prior_init_std": cfg.prior_init_std,
     }  # fmt: skip
     net = _build(network, registry, in_channels, model)
     batches = MixedSampler(
@@ -283,6 +285,7 @@ def _build(network: NetworkPlan, registry: TaskRegistry, in_channels: int, model
         fusion_width=model.get("fusion_width"), priors=str(model.get("priors", "task+modality")), finest_skipped=int(model.get("finest_skipped", 2)),
         prior_probability=model.get("prior_probability"), fusion_scales=model.get("fusion_scales"),
         task_anchors=bool(model.get("task_anchors", False)), identity_init=bool(model.get("identity_init", False)),
+        prior_init_std=float(model.get("prior_init_std", 0.02)),
     )  # fmt: skip
 
 
