@@ -10,10 +10,16 @@
   the tiny stem student (``--stem``), untrained (weights do not change the time): eager fp32, bf16
   autocast, ONNX Runtime fp32; median of 50 after 5 warm-up calls, 2 threads; and GFLOPs
   (docs/methods/distillation.md, "stem"). Run it alone on the machine.
+- ``prototypes``: what a trained universal model's task head adds to each task's anchor
+  (``--universal CKPT``, repeatable; each dataset's tasks, on a seeded noise patch and on a batch
+  of real training patches): norms of the anchors and of the head's part, the mean cosine between
+  the tasks' head parts, effective prototypes and fused task tokens, and how far the head's part
+  moves between noise and real input, and the cosine between datasets of the part their tasks share (docs/methods/hermes.md, "Fusion at the bottleneck", "Prior scale").
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
     python benchmarks/probes.py [head width profile latency] [--steps 120]
+    python benchmarks/probes.py prototypes --universal RUN/checkpoints/best.safetensors [...]
 
 Writes ``benchmarks/results/probes.json`` (merged per probe).
 """
@@ -197,9 +203,69 @@ def probe_latency(data: Path, work: Path) -> dict[str, Any]:
     return out
 
 
+def _mean_offdiag_cos(v):
+    """Mean cosine between the rows of ``v`` (B, T, C) over every pair of tasks, averaged over B."""
+    import torch.nn.functional as F
+
+    c = F.cosine_similarity(v[:, :, None], v[:, None], dim=-1)
+    t = v.shape[1]
+    return float((c.sum((1, 2)) - t).mean() / (t * (t - 1)))
+
+
+def probe_prototypes(checkpoints: list[Path], data: Path, work: Path) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from medalloy.recipes.universal import load_universal
+
+    out: dict[str, Any] = {}
+    for path in checkpoints:
+        net, registry, plans, _ = load_universal(path)
+        if net.task_weight is None or not net.fusion:
+            raise SystemExit(f"probes.py: {path} has no task anchors and fused priors; this probe reads both")
+        seen: dict[str, torch.Tensor] = {}
+        net.task_head.register_forward_hook(lambda m, i, o, seen=seen: seen.update(tokens=i[0].detach(), head=o.detach()))
+        rows: dict[str, Any] = {}
+        shared: dict[str, torch.Tensor] = {}
+        for name, info in registry.datasets.items():
+            plan, ids = plans[name], list(info["task_ids"])
+            real = _sampler(name, data, work, plan, cases=4)(0)["image"].float()
+            g = torch.Generator().manual_seed(0)
+            noise = torch.randn(real.shape, generator=g)
+            row: dict[str, Any] = {"tasks": [registry.tasks[i] for i in ids]}
+            task_ids = torch.tensor([ids] * real.shape[0])
+            anchors = net.task_weight(task_ids).detach()
+            row["anchor_norm"] = [round(float(v), 3) for v in anchors[0].norm(dim=-1)]
+            head = {}
+            for kind, x in (("noise", noise), ("real", real)):
+                with torch.no_grad():
+                    net(x, task_ids, torch.full((x.shape[0],), int(info["modality_id"])))
+                head[kind] = seen["head"]
+                tokens = F.layer_norm(seen["tokens"], seen["tokens"].shape[-1:])
+                row[kind] = {
+                    "head_norm": [round(float(v), 3) for v in seen["head"].norm(dim=-1).mean(0)],
+                    "head_cos": round(_mean_offdiag_cos(seen["head"]), 3),
+                    "prototype_cos": round(_mean_offdiag_cos(seen["head"] + anchors), 3),
+                    "token_cos": round(_mean_offdiag_cos(tokens), 3),
+                }
+            # 1 - cos between a task's head part on noise and on real patches: 0 = the image does not matter
+            row["head_noise_vs_real"] = round(float(1 - F.cosine_similarity(head["noise"].mean(0), head["real"].mean(0), dim=-1).mean()), 4)
+            rows[name] = row
+            shared[name] = head["real"].mean((0, 1))
+            print(f"[probes] prototypes {path.parent.parent.name} {name}: {row}", flush=True)
+        # is the tasks' shared part one "foreground" vector for every dataset?
+        names = list(shared)
+        rows["shared_part_cos_across_datasets"] = {
+            f"{a}/{b}": round(float(F.cosine_similarity(shared[a], shared[b], dim=0)), 3) for i, a in enumerate(names) for b in names[i + 1 :]
+        }
+        out[str(path)] = rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency"])
+    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes"])
+    p.add_argument("--universal", type=Path, action="append", default=[], help="a universal checkpoint (prototypes; repeat for more)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
     p.add_argument("--runs", type=Path, default=HERE.parent / "runs" / "bench-distill" / "runs")
@@ -211,7 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     path = a.results / "probes.json"
     for name in a.probes:
-        probes = {"head": lambda: probe_head(a.data, a.work, a.steps), "width": lambda: probe_width(a.data, a.work, a.steps), "profile": lambda: probe_profile(a.runs), "latency": lambda: probe_latency(a.data, a.work)}
+        probes = {
+            "head": lambda: probe_head(a.data, a.work, a.steps),
+            "width": lambda: probe_width(a.data, a.work, a.steps),
+            "profile": lambda: probe_profile(a.runs),
+            "latency": lambda: probe_latency(a.data, a.work),
+            "prototypes": lambda: probe_prototypes(a.universal, a.data, a.work),
+        }
         res = probes[name]()
         old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}  # probes may run side by side
         old[name] = {"steps": a.steps, "results": res} if name in ("head", "width") else {"results": res}
