@@ -134,7 +134,10 @@ NOTES_6MIN: list[str] = [
     "splits, both arms in one session) it is below: 0.736 vs 0.763, on all five tasks. So the priors do not earn their "
     "place at this budget (at 2 minutes they were ahead: 0.658 vs 0.611, 0.408 vs 0.310). Tried: anchors (the 2-minute "
     "table), a fusion that starts as the identity, fusion at the bottleneck only (above), prototypes that scale their "
-    "anchor (seed 1, 3D: 0.721; docs/methods/hermes.md).",
+    "anchor (seed 1, 3D: 0.721), task and modality tables drawn at std 1 instead of 0.02 (seed 1, 3D: 0.712; "
+    "docs/methods/hermes.md). Why, read off the seed-1 checkpoint (`benchmarks/probes.py prototypes`): the trained "
+    "task head answers one constant per task, its anchor plus a foreground vector shared by every task of both datasets "
+    "(cosine 0.95 between tasks, 0.89 between datasets); nothing of the image reaches the prototypes.",
     "Task priors only (2026-12-04, a later run of the code before the identity start, `--only task_priors_only "
     "transfer`): 0.828, below the universal model (0.852) and the experts (0.831), on every task (ACDC and polyp "
     "most: RV 0.728 vs 0.750, Kvasir / CVC 0.711 / 0.741 vs 0.757 / 0.785; the universal numbers here are the "
@@ -154,6 +157,10 @@ NOTES_6MIN_SEED1: list[str] = [
     "The no-priors arm is ahead: 0.763 vs 0.736 (748 vs 719 steps), on all five tasks, most on ACDC's RV (0.653 vs "
     "0.576). With seed 0 (`results/universal_6min`, 0.736 vs 0.730) the mean over the two seeds is 0.736 vs 0.747: at "
     "this budget the priors do not earn their place in 3D either (docs/methods/hermes.md).",
+    "Tried on this seed, universal arm only: prototypes that scale their anchor 0.721 (714 steps), prior tables drawn at "
+    "std 1 (`--set prior_init_std=1.0`) 0.712 (659 steps); neither kept. `benchmarks/probes.py prototypes` on this "
+    "table's universal checkpoint: the head's part of every prototype is nearly one image-independent vector "
+    "(docs/methods/hermes.md \"What the task head learns\").",
 ]
 # per (budget, seed): what the runs of that table showed
 NOTES: dict[tuple[float, int], list[str]] = {(2.0, 0): NOTES_2MIN, (6.0, 0): NOTES_6MIN, (6.0, 1): NOTES_6MIN_SEED1}
