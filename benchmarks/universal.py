@@ -113,7 +113,9 @@ NOTES_6MIN: list[str] = [
     "2D 0.853 vs 0.852 (4,964 steps vs 4,003: the fusion now costs ~5 % a step against the no-priors arm, was ~30 %), "
     "3D 0.736 vs 0.705 (698 steps vs 600; ACDC RV / MYO / LV 0.588 / 0.654 / 0.780 vs 0.505 / 0.620 / 0.766), "
     "Shenzhen -> JSRT lung 0.806 vs 0.729, parameters 5.29 M vs 5.91 M in 2D. The first run (random fusion start, three "
-    "scales): 2D 0.853 (4,253 steps), 3D 0.697 (648). The other arms are the first run's.",
+    "scales): 2D 0.853 (4,253 steps), 3D 0.697 (648). The task-priors-only and transfer rows are a fourth run, at the "
+    "same defaults (`--mix 2d --only task_priors_only transfer`); the experts and the no-priors arm (no fusion, so none "
+    "of these changes touch it) are the first run's.",
     "2D: the universal model is above the experts' mean (+0.022) because of polyp: it trains on both centres' images, "
     "each polyp expert on one (Kvasir 0.759 vs 0.651, CVC 0.789 vs 0.549). On every other task it is below its expert "
     "(JSRT lung / heart -0.009 / -0.020, Shenzhen -0.003, ACDC RV / MYO / LV -0.073 / -0.040 / -0.028): without the "
@@ -138,17 +140,18 @@ NOTES_6MIN: list[str] = [
     "docs/methods/hermes.md). Why, read off the seed-1 checkpoint (`benchmarks/probes.py prototypes`): the trained "
     "task head answers one constant per task, its anchor plus a foreground vector shared by every task of both datasets "
     "(cosine 0.95 between tasks, 0.89 between datasets); nothing of the image reaches the prototypes.",
-    "Task priors only (2026-12-04, a later run of the code before the identity start, `--only task_priors_only "
-    "transfer`): 0.828, below the universal model (0.852) and the experts (0.831), on every task (ACDC and polyp "
-    "most: RV 0.728 vs 0.750, Kvasir / CVC 0.711 / 0.741 vs 0.757 / 0.785; the universal numbers here are the "
-    "second run's, three fusion scales). The modality priors earn their place "
-    "against task priors alone; the caveat is steps: this arm trained 3,578 steps against the first universal run's "
-    "4,253 although it is no more expensive a step (the two arms ran in different sessions, and step "
-    "rates on these shared hosts vary between runs), so part of the gap may be the fewer steps.",
-    "Transfer (24 minutes, four experts' budget, no JSRT in training; the code before the identity start): Shenzhen lung "
-    "0.928 against 0.954 for the universal model trained with JSRT (JSRT's lungs help Shenzhen's). On JSRT, a source it "
-    "never saw, it scores lung Dice 0.441 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair "
-    "unseen-source row, above the expert (at 2 minutes it was 0.187 vs 0.229). Single seed.",
+    "Task priors only (fourth run, the same defaults as the universal column): 0.862 (5,154 steps), above the universal "
+    "model (0.853, 4,964 steps) and level with the no-priors arm (0.861, 5,260 steps): above the universal model on 6 of "
+    "8 tasks (polyp most: Kvasir / CVC 0.789 / 0.814 vs 0.759 / 0.789; ACDC RV 0.783 vs 0.763), below on ACDC LV (0.872 "
+    "vs 0.886) and Shenzhen (0.951 vs 0.954). So at the current defaults the modality priors do not pay either: the "
+    "earlier run of this arm (three fusion scales, random fusion start) was 0.828, below the universal model of its "
+    "code (0.852), which had been read as the modality token earning its place; with the fusion at the bottleneck "
+    "the order turns, and the three arms (universal, task priors only, no priors) are within 0.01 of each other. One seed.",
+    "Transfer (24 minutes, four experts' budget, no JSRT in training; fourth run, the same defaults): Shenzhen lung "
+    "0.934 against 0.954 for the universal model trained with JSRT (JSRT's lungs help Shenzhen's). On JSRT, a source it "
+    "never saw, it scores lung Dice 0.661 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair "
+    "unseen-source row, above the expert (0.441 with three fusion scales and a random fusion start; at 2 minutes "
+    "0.187 vs 0.229). Single seed.",
 ]
 NOTES_6MIN_SEED1: list[str] = [
     "Run of 2026-12-04, seed 1 (`--seed 1 --mix 3d --only universal no_priors`): its own splits, so the cases differ from "
