@@ -14,7 +14,7 @@
   (``--universal CKPT``, repeatable; each dataset's tasks, on a seeded noise patch and on a batch
   of real training patches): norms of the anchors and of the head's part, the mean cosine between
   the tasks' head parts, effective prototypes and fused task tokens, and how far the head's part
-  moves between noise and real input, and the cosine between datasets of the part their tasks share (docs/methods/hermes.md, "Fusion at the bottleneck", "Prior scale").
+  moves between noise and real input, and the cosine between datasets of the part their tasks share (docs/methods/hermes.md, "What the task head learns").
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 

@@ -24,7 +24,8 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
   layer runs at full width), so a fresh layer passes the features through unchanged (ControlNet's
   zero convolution; docs/methods/hermes.md "Fusion that starts as the identity"). ``prior_init_std``:
   the prior tables start at N(0, std^2) (0.02: ViT's token init; larger keeps a task's identity
-  above what its token reads from the image, docs/methods/hermes.md "Prior scale").
+  above what its token reads from the image, though not in what the trained head makes of it:
+  docs/methods/hermes.md "What the task head learns").
 """
 
 from __future__ import annotations

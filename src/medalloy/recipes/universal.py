@@ -95,7 +95,7 @@ class UniversalConfig(BaseModel):
     modality_weight: float = Field(0.01, ge=0.0)
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
-    prior_init_std: float = Field(0.02, gt=0.0)  # task and modality tokens start at N(0, std^2) (docs/methods/hermes.md "Prior scale")
+    prior_init_std: float = Field(0.02, gt=0.0)  # task and modality tokens start at N(0, std^2) (1.0 measured worse: docs/methods/hermes.md "What the task head learns")
     fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
