@@ -13,8 +13,9 @@
 - ``prototypes``: what a trained universal model's task head adds to each task's anchor
   (``--universal CKPT``, repeatable; each dataset's tasks, on a seeded noise patch and on a batch
   of real training patches): norms of the anchors and of the head's part, the mean cosine between
-  the tasks' head parts, effective prototypes and fused task tokens, and how far the head's part
-  moves between noise and real input, and the cosine between datasets of the part their tasks share (docs/methods/hermes.md, "What the task head learns").
+  the tasks' head parts, effective prototypes and fused task tokens, how far the head's part moves
+  between noise and real input, and the cosine between datasets of the part their tasks share
+  (docs/methods/hermes.md, "What the task head learns").
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.data.is_dir():
         print(f"probes.py: data folder {a.data} not found; pass --data", file=sys.stderr)
+        return 1
+    if "prototypes" in a.probes and not a.universal:
+        print("probes.py: the prototypes probe reads trained checkpoints; pass --universal RUN/checkpoints/best.safetensors", file=sys.stderr)
         return 1
     path = a.results / "probes.json"
     for name in a.probes:
