@@ -21,7 +21,9 @@ student (``models/students.default_stem``: a stem of two at both domains' patche
 pixel blocks folded into channels and the network from 1/4), so the unseen-source rows compare
 like for like; ``student_alone_full``, ``logit_kd_full``, ``relation_kd_full`` the same at full
 resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); ``skd``,
-``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students.
+``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students;
+``relation_kd_x10`` and ``relation_kd_x30`` are ``relation_kd`` with its kernel and affinity terms
+weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records.
 Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
 parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
 batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
@@ -58,11 +60,20 @@ STEM = {
     "relation_kd_stem": 1, "student_alone_full": 0, "logit_kd_full": 0, "relation_kd_full": 0,
     "skd": 0, "cwd": 0, "relation_no_kernel": 0, "relation_no_affinity": 0,
 }  # fmt: skip
+# relation KD at the default student with the relation terms (kernel and affinity) weighted W
+# instead of 1: at weight 1 they end ~20x below L_seg (0.02-0.04 vs ~0.65 on polyp), too small to
+# steer the student; the weight is chosen by the students' validation Dice on the training source
+RELATION_WEIGHTS = (10.0, 30.0)
+WEIGHTS: dict[str, dict[str, float]] = {f"relation_kd_x{w:g}": {"kernel": w, "affinity": w} for w in RELATION_WEIGHTS}
+STUDENTS.update({name: "relation" for name in WEIGHTS})
 MODELS = ["teacher", *STUDENTS]
 # relation KD at each student architecture, and the baselines it must beat at the same one
-RELATION_VS_BASELINES = {"relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": ()}
+RELATION_VS_BASELINES = {
+    "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
+    **{name: ("student_alone", "logit_kd") for name in WEIGHTS},
+}  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full"]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full"]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -192,7 +203,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     """One student; ``seed`` picks the split (as for the teacher), ``student_seed`` its training
     (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
     steps is scored, not retrained."""
-    from medalloy.recipes.distill import train_distill
+    from medalloy.recipes.distill import DistillConfig, DistillWeights, train_distill
 
     ds_path = dataset_path(members[0], data, work)
     split = union_split(members, data, work, seed)
@@ -201,8 +212,9 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
         log(f"{domain} {run.name}: reusing {run}")
         return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
+    config = DistillConfig(weights=DistillWeights(**WEIGHTS[model])) if model in WEIGHTS else None
     res = train_distill(
-        ds_path, teacher, run, losses=STUDENTS[model], student="tiny", stem=STEM.get(model), split={"train": split["train"], "val": split["val"]},
+        ds_path, teacher, run, config, losses=STUDENTS[model], student="tiny", stem=STEM.get(model), split={"train": split["train"], "val": split["val"]},
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
     )  # fmt: skip
     return run, res
@@ -266,6 +278,8 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
         run, res = trained[0]
         entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "params": int(res["params"])}
         entry["dice"] = mean_dice(per_seed)
+        if model != "teacher":  # what a user could choose a setting by: the best validation Dice on the training source
+            entry["val_dice"] = round(float(np.mean([r["best"]["value"] for _, r in trained])), 4)
         if model != "teacher" and len(student_seeds) > 1:
             entry["seeds"], entry["dice_per_seed"] = list(student_seeds), per_seed
         entry["dice_mean"] = round(float(np.mean(list(entry["dice"].values()))), 4)
@@ -405,6 +419,16 @@ def markdown(res: dict[str, Any]) -> str:
         if seeds:
             lines += ["", "A student's row with seeds in brackets: the mean over its training seeds, then each seed's (splits and teacher fixed)."]
         lines.append("")
+    val = {d: {name: m["val_dice"] for name, m in v["models"].items() if "val_dice" in m} for d, v in res["domains"].items()}
+    if any(val.values()):
+        doms = [d for d in val if val[d]]
+        lines += [
+            "## Validation Dice on the training sources (what a setting is chosen by)", "",
+            "| model | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms),
+        ]  # fmt: skip
+        for name in [n for n in MODELS if any(n in val[d] for d in doms)]:
+            lines.append(f"| {name} | " + " | ".join(f"{val[d][name]:.3f}" if name in val[d] else "" for d in doms) + " |")
+        lines += ["", "The best checkpoint's validation Dice (the held-out cases are not used), mean over the student's seeds.", ""]
     int8 = [(d, name, m) for d, v in res["domains"].items() for name, m in v["models"].items() if "dice_int8" in m]
     if int8:
         lines += ["## int8 (ONNX Runtime static quantization) vs fp32 Dice", "", "| domain | model | task/source | fp32 | int8 |", "|---|---|---|---|---|"]
