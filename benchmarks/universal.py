@@ -165,6 +165,10 @@ NOTES_6MIN_SEED1: list[str] = [
     "std 1 (`--set prior_init_std=1.0`) 0.712 (659 steps); neither kept. `benchmarks/probes.py prototypes` on this "
     "table's universal checkpoint: the head's part of every prototype is nearly one image-independent vector "
     "(docs/methods/hermes.md \"What the task head learns\").",
+    "2D, 2026-12-05 (`--seed 1 --mix 2d --only universal no_priors`, both arms in one session, the same defaults): no "
+    "priors 0.877 (5,723 steps) vs universal 0.863 (5,430), above on all eight tasks, most on ACDC's RV (0.822 vs 0.779) "
+    "and CVC (0.836 vs 0.812). With seed 0 (0.861 vs 0.853) the no-priors arm leads in 2D on both seeds, by 0.008 and "
+    "0.014 (mean 0.869 vs 0.858): in 2D the priors cost a little at this budget, partly through ~5 % fewer steps.",
 ]
 NOTES_6MIN_SEED2: list[str] = [
     "Run of 2026-12-05, seed 2 (`--seed 2 --mix 3d --only universal no_priors`): its own splits, no experts, both arms "
