@@ -288,8 +288,9 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
         run, res = trained[0]
         entry: dict[str, Any] = {"run": str(run), "train_minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "params": int(res["params"])}
         entry["dice"] = mean_dice(per_seed)
-        if model != "teacher":  # what a user could choose a setting by: the best validation Dice on the training source
-            entry["val_dice"] = round(float(np.mean([r["best"]["value"] for _, r in trained])), 4)
+        best = [(r.get("best") or {}).get("value") for _, r in trained]
+        if model != "teacher" and None not in best:  # what a user could choose a setting by: the best validation Dice on the training source
+            entry["val_dice"] = round(float(np.mean(best)), 4)
         if model != "teacher" and len(student_seeds) > 1:
             entry["seeds"], entry["dice_per_seed"] = list(student_seeds), per_seed
         entry["dice_mean"] = round(float(np.mean(list(entry["dice"].values()))), 4)
