@@ -177,6 +177,10 @@ NOTES_6MIN_SEED2: list[str] = [
     "0.582) and Hippocampus anterior, level on posterior. Over seeds 0, 1 and 2 (each its own splits): universal 0.736 / "
     "0.736 / 0.764, no priors 0.730 / 0.763 / 0.741, means 0.745 and 0.745: in 3D the priors neither earn nor cost "
     "their place at this budget; the seed-to-seed swing (+0.006, -0.027, +0.023) is larger than any mean difference.",
+    "2D, 2026-12-05 (`--seed 2 --mix 2d --only universal no_priors`, one session, the same defaults): universal 0.873 "
+    "(5,102 steps) vs no priors 0.869 (5,795), above on 7 of 8 tasks (Kvasir 0.785 vs 0.763; below on ACDC's LV, 0.883 "
+    "vs 0.895). Over seeds 0, 1 and 2: universal 0.853 / 0.863 / 0.873, no priors 0.861 / 0.877 / 0.869, means 0.863 "
+    "and 0.869 (-0.006; per seed -0.008, -0.014, +0.004).",
 ]
 # per (budget, seed): what the runs of that table showed
 NOTES: dict[tuple[float, int], list[str]] = {(2.0, 0): NOTES_2MIN, (6.0, 0): NOTES_6MIN, (6.0, 1): NOTES_6MIN_SEED1, (6.0, 2): NOTES_6MIN_SEED2}
