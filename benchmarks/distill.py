@@ -470,15 +470,12 @@ def targets(res: dict[str, Any]) -> list[str]:
             keys = list(s["dice"])
             keep = float(np.mean([s["dice"][k] for k in keys])) / max(float(np.mean([t["dice"][k] for k in keys])), 1e-9)
             out.append(f"- {name} keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
-        lat = s["latency_ms"]
-        if not lat and name in WEIGHTS and s["params"] == models["relation_kd"]["params"]:
-            lat = models["relation_kd"]["latency_ms"]  # the same network; loss weights do not change its time
-        if not t["latency_ms"] or not lat:
-            out.append(f"- latency of {name}: not measured yet (`--measure`)")
-        elif name in WEIGHTS:
+        if name in WEIGHTS:  # loss weights do not change the network, so not its time
             out.append(f"- latency of {name}: relation_kd's (the same network)")
+        elif not t["latency_ms"] or not s["latency_ms"]:
+            out.append(f"- latency of {name}: not measured yet (`--measure`)")
         else:
-            (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(lat)
+            (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
             speed = tv / sv
             out.append(f"- latency of {name}, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
     for name, base in [(n, b) for n, bases in RELATION_VS_BASELINES.items() for b in bases]:

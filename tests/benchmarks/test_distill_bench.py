@@ -1,0 +1,45 @@
+"""benchmarks/distill.py: the relation-KD weight is chosen by validation Dice, never by the test rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import distill as bench  # noqa: E402
+
+
+def _domain(val: dict[str, float], unseen: dict[str, float]) -> dict:
+    return {
+        "models": {name: {"val_dice": v} for name, v in val.items()},
+        "unseen_source": {name: {"JSRT->Shenzhen": v} for name, v in unseen.items()},
+    }
+
+
+def test_chosen_by_validation_picks_the_best_validation_not_the_best_test() -> None:
+    # x30 has the best unseen row but not the best validation Dice: x10 must be the one reported
+    dom = _domain(
+        {"student_alone": 0.94, "logit_kd": 0.94, "relation_kd": 0.941, "relation_kd_x10": 0.942, "relation_kd_x30": 0.935},
+        {"student_alone": 0.719, "logit_kd": 0.722, "relation_kd": 0.716, "relation_kd_x10": 0.732, "relation_kd_x30": 0.743},
+    )
+    (line,) = bench.chosen_by_validation({"domains": {"cxr": dom}})
+    assert "(relation_kd_x10, 0.942): 0.732 vs student_alone 0.719 / logit_kd 0.722: met" in line
+
+
+def test_chosen_by_validation_misses_when_a_baseline_is_as_good() -> None:
+    dom = _domain(
+        {"relation_kd": 0.565, "relation_kd_x10": 0.55},
+        {"student_alone": 0.481, "logit_kd": 0.466, "relation_kd": 0.479, "relation_kd_x10": 0.471},
+    )
+    dom["unseen_source"] = {k: {"Kvasir->CVC": v["JSRT->Shenzhen"]} for k, v in dom["unseen_source"].items()}
+    (line,) = bench.chosen_by_validation({"domains": {"polyp": dom}})
+    assert "(relation_kd, 0.565): 0.479 vs student_alone 0.481" in line and line.endswith("**missed**")
+
+
+def test_no_choice_without_two_weighted_rows_or_the_baselines() -> None:
+    one = _domain({"relation_kd": 0.9}, {"relation_kd": 0.7, "student_alone": 0.6, "logit_kd": 0.6})
+    no_base = _domain({"relation_kd": 0.9, "relation_kd_x10": 0.95}, {"relation_kd": 0.7, "relation_kd_x10": 0.8})
+    assert bench.chosen_by_validation({"domains": {"cxr": one}}) == []
+    assert bench.chosen_by_validation({"domains": {"cxr": no_base}}) == []
