@@ -338,6 +338,7 @@ def measure_all(res: dict[str, Any], data: Path, work: Path, seed: int, domains:
                         entry["dice_int8"][f"{label}/{source_of(member)}"] = d
             m.pop("int8_graph")
             entry.update(m)
+            entry.pop("shares_measures_of", None)
             log(f"{domain} {model}: params {entry['params']} GFLOPs {entry['gflops']} latency {entry['latency_ms']}")
 
 
@@ -352,7 +353,8 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
     mine = doms.setdefault(domain, {"models": {}, "unseen_source": {}})
     for name, entry in new["models"].items():
         before = mine["models"].get(name, {})
-        if "latency_ms" not in entry and "latency_ms" in before and before.get("params") == entry.get("params"):
+        shared = "shares_measures_of" in before  # summarise() shares those afresh
+        if "latency_ms" not in entry and "latency_ms" in before and before.get("params") == entry.get("params") and not shared:
             entry.update({k: before[k] for k in ARCHITECTURE_MEASURES if k in before})
             entry["measured"] = before.get("measured") or "an earlier --measure pass of the same architecture (the model was retrained since)"
     mine["models"].update(new["models"])
@@ -363,10 +365,28 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
     return {**old, "domains": doms}
 
 
+def architecture(name: str, entry: dict[str, Any]) -> tuple[Any, ...]:
+    """What fixes a row's network (so its size, FLOPs and time): loss and loss weights do not."""
+    return ("teacher",) if name == "teacher" else ("student", STEM.get(name, "default"), entry.get("params"))
+
+
+def share_architecture_measures(models: dict[str, dict[str, Any]]) -> None:
+    """A row that --measure did not time takes the measures of a timed row of the same network (the
+    students of one architecture trained with other losses), naming it, so every row carries its time."""
+    timed = {architecture(n, e): n for n, e in models.items() if e.get("latency_ms") and "shares_measures_of" not in e}
+    for name, entry in models.items():
+        source = timed.get(architecture(name, entry))
+        if (entry.get("latency_ms") is None or "shares_measures_of" in entry) and source is not None and source != name:
+            entry.update({k: models[source][k] for k in ARCHITECTURE_MEASURES if k in models[source]})
+            entry["shares_measures_of"] = source
+
+
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
     """The issue's shape: per model, Dice over every task/source of both domains; size and latency at
     224 px (the chest X-ray domain: the issue's reference size), else the other domain's."""
     doms = res["domains"]
+    for v in doms.values():
+        share_architecture_measures(v["models"])
     models: dict[str, Any] = {}
     for name in MODELS:
         entries = {d: v["models"][name] for d, v in doms.items() if name in v["models"]}
@@ -413,7 +433,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(f"{m['dice'].get(k, float('nan')):.3f}" for k in keys) + f" | {m['dice_mean']:.3f} | {m['params']:,} | "
             f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | " + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8")) + " |"
         )
-    lines += ["", "Sizes and latencies are the chest X-ray domain's (224 x 224); per domain in `distill.json`.", ""]
+    lines += ["", "Sizes and latencies are the chest X-ray domain's (224 x 224); per domain in `distill.json`."]
+    shared: dict[str, list[str]] = {}
+    for v in res["domains"].values():
+        for name, m in v["models"].items():
+            if "shares_measures_of" in m and name not in shared.get(m["shares_measures_of"], []):
+                shared.setdefault(m["shares_measures_of"], []).append(name)
+    for source, names in shared.items():
+        lines.append(f"{', '.join(names)}: {source}'s network with other losses, so {source}'s size, FLOPs and times (timed once).")
+    lines.append("")
     if unseen:
         cols = sorted({k for v in unseen.values() for k in v})
         lines += ["## Unseen source (trained on one centre, scored on the other)", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -470,9 +498,7 @@ def targets(res: dict[str, Any]) -> list[str]:
             keys = list(s["dice"])
             keep = float(np.mean([s["dice"][k] for k in keys])) / max(float(np.mean([t["dice"][k] for k in keys])), 1e-9)
             out.append(f"- {name} keeps {100 * keep:.1f} % of the teacher's mean Dice (target >= 97 %): {'met' if keep >= 0.97 else '**missed**'}")
-        if name in WEIGHTS:  # loss weights do not change the network, so not its time
-            out.append(f"- latency of {name}: relation_kd's (the same network)")
-        elif not t["latency_ms"] or not s["latency_ms"]:
+        if not t["latency_ms"] or not s["latency_ms"]:
             out.append(f"- latency of {name}: not measured yet (`--measure`)")
         else:
             (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])

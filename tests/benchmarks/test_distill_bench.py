@@ -43,3 +43,25 @@ def test_no_choice_without_two_weighted_rows_or_the_baselines() -> None:
     no_base = _domain({"relation_kd": 0.9, "relation_kd_x10": 0.95}, {"relation_kd": 0.7, "relation_kd_x10": 0.8})
     assert bench.chosen_by_validation({"domains": {"cxr": one}}) == []
     assert bench.chosen_by_validation({"domains": {"cxr": no_base}}) == []
+
+
+def test_rows_of_one_network_share_its_measures_and_name_the_timed_row() -> None:
+    lat = {"eager_fp32": 5.9, "bf16": 5.3, "onnx_fp32": 2.0, "onnx_int8": 2.1}
+    models = {
+        "teacher": {"params": 5_000_000, "latency_ms": {"onnx_int8": 21.6}, "gflops": 5.4},
+        "relation_kd": {"params": 317_555, "latency_ms": lat, "gflops": 0.21, "size_mb": 1.3},
+        "student_alone": {"params": 317_555},
+        "relation_kd_x10": {"params": 317_555},
+        "relation_kd_stem": {"params": 317_555},  # another stem: another network, even at equal parameters
+        "student_alone_full": {"params": 339_661},
+    }
+    bench.share_architecture_measures(models)
+    for name in ("student_alone", "relation_kd_x10"):
+        assert models[name]["latency_ms"] == lat and models[name]["gflops"] == 0.21
+        assert models[name]["shares_measures_of"] == "relation_kd"
+    assert "latency_ms" not in models["relation_kd_stem"] and "latency_ms" not in models["student_alone_full"]
+    assert "shares_measures_of" not in models["relation_kd"] and models["teacher"]["gflops"] == 5.4
+    # a new timing of the source reaches the rows that share it
+    models["relation_kd"]["latency_ms"] = {**lat, "onnx_fp32": 1.5}
+    bench.share_architecture_measures(models)
+    assert models["student_alone"]["latency_ms"]["onnx_fp32"] == 1.5
