@@ -24,6 +24,9 @@ resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--st
 ``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students;
 ``relation_kd_x10`` and ``relation_kd_x30`` are ``relation_kd`` with its kernel and affinity terms
 weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records.
+Multi-source (chest X-ray): ``logit_kd_multi``, ``relation_kd_multi`` and ``relation_kd_x10_multi`` are
+those rows trained from the JSRT teacher on JSRT's and Shenzhen's images at once (Shenzhen labels the
+lung only: its steps teach through the teacher alone), scored on both held-out sets.
 Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
 parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
 batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
@@ -66,7 +69,13 @@ STEM = {
 RELATION_WEIGHTS = (10.0, 30.0)
 WEIGHTS: dict[str, dict[str, float]] = {f"relation_kd_x{w:g}": {"kernel": w, "affinity": w} for w in RELATION_WEIGHTS}
 STUDENTS.update({name: "relation" for name in WEIGHTS})
-MODELS = ["teacher", *STUDENTS]
+# multi-source (the issue's JSRT + Shenzhen): the domain's students trained on the images of several
+# datasets at once, from the domain's teacher (Shenzhen labels the lung only, so its steps teach
+# through the teacher alone), scored on each one's held-out cases; each row is the named single-source
+# row's configuration with more images
+MULTI_SOURCES = {"cxr": ["JSRT", "Shenzhen"]}
+MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
+MODELS = ["teacher", *STUDENTS, *MULTI]
 # relation KD at each student architecture, and the baselines it must beat at the same one
 RELATION_VS_BASELINES = {
     "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
@@ -213,18 +222,26 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     """One student; ``seed`` picks the split (as for the teacher), ``student_seed`` its training
     (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
     steps is scored, not retrained."""
+    from medalloy.data.dataset import RawDataset
     from medalloy.recipes.distill import DistillConfig, DistillWeights, train_distill
 
-    ds_path = dataset_path(members[0], data, work)
-    split = union_split(members, data, work, seed)
+    paths = list(dict.fromkeys(dataset_path(m, data, work) for m in members))  # polyp's two centres share one dataset
+    if len(paths) == 1:
+        dataset: Path | list[Path] = paths[0]
+        union = union_split(members, data, work, seed)
+        split: dict[str, Any] = {"train": union["train"], "val": union["val"]}
+    else:  # several datasets: the recipe takes a split per dataset
+        dataset = paths
+        split = {RawDataset(p).name: {k: v for k, v in splits(m, p, seed).items() if k != "test"} for m, p in zip(members, paths)}
     run = work / "runs" / domain / f"{model}{tag}{f'-seed{student_seed}' if student_seed != seed else ''}"
     if reuse and finished(run) and json.loads((run / "run.json").read_text(encoding="utf-8")).get("steps") == steps:
         log(f"{domain} {run.name}: reusing {run}")
         return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
-    config = DistillConfig(weights=DistillWeights(**WEIGHTS[model])) if model in WEIGHTS else None
+    base = MULTI.get(model, model)
+    config = DistillConfig(weights=DistillWeights(**WEIGHTS[base])) if base in WEIGHTS else None
     res = train_distill(
-        ds_path, teacher, run, config, losses=STUDENTS[model], student="tiny", stem=STEM.get(model), split={"train": split["train"], "val": split["val"]},
+        dataset, teacher, run, config, losses=STUDENTS[base], student="tiny", stem=STEM.get(base), split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
     )  # fmt: skip
     return run, res
@@ -272,7 +289,7 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
     out: dict[str, Any] = {"models": {}, "unseen_source": {}, "unseen_source_per_seed": {}}
     teacher = train_teacher(domain, members, data, work, teacher_steps, seed, "")
     runs: dict[str, list[Path]] = {}
-    for model in models:
+    for model in [m for m in models if m not in MULTI]:
         if model == "teacher":
             trained = [(teacher, json.loads((teacher / "run.json").read_text(encoding="utf-8")))]
         else:
@@ -317,6 +334,18 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
         out["unseen_source"][model] = {spec["unseen_key"]: round(float(np.mean(values)), 4)}
         if len(values) > 1:
             out["unseen_source_per_seed"][model] = {spec["unseen_key"]: values}
+    sources = MULTI_SOURCES.get(domain)
+    for model in [m for m in MULTI if m in models and sources]:
+        per_seed = []
+        for s in student_seeds:
+            run, _ = train_student(domain, model, sources, teacher, data, work, steps, seed, "", s, reuse)
+            dice = {}
+            for member in sources:
+                for label, d in score(run, member, data, work, f"{domain}-{run.name}-{member}", seed).items():
+                    dice[f"{label}/{source_of(member)}"] = d
+            per_seed.append(dice)
+        out.setdefault("multi_source", {})[model] = {"trained_on": sources, "dice": mean_dice(per_seed), "seeds": list(student_seeds), "dice_per_seed": per_seed}
+        log(f"{domain} {model}: Dice {out['multi_source'][model]['dice']}")
     return out
 
 
@@ -361,7 +390,9 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
     mine["unseen_source"].update(new["unseen_source"])
     for name in new["unseen_source"]:  # a rerun with one seed drops an older per-seed list of the same model
         mine.setdefault("unseen_source_per_seed", {}).pop(name, None)
-    mine["unseen_source_per_seed"].update(new.get("unseen_source_per_seed", {}))
+    mine.setdefault("unseen_source_per_seed", {}).update(new.get("unseen_source_per_seed", {}))
+    if new.get("multi_source"):
+        mine.setdefault("multi_source", {}).update(new["multi_source"])
     return {**old, "domains": doms}
 
 
@@ -458,6 +489,7 @@ def markdown(res: dict[str, Any]) -> str:
         if seeds:
             lines += ["", "A student's row with seeds in brackets: the mean over its training seeds, then each seed's (splits and teacher fixed)."]
         lines.append("")
+    lines += multi_source_lines(res)
     val = {d: {name: m["val_dice"] for name, m in v["models"].items() if "val_dice" in m} for d, v in res["domains"].items()}
     if any(val.values()):
         doms = [d for d in val if val[d]]
@@ -478,6 +510,47 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["## Targets", ""] + targets(res) + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
+
+
+def single_source_scores(v: dict[str, Any], domain: str, name: str, cols: list[str]) -> dict[str, float]:
+    """A single-source row's Dice per column: its own, and its unseen-source score for the other
+    dataset's column where it has one (the unseen row is the mean over the labels both datasets share)."""
+    spec = DOMAINS[domain]
+    dice = dict(v["models"].get(name, {}).get("dice", {}))
+    row = v["unseen_source"].get(name, {}).get(spec["unseen_key"])
+    other = [c for c in cols if c.endswith("/" + source_of(spec["unseen_test"]))]
+    if row is not None and len(other) == 1:
+        dice[other[0]] = row
+    return dice
+
+
+def multi_source_lines(res: dict[str, Any]) -> list[str]:
+    """Per domain with multi-source students: each beside its single-source row (whose score on the
+    other dataset is its unseen-source row) and the teacher."""
+    out = []
+    for domain, v in res.get("domains", {}).items():
+        multi = v.get("multi_source") or {}
+        if not multi:
+            continue
+        spec = DOMAINS[domain]
+        cols = sorted({k for m in multi.values() for k in m["dice"]})
+        lines = [
+            f"## Multi-source students ({' + '.join(MULTI_SOURCES[domain])} images)", "",
+            "| model | trained on | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
+        ]  # fmt: skip
+        for name in ["teacher", *dict.fromkeys(MULTI[m] for m in multi)]:
+            if name in v["models"]:
+                d = single_source_scores(v, domain, name, cols)
+                lines.append(f"| {name} | {' + '.join(spec['unseen_train'])} | " + " | ".join(f"{d[c]:.3f}" if c in d else "" for c in cols) + " |")
+        for name, m in multi.items():
+            lines.append(f"| {name} | {' + '.join(m['trained_on'])} | " + " | ".join(f"{m['dice'][c]:.3f}" if c in m["dice"] else "" for c in cols) + " |")
+        lines += [
+            "", f"A `*_multi` row: the named row's loss and weights, trained from the same teacher on the images of "
+            f"{' and '.join(MULTI_SOURCES[domain])} at once (a dataset that labels only some of the teacher's classes teaches through the "
+            "teacher alone), mean over its seeds. Single-source rows on the other dataset: their unseen-source score.", "",
+        ]  # fmt: skip
+        out += lines
+    return out
 
 
 def targets(res: dict[str, Any]) -> list[str]:

@@ -65,3 +65,26 @@ def test_rows_of_one_network_share_its_measures_and_name_the_timed_row() -> None
     models["relation_kd"]["latency_ms"] = {**lat, "onnx_fp32": 1.5}
     bench.share_architecture_measures(models)
     assert models["student_alone"]["latency_ms"]["onnx_fp32"] == 1.5
+
+
+def test_multi_source_rows_sit_beside_their_single_source_row_scored_on_the_other_dataset() -> None:
+    dom = {
+        "models": {
+            "teacher": {"dice": {"heart/JSRT": 0.938, "lung/JSRT": 0.975}},
+            "relation_kd_x10": {"dice": {"heart/JSRT": 0.925, "lung/JSRT": 0.964}},
+        },
+        "unseen_source": {"teacher": {"JSRT->Shenzhen": 0.787}, "relation_kd_x10": {"JSRT->Shenzhen": 0.732}},
+        "multi_source": {"relation_kd_x10_multi": {"trained_on": ["JSRT", "Shenzhen"], "dice": {"heart/JSRT": 0.92, "lung/JSRT": 0.96, "lung/Shenzhen": 0.81}}},
+    }
+    lines = bench.multi_source_lines({"domains": {"cxr": dom}})
+    assert "| model | trained on | heart/JSRT | lung/JSRT | lung/Shenzhen |" in lines
+    assert "| teacher | JSRT | 0.938 | 0.975 | 0.787 |" in lines
+    assert "| relation_kd_x10 | JSRT | 0.925 | 0.964 | 0.732 |" in lines
+    assert "| relation_kd_x10_multi | JSRT + Shenzhen | 0.920 | 0.960 | 0.810 |" in lines
+    assert bench.multi_source_lines({"domains": {"polyp": {"models": {}, "unseen_source": {}}}}) == []
+
+
+def test_merge_keeps_earlier_multi_source_rows_and_starts_a_fresh_results_file() -> None:
+    first = bench.merge({}, "cxr", {"models": {}, "unseen_source": {}, "multi_source": {"logit_kd_multi": {"dice": {"lung/JSRT": 0.9}}}})
+    both = bench.merge(first, "cxr", {"models": {}, "unseen_source": {}, "multi_source": {"relation_kd_multi": {"dice": {"lung/JSRT": 0.95}}}})
+    assert set(both["domains"]["cxr"]["multi_source"]) == {"logit_kd_multi", "relation_kd_multi"}
