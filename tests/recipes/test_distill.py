@@ -77,22 +77,30 @@ def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
-def test_several_datasets_a_partially_labelled_one_teaches_through_the_teacher(cxr, teacher, tmp_path):
-    # SynthCXR (lung + heart, the teacher's) and SynthCXRLung (lung only, other sites): the lung-only
-    # set's steps carry no segmentation loss (its "background" hides hearts) but still distil
+def test_several_datasets_a_partially_labelled_one_trains_its_classes_or_teaches_through_the_teacher(cxr, teacher, tmp_path):
+    # SynthCXR (lung + heart, the teacher's) and SynthCXRLung (lung only, other sites): by default the
+    # lung-only set's steps train the lung through the marginal loss (its "background" hides hearts);
+    # with partial_labels "teacher" they carry no segmentation loss; both still distil
     lung_only = generate_dataset("Dataset903_SynthCXRLung", tmp_path / "data", seed=6, cases_per_source=4, test_cases_per_source=1, progress=False)
-    cfg = _cfg("relation", steps=12)
-    cfg.train.log_every = 1
-    res = train_distill([cxr, lung_only], teacher, tmp_path / "s", config=cfg, progress=False)
-    assert set(res["train_cases"]) == {"SynthCXR", "SynthCXRLung"} and list(res["val_cases"]) == ["SynthCXR"]
-    rows = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
-    seg = [r["loss/seg"] for r in rows]
-    # some steps drew the lung-only set (seg exactly 0, the distillation terms still on), others the full one
-    assert 0 < sum(v == 0 for v in seg) < len(seg)
-    assert all(r["loss/logits"] > 0 and r["loss/affinity"] > 0 for r in rows)
-    record = ckpt.load_checkpoint(tmp_path / "s" / "checkpoints" / "last.safetensors")[1]
-    assert [(d["dataset"], d["fully_labelled"]) for d in record["datasets"]] == [("SynthCXR", True), ("SynthCXRLung", False)]
-    split = json.loads((tmp_path / "s" / "split.json").read_text(encoding="utf-8"))
+    seg_by_mode = {}
+    for mode in ("marginal", "teacher"):
+        cfg = _cfg("relation", steps=12).model_copy(update={"partial_labels": mode})
+        cfg.train.log_every = 1
+        res = train_distill([cxr, lung_only], teacher, tmp_path / mode, config=cfg, progress=False)
+        assert set(res["train_cases"]) == {"SynthCXR", "SynthCXRLung"} and list(res["val_cases"]) == ["SynthCXR"]
+        rows = [r for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "train"]
+        assert all(r["loss/logits"] > 0 and r["loss/affinity"] > 0 for r in rows)
+        # each step drew one dataset: its own curve has the value, the other's none (NaN, logged as null)
+        full = [r["loss/seg/SynthCXR"] for r in rows]
+        part = [r["loss/seg/SynthCXRLung"] for r in rows]
+        assert all((a is None) != (b is None) for a, b in zip(full, part))
+        assert 0 < sum(v is not None for v in part) < len(rows)
+        seg_by_mode[mode] = [v for v in part if v is not None]
+        record = ckpt.load_checkpoint(tmp_path / mode / "checkpoints" / "last.safetensors")[1]
+        assert [(d["dataset"], d["fully_labelled"], d["annotated"]) for d in record["datasets"]] == [("SynthCXR", True, [1, 2]), ("SynthCXRLung", False, [1])]
+        assert record["partial_labels"] == mode
+    assert all(v > 0 for v in seg_by_mode["marginal"]) and all(v == 0 for v in seg_by_mode["teacher"])
+    split = json.loads((tmp_path / "marginal" / "split.json").read_text(encoding="utf-8"))
     assert set(split["datasets"]) == {"SynthCXR", "SynthCXRLung"} and split["train"] == split["datasets"]["SynthCXR"]["train"]
     # a dataset whose label the teacher does not know is refused before anything is written
     endo = generate_dataset("Dataset904_SynthEndo", tmp_path / "data", seed=6, cases_per_source=2, test_cases_per_source=1, progress=False)

@@ -8,6 +8,7 @@ from medalloy.losses.global_contrastive import GlobalContrastiveLoss
 from medalloy.losses.kernel import KernelMMDLoss
 from medalloy.losses.language_model import LanguageModelLoss
 from medalloy.losses.logit_kd import LogitKDLoss
+from medalloy.losses.marginal_dice_ce import MarginalDiceCELoss
 from medalloy.losses.task_bce_dice import TaskBCEDiceLoss
 from medalloy.losses.token_alignment import TokenAlignmentLoss
 
@@ -19,6 +20,7 @@ __all__ = [
     "KernelMMDLoss",
     "LanguageModelLoss",
     "LogitKDLoss",
+    "MarginalDiceCELoss",
     "SpatialAffinityLoss",
     "TaskBCEDiceLoss",
     "TokenAlignmentLoss",

@@ -35,7 +35,7 @@ from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
-from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, SpatialAffinityLoss, TaskBCEDiceLoss
+from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, MarginalDiceCELoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
 from medalloy.models.students import build_student, default_stem, student_model
 from medalloy.models.unet import count_parameters
@@ -98,6 +98,10 @@ class DistillConfig(BaseModel):
     folds: int = 5
     max_val_cases: int = 16
     batch_size: int | None = None
+    # a dataset labelling only some of the teacher's classes: "marginal" trains the classes it labels
+    # (unlabelled ones merged into background: losses/marginal_dice_ce.py; sigmoid: its tasks' terms
+    # only) beside the teacher's terms; "teacher": its steps teach through the teacher alone
+    partial_labels: Literal["marginal", "teacher"] = "marginal"
 
 
 def load_teacher(path: str | Path, dataset: str, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
@@ -135,8 +139,8 @@ def _adapters(student: nn.Module, teacher: nn.Module, stages: list[str], plan: P
 
 def _fit_labels(ds: RawDataset, plan: Plan) -> bool:
     """Whether ``ds`` labels every class of the student's ``plan`` (else it is partially labelled:
-    its samples teach through the teacher alone); a label the plan lacks, or has with another value,
-    is a one-line error."""
+    see ``DistillConfig.partial_labels``); a label the plan lacks, or has with another value, is a
+    one-line error."""
     for name, value in ds.spec.labels.items():
         if plan.labels.get(name) != value:
             where = "lacks it" if name not in plan.labels else f"has it as {plan.labels[name]}"
@@ -146,7 +150,7 @@ def _fit_labels(ds: RawDataset, plan: Plan) -> bool:
 
 class _DatasetSteps:
     """Each step one dataset's batch (drawn by ``weights`` from ``(seed, step, rank)``), with its
-    index and whether its labels cover the student's classes (``seg_weight``: 1.0 or 0.0)."""
+    index and whether its labels train the student (``seg_weight``: 1.0 or 0.0)."""
 
     def __init__(self, samplers: list[PatchSampler], full: list[bool], weights: np.ndarray, seed: int):
         self.samplers, self.full, self.seed, self.p = samplers, full, seed, weights
@@ -232,7 +236,8 @@ def train_distill(
             val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
             if val_prep:
                 val_sets.append((d.name, val_prep))
-    batches = _DatasetSteps(samplers, full, dataset_weights(samples, "sqrt"), seed)
+    marginal = cfg.partial_labels == "marginal"
+    batches = _DatasetSteps(samplers, [f or marginal for f in full], dataset_weights(samples, "sqrt"), seed)
 
     models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
     trainable = ["student"]
@@ -245,14 +250,18 @@ def train_distill(
     pairwise = SpatialAffinityLoss(cfg.max_positions, weighting="none")
     kernel = KernelMMDLoss(cfg.kernel, cfg.max_positions)
     cwd = ChannelWiseLoss(4.0)
-    dice_ce, task_loss = DiceCELoss(), TaskBCEDiceLoss(num_tasks=n_out)
+    task_loss = TaskBCEDiceLoss(num_tasks=n_out)
+    # per dataset: the classes (label values) it annotates, and its softmax segmentation loss
+    annotated = [sorted(v for v in d.spec.labels.values() if v) for d in dss]
+    dice_ce = [DiceCELoss() if f else MarginalDiceCELoss(n_out, a) for f, a in zip(full, annotated)] if activation == "softmax" else []
     feature_terms = {"kernel", "affinity", "pairwise"} & set(terms)
 
-    def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def seg_loss(logits: torch.Tensor, label: torch.Tensor, d: int) -> torch.Tensor:
         if activation == "softmax":
-            return dice_ce(logits, label)
+            return dice_ce[d](logits, label)
         target = torch.cat([(label == k + 1).float() for k in range(n_out)], dim=1)
-        return task_loss(logits, target, torch.ones(logits.shape[:2], device=logits.device))
+        tasks = torch.tensor([float(k + 1 in annotated[d]) for k in range(n_out)], device=logits.device)  # a task its annotators left out is not scored
+        return task_loss(logits, target, tasks.expand(logits.shape[0], n_out))
 
     def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
         x, label = batch["image"], batch["label"]
@@ -261,8 +270,11 @@ def train_distill(
             zt = models["teacher"](x)
         with FeatureTap(models["student"], stages) as ts:
             zs = models["student"](x)
-        seg = seg_loss(zs, label) * batch["seg_weight"]  # 0 on a partially labelled dataset's step
+        d = int(batch["dataset"])
+        seg = seg_loss(zs, label, d) * batch["seg_weight"]  # 0: a partially labelled dataset taught by the teacher alone
         logged = {"seg": seg.detach()}
+        if len(dss) > 1:  # each dataset's own curve; NaN: another dataset's step (every step logs the same keys)
+            logged.update({f"seg/{ds_.name}": seg.detach() if i == d else torch.tensor(float("nan")) for i, ds_ in enumerate(dss)})
         total = seg
         if "logits" in terms:
             logged["logits"] = kd(zs, zt)
@@ -290,7 +302,8 @@ def train_distill(
         "method": METHOD,
         "name": f"student-{ds.name}",
         "tasks": [task_entry(ds)],
-        "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f} for d, f in zip(dss, full)],
+        "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f, "annotated": a} for d, f, a in zip(dss, full, annotated)],
+        "partial_labels": cfg.partial_labels,
         "plan": plan.model_dump(mode="json"),
         "activation": activation,
         "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable, "stem": cfg.stem},
