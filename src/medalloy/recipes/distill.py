@@ -189,8 +189,9 @@ def train_distill(
     Several datasets: the student is the teacher as asked for the first (its plan: preprocessing,
     patch, classes), and every dataset's images go through that plan, as they would at prediction.
     The others' labels must be the teacher's (names and values); a dataset labelling only some of
-    them (Shenzhen's lung beside JSRT's lung and heart) teaches through the teacher alone, which
-    labels what its annotators did not. Each step trains on one dataset (sqrt of its 2D images or 3D volumes)."""
+    them (Shenzhen's lung beside JSRT's lung and heart) trains the classes it labels through the
+    marginal loss and learns the others from the teacher (``partial_labels: teacher``: from the
+    teacher alone). Each step trains on one dataset (sqrt of its 2D images or 3D volumes)."""
     paths = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
     if not paths:
         raise MedalloyError("no datasets given", fix="give at least one dataset folder")
