@@ -188,10 +188,61 @@ def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minut
             res = train_benchmark_expert(
                 name, data, work, work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}", minutes, seed, {}, f"seg {arm}", init=run, train_fraction=frac
             )
-            out[f"{name}_{frac_key}"] = {"dice": res["scores"]["lung"]["dice"], "steps": res["steps"], "minutes": res["minutes"]}
+            out[f"{name}_{frac_key}"] = {"dice": res["scores"]["lung"]["dice"], "steps": res["steps"], "minutes": res["minutes"], "val_curve": val_curve(Path(res["run"]))}
             dice.append(res["scores"]["lung"]["dice"])
         out[f"seg_dice_{frac_key}"] = float(np.mean(dice))
     return out
+
+
+CURVE_STEPS = (200, 400, 600)  # where the seg experts' validation Dice is compared (val every 200 steps)
+
+
+def val_curve(run: Path) -> dict[str, float]:
+    """A seg expert's validation Dice by step, from its metrics.jsonl (empty when the run is gone)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["step"]): round(r["val/dice"], 4) for r in rows if r.get("kind") == "val" and "val/dice" in r}
+
+
+def backfill_curves(raw: dict[str, Any], work: Path) -> int:
+    """Add ``val_curve`` to every seg row whose run is still in ``work``; returns how many."""
+    n = 0
+    for arm, rows in raw.items():
+        for seed, row in rows.items():
+            for key, cell in row.items():
+                if isinstance(cell, dict) and "dice" in cell and "val_curve" not in cell:
+                    curve = val_curve(work / "runs" / "seg" / f"{arm}-s{seed}-{key.replace('_', '-')}")
+                    if curve:
+                        cell["val_curve"], n = curve, n + 1
+    return n
+
+
+def curve_lines(raw: dict[str, Any]) -> list[str]:
+    """Mean validation Dice of the seg experts at ``CURVE_STEPS``, per arm and label fraction, over the
+    seeds and datasets that have a curve: whether a pretrained start helps before training saturates."""
+    cells: dict[tuple[str, str], dict[int, list[float]]] = {}
+    seeds: dict[tuple[str, str], set[str]] = {}
+    for arm in ARMS:
+        for seed, row in raw.get(arm, {}).items():
+            for name in SEG:
+                for frac in ("10", "100"):
+                    curve = (row.get(f"{name}_{frac}") or {}).get("val_curve") or {}
+                    for step in CURVE_STEPS:
+                        if str(step) in curve:
+                            cells.setdefault((arm, frac), {}).setdefault(step, []).append(curve[str(step)])
+                            seeds.setdefault((arm, frac), set()).add(seed)
+    if not cells:
+        return []
+    lines = [
+        "", "Segmentation experts' validation Dice by training step (mean over JSRT and Shenzhen and the seeds with runs on disk):", "",
+        "| arm | labels | " + " | ".join(f"step {s}" for s in CURVE_STEPS) + " | seeds |", "|---|---|" + "---|" * (len(CURVE_STEPS) + 1),
+    ]  # fmt: skip
+    for (arm, frac), by_step in cells.items():
+        vals = " | ".join(f"{np.mean(by_step[s]):.3f}" if s in by_step else "" for s in CURVE_STEPS)
+        lines.append(f"| {arm} | {frac} % | {vals} | {', '.join(sorted(seeds[(arm, frac)]))} |")
+    return lines
 
 
 def text_encoders(raw: dict[str, Any]) -> str:
@@ -256,6 +307,7 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
             few = f" {n}" if v is not None and len(n) < len(seeds) else ""
             cells.append("null" if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "") + few))
         lines.append(f"| {use} | " + " | ".join(cells) + " |")
+    lines += curve_lines(raw)
     lines += ["", "Cost per run:", ""]
     for arm in ARMS:
         for seed, r in sorted(raw.get(arm, {}).items()):
@@ -291,10 +343,14 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results)")
     ap.add_argument("--text-encoder", choices=("scratch", "minilm"), default="scratch", help="minilm needs medalloy[text]")
     ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/pretrain_raw.json")
+    ap.add_argument("--curves", action="store_true", help="with --report: add the seg experts' validation curves from the runs still in --work")
     a = ap.parse_args()
     results = a.results
     raw_path = results / "pretrain_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    if a.curves:
+        print(f"[curves] {backfill_curves(raw, a.work)} seg runs' validation curves read from {a.work}", flush=True)
+        raw_path.write_text(json.dumps(raw, indent=1))
     settings: dict[str, Any] = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
     if a.random_from is not None:
         src = a.random_from / "pretrain_raw.json"

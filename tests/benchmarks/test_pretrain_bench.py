@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,20 @@ def test_rows_from_before_the_flag_are_scratch() -> None:
     raw = {"global_only": {"0": {"zeroshot_acc": 0.2}}, "token_level": {"0": {"text_encoder": "minilm"}}}
     assert bench.text_encoders({"global_only": raw["global_only"]}) == "scratch"
     assert bench.text_encoders(raw) == "minilm+scratch"  # a mixed table says so
+
+
+def test_seg_validation_curves_are_read_from_the_runs_and_averaged_per_arm(tmp_path) -> None:
+    def write(run: str, values: dict[int, float]) -> None:
+        d = tmp_path / "runs" / "seg" / run
+        d.mkdir(parents=True)
+        rows = [{"kind": "train", "step": 10, "loss": 1.0}] + [{"kind": "val", "step": s, "val/dice": v} for s, v in values.items()]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    write("random-s1-JSRT-10", {200: 0.90, 400: 0.94})
+    write("random-s1-Shenzhen-10", {200: 0.80, 400: 0.92})
+    raw = {"random": {"1": {"JSRT_10": {"dice": 0.95}, "Shenzhen_10": {"dice": 0.94}, "JSRT_100": {"dice": 0.96}, "seg_dice_10": 0.945}}}
+    assert bench.backfill_curves(raw, tmp_path) == 2  # JSRT_100's run is gone: no curve, no error
+    assert raw["random"]["1"]["JSRT_10"]["val_curve"] == {"200": 0.9, "400": 0.94} and "val_curve" not in raw["random"]["1"]["JSRT_100"]
+    assert bench.backfill_curves(raw, tmp_path) == 0  # already there
+    assert "| random | 10 % | 0.850 | 0.930 |  | 1 |" in bench.curve_lines(raw)
+    assert bench.curve_lines({"random": {"1": {"JSRT_10": {"dice": 0.9}}}}) == []
