@@ -275,7 +275,7 @@ def train_distill(
         seg = seg_loss(zs, label, d) * batch["seg_weight"]  # 0: a partially labelled dataset taught by the teacher alone
         logged = {"seg": seg.detach()}
         if len(dss) > 1:  # each dataset's own curve; NaN: another dataset's step (every step logs the same keys)
-            logged.update({f"seg/{ds_.name}": seg.detach() if i == d else torch.tensor(float("nan")) for i, ds_ in enumerate(dss)})
+            logged.update({f"seg/{ds_.name}": seg.detach() if i == d else torch.full_like(seg.detach(), float("nan")) for i, ds_ in enumerate(dss)})
         total = seg
         if "logits" in terms:
             logged["logits"] = kd(zs, zt)
