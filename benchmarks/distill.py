@@ -26,7 +26,8 @@ resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--st
 weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records.
 Multi-source (chest X-ray): ``logit_kd_multi``, ``relation_kd_multi`` and ``relation_kd_x10_multi`` are
 those rows trained from the JSRT teacher on JSRT's and Shenzhen's images at once (Shenzhen labels the
-lung only: its steps teach through the teacher alone), scored on both held-out sets.
+lung only: its lung labels train through the marginal loss, the heart comes from the teacher), scored
+on both held-out sets.
 Per model: Dice per task/source; then ``--measure`` (alone on the machine: it times) adds
 parameters, ONNX file size, GFLOPs (PyTorch's FlopCounterMode) and latency at the plan's patch,
 batch 1, median of 50 after 5 warm-up calls, with 2 threads: PyTorch eager fp32, bf16 autocast,
@@ -70,9 +71,9 @@ RELATION_WEIGHTS = (10.0, 30.0)
 WEIGHTS: dict[str, dict[str, float]] = {f"relation_kd_x{w:g}": {"kernel": w, "affinity": w} for w in RELATION_WEIGHTS}
 STUDENTS.update({name: "relation" for name in WEIGHTS})
 # multi-source (the JSRT + Shenzhen): the domain's students trained on the images of several
-# datasets at once, from the domain's teacher (Shenzhen labels the lung only, so its steps teach
-# through the teacher alone), scored on each one's held-out cases; each row is the named single-source
-# row's configuration with more images
+# datasets at once, from the domain's teacher (Shenzhen labels the lung only: the recipe's marginal
+# loss trains its lung, the teacher its heart), scored on each one's held-out cases; each row is the
+# named single-source row's configuration with more images
 MULTI_SOURCES = {"cxr": ["JSRT", "Shenzhen"]}
 MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
 MODELS = ["teacher", *STUDENTS, *MULTI]

@@ -62,9 +62,10 @@ class MarginalDiceCELoss(nn.Module):
         if target.ndim == logits.ndim:
             target = target[:, 0]
         target = target.long()
-        if bool(((target != 0) & (self.remap.to(target.device)[target.clamp(0, self.num_classes - 1)] == 0)).any()) or bool((target >= self.num_classes).any()):
+        merged = self.remap.to(target.device)[target.clamp(0, self.num_classes - 1)]
+        # a class this dataset does not annotate (or none of the network's) cannot be a target
+        if bool(((target != 0) & (merged == 0)).any()) or bool((target >= self.num_classes).any()):
             raise ValueError(f"target holds a class outside background and the annotated {self.annotated}")
-        merged = self.remap.to(target.device)[target]
         with torch.autocast(device_type=logits.device.type, enabled=False):
             log_q = self.merged_log_probs(logits)
             return F.nll_loss(log_q, merged) + self.dice(log_q.exp(), merged.unsqueeze(1))

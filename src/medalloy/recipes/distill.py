@@ -255,14 +255,15 @@ def train_distill(
     # per dataset: the classes (label values) it annotates, and its softmax segmentation loss
     annotated = [sorted(v for v in d.spec.labels.values() if v) for d in dss]
     dice_ce = [DiceCELoss() if f else MarginalDiceCELoss(n_out, a) for f, a in zip(full, annotated)] if activation == "softmax" else []
+    # sigmoid: a task its annotators left out is not scored
+    task_mask = [torch.tensor([float(k + 1 in a) for k in range(n_out)]) for a in annotated]
     feature_terms = {"kernel", "affinity", "pairwise"} & set(terms)
 
     def seg_loss(logits: torch.Tensor, label: torch.Tensor, d: int) -> torch.Tensor:
         if activation == "softmax":
             return dice_ce[d](logits, label)
         target = torch.cat([(label == k + 1).float() for k in range(n_out)], dim=1)
-        tasks = torch.tensor([float(k + 1 in annotated[d]) for k in range(n_out)], device=logits.device)  # a task its annotators left out is not scored
-        return task_loss(logits, target, tasks.expand(logits.shape[0], n_out))
+        return task_loss(logits, target, task_mask[d].to(logits.device).expand(logits.shape[0], n_out))
 
     def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
         x, label = batch["image"], batch["label"]
