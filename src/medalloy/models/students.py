@@ -24,6 +24,12 @@ fine stages cost more time than their FLOPs say (memory traffic of norms and cop
 docs/methods/distillation.md), so the stem buys latency; stage names keep the teacher's
 resolutions (a ``stem=1`` student's first stage is ``enc1``; it has no ``enc0`` or ``dec0``), so the
 relation losses compare features of equal resolution.
+
+``upsample``: how a stem student's logits return to the input size. ``"interpolate"`` (bi- or
+trilinear: boundaries no finer than the stem's stride, 4 px for a stem of two) or ``"shuffle"``
+(the network's last 1 x 1 convolution gives ``K * s^d`` channels, unfolded by depth-to-space into
+``K`` at full resolution: each coarse position decides its ``s^d`` pixels, as ESPCN's sub-pixel
+convolution; a few hundred weights more, no full-resolution operator but the unfold).
 """
 
 from __future__ import annotations
@@ -80,17 +86,36 @@ def space_to_depth(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
     return x.reshape(b, -1, *[s // f for s, f in zip(sp, factors)])
 
 
+def depth_to_space(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
+    """``(B, C * prod(factors), *sp)`` -> ``(B, C, *(sp * factors))``: the inverse of :func:`space_to_depth`."""
+    b, c, *sp = x.shape
+    dims, n = len(sp), int(np.prod(factors))
+    x = x.reshape(b, c // n, *factors, *sp)
+    order = [0, 1, *[v for i in range(dims) for v in (2 + dims + i, 2 + i)]]
+    x = x.permute(order)
+    return x.reshape(b, c // n, *[s * f for s, f in zip(sp, factors)])
+
+
+UPSAMPLE = ("interpolate", "shuffle")
+
+
 class StemStudent(nn.Module):
     """A U-Net whose first stage is strided (after a space-to-depth fold when ``fold`` is given),
-    its logits interpolated back to the input size.
+    its logits brought back to the input size by interpolation or depth-to-space (``shuffle``).
 
-    ``(B, C, *patch) -> (B, K, *patch)``; ``net`` sees the image at the stem's stride and returns
-    ``(B, K, *patch / stem stride)``; ``depth``: the teacher stages it drops (stage names shift by it)."""
+    ``(B, C, *patch) -> (B, K, *patch)``; ``net`` sees the image at the stem's stride ``stride`` and
+    returns ``(B, K, *patch / stride)`` (``(B, K * prod(stride), ...)`` for ``shuffle``); ``depth``:
+    the teacher stages it drops (stage names shift by it)."""
 
-    def __init__(self, net: DynUNet, dim: int, depth: int = 1, fold: list[int] | None = None):
+    def __init__(self, net: DynUNet, dim: int, depth: int = 1, fold: list[int] | None = None, stride: list[int] | None = None, upsample: str = "interpolate"):
         super().__init__()
+        if upsample not in UPSAMPLE:
+            raise MedalloyError(f"unknown upsample '{upsample}'", fix=f"use one of {', '.join(UPSAMPLE)}")
+        if upsample == "shuffle" and not stride:
+            raise MedalloyError("a shuffle head needs the stem's stride", fix="build the student with student_model")
         self.net = net
         self.depth, self.fold = depth, list(fold) if fold else None
+        self.upsample, self.stride = upsample, [int(s) for s in stride] if stride else None
         self.mode = "bilinear" if dim == 2 else "trilinear"
         setattr(self, STAGES_ATTR, {_finer(k, depth): f"net.{v}" for k, v in getattr(net, STAGES_ATTR).items()})
 
@@ -100,14 +125,26 @@ class StemStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(space_to_depth(x, self.fold) if self.fold else x)
+        if self.upsample == "shuffle":
+            assert self.stride is not None
+            y = depth_to_space(y, self.stride)
+            if tuple(y.shape[2:]) == tuple(x.shape[2:]):
+                return y
         return F.interpolate(y, size=x.shape[2:], mode=self.mode, align_corners=False)
 
 
-def student_model(plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: int | bool = 0) -> nn.Module:
+def student_model(
+    plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
+) -> nn.Module:
     """The student network of ``plan`` with these filters (a checkpoint's record rebuilds it this
-    way); ``stem``: how many of the finest stages it drops (see the module docstring)."""
+    way); ``stem``: how many of the finest stages it drops, ``upsample``: how a stem student's
+    logits return to full resolution (see the module docstring)."""
     network, depth = plan.network, int(stem)
     in_channels, fold = plan.in_channels, None
+    out_channels = out_channels or plan.num_classes
+    stride = [int(v) for v in np.prod(np.asarray(network.strides[1 : depth + 1]), axis=0)] if depth else None
+    if upsample not in UPSAMPLE:
+        raise MedalloyError(f"unknown upsample '{upsample}'", fix=f"use one of {', '.join(UPSAMPLE)}")
     if depth:
         if len(network.strides) < depth + MIN_STAGES:
             raise MedalloyError(
@@ -118,9 +155,11 @@ def student_model(plan: Plan, filters: list[int], out_channels: int | None = Non
             in_channels *= int(np.prod(fold))
         network = network.model_copy(update={"kernels": network.kernels[depth:], "strides": network.strides[depth:]})
     network = network.model_copy(update={"filters": list(filters), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
-    net: nn.Module = build_unet(network, in_channels=in_channels, out_channels=out_channels or plan.num_classes, spatial_dims=plan.dim)
+    shuffle = bool(depth) and upsample == "shuffle"
+    net_out = out_channels * int(np.prod(stride)) if shuffle and stride else out_channels
+    net: nn.Module = build_unet(network, in_channels=in_channels, out_channels=net_out, spatial_dims=plan.dim)
     if depth:
-        net = StemStudent(net, plan.dim, depth, fold)
+        net = StemStudent(net, plan.dim, depth, fold, stride, upsample)
     if separable:
         make_separable(net)
     return net
@@ -149,10 +188,12 @@ def student_stages(plan: Plan, stem: int | bool = 0) -> int:
     return len(plan.network.strides) - int(stem)
 
 
-def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: int | bool = 0) -> nn.Module:
+def build_student(
+    plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
+) -> nn.Module:
     """The plan's U-Net at the widest base width within the size's parameter budget (no deep
     supervision); ``separable``: with depthwise-separable convolutions; ``stem``: a
-    :class:`StemStudent` without the ``stem`` finest stages."""
+    :class:`StemStudent` without the ``stem`` finest stages, ``upsample`` its logits' way back."""
     if isinstance(size, str) and size.isdigit():
         size = int(size)
     budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)
@@ -161,7 +202,7 @@ def build_student(plan: Plan, size: str | int = "tiny", out_channels: int | None
     stages = student_stages(plan, stem)
     best = None
     for base in range(2, 129):
-        net = student_model(plan, student_filters(base, stages), out_channels, separable, stem)
+        net = student_model(plan, student_filters(base, stages), out_channels, separable, stem, upsample)
         if count_parameters(net) > budget:
             break
         best = net

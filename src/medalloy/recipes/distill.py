@@ -56,7 +56,7 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "distill"
-TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem")
+TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "upsample")
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
@@ -89,6 +89,7 @@ class DistillConfig(BaseModel):
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
     stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: models/students.default_stem
+    upsample: Literal["interpolate", "shuffle"] = "interpolate"  # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
     stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
@@ -211,7 +212,7 @@ def train_distill(
     seed_everything(cfg.train.seed)
     if cfg.stem is None:  # resolved once, so config.yaml and a resumed run keep the student it chose
         cfg = cfg.model_copy(update={"stem": default_stem(plan)})
-    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem)
+    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem, upsample=cfg.upsample)
     if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
         cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem)}"]})
     unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
@@ -308,7 +309,7 @@ def train_distill(
         "partial_labels": cfg.partial_labels,
         "plan": plan.model_dump(mode="json"),
         "activation": activation,
-        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable, "stem": cfg.stem},
+        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable, "stem": cfg.stem, "upsample": cfg.upsample},
         "teacher": {"path": str(teacher), "method": teacher_record.get("method"), "name": teacher_record.get("name"), "params": count_parameters(teacher_model)},
         "losses": cfg.losses,
         "params": count_parameters(student),
@@ -336,7 +337,7 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
         filters, out_channels = [int(f) for f in student["filters"]], int(student["out_channels"])
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0))
+    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0), str(student.get("upsample") or "interpolate"))
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 
