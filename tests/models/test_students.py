@@ -92,6 +92,33 @@ def test_stem_of_two_folds_pixels_into_channels_and_starts_at_a_quarter():
         build_student(three, "tiny", stem=2)
 
 
+def test_shuffle_head_unfolds_each_coarse_position_into_its_own_pixels():
+    from medalloy.models.students import depth_to_space, space_to_depth
+
+    x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(depth_to_space(space_to_depth(x, [2, 2]), [2, 2]), x)
+    y = torch.randn(1, 12, 4, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(depth_to_space(y, [2, 2]), torch.nn.functional.pixel_shuffle(y, 2))
+    v = torch.randn(1, 2, 4, 6, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(depth_to_space(space_to_depth(v, [1, 2, 2]), [1, 2, 2]), v)
+
+    plan = _plan()
+    shuffle, smooth = build_student(plan, "tiny", stem=2, upsample="shuffle"), build_student(plan, "tiny", stem=2)
+    assert shuffle.filters == smooth.filters and shuffle.stride == [4, 4]
+    assert shuffle.net.output_block.conv.conv.out_channels == 3 * 16  # K classes x the stem's 4 x 4 pixels
+    assert count_parameters(shuffle) - count_parameters(smooth) == (shuffle.filters[0] + 1) * (48 - 3)  # the 1 x 1 head's extra outputs (weights + biases)
+    # the head puts coarse channel k * 16 + 4 i + j at pixel (4 y + i, 4 x + j) of class k: a
+    # full-resolution pattern no interpolation of the coarse map can draw
+    coarse = torch.zeros(1, 48, 56, 56)
+    coarse[:, 1 * 16 + 4 * 2 + 3] = 1.0  # class 1, offset (2, 3) in every 4 x 4 block
+    shuffle.net.forward = lambda _: coarse  # type: ignore[method-assign]
+    out = shuffle(torch.zeros(1, 1, 224, 224))
+    assert out.shape == (1, 3, 224, 224) and out.sum() == 56 * 56
+    assert out[0, 1, 2::4, 3::4].min() == 1.0 and out[0, 0].abs().sum() == 0
+    with pytest.raises(MedalloyError, match="unknown upsample 'nearest'"):
+        build_student(plan, "tiny", stem=2, upsample="nearest")
+
+
 def test_default_stem_is_the_deepest_that_keeps_enough_pixels_and_stages():
     assert default_stem(_plan(224)) == 2  # starts at 56 px
     assert default_stem(_plan(224), deepest=1) == 1

@@ -118,8 +118,8 @@ def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize(("separable", "stem"), [(False, 0), (True, 0), (False, 1), (False, 2)])
-def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable, stem):
+@pytest.mark.parametrize(("separable", "stem", "upsample"), [(False, 0, "interpolate"), (True, 0, "interpolate"), (False, 1, "interpolate"), (False, 2, "interpolate"), (False, 1, "shuffle")])
+def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable, stem, upsample):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from medalloy.export import export_onnx
@@ -127,7 +127,7 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     from medalloy.recipes.distill import load_student
 
     cfg = _cfg("logit_kd", steps=4)
-    cfg.separable, cfg.stem = separable, stem
+    cfg.separable, cfg.stem, cfg.upsample = separable, stem, upsample
     train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
     meta = export_onnx(tmp_path / "s", tmp_path / "s.onnx")
     assert meta["method"] == "distill" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
@@ -136,6 +136,7 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     assert any(getattr(m, "groups", 1) > 1 for m in student.modules()) is separable  # loaded as trained
     assert record["student"]["stem"] == stem and ("enc0" in student.medalloy_stages) is (stem == 0)
     assert ("enc1" in student.medalloy_stages) is (stem < 2)  # a stem of 2 starts at 1/4
+    assert record["student"]["upsample"] == upsample and getattr(student, "upsample", "interpolate") == upsample
     graph, _, _ = load_onnx(tmp_path / "s.onnx")
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -159,13 +160,15 @@ def test_cli_stem_flags_reach_the_config(monkeypatch):
     import medalloy.recipes.distill as recipe
     from medalloy.cli import main
 
-    seen = []
+    seen, ups = [], []
 
     def fake(*args, **kw):
         seen.append(kw.get("stem"))
+        ups.append(kw.get("upsample"))
         return {"params": 1, "teacher_params": 2, "steps": 0, "seconds": 0.0, "best": {}}
 
     monkeypatch.setattr(recipe, "train_distill", fake)
     for flags, stem in [([], None), (["--stem"], 1), (["--stem-depth", "2"], 2), (["--stem-depth", "0"], 0)]:
         assert main(["distill", "DS", "--teacher", "T", "--out", "O", *flags]) == 0
-        assert seen[-1] == stem
+        assert seen[-1] == stem and ups[-1] is None
+    assert main(["distill", "DS", "--teacher", "T", "--out", "O", "--upsample", "shuffle"]) == 0 and ups[-1] == "shuffle"
