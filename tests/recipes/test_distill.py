@@ -59,7 +59,7 @@ def test_relation_kd_student_learns_from_a_frozen_teacher(cxr, teacher, tmp_path
     assert rows[-1]["loss/logits"] < rows[0]["loss/logits"]  # the student moves towards the teacher
     assert res["best"]["metrics"]["val/dice_lung"] > 0.6, res["best"]
     tensors, record = ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "best.safetensors")
-    assert record["method"] == "distill" and record["teacher"]["method"] == "expert"
+    assert record["method"] == "distill" and record["teacher"]["method"] == "expert" and record["teacher"]["steps"] == 120
     assert not any(k.startswith("model/teacher") for k in tensors)  # frozen modules are not saved
     ds = RawDataset(cxr)
     case = ds.labelled_cases()[0]
@@ -143,13 +143,15 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
         assert float((student(x) - graph(x)).abs().max()) < 1e-3
 
 
-def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path):
+def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path, capsys):
     from medalloy.models.students import default_stem
     from medalloy.recipes.distill import load_student
 
     cfg = _cfg("logit_kd", steps=2)
     assert cfg.stem is None
-    train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
+    train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=True)
+    # a student of fewer steps than its teacher's 120 is told so
+    assert "the student trains 2 steps, its teacher trained 120" in capsys.readouterr().out
     _, plan, record = load_student(tmp_path / "s" / "checkpoints" / "last.safetensors")
     # the synthetic patch keeps one pooling only (>= 32 px): neither no stem nor the radiographs' two
     assert record["student"]["stem"] == default_stem(plan) == 1, plan.patch_size
