@@ -156,6 +156,12 @@ def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_
     # the synthetic patch keeps one pooling only (>= 32 px): neither no stem nor the radiographs' two
     assert record["student"]["stem"] == default_stem(plan) == 1, plan.patch_size
     assert "stem: null" not in (tmp_path / "s" / "config.yaml").read_text()  # a resumed run keeps the same student
+    # a record naming an upsampling this version does not know is a one-line error naming the file
+    tensors, record = ckpt.load_checkpoint(tmp_path / "s" / "checkpoints" / "last.safetensors")
+    record["student"]["upsample"] = "nearest"
+    ckpt.save_checkpoint(tmp_path / "odd.safetensors", tensors, record)
+    with pytest.raises(MedalloyError, match="odd.safetensors.*lacks a valid plan or student"):
+        load_student(tmp_path / "odd.safetensors")
 
 
 def test_cli_stem_flags_reach_the_config(monkeypatch):

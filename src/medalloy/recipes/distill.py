@@ -37,7 +37,7 @@ from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, MarginalDiceCELoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import build_student, default_stem, student_model
+from medalloy.models.students import UPSAMPLE, build_student, default_stem, student_model
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import Plan, save_plan
 from medalloy.recipes.registry import load_checkpoint_model, register
@@ -339,9 +339,12 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
         plan = Plan.model_validate(record["plan"])
         student = record["student"]
         filters, out_channels = [int(f) for f in student["filters"]], int(student["out_channels"])
+        upsample = str(student.get("upsample") or "interpolate")
+        if upsample not in UPSAMPLE:
+            raise ValueError(upsample)
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0), str(student.get("upsample") or "interpolate"))
+    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0), upsample)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 
