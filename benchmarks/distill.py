@@ -99,6 +99,7 @@ DOMAINS: dict[str, dict[str, Any]] = {
     "cxr": {"train": ["JSRT"], "unseen_train": ["JSRT"], "unseen_test": "Shenzhen", "unseen_key": "JSRT->Shenzhen"},
 }
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
+DOMAIN_NAMES = {"cxr": "chest X-ray"}  # how the markdown names a domain
 # What the runs showed (rendered under "Notes"; measured, see docs/methods/distillation.md).
 NOTES = [
     "Student width: the first pass (commit 4b4d65e) used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 "
@@ -493,9 +494,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(f"{m['dice'].get(k, float('nan')):.3f}" for k in keys) + f" | {m['dice_mean']:.3f} | {m['params']:,} | "
             f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | " + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8")) + " |"
         )
-    shown = "cxr" if "cxr" in res.get("domains", {}) else next(iter(res.get("domains", {})), "cxr")
-    patch = {"cxr": "the chest X-ray domain's (224 x 224)", "polyp": "the polyp domain's (128 x 128)"}.get(shown, f"the {shown} domain's")
-    lines += ["", f"Sizes and latencies are {patch}; per domain in `distill.json`."]
+    doms = res.get("domains", {})
+    shown = "cxr" if "cxr" in doms else next(iter(doms), "cxr")  # the domain summarise() takes sizes and latencies from
+    patch = next((m["patch"] for m in doms.get(shown, {}).get("models", {}).values() if m.get("patch")), None)
+    at = f" ({' x '.join(map(str, patch))})" if patch else ""
+    lines += ["", f"Sizes and latencies are the {DOMAIN_NAMES.get(shown, shown)} domain's{at}; per domain in `distill.json`."]
     shared: dict[str, list[str]] = {}
     for v in res["domains"].values():
         for name, m in v["models"].items():

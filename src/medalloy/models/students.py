@@ -99,6 +99,12 @@ def depth_to_space(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
 UPSAMPLE = ("interpolate", "shuffle")
 
 
+def check_upsample(upsample: str) -> str:
+    if upsample not in UPSAMPLE:
+        raise MedalloyError(f"unknown upsample '{upsample}'", fix=f"use one of {', '.join(UPSAMPLE)}")
+    return upsample
+
+
 class StemStudent(nn.Module):
     """A U-Net whose first stage is strided (after a space-to-depth fold when ``fold`` is given),
     its logits brought back to the input size by interpolation or depth-to-space (``shuffle``).
@@ -109,9 +115,7 @@ class StemStudent(nn.Module):
 
     def __init__(self, net: DynUNet, dim: int, depth: int = 1, fold: list[int] | None = None, stride: list[int] | None = None, upsample: str = "interpolate"):
         super().__init__()
-        if upsample not in UPSAMPLE:
-            raise MedalloyError(f"unknown upsample '{upsample}'", fix=f"use one of {', '.join(UPSAMPLE)}")
-        if upsample == "shuffle" and not stride:
+        if check_upsample(upsample) == "shuffle" and not stride:
             raise MedalloyError("a shuffle head needs the stem's stride", fix="build the student with student_model")
         self.net = net
         self.depth, self.fold = depth, list(fold) if fold else None
@@ -143,8 +147,7 @@ def student_model(
     in_channels, fold = plan.in_channels, None
     out_channels = out_channels or plan.num_classes
     stride = [int(v) for v in np.prod(np.asarray(network.strides[1 : depth + 1]), axis=0)] if depth else None
-    if upsample not in UPSAMPLE:
-        raise MedalloyError(f"unknown upsample '{upsample}'", fix=f"use one of {', '.join(UPSAMPLE)}")
+    check_upsample(upsample)  # a full-resolution student has nothing to upsample, but a wrong name is still wrong
     if depth:
         if len(network.strides) < depth + MIN_STAGES:
             raise MedalloyError(
