@@ -155,18 +155,20 @@ def foreground(ds_path: Path) -> dict[str, int]:
 
 
 def train_benchmark_expert(
-    name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str, init: Path | None = None, train_fraction: float = 1.0
+    name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str, init: Path | None = None, train_fraction: float = 1.0,
+    warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """A medalloy expert on the benchmark's train/val split of ``name`` for ``budget`` minutes,
     scored on its held-out cases: ``{"run", "scores", "seconds_per_case", "params", "minutes", "steps"}``.
     ``init``: a pretrain run its encoder starts from; ``train_fraction``: the share of the training
-    cases whose labels it may use (a seeded sample; validation and test unchanged)."""
+    cases whose labels it may use (a seeded sample; validation and test unchanged);
+    ``warmup_steps``: a linear learning-rate warm-up before the poly decay (a fine-tuning recipe)."""
     import sys
 
     from medalloy.data.dataset import RawDataset
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
-    from medalloy.recipes.expert import train_expert
+    from medalloy.recipes.expert import ExpertConfig, train_expert
 
     ds_path = member_folder(name, data, work)
     split = splits(name, dataset_path(name, data, work), seed)
@@ -177,8 +179,12 @@ def train_benchmark_expert(
     ds = RawDataset(ds_path)
     plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_kw)
     print(f"[{what}] {name}: {len(split['train'])} train / {len(split['test'])} test cases, {plan.dim}D patch {plan.patch_size}, {budget:g} min", flush=True)
+    config = None
+    if warmup_steps:
+        config = ExpertConfig()
+        config.train.warmup_steps = warmup_steps
     res = train_expert(
-        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
+        ds_path, run, plan=plan, config=config, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
         steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed, init=init,
     )  # fmt: skip
     scores, sec = predict_and_score(run, ds_path, split["test"], foreground(ds_path), f"{what.replace(' ', '-')}-{name}", work)

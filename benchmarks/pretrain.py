@@ -180,13 +180,15 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
     return row
 
 
-def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minutes: float) -> dict[str, Any]:
+def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minutes: float, warmup: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    suffix = f"-warmup{warmup}" if warmup else ""
     for frac_key, frac in (("10", 0.1), ("100", 1.0)):
         dice = []
         for name in SEG:
             res = train_benchmark_expert(
-                name, data, work, work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}", minutes, seed, {}, f"seg {arm}", init=run, train_fraction=frac
+                name, data, work, work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}{suffix}", minutes, seed, {}, f"seg {arm}", init=run, train_fraction=frac,
+                warmup_steps=warmup,
             )
             out[f"{name}_{frac_key}"] = {"dice": res["scores"]["lung"]["dice"], "steps": res["steps"], "minutes": res["minutes"], "val_curve": val_curve(Path(res["run"]))}
             dice.append(res["scores"]["lung"]["dice"])
@@ -335,6 +337,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-pretrain")
     ap.add_argument("--budget-minutes", type=float, default=8.0)
     ap.add_argument("--seg-minutes", type=float, default=2.0)
+    ap.add_argument(
+        "--seg-warmup", type=int, default=0,
+        help="the seg experts' linear learning-rate warm-up in steps (every arm alike; DKFZ's fine-tuning trainers warm up a pretrained network before the poly decay)",
+    )  # fmt: skip
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--skip-seg", action="store_true")
@@ -352,6 +358,8 @@ def main() -> int:
         print(f"[curves] {backfill_curves(raw, a.work)} seg runs' validation curves read from {a.work}", flush=True)
         raw_path.write_text(json.dumps(raw, indent=1))
     settings: dict[str, Any] = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
+    if a.seg_warmup:
+        settings["seg_warmup_steps"] = a.seg_warmup
     if a.random_from is not None:
         src = a.random_from / "pretrain_raw.json"
         if not src.exists():
@@ -388,7 +396,7 @@ def main() -> int:
                 torch.set_num_threads(2)
                 row.update(score_arm(arm, seed, run, train, test))
                 if not a.skip_seg:
-                    row.update(seg_arm(arm, seed, run, a.data, a.work, a.seg_minutes))
+                    row.update(seg_arm(arm, seed, run, a.data, a.work, a.seg_minutes, a.seg_warmup))
                 row["wall_minutes"] = round((time.perf_counter() - t0) / 60, 2)
                 raw.setdefault(arm, {})[str(seed)] = row
                 results.mkdir(parents=True, exist_ok=True)

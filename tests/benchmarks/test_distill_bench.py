@@ -88,3 +88,26 @@ def test_merge_keeps_earlier_multi_source_rows_and_starts_a_fresh_results_file()
     first = bench.merge({}, "cxr", {"models": {}, "unseen_source": {}, "multi_source": {"logit_kd_multi": {"dice": {"lung/JSRT": 0.9}}}})
     both = bench.merge(first, "cxr", {"models": {}, "unseen_source": {}, "multi_source": {"relation_kd_multi": {"dice": {"lung/JSRT": 0.95}}}})
     assert set(both["domains"]["cxr"]["multi_source"]) == {"logit_kd_multi", "relation_kd_multi"}
+
+
+def test_targets_compare_a_student_on_its_own_tasks_and_time_it_where_it_was_measured() -> None:
+    # polyp finished and measured, cxr has only its teacher so far: the student keeps 0.76 / 0.78
+    # of the polyp teacher (97.4 %), not of a mean that also holds the teacher's cxr tasks
+    lat_t = {"eager_fp32": 20.0, "bf16": 15.0, "onnx_fp32": 12.0, "onnx_int8": 8.0}
+    lat_s = {"eager_fp32": 2.0, "bf16": 2.0, "onnx_fp32": 1.0, "onnx_int8": 1.2}
+    res = {
+        "domains": {
+            "polyp": {
+                "models": {
+                    "teacher": {"dice": {"polyp/Kvasir": 0.78}, "params": 5_000_000, "latency_ms": lat_t},
+                    "relation_kd": {"dice": {"polyp/Kvasir": 0.76}, "params": 300_000, "latency_ms": lat_s},
+                },
+                "unseen_source": {},
+            },
+            "cxr": {"models": {"teacher": {"dice": {"lung/JSRT": 0.98}, "params": 5_000_001}}, "unseen_source": {}},
+        }
+    }
+    lines = bench.targets(bench.summarise(res))
+    assert lines[0] == "- relation KD keeps 97.4 % of the teacher's mean Dice (target >= 97 %): met"
+    assert lines[1].startswith("- 16.7x fewer parameters")
+    assert "teacher 8.0 ms (onnx_int8), student 1.0 ms (onnx_fp32): 8.0x (target >= 5x): met" in lines[2]

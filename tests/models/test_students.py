@@ -172,3 +172,26 @@ def test_separable_student_is_wider_within_the_same_budget_and_keeps_the_topolog
         full.weight.copy_(pointwise.weight[:, :, 0, 0, None, None] * depthwise.weight[None, :, 0])
         y = torch.randn(2, 4, 8, 8)
         torch.testing.assert_close(wrapper(y), full(y))
+
+
+def test_a_plan_json_gives_the_students_filters_and_must_keep_the_teachers_strides(tmp_path):
+    from medalloy.planning.plan import save_plan
+
+    plan = _plan()
+    n = len(plan.network.strides)
+    own = plan.model_copy(update={"network": plan.network.model_copy(update={"filters": [5 + i for i in range(n)]})})
+    path = save_plan(own, tmp_path / "student.json")
+    full = build_student(plan, str(path))
+    assert full.filters == [5 + i for i in range(n)] and full.strides == plan.network.strides
+    stem = build_student(plan, str(path), stem=2)  # the dropped stages take their filters with them
+    assert stem.net.filters == [5 + i for i in range(2, n)]
+    assert stem(torch.zeros(1, 1, 224, 224)).shape == (1, 3, 224, 224)
+    strides = [list(s) for s in plan.network.strides]
+    strides[2] = [1, 2]
+    other = own.model_copy(update={"network": own.network.model_copy(update={"strides": strides})})
+    bad = save_plan(other, tmp_path / "other.json")
+    with pytest.raises(MedalloyError) as err:
+        build_student(plan, str(bad))
+    assert "stage 2" in str(err.value) and "other.json" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(MedalloyError, match="not found|missing|no such"):
+        build_student(plan, str(tmp_path / "absent.json"))

@@ -180,3 +180,22 @@ def test_cli_stem_flags_reach_the_config(monkeypatch):
         assert main(["distill", "DS", "--teacher", "T", "--out", "O", *flags]) == 0
         assert seen[-1] == stem and ups[-1] is None
     assert main(["distill", "DS", "--teacher", "T", "--out", "O", "--upsample", "shuffle"]) == 0 and ups[-1] == "shuffle"
+
+
+def test_a_student_plan_json_sets_the_filters_and_is_recorded_by_its_absolute_path(cxr, teacher, tmp_path, monkeypatch):
+    from medalloy.planning.plan import load_plan, save_plan
+    from medalloy.recipes.distill import load_student
+
+    plan = load_plan(teacher / "plan.json")
+    n = len(plan.network.strides)
+    own = plan.model_copy(update={"network": plan.network.model_copy(update={"filters": [3 + 2 * i for i in range(n)]})})
+    save_plan(own, tmp_path / "student.json")
+    monkeypatch.chdir(tmp_path)  # given relative, recorded absolute: a resumed run finds it from any folder
+    cfg = _cfg("logit_kd", steps=2)
+    cfg.student = "student.json"
+    train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
+    model, _, record = load_student(tmp_path / "s" / "checkpoints" / "last.safetensors")
+    stem = record["student"]["stem"]
+    assert record["student"]["filters"] == [3 + 2 * i for i in range(stem, n)]
+    assert record["student"]["size"] == str(tmp_path / "student.json")
+    assert str(tmp_path / "student.json") in (tmp_path / "s" / "config.yaml").read_text()

@@ -8,6 +8,9 @@ field of view and resolutions as its teacher) and picks the widest filters
 at full resolution, and such JSRT students ended at heart Dice 0; 11..44 learns it,
 docs/methods/distillation.md):
 ``tiny`` 0.35 M (the paper's student has ~353 k), ``small`` 1.0 M; an int is a budget of its own.
+A plan JSON (``medalloy plan DATASET --base-filters 8 --out student.json``) gives the filters
+directly: its kernels and strides must be the teacher plan's (the relation losses compare stages of
+equal resolution), its filters are the student's (a stem student drops the finest ones with their stages).
 
 ``separable=True`` replaces every k x k convolution of the network (but the first, which reads only
 the image's 1-3 channels) by a depthwise k x k convolution and a pointwise 1 x 1 one (MobileNet's
@@ -35,6 +38,7 @@ convolution; a few hundred weights more, no full-resolution operator but the unf
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +49,7 @@ from torch import nn
 from medalloy.errors import MedalloyError
 from medalloy.models.features import STAGES_ATTR
 from medalloy.models.unet import build_unet, count_parameters
-from medalloy.planning.plan import Plan
+from medalloy.planning.plan import Plan, load_plan
 
 STUDENT_SIZES = {"tiny": 350_000, "small": 1_000_000}
 
@@ -187,6 +191,26 @@ def default_stem(plan: Plan, deepest: int = 2) -> int:
     return 0
 
 
+def plan_filters(plan: Plan, path: str | Path) -> list[int]:
+    """The filters of the student plan at ``path``, once its network is checked against the
+    teacher's ``plan`` stage by stage (same dimension, depth, kernels and strides)."""
+    own = load_plan(path)
+    if own.dim != plan.dim:
+        raise MedalloyError(f"student plan is {own.dim}D, the teacher's {plan.dim}D", path, "plan the student on the teacher's dataset")
+    mine, theirs = own.network, plan.network
+    if len(mine.strides) != len(theirs.strides):
+        raise MedalloyError(
+            f"student plan has {len(mine.strides)} stages, the teacher's {len(theirs.strides)}", path, "plan the student on the teacher's dataset, changing only --base-filters"
+        )
+    for i, (k, s, tk, ts) in enumerate(zip(mine.kernels, mine.strides, theirs.kernels, theirs.strides)):
+        if (k, s) != (tk, ts):
+            raise MedalloyError(
+                f"student plan's stage {i} (kernel {k}, stride {s}) differs from the teacher's (kernel {tk}, stride {ts})",
+                path, "keep the teacher plan's kernels and strides; change only the filters",
+            )  # fmt: skip
+    return [int(f) for f in mine.filters]
+
+
 def student_stages(plan: Plan, stem: int | bool = 0) -> int:
     return len(plan.network.strides) - int(stem)
 
@@ -195,8 +219,11 @@ def build_student(
     plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
 ) -> nn.Module:
     """The plan's U-Net at the widest base width within the size's parameter budget (no deep
-    supervision); ``separable``: with depthwise-separable convolutions; ``stem``: a
-    :class:`StemStudent` without the ``stem`` finest stages, ``upsample`` its logits' way back."""
+    supervision), or with the filters of a plan JSON (``size`` a path ending in ``.json``);
+    ``separable``: with depthwise-separable convolutions; ``stem``: a :class:`StemStudent` without
+    the ``stem`` finest stages, ``upsample`` its logits' way back."""
+    if isinstance(size, str) and size.lower().endswith(".json"):
+        return student_model(plan, plan_filters(plan, size)[int(stem) :], out_channels, separable, stem, upsample)
     if isinstance(size, str) and size.isdigit():
         size = int(size)
     budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)

@@ -86,7 +86,7 @@ class DistillConfig(BaseModel):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=3e-3))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
-    student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M) or a parameter budget
+    student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M), a parameter budget, or a plan JSON giving the filters
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
     stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: models/students.default_stem
     upsample: Literal["interpolate", "shuffle"] = "interpolate"  # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
@@ -212,6 +212,8 @@ def train_distill(
     seed_everything(cfg.train.seed)
     if cfg.stem is None:  # resolved once, so config.yaml and a resumed run keep the student it chose
         cfg = cfg.model_copy(update={"stem": default_stem(plan)})
+    if isinstance(cfg.student, str) and cfg.student.lower().endswith(".json"):  # a resumed run finds it from any folder
+        cfg = cfg.model_copy(update={"student": str(Path(cfg.student).resolve())})
     student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem, upsample=cfg.upsample)
     if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
         cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem)}"]})
