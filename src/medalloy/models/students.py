@@ -201,7 +201,7 @@ def plan_filters(plan: Plan, path: str | Path) -> list[int]:
     if len(mine.strides) != len(theirs.strides):
         raise MedalloyError(
             f"student plan has {len(mine.strides)} stages, the teacher's {len(theirs.strides)}", path, "plan the student on the teacher's dataset, changing only --base-filters"
-        )
+        )  # fmt: skip
     for i, (k, s, tk, ts) in enumerate(zip(mine.kernels, mine.strides, theirs.kernels, theirs.strides)):
         if (k, s) != (tk, ts):
             raise MedalloyError(
