@@ -1,7 +1,8 @@
 """Channel-wise distillation (CWD, Shu et al. ICCV 2021): each channel's activation map becomes a
 distribution over positions, and the student's matches the teacher's.
 
-Features ``f_s, f_t`` ``(B, C, *sp)`` of the same shape (the student's through a 1x1 adapter),
+Maps ``f_s, f_t`` ``(B, C, *sp)`` of the same shape (the distillation recipe gives the logits, as
+the paper does for dense prediction; features of other widths would need a 1x1 adapter first),
 temperature ``T``, ``N`` positions::
 
     P^t_bc = softmax_x(f_t[b, c] / T), log P^s_bc = log_softmax_x(f_s[b, c] / T)
