@@ -451,6 +451,13 @@ def share_architecture_measures(models: dict[str, dict[str, Any]]) -> None:
             entry["shares_measures_of"] = source
 
 
+def reference_domain(entries: dict[str, dict[str, Any]]) -> str:
+    """Of a row's per-domain entries, the one whose size and latency it shows: the chest X-ray one
+    (the issue's 224 px) where measured, else a measured one, else the chest X-ray or first one."""
+    order = sorted(entries, key=lambda d: d != "cxr")
+    return next((d for d in order if entries[d].get("latency_ms")), order[0])
+
+
 def summarise(res: dict[str, Any]) -> dict[str, Any]:
     """The issue's shape: per model, Dice over every task/source of both domains; size and latency at
     224 px (the chest X-ray domain: the issue's reference size), else the other domain's."""
@@ -462,8 +469,7 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         entries = {d: v["models"][name] for d, v in doms.items() if name in v["models"]}
         if not entries:
             continue
-        # a measured domain's entry, the chest X-ray one first (the issue's 224 px)
-        ref = next((e for e in sorted(entries.values(), key=lambda e: e is not entries.get("cxr")) if e.get("latency_ms")), entries.get("cxr") or next(iter(entries.values())))
+        ref = entries[reference_domain(entries)]
         dice = {k: v for e in entries.values() for k, v in e["dice"].items()}
         models[name] = {
             "dice_mean": round(float(np.mean(list(dice.values()))), 4), "dice": dice,
@@ -505,7 +511,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | " + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8")) + " |"
         )
     doms = res.get("domains", {})
-    shown = "cxr" if "cxr" in doms else next(iter(doms), "cxr")  # the domain summarise() takes sizes and latencies from
+    teachers = {d: v["models"]["teacher"] for d, v in doms.items() if "teacher" in v["models"]}
+    shown = reference_domain(teachers) if teachers else "cxr"  # the domain summarise() takes sizes and latencies from
     patch = next((m["patch"] for m in doms.get(shown, {}).get("models", {}).values() if m.get("patch")), None)
     at = f" ({' x '.join(map(str, patch))})" if patch else ""
     lines += ["", f"Sizes and latencies are the {DOMAIN_NAMES.get(shown, shown)} domain's{at}; per domain in `distill.json`."]
