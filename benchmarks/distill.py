@@ -23,7 +23,9 @@ like for like; ``student_alone_full``, ``logit_kd_full``, ``relation_kd_full`` t
 resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); ``skd``,
 ``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students;
 ``relation_kd_x10`` and ``relation_kd_x30`` are ``relation_kd`` with its kernel and affinity terms
-weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records.
+weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records;
+``relation_kd_cross`` and ``relation_kd_x10_cross`` add relations across the images of a batch (the
+recipe's ``--losses relation_cross``), at weight 1 and 10.
 Multi-source (chest X-ray): ``logit_kd_multi``, ``relation_kd_multi`` and ``relation_kd_x10_multi`` are
 those rows trained from the JSRT teacher on JSRT's and Shenzhen's images at once (Shenzhen labels the
 lung only: its lung labels train through the marginal loss, the heart comes from the teacher), scored
@@ -70,6 +72,10 @@ STEM = {
 RELATION_WEIGHTS = (10.0, 30.0)
 WEIGHTS: dict[str, dict[str, float]] = {f"relation_kd_x{w:g}": {"kernel": w, "affinity": w} for w in RELATION_WEIGHTS}
 STUDENTS.update({name: "relation" for name in WEIGHTS})
+# relation KD with relations across images too (the recipe's losses "relation_cross": the affinity
+# also over the positions of the whole batch, losses/affinity.py scope "batch"), at weight 1 and 10
+CROSS: dict[str, dict[str, float]] = {"relation_kd_cross": {}, "relation_kd_x10_cross": {"kernel": 10.0, "affinity": 10.0, "cross": 10.0}}
+STUDENTS.update({name: "relation_cross" for name in CROSS})
 # multi-source (the issue's JSRT + Shenzhen): the domain's students trained on the images of several
 # datasets at once, from the domain's teacher (Shenzhen labels the lung only: the recipe's marginal
 # loss trains its lung, the teacher its heart), scored on each one's held-out cases; each row is the
@@ -89,10 +95,10 @@ MODELS = ["teacher", *STUDENTS, *MULTI]
 RELATION_VS_BASELINES = {
     "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
     "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"), "relation_kd_500k": ("student_alone_500k",),
-    **{name: ("student_alone", "logit_kd") for name in WEIGHTS},
+    **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)},
 }  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -278,7 +284,8 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
         return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
     base = MULTI.get(model, model)
-    config = DistillConfig(weights=DistillWeights(**WEIGHTS[base])) if base in WEIGHTS else None
+    weights = {**WEIGHTS, **CROSS}.get(base)
+    config = DistillConfig(weights=DistillWeights(**weights)) if weights else None
     res = train_distill(
         dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
@@ -641,18 +648,18 @@ def targets(res: dict[str, Any]) -> list[str]:
 
 def chosen_by_validation(res: dict[str, Any]) -> list[str]:
     """Per domain, the relation-KD weight a user would pick (best validation Dice on the training
-    source, among ``relation_kd`` and the ``WEIGHTS`` rows) and its unseen-source row against the baselines."""
+    source, among ``relation_kd``, the ``WEIGHTS`` and the ``CROSS`` rows) and its unseen-source row against the baselines."""
     out = []
     for domain, v in res.get("domains", {}).items():
         models, unseen = v["models"], v["unseen_source"]
-        options = [n for n in ("relation_kd", *WEIGHTS) if "val_dice" in models.get(n, {}) and n in unseen]
+        options = [n for n in ("relation_kd", *WEIGHTS, *CROSS) if "val_dice" in models.get(n, {}) and n in unseen]
         if len(options) < 2 or not all(b in unseen for b in ("student_alone", "logit_kd")):
             continue
         best = max(options, key=lambda n: models[n]["val_dice"])
         key = DOMAINS[domain]["unseen_key"]
         x, a, b = unseen[best][key], unseen["student_alone"][key], unseen["logit_kd"][key]
         out.append(
-            f"- unseen source {key}, relation KD at the weight chosen by validation Dice ({best}, {models[best]['val_dice']:.3f}): "
+            f"- unseen source {key}, relation KD in the setting chosen by validation Dice ({best}, {models[best]['val_dice']:.3f}): "
             f"{x:.3f} vs student_alone {a:.3f} / logit_kd {b:.3f}: {'met' if x > max(a, b) else '**missed**'}"
         )
     return out

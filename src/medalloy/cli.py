@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: models/students.default_stem, a stem of two where the patch allows it)")
     c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
     c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
-    c.add_argument("--losses", default=None, choices=("relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
+    c.add_argument("--losses", default=None, choices=("relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
     _run_flags(c, "distillation")
     c.set_defaults(fn=cmd_distill)
 

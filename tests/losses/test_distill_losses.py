@@ -70,6 +70,33 @@ def test_confidence_weighting_drops_the_pairs_the_teacher_is_unsure_of():
     assert weighted(s, t, torch.ones(1, 4, 4)).item() > 1e-3
 
 
+def test_batch_scope_relates_positions_across_images():
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(2, 5, 4, 4, generator=g)
+    # the student's second image is the teacher's with its channels permuted: every image's own
+    # cosine relations are the teacher's, the relations between the two images are not
+    s = t.clone()
+    s[1] = t[1, torch.tensor([3, 0, 4, 1, 2])]
+    assert SpatialAffinityLoss(max_positions=16, weighting="none")(s, t).item() == pytest.approx(0.0, abs=1e-7)
+    cross = SpatialAffinityLoss(max_positions=8, weighting="none", scope="batch")  # 8 // 2 = 4 positions an image
+
+    def affinity(f):
+        p = f.reshape(2, 5, 2, 2, 2, 2).mean((3, 5)).reshape(2, 5, 4)
+        p = np.concatenate([p[0], p[1]], axis=1)  # (C, 8): image 0's positions, then image 1's
+        p = p / np.linalg.norm(p, axis=0, keepdims=True)
+        return p.T @ p
+
+    ref = ((affinity(s.numpy()) - affinity(t.numpy())) ** 2).mean()
+    assert ref > 1e-3
+    assert cross(s, t).item() == pytest.approx(ref, rel=1e-5)
+    # confidence over the same set: an unsure second image leaves only the first image's own pairs, which agree
+    confidence = torch.ones(2, 4, 4)
+    confidence[1] = 0.0
+    assert SpatialAffinityLoss(max_positions=8, scope="batch")(s, t, confidence).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="scope"):
+        SpatialAffinityLoss(scope="site")
+
+
 def test_poly_kernel_mmd_equals_the_gram_matrix_distance_and_the_kernel_formula():
     g = torch.Generator().manual_seed(4)
     s, t = torch.randn(2, 5, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)

@@ -68,7 +68,7 @@ def test_relation_kd_student_learns_from_a_frozen_teacher(cxr, teacher, tmp_path
 
 
 def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
-    for losses, parts in (("student_alone", {"seg"}), ("skd", {"seg", "logits", "pairwise"}), ("cwd", {"seg", "cwd"})):
+    for losses, parts in (("student_alone", {"seg"}), ("skd", {"seg", "logits", "pairwise"}), ("cwd", {"seg", "cwd"}), ("relation_cross", {"seg", "logits", "kernel", "affinity", "cross"})):
         train_distill(cxr, teacher, tmp_path / losses, config=_cfg(losses, steps=4), progress=False)
         row = [r for r in read_metrics(tmp_path / losses / "metrics.jsonl") if r["kind"] == "train"][-1]
         assert {k[5:] for k in row if k.startswith("loss/")} == parts, losses

@@ -19,6 +19,14 @@ L2-normalised, and the cosine affinity taken per sample::
 
   so relations the teacher itself gets wrong on an unfamiliar site pull less.
 
+- ``scope="batch"`` (cross-image relations, medalloy's choice for the journal version's
+  "cross-site relational" distillation, after CIRKD, Yang et al. CVPR 2022): each image is pooled
+  to ``n = max(4, max_positions // B)`` positions and the batch's ``B n`` positions form one set, so
+  ``A`` is ``(1, B n, B n)``: besides each image's own relations (the diagonal blocks) the student
+  learns how the teacher relates a position of one image to positions of the others, e.g. lung in
+  one radiograph to lung and border in another. Weighting as above over the same set. A batch of
+  one is the image scope at ``n`` positions.
+
 Computed in float32; the teacher's features and the confidence carry no gradient.
 """
 
@@ -49,23 +57,37 @@ def cosine_affinity(f: torch.Tensor) -> torch.Tensor:
     return f.transpose(1, 2) @ f
 
 
+def _as_one_set(f: torch.Tensor) -> torch.Tensor:
+    """``(B, C, n) -> (1, C, B n)``, image by image."""
+    return f.transpose(0, 1).reshape(1, f.shape[1], -1)
+
+
 class SpatialAffinityLoss(nn.Module):
     """``(student (B, C_s, *sp_s), teacher (B, C_t, *sp_t)[, confidence (B, *sp)]) -> scalar``."""
 
-    def __init__(self, max_positions: int = 256, weighting: str = "confidence"):
+    def __init__(self, max_positions: int = 256, weighting: str = "confidence", scope: str = "image"):
         super().__init__()
         if weighting not in ("none", "confidence"):
             raise ValueError(f"weighting must be 'none' or 'confidence', not {weighting!r}")
+        if scope not in ("image", "batch"):
+            raise ValueError(f"scope must be 'image' or 'batch', not {scope!r}")
         self.max_positions = max_positions
         self.weighting = weighting
+        self.scope = scope
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
         if student.shape[0] != teacher.shape[0] or student.ndim != teacher.ndim:
             raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} do not pair up")
-        grid = grid_for(tuple(min(a, b) for a, b in zip(student.shape[2:], teacher.shape[2:])), self.max_positions)
-        diff = (cosine_affinity(pool_to_grid(student, grid)) - cosine_affinity(pool_to_grid(teacher.detach(), grid))) ** 2
+        per_image = self.max_positions if self.scope == "image" else max(4, self.max_positions // student.shape[0])
+        grid = grid_for(tuple(min(a, b) for a, b in zip(student.shape[2:], teacher.shape[2:])), per_image)
+        s, t = pool_to_grid(student, grid), pool_to_grid(teacher.detach(), grid)
+        if self.scope == "batch":  # (B, C, n) -> (1, C, B n): one set of positions over the batch
+            s, t = _as_one_set(s), _as_one_set(t)
+        diff = (cosine_affinity(s) - cosine_affinity(t)) ** 2
         if self.weighting == "none" or confidence is None:
             return diff.mean()
         c = pool_to_grid(confidence.detach()[:, None], grid)[:, 0]  # (B, N)
+        if self.scope == "batch":
+            c = c.reshape(1, -1)
         pairs = c[:, :, None] * c[:, None, :]
         return (pairs * diff).sum() / pairs.sum().clamp_min(1e-12)

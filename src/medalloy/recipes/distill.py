@@ -2,7 +2,8 @@
 teacher's outputs and feature relations (docs/methods/distillation.md).
 
 ``L = L_seg + l_logits L_logits + l_kernel L_kernel + l_affinity L_affinity`` (``losses="relation"``),
-or one of the baselines in the same code: ``student_alone`` (L_seg), ``logit_kd``, ``skd``
+or ``relation_cross`` (the same plus ``l_cross L_cross``, the affinity over the positions of the whole batch, relations
+across images: losses/affinity.py ``scope="batch"``), or one of the baselines in the same code: ``student_alone`` (L_seg), ``logit_kd``, ``skd``
 (logits + pairwise affinity without weighting), ``cwd`` (channel-wise distillation of the logits),
 ``relation_no_kernel``, ``relation_no_affinity``.
 
@@ -60,6 +61,7 @@ TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "ups
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
+    "relation_cross": ("logits", "kernel", "affinity", "cross"),
     "relation_no_kernel": ("logits", "affinity"),
     "relation_no_affinity": ("logits", "kernel"),
     "student_alone": (),
@@ -75,6 +77,7 @@ class DistillWeights(BaseModel):
     logits: float = Field(1.0, ge=0.0)
     kernel: float = Field(1.0, ge=0.0)
     affinity: float = Field(1.0, ge=0.0)
+    cross: float = Field(1.0, ge=0.0)
     cwd: float = Field(1.0, ge=0.0)
 
 
@@ -85,7 +88,7 @@ class DistillConfig(BaseModel):
 
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=3e-3))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    losses: Literal["relation", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
+    losses: Literal["relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M), a parameter budget, or a plan JSON giving the filters
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
     stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: models/students.default_stem
@@ -256,6 +259,7 @@ def train_distill(
     kd = LogitKDLoss(cfg.temperature, binary=activation == "sigmoid")
     affinity = SpatialAffinityLoss(cfg.max_positions, weighting="confidence")
     pairwise = SpatialAffinityLoss(cfg.max_positions, weighting="none")
+    cross = SpatialAffinityLoss(cfg.max_positions, weighting="confidence", scope="batch")
     kernel = KernelMMDLoss(cfg.kernel, cfg.max_positions)
     cwd = ChannelWiseLoss(4.0)
     task_loss = TaskBCEDiceLoss(num_tasks=n_out)
@@ -264,7 +268,8 @@ def train_distill(
     dice_ce = [DiceCELoss() if f else MarginalDiceCELoss(n_out, a) for f, a in zip(full, annotated)] if activation == "softmax" else []
     # sigmoid: a task its annotators left out is not scored
     task_mask = [torch.tensor([float(k + 1 in a) for k in range(n_out)]) for a in annotated]
-    feature_terms = {"kernel", "affinity", "pairwise"} & set(terms)
+    feature_terms = {"kernel", "affinity", "pairwise", "cross"} & set(terms)
+    feature_weights = {"kernel": w.kernel, "affinity": w.affinity, "pairwise": w.affinity, "cross": w.cross}
 
     def seg_loss(logits: torch.Tensor, label: torch.Tensor, d: int) -> torch.Tensor:
         if activation == "softmax":
@@ -297,10 +302,10 @@ def train_distill(
                 if term == "kernel":
                     value = sum(kernel(models["adapters"][s](ts.features[s]), tt.features[s]) for s in stages) / len(stages)
                 else:
-                    loss = affinity if term == "affinity" else pairwise
+                    loss = {"affinity": affinity, "pairwise": pairwise, "cross": cross}[term]
                     value = sum(loss(ts.features[s], tt.features[s], conf) for s in stages) / len(stages)
                 logged[term] = value
-                total = total + (w.kernel if term == "kernel" else w.affinity) * value
+                total = total + feature_weights[term] * value
         logged = {k: v.detach() for k, v in logged.items()}
         return {"loss": total, **{f"loss/{k}": v for k, v in logged.items()}}
 
