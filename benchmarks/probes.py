@@ -16,10 +16,13 @@
   the tasks' head parts, effective prototypes and fused task tokens, how far the head's part moves
   between noise and real input, and the cosine between datasets of the part their tasks share
   (docs/methods/hermes.md, "What the task head learns").
+- ``students``: the tiny student's filters, parameters and GFLOPs at JSRT's 224 px and the polyp
+  128 px plans, plain and depthwise-separable (``--separable``), at full resolution and at the
+  default stem (docs/methods/distillation.md, "separable"); no training, no timing.
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
-    python benchmarks/probes.py [head width profile latency] [--steps 120]
+    python benchmarks/probes.py [head width profile latency students] [--steps 120]
     python benchmarks/probes.py prototypes --universal RUN/checkpoints/best.safetensors [...]
 
 Writes ``benchmarks/results/probes.json`` (merged per probe).
@@ -263,9 +266,29 @@ def probe_prototypes(checkpoints: list[Path], data: Path, work: Path) -> dict[st
     return out
 
 
+def probe_students(data: Path, work: Path) -> dict[str, Any]:
+    from medalloy.models.flops import forward_gflops
+    from medalloy.models.students import build_student, default_stem
+    from medalloy.models.unet import count_parameters
+
+    out: dict[str, Any] = {}
+    for name in ("JSRT", "Polyp-Kvasir"):
+        plan = _plan(name, data, work)
+        shape = (plan.in_channels, *plan.patch_size)
+        rows: dict[str, Any] = {"patch": list(plan.patch_size), "default_stem": default_stem(plan)}
+        for stem in sorted({0, default_stem(plan)}):
+            for separable in (False, True):
+                net = build_student(plan, "tiny", separable=separable, stem=stem)
+                key = f"stem{stem}{'_separable' if separable else ''}"
+                rows[key] = {"filters": [int(f) for f in net.filters], "params": count_parameters(net), "gflops": round(forward_gflops(net, shape), 3)}
+                print(f"[probes] students {name} {key}: {rows[key]}", flush=True)
+        out[name] = rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes"])
+    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes", "students"])
     p.add_argument("--universal", type=Path, action="append", default=[], help="a universal checkpoint (prototypes; repeat for more)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
@@ -287,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "profile": lambda: probe_profile(a.runs),
             "latency": lambda: probe_latency(a.data, a.work),
             "prototypes": lambda: probe_prototypes(a.universal, a.data, a.work),
+            "students": lambda: probe_students(a.data, a.work),
         }
         res = probes[name]()
         old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}  # probes may run side by side
