@@ -20,8 +20,10 @@ pass gives the same models however busy the machine is (the two domains may run 
 student (``models/students.default_stem``: a stem of two at both domains' patches, the image's 2x2
 pixel blocks folded into channels and the network from 1/4), so the unseen-source rows compare
 like for like; ``student_alone_full``, ``logit_kd_full``, ``relation_kd_full`` the same at full
-resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); ``skd``,
-``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are full-resolution students;
+resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); the issue's
+baselines and ablations ``skd``, ``cwd``, ``relation_no_kernel`` and ``relation_no_affinity`` are
+default students with unseen-source rows, ``skd_full``, ``cwd_full``, ``relation_no_kernel_full``
+and ``relation_no_affinity_full`` the same at full resolution (in-domain only);
 ``relation_kd_x10`` and ``relation_kd_x30`` are ``relation_kd`` with its kernel and affinity terms
 weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records;
 ``relation_kd_cross`` and ``relation_kd_x10_cross`` add relations across the images of a batch (the
@@ -60,11 +62,12 @@ STUDENTS = {
     "student_alone": "student_alone", "logit_kd": "logit_kd", "relation_kd": "relation", "relation_kd_stem": "relation",
     "student_alone_full": "student_alone", "logit_kd_full": "logit_kd", "relation_kd_full": "relation",
     "skd": "skd", "cwd": "cwd", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
+    "skd_full": "skd", "cwd_full": "cwd", "relation_no_kernel_full": "relation_no_kernel", "relation_no_affinity_full": "relation_no_affinity",
 }  # fmt: skip
 # students whose stem is not the recipe's default (models/students.py): how many of the finest stages they drop
 STEM = {
     "relation_kd_stem": 1, "student_alone_full": 0, "logit_kd_full": 0, "relation_kd_full": 0,
-    "skd": 0, "cwd": 0, "relation_no_kernel": 0, "relation_no_affinity": 0,
+    "skd_full": 0, "cwd_full": 0, "relation_no_kernel_full": 0, "relation_no_affinity_full": 0,
 }  # fmt: skip
 # relation KD at the default student with the relation terms (kernel and affinity) weighted W
 # instead of 1: at weight 1 they end ~20x below L_seg (0.02-0.04 vs ~0.65 on polyp), too small to
@@ -98,7 +101,7 @@ RELATION_VS_BASELINES = {
     **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)},
 }  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
