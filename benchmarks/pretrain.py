@@ -30,7 +30,9 @@ Downstream, on the held-out patients' images:
 Text encoder: ``scratch`` (default; a small transformer trained on the reports) or ``minilm`` (the
 packaged all-MiniLM-L6-v2, ``medalloy[text]``). The random arm has no text side, so a MiniLM table
 may take its rows from the scratch table's raw results (``--random-from DIR``) instead of
-retraining the same segmentation experts.
+retraining the same segmentation experts. ``--token-scope pair`` trains the token-level term within
+each image-report pair (MGCA's form, ``B`` times cheaper than the all-pairs GLoRIA form), so the
+token_level and hybridmed arms take more steps in the same budget; give it its own ``--work``.
 
 Writes ``benchmarks/results/pretrain.json`` (the issue's shape: means over seeds),
 ``pretrain_raw.json`` (every seed) and ``pretrain.md``.
@@ -90,7 +92,7 @@ def prepare_pairs(data: Path, work: Path):
     return out, columns, train, test
 
 
-def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float, text_encoder: str = "scratch") -> Path:
+def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float, text_encoder: str = "scratch", token_scope: str = "batch") -> Path:
     from medalloy.recipes.pretrain import PretrainConfig, pretrain
 
     run = work / "runs" / f"{arm}-s{seed}"
@@ -98,7 +100,7 @@ def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work
         print(f"[pretrain] {arm} seed {seed}: done already ({run})", flush=True)
         return run
     print(f"[pretrain] {arm} seed {seed}: {budget:g} min, {text_encoder} text encoder", flush=True)
-    cfg = PretrainConfig(columns=columns.model_copy(update={"label": None}), text_encoder=text_encoder)
+    cfg = PretrainConfig(columns=columns.model_copy(update={"label": None}), text_encoder=text_encoder, token_scope=token_scope)
     text_only = data / "CXR-Text" / "iu_xray_reports.csv" if "generation" in LOSSES[arm] else None
     pretrain(
         pairs_csv, run, text_only=text_only, config=cfg, overwrite=True, progress=sys.stderr.isatty(), losses=LOSSES[arm],
@@ -348,6 +350,7 @@ def main() -> int:
     ap.add_argument("--rescore", action="store_true", help="score finished pretraining runs again (uses 1-4), keeping their segmentation rows")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results)")
     ap.add_argument("--text-encoder", choices=("scratch", "minilm"), default="scratch", help="minilm needs medalloy[text]")
+    ap.add_argument("--token-scope", choices=("batch", "pair"), default="batch", help="token-level contrast over the batch's pairs, or within each pair (MGCA; cheaper); use its own --work")
     ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/pretrain_raw.json")
     ap.add_argument("--curves", action="store_true", help="with --report: add the seg experts' validation curves from the runs still in --work")
     a = ap.parse_args()
@@ -360,6 +363,8 @@ def main() -> int:
     settings: dict[str, Any] = {"budget_minutes": a.budget_minutes, "seg_minutes": a.seg_minutes, "image_size": IMAGE_SIZE, "cpu_threads": os.cpu_count()}
     if a.seg_warmup:
         settings["seg_warmup_steps"] = a.seg_warmup
+    if a.token_scope != "batch":
+        settings["token_scope"] = a.token_scope
     if a.random_from is not None:
         src = a.random_from / "pretrain_raw.json"
         if not src.exists():
@@ -384,7 +389,7 @@ def main() -> int:
                     row.update(score_arm(arm, seed, None if arm == "random" else a.work / "runs" / f"{arm}-s{seed}", train, test))
                     raw.setdefault(arm, {})[str(seed)] = row
                     continue
-                run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes, a.text_encoder)
+                run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes, a.text_encoder, a.token_scope)
                 row: dict[str, Any] = {}
                 if run is not None:
                     res = json.loads((run / "run.json").read_text())

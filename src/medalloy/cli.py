@@ -156,7 +156,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     res = pretrain(
         a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes, batch_size=a.batch_size,
-        image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps,
+        image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps, token_scope=a.token_scope,
         skip_empty=True if a.skip_empty else None,
     )  # fmt: skip
     best = res.get("best", {}) or {}
@@ -392,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-encoder", choices=("auto", "scratch", "minilm"), default=None, help="minilm needs medalloy[text]; auto: minilm when installed")
     c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
     c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
+    c.add_argument("--token-scope", choices=("batch", "pair"), default=None, help="token-level contrast over all pairs of a batch (default) or within each image-report pair (MGCA; cheaper)")
     c.add_argument("--skip-empty", action="store_true", help="skip rows with an empty findings or impression (counted and reported) instead of stopping")
     for col in ("image", "findings", "impression", "patient"):
         c.add_argument(f"--{col}-column", default=None, help=f"CSV column of the {col} (default '{col}')")

@@ -320,3 +320,60 @@ def test_generation_distill_zero_for_a_perfect_student_and_no_grad_to_the_teache
     assert zt.grad is None and ht.grad is None
     assert zs.grad.abs().sum() > 0 and hs.grad.abs().sum() > 0
     assert loss(zs, zt, hs, ht, torch.zeros(2, 4, dtype=torch.bool)).item() == 0.0
+
+
+def _hand_pair_token_loss(patches, words, mask, attn_t, t):
+    """Loops over the formula of TokenAlignmentLoss(scope="pair") for each pair, then the batch mean."""
+
+    def cos(x, y):
+        return sum(a * b for a, b in zip(x, y)) / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y)))
+
+    def ce_sym(logits):
+        n = len(logits)
+        row = sum(-(logits[i][i] - math.log(sum(math.exp(x) for x in logits[i]))) for i in range(n)) / n
+        col = sum(-(logits[j][j] - math.log(sum(math.exp(logits[i][j]) for i in range(n)))) for j in range(n)) / n
+        return 0.5 * (row + col)
+
+    def contexts(queries, keys):
+        out = []
+        for q in queries:
+            a = [math.exp(cos(q, k) / attn_t) for k in keys]
+            z = sum(a)
+            out.append([sum(a[i] / z * keys[i][d] for i in range(len(keys))) for d in range(len(q))])
+        return out
+
+    losses = []
+    for b in range(patches.shape[0]):
+        v = patches[b].tolist()
+        w = [x for x, m in zip(words[b].tolist(), mask[b].tolist()) if m]
+        cw, cv = contexts(w, v), contexts(v, w)
+        lw = [[cos(x, c) / t for c in cw] for x in w]
+        lp = [[cos(x, c) / t for c in cv] for x in v]
+        losses.append(0.5 * (ce_sym(lw) + ce_sym(lp)))
+    return sum(losses) / len(losses)
+
+
+def test_token_alignment_pair_scope_equals_the_hand_computed_loss_and_ignores_other_pairs_and_padding():
+    g = torch.Generator().manual_seed(6)
+    b, p, w, d = 3, 4, 5, 3
+    patches = torch.randn(b, p, d, generator=g, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(b, w, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False], [True, False, True, True, False]])
+    loss = TokenAlignmentLoss(0.25, 0.2, 0.1, scope="pair")
+    value = loss(patches, words, mask)
+    assert value.item() == pytest.approx(_hand_pair_token_loss(patches.detach(), words.detach(), mask, 0.25, 0.1), rel=1e-10)
+    # each pair alone: the batch loss is the mean of the pairs' losses (no report is contrasted with another image)
+    alone = [loss(patches[i : i + 1], words[i : i + 1], mask[i : i + 1]).item() for i in range(b)]
+    assert value.item() == pytest.approx(sum(alone) / b, rel=1e-10)
+    assert loss(patches, words, mask, torch.ones(b, b, dtype=torch.bool)).item() == pytest.approx(value.item(), rel=1e-12)
+    # padded words: no effect on the value, no gradient, finite gradients everywhere
+    value.backward()
+    assert torch.isfinite(words.grad).all() and torch.isfinite(patches.grad).all()
+    assert words.grad[~mask].abs().max().item() == 0.0
+    garbage = words.detach().clone()
+    garbage[~mask] = 1e6
+    assert loss(patches.detach(), garbage, mask).item() == pytest.approx(value.item(), rel=1e-10)
+    # the batch scope's all-pairs contrast is another loss
+    assert TokenAlignmentLoss(0.25, 0.2, 0.1)(patches.detach(), words.detach(), mask).item() != pytest.approx(value.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="scope"):
+        TokenAlignmentLoss(scope="image")

@@ -197,3 +197,16 @@ def test_empty_reports_stop_or_are_skipped_and_counted(pairs, tmp_path, capsys):
     res = json.loads((tmp_path / "r" / "run.json").read_text())
     assert res["skipped"] == {"empty impression": 1} and res["train_pairs"] + res["val_pairs"] == 23
     assert "rows skipped: 1 empty impression" in capsys.readouterr().out
+
+
+def test_token_scope_pair_from_the_cli(pairs, tmp_path):
+    from medalloy.recipes.pretrain import Objective
+
+    out = tmp_path / "pair"
+    argv = ["pretrain", "--pairs", str(pairs / "pairs.csv"), "--out", str(out), "--losses", "token", "--token-scope", "pair", "--text-encoder", "scratch"]
+    assert main(["--quiet", *argv, "--image-size", "32", "--batch-size", "8", "--steps", "2"]) == 0
+    cfg = PretrainConfig.model_validate(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert cfg.token_scope == "pair" and Objective(cfg, pad_id=0).token.scope == "pair"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert np.isfinite(rows[-1]["token"]) and "global" not in rows[-1]
+    assert Objective(tiny_config(), pad_id=0).token.scope == "batch"

@@ -23,6 +23,20 @@ the same optional soft ``positives (B, B)``)::
 
     loss = 0.5 * (InfoNCE(S / temperature) + InfoNCE(S' / temperature))
 
+``scope="pair"`` (MGCA's cross-modal token alignment, Wang et al. NeurIPS 2022, without its
+learned projections and word weights: medalloy's choice): tokens are contrasted only within a
+matched image-report pair, so the cost is ``O(B W P)`` instead of ``O(B^2 W P)``. In pair ``b``, with
+the contexts ``c_w`` (word -> patch) and ``c_v`` (patch -> word) as above::
+
+    L_ww' = cos(w, c_w') / temperature      over the real words w, w' of report b    (W_b, W_b)
+    L_vv' = cos(v, c_v') / temperature      over the patches v, v' of image b        (P, P)
+    loss_b = 0.5 * (CE_sym(L_ww') + CE_sym(L_vv'))
+
+where ``CE_sym(L) = 0.5 * (mean_i -log softmax_j(L)_ii + mean_j -log softmax_i(L)_jj)`` (each token
+must pick its own context among the pair's, and each context its own token); the loss is the mean
+of ``loss_b`` over the batch, each pair counting once whatever its length. ``positives`` do not
+apply (no report is contrasted with another).
+
 Vectorised over all ``(i, j)`` pairs: the largest intermediates are ``(B, B, W, P)``. The context
 vectors are never materialised (that would be ``(B, B, W, D)``): ``c . w = sum_v a_wv (v . w)`` and
 ``|c|^2 = a^T G a`` with the Gram matrix ``G = V_i V_i^T (P, P)`` (``E_j E_j^T`` for patch -> word).
@@ -47,8 +61,11 @@ def _working_dtype(*xs: torch.Tensor) -> torch.dtype:
 class TokenAlignmentLoss(nn.Module):
     """``(patches (B, P, D), words (B, W, D), word_mask (B, W) bool[, positives (B, B) bool]) -> scalar``."""
 
-    def __init__(self, attn_temperature: float = 0.25, agg_temperature: float = 0.2, temperature: float = 0.1):
+    def __init__(self, attn_temperature: float = 0.25, agg_temperature: float = 0.2, temperature: float = 0.1, scope: str = "batch"):
         super().__init__()
+        if scope not in ("batch", "pair"):
+            raise ValueError(f"scope must be 'batch' or 'pair', not {scope!r}")
+        self.scope = scope
         for name, value in (("attn_temperature", attn_temperature), ("agg_temperature", agg_temperature), ("temperature", temperature)):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -56,8 +73,8 @@ class TokenAlignmentLoss(nn.Module):
         self.agg_temperature = agg_temperature
         self.temperature = temperature
 
-    def scores(self, patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair scores ``(S, S')``, each ``(B_images, B_reports)``: word -> patch and patch -> word."""
+    @staticmethod
+    def _check(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> None:
         b, p, d = patches.shape
         if words.ndim != 3 or words.shape[0] != b or words.shape[2] != d:
             raise ValueError(f"patches {tuple(patches.shape)} and words {tuple(words.shape)} must be (B, P, D) and (B, W, D)")
@@ -65,6 +82,10 @@ class TokenAlignmentLoss(nn.Module):
             raise ValueError(f"word_mask must be a bool tensor of shape {tuple(words.shape[:2])}, got {word_mask.dtype} {tuple(word_mask.shape)}")
         if not bool(word_mask.any(1).all()):
             raise ValueError("every report needs at least one real word in word_mask")
+
+    def scores(self, patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair scores ``(S, S')``, each ``(B_images, B_reports)``: word -> patch and patch -> word."""
+        self._check(patches, words, word_mask)
         with torch.autocast(device_type=patches.device.type, enabled=False):
             dtype = _working_dtype(patches, words)
             v = patches.to(dtype)
@@ -95,6 +116,32 @@ class TokenAlignmentLoss(nn.Module):
             s_patch = self.agg_temperature * torch.logsumexp(r_v / self.agg_temperature, dim=-1)  # (B_i, B_j)
         return s_word, s_patch
 
+    def pair_loss(self, patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """``scope="pair"``: ``(B,)``, each matched pair's token contrast (module docstring)."""
+        self._check(patches, words, word_mask)
+        with torch.autocast(device_type=patches.device.type, enabled=False):
+            dtype = _working_dtype(patches, words)
+            v = torch.nn.functional.normalize(patches.to(dtype), dim=-1, eps=_EPS)
+            e = torch.nn.functional.normalize(torch.where(word_mask[..., None], words.to(dtype), 0.0), dim=-1, eps=_EPS)
+            cos = e @ v.transpose(1, 2)  # (B, W, P)
+            pad = ~word_mask  # (B, W)
+            # contexts from the given (unnormalised) embeddings, as in scores(); only their direction counts below
+            c_word = torch.softmax(cos / self.attn_temperature, dim=-1) @ patches.to(dtype)  # (B, W, D)
+            a = torch.softmax((cos / self.attn_temperature).masked_fill(pad[..., None], float("-inf")), dim=1)  # (B, W, P) over real words
+            c_patch = a.transpose(1, 2) @ torch.where(word_mask[..., None], words.to(dtype), 0.0)  # (B, P, D)
+            lw = e @ torch.nn.functional.normalize(c_word, dim=-1, eps=_EPS).transpose(1, 2) / self.temperature  # (B, W, W')
+            lp = v @ torch.nn.functional.normalize(c_patch, dim=-1, eps=_EPS).transpose(1, 2) / self.temperature  # (B, P, P')
+            n_words = word_mask.sum(1).to(dtype)
+            # a softmax runs over real words only; a padded word's own row or column is dropped after
+            rows = -torch.log_softmax(lw.masked_fill(pad[:, None, :], float("-inf")), -1).diagonal(dim1=1, dim2=2)
+            cols = -torch.log_softmax(lw.masked_fill(pad[:, :, None], float("-inf")), -2).diagonal(dim1=1, dim2=2)
+            rows, cols = (torch.where(pad, 0.0, x).sum(1) / n_words for x in (rows, cols))
+            word_part = 0.5 * (rows + cols)
+            patch_part = 0.5 * (-torch.log_softmax(lp, -1).diagonal(dim1=1, dim2=2).mean(1) - torch.log_softmax(lp, -2).diagonal(dim1=1, dim2=2).mean(1))
+        return 0.5 * (word_part + patch_part)
+
     def forward(self, patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scope == "pair":
+            return self.pair_loss(patches, words, word_mask).mean()
         s_word, s_patch = self.scores(patches, words, word_mask)
         return 0.5 * (symmetric_info_nce(s_word / self.temperature, positives) + symmetric_info_nce(s_patch / self.temperature, positives))

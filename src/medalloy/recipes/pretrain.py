@@ -51,7 +51,7 @@ from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "pretrain"
 STAGE1 = "summarize"
-TOP_KEYS = ("batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty")
+TOP_KEYS = ("batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty", "token_scope")
 LossGroup = Literal["global", "token", "generation"]
 
 
@@ -92,6 +92,9 @@ class PretrainConfig(BaseModel):
     decoder_layers: int = Field(3, ge=1)
     heads: int = Field(4, ge=1)
     token_stages: int = Field(2, ge=1)
+    # token-level contrast over every image-report pair of the batch (GLoRIA), or within each matched
+    # pair (MGCA; B times cheaper): losses/token_alignment.py
+    token_scope: Literal["batch", "pair"] = "batch"
     vocab_size: int = Field(4000, ge=16)
     max_findings_len: int = Field(128, ge=8)
     max_impression_len: int = Field(32, ge=4)
@@ -239,7 +242,7 @@ class Objective:
 
     def __init__(self, cfg: PretrainConfig, pad_id: int):
         self.cfg, self.groups, self.w = cfg, set(cfg.losses), cfg.weights
-        self.token = TokenAlignmentLoss()
+        self.token = TokenAlignmentLoss(scope=cfg.token_scope)
         self.lm = LanguageModelLoss(pad_id=pad_id)
         self.distill = GenerationDistillLoss(temperature=cfg.distill_temperature)
 
