@@ -205,6 +205,15 @@ NOTES = [
     "relation KD 0.733 (seeds 0.727-0.737) above the student alone 0.708 (0.684-0.726), below logit KD 0.737 (0.715-0.755): "
     "level in truth; x10 0.742 (0.732-0.757) is above both but validation Dice does not choose it (0.959 for both weights). "
     "int8 moves no Dice of the teacher or relation KD by more than 0.008 (relation KD's Kvasir 0.777 -> 0.769).",
+    "Relations across images (2026-12-05, later; same folder: `--only cxr --teacher-steps 3000 --steps 4000 --student-seeds "
+    "0 1 2 --models relation_kd_cross` and `relation_kd_x10_cross`, two passes side by side at one thread): the recipe's "
+    "`--losses relation_cross` adds the affinity over the batch's positions (16 an image, 192 a batch of 12; losses/"
+    "affinity.py scope batch), after CIRKD and the journal title's 'cross-site relational'. JSRT->Shenzhen 0.738 at "
+    "weight 1 (seeds 0.735-0.742, the tightest of any loss) against 0.737 logit KD (0.715-0.755) and 0.708 alone, 0.729 "
+    "at x10 (0.725-0.733); in domain level (heart / lung 0.946 / 0.978). Validation Dice picks x10 cross (0.961 against "
+    "0.958 at weight 1), whose unseen row is below logit KD: across-image relations narrow the seeds' spread but do not "
+    "lift the mean beyond it; the unseen-source target stays missed on chest X-rays. Polyp not run (its two 3,000-step "
+    "teachers' runs were not kept).",
     "Multi-source (2026-12-05): `*_multi` rows train on JSRT's and Shenzhen's images at once from the JSRT teacher; "
     "Shenzhen labels the lung only. First run (commit ac7daac) with Shenzhen taught through the teacher alone: Shenzhen "
     "lung 0.785-0.790 (teacher 0.787, JSRT-only students 0.716-0.732). With the recipe's default since, the marginal loss "
