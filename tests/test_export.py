@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,11 @@ def test_expert_graph_matches_pytorch_and_predicts_through_onnx_runtime(data, ru
     assert meta["opset"] >= 17 and meta["activation"] == "softmax" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
     model, plan, _ = load_model(runs / "expert" / "checkpoints" / "best.safetensors")
     assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
+    # dynamic spatial size: any multiple of the total stride, e.g. one more stride along the first axis
+    m = meta["spatial"]["multiple_of"]
+    total = [int(np.prod([s[i] for s in plan.network.strides])) for i in range(2)]
+    assert meta["spatial"]["dynamic"] and m == total and min(total) > 1 and meta["input"]["shape"] == ["batch", 1, "height", "width"]
+    assert _max_diff(model, out, (plan.in_channels, plan.patch_size[0] + m[0], plan.patch_size[1])) < 1e-3
     # the same label maps as the PyTorch path (fp32 both), through the same pre/post-processing
     a, b = tmp_path / "pt", tmp_path / "ort"
     predict_folder(runs / "expert", data[0] / "imagesTs", a, precision="fp32", device="cpu", progress=False)
@@ -81,6 +87,10 @@ def test_universal_bound_to_tasks_matches_pytorch(runs, tmp_path):
     assert meta["tasks"] == ["lesion", "lung"] and meta["activation"] == "sigmoid"
     model, plan, _, _ = load_checkpoint_tasks(runs / "universal" / "checkpoints" / "best.safetensors", ["lesion", "lung"])
     assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
+    if meta["spatial"]["dynamic"]:  # what the sidecar promises holds
+        assert _max_diff(model, out, (plan.in_channels, plan.patch_size[0] + meta["spatial"]["multiple_of"][0], plan.patch_size[1])) < 1e-3
+    else:
+        assert meta["input"]["shape"][2:] == plan.patch_size
     # a student run: tests/recipes/test_distill.py::test_student_run_exports_to_onnx_with_matching_logits
 
 

@@ -1,6 +1,7 @@
 """``medalloy export RUN --format onnx --out FILE.onnx``: a trained model as an ONNX graph (opset >= 17,
-dynamic batch; the spatial size is the plan's patch, which is what the sliding window feeds it)
-and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
+dynamic batch; dynamic spatial size, any multiple of the network's total stride per axis, where the
+network exports so (else the plan's patch, which is what the sliding window feeds it; the sidecar's
+``spatial`` says which) and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
 dataset (``dataset``: its tasks, modality, preprocessing) or to a task list (``tasks``).
 
 ``quantize="int8"`` writes the int8 graph instead (``interop/quantize.py``): static quantization
@@ -116,13 +117,9 @@ def export_onnx(
         reference = model(example)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    multiple = _total_stride(plan)
     try:
-        # the exporter reports its progress on stdout and its optimiser's notes as warnings; medalloy says one line instead
-        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript", "torch.onnx", "torch.export"), torch.no_grad():
-            program = torch.onnx.export(
-                model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},)
-            )
+        program, spatial = _export(model, example, opset, multiple)
         program.save(str(tmp))
         if quantize:
             from medalloy.interop.quantize import quantize_int8
@@ -137,6 +134,7 @@ def export_onnx(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    sizes = (["height", "width"] if plan.dim == 2 else ["depth", "height", "width"]) if spatial["dynamic"] else list(plan.patch_size)
     meta = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
@@ -152,8 +150,39 @@ def export_onnx(
         "dataset": dataset,
         "labels": plan.labels,
         "plan": plan.model_dump(mode="json"),
-        "input": {"name": INPUT, "shape": ["batch", plan.in_channels, *plan.patch_size], "dtype": "float32"},
-        "output": {"name": OUTPUT, "shape": ["batch", int(reference.shape[1]), *plan.patch_size]},
+        "spatial": spatial,
+        "input": {"name": INPUT, "shape": ["batch", plan.in_channels, *sizes], "dtype": "float32"},
+        "output": {"name": OUTPUT, "shape": ["batch", int(reference.shape[1]), *sizes]},
     }
     write_json_atomic(side, meta)
     return meta
+
+
+def _total_stride(plan) -> list[int]:
+    """Per spatial axis, the product of the plan's strides: the sizes the U-Net takes are its multiples."""
+    out = [1] * plan.dim
+    for stride in plan.network.strides:
+        out = [a * int(b) for a, b in zip(out, stride)]
+    return out
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, opset: int, multiple: list[int]):
+    """The exported program and the sidecar's ``spatial`` entry: dynamic spatial axes (each
+    ``multiple * k``) where torch.export keeps them symbolic, else the example's fixed size."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    spatial_axes = {
+        2 + i: m * torch.export.Dim(f"k{i}", min=1, max=max(2, 8 * int(example.shape[2 + i]) // m)) for i, m in enumerate(multiple)
+    }  # fmt: skip
+    attempts = [({0: batch, **spatial_axes}, {"dynamic": True, "multiple_of": multiple}), ({0: batch}, {"dynamic": False, "multiple_of": multiple})]
+    for shapes, spatial in attempts:
+        try:
+            # the exporter reports its progress on stdout and its optimiser's notes as warnings; medalloy says one line instead
+            with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript", "torch.onnx", "torch.export"), torch.no_grad():
+                program = torch.onnx.export(
+                    model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=True, dynamic_shapes=(shapes,)
+                )
+            return program, spatial
+        except Exception:  # a network whose graph fixes its sizes (the exporter raises several types): keep the plan's patch
+            if not spatial["dynamic"]:
+                raise
+    raise AssertionError("unreachable")

@@ -141,6 +141,11 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert float((student(x) - graph(x)).abs().max()) < 1e-3
+    # every student exports with a dynamic spatial size: one more total stride along the last axis
+    assert meta["spatial"]["dynamic"], meta["spatial"]
+    wider = torch.randn(1, plan.in_channels, *plan.patch_size[:-1], plan.patch_size[-1] + meta["spatial"]["multiple_of"][-1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert float((student(wider) - graph(wider)).abs().max()) < 1e-3
 
 
 def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path, capsys):
