@@ -214,6 +214,11 @@ NOTES = [
     "0.958 at weight 1), whose unseen row is below logit KD: across-image relations narrow the seeds' spread but do not "
     "lift the mean beyond it; the unseen-source target stays missed on chest X-rays. Polyp not run (its two 3,000-step "
     "teachers' runs were not kept).",
+    "The issue's baselines and ablations at the default student (2026-12-05, later; same folder, `--student-seeds 0` only: "
+    "`--models skd cwd` and `relation_no_kernel relation_no_affinity`, two passes side by side): JSRT heart / lung "
+    "0.945-0.946 / 0.977-0.978 for all four, like every default student; JSRT->Shenzhen SKD 0.732, CWD 0.745, relation "
+    "without kernel 0.737, without affinity 0.715 (seed 0 of relation KD 0.727, logit KD 0.715, alone 0.684; seeds of one "
+    "loss spread by up to 0.04): no ordering beyond the spread. Polyp not run.",
     "Multi-source (2026-12-05): `*_multi` rows train on JSRT's and Shenzhen's images at once from the JSRT teacher; "
     "Shenzhen labels the lung only. First run (commit ac7daac) with Shenzhen taught through the teacher alone: Shenzhen "
     "lung 0.785-0.790 (teacher 0.787, JSRT-only students 0.716-0.732). With the recipe's default since, the marginal loss "
