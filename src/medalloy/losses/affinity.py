@@ -25,7 +25,8 @@ L2-normalised, and the cosine affinity taken per sample::
   ``A`` is ``(1, B n, B n)``: besides each image's own relations (the diagonal blocks) the student
   learns how the teacher relates a position of one image to positions of the others, e.g. lung in
   one radiograph to lung and border in another. Weighting as above over the same set. A batch of
-  one is the image scope at ``n`` positions.
+  one is the image scope at ``n`` positions. Under several processes the set is each process's own batch (no
+  gather: relations to another process's images carry no gradient there).
 
 Computed in float32; the teacher's features and the confidence carry no gradient.
 """
