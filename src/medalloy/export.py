@@ -160,10 +160,7 @@ def export_onnx(
 
 def _total_stride(plan) -> list[int]:
     """Per spatial axis, the product of the plan's strides: the sizes the U-Net takes are its multiples."""
-    out = [1] * plan.dim
-    for stride in plan.network.strides:
-        out = [a * int(b) for a, b in zip(out, stride)]
-    return out
+    return [int(v) for v in np.prod(np.asarray(plan.network.strides), axis=0)]
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, opset: int, multiple: list[int]):
@@ -173,16 +170,13 @@ def _export(model: torch.nn.Module, example: torch.Tensor, opset: int, multiple:
     spatial_axes = {
         2 + i: m * torch.export.Dim(f"k{i}", min=1, max=max(2, 8 * int(example.shape[2 + i]) // m)) for i, m in enumerate(multiple)
     }  # fmt: skip
-    attempts = [({0: batch, **spatial_axes}, {"dynamic": True, "multiple_of": multiple}), ({0: batch}, {"dynamic": False, "multiple_of": multiple})]
-    for shapes, spatial in attempts:
-        try:
-            # the exporter reports its progress on stdout and its optimiser's notes as warnings; medalloy says one line instead
-            with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript", "torch.onnx", "torch.export"), torch.no_grad():
-                program = torch.onnx.export(
-                    model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=True, dynamic_shapes=(shapes,)
-                )
-            return program, spatial
-        except Exception:  # a network whose graph fixes its sizes (the exporter raises several types): keep the plan's patch
-            if not spatial["dynamic"]:
-                raise
-    raise AssertionError("unreachable")
+
+    def run(shapes: dict):
+        # the exporter reports its progress on stdout and its optimiser's notes as warnings; medalloy says one line instead
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript", "torch.onnx", "torch.export"), torch.no_grad():
+            return torch.onnx.export(model, (example,), input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=True, dynamic_shapes=(shapes,))
+
+    try:
+        return run({0: batch, **spatial_axes}), {"dynamic": True, "multiple_of": multiple}
+    except Exception:  # a network whose graph fixes its sizes (the exporter raises several types): keep the plan's patch
+        return run({0: batch}), {"dynamic": False, "multiple_of": multiple}

@@ -122,13 +122,14 @@ class TokenAlignmentLoss(nn.Module):
         with torch.autocast(device_type=patches.device.type, enabled=False):
             dtype = _working_dtype(patches, words)
             v = torch.nn.functional.normalize(patches.to(dtype), dim=-1, eps=_EPS)
-            e = torch.nn.functional.normalize(torch.where(word_mask[..., None], words.to(dtype), 0.0), dim=-1, eps=_EPS)
+            real_words = torch.where(word_mask[..., None], words.to(dtype), 0.0)  # padded slots zeroed, as in scores()
+            e = torch.nn.functional.normalize(real_words, dim=-1, eps=_EPS)
             cos = e @ v.transpose(1, 2)  # (B, W, P)
             pad = ~word_mask  # (B, W)
             # contexts from the given (unnormalised) embeddings, as in scores(); only their direction counts below
             c_word = torch.softmax(cos / self.attn_temperature, dim=-1) @ patches.to(dtype)  # (B, W, D)
             a = torch.softmax((cos / self.attn_temperature).masked_fill(pad[..., None], float("-inf")), dim=1)  # (B, W, P) over real words
-            c_patch = a.transpose(1, 2) @ torch.where(word_mask[..., None], words.to(dtype), 0.0)  # (B, P, D)
+            c_patch = a.transpose(1, 2) @ real_words  # (B, P, D)
             lw = e @ torch.nn.functional.normalize(c_word, dim=-1, eps=_EPS).transpose(1, 2) / self.temperature  # (B, W, W')
             lp = v @ torch.nn.functional.normalize(c_patch, dim=-1, eps=_EPS).transpose(1, 2) / self.temperature  # (B, P, P')
             n_words = word_mask.sum(1).to(dtype)
