@@ -92,16 +92,25 @@ STUDENTS.update(SHUFFLE)
 # widest that keeps the >= 10x target)
 BUDGET = {"relation_kd_500k": 500_000, "student_alone_500k": 500_000}
 STUDENTS.update({"relation_kd_500k": "relation", "student_alone_500k": "student_alone"})
+# the default students under stronger augmentation (twice as often or more, wider ranges, intensity
+# above all: what differs between centres), the teacher seeing the same augmented patches: does
+# relation KD gain more from it than its baselines on the unseen source?
+STRONG_AUGMENT: dict[str, Any] = {
+    "p_affine": 0.5, "rotate_degrees": 20.0, "scale": (0.7, 1.4), "p_noise": 0.2, "p_blur": 0.3, "blur_sigma": (0.5, 1.5),
+    "p_brightness": 0.5, "brightness": 0.3, "p_contrast": 0.5, "gamma": (0.5, 2.0),
+}  # fmt: skip
+AUGMENT = {"student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation"}
+STUDENTS.update(AUGMENT)
 MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
 MODELS = ["teacher", *STUDENTS, *MULTI]
 # relation KD at each student architecture, and the baselines it must beat at the same one
 RELATION_VS_BASELINES = {
     "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
     "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"), "relation_kd_500k": ("student_alone_500k",),
-    **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)},
+    **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)}, "relation_kd_aug": ("student_alone_aug", "logit_kd_aug"),
 }  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET, *AUGMENT]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -285,6 +294,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
     steps is scored, not retrained."""
     from medalloy.data.dataset import RawDataset
+    from medalloy.data.transforms import AugmentConfig
     from medalloy.recipes.distill import DistillConfig, DistillWeights, train_distill
 
     paths = list(dict.fromkeys(dataset_path(m, data, work) for m in members))  # polyp's two centres share one dataset
@@ -302,7 +312,9 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
     base = MULTI.get(model, model)
     weights = {**WEIGHTS, **CROSS}.get(base)
-    config = DistillConfig(weights=DistillWeights(**weights)) if weights else None
+    config = DistillConfig(weights=DistillWeights(**(weights or {})))
+    if base in AUGMENT:
+        config.augment = AugmentConfig(**STRONG_AUGMENT)
     res = train_distill(
         dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
