@@ -117,7 +117,7 @@ def export_onnx(
         reference = model(example)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    multiple = _total_stride(plan)
+    multiple = plan.network.total_stride()
     try:
         program, spatial = _export(model, example, opset, multiple)
         program.save(str(tmp))
@@ -156,11 +156,6 @@ def export_onnx(
     }
     write_json_atomic(side, meta)
     return meta
-
-
-def _total_stride(plan) -> list[int]:
-    """Per spatial axis, the product of the plan's strides: the sizes the U-Net takes are its multiples."""
-    return [int(v) for v in np.prod(np.asarray(plan.network.strides), axis=0)]
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, opset: int, multiple: list[int]):

@@ -80,6 +80,7 @@ def test_2d_spacing_and_patch_rounding(tmp_path, shape, max_side, spacing, patch
     assert plan.patch_size == patch and plan.network.strides == strides
     pools = np.sum(np.asarray(strides) == 2, axis=0)
     assert all(p % 2**k == 0 for p, k in zip(plan.patch_size, pools))
+    assert plan.network.total_stride() == [2**k for k in pools]  # per axis: (12, 20) pools once and twice -> [2, 4]
     assert forward_shape(plan) == (1, 3, *patch)
 
 

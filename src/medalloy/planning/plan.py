@@ -6,6 +6,7 @@ training (``medalloy train expert DATASET --plan PLAN.json``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,10 @@ class NetworkPlan(BaseModel):
         if len(self.strides) < 3:
             raise ValueError("a DynUNet needs at least 3 stages (input, one downsampling, bottleneck)")
         return self
+
+    def total_stride(self) -> list[int]:
+        """Per spatial axis, the product of the stages' strides: every input side the U-Net takes is a multiple of it."""
+        return [math.prod(s[a] for s in self.strides) for a in range(len(self.strides[0]))]
 
 
 class Plan(BaseModel):

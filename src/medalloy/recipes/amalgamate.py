@@ -190,8 +190,7 @@ def stride_multiple(plans: list[Plan], dim: int) -> list[int]:
     """Per axis, what every patch must be a multiple of: 32 (the foundation) and each expert's total stride."""
     out = [32] * dim
     for p in plans:
-        total = np.prod(np.asarray(p.network.strides), axis=0).tolist()
-        out = [math.lcm(a, int(b)) for a, b in zip(out, total)]
+        out = [math.lcm(a, b) for a, b in zip(out, p.network.total_stride())]
     return out
 
 

@@ -79,8 +79,7 @@ def adopt_encoder_network(plan: Plan, init: InitEncoder) -> Plan:
     enc, own = init.plan.network, plan.network
     if (enc.kernels, enc.strides, enc.filters, enc.norm, enc.res_block) == (own.kernels, own.strides, own.filters, own.norm, own.res_block):
         return plan
-    total = [math.prod(s[a] for s in enc.strides) for a in range(plan.dim)]
-    patch = [int(math.ceil(p / t) * t) for p, t in zip(plan.patch_size, total)]
+    patch = [int(math.ceil(p / t) * t) for p, t in zip(plan.patch_size, enc.total_stride())]
     note = f"network taken from the encoder of {init.path} (--init): {len(enc.strides)} stages, filters {enc.filters}; patch {plan.patch_size} -> {patch}"
     network = own.model_copy(update={"kernels": enc.kernels, "strides": enc.strides, "filters": enc.filters, "norm": enc.norm, "res_block": enc.res_block})
     return plan.model_copy(update={"network": network, "patch_size": patch, "notes": [*plan.notes, note]})

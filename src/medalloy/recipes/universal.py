@@ -123,8 +123,7 @@ def network_of(plans: dict[str, Plan]) -> tuple[str, NetworkPlan]:
 
 def fit_patch(patch: list[int], network: NetworkPlan) -> list[int]:
     """``patch`` rounded up, per axis, to a multiple of the network's total stride."""
-    total = np.prod(np.asarray(network.strides), axis=0)
-    return [int(-(-p // t) * t) for p, t in zip(patch, total.tolist())]
+    return [int(-(-p // t) * t) for p, t in zip(patch, network.total_stride())]
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
