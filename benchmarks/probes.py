@@ -19,10 +19,15 @@
 - ``students``: the tiny student's filters, parameters and GFLOPs at JSRT's 224 px and the polyp
   128 px plans, plain and depthwise-separable (``--separable``), at full resolution and at the
   default stem (docs/methods/distillation.md, "separable"); no training, no timing.
+- ``token_loss``: the token-level alignment loss (losses/token_alignment.py) in its two scopes,
+  all pairs of the batch (``batch``) and within each pair (``pair``), at pretraining's sizes (batch
+  16, 100 finding words, 245 patches, embedding 128; random embeddings, a tenth of the words
+  padding): forward + backward time, median of 20 after 3 warm-up calls, one thread
+  (docs/methods/pretraining.md, "Token-level contrast within each pair"). Run it alone.
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
-    python benchmarks/probes.py [head width profile latency students] [--steps 120]
+    python benchmarks/probes.py [head width profile latency students token_loss] [--steps 120]
     python benchmarks/probes.py prototypes --universal RUN/checkpoints/best.safetensors [...]
 
 Writes ``benchmarks/results/probes.json`` (merged per probe).
@@ -286,9 +291,38 @@ def probe_students(data: Path, work: Path) -> dict[str, Any]:
     return out
 
 
+def probe_token_loss(batch: int = 16, words: int = 100, patches: int = 245, dim: int = 128, runs: int = 20, warmup: int = 3) -> dict[str, Any]:
+    import time
+
+    import torch
+
+    from medalloy.losses.token_alignment import TokenAlignmentLoss
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(batch, patches, dim, generator=g)
+    e = torch.randn(batch, words, dim, generator=g)
+    mask = torch.ones(batch, words, dtype=torch.bool)
+    mask[:, words - words // 10 :] = False
+    out: dict[str, Any] = {"batch": batch, "words": words, "patches": patches, "dim": dim, "threads": 1, "runs": runs}
+    for scope in ("batch", "pair"):
+        loss_fn = TokenAlignmentLoss(scope=scope)
+        times = []
+        for i in range(warmup + runs):
+            vi, ei = v.clone().requires_grad_(), e.clone().requires_grad_()
+            t0 = time.perf_counter()
+            loss_fn(vi, ei, mask).backward()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        out[f"{scope}_ms"] = round(1000 * float(np.median(times)), 2)
+        print(f"[probes] token_loss {scope}: {out[f'{scope}_ms']} ms forward + backward", flush=True)
+    out["ratio"] = round(out["batch_ms"] / out["pair_ms"], 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes", "students"])
+    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes", "students", "token_loss"])
     p.add_argument("--universal", type=Path, action="append", default=[], help="a universal checkpoint (prototypes; repeat for more)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
@@ -311,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency": lambda: probe_latency(a.data, a.work),
             "prototypes": lambda: probe_prototypes(a.universal, a.data, a.work),
             "students": lambda: probe_students(a.data, a.work),
+            "token_loss": probe_token_loss,
         }
         res = probes[name]()
         old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}  # probes may run side by side
