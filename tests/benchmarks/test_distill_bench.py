@@ -111,3 +111,26 @@ def test_targets_compare_a_student_on_its_own_tasks_and_time_it_where_it_was_mea
     assert lines[0] == "- relation KD keeps 97.4 % of the teacher's mean Dice (target >= 97 %): met"
     assert lines[1].startswith("- 16.7x fewer parameters")
     assert "teacher 8.0 ms (onnx_int8), student 1.0 ms (onnx_fp32): 8.0x (target >= 5x): met" in lines[2]
+
+
+def test_only_the_augment_rows_train_under_the_strong_augmentation(monkeypatch, tmp_path) -> None:
+    from medalloy.data.transforms import AugmentConfig
+
+    seen: dict[str, tuple] = {}
+
+    def fake_train(dataset, teacher, run, config, **kw):
+        seen[run.name] = (config, kw["losses"])
+        return {}
+
+    monkeypatch.setattr("medalloy.recipes.distill.train_distill", fake_train)
+    monkeypatch.setattr(bench, "dataset_path", lambda member, data, work: tmp_path / member)
+    monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
+    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10"):
+        bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
+    strong, default = AugmentConfig(**bench.STRONG_AUGMENT), AugmentConfig()
+    assert strong != default and strong.p_contrast > default.p_contrast
+    assert [seen[m][1] for m in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug")] == ["relation", "logit_kd", "student_alone"]
+    assert all(seen[m][0].augment == strong for m in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug"))
+    assert seen["relation_kd_aug"][0].weights.kernel == 1.0  # the plain relation row's weights
+    assert seen["relation_kd"][0].augment == default and seen["relation_kd_x10"][0].augment == default
+    assert seen["relation_kd_x10"][0].weights.kernel == 10.0
