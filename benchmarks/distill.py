@@ -92,13 +92,9 @@ STUDENTS.update(SHUFFLE)
 # widest that keeps the >= 10x target)
 BUDGET = {"relation_kd_500k": 500_000, "student_alone_500k": 500_000}
 STUDENTS.update({"relation_kd_500k": "relation", "student_alone_500k": "student_alone"})
-# the default students under stronger augmentation (twice as often or more, wider ranges, intensity
-# above all: what differs between centres), the teacher seeing the same augmented patches: does
-# relation KD gain more from it than its baselines on the unseen source?
-STRONG_AUGMENT: dict[str, Any] = {
-    "p_affine": 0.5, "rotate_degrees": 20.0, "scale": (0.7, 1.4), "p_noise": 0.2, "p_blur": 0.3, "blur_sigma": (0.5, 1.5),
-    "p_brightness": 0.5, "brightness": 0.3, "p_contrast": 0.5, "gamma": (0.5, 2.0),
-}  # fmt: skip
+# the default students under the "strong" augmentation preset (data/transforms.py: every transform
+# more often and wider, intensity above all: what differs between centres), the teacher seeing the
+# same augmented patches: does relation KD gain more from it than its baselines on the unseen source?
 AUGMENT = {"student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation"}
 STUDENTS.update(AUGMENT)
 MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
@@ -314,7 +310,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     weights = {**WEIGHTS, **CROSS}.get(base)
     config = DistillConfig(weights=DistillWeights(**(weights or {})))
     if base in AUGMENT:
-        config.augment = AugmentConfig(**STRONG_AUGMENT)
+        config.augment = AugmentConfig.model_validate("strong")
     res = train_distill(
         dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from medalloy.errors import MedalloyError
 
+# data.transforms.AUGMENT_PRESETS' names, spelled out so that the CLI does not import MONAI to build its parser (a test keeps them equal)
+AUGMENT_CHOICES = ("default", "strong")
+
 
 def _labels(pairs: Sequence[str] | None) -> dict[str, int] | None:
     if not pairs:
@@ -115,7 +118,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
         a.datasets, a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
         losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None, stem=a.stem_depth if a.stem_depth is not None else (1 if a.stem else None),
-        upsample=a.upsample,
+        upsample=a.upsample, augment=a.augment,
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
@@ -362,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: models/students.default_stem, a stem of two where the patch allows it)")
     c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
     c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
+    c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")
     c.add_argument("--losses", default=None, choices=("relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
     _run_flags(c, "distillation")
     c.set_defaults(fn=cmd_distill)

@@ -127,7 +127,7 @@ def test_only_the_augment_rows_train_under_the_strong_augmentation(monkeypatch, 
     monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
     for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10"):
         bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
-    strong, default = AugmentConfig(**bench.STRONG_AUGMENT), AugmentConfig()
+    strong, default = AugmentConfig.model_validate("strong"), AugmentConfig()
     assert strong != default and strong.p_contrast > default.p_contrast
     assert [seen[m][1] for m in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug")] == ["relation", "logit_kd", "student_alone"]
     assert all(seen[m][0].augment == strong for m in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug"))

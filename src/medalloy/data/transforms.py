@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from monai import transforms as mt
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+# Named settings, as nnU-Net names its stronger-augmentation trainers (nnUNetTrainerDA5): "strong"
+# applies every transform more often and wider, intensity above all (what differs between centres).
+# Measured for distillation students on an unseen centre: docs/methods/distillation.md, "Stronger
+# augmentation".
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "strong": {
+        "p_affine": 0.5, "rotate_degrees": 20.0, "scale": (0.7, 1.4), "p_noise": 0.2, "p_blur": 0.3, "blur_sigma": (0.5, 1.5),
+        "p_brightness": 0.5, "brightness": 0.3, "p_contrast": 0.5, "gamma": (0.5, 2.0),
+    },
+}  # fmt: skip
 
 
 class AugmentConfig(BaseModel):
-    """Probabilities and ranges of the training augmentations (``enabled: false`` turns all off)."""
+    """Probabilities and ranges of the training augmentations (``enabled: false`` turns all off).
+
+    A preset name stands for its settings (``augment: strong`` in YAML, ``AugmentConfig.model_validate("strong")``);
+    ``{"preset": "strong", "p_blur": 0.5}`` starts from a preset and changes some."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"preset": value}
+        if isinstance(value, dict) and "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            name = value["preset"]
+            if name not in AUGMENT_PRESETS:
+                raise ValueError(f"unknown augmentation preset {name!r}; use one of {', '.join(AUGMENT_PRESETS)}")
+            value = {**AUGMENT_PRESETS[name], **rest}
+        return value
 
     enabled: bool = True
     p_affine: float = 0.2

@@ -57,7 +57,7 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "distill"
-TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "upsample")
+TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "upsample", "augment")
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
