@@ -292,13 +292,23 @@ def probe_students(data: Path, work: Path) -> dict[str, Any]:
 
 
 def probe_token_loss(batch: int = 16, words: int = 100, patches: int = 245, dim: int = 128, runs: int = 20, warmup: int = 3) -> dict[str, Any]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_token_loss(batch, words, patches, dim, runs, warmup)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_token_loss(batch: int, words: int, patches: int, dim: int, runs: int, warmup: int) -> dict[str, Any]:
     import time
 
     import torch
 
     from medalloy.losses.token_alignment import TokenAlignmentLoss
 
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     v = torch.randn(batch, patches, dim, generator=g)
     e = torch.randn(batch, words, dim, generator=g)

@@ -46,3 +46,18 @@ def test_yaml_and_the_distill_flag_take_a_preset(tmp_path, monkeypatch):
     assert main(["distill", "DS", "--teacher", "T", "--out", "O", "--augment", "strong"]) == 0
     assert main(["distill", "DS", "--teacher", "T", "--out", "O"]) == 0
     assert seen == ["strong", None]
+
+
+def test_the_flag_sets_the_preset_under_the_yaml_fields_and_bad_names_are_one_line(tmp_path):
+    import medalloy.recipes.distill as recipe
+    from medalloy.errors import MedalloyError
+    from medalloy.recipes.config import load_recipe_config
+
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text("augment:\n  p_blur: 0.9\n", encoding="utf-8")
+    cfg = load_recipe_config(recipe.DistillConfig, cfg_file, recipe.TOP_KEYS, {"augment": "strong"})
+    assert cfg.augment.p_blur == 0.9 and cfg.augment.p_contrast == 0.5  # the YAML's field over the flag's preset
+    for bad in ("wild", {"preset": ["strong"]}):
+        with pytest.raises(MedalloyError, match="unknown augmentation preset") as err:
+            load_recipe_config(recipe.DistillConfig, None, recipe.TOP_KEYS, {"augment": bad})
+        assert "\n" not in str(err.value)

@@ -37,7 +37,7 @@ class AugmentConfig(BaseModel):
         if isinstance(value, dict) and "preset" in value:
             rest = {k: v for k, v in value.items() if k != "preset"}
             name = value["preset"]
-            if name not in AUGMENT_PRESETS:
+            if not isinstance(name, str) or name not in AUGMENT_PRESETS:
                 raise ValueError(f"unknown augmentation preset {name!r}; use one of {', '.join(AUGMENT_PRESETS)}")
             value = {**AUGMENT_PRESETS[name], **rest}
         return value

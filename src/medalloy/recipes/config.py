@@ -41,7 +41,14 @@ def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_ke
     train = {**cls().train.model_dump(), **dict(raw.get("train") or {})}
     train.update({k: overrides[k] for k in TRAIN_KEYS if overrides.get(k) is not None})
     raw["train"] = train
-    raw.update({k: overrides[k] for k in top_keys if overrides.get(k) is not None})
+    for k in top_keys:
+        if overrides.get(k) is None:
+            continue
+        if k == "augment" and isinstance(overrides[k], str) and isinstance(raw.get(k), dict):
+            # a preset from the command line under the YAML's own augmentation fields (they change the preset)
+            raw[k] = {**raw[k], "preset": overrides[k]}
+        else:
+            raw[k] = overrides[k]
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
