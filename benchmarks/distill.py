@@ -226,13 +226,13 @@ NOTES = [
     "loss spread by up to 0.04): no ordering beyond the spread. Polyp not run.",
     "Stronger augmentation (2026-12-05, later; same folder: `--only cxr --teacher-steps 3000 --steps 4000 --models "
     "relation_kd_aug` and `logit_kd_aug`, `--student-seeds 0 1 2` then `3 4`, two passes side by side at one thread, then "
-    "`--student-seeds 0 1 2 3 4 --reuse-students` to score all five; `student_alone_aug` seeds 0-2 alone at two threads): "
+    "`--student-seeds 0 1 2 3 4 --reuse-students` to score all five; `student_alone_aug` likewise, seeds 0-2 alone at two threads): "
     "the `*_aug` rows train under the recipe's `augment: strong` preset (data/transforms.py: affine, contrast and brightness "
     "at p 0.5, wider scale and gamma), the teacher seeing the same augmented patches. In domain level (heart / lung "
-    "0.945-0.946 / 0.977). JSRT->Shenzhen: relation KD 0.758 (seeds 0.744-0.782) against logit KD 0.751 (0.742-0.774) "
-    "and the student alone 0.721 (0.708-0.741, seeds 0-2); relation KD at or above logit KD on each of the five seeds "
+    "0.944-0.946 / 0.976-0.977). JSRT->Shenzhen: relation KD 0.758 (seeds 0.744-0.782) against logit KD 0.751 (0.742-0.774) "
+    "and the student alone 0.721 (0.708-0.741); relation KD at or above logit KD on each of the five seeds "
     "(+0.015, +0.005, +0.008, +0.000, +0.008; the same seed draws the same initial weights and batches) and above the "
-    "student alone on each of the three they share. Both KD students now pass their teacher (0.753); over the seeds 0-2 "
+    "student alone on each seed, its lowest seed above the student alone's highest. Both KD students now pass their teacher (0.753); over the seeds 0-2 "
     "that every row has, augmentation lifts the KD students (logit +0.019, relation +0.033) more than the student alone (+0.013). Polyp not run (its teachers' "
     "runs were not kept).",
     "Multi-source (2026-12-05): `*_multi` rows train on JSRT's and Shenzhen's images at once from the JSRT teacher; "
