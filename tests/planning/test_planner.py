@@ -11,7 +11,7 @@ from planning_toys import ToyCase, forward_shape, write_dataset
 from medalloy.data.dataset import RawDataset
 from medalloy.errors import MedalloyError
 from medalloy.planning.fingerprint import fingerprint, load_fingerprint
-from medalloy.planning.plan import load_plan, save_plan
+from medalloy.planning.plan import NetworkPlan, load_plan, save_plan
 from medalloy.planning.planner import is_ct_channel, plan_and_save, plan_dataset
 
 LABELS = {"background": 0, "a": 1, "b": 2}
@@ -303,3 +303,11 @@ def test_tiny_images_still_get_a_valid_network(tmp_path):
     plan = plan_of(volumes(tmp_path, (6, 7, 5), (1.0, 1.0, 1.0)))
     assert len(plan.network.strides) >= 3
     assert forward_shape(plan)[2:] == tuple(plan.patch_size)
+
+
+@pytest.mark.parametrize("architecture", ["DynUNet", "nnUNet"])
+def test_total_stride_is_per_axis_in_3d_as_plain_ints(architecture):
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 1]]
+    net = NetworkPlan(architecture=architecture, kernels=[[3, 3, 3]] * 4, strides=strides, filters=[8, 16, 32, 64])
+    total = net.total_stride()
+    assert total == [4, 8, 4] and all(type(t) is int for t in total)
