@@ -301,7 +301,6 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
     steps is scored, not retrained."""
     from medalloy.data.dataset import RawDataset
-    from medalloy.data.transforms import AugmentConfig
     from medalloy.recipes.distill import DistillConfig, DistillWeights, train_distill
 
     paths = list(dict.fromkeys(dataset_path(m, data, work) for m in members))  # polyp's two centres share one dataset
@@ -319,9 +318,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
     base = MULTI.get(model, model)
     weights = {**WEIGHTS, **CROSS}.get(base)
-    config = DistillConfig(weights=DistillWeights(**(weights or {})))
-    if base in AUGMENT:
-        config.augment = AugmentConfig.model_validate("strong")
+    config = DistillConfig(weights=DistillWeights(**(weights or {})), augment="strong" if base in AUGMENT else "default")
     res = train_distill(
         dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,

@@ -292,17 +292,6 @@ def probe_students(data: Path, work: Path) -> dict[str, Any]:
 
 
 def probe_token_loss(batch: int = 16, words: int = 100, patches: int = 245, dim: int = 128, runs: int = 20, warmup: int = 3) -> dict[str, Any]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _time_token_loss(batch, words, patches, dim, runs, warmup)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _time_token_loss(batch: int, words: int, patches: int, dim: int, runs: int, warmup: int) -> dict[str, Any]:
     import time
 
     import torch
@@ -315,17 +304,22 @@ def _time_token_loss(batch: int, words: int, patches: int, dim: int, runs: int, 
     mask = torch.ones(batch, words, dtype=torch.bool)
     mask[:, words - words // 10 :] = False
     out: dict[str, Any] = {"batch": batch, "words": words, "patches": patches, "dim": dim, "threads": 1, "runs": runs}
-    for scope in ("batch", "pair"):
-        loss_fn = TokenAlignmentLoss(scope=scope)
-        times = []
-        for i in range(warmup + runs):
-            vi, ei = v.clone().requires_grad_(), e.clone().requires_grad_()
-            t0 = time.perf_counter()
-            loss_fn(vi, ei, mask).backward()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        out[f"{scope}_ms"] = round(1000 * float(np.median(times)), 2)
-        print(f"[probes] token_loss {scope}: {out[f'{scope}_ms']} ms forward + backward", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for scope in ("batch", "pair"):
+            loss_fn = TokenAlignmentLoss(scope=scope)
+            times = []
+            for i in range(warmup + runs):
+                vi, ei = v.clone().requires_grad_(), e.clone().requires_grad_()
+                t0 = time.perf_counter()
+                loss_fn(vi, ei, mask).backward()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            out[f"{scope}_ms"] = round(1000 * float(np.median(times)), 2)
+            print(f"[probes] token_loss {scope}: {out[f'{scope}_ms']} ms forward + backward", flush=True)
+    finally:
+        torch.set_num_threads(threads)
     out["ratio"] = round(out["batch_ms"] / out["pair_ms"], 1)
     return out
 

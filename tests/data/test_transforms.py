@@ -55,7 +55,7 @@ def test_the_flag_sets_the_preset_under_the_yaml_fields_and_bad_names_are_one_li
 
     cfg_file = tmp_path / "distill.yaml"
     cfg_file.write_text("augment:\n  p_blur: 0.9\n", encoding="utf-8")
-    cfg = load_recipe_config(recipe.DistillConfig, cfg_file, recipe.TOP_KEYS, {"augment": "strong"})
+    cfg = load_recipe_config(recipe.DistillConfig, cfg_file, recipe.TOP_KEYS, {"augment": {"preset": "strong"}})  # what train_distill makes of "strong"
     assert cfg.augment.p_blur == 0.9 and cfg.augment.p_contrast == 0.5  # the YAML's field over the flag's preset
     for bad in ("wild", {"preset": ["strong"]}):
         with pytest.raises(MedalloyError, match="unknown augmentation preset") as err:

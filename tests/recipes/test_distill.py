@@ -204,3 +204,21 @@ def test_a_student_plan_json_sets_the_filters_and_is_recorded_by_its_absolute_pa
     assert record["student"]["filters"] == [3 + 2 * i for i in range(stem, n)]
     assert record["student"]["size"] == str(tmp_path / "student.json")
     assert str(tmp_path / "student.json") in (tmp_path / "s" / "config.yaml").read_text()
+
+
+def test_an_augment_preset_name_keeps_the_yaml_augment_fields_over_it(cxr, tmp_path, monkeypatch):
+    import medalloy.recipes.distill as recipe
+
+    resolved, real = [], recipe.resolve_config
+
+    def spy(*args, **kw):
+        resolved.append(real(*args, **kw))
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(recipe, "resolve_config", spy)
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text("augment:\n  p_blur: 0.9\n", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="stop after the config"):
+        train_distill(cxr, "unused-teacher", tmp_path / "out", config=cfg_file, progress=False, augment="strong")
+    assert resolved[0].augment.p_blur == 0.9 and resolved[0].augment.p_contrast == 0.5
+    assert not (tmp_path / "out").exists()

@@ -44,11 +44,9 @@ def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_ke
     for k in top_keys:
         if overrides.get(k) is None:
             continue
-        if k == "augment" and isinstance(overrides[k], str) and isinstance(raw.get(k), dict):
-            # a preset from the command line under the YAML's own augmentation fields (they change the preset)
-            raw[k] = {**raw[k], "preset": overrides[k]}
-        else:
-            raw[k] = overrides[k]
+        both_mappings = isinstance(overrides[k], dict) and isinstance(raw.get(k), dict)
+        # a mapping changes only the fields it names (e.g. a preset under the YAML's own fields of that section)
+        raw[k] = {**raw[k], **overrides[k]} if both_mappings else overrides[k]
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:

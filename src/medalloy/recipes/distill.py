@@ -203,6 +203,8 @@ def train_distill(
     if len({d.name for d in dss}) != len(dss):
         raise MedalloyError("dataset given twice", dss[0].root, "give each dataset once")
     ds = dss[0]
+    if isinstance(overrides.get("augment"), str):  # a preset name: the YAML's own augment fields stay over it
+        overrides = {**overrides, "augment": {"preset": overrides["augment"]}}
     cfg = resolve_config(DistillConfig, config, overrides, progress, TOP_KEYS)
     for d in dss:
         require_labelled(d)
