@@ -674,9 +674,33 @@ def targets(res: dict[str, Any]) -> list[str]:
             for k, v in unseen[name].items():
                 b = unseen[base].get(k)
                 if b is not None:
-                    out.append(f"- unseen source {k}: {name.replace('_kd', ' KD').replace('_', ' ')} {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}")
+                    diffs = paired_differences(res, name, base, k)
+                    pairs = "" if diffs is None else f" (paired by seed: {paired_summary(diffs)})"
+                    out.append(f"- unseen source {k}: {name.replace('_kd', ' KD').replace('_', ' ')} {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}{pairs}")
     out += chosen_by_validation(res)
     return out
+
+
+def paired_differences(res: dict[str, Any], name: str, base: str, key: str) -> list[float] | None:
+    """``name`` minus ``base`` on the unseen-source row ``key``, seed by seed: only where both rows
+    were trained with the same student seeds (a seed fixes initialisation and batches, so the pair
+    shares everything but the loss); None where they were not, or one of them has a single seed."""
+    for v in res.get("domains", {}).values():
+        a = v.get("unseen_source_per_seed", {}).get(name, {}).get(key)
+        b = v.get("unseen_source_per_seed", {}).get(base, {}).get(key)
+        seeds_a, seeds_b = v["models"].get(name, {}).get("seeds"), v["models"].get(base, {}).get("seeds")
+        if a and b and seeds_a and seeds_a == seeds_b and len(a) == len(b) == len(seeds_a):
+            return [round(x - y, 4) for x, y in zip(a, b)]
+    return None
+
+
+def paired_summary(diffs: list[float]) -> str:
+    """A pair list as the tables show it, to 0.001: "+0.015 / +0.000 / -0.002; higher on 1, level on 1
+    of 3, mean +0.004" (counted as shown, so a pair shown +0.000 is level, not higher)."""
+    shown = [round(d, 3) + 0.0 for d in diffs]  # + 0.0: no "-0.000"
+    higher, level = sum(d > 0 for d in shown), sum(d == 0 for d in shown)
+    counts = f"higher on {higher}" + (f", level on {level}" if level else "") + f" of {len(diffs)}"
+    return " / ".join(f"{d:+.3f}" for d in shown) + f"; {counts}, mean {round(float(np.mean(diffs)), 3) + 0.0:+.3f}"
 
 
 def chosen_by_validation(res: dict[str, Any]) -> list[str]:

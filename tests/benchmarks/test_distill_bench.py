@@ -134,3 +134,25 @@ def test_only_the_augment_rows_train_under_the_strong_augmentation(monkeypatch, 
     assert seen["relation_kd_aug"][0].weights.kernel == 1.0  # the plain relation row's weights
     assert seen["relation_kd"][0].augment == default and seen["relation_kd_x10"][0].augment == default
     assert seen["relation_kd_x10"][0].weights.kernel == 10.0
+
+
+def test_unseen_rows_are_paired_seed_by_seed_only_when_both_rows_share_their_seeds() -> None:
+    # means alone (0.740 vs 0.730) hide that relation KD loses on seed 1; the pair shows it
+    def domain(seeds_logit: list[int]) -> dict:
+        return {
+            "models": {
+                "teacher": {"dice": {"lung/JSRT": 0.98}, "params": 5_000_000},
+                "relation_kd": {"dice": {"lung/JSRT": 0.97}, "params": 300_000, "seeds": [0, 1, 2]},
+                "logit_kd": {"dice": {"lung/JSRT": 0.97}, "params": 300_000, "seeds": seeds_logit},
+            },
+            "unseen_source": {"relation_kd": {"JSRT->Shenzhen": 0.74}, "logit_kd": {"JSRT->Shenzhen": 0.73}},
+            "unseen_source_per_seed": {"relation_kd": {"JSRT->Shenzhen": [0.75, 0.71, 0.76]}, "logit_kd": {"JSRT->Shenzhen": [0.72, 0.73, 0.74]}},
+        }
+
+    line = next(x for x in bench.targets(bench.summarise({"domains": {"cxr": domain([0, 1, 2])}})) if "vs logit_kd" in x)
+    assert line.endswith("met (paired by seed: +0.030 / -0.020 / +0.020; higher on 2 of 3, mean +0.010)")
+    assert bench.paired_summary([0.01, 0.0002, -0.0003, -0.0098]) == "+0.010 / +0.000 / +0.000 / -0.010; higher on 1, level on 2 of 4, mean +0.000"
+    # other seeds (or a single-seed row) cannot be paired: the line keeps the means only
+    line = next(x for x in bench.targets(bench.summarise({"domains": {"cxr": domain([3, 4, 5])}})) if "vs logit_kd" in x)
+    assert line.endswith(": met")
+    assert bench.paired_differences(bench.summarise({"domains": {"cxr": domain([3, 4, 5])}}), "relation_kd", "logit_kd", "JSRT->Shenzhen") is None
