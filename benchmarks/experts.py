@@ -59,7 +59,23 @@ PLAN_WHY = {
     "are ~3.5x cheaper per sample than whole slices",
 }
 # (trained expert, test set of): evaluated on the labels both share
-CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT")]
+# Experts of a dataset above under other planner settings: name -> (dataset's expert name, planner options).
+# The planner's crop option trades context for speed; these rows, with their cross rows, measure what it costs.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "JSRT-crop128": ("JSRT", {"max_2d_patch": 128}),
+    "Shenzhen-crop128": ("Shenzhen", {"max_2d_patch": 128}),
+}
+PLAN_WHY.update(
+    {
+        n: "128x128 crops of the whole images: cheaper per sample, less context around each pixel; its cross row shows what "
+        "that costs on a source it never saw"
+        for n in VARIANTS
+    }
+)
+CROSS = [
+    ("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT"),
+    ("JSRT-crop128", "Shenzhen"), ("Shenzhen-crop128", "JSRT"),
+]  # fmt: skip
 TARGETS = {
     "JSRT": {"lung": 0.95, "heart": 0.90},
     "Shenzhen": {"lung": 0.92},
@@ -73,21 +89,30 @@ def log(msg: str) -> None:
     print(f"[experts] {msg}", flush=True)
 
 
+def dataset_of(name: str) -> str:
+    """The expert name whose dataset and held-out split a row uses (a variant's base; itself otherwise)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
+def plan_options(name: str) -> dict[str, Any]:
+    return VARIANTS[name][1] if name in VARIANTS else PLAN_OPTIONS.get(name, {})
+
+
 def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> dict[str, Any]:
     from medalloy.data.dataset import RawDataset
     from medalloy.recipes.expert import train_expert
 
-    ds_path = dataset_path(name, data, work)
+    ds_path = dataset_path(dataset_of(name), data, work)
     ds = RawDataset(ds_path)
-    split = splits(name, ds_path, seed)
+    split = splits(dataset_of(name), ds_path, seed)
     log(f"{name}: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test cases, budget {budget} min")
     run = work / "runs" / name
     plan = None
-    if name in PLAN_OPTIONS:
+    if plan_options(name):
         from medalloy.planning.fingerprint import fingerprint
         from medalloy.planning.planner import plan_dataset
 
-        plan = plan_dataset(ds, fingerprint(ds, progress=False), **PLAN_OPTIONS[name])
+        plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_options(name))
     res = train_expert(
         ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
         steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
@@ -111,7 +136,7 @@ def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> d
             "inference_seconds_per_case": round(sec_per_case, 3),
             "mean_dice": round(float(np.mean([row[k]["dice"] for k in fg])), 4),
             "patch_size": json.loads((run / "plan.json").read_text(encoding="utf-8"))["patch_size"],
-            "plan_options": PLAN_OPTIONS.get(name, {}),
+            "plan_options": plan_options(name),
         }
     )
     log(f"{name}: " + ", ".join(f"{k} {row[k]['dice']:.3f}" for k in fg) + f" in {row['train_minutes']} min ({row['steps']} steps)")
@@ -123,7 +148,7 @@ def run_cross(train_name: str, test_name: str, data: Path, work: Path, seed: int
 
     run = work / "runs" / train_name
     test_path = dataset_path(test_name, data, work)
-    train_labels = RawDataset(dataset_path(train_name, data, work)).spec.labels
+    train_labels = RawDataset(dataset_path(dataset_of(train_name), data, work)).spec.labels
     test_labels = RawDataset(test_path).spec.labels
     shared = {k: v for k, v in test_labels.items() if train_labels.get(k) == v}
     test_ids = splits(test_name, test_path, seed)["test"]
@@ -134,7 +159,7 @@ def run_cross(train_name: str, test_name: str, data: Path, work: Path, seed: int
     sec = timed_prediction(run, test_path, test_ids, pred, keep=list(shared))
     copy_ground_truth(test_path, test_ids, gt, shared)
     row = evaluate(pred, gt, shared, work / "eval" / key)
-    src = lambda n: n.split("-")[-1]  # noqa: E731  (Polyp-Kvasir -> Kvasir)
+    src = lambda n: n.removeprefix("Polyp-")  # noqa: E731  (Polyp-Kvasir -> Kvasir; JSRT-crop128 stays)
     base = rows.get(train_name, {})
     row.update(
         {
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-experts")
     p.add_argument("--budget-minutes", type=float, default=10.0)
-    p.add_argument("--only", nargs="*", choices=list(EXPERTS), default=None)
+    p.add_argument("--only", nargs="*", choices=[*EXPERTS, *VARIANTS], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -275,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     a.results.mkdir(parents=True, exist_ok=True)
     out_json = a.results / "experts.json"
     rows: dict[str, Any] = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else {}
-    names = a.only or list(EXPERTS)
+    names = a.only or [*EXPERTS, *VARIANTS]
     if a.with_nnunet or a.nnunet_only:
         from nnunet_peer import check_venv
 
@@ -286,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         except MedalloyError as exc:
             print(f"experts.py: {exc}", file=sys.stderr)
             return 1
-        missing = [n for n in names if n not in rows]
+        missing = [n for n in names if n not in rows and n in EXPERTS]
         if a.nnunet_only and missing:
             print(f"experts.py: {out_json} has no medalloy row for {', '.join(missing)}; run without --nnunet-only first", file=sys.stderr)
             return 1
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             if _same_setting(earlier, a.budget_minutes, a.seed):  # keep a matching peer row when the peer is not rerun
                 rows[name]["nnunet"] = earlier
             _save(rows, a.results, a.budget_minutes)
-        if a.with_nnunet or a.nnunet_only:
+        if (a.with_nnunet or a.nnunet_only) and name in EXPERTS:  # the peer runs at nnU-Net's own plan: a variant has none
             rows[name]["nnunet"] = run_peer(name, a.data, a.work, a.budget_minutes, a.seed, a.nnunet_venv, a.threads)
             _save(rows, a.results, a.budget_minutes)
     if a.nnunet_only:
@@ -333,7 +358,7 @@ def run_peer(name: str, data: Path, work: Path, budget: float, seed: int, venv: 
 
 
 def _save(rows: dict[str, Any], results: Path, budget: float) -> None:
-    order = list(EXPERTS) + [f"{a}->{b}" for a, b in CROSS]
+    order = [*EXPERTS, *VARIANTS] + [f"{a}->{b}" for a, b in CROSS]
     rows = {k: rows[k] for k in order if k in rows}
     for path, text in ((results / "experts.json", json.dumps(rows, indent=2) + "\n"), (results / "experts.md", markdown(rows, budget))):
         tmp = path.with_name(".tmp-" + path.name)

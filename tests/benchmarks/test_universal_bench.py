@@ -35,3 +35,20 @@ def test_a_table_made_with_other_settings_is_not_merged(tmp_path: Path, capsys: 
     argv = ["--data", str(data), "--results", str(tmp_path), "--only", "universal", "--set", "fusion_scales=1"]
     assert bench.main(argv) == 1  # one table, one configuration: no training starts
     assert "--set" in capsys.readouterr().err  # the message says which flag to match
+
+
+def test_every_arm_gets_its_cross_source_column() -> None:
+    # the robustness check: each arm scored across sources, not only the experts and the full model
+    def arm(cross: float, experts: bool = False) -> dict:
+        score = {"lung": {"dice": 0.9, "hd95": 5.0}}
+        rows = {"JSRT->Shenzhen/lung": {"dice": cross, "hd95": 9.0}}
+        if experts:
+            return {**{n: {"scores": score, "params": 10, "steps": 100, "minutes": 1.0, "seconds_per_case": 0.1} for n in bench.MIXES["2d"]}, "cross": rows}
+        return {"scores": {n: score for n in bench.MIXES["2d"]}, "params": 12, "steps": 300, "minutes": 5.0, "seconds_per_case": 0.2, "cross": rows}
+
+    raw = {"2d": {"experts": arm(0.70, experts=True), "universal": arm(0.80), "no_priors": arm(0.75), "task_priors_only": arm(0.78)}}
+    res = bench.summary(raw, 6.0)
+    assert res["cross_source"] == {"JSRT->Shenzhen/lung": {"expert": 0.70, "universal": 0.80, "no_priors": 0.75, "task_priors_only": 0.78}}
+    md = bench.markdown(res, raw)
+    assert "| train -> test / label | expert | universal | no_priors | task_priors_only |" in md
+    assert "| JSRT->Shenzhen/lung | 0.700 | 0.800 | 0.750 | 0.780 |" in md
