@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     c.add_argument("--dataset", default=None, help="universal models: the training dataset (name, folder name or path) whose tasks and preprocessing apply")
-    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/")
+    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/; without --dataset, the preprocessing of the first training dataset that annotates the first T (of --modality, when given), named in one line")
     c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
