@@ -55,6 +55,10 @@ CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", 
 TRANSFER_LEFT_OUT = "JSRT"
 # What the runs so far showed, and what was tried, per budget (rendered under "Notes"; measured, see docs/methods/hermes.md).
 NOTES_2MIN = [
+    "Superseded as the issue's evidence: the default budget (6 minutes per expert) is in "
+    "`benchmarks/results/universal_6min` (seed 0; seeds 1 and 2 of the universal and no-priors arms in `universal_6min_seed1`, "
+    "`universal_6min_seed2`), which the README and docs/methods/hermes.md quote. This 2-minute table stays as the first "
+    "measurement; its targets and \"next to try\" below are of its day (every item of that list has since been run there).",
     "Budget: the results here were made with 2 minutes per expert (`--budget-minutes 2`), not the default 6: the whole "
     "benchmark at 6 minutes takes about 3 hours on 2 cores. At 2 minutes every model is early in training.",
     "Runs of 2026-12-03, on a machine ~1.3-1.6x slower than the 2026-12-02 one (experts 1,737 steps in 10 minutes, were "

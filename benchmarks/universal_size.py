@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# (name, fusion width, fusion scales): every scale from 1/4 (None) or the three coarsest (3, from 1/8 at these 6-level plans)
+# (name, fusion width, fusion scales): every scale from 1/4 (None), the three coarsest (3, from 1/8 at these 6-level plans)
+# or the bottleneck alone (1, the recipe's `fusion_scales` default)
 VARIANTS = [
     ("full width, from 1/4", None, None), ("width 128, from 1/4", 128, None), ("width 64, from 1/4", 64, None),
-    ("width 32, from 1/4", 32, None), ("width 64, three coarsest scales (default)", 64, 3),
+    ("width 32, from 1/4", 32, None), ("width 64, three coarsest scales (the default until 2026-12-04)", 64, 3),
+    ("width 64, bottleneck only (default)", 64, 1),
 ]  # fmt: skip
 
 
