@@ -266,7 +266,7 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
     ]
     if with_peer:
         lines += ["", "## medalloy vs nnU-Net (mean foreground Dice)", ""] + (_peer_summary(rows) or ["- no expert has both rows"])
-        no_peer = [n for n, r in rows.items() if r.get("source") == "in" and not isinstance(r.get("nnunet"), dict)]
+        no_peer = [n for n, r in rows.items() if r.get("source") == "in" and n in EXPERTS and not isinstance(r.get("nnunet"), dict)]
         if no_peer:
             lines.append(
                 f"- not measured yet: {', '.join(no_peer)} (a peer run costs 20-35 minutes per dataset here: preprocessing, "
