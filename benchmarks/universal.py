@@ -187,6 +187,22 @@ NOTES_6MIN_SEED2: list[str] = [
     "and 0.869 (-0.006; per seed -0.008, -0.014, +0.004).",
 ]
 # per (budget, seed): what the runs of that table showed
+NOTES_6MIN_ARMS: list[str] = [
+    "Run of 2026-12-05, seed 0 (the splits of `results/universal_6min`), both arms in one session on a machine ~1.7x "
+    "slower than 2026-12-04's (the no-priors arm: 3,029 steps in 29 minutes here, 5,260 there), so compare the two "
+    "columns here, not with the 6-minute table: `--mix 2d --only no_priors` then `--only universal`, today's defaults "
+    "(bottleneck fusion, identity start, anchors). Made to score every arm across sources (the issue's robustness "
+    "check; until now only the experts and the universal model were).",
+    "In domain the two are level: universal 0.827 (2,966 steps) vs no priors 0.825 (3,029), above on 6 of 8 tasks (the "
+    "lungs, heart, both polyp centres, LV), below on ACDC RV / MYO (0.722 / 0.741 vs 0.733 / 0.746). With the three "
+    "6-minute runs (seeds 0 / 1 / 2: 0.853 / 0.863 / 0.873 vs 0.861 / 0.877 / 0.869) the paired differences are -0.008, "
+    "-0.014, +0.004 and, here (seed 0's splits again), +0.002: a mean of -0.004, within the swing between runs.",
+    "Across sources (each model asked as the first source) the universal model is ahead on the two lung rows (JSRT->"
+    "Shenzhen 0.818 vs 0.798, Shenzhen->JSRT 0.808 vs 0.719) and behind on polyp (Kvasir->CVC 0.675 vs 0.679, CVC->"
+    "Kvasir 0.660 vs 0.692): a mean of 0.740 vs 0.722. The lung rows cross two datasets (JSRT and Shenzhen, each its "
+    "own task tokens' dataset); polyp's two centres are one dataset. One seed.",
+]
+NOTES_BY_FOLDER: dict[str, list[str]] = {"universal_6min_arms": NOTES_6MIN_ARMS}
 NOTES: dict[tuple[float, int], list[str]] = {(2.0, 0): NOTES_2MIN, (6.0, 0): NOTES_6MIN, (6.0, 1): NOTES_6MIN_SEED1, (6.0, 2): NOTES_6MIN_SEED2}
 
 
@@ -412,7 +428,7 @@ def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) 
             else:
                 out.append(f"| {mix} {arm} | {entry['minutes']} | {entry['steps']} | {entry['seconds_per_case']} | {entry['params']} |")
     out += ["", "## Targets", ""] + (targets(res) or ["- nothing to compare yet"])
-    notes = NOTES.get((float(b), seed), [])
+    notes = NOTES_BY_FOLDER.get(results.name) or NOTES.get((float(b), seed), [])  # a folder of its own run, or the budget's table
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
