@@ -120,16 +120,19 @@ NOTES = [
     "GFLOPs); every JSRT student then scored heart Dice 0.000 (lung 0.95-0.96), with or without distillation. "
     "`benchmarks/probes.py width` (results/probes.json, the student alone, 120 steps): the 6..48 network predicts almost no "
     "heart until step ~100 and ends at loss 0.75, the 11..44 one at 0.28. Capped at 4x the base (11..44, 0.34 M, 1.67 GFLOPs; the paper's student: ~353 k, ~2.2 GFLOPs) "
-    "every student learns the heart (0.905-0.928). The tables are the second pass.",
+    "every student learns the heart (0.905-0.928). That second pass (2026-12-02, commit 646dca1) is the `*_full` rows.",
+    "2026-12-02 pass (commit 646dca1, full-resolution students; superseded by the stem of two below: 10.5x, met). "
     "Latency missed (1.6x, target 5x): FLOPs fall 3.3x (5.45 -> 1.67 GFLOPs) but time only 1.6x. A torch.profiler pass "
     "(`benchmarks/probes.py profile`, results/probes.json; bf16, batch 1, 224 px, one thread) puts 56 % of the relation "
     "student's CPU time in convolutions (7 points of it dispatch in `aten::_convolution`), 20 % in dtype and layout copies "
     "around them and 10 % in instance norms (teacher: 50 %, 30 %, 9 %): oneDNN's kernels run far below peak at 11-44 channels, so halving the FLOPs does not halve the time; ONNX Runtime does not beat bf16 autocast here (14.4 vs 11.3 ms) and "
     "int8 (static QDQ) gains nothing for the student (instance norms stay float, with quantize/dequantize pairs around "
-    "every convolution) while it brings the teacher from 25.4 to 18.8 ms in ONNX Runtime, as fast as its bf16. Next: a "
+    "every convolution) while it brings the teacher from 25.4 to 18.8 ms in ONNX Runtime, as fast as its bf16 (that "
+    "pass's teacher times; the table's teacher row is the 2026-12-03 pass's, 34.5 -> 21.6 ms). Next: a "
     "stride-2 stem (the first stage at half resolution), fewer full-resolution operators, a separable student "
     "(`--separable`) measured.",
-    "In-domain, distillation at 400 student steps moves Dice little (students 0.738-0.761 mean against the teacher's 0.755; "
+    "2026-12-02 pass (commit 646dca1, full-resolution students: the `*_full` rows, with that day's teachers; at the "
+    "default student superseded by the three-seed rows below). In-domain, distillation at 400 student steps moves Dice little (students 0.738-0.761 mean against the teacher's 0.755; "
     "the plain student is at 97.7 %); relation KD reaches 100 % of the teacher, CWD 101 %, the relation ablations 98-99 %. "
     "On the unseen source relation KD is above logit KD and the student alone on both rows (JSRT->Shenzhen 0.686 vs 0.666 / "
     "0.620; Kvasir->CVC 0.487 vs 0.479 / 0.457). One seed: in-domain differences of ~0.01 are noise.",
@@ -158,7 +161,8 @@ NOTES = [
     "0.566). The earlier full-resolution rows are renamed `*_full` (and keep that day's teachers). JSRT and "
     "JSRT->Shenzhen: three student seeds (`--student-seeds 0 1 2`); polyp: one. Relation KD keeps 98.4 % of the "
     "teacher's mean Dice, but is not above the student alone and logit KD on the unseen sources: JSRT->Shenzhen 0.716 vs "
-    "0.719 / 0.722 (seeds spread 0.69-0.74 for each loss), Kvasir->CVC 0.470 vs 0.488 / 0.480. The earlier "
+    "0.719 / 0.722 (seeds spread 0.69-0.74 for each loss), Kvasir->CVC 0.470 vs 0.488 / 0.480 (one seed, that "
+    "morning's polyp teacher; superseded by the three-seed polyp note below: 0.479 vs 0.481 / 0.466). The earlier "
     "`relation_kd_stem2` run of the same configuration scored JSRT->Shenzhen 0.708 where today's seed 0 scores 0.687 (the "
     "same teacher; other thread counts): single-seed unseen rows move by ~0.02-0.05. At a quarter resolution the student "
     "alone generalises as well as the distilled ones; the full-resolution students did show relation KD ahead "
@@ -174,7 +178,8 @@ NOTES = [
     "three seeds on both unseen rows, relation KD at the default (quarter-resolution) student is level with training "
     "the student alone (JSRT->Shenzhen -0.003, Kvasir->CVC -0.002): the unseen-source target is missed by margins well "
     "inside the seeds' spread.",
-    "int8 (static QDQ, 32 calibration patches) changes Dice by at most 0.003 on every task; it speeds up the teachers in "
+    "int8 (2026-12-02 `--measure` pass, full-resolution students; the teachers' times in distill.json are the 2026-12-03 "
+    "pass's: 34.5 -> 21.6 ms at 224 px, 12.9 -> 9.1 ms at 128 px): static QDQ, 32 calibration patches, changes Dice by at most 0.003 on every task; it speeds up the teachers in "
     "ONNX Runtime (25.4 -> 18.8 ms at 224 px, 9.0 -> 7.2 ms at 128 px) and not the students. At 128 px (polyp) the "
     "fastest teacher is 7.2 ms (ONNX int8) and the fastest student 4.6 ms (ONNX fp32): 1.5x.",
     "Relation-term weights (2026-12-05: `--models relation_kd_x10 relation_kd_x30` with the baselines, `--student-seeds 0 "
@@ -230,8 +235,8 @@ NOTES = [
     "the `*_aug` rows train under the recipe's `augment: strong` preset (data/transforms.py: affine, contrast and brightness "
     "at p 0.5, wider scale and gamma), the teacher seeing the same augmented patches. In domain level (heart / lung "
     "0.944-0.946 / 0.976-0.977). JSRT->Shenzhen: relation KD 0.758 (seeds 0.744-0.782) against logit KD 0.751 (0.742-0.774) "
-    "and the student alone 0.721 (0.708-0.741); relation KD at or above logit KD on each of the five seeds "
-    "(+0.015, +0.005, +0.008, +0.000, +0.008; the same seed draws the same initial weights and batches) and above the "
+    "and the student alone 0.721 (0.708-0.741); relation KD above logit KD on each of the five seeds "
+    "(+0.015, +0.005, +0.008, +0.001, +0.008; the same seed draws the same initial weights and batches) and above the "
     "student alone on each seed, its lowest seed above the student alone's highest. Both KD students now pass their teacher (0.753); over the seeds 0-2 "
     "that every row has, augmentation lifts the KD students (logit +0.019, relation +0.033) more than the student alone (+0.013). Polyp not run (its teachers' "
     "runs were not kept).",
@@ -530,7 +535,26 @@ def fastest(lat: dict[str, float]) -> tuple[str, float]:
     return k, lat[k]
 
 
-def markdown(res: dict[str, Any]) -> str:
+def rerun_command(res: dict[str, Any], results: Path | None = None) -> str:
+    """The command line of the settings ``res`` records (step counts, seeds) writing into
+    ``results``, and where the rows' student seeds differ, that they are per row in the JSON."""
+    if "steps" not in res or "teacher_steps" not in res:
+        return "`python benchmarks/distill.py`"
+    cmd = ["python benchmarks/distill.py", f"--teacher-steps {res['teacher_steps']}", f"--steps {res['steps']}"]
+    if res.get("seed", 0):
+        cmd.append(f"--seed {res['seed']}")
+    seed = res.get("seed", 0)
+    student_seeds = {tuple(m.get("seeds") or [seed]) for v in res.get("domains", {}).values() for n, m in v["models"].items() if n != "teacher"}
+    if len(student_seeds) == 1 and len(only := next(iter(student_seeds))) > 1:
+        cmd.append("--student-seeds " + " ".join(map(str, only)))
+    if results is not None and results.resolve() != RESULTS.resolve():
+        where = results.resolve()
+        cmd.append(f"--results {where.relative_to(HERE.parent) if where.is_relative_to(HERE.parent) else where}")
+    tail = " (each row's student seeds: `seeds` in distill.json)" if len(student_seeds) > 1 else ""
+    return f"`{' '.join(cmd)}`{tail}"
+
+
+def markdown(res: dict[str, Any], results: Path | None = None) -> str:
     models, unseen = res["models"], res["unseen_source"]
     keys = sorted({k for m in models.values() for k in m["dice"]})
     lines = [
@@ -538,7 +562,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Teacher: a medalloy expert per domain ({res['teacher_steps']} steps); students: {res['steps']} steps each, tiny "
         "(~0.35 M parameters). Held-out cases of the experts benchmark. Latency: batch 1 at the plan's patch, median of "
-        f"{LATENCY_RUNS} calls after {LATENCY_WARMUP} warm-up, 2 threads; size = the fp32 ONNX file. Rerun: `python benchmarks/distill.py`.",
+        f"{LATENCY_RUNS} calls after {LATENCY_WARMUP} warm-up, 2 threads; size = the fp32 ONNX file. Rerun: {rerun_command(res, results)}.",
         "",
         "| model | " + " | ".join(keys) + " | mean | params | MB | GFLOPs | eager fp32 ms | bf16 ms | ONNX fp32 ms | ONNX int8 ms |",
         "|---|" + "---|" * (len(keys) + 8),
@@ -749,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         res = summarise(res)
         a.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-        (a.results / "distill.md").write_text(markdown(res), encoding="utf-8")
+        (a.results / "distill.md").write_text(markdown(res, a.results), encoding="utf-8")
         return res
 
     if a.report:

@@ -22,7 +22,8 @@ Downstream, on the held-out patients' images:
    group (COVID-19 / other pneumonia / no finding) against the true group: accuracy (and balanced);
 2. linear probe on the encoder's pooled bottleneck features, the three groups, 1 / 10 / 100 % of
    the pretraining images' labels (stratified, at least one a class);
-3. retrieval image -> impression, Recall@1/5 (an identical impression counts as the image's own);
+3. retrieval image -> impression, Recall@1/5/10 (an identical impression counts as the image's own;
+   ``retrieval_r10`` is "not scored" in results from before it was added: ``--rescore`` adds it);
 4. captioning (HybridMED only): BLEU-4 (sacrebleu) and ROUGE-L (rouge-score);
 5. segmentation: JSRT and Shenzhen lung experts (the shared benchmark splits) with 10 % and 100 % of
    their training labels, ``--init`` from each arm vs random init, ``--seg-minutes`` each; test Dice.
@@ -61,8 +62,11 @@ FRACTIONS = {"1": 0.01, "10": 0.1, "100": 1.0}
 USES = (
     "zeroshot_acc", "zeroshot_balanced_acc", "linear_probe_acc_1", "linear_probe_acc_10", "linear_probe_acc_100",
     "linear_probe_bacc_1", "linear_probe_bacc_10", "linear_probe_bacc_100",
-    "retrieval_r1", "retrieval_r5", "caption_bleu4", "caption_rougeL", "seg_dice_10", "seg_dice_100",
+    "retrieval_r1", "retrieval_r5", "retrieval_r10", "caption_bleu4", "caption_rougeL", "seg_dice_10", "seg_dice_100",
 )  # fmt: skip
+# uses added after results were first written: where an arm has the other use of the same scoring
+# pass but not this one, its rows predate the use ("not scored"), rather than the use not applying (null)
+ADDED_LATER = {"retrieval_r10": "retrieval_r1"}
 TEST_FRACTION = 0.25
 IMAGE_SIZE = 224
 
@@ -110,17 +114,11 @@ def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work
 
 
 def encoder_features(model, paths: list[Path], batch: int = 16):
-    """Pooled bottleneck features ``(N, C)`` (the encoder a downstream model would start from)."""
-    import torch
+    """Pooled bottleneck features ``(N, C)`` (the encoder a downstream model would start from): the
+    library's, which ``medalloy probe`` uses too."""
+    from medalloy.radiograph_tasks import encoder_features as features
 
-    from medalloy.data.radiograph import load_radiograph
-
-    feats = []
-    with torch.inference_mode():
-        for s in range(0, len(paths), batch):
-            x = torch.from_numpy(np.stack([load_radiograph(p, IMAGE_SIZE) for p in paths[s : s + batch]]))
-            feats.append(model.image(x)[-1].mean(dim=(2, 3)).float())
-    return torch.cat(feats)
+    return features(model, paths, IMAGE_SIZE, batch)
 
 
 def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, Any]:
@@ -172,8 +170,8 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
     row["zeroshot_acc"] = float(np.mean(pred_groups == test_groups))
     row["zeroshot_balanced_acc"] = balanced_accuracy(pred_groups, test_groups)
     imp_emb = encode_texts(model, enc_tok, [p.impression for p in test], record["model"]["max_impression_len"])
-    r = retrieval_recall(g, imp_emb, keys=[" ".join(p.impression.lower().split()) for p in test], ks=(1, 5))
-    row["retrieval_r1"], row["retrieval_r5"] = r["r1"], r["r5"]
+    r = retrieval_recall(g, imp_emb, keys=[" ".join(p.impression.lower().split()) for p in test], ks=(1, 5, 10))
+    row["retrieval_r1"], row["retrieval_r5"], row["retrieval_r10"] = r["r1"], r["r5"], r["r10"]
     if "generation" in record["losses"]:
         caps = generate_impressions(model, dec_tok, patches)
         s = caption_scores(caps, [p.impression for p in test])
@@ -289,8 +287,8 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
         "",
         f"Settings: {json.dumps(settings)}. Held-out: {TEST_FRACTION:.0%} of the COVID-notes patients (never pretrained on). "
         f"Mean over seeds {seeds} (std in brackets where there are several; `[seeds]` where a cell has fewer, e.g. a score added "
-        "after a seed's checkpoints were gone); null: the use does not apply to the arm. `*_bacc_*`: balanced accuracy (mean recall "
-        "of the three groups).",
+        "after a seed's checkpoints were gone); null: the use does not apply to the arm; not scored: the arm's results predate the "
+        "use (`--rescore` adds it). `*_bacc_*`: balanced accuracy (mean recall of the three groups).",
         "",
     ]
     if reference:
@@ -306,10 +304,11 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
     for use in USES:
         cells = []
         for arm in ARMS:
-            v, s = summary["downstream"][use][arm], summary["std_over_seeds"][use][arm]
+            v, s = summary["downstream"].get(use, {}).get(arm), summary["std_over_seeds"].get(use, {}).get(arm)
             n = summary.get("seeds_counted", {}).get(use, {}).get(arm, seeds)
             few = f" {n}" if v is not None and len(n) < len(seeds) else ""
-            cells.append("null" if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "") + few))
+            older = use in ADDED_LATER and summary["downstream"].get(ADDED_LATER[use], {}).get(arm) is not None
+            cells.append(("not scored" if older else "null") if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "") + few))
         lines.append(f"| {use} | " + " | ".join(cells) + " |")
     lines += curve_lines(raw)
     lines += ["", "Cost per run:", ""]

@@ -102,6 +102,12 @@ def test_graph_without_or_with_a_foreign_sidecar_is_one_line(runs, tmp_path, cap
     shutil.copy(a, lonely)
     with pytest.raises(MedalloyError, match="no sidecar lonely.onnx.json"):
         load_onnx(lonely)
+    # the command line says it in one line: the graph, the sidecar it misses, and how to get both
+    assert main(["-q", "predict", str(lonely), "--input", str(tmp_path), "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medalloy: error: {lonely}:"), err
+    assert "no sidecar lonely.onnx.json" in err[0] and "export with medalloy export, which writes both" in err[0]
+    assert not (tmp_path / "p").exists()  # refused before writing anything
     shutil.copy(sidecar_path(b), sidecar_path(lonely))  # another model's sidecar
     assert main(["-q", "predict", str(lonely), "--input", str(tmp_path), "--output", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from medalloy.data.radiograph import augment_batch, load_radiograph
 from medalloy.errors import MedalloyError
-from medalloy.radiograph_tasks import balanced_accuracy, caption_scores, linear_probe, list_images, retrieval_recall, zero_shot_probs
+from medalloy.radiograph_tasks import balanced_accuracy, caption_scores, linear_probe, list_images, probe_predictions, retrieval_recall, zero_shot_probs
 
 
 def test_load_radiograph_keeps_aspect_and_zscores(tmp_path):
@@ -85,3 +85,15 @@ def test_caption_scores():
     # ROUGE-L F1 by hand (rouge-score drops punctuation): LCS "pleural effusion" = 2 of 3 and of 4 tokens
     p, r = 2 / 3, 2 / 4
     assert caption_scores(["right pleural effusion."], ["small left pleural effusion."])["rougeL"] == pytest.approx(2 * p * r / (p + r))
+
+
+def test_probe_predictions_count_the_labels_learnt_from():
+    rng = np.random.default_rng(0)
+    y = np.array(["a"] * 30 + ["b"] * 10 + ["c"] * 2)
+    centre = {"a": 0.0, "b": 5.0, "c": -5.0}
+    x = torch.tensor([[centre[c] + 0.1 * rng.standard_normal(), rng.standard_normal()] for c in y])
+    test_x, test_y = torch.tensor([[0.0, 0.0], [5.0, 0.0], [-5.0, 0.0]]), np.array(["a", "b", "c"])
+    assert probe_predictions(x, y, test_x, 0.1, seed=0)[1] == 3 + 1 + 1  # round(10 % of 30), round(10 % of 10), and at least one of the two c's
+    pred, used = probe_predictions(x, y, test_x, 1.0, seed=0)
+    assert used == 42 and pred.tolist() == ["a", "b", "c"]
+    assert linear_probe(x, y, test_x, test_y, 1.0, seed=0) == linear_probe(x, y, test_x, test_y, 1.0, seed=0, balanced=True) == 1.0

@@ -145,22 +145,36 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _report_column_flags(c: argparse.ArgumentParser, label: str | None = None) -> None:
+    """The flags that say how to read an image-report CSV (data.reports.ReportColumns); ``label``: the
+    default of --label-column (none: no such flag)."""
+    for col in ("image", "findings", "impression"):
+        c.add_argument(f"--{col}-column", default=None, help=f"CSV column of the {col} (default '{col}')")
+    c.add_argument("--patient-column", default=None, help="CSV column of the patient (default 'patient', may be absent); 'none': every row its own patient")
+    if label is not None:
+        c.add_argument("--label-column", default=label, help=f"CSV column of the class (default '{label}')")
+    c.add_argument("--image-dir", default=None, metavar="DIR", help="folder the image paths are relative to (default: the CSV's folder, then its images/)")
+    c.add_argument("--skip-empty", action="store_true", help="skip rows with an empty findings or impression (counted and reported) instead of stopping")
+
+
+def _report_columns(a: argparse.Namespace) -> dict[str, str]:
+    """The ReportColumns fields the flags of :func:`_report_column_flags` name (unnamed ones keep their defaults)."""
+    given = {
+        "image": a.image_column, "findings": a.findings_column, "impression": a.impression_column, "patient": a.patient_column,
+        "label": getattr(a, "label_column", None), "image_dir": a.image_dir,
+    }  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from medalloy.recipes.pretrain import pretrain
 
-    columns = {k: v for k, v in (("image", a.image_column), ("findings", a.findings_column), ("impression", a.impression_column), ("patient", a.patient_column)) if v}
-    config = a.config
-    if columns:
-        from medalloy.recipes.pretrain import PretrainConfig
-        from medalloy.recipes.scaffold import resolve_config
-
-        base = resolve_config(PretrainConfig, config, {}, True)
-        config = base.model_copy(update={"columns": base.columns.model_copy(update=columns)})
     res = pretrain(
-        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes, batch_size=a.batch_size,
         image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps, token_scope=a.token_scope,
-        skip_empty=True if a.skip_empty else None,
+        skip_empty=True if a.skip_empty else None, columns=_report_columns(a) or None, val_fraction=a.val_fraction,
+        text_only_findings=a.text_only_findings_column, text_only_impression=a.text_only_impression_column,
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(
@@ -184,6 +198,37 @@ def cmd_caption(a: argparse.Namespace) -> int:
 
     path = caption(a.run, a.images, a.output, device=a.device, progress=not a.quiet)
     _say(f"{path}: one generated impression per image")
+    return 0
+
+
+def cmd_probe(a: argparse.Namespace) -> int:
+    from medalloy.data.reports import ReportColumns
+    from medalloy.radiograph_tasks import probe
+
+    columns = ReportColumns.model_validate(_report_columns(a))
+    res = probe(
+        a.run, a.pairs, a.output, columns=columns, fractions=a.fractions, test_fraction=a.test_fraction, seed=a.seed, skip_empty=a.skip_empty,
+        device=a.device, progress=not a.quiet,
+    )  # fmt: skip
+    floor = res["majority"]
+    _say(
+        f"{a.output}: linear probe of '{res['label_column']}' ({len(res['classes'])} classes) on {res['train_images']} training images, "
+        f"{res['test_images']} held-out images of {len(res['test_patients'])} patients (always '{floor['class']}': accuracy {floor['accuracy']:.3f})"
+    )
+    for s in res["scores"]:
+        _say(f"  {s['fraction'] * 100:g} % of the labels ({s['labels']}): accuracy {s['accuracy']:.3f}, balanced accuracy {s['balanced_accuracy']:.3f}")
+    return 0
+
+
+def cmd_retrieve(a: argparse.Namespace) -> int:
+    from medalloy.data.reports import ReportColumns
+    from medalloy.radiograph_tasks import retrieve
+
+    columns = ReportColumns.model_validate(_report_columns(a))
+    res = retrieve(a.run, a.pairs, a.output, columns=columns, ks=a.k, skip_empty=a.skip_empty, device=a.device, progress=not a.quiet)
+    _say(f"{a.output}: {res['pairs_scored']} image-impression pairs ({res['distinct_impressions']} distinct impressions)")
+    for way, name in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+        _say(f"  {name}: " + ", ".join(f"R@{k} {res[way][f'r{k}']:.3f}" for k in res["ks"]))
     return 0
 
 
@@ -296,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-2d-side", type=int, default=None, help="2D: coarsen the spacing so the median image side fits (default 256)")
     c.add_argument(
         "--max-2d-patch", type=int, default=None,
-        help="2D: cap the patch side; larger images are cropped in training, tiled in inference (cheaper steps, less context: less robust on other sources)",
+        help="2D: cap the patch side; larger images are cropped in training, tiled in inference (cheaper steps, less context: changes how the expert fares on other sources, either way; measure it there)",
     )  # fmt: skip
     c.add_argument("--base-filters", type=int, default=None)
     c.add_argument("--overwrite", action="store_true")
@@ -397,9 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
     c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
     c.add_argument("--token-scope", choices=("batch", "pair"), default=None, help="token-level contrast over all pairs of a batch (default) or within each image-report pair (MGCA; cheaper)")
-    c.add_argument("--skip-empty", action="store_true", help="skip rows with an empty findings or impression (counted and reported) instead of stopping")
-    for col in ("image", "findings", "impression", "patient"):
-        c.add_argument(f"--{col}-column", default=None, help=f"CSV column of the {col} (default '{col}')")
+    c.add_argument("--val-fraction", type=float, default=None, help="share of the patients held out for validation (default 0.15)")
+    _report_column_flags(c)
+    c.add_argument("--text-only-findings-column", default=None, help="--text-only CSV column of the findings (default 'findings')")
+    c.add_argument("--text-only-impression-column", default=None, help="--text-only CSV column of the impression (default 'impression')")
     _run_flags(c, "pretraining", fold=False)
     c.set_defaults(fn=cmd_pretrain)
 
@@ -418,6 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default="captions.csv", help="CSV to write (default captions.csv)")
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_caption)
+
+    c = sub.add_parser("probe", help="linear probe of a pretrain run's frozen encoder with 1, 10, 100 %% of the labels (patients held out)")
+    c.add_argument("run", help="pretrain run folder or checkpoint")
+    c.add_argument("--pairs", required=True, metavar="CSV", help="image path, patient, label (and findings, impression) per row")
+    c.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="F", help="shares of the training labels (default 0.01 0.1 1.0)")
+    c.add_argument("--test-fraction", type=float, default=0.25, help="share of the patients held out for scoring (default 0.25)")
+    c.add_argument("--seed", type=int, default=0, help="which patients are held out, which labels are kept")
+    _report_column_flags(c, label="finding")
+    c.add_argument("--output", default="probe.json", help="JSON to write (default probe.json)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_probe)
+
+    c = sub.add_parser("retrieve", help="image <-> impression retrieval Recall@k with a pretrain run")
+    c.add_argument("run", help="pretrain run folder or checkpoint")
+    c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row; score pairs the run did not train on")
+    c.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="Recall@k for each k (default 1 5 10)")
+    _report_column_flags(c)
+    c.add_argument("--output", default="retrieval.json", help="JSON to write (default retrieval.json)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_retrieve)
 
     c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
     c.add_argument("run", help="run folder or .safetensors checkpoint")

@@ -2,8 +2,10 @@
 text prompts, impression generation, image <-> text retrieval and linear probes.
 
 ``medalloy zeroshot RUN --images DIR --classes "COVID-19,No Finding"`` and ``medalloy caption RUN
---images DIR`` write one CSV row per image; the metric functions are what ``benchmarks/pretrain.py``
-reports (BLEU-4 by sacrebleu, ROUGE-L by rouge-score: the packages papers use, not our own).
+--images DIR`` write one CSV row per image; ``medalloy probe RUN --pairs CSV`` (linear probe with 1,
+10 and 100 % of the labels) and ``medalloy retrieve RUN --pairs CSV`` (Recall@1/5/10) write one JSON
+of scores. The metric functions are what ``benchmarks/pretrain.py`` reports (BLEU-4 by sacrebleu,
+ROUGE-L by rouge-score: the packages papers use, not our own).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +24,9 @@ from tqdm.auto import tqdm
 
 from medalloy.data.radiograph import load_radiograph
 from medalloy.errors import MedalloyError
+
+if TYPE_CHECKING:
+    from medalloy.data.reports import ReportColumns
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".nii.gz", ".nii")
 
@@ -46,6 +52,18 @@ def encode_images(model: torch.nn.Module, paths: Sequence[Path], size: int, batc
         glob.append(g.float().cpu())
         patches.append(p.float().cpu())
     return torch.cat(glob), torch.cat(patches)
+
+
+@torch.inference_mode()
+def encoder_features(model: torch.nn.Module, paths: Sequence[Path], size: int, batch: int = 16, progress: bool = False) -> torch.Tensor:
+    """Pooled bottleneck features ``(N, C)`` of the images, unaugmented: the U-Net encoder (``model.image``)
+    that a downstream model would start from, before any projection to the text side."""
+    device = next(model.parameters()).device
+    feats = []
+    for s in tqdm(range(0, len(paths), batch), desc="encoding images", unit="batch", disable=not progress, leave=False):
+        x = torch.from_numpy(np.stack([load_radiograph(p, size) for p in paths[s : s + batch]])).to(device)
+        feats.append(model.image(x)[-1].mean(dim=(2, 3)).float().cpu())
+    return torch.cat(feats)
 
 
 @torch.inference_mode()
@@ -98,7 +116,16 @@ def linear_probe(
 ) -> float:
     """Accuracy (``balanced``: :func:`balanced_accuracy`) of a multinomial logistic regression
     (L-BFGS, standardised features) trained on a class-stratified ``fraction`` of the training set
-    (at least one example a class)."""
+    (at least one example a class): :func:`probe_predictions`."""
+    pred, _ = probe_predictions(train_x, train_y, test_x, fraction, seed, weight_decay)
+    return balanced_accuracy(pred, test_y) if balanced else float(np.mean(pred == test_y))
+
+
+def probe_predictions(
+    train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, fraction: float = 1.0, seed: int = 0, weight_decay: float = 1e-3
+) -> tuple[np.ndarray, int]:
+    """The test set's predicted classes by the logistic regression of :func:`linear_probe`, and how
+    many training labels it learnt from."""
     classes = sorted(set(train_y.tolist()))
     index = {c: i for i, c in enumerate(classes)}
     rng = np.random.default_rng(seed)
@@ -124,7 +151,7 @@ def linear_probe(
     opt.step(closure)
     with torch.no_grad():
         pred = np.array([classes[p] for p in ((test_x.double() - mean) / std @ w + b).argmax(1).numpy()])
-    return balanced_accuracy(pred, test_y) if balanced else float(np.mean(pred == test_y))
+    return pred, len(chosen)
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -192,3 +219,129 @@ def caption(run: str | Path, images: str | Path, out: str | Path, device: str = 
     _, patches = encode_images(model, paths, record["plan"]["patch_size"][0], progress=progress)
     texts = generate_impressions(model, dec_tok, patches)
     return _write_csv(out, ["image", "impression"], [[p.name, t] for p, t in zip(paths, texts)])
+
+
+def probe(
+    run: str | Path,
+    pairs: str | Path,
+    out: str | Path,
+    columns: ReportColumns | None = None,
+    fractions: Sequence[float] = (0.01, 0.1, 1.0),
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    skip_empty: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear probe of a pretrain run's frozen image encoder (downstream use 2).
+
+    The image-report ``pairs`` (CSV, :func:`~medalloy.data.reports.read_report_pairs` with ``columns``;
+    default: the label in column ``finding``) are split by patient, ``test_fraction`` of the patients
+    held out (chosen by ``seed``: :func:`~medalloy.data.reports.split_by_patient`, as
+    ``benchmarks/pretrain.py`` holds out its test set). For each of ``fractions``, a logistic
+    regression (:func:`linear_probe`) on the pooled bottleneck features (:func:`encoder_features`)
+    of a class-stratified share of the training images' labels predicts the held-out images' labels:
+    accuracy and balanced accuracy. Writes ``out`` (JSON) and returns what it holds.
+    """
+    from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_patient
+    from medalloy.jsonio import write_json_atomic
+    from medalloy.recipes.pretrain import load_pretrained
+
+    columns = ReportColumns(label="finding") if columns is None else columns
+    if columns.label is None:
+        raise MedalloyError("the linear probe needs a label column", fix="name it with --label-column (label= in ReportColumns)")
+    bad = [f for f in fractions if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0]
+    if bad or not fractions:
+        raise MedalloyError(f"label fractions must be in (0, 1], got {list(fractions)}", fix="give e.g. --fractions 0.01 0.1 1.0")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+        raise MedalloyError(f"the held-out fraction must be in (0, 1), got {test_fraction!r}", fix="give e.g. --test-fraction 0.25")
+    model, _enc, _dec, record = load_pretrained(run, device)
+    table = read_report_pairs(pairs, columns, skip_empty=skip_empty)
+    unlabelled = next((p for p in table.pairs if p.label is None), None)
+    if unlabelled is not None:
+        raise MedalloyError(f"line {unlabelled.row}: empty label (column '{columns.label}')", table.path, "fill in the class or remove the row")
+    train, test = split_by_patient(table.pairs, test_fraction, seed)
+    patients = sorted({p.patient for p in table.pairs})
+    if not test:
+        raise MedalloyError(f"{len(patients)} patient(s): none to hold out for testing", table.path, "give the pairs of two or more patients")
+    classes = sorted({p.label for p in train})
+    if len(classes) < 2:
+        raise MedalloyError(
+            f"the training patients' images all have the label {classes[0]!r}: nothing to tell apart", table.path, "give pairs of two or more classes"
+        )
+    size = record["plan"]["patch_size"][0]
+    train_x = encoder_features(model, [p.image for p in train], size, progress=progress)
+    test_x = encoder_features(model, [p.image for p in test], size, progress=progress)
+    train_y, test_y = np.array([p.label for p in train]), np.array([p.label for p in test])
+    scores = []
+    for fraction in fractions:
+        pred, used = probe_predictions(train_x, train_y, test_x, float(fraction), seed)
+        scores.append(
+            {"fraction": float(fraction), "labels": used, "accuracy": float(np.mean(pred == test_y)), "balanced_accuracy": balanced_accuracy(pred, test_y)}
+        )
+    top = max(sorted(set(test_y.tolist())), key=test_y.tolist().count)
+    result = {
+        "run": str(run),
+        "pairs": str(table.path),
+        "label_column": columns.label,
+        "classes": classes,
+        "features": f"pooled bottleneck ({train_x.shape[1]})",
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "train_images": len(train),
+        "test_images": len(test),
+        "test_patients": sorted({p.patient for p in test}),
+        "skipped": table.skipped,
+        # floors: always answering the held-out set's most common class, and any constant answer's balanced accuracy
+        "majority": {"class": top, "accuracy": float(np.mean(test_y == top)), "balanced_accuracy": 1.0 / len(set(test_y.tolist()))},
+        "scores": scores,
+    }
+    write_json_atomic(out, result)
+    return result
+
+
+def retrieve(
+    run: str | Path,
+    pairs: str | Path,
+    out: str | Path,
+    columns: ReportColumns | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    skip_empty: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image <-> impression retrieval with a pretrain run (downstream use 3), on every pair of ``pairs``
+    (CSV, :func:`~medalloy.data.reports.read_report_pairs` with ``columns``).
+
+    Each image's global embedding against every pair's impression (cosine): ``image_to_text`` Recall@k
+    is the share of images whose own impression is among the ``k`` most similar texts, ``text_to_image``
+    the share of impressions whose own image is among the ``k`` most similar images
+    (:func:`retrieval_recall` both ways); an impression identical to the pair's own (case and
+    whitespace aside) counts as its own. Writes ``out`` (JSON) and returns what it holds.
+    """
+    from medalloy.data.reports import ReportColumns, read_report_pairs
+    from medalloy.jsonio import write_json_atomic
+    from medalloy.recipes.pretrain import load_pretrained
+
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise MedalloyError(f"Recall@k needs whole numbers k >= 1, got {list(ks)}", fix="give e.g. --k 1 5 10")
+    ks = sorted(set(ks))
+    model, enc_tok, _dec, record = load_pretrained(run, device)
+    table = read_report_pairs(pairs, ReportColumns() if columns is None else columns, skip_empty=skip_empty)
+    if len(table.pairs) < 2:
+        raise MedalloyError(f"{len(table.pairs)} image-report pair(s): nothing to retrieve among", table.path, "give two or more pairs")
+    images, _ = encode_images(model, [p.image for p in table.pairs], record["plan"]["patch_size"][0], progress=progress)
+    texts = encode_texts(model, enc_tok, [p.impression for p in table.pairs], record["model"]["max_impression_len"])
+    keys = [" ".join(p.impression.lower().split()) for p in table.pairs]
+    result = {
+        "run": str(run),
+        "pairs": str(table.path),
+        "pairs_scored": len(table.pairs),
+        "distinct_impressions": len(set(keys)),
+        "skipped": table.skipped,
+        "ks": ks,
+        "image_to_text": retrieval_recall(images, texts, keys=keys, ks=ks),
+        "text_to_image": retrieval_recall(texts, images, keys=keys, ks=ks),
+    }
+    write_json_atomic(out, result)
+    return result

@@ -156,3 +156,19 @@ def test_unseen_rows_are_paired_seed_by_seed_only_when_both_rows_share_their_see
     line = next(x for x in bench.targets(bench.summarise({"domains": {"cxr": domain([3, 4, 5])}})) if "vs logit_kd" in x)
     assert line.endswith(": met")
     assert bench.paired_differences(bench.summarise({"domains": {"cxr": domain([3, 4, 5])}}), "relation_kd", "logit_kd", "JSRT->Shenzhen") is None
+
+
+def test_rerun_line_gives_the_settings_the_results_record() -> None:
+    def res(seeds: dict[str, list[int] | None], seed: int = 0) -> dict:
+        row = {"dice": {"lung/JSRT": 0.97}, "params": 300_000}
+        models = {"teacher": dict(row), **{n: {**row, **({"seeds": s} if s else {})} for n, s in seeds.items()}}
+        return {"steps": 4000, "teacher_steps": 3000, "seed": seed, "domains": {"cxr": {"models": models, "unseen_source": {}}}}
+
+    one = bench.rerun_command(res({"relation_kd": [0, 1, 2], "logit_kd": [0, 1, 2]}), bench.RESULTS / "distill_s4000")
+    assert one == "`python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`"
+    # rows of other seeds (a single-seed row trains at --seed): no one --student-seeds, the JSON has them per row
+    mixed = bench.rerun_command(res({"relation_kd": [0, 1, 2], "skd": None}, seed=1), bench.RESULTS)
+    assert mixed == "`python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in distill.json)"
+    assert bench.rerun_command({"domains": {}}) == "`python benchmarks/distill.py`"  # settings not recorded
+    md = bench.markdown(bench.summarise(res({"relation_kd": [0, 1, 2]})), bench.RESULTS / "distill_s4000")
+    assert "Rerun: `python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`." in md

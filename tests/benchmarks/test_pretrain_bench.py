@@ -55,3 +55,20 @@ def test_seg_validation_curves_are_read_from_the_runs_and_averaged_per_arm(tmp_p
     assert bench.backfill_curves(raw, tmp_path) == 0  # already there
     assert "| random | 10 % | 0.850 | 0.930 |  | 1 |" in bench.curve_lines(raw)
     assert bench.curve_lines({"random": {"1": {"JSRT_10": {"dice": 0.9}}}}) == []
+
+
+def test_retrieval_r10_is_reported_and_older_results_without_it_still_render() -> None:
+    assert bench.USES.index("retrieval_r10") == bench.USES.index("retrieval_r5") + 1
+    raw = {
+        "random": {"0": {"linear_probe_acc_1": 0.5}},
+        "global_only": {"0": {"retrieval_r1": 0.1, "retrieval_r5": 0.3}, "1": {"retrieval_r1": 0.2, "retrieval_r5": 0.4, "retrieval_r10": 0.6}},
+        "hybridmed": {"0": {"retrieval_r1": 0.1, "retrieval_r5": 0.2}},  # scored before R@10 was added
+    }
+    s = bench.summarise(raw)
+    assert s["downstream"]["retrieval_r10"] == {"random": None, "global_only": 0.6, "token_level": None, "hybridmed": None}
+    assert s["seeds_counted"]["retrieval_r10"]["global_only"] == [1] and s["std_over_seeds"]["retrieval_r10"]["global_only"] is None
+    json.dumps(s)  # the summary stays JSON (null where absent)
+    md = bench.render(s, raw, {})
+    # random init has no text side (null); hybridmed's rows predate R@10 (not scored); one of global-only's two seeds has it
+    assert "| retrieval_r10 | null | 0.600 [1] | null | not scored |" in md
+    assert "| retrieval_r5 | null | 0.350 (0.050) | null | 0.200 [0] |" in md

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medalloy.data.io import write_image
 from medalloy.data.reports import ReportColumns, ReportPair, read_report_pairs, read_text_pairs, split_by_patient
@@ -182,6 +184,115 @@ def test_split_by_patient() -> None:
     assert split_by_patient(two, 0.0, seed=0) == (two, [])
     assert split_by_patient(_pairs({"a": 2}), 0.5, seed=0)[1] == []
     assert "val_fraction" in _error(split_by_patient, two, 1.0, 0)
+
+
+def test_patient_none_in_any_case_means_no_patient_column(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    path = _csv(tmp_path / "t.csv", [["a.png", "", "f.", "i."], ["a.png", "", "g.", "j."]], header=["image", "patient", "findings", "impression"])
+    assert "empty patient" in _error(read_report_pairs, path)
+    for spelled in ("none", "None", " NONE "):
+        columns = ReportColumns(patient=spelled)
+        assert columns.patient is None
+        assert [p.patient for p in read_report_pairs(path, columns).pairs] == ["row2", "row3"]
+    assert ReportColumns.model_validate(yaml.safe_load("patient: none")).patient is None  # as a YAML config writes it
+    assert ReportColumns(patient="nonetheless").patient == "nonetheless"  # only the word itself
+
+
+def test_an_unset_default_patient_column_stays_optional_through_a_config_round_trip(tmp_path: Path) -> None:
+    """A recipe validates a copy of its config (model_dump and back): the default patient column must
+    stay optional, so that naming another column (--findings-column) does not make it required."""
+    _png(tmp_path / "a.png")
+    path = _csv(tmp_path / "t.csv", [["a.png", "f.", "i."]], header=["image", "notes", "impression"])
+    columns = ReportColumns(findings="notes")
+    again = ReportColumns.model_validate(yaml.safe_load(yaml.safe_dump(columns.model_dump(mode="json"))))
+    assert again == columns and "patient" not in again.model_fields_set
+    assert [p.patient for p in read_report_pairs(path, again).pairs] == ["row2"]
+    named = ReportColumns.model_validate(ReportColumns(patient="patient").model_dump(mode="json"))
+    assert "'patient'" in _error(read_report_pairs, path, named.model_copy(update={"findings": "notes"}))  # named explicitly: still required
+
+
+# every fix the reader's messages suggest, and the commands whose CSV flags must take it
+FIX_COMMANDS = {
+    "--label-column": ("probe",),
+    "--text-only": ("pretrain",),
+    "--text-only-findings-column": ("pretrain",),
+    "--text-only-impression-column": ("pretrain",),
+    "--val-fraction": ("pretrain",),
+}
+REQUIRED = {
+    "pretrain": ["pretrain", "--pairs", "p.csv", "--out", "run"],
+    "probe": ["probe", "run", "--pairs", "p.csv"],
+    "retrieve": ["retrieve", "run", "--pairs", "p.csv"],
+}
+
+
+def _suggested_fixes(tmp_path: Path) -> list[str]:
+    """The reader's messages that suggest a flag: every missing column at once, a text-only table's,
+    an empty report, a missing image, an empty patient and a bad validation fraction."""
+    _png(tmp_path / "a.png")
+    nothing = _csv(tmp_path / "x.csv", [["1"]], header=["x"])
+    return [
+        _error(read_report_pairs, nothing, ReportColumns(patient="patient", label="finding")),
+        _error(read_text_pairs, nothing),
+        _error(read_report_pairs, _csv(tmp_path / "e.csv", [["a.png", "p", "", " ", "i."]])),
+        _error(read_report_pairs, _csv(tmp_path / "g.csv", [["gone.png", "p", "", "f.", "i."]])),
+        _error(read_report_pairs, _csv(tmp_path / "p.csv", [["a.png", "", "", "f.", "i."]])),
+        _error(split_by_patient, _pairs({"a": 1, "b": 1}), 1.5, 0),
+    ]
+
+
+def test_every_fix_the_messages_suggest_is_a_flag_the_commands_accept(tmp_path: Path) -> None:
+    from medalloy.cli import _report_columns, build_parser
+
+    parser = build_parser()
+
+    def parses(argv: list[str]):
+        try:
+            return parser.parse_args(argv)
+        except SystemExit:  # argparse: an unknown flag, or a value missing or extra
+            return None
+
+    seen = set()
+    for message in _suggested_fixes(tmp_path):
+        for flag, value in re.findall(r"(--[a-z][a-z-]*)(?: ([a-z][\w.]*))?", message):
+            seen.add(flag)
+            for command in FIX_COMMANDS.get(flag, ("pretrain", "probe", "retrieve")):
+                base = REQUIRED[command]
+                args = parses([*base, flag, value]) if value else (parses([*base, flag]) or parses([*base, flag, "X"]) or parses([*base, flag, "0.5"]))
+                assert args is not None, f"medalloy {command} does not take {flag} {value} (suggested by: {message})"
+                if value:  # a value to type: it does what the message says
+                    assert (flag, value) == ("--patient-column", "none") and ReportColumns.model_validate(_report_columns(args)).patient is None
+                    seen.add(f"{flag} {value}")
+    assert seen == {
+        "--image-column", "--findings-column", "--impression-column", "--patient-column", "--label-column", "--text-only",
+        "--text-only-findings-column", "--text-only-impression-column", "--skip-empty", "--image-dir", "--val-fraction", "--patient-column none",
+    }  # fmt: skip
+
+
+def test_the_suggested_fixes_work_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each fix turns its error into the next check, too few pairs to pretrain on: the table was read."""
+    from medalloy.cli import main
+
+    _png(tmp_path / "a.png")
+    no_patient = _csv(tmp_path / "notes.csv", [["a.png", "f.", "i."]], header=["image", "notes", "impression"])
+    empty_patient = _csv(tmp_path / "empty.csv", [["a.png", "", "", "f.", "i."]])
+    elsewhere = _csv(tmp_path / "sub" / "t.csv", [["a.png", "p", "", "f.", "i."]])
+    renamed = _csv(tmp_path / "iu.csv", [["f.", "i."]], header=["text", "summary"])
+    cases = [
+        ([no_patient], ["--findings-column", "notes"], "missing column 'findings'"),  # and then no demand for the default patient column
+        ([empty_patient], ["--patient-column", "none"], "empty patient"),
+        ([empty_patient], ["--patient-column", "None"], "empty patient"),
+        ([elsewhere], ["--image-dir", str(tmp_path)], "image not found"),
+        ([empty_patient, "--text-only", str(renamed), "--patient-column", "none"], ["--text-only-findings-column", "text", "--text-only-impression-column", "summary"], "--text-only-findings-column"),
+    ]  # fmt: skip
+    for pairs, fix, before in cases:
+        argv = ["-q", "pretrain", "--pairs", *map(str, pairs), "--out", str(tmp_path / "run")]
+        assert main(argv) == 1
+        assert before in capsys.readouterr().err
+        assert main([*argv, *fix]) == 1
+        err = capsys.readouterr().err
+        assert "too few to pretrain on" in err and err.count("\n") == 1, (fix, err)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.realdata

@@ -67,6 +67,135 @@ def test_relation_kd_student_learns_from_a_frozen_teacher(cxr, teacher, tmp_path
     assert read_label(written[0])[0].shape == read_label(case.label)[0].shape
 
 
+def _dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float:
+    a, b = pred == value, truth == value
+    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def _student_predicts_the_dataset_labels(cxr, student_run, out):
+    """The student's best checkpoint, on its own validation cases: label maps in the dataset's
+    values, on the label's grid, with the lung found; returns the mean lung Dice."""
+    val = json.loads((student_run / "split.json").read_text(encoding="utf-8"))["val"]
+    ds = RawDataset(cxr)
+    written = predict_cases(student_run, cxr, val, out, progress=False)
+    scores = []
+    for case_id, path in zip(val, written):
+        pred, truth = read_label(path)[0], read_label(ds.case(case_id).label)[0]
+        assert pred.shape == truth.shape and set(np.unique(pred)) <= {0, 1, 2}, case_id
+        scores.append(_dice(pred, truth, 1))
+    return float(np.mean(scores))
+
+
+@pytest.fixture(scope="module")
+def universal_teacher(cxr, tmp_path_factory):
+    """A tiny universal (Hermes) run of a lung-only dataset and SynthCXR: the distilled dataset is
+    its second, so the teacher must be bound to it (lung and heart; the first has lung only)."""
+    from medalloy.recipes.universal import UniversalConfig, train_universal
+
+    lung_only = generate_dataset("Dataset903_SynthCXRLung", tmp_path_factory.mktemp("synth"), seed=6, cases_per_source=3, test_cases_per_source=1, progress=False)
+    cfg = UniversalConfig(max_2d_side=64, base_filters=8, max_val_cases=2, folds=4)
+    cfg.train.steps, cfg.train.val_every = 60, 60
+    out = tmp_path_factory.mktemp("runs") / "universal"
+    train_universal([lung_only, cxr], out, config=cfg, progress=False)
+    return out
+
+
+def test_a_universal_teacher_teaches_through_the_per_task_binary_logit_kd(cxr, universal_teacher, tmp_path, monkeypatch):
+    import medalloy.recipes.distill as recipe
+    from medalloy.engine.precision import autocast, resolve_precision
+    from medalloy.losses import LogitKDLoss
+    from medalloy.recipes.registry import load_checkpoint_model
+
+    calls, taught = [], []  # (student, teacher logits, loss) of every logit term; (image, teacher logits) of every teacher call
+
+    class SpyKD(LogitKDLoss):
+        def forward(self, student, teacher, weight=None):
+            out = super().forward(student, teacher, weight)
+            calls.append((student.detach().clone(), teacher.detach().clone(), float(out.detach())))
+            return out
+
+    real_load = recipe.load_teacher
+
+    def spy_load(path, dataset, device="cpu"):
+        model, plan, record = real_load(path, dataset, device)
+        model.register_forward_hook(lambda _m, args, out: taught.append((args[0].detach().clone(), out.detach().clone())))
+        return model, plan, record
+
+    monkeypatch.setattr(recipe, "LogitKDLoss", SpyKD)
+    monkeypatch.setattr(recipe, "load_teacher", spy_load)
+    best = universal_teacher / "checkpoints" / "best.safetensors"
+    before = ckpt.load_checkpoint(best)[0]
+    cfg = _cfg("relation", steps=30)
+    cfg.train.log_every = 1
+    res = train_distill(cxr, universal_teacher, tmp_path / "student", config=cfg, progress=False)
+    after = ckpt.load_checkpoint(best)[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # the teacher's file is untouched
+
+    tensors, record = ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "best.safetensors")
+    assert record["teacher"]["method"] == "universal" and record["activation"] == "sigmoid"
+    assert record["student"]["out_channels"] == 2  # bound to SynthCXR: lung and heart (the first dataset has lung only)
+    assert record["plan"]["label_values"] == [0, 1, 2] and not any(k.startswith("model/teacher") for k in tensors)
+    rows = [r for r in read_metrics(tmp_path / "student" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == 30 == len(calls)
+    for part in ("seg", "logits", "kernel", "affinity"):
+        assert all(np.isfinite(r[f"loss/{part}"]) for r in rows), part
+    assert rows[-1]["loss/logits"] < rows[0]["loss/logits"]
+
+    # the logged logit term is the per-task Bernoulli KL at T = 2 (x T^2), by hand in float64, not the softmax form
+    t = 2.0
+    for row, (zs, zt, value) in zip(rows, calls):
+        assert zs.shape == zt.shape and zt.shape[1] == 2
+        qs, qt = torch.sigmoid(zs.double() / t), torch.sigmoid(zt.double() / t)
+        kl = qt * (qt / qs).log() + (1 - qt) * ((1 - qt) / (1 - qs)).log()
+        by_hand = float(kl.mean()) * t * t
+        ps, pt = torch.softmax(zs.double() / t, 1), torch.softmax(zt.double() / t, 1)
+        softmax_form = float((pt * (pt / ps).log()).sum(1).mean()) * t * t
+        assert value == pytest.approx(by_hand, rel=1e-4) and row["loss/logits"] == pytest.approx(by_hand, rel=1e-4)
+        assert abs(softmax_form - by_hand) > 0.05 * by_hand
+    # the teacher that taught is the run's model bound to SynthCXR, unchanged by training: a fresh
+    # load answers the last step's images with the same logits
+    fresh, plan, _ = load_checkpoint_model(best, "cpu", "SynthCXR")
+    x, zt = taught[-1]
+    assert torch.equal(zt, calls[-1][1])
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(resolve_precision(cfg.train.precision, cpu), cpu):  # as the trainer ran it
+        assert torch.allclose(fresh(x).float(), zt.float(), atol=1e-3)
+    assert plan.labels == {"background": 0, "lung": 1, "heart": 2}
+
+    assert res["best"]["metrics"]["val/dice_lung"] > 0.7, res["best"]
+    assert _student_predicts_the_dataset_labels(cxr, tmp_path / "student", tmp_path / "pred") > 0.7
+
+
+def test_an_amalgamated_teacher_distils_through_the_cli(cxr, teacher, tmp_path, capsys):
+    pytest.importorskip("einops")
+    from medalloy.cli import main
+    from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
+
+    acfg = AmalgamateConfig(folds=4, max_val_cases=2, max_2d_side=64, width=32, batch_size=4)
+    acfg.train.steps, acfg.train.val_every = 16, 16
+    ka = tmp_path / "ka"
+    train_amalgamate([cxr], [teacher], ka, config=acfg, progress=False)
+    best = ka / "checkpoints" / "best.safetensors"
+    before = ckpt.load_checkpoint(best)[0]
+    config = tmp_path / "distill.yaml"
+    config.write_text("folds: 4\nmax_val_cases: 2\ntrain:\n  val_every: 30\n  log_every: 1\n", encoding="utf-8")
+    out = tmp_path / "student"
+    assert main(["-q", "distill", str(cxr), "--teacher", str(ka), "--out", str(out), "--steps", "30", "--config", str(config)]) == 0
+    assert "student of" in capsys.readouterr().out
+    after = ckpt.load_checkpoint(best)[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # experts and foundation untouched
+
+    tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")
+    assert record["teacher"]["method"] == "amalgamate" and record["activation"] == "sigmoid" and record["student"]["out_channels"] == 2
+    assert not any(k.startswith("model/teacher") for k in tensors) and record["params"] < record["teacher"]["params"] / 5
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == 30
+    for part in ("seg", "logits", "kernel", "affinity"):  # the feature terms read the foundation's stages inside the bound model
+        assert all(np.isfinite(r[f"loss/{part}"]) and r[f"loss/{part}"] > 0 for r in rows), part
+    assert rows[-1]["loss/logits"] < rows[0]["loss/logits"]
+    assert _student_predicts_the_dataset_labels(cxr, out, tmp_path / "pred") > 0.7
+
+
 def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
     for losses, parts in (("student_alone", {"seg"}), ("skd", {"seg", "logits", "pairwise"}), ("cwd", {"seg", "cwd"}), ("relation_cross", {"seg", "logits", "kernel", "affinity", "cross"})):
         train_distill(cxr, teacher, tmp_path / losses, config=_cfg(losses, steps=4), progress=False)

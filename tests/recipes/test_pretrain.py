@@ -1,25 +1,34 @@
 """Image-report pretraining end to end on synthetic pairs: both stages, the frozen teacher, the
-record, zero-shot / caption commands, and an expert started from the encoder (--init)."""
+record (which text encoder ran), zero-shot / caption / probe / retrieve commands, and an expert
+started from the encoder (--init)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from medalloy.cli import main
+from medalloy.data.radiograph import load_radiograph
+from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_patient
 from medalloy.data.synth import generate_dataset
 from medalloy.data.synth_reports import CLASSES, generate_report_pairs
 from medalloy.engine import checkpoint as ckpt
 from medalloy.errors import MedalloyError
+from medalloy.models import text_encoder as te
 from medalloy.models.unet import build_unet
 from medalloy.planning.plan import load_plan
+from medalloy.radiograph_tasks import linear_probe
 from medalloy.recipes import scaffold
 from medalloy.recipes.expert import train_expert
-from medalloy.recipes.pretrain import PretrainConfig, load_pretrained, pretrain
+from medalloy.recipes.pretrain import PretrainConfig, _text_encoder_kind, load_pretrained, pretrain
+from medalloy.seeding import seed_everything
 
 pytestmark = pytest.mark.slow
 
@@ -135,23 +144,30 @@ def test_load_pretrained_gives_the_trained_weights(hybrid_run):
     assert 0.0 < record["temperature"] < 1.0
 
 
-def test_expert_starts_from_the_pretrained_encoder(hybrid_run, tmp_path):
+def test_expert_starts_from_the_pretrained_encoder(hybrid_run, tmp_path, monkeypatch):
     out, _, _ = hybrid_run
     data = generate_dataset("Dataset902_SynthCXR", tmp_path / "d", seed=2, cases_per_source=3, test_cases_per_source=0, progress=False)
     pre = ckpt.group(ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")[0], "model/model")
+    started = {}  # the network's weights as the engine receives it, before its first step
+    original = scaffold.Run.train
+
+    def keep(self, spec, cfg, stage=None, resume=None):
+        started.update({k: v.detach().cpu().clone() for k, v in spec.models["net"].state_dict().items()})
+        return original(self, spec, cfg, stage=stage, resume=resume)
+
+    monkeypatch.setattr(scaffold.Run, "train", keep)
     res = train_expert(data, tmp_path / "e", init=out, steps=1, val_every=1, progress=False, seed=0, batch_size=2)
     assert res["init"]["method"] == "pretrain"
     plan = load_plan(tmp_path / "e" / "plan.json")
     assert plan.network.filters == load_plan(out / "plan.json").network.filters  # the encoder's network, adopted
-    # the network that trained started from the pretrained encoder: rebuild it and load --init the same way
-    from medalloy.models.image_encoder import load_encoder_into
-    from medalloy.recipes.init_weights import read_init_encoder
-
-    net = build_unet(plan)
-    load_encoder_into(net, read_init_encoder(out).state, out)
-    for k, v in net.state_dict().items():
-        if k.split(".")[0] in ("input_block", "downsamples", "bottleneck"):
-            assert torch.equal(v, pre["image." + k]), k
+    encoder = [k for k in started if k.split(".")[0] in ("input_block", "downsamples", "bottleneck")]
+    assert len(encoder) == 2 * len(plan.network.filters) and all("image." + k in pre for k in encoder)  # two convolutions a stage
+    for k in encoder:
+        assert torch.equal(started[k], pre["image." + k]), k  # the expert trained from the pretrained encoder ...
+    seed_everything(0)
+    fresh = build_unet(plan).state_dict()
+    assert not any(torch.equal(fresh[k], started[k]) for k in encoder if k.endswith("conv.weight"))  # ... not from its own random init
+    assert not any(k.split(".")[0] in ("input_block", "downsamples", "bottleneck") for k in set(fresh) - set(started))
 
 
 def test_expert_with_a_plan_that_does_not_fit_is_refused(hybrid_run, tmp_path):
@@ -210,3 +226,131 @@ def test_token_scope_pair_from_the_cli(pairs, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert np.isfinite(rows[-1]["token"]) and "global" not in rows[-1]
     assert Objective(tiny_config(), pad_id=0).token.scope == "batch"
+
+
+def test_probe_and_retrieve_commands(hybrid_run, pairs, tmp_path, capsys):
+    out, _, _ = hybrid_run
+    table = read_report_pairs(pairs / "pairs.csv", ReportColumns(label="finding"))
+    train, test = split_by_patient(table.pairs, 0.25, seed=0)
+    model, enc_tok, _, record = load_pretrained(out)
+    size = record["plan"]["patch_size"][0]
+    with torch.inference_mode():
+        x = torch.from_numpy(np.stack([load_radiograph(p.image, size) for p in table.pairs]))
+        pooled = model.image(x)[-1].mean(dim=(2, 3)).double()  # the encoder's pooled bottleneck, as the benchmark probes it
+        glob = torch.nn.functional.normalize(model.image_features(x)[0].double(), dim=-1)
+        ids, mask = enc_tok.encode([p.impression for p in table.pairs], record["model"]["max_impression_len"])
+        txt = torch.nn.functional.normalize(model.text_features(ids, mask)[0].double(), dim=-1)
+
+    # linear probe: patient-level split, 1 / 10 / 100 % of the training labels, accuracy and balanced accuracy
+    path = tmp_path / "probe.json"
+    assert main(["-q", "probe", str(out), "--pairs", str(pairs / "pairs.csv"), "--output", str(path)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(path.read_text())
+    assert res["label_column"] == "finding" and res["classes"] == sorted(CLASSES)
+    assert res["test_patients"] == sorted({p.patient for p in test}) and (res["train_images"], res["test_images"]) == (len(train), len(test)) == (18, 6)
+    counts = Counter(p.label for p in train)
+    assert [s["labels"] for s in res["scores"]] == [4, sum(max(1, round(0.1 * n)) for n in counts.values()), 18]  # at least one a class
+    test_y = np.array([p.label for p in test])
+    top = max(sorted(set(test_y)), key=list(test_y).count)
+    assert res["majority"] == {"class": top, "accuracy": pytest.approx(np.mean(test_y == top)), "balanced_accuracy": pytest.approx(1 / len(set(test_y)))}
+    row = {p.row: i for i, p in enumerate(table.pairs)}
+    tr_x, te_x = pooled[[row[p.row] for p in train]], pooled[[row[p.row] for p in test]]
+    train_y = np.array([p.label for p in train])
+    for s, fraction in zip(res["scores"], (0.01, 0.1, 1.0)):
+        assert s["fraction"] == fraction
+        assert s["accuracy"] == pytest.approx(linear_probe(tr_x, train_y, te_x, test_y, fraction, seed=0), abs=1e-9)
+        assert s["balanced_accuracy"] == pytest.approx(linear_probe(tr_x, train_y, te_x, test_y, fraction, seed=0, balanced=True), abs=1e-9)
+    assert "1 % of the labels (4): accuracy" in printed and "10 % of the labels" in printed and "100 % of the labels (18)" in printed
+    own = tmp_path / "own.json"  # --patient-column none: every row its own patient
+    assert main(["-q", "probe", str(out), "--pairs", str(pairs / "pairs.csv"), "--patient-column", "none", "--fractions", "1.0", "--output", str(own)]) == 0
+    res = json.loads(own.read_text())
+    assert len(res["test_patients"]) == res["test_images"] == 6 and all(p.startswith("row") for p in res["test_patients"])
+    assert [s["fraction"] for s in res["scores"]] == [1.0]
+
+    # retrieval: Recall@k both ways over every pair, an identical impression counting as the pair's own
+    path = tmp_path / "retrieval.json"
+    assert main(["-q", "retrieve", str(out), "--pairs", str(pairs / "pairs.csv"), "--k", "10", "1", "5", "24", "--output", str(path)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(path.read_text())
+    keys = np.array([" ".join(p.impression.lower().split()) for p in table.pairs])
+    assert res["pairs_scored"] == 24 and res["distinct_impressions"] == len(set(keys)) and res["ks"] == [1, 5, 10, 24]
+    sims = (glob @ txt.t()).numpy()
+    for way, s in (("image_to_text", sims), ("text_to_image", sims.T)):
+        ranked = keys[np.argsort(-s, axis=1, kind="stable")]
+        for k in (1, 5, 10):
+            assert res[way][f"r{k}"] == pytest.approx(np.mean([keys[i] in ranked[i, :k] for i in range(24)])), (way, k)
+        assert res[way]["r24"] == 1.0
+    assert "image -> text: R@1" in printed and "text -> image: R@1" in printed and "R@10" in printed
+
+
+def test_probe_and_retrieve_errors_are_one_line(hybrid_run, pairs, tmp_path, capsys):
+    out, _, _ = hybrid_run
+    csv_path = str(pairs / "pairs.csv")
+    expert = ckpt.save_checkpoint(tmp_path / "expert.safetensors", {"w": torch.zeros(1)}, {"method": "expert"})
+
+    def error(*argv: str) -> str:
+        assert main(["-q", *argv, "--output", str(tmp_path / "o.json")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("medalloy: error: ")
+        return err
+
+    for command in ("probe", "retrieve"):
+        err = error(command, str(out), "--pairs", str(tmp_path / "nothing.csv"))
+        assert "nothing.csv" in err and "not found" in err
+        err = error(command, str(out), "--pairs", csv_path, "--impression-column", "summary")
+        assert "pairs.csv" in err and "'summary'" in err and "--impression-column" in err
+        err = error(command, str(expert), "--pairs", csv_path)
+        assert "expert.safetensors" in err and "not 'pretrain'" in err
+        err = error(command, str(tmp_path), "--pairs", csv_path)
+        assert "no checkpoints/best.safetensors" in err
+    err = error("probe", str(out), "--pairs", csv_path, "--label-column", "diagnosis")
+    assert "'diagnosis' (label)" in err and "--label-column" in err
+    assert "--fractions" in error("probe", str(out), "--pairs", csv_path, "--fractions", "0", "0.5")
+    assert "--test-fraction" in error("probe", str(out), "--pairs", csv_path, "--test-fraction", "1")
+    assert "--k" in error("retrieve", str(out), "--pairs", csv_path, "--k", "0")
+    rows = list(csv.DictReader((pairs / "pairs.csv").open(newline="")))
+    rows[5]["finding"] = ""
+    unlabelled = tmp_path / "unlabelled.csv"
+    with unlabelled.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "image": str(pairs / r["image"])} for r in rows)
+    err = error("probe", str(out), "--pairs", str(unlabelled))
+    assert "line 7" in err and "empty label" in err and "'finding'" in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def _without(monkeypatch, package: str) -> None:
+    """As if ``package`` were not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **kw: None if name == package else real(name, *a, **kw))
+
+
+def test_auto_text_encoder_falls_back_to_scratch_without_the_extra_and_says_so(pairs, tmp_path, monkeypatch):
+    auto = tiny_config(text_encoder="auto")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)  # the weights' package without transformers: import fails
+        assert _text_encoder_kind(auto) == "scratch"
+    _without(monkeypatch, te.MINILM_PACKAGE)
+    assert _text_encoder_kind(auto) == "scratch"
+    with pytest.raises(MedalloyError, match=r"medalloy\[text\]"):  # asked for by name: refused, before the run folder
+        pretrain(pairs / "pairs.csv", tmp_path / "m", config=tiny_config(text_encoder="minilm"), progress=False, **TINY)
+    assert not (tmp_path / "m").exists()
+    out = tmp_path / "auto"
+    res = pretrain(pairs / "pairs.csv", out, config=auto, progress=False, losses=["global"], **{**TINY, "steps": 2, "val_every": 2})
+    assert res["text_encoder"] == "scratch" and json.loads((out / "run.json").read_text())["text_encoder"] == "scratch"
+    assert __import__("yaml").safe_load((out / "config.yaml").read_text())["text_encoder"] == "auto"  # what was asked; run.json: what ran
+    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["text_encoder"] == "scratch"
+    model, enc_tok, dec_tok, _ = load_pretrained(out)
+    assert isinstance(model.text, te.ScratchTextEncoder) and enc_tok is dec_tok  # the recorded encoder is the one in the weights
+
+
+def test_auto_text_encoder_takes_minilm_when_installed_and_records_it(pairs, tmp_path):
+    pytest.importorskip(te.MINILM_PACKAGE)
+    pytest.importorskip("transformers")
+    out = tmp_path / "minilm"
+    res = pretrain(pairs / "pairs.csv", out, config=tiny_config(text_encoder="auto"), progress=False, losses=["global"], **{**TINY, "steps": 1, "val_every": 1})
+    assert res["text_encoder"] == "minilm" and json.loads((out / "run.json").read_text())["text_encoder"] == "minilm"
+    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["text_encoder"] == "minilm"
+    model, enc_tok, dec_tok, _ = load_pretrained(out)
+    assert isinstance(model.text, te.MiniLMTextEncoder) and enc_tok is not dec_tok

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator, model_serializer
 
 from medalloy.errors import MedalloyError
 
-# which command-line flag names each configurable column (for the fix in error messages)
+# which command-line flag names each configurable column (for the fix in error messages): the
+# image-report table's (medalloy pretrain --pairs, probe, retrieve; --label-column: probe) ...
 _FLAGS = {
     "image": "--image-column",
     "findings": "--findings-column",
@@ -28,6 +29,8 @@ _FLAGS = {
     "patient": "--patient-column",
     "label": "--label-column",
 }
+# ... and the text-only table's (medalloy pretrain --text-only)
+TEXT_ONLY_FLAGS = {"findings": "--text-only-findings-column", "impression": "--text-only-impression-column"}
 
 
 class ReportColumns(BaseModel):
@@ -35,9 +38,11 @@ class ReportColumns(BaseModel):
 
     ``image``: the image path, relative to ``image_dir`` (default: the CSV's folder, then its
     ``images/`` subfolder); ``None`` for text-only tables. ``patient``: ``None`` makes every row its
-    own patient (``row<line>``); the default column ``patient`` may also be absent from the CSV, with
-    the same effect, while a column named explicitly must exist. ``label``: an optional class column,
-    kept as text (``None`` where empty).
+    own patient (``row<line>``), and so does the text ``none`` in any case (``--patient-column none``,
+    ``patient: none`` in YAML); the default column ``patient`` may also be absent from the CSV, with
+    the same effect, while a column named explicitly must exist (a default left unset stays unset
+    through ``model_dump`` and back, so a recipe's copy of the config keeps it optional). ``label``:
+    an optional class column, kept as text (``None`` where empty).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -48,6 +53,18 @@ class ReportColumns(BaseModel):
     patient: str | None = "patient"
     label: str | None = None
     image_dir: str | None = None
+
+    @field_validator("patient", mode="before")
+    @classmethod
+    def _none_means_no_column(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+    @model_serializer(mode="wrap")
+    def _default_patient_stays_unset(self, handler):
+        data = handler(self)
+        if "patient" not in self.model_fields_set:
+            data.pop("patient", None)
+        return data
 
 
 @dataclass(frozen=True)
@@ -133,13 +150,18 @@ def _resolve_image(value: str, csv_path: Path, image_dir: str | None) -> tuple[P
     return candidates[0], candidates
 
 
-def read_report_pairs(csv_path: str | Path, columns: ReportColumns | None = None, skip_empty: bool = False, check_images: bool = True) -> ReportTable:
+def read_report_pairs(
+    csv_path: str | Path, columns: ReportColumns | None = None, skip_empty: bool = False, check_images: bool = True, flags: dict[str, str] | None = None
+) -> ReportTable:
     """Read an image-report CSV into :class:`ReportPair` rows, in file order.
 
     ``columns`` names the columns (default :class:`ReportColumns`). Empty findings or impression raise
     unless ``skip_empty``, which skips the row and counts it under ``"empty findings"`` /
-    ``"empty impression"``. With ``check_images`` every image must exist.
+    ``"empty impression"``. With ``check_images`` every image must exist. ``flags``: the command-line
+    flag that names each column, for the fix a missing column's message gives (default: those of
+    ``medalloy pretrain --pairs``).
     """
+    flag_of = {**_FLAGS, **(flags or {})}
     columns = ReportColumns() if columns is None else columns
     path = Path(csv_path)
     header, rows = _read_rows(path)
@@ -152,11 +174,12 @@ def read_report_pairs(csv_path: str | Path, columns: ReportColumns | None = None
     missing = {k: v for k, v in wanted.items() if v not in header}
     if missing:
         names = ", ".join(f"'{v}' ({k})" for k, v in missing.items())
-        flags = " / ".join(_FLAGS[k] for k in missing)
+        named_by = " / ".join(flag_of[k] for k in missing)
         raise MedalloyError(
             f"missing column{'s' if len(missing) > 1 else ''} {names}; columns present: {', '.join(header)}",
             path,
-            f"name the column{'s' if len(missing) > 1 else ''} with {flags}" + (" (or image=None for a text-only table)" if "image" in missing else ""),
+            f"name the column{'s' if len(missing) > 1 else ''} with {named_by}"
+            + (" (a table without images: image=None; medalloy pretrain takes it as --text-only CSV)" if "image" in missing else ""),
         )
     doubled = sorted({v for v in wanted.values() if header.count(v) > 1})
     if doubled:
@@ -218,7 +241,7 @@ def read_report_pairs(csv_path: str | Path, columns: ReportColumns | None = None
 def read_text_pairs(csv_path: str | Path, findings: str = "findings", impression: str = "impression", skip_empty: bool = False) -> ReportTable:
     """Read a text-only report CSV (findings -> impression, e.g. for summarisation); every row is its own patient."""
     columns = ReportColumns(image=None, findings=findings, impression=impression, patient=None)
-    return read_report_pairs(csv_path, columns, skip_empty=skip_empty, check_images=False)
+    return read_report_pairs(csv_path, columns, skip_empty=skip_empty, check_images=False, flags=TEXT_ONLY_FLAGS)
 
 
 def split_by_patient(pairs: list[ReportPair], val_fraction: float, seed: int) -> tuple[list[ReportPair], list[ReportPair]]:

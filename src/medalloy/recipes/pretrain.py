@@ -46,12 +46,17 @@ from medalloy.models.hybridmed import HybridMED
 from medalloy.models.text_encoder import MiniLMTextEncoder, ScratchTextEncoder, minilm_dir
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import Plan, save_plan
+from medalloy.radiograph_tasks import retrieval_recall
 from medalloy.recipes.scaffold import Run, given_or_kept_plan, open_run, resolve_config
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "pretrain"
 STAGE1 = "summarize"
-TOP_KEYS = ("batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty", "token_scope")
+# top-level settings the command line (or **overrides) sets; ``columns`` is a mapping that changes only the fields it names
+TOP_KEYS = (
+    "batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty", "token_scope", "columns", "val_fraction",
+    "text_only_findings", "text_only_impression",
+)  # fmt: skip
 LossGroup = Literal["global", "token", "generation"]
 
 
@@ -298,13 +303,6 @@ def _mean_metrics(rows: list[dict[str, torch.Tensor]], prefix: str = "val/") -> 
     return {f"{prefix}{k}": float(np.mean([float(r[k]) for r in rows])) for k in keys}
 
 
-def retrieval_r1(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: np.ndarray) -> float:
-    """Image -> text Recall@1 where a retrieved report with the same text counts as a hit."""
-    sims = torch.nn.functional.normalize(image_emb, dim=-1) @ torch.nn.functional.normalize(text_emb, dim=-1).t()
-    top = sims.argmax(1).numpy()
-    return float(np.mean(keys[top] == keys))
-
-
 # -- the recipe ----------------------------------------------------------------------------------
 def _choose_plan(run: Run, plan: str | Path | Plan | None, cfg: PretrainConfig) -> Plan:
     from medalloy.planning.planner import plan_images_2d
@@ -441,7 +439,9 @@ def pretrain(
             img_emb.append(out["image_global"].float())
             txt_emb.append(out["impression_global"].float())
         metrics = _mean_metrics(rows)
-        metrics["val/r1"] = retrieval_r1(torch.cat(img_emb).cpu(), torch.cat(txt_emb).cpu(), val_batches.texts.impression_key)
+        # image -> impression Recall@1/5/10, a report with the same text counting as the image's own
+        recall = retrieval_recall(torch.cat(img_emb).cpu(), torch.cat(txt_emb).cpu(), keys=list(val_batches.texts.impression_key), ks=(1, 5, 10))
+        metrics.update({f"val/{k}": v for k, v in recall.items()})
         return metrics
 
     spec = TrainSpec(
