@@ -92,7 +92,9 @@ def universal_teacher(cxr, tmp_path_factory):
     its second, so the teacher must be bound to it (lung and heart; the first has lung only)."""
     from medalloy.recipes.universal import UniversalConfig, train_universal
 
-    lung_only = generate_dataset("Dataset903_SynthCXRLung", tmp_path_factory.mktemp("synth"), seed=6, cases_per_source=3, test_cases_per_source=1, progress=False)
+    lung_only = generate_dataset(
+        "Dataset903_SynthCXRLung", tmp_path_factory.mktemp("synth"), seed=6, cases_per_source=3, test_cases_per_source=1, progress=False
+    )
     cfg = UniversalConfig(max_2d_side=64, base_filters=8, max_val_cases=2, folds=4)
     cfg.train.steps, cfg.train.val_every = 60, 60
     out = tmp_path_factory.mktemp("runs") / "universal"
