@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medalloy.data.radiograph import load_radiograph
+from medalloy.engine.metrics import retrieval_recall  # noqa: F401  (part of this module's API)
 from medalloy.errors import MedalloyError
 
 if TYPE_CHECKING:
@@ -85,18 +86,6 @@ def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
 def zero_shot_probs(image_emb: torch.Tensor, class_emb: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Class probabilities ``(N, K)``: softmax over the prompts' cosine similarities / temperature."""
     return torch.softmax(similarity(image_emb, class_emb) / temperature, dim=1)
-
-
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: Sequence[str] | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image -> text Recall@k: the share of images whose own report is among the ``k`` most similar
-    texts. With ``keys`` (the texts, normalised), a report identical to the image's own counts as
-    its own (many impressions are the same sentence)."""
-    sims = similarity(image_emb, text_emb)
-    n = sims.shape[0]
-    keys_arr = np.asarray(keys if keys is not None else np.arange(n))
-    order = sims.argsort(dim=1, descending=True).numpy()
-    hits = keys_arr[order] == keys_arr[:, None]
-    return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}
 
 
 def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Segmentation metrics per class and per case (MONAI implementations), plus summaries over cases.
+"""Segmentation metrics per class and per case (MONAI implementations), plus summaries over cases;
+and image <-> text retrieval Recall@k (pretraining's validation and its downstream command).
 
 Metrics, for one foreground class with prediction mask ``P`` and ground-truth mask ``G``:
 
@@ -214,3 +215,15 @@ def summarize(per_case: dict[str, dict[str, dict[str, float]]], sources: dict[st
             groups.setdefault(str(sources.get(c, DEFAULT_SOURCE)), []).append(c)
         out["per_source"] = {src: _summarize_group(per_case, groups[src]) for src in sorted(groups)}
     return out
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: Sequence[str] | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image -> text Recall@k: the share of images whose own report is among the ``k`` most similar
+    texts. With ``keys`` (the texts, normalised), a report identical to the image's own counts as
+    its own (many impressions are the same sentence)."""
+    sims = torch.nn.functional.normalize(image_emb, dim=-1) @ torch.nn.functional.normalize(text_emb, dim=-1).t()
+    n = sims.shape[0]
+    keys_arr = np.asarray(keys if keys is not None else np.arange(n))
+    order = sims.argsort(dim=1, descending=True).numpy()
+    hits = keys_arr[order] == keys_arr[:, None]
+    return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}

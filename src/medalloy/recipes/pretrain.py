@@ -36,6 +36,7 @@ from medalloy.data.radiograph import augment_batch, load_radiograph
 from medalloy.data.reports import ReportColumns, ReportPair, read_report_pairs, read_text_pairs, split_by_patient
 from medalloy.data.tokenizer import TextTokenizer, train_report_tokenizer
 from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.metrics import retrieval_recall
 from medalloy.engine.trainer import TrainConfig, TrainSpec, to_device
 from medalloy.errors import MedalloyError
 from medalloy.losses.generation_distill import GenerationDistillLoss
@@ -302,14 +303,6 @@ def _mean_metrics(rows: list[dict[str, torch.Tensor]], prefix: str = "val/") -> 
     return {f"{prefix}{k}": float(np.mean([float(r[k]) for r in rows])) for k in keys}
 
 
-def _recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Validation image -> text Recall@k, a report with the same text counting as a hit (the recipe's
-    own copy: radiograph_tasks sits above the recipes)."""
-    sims = torch.nn.functional.normalize(image_emb, dim=-1) @ torch.nn.functional.normalize(text_emb, dim=-1).t()
-    hits = keys[sims.argsort(dim=1, descending=True).numpy()] == keys[:, None]
-    return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}
-
-
 # -- the recipe ----------------------------------------------------------------------------------
 def _choose_plan(run: Run, plan: str | Path | Plan | None, cfg: PretrainConfig) -> Plan:
     from medalloy.planning.planner import plan_images_2d
@@ -447,7 +440,7 @@ def pretrain(
             txt_emb.append(out["impression_global"].float())
         metrics = _mean_metrics(rows)
         # image -> impression Recall@1/5/10, a report with the same text counting as the image's own
-        recall = _recall(torch.cat(img_emb).cpu(), torch.cat(txt_emb).cpu(), np.asarray(list(val_batches.texts.impression_key)))
+        recall = retrieval_recall(torch.cat(img_emb).cpu(), torch.cat(txt_emb).cpu(), keys=list(val_batches.texts.impression_key))
         metrics.update({f"val/{k}": v for k, v in recall.items()})
         return metrics
 
