@@ -208,3 +208,11 @@ def test_dynunet_predictor_runs_in_bf16():
     assert torch.allclose(probs.sum(0), torch.ones(20, 20), atol=1e-3)
     with pytest.raises(MedalloyError, match="fp16"):
         Predictor(net, plan, precision="fp16")  # no fp16 autocast on CPU
+
+
+def test_where_two_tasks_exceed_one_half_the_more_probable_wins():
+    # task a: 0.9 left, 0.6 right; task b: 0.7 everywhere (both > 0.5 in every pixel)
+    probs = torch.tensor([[[0.9, 0.6]], [[0.7, 0.7]]])
+    predictor = Predictor(TwoTasks(), make_plan(2, [8, 8], [1.0, 1.0]), precision="fp32", activation="sigmoid")
+    assert predictor.to_labels(probs).tolist() == [[2, 5]]
+    assert predictor.to_labels(torch.tensor([[[0.4, 0.5]], [[0.3, 0.2]]])).tolist() == [[0, 0]]  # 0.5 itself is not above
