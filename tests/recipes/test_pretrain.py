@@ -118,6 +118,22 @@ def test_arm_without_generation_skips_stage1(pairs, tmp_path):
         caption(tmp_path / "g", pairs / "images", tmp_path / "c.csv", progress=False)
 
 
+@pytest.mark.parametrize(("stage1_seconds", "stage2_minutes"), [(60.0, 9.0), (150.0, 8.0)])
+def test_the_time_budget_is_the_whole_runs(pairs, tmp_path, monkeypatch, stage1_seconds, stage2_minutes):
+    """Stage 1 gets its share of the budget, stage 2 what stage 1 left and at least its own share
+    (stage 1's seconds come from a virtual clock: the summary the engine returns is rewritten)."""
+    given, original = [], scaffold.Run.train
+
+    def clocked(self, spec, cfg, stage=None, resume=None):
+        given.append((stage, cfg.time_budget_minutes))
+        summary = original(self, spec, cfg, stage=stage, resume=resume)
+        return {**summary, "seconds": stage1_seconds} if stage else summary
+
+    monkeypatch.setattr(scaffold.Run, "train", clocked)
+    pretrain(pairs / "pairs.csv", tmp_path / "b", config=tiny_config(summarize_budget_fraction=0.2), progress=False, time_budget_minutes=10, **TINY)
+    assert given == [("summarize", pytest.approx(2.0)), (None, pytest.approx(stage2_minutes))]
+
+
 def test_zeroshot_and_caption_commands(hybrid_run, pairs, tmp_path, capsys):
     out, _, _ = hybrid_run
     zs, cap = tmp_path / "zs.csv", tmp_path / "cap.csv"

@@ -85,7 +85,7 @@ class PretrainConfig(BaseModel):
     losses: list[LossGroup] = Field(default_factory=lambda: ["global", "token", "generation"], min_length=1)
     weights: LossWeights = Field(default_factory=LossWeights)
     summarize_steps: int = Field(500, ge=1)
-    # share of a wall-clock budget (train.time_budget_minutes) given to stage 1
+    # share of the run's wall-clock budget (train.time_budget_minutes) given to stage 1; stage 2 gets the rest
     summarize_budget_fraction: float = Field(0.2, gt=0, lt=1)
     image_size: int = Field(224, ge=16)
     text_encoder: Literal["auto", "scratch", "minilm"] = "auto"
@@ -455,7 +455,13 @@ def pretrain(
         mode="min",
         find_unused_parameters=True,  # arms without generation leave the decoder unused
     )
-    summary = run.train(spec, cfg.train)
+    s2_cfg = cfg.train
+    if cfg.train.time_budget_minutes and stage1_summary is not None:
+        # the budget is the whole run's: stage 2 gets what stage 1 left (at least its share)
+        spent = stage1_summary["seconds"] / 60
+        left = max(cfg.train.time_budget_minutes * (1 - cfg.summarize_budget_fraction), cfg.train.time_budget_minutes - spent)
+        s2_cfg = cfg.train.model_copy(update={"time_budget_minutes": left})
+    summary = run.train(spec, s2_cfg)
     result = {
         "method": METHOD,
         "status": "done",
