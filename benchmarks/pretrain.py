@@ -266,15 +266,86 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             counted[use][arm] = seeds
     return {
         "downstream": downstream, "std_over_seeds": spread, "seeds_counted": counted, "text_encoder": text_encoders(raw),
-        "seeds": sorted({int(s) for arm in raw.values() for s in arm}),
+        "seeds": sorted({int(s) for arm in raw.values() for s in arm}), "cost": cost(raw),
     }  # fmt: skip
+
+
+def cost(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per pretrained arm: mean pretraining minutes and steps over its seeds, the largest peak RSS
+    (``peak_scope`` "arm": measured over that arm alone; "process": the benchmark process's peak by
+    then, an upper bound, for rows from before the per-arm window)."""
+    out: dict[str, Any] = {}
+    for arm in ARMS:
+        rows = [r["pretrain"] for r in raw.get(arm, {}).values() if "pretrain" in r]
+        if not rows:
+            continue
+        scopes = {r.get("peak_scope", "process") for r in rows}
+        out[arm] = {
+            "pretrain_minutes": round(float(np.mean([r["minutes"] for r in rows])), 2),
+            "steps": round(float(np.mean([r["steps"] for r in rows])), 1),
+            "summarize_steps": round(float(np.mean([r.get("summarize_steps") or 0 for r in rows])), 1),
+            "peak_mb": round(float(max(r["peak_mb"] for r in rows))),
+            "peak_scope": "arm" if scopes == {"arm"} else "process",
+            "seeds": len(rows),
+        }
+    return out
 
 
 def reference_scores(test) -> dict[str, Any]:
     """What a constant guess scores on the held-out set (the floor every probe must clear)."""
     groups = [group(p.impression) for p in test]
     top = max(set(groups), key=groups.count)
-    return {"n": len(groups), "majority": top, "majority_acc": round(groups.count(top) / len(groups), 4), "constant_balanced_acc": round(1 / len(set(groups)), 4)}
+    keys = [" ".join(p.impression.lower().split()) for p in test]  # as retrieval compares them
+    by_count = sorted(set(keys), key=lambda k: (-keys.count(k), k))
+    # ranking the k most common impressions first for every image, whatever the image
+    floor = {f"r{k}": round(sum(key in by_count[:k] for key in keys) / len(keys), 4) for k in (1, 5, 10)}
+    return {
+        "n": len(groups), "majority": top, "majority_acc": round(groups.count(top) / len(groups), 4),
+        "constant_balanced_acc": round(1 / len(set(groups)), 4), "retrieval_floor": floor,
+    }  # fmt: skip
+
+
+# the issue's targets: HybridMED above random init on every use, above global-only on at least three
+def targets(summary: dict[str, Any], reference: dict[str, Any] | None) -> list[str]:
+    """Each target, met or missed and by how much, from the table's own means (4 decimals)."""
+    d = summary["downstream"]
+
+    def diff(use: str, other: str) -> float | None:
+        a, b = d.get(use, {}).get("hybridmed"), d.get(use, {}).get(other)
+        return None if a is None or b is None else round(a - b, 4)
+
+    vs_random = {u: diff(u, "random") for u in USES if diff(u, "random") is not None}
+    vs_global = {u: diff(u, "global_only") for u in USES if diff(u, "global_only") is not None}
+    if not vs_random and not vs_global:
+        return []
+    below = [f"{u} {v:+.4f}" for u, v in vs_random.items() if v <= 0]
+    above = [u for u, v in vs_global.items() if v > 0]
+    lines = ["", "## Targets", ""]
+    lines.append(
+        f"- HybridMED above random init on every use it shares with it ({len(vs_random)}): "
+        + ("met." if not below else f"missed on {len(below)}: {', '.join(below)} (HybridMED minus random; a tie or below counts as missed).")
+    )
+    lines.append(
+        f"- HybridMED above global-only on at least three uses: {'met' if len(above) >= 3 else 'missed'} "
+        f"({len(above)} of {len(vs_global)}: {', '.join(above) or 'none'})."
+    )
+    if reference:
+        acc = d.get("zeroshot_acc", {})
+        best = max((v for v in acc.values() if v is not None), default=None)
+        if best is not None:
+            lines.append(
+                f"- Zero-shot {'below' if best < reference['majority_acc'] else 'above'} the constant guess: the best arm's accuracy {best:.3f} against {reference['majority_acc']:.3f} for always "
+                f"answering {reference['majority']}; balanced accuracy is the fairer reading (constant {reference['constant_balanced_acc']:.3f})."
+            )
+        floor = reference.get("retrieval_floor") or {}
+        r1 = max((v for v in d.get("retrieval_r1", {}).values() if v is not None), default=None)
+        if r1 is not None and "r1" in floor:
+            lines.append(
+                f"- Retrieval {'below' if r1 < floor['r1'] else 'above'} the image-blind floor: the best arm's R@1 {r1:.3f} against {floor['r1']:.3f} "
+                "for ranking the most common impression first for every image (an identical impression counts as the image's own, and most "
+                "held-out impressions are the same few diagnoses)."
+            )
+    return lines
 
 
 def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
@@ -310,15 +381,15 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
             older = use in ADDED_LATER and summary["downstream"].get(ADDED_LATER[use], {}).get(arm) is not None
             cells.append(("not scored" if older else "null") if v is None else (f"{v:.3f}" + (f" ({s:.3f})" if s is not None else "") + few))
         lines.append(f"| {use} | " + " | ".join(cells) + " |")
+    lines += targets(summary, reference)
     lines += curve_lines(raw)
     lines += ["", "Cost per run:", ""]
     for arm in ARMS:
         for seed, r in sorted(raw.get(arm, {}).items()):
             if "pretrain" in r:
                 p = r["pretrain"]
-                lines.append(
-                    f"- {arm} seed {seed}: {p['steps']} steps ({p.get('summarize_steps') or 0} summarization) in {p['minutes']:.1f} min; the benchmark process's peak RSS by then {p['peak_mb']:.0f} MB"
-                )
+                peak = "peak RSS while it pretrained" if p.get("peak_scope") == "arm" else "the benchmark process's peak RSS by then"
+                lines.append(f"- {arm} seed {seed}: {p['steps']} steps ({p.get('summarize_steps') or 0} summarization) in {p['minutes']:.1f} min; {peak} {p['peak_mb']:.0f} MB")
     for arm in ARMS:
         for seed, r in sorted(raw.get(arm, {}).items()):
             for ref, cap in r.get("caption_examples", []):
@@ -326,7 +397,25 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``/proc/self/clear_refs``), so each arm's peak is its own
+    and not the largest of every arm run before it in this process. False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """The process's peak resident memory since the last :func:`reset_peak_rss` (Linux ``VmHWM``),
+    else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -388,6 +477,7 @@ def main() -> int:
                     row.update(score_arm(arm, seed, None if arm == "random" else a.work / "runs" / f"{arm}-s{seed}", train, test))
                     raw.setdefault(arm, {})[str(seed)] = row
                     continue
+                own_peak = reset_peak_rss()
                 run = None if arm == "random" else pretrain_arm(arm, seed, pairs_csv, columns, a.data, a.work, a.budget_minutes, a.text_encoder, a.token_scope)
                 row: dict[str, Any] = {}
                 if run is not None:
@@ -396,6 +486,7 @@ def main() -> int:
                     row["pretrain"] = {
                         "steps": res["steps"], "summarize_steps": (res.get("summarize") or {}).get("steps"),
                         "minutes": round((res["seconds"] + ((res.get("summarize") or {}).get("seconds") or 0)) / 60, 2), "peak_mb": peak_rss_mb(),
+                        "peak_scope": "arm" if own_peak else "process",
                     }  # fmt: skip
                 torch.set_num_threads(2)
                 row.update(score_arm(arm, seed, run, train, test))

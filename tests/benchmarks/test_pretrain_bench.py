@@ -72,3 +72,53 @@ def test_retrieval_r10_is_reported_and_older_results_without_it_still_render() -
     # random init has no text side (null); hybridmed's rows predate R@10 (not scored); one of global-only's two seeds has it
     assert "| retrieval_r10 | null | 0.600 [1] | null | not scored |" in md
     assert "| retrieval_r5 | null | 0.350 (0.050) | null | 0.200 [0] |" in md
+
+
+def test_cost_per_arm_means_minutes_keeps_the_largest_peak_and_its_scope() -> None:
+    def pre(minutes: float, steps: int, peak: float, scope: str | None, summarize: int | None = None) -> dict:
+        p = {"steps": steps, "summarize_steps": summarize, "minutes": minutes, "peak_mb": peak}
+        return {"pretrain": p if scope is None else {**p, "peak_scope": scope}}
+
+    raw = {
+        "random": {"0": {"linear_probe_acc_1": 0.5}},  # nothing pretrained: no cost row
+        "global_only": {"0": pre(7.0, 100, 900.0, None), "1": pre(8.0, 120, 1200.0, None)},
+        "hybridmed": {"0": pre(8.0, 30, 3000.0, "arm", 20), "1": pre(7.8, 34, 2500.0, "arm", 24)},
+    }
+    c = bench.summarise(raw)["cost"]
+    assert set(c) == {"global_only", "hybridmed"}
+    assert c["global_only"] == {"pretrain_minutes": 7.5, "steps": 110.0, "summarize_steps": 0.0, "peak_mb": 1200, "peak_scope": "process", "seeds": 2}
+    assert c["hybridmed"]["peak_mb"] == 3000 and c["hybridmed"]["peak_scope"] == "arm" and c["hybridmed"]["summarize_steps"] == 22.0
+    md = bench.render(bench.summarise(raw), raw, {})
+    assert "- hybridmed seed 0: 30 steps (20 summarization) in 8.0 min; peak RSS while it pretrained 3000 MB" in md
+    assert "- global_only seed 1: 120 steps (0 summarization) in 8.0 min; the benchmark process's peak RSS by then 1200 MB" in md
+
+
+def test_the_peak_window_restarts_where_linux_allows() -> None:
+    if not bench.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    import numpy as np
+
+    big = np.ones(40_000_000)  # ~305 MB resident
+    high = bench.peak_rss_mb()
+    del big
+    assert bench.reset_peak_rss()
+    assert bench.peak_rss_mb() < high - 200  # the 305 MB block no longer counts
+
+
+def test_targets_say_which_are_missed_and_the_image_blind_floors() -> None:
+    from types import SimpleNamespace
+
+    test = [SimpleNamespace(impression=t) for t in ["COVID-19", "COVID-19  ", "COVID-19", "No Finding", "SARS"]]
+    ref = bench.reference_scores(test)
+    # "covid-19" (3 of 5) first, then the rest by name: "no finding", "sars"
+    assert ref["retrieval_floor"] == {"r1": 0.6, "r5": 1.0, "r10": 1.0} and ref["majority_acc"] == 0.6
+    raw = {
+        "random": {"0": {"linear_probe_acc_1": 0.70, "seg_dice_100": 0.9654}},
+        "global_only": {"0": {"linear_probe_acc_1": 0.60, "zeroshot_acc": 0.2, "retrieval_r1": 0.1, "seg_dice_100": 0.96}},
+        "hybridmed": {"0": {"linear_probe_acc_1": 0.65, "zeroshot_acc": 0.3, "retrieval_r1": 0.7, "seg_dice_100": 0.9647}},
+    }
+    lines = "\n".join(bench.targets(bench.summarise(raw), ref))
+    assert "missed on 2: linear_probe_acc_1 -0.0500, seg_dice_100 -0.0007" in lines  # not a tie at 4 decimals
+    assert "above global-only on at least three uses: missed (4 of 4" not in lines and "met (4 of 4" in lines
+    assert "Zero-shot below the constant guess: the best arm's accuracy 0.300 against 0.600" in lines
+    assert "Retrieval above the image-blind floor: the best arm's R@1 0.700 against 0.600" in lines
