@@ -206,6 +206,10 @@ NOTES_BY_FOLDER: dict[str, list[str]] = {"universal_6min_arms": NOTES_6MIN_ARMS}
 NOTES: dict[tuple[float, int], list[str]] = {(2.0, 0): NOTES_2MIN, (6.0, 0): NOTES_6MIN, (6.0, 1): NOTES_6MIN_SEED1, (6.0, 2): NOTES_6MIN_SEED2}
 
 
+# the batching of tables written before each arm recorded it, by (budget per expert, seed)
+BATCHING_BEFORE_RECORDED = {(2.0, 0): "one dataset a step"}
+
+
 def log(msg: str) -> None:
     print(f"[universal] {msg}", flush=True)
 
@@ -240,7 +244,10 @@ def train_universal_arm(
     for n in members:
         scores[n], sec = predict_and_score(run, folders[n], ids[n]["test"], foreground(folders[n]), f"{mix}-{arm}-{n}", work)
         secs.append(sec)
-    return {"run": str(run), "scores": scores, "seconds_per_case": round(float(np.mean(secs)), 3), "params": int(res["params"]), "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"])}
+    return {
+        "run": str(run), "scores": scores, "seconds_per_case": round(float(np.mean(secs)), 3), "params": int(res["params"]),
+        "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"]), "datasets_per_step": cfg.datasets_per_step,
+    }  # fmt: skip
 
 
 def cross_rows(arm: str, entry: dict[str, Any], data: Path, work: Path, seed: int, members: list[str]) -> dict[str, Any]:
@@ -371,6 +378,17 @@ def targets(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def batching(raw: dict[str, Any]) -> str:
+    """How the universal arms of these results batched, as each arm recorded it (tables from before
+    the record: their budget's entry in ``BATCHING_BEFORE_RECORDED``, else the default of then, two)."""
+    per_step = {e["datasets_per_step"] for mix in ("2d", "3d") for arm, e in raw.get(mix, {}).items() if arm != "experts" and "datasets_per_step" in e}
+    if not per_step:
+        setting = raw.get("setting", {})
+        return BATCHING_BEFORE_RECORDED.get((float(setting.get("budget_per_expert_minutes", 6)), int(setting.get("seed", 0))), "two datasets' batches a step")
+    words = [("one dataset a step" if n == 1 else f"{n} datasets' batches a step") for n in sorted(per_step)]
+    return " or ".join(words) + (" (the arms differ)" if len(words) > 1 else "")
+
+
 def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) -> str:
     b = res["budget_per_expert_minutes"]
     setting = raw.get("setting", {})
@@ -382,7 +400,7 @@ def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) 
         "",
         f"Equal compute on 2 CPU cores: each expert trains {b:g} min, each universal arm (number of experts) x {b:g} min. "
         "Held-out test cases of the experts benchmark (never used for training or model selection). Universal: each dataset at "
-        "its own plan's field of view and batch (two datasets' batches a step), fusion at 64 channels. Produced by `python benchmarks/universal.py"
+        f"its own plan's field of view and batch ({batching(raw)}), fusion at 64 channels. Produced by `python benchmarks/universal.py"
         + (f" --budget-minutes {b:g}" if b != 6 else "") + (f" --seed {seed}" if seed else "")
         + "".join(f" --set {k}={json.dumps(v)}" for k, v in overrides.items())
         + (f" --results {shown}" if where != RESULTS.resolve() else "") + "`.",

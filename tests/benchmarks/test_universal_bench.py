@@ -52,3 +52,14 @@ def test_every_arm_gets_its_cross_source_column() -> None:
     md = bench.markdown(res, raw)
     assert "| train -> test / label | expert | universal | no_priors | task_priors_only |" in md
     assert "| JSRT->Shenzhen/lung | 0.700 | 0.800 | 0.750 | 0.780 |" in md
+
+
+def test_the_header_says_how_these_arms_batched() -> None:
+    arm = {"datasets_per_step": 2, "steps": 10}
+    raw = {"setting": {"budget_per_expert_minutes": 6.0, "seed": 0}, "2d": {"experts": {}, "universal": arm}}
+    assert bench.batching(raw) == "2 datasets' batches a step"
+    raw["3d"] = {"no_priors": {**arm, "datasets_per_step": 1}}
+    assert bench.batching(raw) == "one dataset a step or 2 datasets' batches a step (the arms differ)"
+    # written before the arms recorded it: the table's known setting, else the default of then
+    assert bench.batching({"setting": {"budget_per_expert_minutes": 2.0, "seed": 0}, "2d": {"universal": {"steps": 1}}}) == "one dataset a step"
+    assert bench.batching({"setting": {"budget_per_expert_minutes": 6.0, "seed": 1}, "2d": {"universal": {"steps": 1}}}) == "two datasets' batches a step"
