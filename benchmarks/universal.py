@@ -157,6 +157,8 @@ NOTES_6MIN: list[str] = [
     "never saw, it scores lung Dice 0.661 against the Shenzhen expert's 0.308 (both trained without JSRT): the fair "
     "unseen-source row, above the expert (0.441 with three fusion scales and a random fusion start; at 2 minutes "
     "0.187 vs 0.229). Single seed.",
+    "3D task priors only: not in this table (run later, with a universal model of the same session, in "
+    "`results/universal_6min_arms`): 0.672 against 0.682 for the universal model, seed 0's splits.",
 ]
 NOTES_6MIN_SEED1: list[str] = [
     "Run of 2026-12-04, seed 1 (`--seed 1 --mix 3d --only universal no_priors`): its own splits, so the cases differ from "
@@ -201,6 +203,12 @@ NOTES_6MIN_ARMS: list[str] = [
     "Shenzhen 0.818 vs 0.798, Shenzhen->JSRT 0.808 vs 0.719) and behind on polyp (Kvasir->CVC 0.675 vs 0.679, CVC->"
     "Kvasir 0.660 vs 0.692): a mean of 0.740 vs 0.722. The lung rows cross two datasets (JSRT and Shenzhen, each its "
     "own task tokens' dataset); polyp's two centres are one dataset. One seed.",
+    "3D, run of 2026-12-06 (`--mix 3d --only task_priors_only universal`, seed 0's splits, the two arms back to back in "
+    "one session, today's defaults; a slow machine again: 388 and 392 steps in 12 minutes against 698 for the 3D "
+    "universal model of the 6-minute table): universal 0.682 vs task priors only 0.672 (+0.010). The modality priors "
+    "are ahead on ACDC's volumes (RV 0.506 vs 0.461, MYO 0.577 vs 0.553, LV 0.726 vs 0.722) and behind on Hippocampus "
+    "(anterior / posterior 0.806 / 0.794 vs 0.819 / 0.805). In 2D the order was the other way (6-minute table: task "
+    "priors only 0.862 vs universal 0.853). One seed each: inside the swing between runs that the 2D pairs show.",
 ]
 NOTES_BY_FOLDER: dict[str, list[str]] = {"universal_6min_arms": NOTES_6MIN_ARMS}
 NOTES: dict[tuple[float, int], list[str]] = {(2.0, 0): NOTES_2MIN, (6.0, 0): NOTES_6MIN, (6.0, 1): NOTES_6MIN_SEED1, (6.0, 2): NOTES_6MIN_SEED2}
