@@ -245,6 +245,15 @@ NOTES = [
     "lung 0.785-0.790 (teacher 0.787, JSRT-only students 0.716-0.732). With the recipe's default since, the marginal loss "
     "on Shenzhen's lung labels (`partial_labels: marginal`; the table): 0.820-0.833, above the teacher on every seed "
     "(0.809-0.834), JSRT 0.906-0.910 / 0.954-0.956 against the single-source rows' 0.925-0.926 / 0.964.",
+    "2026-12-06: the issue's baselines and ablations under their own keys at the default student (`skd`, `cwd`, "
+    "`relation_no_kernel`, `relation_no_affinity`; chest X-ray, seeds 0-2, `--only cxr --models teacher skd cwd "
+    "relation_no_kernel relation_no_affinity --student-seeds 0 1 2`; the 800-step teacher retrained from scratch "
+    "gave the same Dice to 4 decimals, so every row shares one teacher). In domain the seven default students are within "
+    "0.004 (0.942-0.946); on Shenzhen (unseen) CWD 0.729 and relation KD without its kernel term 0.724 are above "
+    "relation KD (0.716), relation KD without its affinity term lowest (0.713); the order hints that the affinity term "
+    "matters more than the kernel term, but every difference is inside the seeds' spread "
+    "(0.69-0.74). Polyp under these keys was cut short by the session's end (its finished runs are in "
+    "runs/bench-distill; `--reuse-students` scores them).",
 ]
 
 
