@@ -71,6 +71,11 @@ TEST_FRACTION = 0.25
 IMAGE_SIZE = 224
 
 
+def impression_key(text: str) -> str:
+    """An impression as retrieval compares it: identical keys count as the image's own text."""
+    return " ".join(text.lower().split())
+
+
 def group(finding: str) -> str:
     if "COVID-19" in finding:
         return "COVID-19"
@@ -170,7 +175,7 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
     row["zeroshot_acc"] = float(np.mean(pred_groups == test_groups))
     row["zeroshot_balanced_acc"] = balanced_accuracy(pred_groups, test_groups)
     imp_emb = encode_texts(model, enc_tok, [p.impression for p in test], record["model"]["max_impression_len"])
-    r = retrieval_recall(g, imp_emb, keys=[" ".join(p.impression.lower().split()) for p in test], ks=(1, 5, 10))
+    r = retrieval_recall(g, imp_emb, keys=[impression_key(p.impression) for p in test], ks=(1, 5, 10))
     row["retrieval_r1"], row["retrieval_r5"], row["retrieval_r10"] = r["r1"], r["r5"], r["r10"]
     if "generation" in record["losses"]:
         caps = generate_impressions(model, dec_tok, patches)
@@ -295,7 +300,7 @@ def reference_scores(test) -> dict[str, Any]:
     """What a constant guess scores on the held-out set (the floor every probe must clear)."""
     groups = [group(p.impression) for p in test]
     top = max(set(groups), key=groups.count)
-    keys = [" ".join(p.impression.lower().split()) for p in test]  # as retrieval compares them
+    keys = [impression_key(p.impression) for p in test]
     by_count = sorted(set(keys), key=lambda k: (-keys.count(k), k))
     # ranking the k most common impressions first for every image, whatever the image
     floor = {f"r{k}": round(sum(key in by_count[:k] for key in keys) / len(keys), 4) for k in (1, 5, 10)}

@@ -40,6 +40,15 @@ def tiny_config(**kw) -> PretrainConfig:
     return PretrainConfig(width=32, embed_dim=16, text_layers=1, decoder_layers=1, heads=2, max_findings_len=48, max_impression_len=16, **kw)
 
 
+def write_pairs(rows: list[dict], pairs, path):
+    """``rows`` of the synthetic pairs CSV written to ``path``, image paths made absolute."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "image": str(pairs / r["image"])} for r in rows)
+    return path
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return generate_report_pairs(tmp_path_factory.mktemp("reports"), n_cases=24, text_only=24, size=64, progress=False)
@@ -216,11 +225,7 @@ def test_too_few_pairs_and_bad_columns(pairs, tmp_path, capsys):
 def test_empty_reports_stop_or_are_skipped_and_counted(pairs, tmp_path, capsys):
     rows = list(csv.DictReader((pairs / "pairs.csv").open(newline="")))
     rows[3]["impression"] = "  "
-    bad = tmp_path / "pairs.csv"
-    with bad.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({**r, "image": str(pairs / r["image"])} for r in rows)
+    bad = write_pairs(rows, pairs, tmp_path / "pairs.csv")
     args = ["-q", "pretrain", "--pairs", str(bad), "--out", str(tmp_path / "r"), "--losses", "global", "--image-size", "32", "--steps", "2", "--text-encoder", "scratch"]
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -326,11 +331,7 @@ def test_probe_and_retrieve_errors_are_one_line(hybrid_run, pairs, tmp_path, cap
     assert "--k" in error("retrieve", str(out), "--pairs", csv_path, "--k", "0")
     rows = list(csv.DictReader((pairs / "pairs.csv").open(newline="")))
     rows[5]["finding"] = ""
-    unlabelled = tmp_path / "unlabelled.csv"
-    with unlabelled.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({**r, "image": str(pairs / r["image"])} for r in rows)
+    unlabelled = write_pairs(rows, pairs, tmp_path / "unlabelled.csv")
     err = error("probe", str(out), "--pairs", str(unlabelled))
     assert "line 7" in err and "empty label" in err and "'finding'" in err
     assert not (tmp_path / "o.json").exists()
