@@ -252,8 +252,16 @@ NOTES = [
     "0.004 (0.942-0.946); on Shenzhen (unseen) CWD 0.729 and relation KD without its kernel term 0.724 are above "
     "relation KD (0.716), relation KD without its affinity term lowest (0.713); the order hints that the affinity term "
     "matters more than the kernel term, but every difference is inside the seeds' spread "
-    "(0.69-0.74). Polyp under these keys was cut short by the session's end (its finished runs are in "
-    "runs/bench-distill; `--reuse-students` scores them).",
+    "(0.69-0.74). Polyp likewise (same day, later: `--only polyp --models teacher skd cwd relation_no_kernel "
+    "relation_no_affinity --student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2 --reuse-students`; the "
+    "teacher retrained at two threads reproduced Kvasir / CVC 0.553 / 0.566, the Kvasir-only one its CVC 0.484, so the "
+    "polyp rows share the teachers of student_alone, logit_kd and relation_kd; a first pass whose teacher had trained "
+    "at one thread, 0.574 / 0.551, was set aside). In domain the four are above the student alone on CVC "
+    "(0.542-0.553 vs 0.495; Kvasir 0.555-0.574 vs 0.544). Kvasir->CVC: relation KD 0.479 above SKD 0.478, CWD 0.473 "
+    "and both ablations (without kernel 0.471, without affinity 0.465), the student alone 0.481 highest; every seed "
+    "within 0.44-0.49. Of the seven default students, without kernel is second on JSRT->Shenzhen and fifth on "
+    "Kvasir->CVC; without affinity is last on both (on polyp 0.001 below logit KD): a hint that the affinity term "
+    "carries more than the kernel term, every gap inside the seeds' spread.",
 ]
 
 
