@@ -97,6 +97,10 @@ STUDENTS.update({"relation_kd_500k": "relation", "student_alone_500k": "student_
 # same augmented patches: does relation KD gain more from it than its baselines on the unseen source?
 AUGMENT = {"student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation"}
 STUDENTS.update(AUGMENT)
+# relation KD at the default student with depthwise-separable convolutions (models/students.py:
+# wider filters within the same parameter budget): does the wider network pay in Dice or time?
+SEPARABLE = {"relation_kd_sep": "relation"}
+STUDENTS.update(SEPARABLE)
 MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
 MODELS = ["teacher", *STUDENTS, *MULTI]
 # relation KD at each student architecture, and the baselines it must beat at the same one
@@ -104,9 +108,10 @@ RELATION_VS_BASELINES = {
     "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
     "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"), "relation_kd_500k": ("student_alone_500k",),
     **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)}, "relation_kd_aug": ("student_alone_aug", "logit_kd_aug"),
+    "relation_kd_sep": (),
 }  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET, *AUGMENT]
+UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET, *AUGMENT, *SEPARABLE]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -342,7 +347,7 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
     weights = {**WEIGHTS, **CROSS}.get(base)
     config = DistillConfig(weights=DistillWeights(**(weights or {})), augment="strong" if base in AUGMENT else "default")
     res = train_distill(
-        dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
+        dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), separable=base in SEPARABLE, stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
     )  # fmt: skip
     return run, res
@@ -499,7 +504,7 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
 
 def architecture(name: str, entry: dict[str, Any]) -> tuple[Any, ...]:
     """What fixes a row's network (so its size, FLOPs and time): loss and loss weights do not."""
-    return ("teacher",) if name == "teacher" else ("student", STEM.get(name, "default"), entry.get("params"))
+    return ("teacher",) if name == "teacher" else ("student", STEM.get(name, "default"), name in SEPARABLE, entry.get("params"))
 
 
 def share_architecture_measures(models: dict[str, dict[str, Any]]) -> None:

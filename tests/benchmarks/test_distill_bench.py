@@ -53,13 +53,14 @@ def test_rows_of_one_network_share_its_measures_and_name_the_timed_row() -> None
         "student_alone": {"params": 317_555},
         "relation_kd_x10": {"params": 317_555},
         "relation_kd_stem": {"params": 317_555},  # another stem: another network, even at equal parameters
+        "relation_kd_sep": {"params": 317_555},  # separable convolutions: another network likewise
         "student_alone_full": {"params": 339_661},
     }
     bench.share_architecture_measures(models)
     for name in ("student_alone", "relation_kd_x10"):
         assert models[name]["latency_ms"] == lat and models[name]["gflops"] == 0.21
         assert models[name]["shares_measures_of"] == "relation_kd"
-    assert "latency_ms" not in models["relation_kd_stem"] and "latency_ms" not in models["student_alone_full"]
+    assert all("latency_ms" not in models[n] for n in ("relation_kd_stem", "relation_kd_sep", "student_alone_full"))
     assert "shares_measures_of" not in models["relation_kd"] and models["teacher"]["gflops"] == 5.4
     # a new timing of the source reaches the rows that share it
     models["relation_kd"]["latency_ms"] = {**lat, "onnx_fp32": 1.5}
@@ -113,19 +114,19 @@ def test_targets_compare_a_student_on_its_own_tasks_and_time_it_where_it_was_mea
     assert "teacher 8.0 ms (onnx_int8), student 1.0 ms (onnx_fp32): 8.0x (target >= 5x): met" in lines[2]
 
 
-def test_only_the_augment_rows_train_under_the_strong_augmentation(monkeypatch, tmp_path) -> None:
+def test_only_the_augment_rows_train_under_the_strong_augmentation_and_the_sep_row_separable(monkeypatch, tmp_path) -> None:
     from medalloy.data.transforms import AugmentConfig
 
     seen: dict[str, tuple] = {}
 
     def fake_train(dataset, teacher, run, config, **kw):
-        seen[run.name] = (config, kw["losses"])
+        seen[run.name] = (config, kw["losses"], kw["separable"])
         return {}
 
     monkeypatch.setattr("medalloy.recipes.distill.train_distill", fake_train)
     monkeypatch.setattr(bench, "dataset_path", lambda member, data, work: tmp_path / member)
     monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
-    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10"):
+    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10", "relation_kd_sep"):
         bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
     strong, default = AugmentConfig.model_validate("strong"), AugmentConfig()
     assert strong != default and strong.p_contrast > default.p_contrast
@@ -134,6 +135,8 @@ def test_only_the_augment_rows_train_under_the_strong_augmentation(monkeypatch, 
     assert seen["relation_kd_aug"][0].weights.kernel == 1.0  # the plain relation row's weights
     assert seen["relation_kd"][0].augment == default and seen["relation_kd_x10"][0].augment == default
     assert seen["relation_kd_x10"][0].weights.kernel == 10.0
+    # only the separable row asks for separable convolutions, with the plain relation row's loss
+    assert [m for m in seen if seen[m][2]] == ["relation_kd_sep"] and seen["relation_kd_sep"][1] == "relation"
 
 
 def test_unseen_rows_are_paired_seed_by_seed_only_when_both_rows_share_their_seeds() -> None:
