@@ -6,8 +6,9 @@
   (docs/methods/hermes.md, "ACDC").
 - ``width``: JSRT, a tiny student's filter profile (6..48: the first rule; 11..44: the current one)
   trained alone with Dice + CE; predicted share of each class every 25 steps (docs/methods/distillation.md).
-- ``latency``: batch-1 latency at JSRT's 224 px plan of the teacher's network, the tiny student and
-  the tiny stem student (``--stem``), untrained (weights do not change the time): eager fp32, bf16
+- ``latency``: batch-1 latency at JSRT's 224 px plan of the teacher's network, the tiny student at
+  full resolution, with a stem of one (``--stem``) and the default stem (two), plain and
+  depthwise-separable (``--separable``), untrained (weights do not change the time): eager fp32, bf16
   autocast, ONNX Runtime fp32; median of 50 after 5 warm-up calls, 2 threads; and GFLOPs
   (docs/methods/distillation.md, "stem"). Run it alone on the machine.
 - ``prototypes``: what a trained universal model's task head adds to each task's anchor
@@ -181,14 +182,18 @@ def probe_latency(data: Path, work: Path) -> dict[str, Any]:
 
     from medalloy.engine.latency import median_ms, model_latency_ms
     from medalloy.models.flops import forward_gflops
-    from medalloy.models.students import build_student
+    from medalloy.models.students import build_student, default_stem
     from medalloy.models.unet import build_unet, count_parameters
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     plan = _plan("JSRT", data, work)
     shape = (plan.in_channels, *plan.patch_size)
-    nets = {"teacher": build_unet(plan), "student": build_student(plan, "tiny"), "student_stem": build_student(plan, "tiny", stem=True)}
+    deep = default_stem(plan)  # the recipe's default student (a stem of two at 224 px), plain and separable
+    nets = {
+        "teacher": build_unet(plan), "student": build_student(plan, "tiny"), "student_stem": build_student(plan, "tiny", stem=True),
+        "student_default": build_student(plan, "tiny", stem=deep), "student_default_separable": build_student(plan, "tiny", separable=True, stem=deep),
+    }  # fmt: skip
     out: dict[str, Any] = {"patch": list(plan.patch_size)}
     x = torch.randn(1, *shape)
     for name, net in nets.items():
@@ -208,7 +213,7 @@ def probe_latency(data: Path, work: Path) -> dict[str, Any]:
         out[name] = row
         print(f"[probes] latency {name}: {row}", flush=True)
     best = {k: min(v[m] for m in ("eager_fp32_ms", "bf16_ms", "onnx_fp32_ms")) for k, v in out.items() if k != "patch"}
-    out["speedup_fastest"] = {k: round(best["teacher"] / best[k], 2) for k in ("student", "student_stem")}
+    out["speedup_fastest"] = {k: round(best["teacher"] / best[k], 2) for k in best if k != "teacher"}
     return out
 
 
