@@ -97,9 +97,10 @@ STUDENTS.update({"relation_kd_500k": "relation", "student_alone_500k": "student_
 # same augmented patches: does relation KD gain more from it than its baselines on the unseen source?
 AUGMENT = {"student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation"}
 STUDENTS.update(AUGMENT)
-# relation KD at the default student with depthwise-separable convolutions (models/students.py:
-# wider filters within the same parameter budget): does the wider network pay in Dice or time?
-SEPARABLE = {"relation_kd_sep": "relation"}
+# the default student with depthwise-separable convolutions (models/students.py: wider filters
+# within the same parameter budget), relation KD and its baselines: does the wider network pay in
+# Dice or time, and does relation KD gain more from it than the baselines?
+SEPARABLE = {"student_alone_sep": "student_alone", "logit_kd_sep": "logit_kd", "relation_kd_sep": "relation"}
 STUDENTS.update(SEPARABLE)
 MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
 MODELS = ["teacher", *STUDENTS, *MULTI]
@@ -108,7 +109,7 @@ RELATION_VS_BASELINES = {
     "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
     "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"), "relation_kd_500k": ("student_alone_500k",),
     **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)}, "relation_kd_aug": ("student_alone_aug", "logit_kd_aug"),
-    "relation_kd_sep": (),
+    "relation_kd_sep": ("student_alone_sep", "logit_kd_sep"),
 }  # fmt: skip
 # the students trained on one centre only, for the unseen-source row (the ones the targets compare)
 UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET, *AUGMENT, *SEPARABLE]
