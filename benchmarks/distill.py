@@ -268,6 +268,20 @@ NOTES = [
     "within 0.44-0.49. Of the seven default students, without kernel is second on JSRT->Shenzhen and fifth on "
     "Kvasir->CVC; without affinity is last on both (on polyp 0.001 below logit KD): a hint that the affinity term "
     "carries more than the kernel term, every gap inside the seeds' spread.",
+    "Depthwise-separable students (2026-12-06, later: `--only cxr` then `--only polyp`, `--models relation_kd_sep "
+    "student_alone_sep logit_kd_sep --student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2 "
+    "--reuse-students`, the same teachers): `--separable` at the default stem buys 38..152 channels for 16..64 in "
+    "the same budget (0.35 M parameters, 0.19 GFLOPs at 224 px). Relation KD is above the separable student alone on "
+    "both unseen rows on every seed (JSRT->Shenzhen 0.748 vs 0.740, +0.007 / +0.007 / +0.011; Kvasir->CVC 0.478 vs "
+    "0.457, +0.021 / +0.035 / +0.009) and above separable logit KD on JSRT->Shenzhen (0.739; 2 of 3 seeds), below it "
+    "on Kvasir->CVC (0.482, -0.003): the unseen-source target is met on three of its four comparisons at this "
+    "student, where the plain default student met one. In domain the separable students reach 98.8-99.7 % of the "
+    "teacher (relation KD 0.754 against the plain one's 0.746); on JSRT->Shenzhen every separable row is 0.017-0.032 "
+    "above its plain row, on Kvasir->CVC only logit KD gains (+0.016; alone -0.025, relation KD level). The cost is time: `benchmarks/probes.py latency` (results/probes_2026-12-06, one pass, "
+    "untrained networks, 224 px, 2 threads) times the separable default student at 2.97 ms in ONNX Runtime against "
+    "1.81 ms for the plain one (fewer FLOPs but twice the convolutions, the depthwise ones memory-bound; not profiled), 8.9x faster than the teacher's fastest runtime in that pass (bf16 26.5 ms; the probe has no int8) "
+    "against 14.7x. Their rows are not in a `--measure` pass (the plain students' runs are gone, and timings of "
+    "different passes do not compare on this machine).",
 ]
 
 
