@@ -114,7 +114,7 @@ def test_targets_compare_a_student_on_its_own_tasks_and_time_it_where_it_was_mea
     assert "teacher 8.0 ms (onnx_int8), student 1.0 ms (onnx_fp32): 8.0x (target >= 5x): met" in lines[2]
 
 
-def test_only_the_augment_rows_train_under_the_strong_augmentation_and_the_sep_row_separable(monkeypatch, tmp_path) -> None:
+def test_only_the_augment_rows_train_under_the_strong_augmentation_and_the_sep_rows_separable(monkeypatch, tmp_path) -> None:
     from medalloy.data.transforms import AugmentConfig
 
     seen: dict[str, tuple] = {}
@@ -126,7 +126,7 @@ def test_only_the_augment_rows_train_under_the_strong_augmentation_and_the_sep_r
     monkeypatch.setattr("medalloy.recipes.distill.train_distill", fake_train)
     monkeypatch.setattr(bench, "dataset_path", lambda member, data, work: tmp_path / member)
     monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
-    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10", "relation_kd_sep"):
+    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10", *bench.SEPARABLE):
         bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
     strong, default = AugmentConfig.model_validate("strong"), AugmentConfig()
     assert strong != default and strong.p_contrast > default.p_contrast
@@ -135,8 +135,9 @@ def test_only_the_augment_rows_train_under_the_strong_augmentation_and_the_sep_r
     assert seen["relation_kd_aug"][0].weights.kernel == 1.0  # the plain relation row's weights
     assert seen["relation_kd"][0].augment == default and seen["relation_kd_x10"][0].augment == default
     assert seen["relation_kd_x10"][0].weights.kernel == 10.0
-    # only the separable row asks for separable convolutions, with the plain relation row's loss
-    assert [m for m in seen if seen[m][2]] == ["relation_kd_sep"] and seen["relation_kd_sep"][1] == "relation"
+    # only the separable rows ask for separable convolutions, each with its plain row's loss
+    assert sorted(m for m in seen if seen[m][2]) == ["logit_kd_sep", "relation_kd_sep", "student_alone_sep"]
+    assert [seen[m][1] for m in ("student_alone_sep", "logit_kd_sep", "relation_kd_sep")] == ["student_alone", "logit_kd", "relation"]
 
 
 def test_unseen_rows_are_paired_seed_by_seed_only_when_both_rows_share_their_seeds() -> None:
