@@ -352,3 +352,162 @@ def test_prior_scale_keeps_fused_task_tokens_apart_and_leaves_the_identity_start
 
     assert token_cosines(0.02).min() > 0.4
     assert token_cosines(1.0).abs().max() < 0.3
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Draw every parameter anew, LayerNorm affines and zero-started maps included: then every
+    parameter, and which LayerNorm sits at which place, shows in the output (default LayerNorms
+    are all the identity, so swapping two of them would change nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.3 * noise)
+            else:
+                p.copy_(noise * p.shape[-1] ** -0.5)
+    return module
+
+
+def _block_reference(block: BidirectionalFusion, f: torch.Tensor, p: torch.Tensor, padding: torch.Tensor | None = None):
+    """The paper's order from the block's own parts: the priors read the image, then the features read the UPDATED priors."""
+    p = p + block.prior_reads(block.norm_p1(p), block.norm_f1(f))
+    p = p + block.prior_mlp(block.norm_p2(p))
+    f = f + block.feature_reads(block.norm_f2(f), block.norm_p3(p), padding)
+    f = f + block.feature_mlp(block.norm_f3(f))
+    return f, p
+
+
+def test_fusion_block_reads_the_image_into_the_priors_then_the_priors_into_the_features():
+    torch.manual_seed(0)
+    block = _randomise(BidirectionalFusion(64), seed=1).eval()
+    f, p = torch.randn(2, 64, 3, 4), torch.randn(2, 5, 64)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 1] = True
+    with torch.no_grad():
+        out_f, out_p = block(f, p, padding)
+        ref_f, ref_p = _block_reference(block, f.flatten(2).transpose(1, 2), p, padding)
+    torch.testing.assert_close(out_p, ref_p)
+    torch.testing.assert_close(out_f, ref_f.transpose(1, 2).reshape(f.shape))
+
+
+def test_features_read_the_priors_after_the_priors_have_read_the_image():
+    # Features never read one another, so one position can reach another only through the priors,
+    # and only if the features read the priors after the image has been read into them: with the
+    # reads swapped (or the features' read gone) the other positions could not see the change.
+    torch.manual_seed(0)
+    block = _randomise(BidirectionalFusion(32), seed=2).eval()
+    f, p = torch.randn(1, 32, 3, 4), torch.randn(1, 6, 32)
+    moved = f.clone()
+    moved[0, :, 0, 0] += 2 * torch.randn(32)
+    with torch.no_grad():
+        out_f, out_p = block(f, p)
+        new_f, new_p = block(moved, p)
+        assert (new_p - out_p).abs().amax() > 1e-2  # the priors read the image
+        others = (new_f - out_f).flatten(2)[0, :, 1:].abs().amax(0)  # every position but the moved one
+        assert others.min() > 1e-3
+        # the path is the features' read of the priors: without it the other positions are untouched
+        torch.nn.init.zeros_(block.feature_reads.out_proj.weight)
+        torch.nn.init.zeros_(block.feature_reads.out_proj.bias)
+        cut = (block(moved, p)[0] - block(f, p)[0]).flatten(2)[0, :, 1:]
+    torch.testing.assert_close(cut, torch.zeros_like(cut), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [None, 16])
+def test_prior_fusion_layer_chains_its_blocks_between_down_and_up(width):
+    torch.manual_seed(0)
+    layer = _randomise(PriorFusionLayer(32, n_tasks=3, n_modalities=2, depth=2, tokens_per_modality=3, width=width), seed=3).eval()
+    f = torch.randn(2, 32, 3, 3)
+    task_ids, modality_ids = torch.tensor([[0, 2], [1, layer.bank.null_task]]), torch.tensor([1, 0])
+    with torch.no_grad():
+        out, tasks, modality = layer(f, task_ids, modality_ids)
+        priors = torch.cat([layer.bank.task[task_ids], layer.bank.modality[modality_ids]], dim=1)
+        padding = torch.cat([task_ids == layer.bank.null_task, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+        tokens = f.flatten(2).transpose(1, 2)
+        z = tokens if layer.down is None else layer.down(tokens)
+        fused = z
+        for block in layer.blocks:  # each block reads the priors the previous one updated
+            fused, priors = _block_reference(block, fused, priors, padding)
+        expected = fused if layer.up is None else tokens + layer.up(fused - z)
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(f.shape))
+    torch.testing.assert_close(tasks, priors[:, :2])
+    torch.testing.assert_close(modality, priors[:, 2:])
+    if layer.up is not None:
+        # the residual is Up(z' - z): blocks that leave z alone leave f alone, whatever Up's weight is
+        with torch.no_grad():
+            torch.nn.init.zeros_(layer.up.bias)
+            for block in layer.blocks:
+                for m in (block.feature_reads.out_proj, block.feature_mlp[-1]):
+                    torch.nn.init.zeros_(m.weight)
+                    torch.nn.init.zeros_(m.bias)
+        torch.testing.assert_close(layer(f, task_ids, modality_ids)[0], f)
+
+
+def test_hermes_output_is_the_fused_backbone_dotted_with_task_prototypes():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2, prior_probability=0.01, task_anchors=True).eval()
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
+    tasks, modality, stages = [], [], []
+
+    def fuse(stage, f):
+        if stage not in net.fusion:
+            return f
+        f, t, m = net.fusion[stage](f, ids, mod)
+        tasks.append(t)
+        modality.append(m.mean(1))
+        stages.append(stage)
+        return f
+
+    with torch.no_grad():
+        net.task_bias.weight.normal_()
+        out = net(x, ids, mod)
+        f = run_stages(net.backbone, x, fuse)
+        prototypes = net.task_head(torch.cat(tasks, dim=-1)) + net.task_weight(ids)
+        logits = torch.einsum("bchw,btc->bthw", f, prototypes) + net.task_bias(ids)[..., None]
+        modality_logits = net.modality_head(torch.cat(modality, dim=-1))
+    assert stages == ["enc2", "bottleneck", "dec2"]
+    torch.testing.assert_close(out["logits"], logits)
+    torch.testing.assert_close(out["modality_logits"], modality_logits)
+
+
+def test_each_samples_modality_tokens_condition_its_task_logits():
+    # The modality reaches a task's map only through the features' read of the modality tokens
+    # (task tokens read the image, never the other priors); each sample reads its own modality's.
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=1.0).eval()
+    x, ids = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 1]])
+    with torch.no_grad():
+        mixed, zero, one = (net(x, ids, torch.tensor(m)) for m in ([0, 1], [0, 0], [1, 1]))
+    torch.testing.assert_close(mixed["logits"][0], zero["logits"][0])
+    torch.testing.assert_close(mixed["logits"][1], one["logits"][1])
+    torch.testing.assert_close(mixed["modality_logits"][0], zero["modality_logits"][0])
+    torch.testing.assert_close(mixed["modality_logits"][1], one["modality_logits"][1])
+    # everything else fixed, the other modality moves every task map of every sample
+    assert ((zero["logits"] - one["logits"]).abs().flatten(2).amax(-1) > 1e-2).all()
+    assert ((zero["modality_logits"] - one["modality_logits"]).abs().amax(-1) > 1e-2).all()
+
+
+def test_each_task_slot_is_its_own_tasks_prototype_and_unrequested_tasks_are_inert():
+    torch.manual_seed(0)
+    # identity_init: the features do not read the priors, so a task token reaches only its own slot
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, identity_init=True).eval()
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [1, 2]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        before = net(x, ids, mod)["logits"]
+        net.fusion["bottleneck"].bank.task[1] += torch.randn(64)
+        after = net(x, ids, mod)["logits"]
+    changed = (after - before).abs().flatten(2).amax(-1) > 1e-4
+    assert changed.tolist() == [[False, True], [True, False]]
+    # a task nobody asked for is not among the priors: its tokens change nothing anywhere
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    ids = torch.tensor([[0, 1], [1, 0]])
+    with torch.no_grad():
+        before = net(x, ids, mod)
+        for layer in net.fusion.values():
+            layer.bank.task[2] += torch.randn(layer.width)
+        after = net(x, ids, mod)
+    torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(after["modality_logits"], before["modality_logits"], rtol=0, atol=0)

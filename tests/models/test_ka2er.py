@@ -4,6 +4,8 @@ tasks decode independently, and the ablations are the same class."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,193 @@ def test_a_router_weighs_the_experts_of_a_shared_task_per_image():
         r = net(x, torch.tensor([[0]] * 2))["route_logits"]
     assert not torch.allclose(r[0], r[1])
     assert _net(task_experts=[[(0, 1)], [(0, 2)], [], []])[0].router is None  # nothing shared: no router
+
+
+# -- the amalgamation layer's mechanism: each stage, the experts' path, the adaptive weighting ------
+
+
+def _layer() -> AmalgamationLayer:
+    """A small layer as if trained a little: ``proj_out`` is zero at the start (every stage would be
+    invisible in the output) and the default gate scores all slots nearly alike (a uniform
+    weighting would pass unseen)."""
+    torch.manual_seed(0)
+    layer = AmalgamationLayer(2, 16, [8, 4], width=16, heads=2)
+    with torch.no_grad():
+        layer.proj_out.weight.normal_(0, 0.3)
+        layer.gate_q.weight.normal_(0, 0.5)
+        layer.gate_k.weight.normal_(0, 0.5)
+    return layer.eval()
+
+
+def _inputs(seed: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(2, 16, 4, 4, generator=g)
+    experts = [torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 4, 2, 2, generator=g)]  # finer and coarser than f
+    return f, experts, torch.randn(2, 16, generator=g)
+
+
+def _reference(layer: AmalgamationLayer, f, experts, condition):
+    """Stages (1)-(3) of docs/methods/amalgamation.md written out from the layer's own submodules."""
+    b, d, grid = f.shape[0], layer.width, tuple(f.shape[2:])
+    pf = layer.proj_f(f)
+    t = (pf + layer.pos(pf)).flatten(2).transpose(1, 2)
+    x = layer.norm_self(t)
+    t = t + layer.self_attn(x, x, x)[0]
+    t = t + layer.mlp(layer.norm_mlp(t))
+    q = layer.norm_q(t)
+    slots = [t]
+    for k, (proj, e) in enumerate(zip(layer.proj_e, experts)):
+        kv = layer.norm_kv(proj(resize_to(e, grid)).flatten(2).transpose(1, 2) + layer.expert_embed[k])
+        slots.append(t + layer.cross_attn(q, kv, kv)[0])
+    gate = layer.gate_q(layer.norm_slots(t + condition[:, None, :]))
+    scores = torch.stack([(gate * layer.gate_k(layer.norm_slots(s))).sum(-1) for s in slots], dim=-1) / d**0.5
+    w = scores.softmax(-1)
+    merged = sum(w[..., k : k + 1] * s for k, s in enumerate(slots))
+    return f + layer.proj_out(merged.transpose(1, 2).reshape(b, d, *grid)), merged, w
+
+
+class _NoAttention(torch.nn.Module):
+    def forward(self, q, k, v, **_):
+        return torch.zeros_like(q), None
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_the_layer_is_its_three_stages_and_each_one_moves_the_output():
+    layer = _layer()
+    f, experts, c = _inputs()
+    with torch.no_grad():
+        out, merged, _ = layer(f, experts, c)
+        ref_out, ref_merged, ref_w = _reference(layer, f, experts, c)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, ref_merged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.last_weights, ref_w, atol=1e-6, rtol=1e-5)
+    # each stage taken out of the layer itself moves its contribution (out - f, ~3.7 here) by a clear
+    # margin: the equality above is no accident of a stage that adds nothing
+    removed = {
+        "(1) self-attention": {"self_attn": _NoAttention()},
+        "(1) its MLP": {"mlp": _Zero()},
+        "(2) cross-attention to the experts": {"cross_attn": _NoAttention()},
+        "(3) slot weighting (uniform without the gate query)": {"gate_q": _Zero()},
+    }
+    scale = (out - f).abs().max()
+    for stage, parts in removed.items():
+        cut = copy.deepcopy(layer)
+        for name, module in parts.items():
+            setattr(cut, name, module)
+        with torch.no_grad():
+            moved = (cut(f, experts, c)[0] - out).abs().max()
+        assert moved > 0.1 * scale, stage  # measured 21-31 %
+    torch.testing.assert_close(cut.last_weights, torch.full_like(cut.last_weights, 1 / 3))  # the cut gate is uniform indeed
+
+
+def _muting(layer: AmalgamationLayer, slot: int):
+    """Hooks that give ``slot`` a gate score of about -1e4 (weight exactly 0 after the softmax)."""
+    seen = {}
+
+    def keep_query(module, args, out):
+        seen["q"] = out
+
+    def mute(module, args, out):
+        out = out.clone()
+        q = seen["q"]
+        out[..., slot, :] = -1e4 * q / q.square().sum(-1, keepdim=True)
+        return out
+
+    return [layer.gate_q.register_forward_hook(keep_query), layer.gate_k.register_forward_hook(mute)]
+
+
+def test_an_experts_tokens_reach_the_output_through_its_slot_only():
+    layer = _layer()
+    f, experts, c = _inputs()
+    nudged = [experts[0] + torch.randn(experts[0].shape, generator=torch.Generator().manual_seed(7)), experts[1]]
+    with torch.no_grad():
+        out = layer(f, experts, c)[0]
+        moved = layer(f, nudged, c)[0]
+    assert (moved - out).abs().max() > 0.05  # measured 0.17: expert 0's features change the merged output
+    hooks = _muting(layer, slot=1)  # slot 0 is the foundation's own, slot 1 expert 0's
+    try:
+        with torch.no_grad():
+            muted = layer(f, experts, c)[0]
+            assert torch.equal(layer.last_weights[..., 1], torch.zeros_like(layer.last_weights[..., 1]))
+            muted_nudged = layer(f, nudged, c)[0]
+            other = layer(f, [experts[0], experts[1] + 1.0], c)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (muted - out).abs().max() > 0.05  # taking expert 0's slot away changes the output
+    torch.testing.assert_close(muted_nudged, muted, atol=1e-6, rtol=0)  # with its weight at 0, expert 0 no longer matters
+    assert (other - muted).abs().max() > 0.05  # while expert 1 still does
+
+
+def test_slot_weights_follow_the_input_and_the_task_condition():
+    layer = _layer()
+    f, experts, c = _inputs()
+    other_f, _, other_c = _inputs(seed=2)
+    with torch.no_grad():
+        layer(f, experts, c)
+        w = layer.last_weights
+        layer(f, experts, other_c)
+        w_task = layer.last_weights
+        layer(other_f, experts, c)
+        w_input = layer.last_weights
+        layer(f, experts, None)
+        w_none = layer.last_weights
+    assert (w - 1 / 3).abs().max() > 0.3  # not uniform (measured 0.66)
+    assert w.std(dim=1).min() > 0.02  # per position, not one weighting for the whole image
+    assert (w_task - w).abs().max() > 0.3  # another task condition, other weights (measured 0.74)
+    assert (w_none - w).abs().max() > 0.3  # the condition is used at all
+    assert (w_input - w).abs().max() > 0.3  # other foundation features, other weights (measured 0.71)
+
+
+# -- the task condition is a switch of its own, not a side effect of the decoder --------------------
+
+
+def _weights_per_task(net, x, tasks: list[int]) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for t in tasks:
+            net(x, torch.tensor([[t]]))
+            out.append(net.amalgamation["bottleneck"].last_weights.clone())
+    return out
+
+
+def test_the_task_condition_is_a_switch_of_its_own():
+    # the default is the behaviour before the switch: on with the prompt decoder, off with the plain
+    # one, and seed for seed the same weights as asking for exactly that
+    def seeded(**kw):
+        torch.manual_seed(0)
+        return build_ka2er(2, 3, 4, 12, **kw)
+
+    for decoder, before in (("prompt", True), ("plain", False)):
+        auto, explicit = seeded(decoder=decoder), seeded(decoder=decoder, task_adaptive=before)
+        assert auto.task_adaptive is before and auto.task_embed is None
+        a, e = auto.state_dict(), explicit.state_dict()
+        assert a.keys() == e.keys() and all(torch.equal(a[k], e[k]) for k in a)
+    for stages, hierarchical in (([], True), (["bottleneck"], False)):  # nothing would read the condition
+        with pytest.raises(ValueError, match="hierarchical amalgamation stages"):
+            seeded(decoder="plain", task_adaptive=True, stages=stages, hierarchical=hierarchical)
+    plain = _net(decoder="plain")[0]
+    asked = _net(decoder="plain", task_adaptive=True)[0]
+    p, s = plain.state_dict(), asked.state_dict()
+    assert set(s) - set(p) == {"task_embed.weight"} and all(torch.equal(p[k], s[k]) for k in p)  # one thing added, nothing else moved
+
+    with torch.no_grad():  # as if trained: the default gate and the 0.02 embeddings move the weights little
+        for net in (plain, asked):
+            for layer in net.amalgamation.values():
+                layer.gate_q.weight.normal_(0, 0.5)
+                layer.gate_k.weight.normal_(0, 0.5)
+            net.eval()
+        asked.task_embed.weight.normal_(0, 1.0)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    w0, w3 = _weights_per_task(plain, x, [0, 3])
+    assert torch.equal(w0, w3)  # the plain decoder by default: stage 3 knows nothing of the task
+    w0, w3 = _weights_per_task(asked, x, [0, 3])
+    assert (w0 - w3).abs().max() > 0.3  # switched on: the task asked reaches stage 3 (measured 1.0)
+    padded = _weights_per_task(asked, x, [0])[0]
+    with torch.no_grad():
+        asked(x, torch.tensor([[0, asked.null_task]]))
+    torch.testing.assert_close(asked.amalgamation["bottleneck"].last_weights, padded)  # padding stays out of it

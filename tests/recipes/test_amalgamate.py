@@ -165,3 +165,32 @@ def test_cli_trains_the_foundation_alone_and_predicts_per_task(data, tmp_path, c
     assert sorted(p.name for p in (target / "heart").iterdir())
     assert main(["-q", "predict", str(out), "--input", str(data[0] / "imagesTs"), "--output", str(tmp_path / "x"), "--task", "liver"]) == 1
     assert "no task 'liver'" in capsys.readouterr().err
+
+
+def _one_step_row(data, experts, out, **weights) -> dict:
+    cfg = _cfg(steps=1, **weights)
+    cfg.batch_size, cfg.max_val_cases = 2, 0
+    # lr must be > 0; the logged loss of the one step is that of the weights before its update anyway
+    cfg.train.log_every, cfg.train.lr, cfg.train.precision = 1, 1e-12, "fp32"
+    train_amalgamate(data, experts, out, config=cfg, progress=False)
+    (row,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    return row
+
+
+def test_total_loss_is_the_weighted_sum_of_its_terms(data, experts, tmp_path):
+    # SynthCXR + SynthCXRLung with their own experts: each dataset has a logit teacher, merged tokens
+    # and (sharing "lung") a router target, so every term is live; two datasets a step (the default)
+    # average each term over both. Changing one weight must move the total by exactly
+    # (w' - w) * that term as logged (unweighted); the terms themselves must not move.
+    pair, pair_experts = [data[0], data[2]], [experts[0], experts[2]]
+    base_w = {"kd_logits": 1.0, "kd_features": 0.1, "route_weight": 1.0}
+    terms = {"kd_logits": "loss/kd_logits", "kd_features": "loss/kd_features", "route_weight": "loss/route"}
+    base = _one_step_row(pair, pair_experts, tmp_path / "base", **base_w)
+    assert all(base[t] > 0.01 for t in terms.values()) and base["loss/seg"] > 0.1, base
+    # segmentation has no weight of its own: it enters the total once
+    assert base["loss"] == pytest.approx(base["loss/seg"] + sum(w * base[terms[k]] for k, w in base_w.items()), rel=1e-6, abs=1e-6)
+    for key, new_w in (("kd_logits", 2.5), ("kd_features", 1.1), ("route_weight", 0.25)):
+        row = _one_step_row(pair, pair_experts, tmp_path / key, **{**base_w, key: new_w})
+        for t in ("loss/seg", *terms.values()):
+            assert row[t] == pytest.approx(base[t], rel=1e-6, abs=1e-7), (key, t)
+        assert row["loss"] - base["loss"] == pytest.approx((new_w - base_w[key]) * base[terms[key]], rel=1e-5, abs=1e-6), key

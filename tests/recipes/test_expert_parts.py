@@ -66,3 +66,60 @@ def test_prediction_loaders_come_from_the_recipes(tmp_path):
     good = ckpt.save_checkpoint(tmp_path / "e.safetensors", ckpt.prefixed(net.state_dict(), "model/net"), {"method": "expert", "plan": plan.model_dump(mode="json")})
     model, loaded_plan, record = load_model(good)
     assert loaded_plan == plan and record["method"] == "expert" and not model.training
+
+
+def _dice_ce_by_hand(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """CE + (1 - batch soft Dice over the foreground classes), written out apart from DiceCELoss/MONAI."""
+    y = label[:, 0].long()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    p = logits.softmax(1)
+    onehot = torch.nn.functional.one_hot(y, logits.shape[1]).movedim(-1, 1).float()
+    axes = [0, *range(2, logits.ndim)]
+    dice = (2 * (p * onehot).sum(axes) + 1e-5) / (p.sum(axes) + onehot.sum(axes) + 1e-5)
+    return ce + 1 - dice[1:].mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_train_expert_total_is_dice_plus_ce_with_nnunets_head_weights(deep_supervision, tmp_path, monkeypatch):
+    # The expert's loss has no configurable term weights, so its logged total is pinned against an
+    # independent computation on what the step's loss saw: CE + Dice, and with deep supervision the
+    # heads weighed 4/7, 2/7, 1/7 (1, 1/2, 1/4 normalised). Driven through train_expert for one step.
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.synth import generate_dataset
+    from medalloy.engine.logging import read_metrics
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.planner import plan_dataset
+    from medalloy.recipes import expert as expert_recipe
+
+    path = generate_dataset("Dataset902_SynthCXR", tmp_path / "synth", seed=1, cases_per_source=2, test_cases_per_source=0, progress=False)
+    ds = RawDataset(path)
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64, base_filters=8)
+    plan = plan.model_copy(update={"batch_size": 2, "network": plan.network.model_copy(update={"deep_supervision": deep_supervision})})
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = expert_recipe.expert_loss
+
+    def spying_loss(the_plan):
+        fn = real(the_plan)
+
+        def loss(logits, label):
+            seen.append((logits.detach().float().clone(), label.detach().clone()))
+            return fn(logits, label)
+
+        return loss
+
+    monkeypatch.setattr(expert_recipe, "expert_loss", spying_loss)
+    cfg = expert_recipe.ExpertConfig(folds=2, max_val_cases=0)
+    # lr must be > 0; the logged loss of the one step is that of the weights before its update anyway
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every, cfg.train.lr, cfg.train.precision = 1, 1, 1, 1e-12, "fp32"
+    expert_recipe.train_expert(path, tmp_path / "run", plan=plan, config=cfg, progress=False)
+    (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    ((logits, label),) = seen
+    if deep_supervision:
+        assert logits.shape[:3] == (2, 3, 3)  # (B, full resolution + 2 heads, K): every head reaches the loss
+        heads, weights = logits.unbind(1), [4 / 7, 2 / 7, 1 / 7]
+    else:
+        assert logits.shape[:2] == (2, 3)
+        heads, weights = [logits], [1.0]
+    expected = sum(w * _dice_ce_by_hand(h, label) for w, h in zip(weights, heads))
+    assert row["loss"] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)

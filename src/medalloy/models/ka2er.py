@@ -34,8 +34,9 @@ comes from (``route_logits``; the recipe's cross-entropy), so an image gets the 
 source it resembles, also when asked as another source.
 
 Ablations of the benchmark in the same class: ``hierarchical=False`` (concatenate + 1x1 conv),
-``decoder="plain"`` (one 1x1 head per task), no experts (the layer is self-attention only), no
-amalgamation stages and a plain decoder (the foundation alone).
+``decoder="plain"`` (one 1x1 head per task; stage 3 then has no task condition unless
+``task_adaptive=True`` asks for one, read from a task embedding of the network's own), no experts
+(the layer is self-attention only), no amalgamation stages and a plain decoder (the foundation alone).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class KA2ERNet(nn.Module):
         hierarchical: bool = True,
         decoder: str = "prompt",
         decoder_depth: int = 2,
-        task_adaptive: bool = True,
+        task_adaptive: bool | None = None,
         prior_probability: float | None = 0.01,
         task_experts: list[list[tuple[int, int]]] | None = None,
         route: bool = True,
@@ -151,7 +152,10 @@ class KA2ERNet(nn.Module):
             raise ValueError("give the channels of every expert's tapped stages")
         self.amalgamation = nn.ModuleDict({s: AmalgamationLayer(dim, channels[s], [c[s] for c in per_expert], width, heads, hierarchical) for s in stages})
         prior = 0.0 if prior_probability is None else float(torch.logit(torch.tensor(prior_probability)))
-        self.n_tasks, self.task_adaptive = n_tasks, task_adaptive and decoder == "prompt"
+        # stage 3's task condition is its own switch: None (auto) keeps it where the prompt decoder
+        # has task embeddings to give and drops it with the plain one (the behaviour before the switch)
+        self.n_tasks = n_tasks
+        self.task_adaptive = decoder == "prompt" if task_adaptive is None else bool(task_adaptive)
         if decoder == "prompt":
             self.image_proj = conv1x1(dim, channels["bottleneck"], width)
             self.image_pos = (nn.Conv2d if dim == 2 else nn.Conv3d)(width, width, 3, padding=1, groups=width)
@@ -160,6 +164,13 @@ class KA2ERNet(nn.Module):
             self.decoder = PlainTaskHead(n_tasks, channels["dec0"], prior)
         else:
             raise ValueError(f"decoder must be 'prompt' or 'plain', not {decoder!r}")
+        self.task_embed: nn.Embedding | None = None
+        if self.task_adaptive and decoder == "plain":
+            # created only here, so every other configuration draws the same weights from a seed as before
+            if not hierarchical or not self.amalgamation:
+                raise ValueError("a task condition with the plain decoder needs hierarchical amalgamation stages to read it")
+            self.task_embed = nn.Embedding(n_tasks + 1, width)  # + the null task, as the prompt decoder's
+            nn.init.normal_(self.task_embed.weight, std=0.02)
         self.task_experts = self._check_task_experts(task_experts, n_tasks)
         self.router: nn.Module | None = None
         if self.task_experts and route and self.amalgamation and any(len(e) > 1 for e in self.task_experts):
@@ -233,7 +244,7 @@ class KA2ERNet(nn.Module):
         if not self.task_adaptive:
             return None
         real = (task_ids != self.null_task).float()[..., None]  # padded slots say nothing of the task set
-        prompts = self.decoder.prompts(task_ids)
+        prompts = self.decoder.prompts(task_ids) if self.task_embed is None else self.task_embed(task_ids)
         return (prompts * real).sum(1) / real.sum(1).clamp_min(1.0)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor | None = None) -> dict:

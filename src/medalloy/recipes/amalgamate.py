@@ -93,7 +93,7 @@ class AmalgamateConfig(BaseModel):
     hierarchical: bool = True  # False: concatenate + 1x1 conv (the ablation)
     decoder: Literal["prompt", "plain"] = "prompt"
     decoder_depth: int = Field(2, ge=1)
-    task_adaptive: bool = True
+    task_adaptive: bool | None = None  # stage 3's task condition; None: on with the prompt decoder, off with the plain one
     expert_priors: bool = True  # each task's logits = its own experts' log-odds + the decoder's correction
     route: bool = True  # experts sharing a task weighed per image by a router trained to tell their sources apart
     route_weight: float = Field(1.0, ge=0.0)
@@ -413,6 +413,8 @@ def load_amalgamated(path: str | Path, device: str = "cpu") -> tuple[KA2ERNet, T
         plans = {k: Plan.model_validate(v) for k, v in record["plans"].items()}
         specs = list(record["experts"])
         model = {"route": False, **record["model"]}  # records before the router have none
+        if model.get("decoder") == "plain" and "task_embed.weight" not in ckpt.group(tensors, "model/net"):
+            model["task_adaptive"] = False  # records before the switch say true where the plain decoder had no condition
         net = _build(model, int(record["dim"]), int(record["in_channels"]), len(registry.tasks), [rebuild_expert(s) for s in specs], specs)
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid registry, plans, model or experts", path, "retrain with this medalloy version") from None
