@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev clean mutation mutation-report
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,5 +25,25 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Mutation testing of the method cores (docs/testing.md); not in CI: about 20-30 min on 2 idle cores,
+# about 75 min when the cores are shared. Starts afresh, so edits since the last run are seen; src/ and
+# tests/ are copied into mutants/ in the first minutes, so later edits do not reach this run.
+# Interrupted? `$(BIN)/mutmut run` resumes it; `make mutation-report` prints the table again.
+MUTATION_JOBS ?= 2
+
+$(VENV)/.mutation-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[mutation]"
+	touch $@
+
+mutation: $(VENV)/.mutation-installed
+	rm -rf mutants
+	MEDALLOY_TEST_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/python tools/mutation_report.py > mutants/report.md
+	$(BIN)/python tools/mutation_report.py --table-only
+	@echo "survivors with their diffs: mutants/report.md"
+
+mutation-report:
+	$(BIN)/python tools/mutation_report.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs mutants

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medalloy.errors import MedalloyError
-from medalloy.models.students import MIN_STEM_SIDE, STUDENT_SIZES, build_student, default_stem, student_filters
+from medalloy.models.students import STUDENT_SIZES, build_student, default_stem, student_filters
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import ChannelNorm, Plan
 from medalloy.recipes.universal import shared_network
@@ -124,7 +124,11 @@ def test_default_stem_is_the_deepest_that_keeps_enough_pixels_and_stages():
     assert default_stem(_plan(224), deepest=1) == 1
     assert default_stem(_plan(96)) == 1  # 96 / 4 = 24 < 32, 96 / 2 = 48
     assert default_stem(_plan(48)) == 0  # 24 px after one pooling
-    assert MIN_STEM_SIDE == 32
+    # 32 px where the student starts are enough and 31 are not, at either depth: one six-stage network,
+    # only the patch changes, so the side alone decides
+    six = _plan(128)
+    sides = {(128, 128): 2, (128, 124): 1, (64, 64): 1, (62, 64): 0}
+    assert {s: default_stem(six.model_copy(update={"patch_size": list(s)})) for s in sides} == sides
     # the shortest axis decides: a 3D patch with an unpooled first axis of 20 voxels gets none
     net = _plan(160).network
     anisotropic = _plan(160).model_copy(update={"dim": 3, "patch_size": [20, 160, 160], "network": net.model_copy(update={"strides": [[1, *s] for s in net.strides], "kernels": [[1, *k] for k in net.kernels]})})
