@@ -511,3 +511,160 @@ def test_each_task_slot_is_its_own_tasks_prototype_and_unrequested_tasks_are_ine
         after = net(x, ids, mod)
     torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=0)
     torch.testing.assert_close(after["modality_logits"], before["modality_logits"], rtol=0, atol=0)
+
+
+def test_num_heads_falls_back_to_the_largest_divisor_below_channels_over_32():
+    # 100 channels: 3 heads would not divide, 2 do; 200: 6 -> 5 (not 7, 8 or 4)
+    assert [num_heads(c) for c in (100, 112, 200, 224)] == [2, 2, 5, 7]
+    block = BidirectionalFusion(100)
+    assert block.prior_reads.heads == block.feature_reads.heads == 2
+
+
+def test_cross_attention_matches_multihead_attention_with_trained_biases():
+    # in_proj_bias starts at zero, so a fresh module cannot show whether the q and k/v biases are
+    # applied; with every parameter drawn (as after training) it must still be nn.MultiheadAttention
+    torch.manual_seed(0)
+    ours = _randomise(CrossAttention(64, 2), seed=4)
+    assert ours.in_proj_bias.abs().min() > 0
+    reference = torch.nn.MultiheadAttention(64, 2, batch_first=True)
+    reference.load_state_dict(ours.state_dict())
+    q, kv = torch.randn(2, 9, 64), torch.randn(2, 5, 64)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, :2] = True
+    with torch.no_grad():
+        expected = reference(q, kv, kv, key_padding_mask=padding, need_weights=False)[0]
+        torch.testing.assert_close(ours(q, kv, padding), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_mlps_are_linear_gelu_linear_at_ratio_4():
+    # the paper's MLP (ratio 4, GELU between the two maps), as the fusion layer builds it
+    torch.manual_seed(0)
+    layer = _randomise(PriorFusionLayer(32, n_tasks=2, n_modalities=2), seed=5)
+    x = torch.randn(3, 7, 32)
+    for mlp in (layer.blocks[0].prior_mlp, layer.blocks[0].feature_mlp):
+        first, last = mlp[0], mlp[-1]
+        assert (first.in_features, first.out_features, last.out_features) == (32, 128, 32)
+        with torch.no_grad():
+            expected = torch.nn.functional.gelu(x @ first.weight.T + first.bias) @ last.weight.T + last.bias
+            torch.testing.assert_close(mlp(x), expected)
+
+
+def test_prior_tables_start_at_the_requested_scale():
+    # both tables (task and modality) are drawn at N(0, std^2), and build_hermes hands std down to every layer
+    torch.manual_seed(0)
+    bank = PriorBank(n_tasks=3, n_modalities=2, channels=64, tokens_per_modality=10, init_std=0.02)
+    assert bank.task.std().item() == pytest.approx(0.02, rel=0.15)
+    assert bank.modality.std().item() == pytest.approx(0.02, rel=0.15)
+    for std in (0.02, 1.0):
+        net = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=std)
+        for layer in net.fusion.values():
+            assert layer.bank.task.std().item() == pytest.approx(std, rel=0.3)
+            assert layer.bank.modality.std().item() == pytest.approx(std, rel=0.15)
+
+
+@pytest.mark.parametrize("width", [None, 32, 64])
+def test_full_width_fusion_layer_has_no_projections(width):
+    # width >= channels: the blocks run on the features themselves (no Down/Up maps), and
+    # identity_init zeroes the blocks' last feature maps
+    torch.manual_seed(0)
+    layer = PriorFusionLayer(32, n_tasks=3, n_modalities=2, width=width, identity_init=True)
+    assert layer.width == 32 and layer.down is None and layer.up is None
+    assert sum(p.numel() for p in layer.parameters()) == sum(p.numel() for m in (layer.bank, layer.blocks) for p in m.parameters())
+    block = layer.blocks[0]
+    assert all(int(torch.count_nonzero(m.weight)) == 0 for m in (block.feature_reads.out_proj, block.feature_mlp[-1]))
+
+
+def test_build_hermes_hands_on_depth_scales_and_input_channels():
+    from medalloy.models.hermes import HermesNet
+
+    torch.manual_seed(0)
+    # fusion_scales=1 (the recipe's default): the bottleneck only, not the default three scales
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, in_channels=2, depth=2, fusion_scales=1)
+    assert net.fusion_stages == ["bottleneck"]
+    assert all(len(layer.blocks) == 2 for layer in net.fusion.values())
+    # in_channels given with a Plan overrides the plan's
+    out = net(torch.randn(1, 2, 32, 32), torch.tensor([[0]]), torch.tensor([0]))
+    assert out["logits"].shape == (1, 1, 32, 32)
+    # a HermesNet built without a stage list fuses at default_fusion_stages of its backbone
+    backbone = build_unet(_plan().network, in_channels=1, out_channels=1, spatial_dims=2)
+    direct = HermesNet(backbone, [8, 16, 32, 64], n_tasks=3, n_modalities=2)
+    assert direct.fusion_stages == ["enc2", "bottleneck", "dec2"]
+
+
+def test_hermes_backbone_drops_deep_supervision_heads():
+    # a shared network taken from an expert plan may carry deep supervision; its extra heads would
+    # be parameters without gradients (DDP stalls on them)
+    plan = _plan()
+    plan = plan.model_copy(update={"network": plan.network.model_copy(update={"deep_supervision": True})})
+    torch.manual_seed(0)
+    net = build_hermes(plan, n_tasks=3, n_modalities=2)
+    assert not any("deep_supervision" in k for k in net.state_dict())
+    out = net(torch.randn(1, 1, 32, 32), torch.tensor([[0, 1]]), torch.tensor([1]))
+    (out["logits"].sum() + out["modality_logits"].sum()).backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+
+
+def test_task_and_modality_heads_are_layernorm_mlps():
+    # prototype = Linear(GELU(Linear(LN(task tokens of every fused scale)))); modality logits =
+    # Linear(LN(mean modality tokens of every fused scale)); checked with every parameter drawn
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2)
+    _randomise(net.task_head, seed=6)
+    _randomise(net.modality_head, seed=7)
+    net.eval()
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
+    tasks, modality = [], []
+
+    def fuse(stage, f):
+        if stage not in net.fusion:
+            return f
+        f, t, m = net.fusion[stage](f, ids, mod)
+        tasks.append(t)
+        modality.append(m.mean(1))
+        return f
+
+    F = torch.nn.functional
+    ln, fc1, fc2 = net.task_head[0], net.task_head[1], net.task_head[-1]
+    mln, mfc = net.modality_head[0], net.modality_head[-1]
+    assert isinstance(ln, torch.nn.LayerNorm) and isinstance(mln, torch.nn.LayerNorm)
+    with torch.no_grad():
+        out = net(x, ids, mod)
+        f = run_stages(net.backbone, x, fuse)
+        t, m = torch.cat(tasks, dim=-1), torch.cat(modality, dim=-1)
+        d = t.shape[-1]
+        prototypes = F.linear(F.gelu(F.linear(F.layer_norm(t, (d,), ln.weight, ln.bias), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        modality_logits = F.linear(F.layer_norm(m, (d,), mln.weight, mln.bias), mfc.weight, mfc.bias)
+    assert fc1.weight.shape == (d, d) and fc2.weight.shape == (8, d)
+    torch.testing.assert_close(out["logits"], torch.einsum("bchw,btc->bthw", f, prototypes))
+    torch.testing.assert_close(out["modality_logits"], modality_logits)
+
+
+def test_task_offsets_start_at_zero_without_priors_and_at_logit_p_with_them():
+    torch.manual_seed(0)
+    plain = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="none")
+    # one row per task plus the null task, as in a checkpoint
+    assert plain.task_weight.weight.shape == (4, 8) and plain.task_bias.weight.shape == (4, 1)
+    torch.testing.assert_close(plain.task_bias.weight, torch.zeros(4, 1), rtol=0, atol=0)
+    prior = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_probability=0.01)
+    assert prior.task_bias.weight.shape == (4, 1)
+    torch.testing.assert_close(prior.task_bias.weight, torch.full((4, 1), -4.59512), rtol=0, atol=1e-5)  # log(0.01 / 0.99)
+
+
+def test_feature_tap_reads_the_fused_features_at_fused_stages():
+    # distillation and amalgamation read a stage through FeatureTap: at a fused stage that is the
+    # fusion layer's output (what the next block sees), not the backbone block's
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    seen = {}
+    hooks = [
+        net.fusion["bottleneck"].register_forward_hook(lambda m, i, o: seen.__setitem__("fused", o[0])),
+        net.backbone.bottleneck.register_forward_hook(lambda m, i, o: seen.__setitem__("raw", o)),
+        net.backbone.downsamples[0].register_forward_hook(lambda m, i, o: seen.__setitem__("enc1", o)),
+    ]
+    with torch.no_grad(), FeatureTap(net, ["enc1", "bottleneck"]) as tap:
+        net(torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 0]]), torch.tensor([0, 1]))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(tap.features["bottleneck"], seen["fused"], rtol=0, atol=0)
+    assert (seen["fused"] - seen["raw"]).abs().max() > 1e-3
+    torch.testing.assert_close(tap.features["enc1"], seen["enc1"], rtol=0, atol=0)
