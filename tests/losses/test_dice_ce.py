@@ -84,3 +84,14 @@ def test_bf16_logits_computed_in_fp32_and_differentiable():
     z = logits.clone().requires_grad_(True)
     DiceCELoss()(z, target).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_smoothing_term_is_the_one_given():
+    # smooth enters numerator and denominator alike; a large one makes the difference visible
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 3, 4, 4))
+    target = rng.integers(0, 3, size=(2, 4, 4))
+    got = DiceCELoss(smooth=1.0)(torch.tensor(logits, dtype=torch.float32), torch.tensor(target)).item()
+    ref = _reference(logits, target, smooth=1.0)
+    assert abs(ref - _reference(logits, target)) > 1e-3
+    assert got == pytest.approx(ref, abs=1e-5)

@@ -374,3 +374,61 @@ def test_teacher_confidence_is_one_minus_the_normalised_entropy_by_hand():
         want.append(1 - sum(h) / len(h))
     got = confidence(torch.tensor(zt).T.reshape(1, 2, 1, 2), "sigmoid").flatten().tolist()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- edge cases the recipes reach
+def test_uniform_confidence_however_small_is_the_unweighted_mean():
+    # a teacher unsure everywhere alike weighs every pair alike: the weights' sum (here 4 x 4 x 0.05^2
+    # per image, far below 1) only normalises, it must not leak into the value
+    g = torch.Generator().manual_seed(30)
+    s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 2, 4, 4, generator=g)
+    plain = _ref_affinity(s, t, (2, 2)).item()
+    assert plain > 1e-3
+    for scope in ("image", "batch"):
+        got = SpatialAffinityLoss(4 if scope == "image" else 8, weighting="confidence", scope=scope)(s, t, torch.full((2, 4, 4), 0.05))
+        ref = _ref_affinity(s, t, (2, 2), one_set=scope == "batch").item()
+        assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_fewer_positions_than_two_per_axis_pool_each_axis_to_one_cell():
+    # max_positions 4 in 3-D (the recipe allows >= 4): floor(4 ** (1/3)) = 1, so one cell a volume,
+    # never a 2 x 2 x 2 grid of 8 > 4 positions; the batch scope gets there with 8 // 2 = 4 an image
+    assert grid_for((4, 4, 4), 4) == (1, 1, 1)
+    assert grid_for((4, 4), 3) == (1, 1)
+    assert grid_for((4, 4), 4) == (2, 2)
+    g = torch.Generator().manual_seed(31)
+    s, t = torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, 5, 4, 4, 4, generator=g)
+    ref = _ref_affinity(s, t, (1, 1, 1), one_set=True).item()
+    assert ref > 1e-3  # one position an image: only the cross-image relation is left
+    assert SpatialAffinityLoss(8, weighting="none", scope="batch")(s, t).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_affinity_refuses_student_and_teacher_batches_that_differ():
+    # a batch of one would otherwise broadcast silently against the teacher's two images
+    g = torch.Generator().manual_seed(32)
+    with pytest.raises(ValueError, match="pair up"):
+        SpatialAffinityLoss(4, weighting="none")(torch.randn(1, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g))
+
+
+def test_logit_kd_softmax_is_over_the_class_axis_for_any_number_of_spatial_axes():
+    # (B, K, N) logits, e.g. a flattened sequence of positions: the classes are axis 1 there too
+    g = torch.Generator().manual_seed(33)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    for temp in (2.0, 1.0, 0.5):  # the recipes accept any temperature > 0, 1 (plain KD) included
+        assert LogitKDLoss(temp)(s, t).item() == pytest.approx(_ref_kd(s, t, temp).item(), rel=1e-5)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            LogitKDLoss(bad)
+
+
+def test_binary_logit_kd_without_weights_and_with_fractional_weights():
+    g = torch.Generator().manual_seed(34)
+    s, t = torch.randn(2, 2, 3, 3, generator=g), torch.randn(2, 2, 3, 3, generator=g)
+    loss = LogitKDLoss(2.0, binary=True)
+    # no weight: every slot counts once
+    assert loss(s, t).item() == pytest.approx(_ref_kd(s, t, 2.0, torch.ones(2, 2)).item(), rel=1e-5)
+    # a weighted mean: weights summing to less than 1 are normalised like any others
+    w = torch.tensor([[0.1, 0.3], [0.2, 0.0]])
+    ref = _ref_kd(s, t, 2.0, w).item()
+    assert abs(ref - _ref_kd(s, t, 2.0, torch.ones(2, 2)).item()) > 1e-3 * ref
+    assert loss(s, t, w).item() == pytest.approx(ref, rel=1e-5)

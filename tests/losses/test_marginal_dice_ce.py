@@ -52,3 +52,34 @@ def test_gradients_flow_and_bad_inputs_are_refused() -> None:
         MarginalDiceCELoss(3, [0])
     with pytest.raises(ValueError, match="built for 3"):
         MarginalDiceCELoss(3, [1])(torch.randn(1, 4, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_an_unannotated_first_class_is_merged_into_background() -> None:
+    # the dataset annotates class 2 only: softmax over [logsumexp(z_0, z_1), z_2] gives [p_0 + p_1, p_2],
+    # so the marginal loss is the plain two-class DiceCELoss on those logits, target 2 read as 1
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    y = torch.randint(0, 2, (2, 1, 4, 4), generator=g) * 2
+    merged = torch.cat([torch.logsumexp(z[:, :2], 1, keepdim=True), z[:, 2:]], 1)
+    want = DiceCELoss()(merged, y // 2).item()
+    assert abs(want - DiceCELoss()(z, y).item()) > 1e-2
+    assert MarginalDiceCELoss(3, [2])(z, y).item() == pytest.approx(want, abs=1e-5)
+
+
+def test_the_smoothing_term_reaches_both_dice_terms() -> None:
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    y = torch.randint(0, 3, (2, 1, 4, 4), generator=g)
+    want = DiceCELoss(smooth=1.0)(z, y).item()
+    assert abs(want - DiceCELoss()(z, y).item()) > 1e-3
+    assert MarginalDiceCELoss(3, [1, 2], smooth=1.0)(z, y).item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [3, 4, -1])
+def test_a_target_outside_the_network_classes_is_refused(bad: int) -> None:
+    # class 2 is annotated: a target of 3 (or an ignore label -1) must not be read as class 2 by a clamp
+    # or a wrapped index
+    y = torch.zeros(1, 1, 2, 2, dtype=torch.long)
+    y[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="outside background and the annotated"):
+        MarginalDiceCELoss(3, [1, 2])(torch.randn(1, 3, 2, 2), y)

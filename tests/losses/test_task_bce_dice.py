@@ -162,3 +162,61 @@ def test_exclusive_classes_compete_for_a_pixel():
         g_bce = z.grad.clone() * 2  # the mean over two slots halves the BCE's gradient
         assert (abs(float(g_excl[0, 0] - g_bce[0, 0])) > 0.05) == differs
         assert float(g_excl[0, 0]) < 0  # slot 1 is always pushed up on its own pixel
+
+
+def test_adaptive_alpha_follows_the_smaller_error_too():
+    # under-segmentation (FN > FP): alpha = FP / (FP + FN) < 0.5 here, not the soft Dice's 0.5
+    rng = np.random.default_rng(4)
+    z = rng.normal(-1.5, 2, (2, 2, 6, 5)).astype(np.float32)
+    y = (rng.random((2, 2, 6, 5)) < 0.7).astype(np.float32)
+    w = np.ones((2, 2), np.float32)
+    p = 1 / (1 + np.exp(-z.astype(np.float64)))
+    fp, fn = (p * (1 - y)).sum((0, 2, 3)), ((1 - p) * y).sum((0, 2, 3))
+    assert np.all(fp / (fp + fn) < 0.4)
+    got = TaskBCEDiceLoss()(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w))
+    assert float(got) == pytest.approx(_reference(z, y, w), rel=1e-5)
+
+
+def test_one_task_with_errors_summing_below_one_matches_the_formula():
+    # one task (the Dice term is its own, not halved) and a nearly right prediction whose FP and FN,
+    # 0.14 and 0.30, sum below 1: alpha is still their ratio, 0.33
+    y = torch.zeros(1, 1, 4, 4)
+    y[..., :2, :] = 1
+    z = torch.where(y > 0, 3.25, -4.0)
+    p = torch.sigmoid(z.double())
+    fp, fn = float((p * (1 - y)).sum()), float(((1 - p) * y).sum())
+    assert fp + fn < 1 and 0.25 < fp / (fp + fn) < 0.4 and fp < 0.2
+    loss = TaskBCEDiceLoss()
+    total = loss(z, y, torch.ones(1, 1))
+    want = _reference(z.numpy(), y.numpy(), np.ones((1, 1), np.float32))
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    bce = float(torch.nn.functional.binary_cross_entropy_with_logits(z.double(), y.double()))
+    # the parts the universal recipe logs under these names
+    assert float(loss.last["bce"]) == pytest.approx(bce, rel=1e-5)
+    assert float(loss.last["dice"]) == pytest.approx(want - bce, rel=1e-4)
+
+
+def test_a_confidently_empty_prediction_of_an_empty_target_costs_nothing():
+    # no TP, FP or FN to speak of: the smoothing term makes the Tversky index 1 (the docstring's
+    # batch Dice with s = 1e-5), not 0 or -1
+    y = torch.zeros(2, 1, 4, 4)
+    assert float(TaskBCEDiceLoss()(torch.full_like(y, -30.0), y, torch.ones(2, 1))) < 1e-5
+
+
+def test_fractional_weights_are_a_weighted_mean():
+    # weights summing below 1 normalise like any others, in the per-task BCE and the exclusive CE
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, (2, 2, 4, 4)).astype(np.float32)
+    lab = rng.integers(0, 3, (2, 4, 4))
+    y = np.stack([(lab == k + 1) for k in range(2)], 1).astype(np.float32)
+    w = np.array([[0.2, 0.3], [0.1, 0.0]], np.float32)
+    args = (torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w))
+    assert float(TaskBCEDiceLoss()(*args)) == pytest.approx(_reference(z, y, w), rel=1e-5)
+    exclusive = TaskBCEDiceLoss(exclusive=True)
+    exclusive(*args)
+    assert float(exclusive.last["bce"]) == pytest.approx(_exclusive_reference(z, y, w), rel=1e-5)
+
+
+def test_a_target_of_another_shape_is_refused_not_broadcast():
+    with pytest.raises(ValueError, match="weight"):
+        TaskBCEDiceLoss()(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 1, 1), torch.ones(2, 3))
