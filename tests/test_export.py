@@ -43,10 +43,10 @@ def runs(data, tmp_path_factory):
     ds = RawDataset(data[0])
     plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64, base_filters=4)
     expert = ExpertConfig(folds=2, max_val_cases=1)
-    expert.train.steps, expert.train.val_every = 3, 3
+    expert.train.steps, expert.train.val_every, expert.train.precision = 3, 3, "fp32"  # the int8 floor below: not the CPU's bf16 units
     train_expert(data[0], root / "expert", plan=plan, config=expert, progress=False)
     cfg = UniversalConfig(base_filters=4, max_2d_side=64, max_val_cases=1, folds=2)
-    cfg.train.steps, cfg.train.val_every = 3, 3
+    cfg.train.steps, cfg.train.val_every, cfg.train.precision = 3, 3, "fp32"
     train_universal(data, root / "universal", config=cfg, progress=False)
     return root
 
@@ -142,3 +142,40 @@ def test_int8_export_quantizes_weights_and_activations_and_stays_close(data, run
         got = load_onnx(f)[0](x).flatten()
         corr = float(torch.corrcoef(torch.stack([got, ref]))[0, 1])
         assert corr > 0.9, f"{f.name}: {corr}"  # measured 0.958 static, 0.988 dynamic; a broken scale gives ~0
+
+
+def test_failed_dynamic_export_falls_back_to_the_patch_and_says_why(runs, tmp_path, monkeypatch, caplog):
+    """A network whose graph fixes its sizes still exports (at the plan's patch), but the warning and
+    the sidecar name the exporter's error; an error that is not the exporter's is not swallowed."""
+    import logging
+
+    model, plan, _ = load_model(runs / "expert" / "checkpoints" / "best.safetensors")
+    real = torch.onnx.export
+    summary = "<class 'torch.fx.experimental.symbolic_shapes.ConstraintViolationError'>: 96 not in range [4, 8]"
+
+    def fixed_sizes(*args, dynamic_shapes, **kwargs):
+        if len(dynamic_shapes[0]) > 1:  # spatial axes asked for: fail as torch.export does on such a graph
+            raise torch.onnx.errors.OnnxExporterError(f"Failed to export the model with \x1b[96mtorch.export\x1b[0m.\n\n## Exception summary\n\n{summary}\n\nmore advice")
+        return real(*args, dynamic_shapes=dynamic_shapes, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", fixed_sizes)
+    out = tmp_path / "static.onnx"
+    with caplog.at_level(logging.WARNING, logger="medalloy.export"):
+        meta = export_onnx(runs / "expert", out)
+    reason = f"OnnxExporterError: {summary}"
+    assert meta["spatial"] == {"dynamic": False, "multiple_of": plan.network.total_stride(), "static_reason": reason}
+    assert json.loads(sidecar_path(out).read_text(encoding="utf-8"))["spatial"]["static_reason"] == reason
+    assert meta["input"]["shape"] == ["batch", plan.in_channels, *plan.patch_size]
+    warned = [r.getMessage() for r in caplog.records if r.name == "medalloy.export" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and reason in warned[0] and "\n" not in warned[0], warned
+    assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3  # the fallback graph is the same network
+
+    def broken(*args, dynamic_shapes, **kwargs):
+        if len(dynamic_shapes[0]) > 1:  # only the dynamic attempt: the static one would succeed, hiding the bug
+            raise ValueError("a bug, not a graph with fixed sizes")
+        return real(*args, dynamic_shapes=dynamic_shapes, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        export_onnx(runs / "expert", tmp_path / "bug.onnx")
+    assert not (tmp_path / "bug.onnx").exists() and not sidecar_path(tmp_path / "bug.onnx").exists()

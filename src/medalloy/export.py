@@ -1,7 +1,7 @@
 """``medalloy export RUN --format onnx --out FILE.onnx``: a trained model as an ONNX graph (opset >= 17,
 dynamic batch; dynamic spatial size, any multiple of the network's total stride per axis, where the
 network exports so (else the plan's patch, which is what the sliding window feeds it; the sidecar's
-``spatial`` says which) and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
+``spatial`` says which, and ``spatial.static_reason`` why, also logged as a warning) and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
 dataset (``dataset``: its tasks, modality, preprocessing) or to a task list (``tasks``).
 
 ``quantize="int8"`` writes the int8 graph instead (``interop/quantize.py``): static quantization
@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ from medalloy.jsonio import write_json_atomic
 from medalloy.runs import resolve_checkpoint
 
 MIN_OPSET = 17
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -173,5 +176,16 @@ def _export(model: torch.nn.Module, example: torch.Tensor, opset: int, multiple:
 
     try:
         return run({0: batch, **spatial_axes}), {"dynamic": True, "multiple_of": multiple}
-    except Exception:  # a network whose graph fixes its sizes (the exporter raises several types): keep the plan's patch
-        return run({0: batch}), {"dynamic": False, "multiple_of": multiple}
+    except torch.onnx.errors.OnnxExporterError as error:  # the base of the exporter's capture and conversion errors
+        # a network whose graph fixes its sizes: keep the plan's patch, and say why rather than hide it
+        reason = _one_line(error)
+        log.warning("ONNX export: dynamic spatial axes failed, exporting the plan's fixed patch instead (%s)", reason)
+        return run({0: batch}), {"dynamic": False, "multiple_of": multiple, "static_reason": reason}
+
+
+def _one_line(error: Exception) -> str:
+    """The error's type and the exporter's own summary of its cause (the first line of its message
+    is generic advice), colour codes stripped."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    cause = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "## Exception summary"), None)
+    return f"{type(error).__name__}: {cause or (lines[0] if lines else '')}"

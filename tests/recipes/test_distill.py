@@ -35,7 +35,7 @@ def teacher(cxr, tmp_path_factory):
     ds = RawDataset(cxr)
     plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64)
     cfg = ExpertConfig(folds=4, max_val_cases=2)
-    cfg.train.steps, cfg.train.val_every = 120, 120
+    cfg.train.steps, cfg.train.val_every, cfg.train.precision = 120, 120, "fp32"  # the students' floors: not the CPU's bf16 units
     out = tmp_path_factory.mktemp("runs") / "teacher"
     train_expert(cxr, out, plan=plan, config=cfg, progress=False)
     return out
@@ -43,7 +43,7 @@ def teacher(cxr, tmp_path_factory):
 
 def _cfg(losses: str, steps: int = 60) -> DistillConfig:
     cfg = DistillConfig(losses=losses, folds=4, max_val_cases=2)
-    cfg.train.steps, cfg.train.val_every, cfg.train.log_every = steps, steps, 10
+    cfg.train.steps, cfg.train.val_every, cfg.train.log_every, cfg.train.precision = steps, steps, 10, "fp32"
     return cfg
 
 
@@ -77,7 +77,7 @@ def _student_predicts_the_dataset_labels(cxr, student_run, out):
     values, on the label's grid, with the lung found; returns the mean lung Dice."""
     val = json.loads((student_run / "split.json").read_text(encoding="utf-8"))["val"]
     ds = RawDataset(cxr)
-    written = predict_cases(student_run, cxr, val, out, progress=False)
+    written = predict_cases(student_run, cxr, val, out, precision="fp32", progress=False)
     scores = []
     for case_id, path in zip(val, written):
         pred, truth = read_label(path)[0], read_label(ds.case(case_id).label)[0]
@@ -96,7 +96,7 @@ def universal_teacher(cxr, tmp_path_factory):
         "Dataset903_SynthCXRLung", tmp_path_factory.mktemp("synth"), seed=6, cases_per_source=3, test_cases_per_source=1, progress=False
     )
     cfg = UniversalConfig(max_2d_side=64, base_filters=8, max_val_cases=2, folds=4)
-    cfg.train.steps, cfg.train.val_every = 60, 60
+    cfg.train.steps, cfg.train.val_every, cfg.train.precision = 60, 60, "fp32"
     out = tmp_path_factory.mktemp("runs") / "universal"
     train_universal([lung_only, cxr], out, config=cfg, progress=False)
     return out
@@ -174,7 +174,7 @@ def test_an_amalgamated_teacher_distils_through_the_cli(cxr, teacher, tmp_path, 
     from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
 
     acfg = AmalgamateConfig(folds=4, max_val_cases=2, max_2d_side=64, width=32, batch_size=4)
-    acfg.train.steps, acfg.train.val_every = 16, 16
+    acfg.train.steps, acfg.train.val_every, acfg.train.precision = 16, 16, "fp32"
     ka = tmp_path / "ka"
     train_amalgamate([cxr], [teacher], ka, config=acfg, progress=False)
     best = ka / "checkpoints" / "best.safetensors"
@@ -182,7 +182,7 @@ def test_an_amalgamated_teacher_distils_through_the_cli(cxr, teacher, tmp_path, 
     config = tmp_path / "distill.yaml"
     config.write_text("folds: 4\nmax_val_cases: 2\ntrain:\n  val_every: 30\n  log_every: 1\n", encoding="utf-8")
     out = tmp_path / "student"
-    assert main(["-q", "distill", str(cxr), "--teacher", str(ka), "--out", str(out), "--steps", "30", "--config", str(config)]) == 0
+    assert main(["-q", "distill", str(cxr), "--teacher", str(ka), "--out", str(out), "--steps", "30", "--config", str(config), "--precision", "fp32"]) == 0
     assert "student of" in capsys.readouterr().out
     after = ckpt.load_checkpoint(best)[0]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # experts and foundation untouched
@@ -353,3 +353,49 @@ def test_an_augment_preset_name_keeps_the_yaml_augment_fields_over_it(cxr, tmp_p
         train_distill(cxr, "unused-teacher", tmp_path / "out", config=cfg_file, progress=False, augment="strong")
     assert resolved[0].augment.p_blur == 0.9 and resolved[0].augment.p_contrast == 0.5
     assert not (tmp_path / "out").exists()
+
+
+# distinct non-zero weights, so a term combined with another term's weight changes the total wrongly
+TERM_WEIGHTS = {"logits": 0.7, "kernel": 1.3, "affinity": 0.4, "cross": 1.9, "cwd": 0.6}
+# the weight each logged term enters with (skd's unweighted pairwise affinity takes the affinity weight)
+WEIGHT_OF = {"logits": "logits", "kernel": "kernel", "affinity": "affinity", "pairwise": "affinity", "cross": "cross", "cwd": "cwd"}
+
+
+@pytest.fixture(scope="module")
+def first_step(cxr, teacher, tmp_path_factory):
+    """``(losses, weights) -> the metrics row of a one-step run``, each run once. The logged values
+    of step 1 come from the initial weights (the update follows the forward pass), so the learning
+    rate plays no part (TrainConfig refuses lr 0); fp32 keeps them off the CPU's bf16 units."""
+    rows: dict = {}
+
+    def run(losses: str, weights: dict[str, float]) -> dict:
+        key = (losses, tuple(sorted(weights.items())))
+        if key not in rows:
+            # a small batch and few sampled positions only make the run faster
+            cfg = DistillConfig(losses=losses, folds=4, max_val_cases=1, weights=weights, batch_size=2, max_positions=32)
+            cfg.train.steps, cfg.train.val_every, cfg.train.log_every, cfg.train.precision = 1, 1, 1, "fp32"
+            out = tmp_path_factory.mktemp("total")
+            train_distill(cxr, teacher, out, config=cfg, progress=False, seed=3)
+            [row] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+            rows[key] = row
+        return rows[key]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("losses", "term"),
+    [*[("relation_cross", t) for t in ("logits", "kernel", "affinity", "cross")], ("skd", "pairwise"), ("cwd", "cwd")],
+)
+def test_the_total_loss_is_the_weighted_sum_of_the_logged_terms(first_step, losses, term):
+    base = first_step(losses, TERM_WEIGHTS)
+    terms = {k[5:]: v for k, v in base.items() if k.startswith("loss/")}
+    assert term in terms and all(v > 0 for v in terms.values()), terms
+    # the seg term has no weight (1); every other term enters with its own weight, and nothing else does
+    weighted = terms["seg"] + sum(TERM_WEIGHTS[WEIGHT_OF[k]] * v for k, v in terms.items() if k != "seg")
+    assert base["loss"] == pytest.approx(weighted, rel=1e-5)
+    name = WEIGHT_OF[term]
+    changed = first_step(losses, {**TERM_WEIGHTS, name: TERM_WEIGHTS[name] + 2.0})
+    assert {k: changed[f"loss/{k}"] for k in terms} == pytest.approx(terms, rel=1e-6)  # the same step, the same terms
+    # the weight scales the logged (unweighted) term, and only it
+    assert changed["loss"] - base["loss"] == pytest.approx(2.0 * terms[term], rel=1e-4, abs=1e-5)

@@ -28,7 +28,7 @@ def cxr(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cxr_run(cxr, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "cxr"
-    result = train_expert(cxr, run, steps=60, batch_size=6, val_every=30, seed=0, progress=False)
+    result = train_expert(cxr, run, steps=60, batch_size=6, val_every=30, seed=0, precision="fp32", progress=False)
     return run, result
 
 
@@ -50,7 +50,7 @@ def test_expert_learns_synthetic_cxr(cxr_run):
 def test_predict_and_evaluate_held_out(cxr, cxr_run, tmp_path):
     run, _ = cxr_run
     pred = tmp_path / "pred"
-    written = predict_folder(run, cxr / "imagesTs", pred, probabilities=True, progress=False)
+    written = predict_folder(run, cxr / "imagesTs", pred, probabilities=True, precision="fp32", progress=False)
     ds = RawDataset(cxr)
     assert sorted(p.name for p in written) == sorted(f"{c.case_id}.png" for c in ds.test_cases())
     for case in ds.test_cases():

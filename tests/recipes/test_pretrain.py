@@ -371,3 +371,44 @@ def test_auto_text_encoder_takes_minilm_when_installed_and_records_it(pairs, tmp
     assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["text_encoder"] == "minilm"
     model, enc_tok, dec_tok, _ = load_pretrained(out)
     assert isinstance(model.text, te.MiniLMTextEncoder) and enc_tok is not dec_tok
+
+
+# distinct non-zero weights, so a term combined with another term's weight changes the total wrongly
+TERM_WEIGHTS = {"global_alignment": 0.7, "token_alignment": 1.3, "summary": 0.4, "caption": 1.9, "distill": 0.6}
+WEIGHT_OF = {"global": "global_alignment", "token": "token_alignment", "summary": "summary", "caption": "caption", "distill": "distill"}
+
+
+@pytest.fixture(scope="module")
+def joint_first_step(pairs, tmp_path_factory):
+    """``weights -> the metrics row of stage 2's one step`` (HybridMED: every term), each run once.
+    Stage 1 does not see the weights, so every run starts stage 2 from the same model and teacher;
+    step 1's logged values come before its update, so the learning rate plays no part (TrainConfig
+    refuses lr 0); fp32 keeps them off the CPU's bf16 units."""
+    rows: dict = {}
+
+    def run(weights: dict[str, float]) -> dict:
+        key = tuple(sorted(weights.items()))
+        if key not in rows:
+            out = tmp_path_factory.mktemp("total")
+            cfg = tiny_config(weights=weights, val_fraction=0.0)
+            over = {**TINY, "summarize_steps": 1, "steps": 1, "val_every": 1, "precision": "fp32", "seed": 3}
+            pretrain(pairs / "pairs.csv", out, text_only=pairs / "reports.csv", config=cfg, progress=False, **over)
+            [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+            rows[key] = row
+        return rows[key]
+
+    return run
+
+
+@pytest.mark.parametrize("term", ["global", "token", "summary", "caption", "distill"])
+def test_the_joint_loss_is_the_weighted_sum_of_the_logged_terms(joint_first_step, term):
+    base = joint_first_step(TERM_WEIGHTS)
+    terms = {k: base[k] for k in WEIGHT_OF}
+    assert all(v > 0 for v in terms.values()), terms
+    # every term enters with its own weight, and nothing else does
+    assert base["loss"] == pytest.approx(sum(TERM_WEIGHTS[WEIGHT_OF[k]] * v for k, v in terms.items()), rel=1e-5)
+    name = WEIGHT_OF[term]
+    changed = joint_first_step({**TERM_WEIGHTS, name: TERM_WEIGHTS[name] + 2.0})
+    assert {k: changed[k] for k in terms} == pytest.approx(terms, rel=1e-6)  # the same step, the same terms
+    # the weight scales the logged (unweighted) term, and only it
+    assert changed["loss"] - base["loss"] == pytest.approx(2.0 * terms[term], rel=1e-4, abs=1e-5)

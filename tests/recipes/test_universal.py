@@ -34,7 +34,7 @@ def three(four):
 def run(four, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uni"
     cfg = UniversalConfig(patch_size=64, batch_size=8, base_filters=8, max_val_cases=2, folds=4)
-    cfg.train.steps, cfg.train.val_every = 150, 75
+    cfg.train.steps, cfg.train.val_every, cfg.train.precision = 150, 75, "fp32"  # the floors below: not the CPU's bf16 units
     given = cfg.model_dump()
     res = train_universal(four, out, config=cfg, progress=False)
     assert cfg.model_dump() == given  # the caller's config is not changed (progress=False included)
@@ -89,7 +89,7 @@ def test_predict_held_out_cases_per_dataset(three, run, tmp_path):
     for path, values in zip(three, ({0, 1, 2}, {0, 1}, {0, 1})):
         ds = RawDataset(path)
         ids = [c.case_id for c in ds.labelled_cases()[:2]]
-        written = predict_cases(out, path, ids, tmp_path / ds.name, progress=False)
+        written = predict_cases(out, path, ids, tmp_path / ds.name, precision="fp32", progress=False)
         for cid, f in zip(ids, written):
             pred, truth = read_label(f)[0], read_label(ds.case(cid).label)[0]
             assert pred.shape == truth.shape and set(np.unique(pred)) <= values
@@ -128,7 +128,7 @@ def test_predict_per_task_masks_and_dataset_by_folder_name(three, run, tmp_path,
     out, _ = run
     cxr = three[0]
     target = tmp_path / "tasks"
-    assert main(["-q", "predict", str(out), "--input", str(cxr / "imagesTs"), "--output", str(target), "--task", "lung", "--task", "heart"]) == 0
+    assert main(["-q", "predict", str(out), "--input", str(cxr / "imagesTs"), "--output", str(target), "--task", "lung", "--task", "heart", "--precision", "fp32"]) == 0
     said = capsys.readouterr().out
     assert "SynthCXR" in said and "first dataset that annotates lung" in said  # which preprocessing, in one line
     for path in sorted((cxr / "labelsTs").glob("*.png")):
@@ -212,3 +212,28 @@ def test_universal_3d_trains_on_volumes_and_predicts_by_sliding_window(four, tmp
     with pytest.raises(MedalloyError, match="SynthCXR holds 2D images; a 3D model of several datasets needs volumes"):
         train_universal([mr, four[1]], tmp_path / "bad", config=cfg, progress=False)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_total_loss_moves_by_the_modality_terms_weight_alone(four, tmp_path):
+    # the universal total is the datasets' mean segmentation loss plus modality_weight * the modality
+    # cross-entropy: a changed weight must move the total by exactly (w' - w) * that term, and no term
+    from medalloy.engine.logging import read_metrics
+    from medalloy.recipes.universal import PlanOptions
+
+    cxr, endo = four[1], four[3]
+
+    def one_step(weight: float, out) -> dict:
+        cfg = UniversalConfig(
+            base_filters=4, max_val_cases=0, folds=4, datasets_per_step=2, batch_size=2, modality_weight=weight, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)}
+        )
+        # lr must be > 0; the one step's logged loss is that of the weights before its update anyway
+        cfg.train.steps, cfg.train.log_every, cfg.train.lr, cfg.train.precision = 1, 1, 1e-12, "fp32"
+        train_universal([cxr, endo], out, config=cfg, progress=False)
+        (row,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+        return row
+
+    base, moved = one_step(0.01, tmp_path / "base"), one_step(0.7, tmp_path / "moved")
+    assert base["modality_ce"] > 0.1 and base["loss/SynthCXR"] > 0.1 and base["loss/SynthEndo"] > 0.1, base
+    for term in ("modality_ce", "loss/SynthCXR", "loss/SynthEndo"):
+        assert moved[term] == pytest.approx(base[term], rel=1e-6, abs=1e-7), term
+    assert moved["loss"] - base["loss"] == pytest.approx((0.7 - 0.01) * base["modality_ce"], rel=1e-5, abs=1e-6)
