@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medalloy.losses import GenerationDistillLoss, GlobalContrastiveLoss, LanguageModelLoss, TokenAlignmentLoss
+from medalloy.losses.global_contrastive import symmetric_info_nce
 
 
 # ---------------------------------------------------------------------------------------------- hand references
@@ -377,3 +378,182 @@ def test_token_alignment_pair_scope_equals_the_hand_computed_loss_and_ignores_ot
     assert TokenAlignmentLoss(0.25, 0.2, 0.1)(patches.detach(), words.detach(), mask).item() != pytest.approx(value.item(), rel=1e-3)
     with pytest.raises(ValueError, match="scope"):
         TokenAlignmentLoss(scope="image")
+
+
+# ---------------------------------------------------------------------------------------------- pinned by the mutation run
+def test_pretrain_losses_defaults_are_the_documented_constants():
+    # the pretrain recipe builds GlobalContrastiveLoss() and TokenAlignmentLoss(scope=...) with their defaults and
+    # GenerationDistillLoss without hidden_weight: CLIP's scale cap 100, GLoRIA's 0.25 / 0.2 / 0.1, T = 2 and weight 1
+    g = torch.Generator().manual_seed(11)
+    image, text = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    clip = GlobalContrastiveLoss()
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(1000.0))
+    assert clip.scale().item() == pytest.approx(100.0, rel=1e-6)
+    assert clip(image, text).item() == pytest.approx(_hand_global(image, text, 100.0), rel=1e-6)
+
+    b, p, w, d = 2, 3, 4, 3
+    patches, words = torch.randn(b, p, d, generator=g, dtype=torch.float64), torch.randn(b, w, d, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    hw, hp = _hand_token_scores(patches, words, mask, 0.25, 0.2)
+    scaled = lambda s: [[x / 0.1 for x in row] for row in s]  # noqa: E731
+    ref = 0.5 * (_hand_info_nce(scaled(hw)) + _hand_info_nce(scaled(hp)))
+    assert TokenAlignmentLoss()(patches, words, mask).item() == pytest.approx(ref, rel=1e-10)
+    pair_ref = _hand_pair_token_loss(patches, words, mask, 0.25, 0.1)
+    assert TokenAlignmentLoss(scope="pair")(patches, words, mask).item() == pytest.approx(pair_ref, rel=1e-10)
+
+    zs, zt = torch.randn(1, 3, 4, generator=g, dtype=torch.float64), torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
+    hs, ht = torch.randn(1, 3, 2, generator=g, dtype=torch.float64), torch.randn(1, 3, 2, generator=g, dtype=torch.float64)
+    dmask = torch.tensor([[True, True, False]])
+    assert GenerationDistillLoss()(zs, zt, hs, ht, dmask).item() == pytest.approx(_hand_distill(zs, zt, hs, ht, dmask, 2.0, 1.0)[0], rel=1e-10)
+
+    # the tokenizer's [PAD] is id 0 (data/tokenizer.py insists on it)
+    logits, targets = torch.randn(1, 3, 4, generator=g, dtype=torch.float64), torch.tensor([[2, 0, 1]])
+    nll = [-_log_softmax(logits[0, t].tolist())[targets[0, t].item()] for t in (0, 2)]
+    assert LanguageModelLoss()(logits, targets).item() == pytest.approx(sum(nll) / 2, rel=1e-10)
+
+
+def test_global_contrastive_soft_targets_divide_each_row_and_column_by_its_own_positives():
+    # positives that are not an equivalence relation: row and column counts differ (3, 2, 1 against 1, 2, 3), so
+    # dividing a row by its column's count, or the reverse, gives another loss
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    positives = torch.tensor([[True, True, True], [False, True, True], [False, False, True]])
+    ref = _hand_info_nce(logits.tolist(), positives.tolist())
+    assert symmetric_info_nce(logits, positives).item() == pytest.approx(ref, rel=1e-12)
+    assert symmetric_info_nce(logits, positives.t().contiguous()).item() == pytest.approx(_hand_info_nce(logits.tolist(), positives.t().tolist()), rel=1e-12)
+    # float64 embeddings stay float64 end to end (targets 1/3 included): agreement to 1e-12
+    image, text = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    value = GlobalContrastiveLoss(init_temperature=0.5)(image, text, positives)
+    assert value.dtype == torch.float64
+    assert value.item() == pytest.approx(_hand_global(image, text, 2.0, positives), rel=1e-12)
+
+
+def test_global_contrastive_computes_in_float32_for_half_inputs_and_under_autocast():
+    g = torch.Generator().manual_seed(13)
+    image, text = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    loss = GlobalContrastiveLoss(init_temperature=0.1)
+    ref = _hand_global(image.double(), text.double(), 10.0)
+    # bf16 logits at scale 10 would be off by ~1e-2; float32 is good to ~1e-6
+    plain = loss(image, text)
+    assert plain.dtype == torch.float32 and plain.item() == pytest.approx(ref, rel=1e-5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        amp = loss(image, text)
+    assert amp.dtype == torch.float32 and amp.item() == pytest.approx(ref, rel=1e-5)
+    ib, tb = image.bfloat16(), text.bfloat16()
+    half = loss(ib, tb)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(_hand_global(ib.double(), tb.double(), 10.0), rel=1e-5)
+
+
+def test_symmetric_info_nce_builds_its_targets_on_the_logits_device():
+    # the meta device stands in for a GPU: a target left on the CPU would raise a device mismatch
+    out = symmetric_info_nce(torch.zeros(3, 3, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
+def test_pretrain_losses_argument_checks():
+    with pytest.raises(ValueError, match="init_temperature"):
+        GlobalContrastiveLoss(init_temperature=0.0)
+    with pytest.raises(ValueError, match="max_scale"):
+        GlobalContrastiveLoss(max_scale=0.0)
+    assert GlobalContrastiveLoss(max_scale=0.5).scale().item() == pytest.approx(0.5)  # a cap below 1 is valid
+    with pytest.raises(ValueError, match=r"must both be \(B, D\)"):
+        GlobalContrastiveLoss()(torch.zeros(3, 4), torch.zeros(3, 5))
+
+    for kw in ("attn_temperature", "agg_temperature", "temperature"):
+        with pytest.raises(ValueError, match=f"^{kw} must be > 0"):
+            TokenAlignmentLoss(**{kw: 0.0})
+    loss = TokenAlignmentLoss(scope="pair")
+    patches, words, mask = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
+    # one report for two images would broadcast silently in the pair scope
+    with pytest.raises(ValueError, match=r"must be \(B, P, D\) and \(B, W, D\)"):
+        loss(patches, words[:1], mask[:1])
+    with pytest.raises(ValueError, match=r"must be \(B, P, D\) and \(B, W, D\)"):
+        loss(patches, words[..., :3], mask)
+    with pytest.raises(ValueError, match="word_mask must be a bool tensor"):
+        loss(patches, words, mask.float())
+    with pytest.raises(ValueError, match="word_mask must be a bool tensor"):
+        loss(patches, words, mask[:, :4])
+
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LanguageModelLoss(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LanguageModelLoss(label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"must be \(B, T, V\)"):
+        LanguageModelLoss()(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationDistillLoss(temperature=0.0)
+    z, h, m = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"teacher logits .* must be the same \(B, T, V\)"):
+        GenerationDistillLoss()(z[0], z[0], h, h, m)
+    with pytest.raises(ValueError, match="must be the same"):
+        GenerationDistillLoss()(z, z, h, h[..., :4], m)
+
+
+def test_token_alignment_computes_in_the_widest_input_float_and_outside_autocast():
+    g = torch.Generator().manual_seed(14)
+    b, p, w, d = 2, 4, 5, 3
+    p32, w32 = torch.randn(b, p, d, generator=g), torch.randn(b, w, d, generator=g)
+    mask = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    for scope in ("batch", "pair"):
+        loss = TokenAlignmentLoss(scope=scope)
+        ref = loss(p32.double(), w32.double(), mask)
+        # one float64 input: the whole loss in float64, whichever input it is
+        for pp, ww in ((p32, w32.double()), (p32.double(), w32)):
+            mixed = loss(pp, ww, mask)
+            assert mixed.dtype == torch.float64 and mixed.item() == pytest.approx(ref.item(), rel=1e-12)
+        # float32 stays float32, and an enclosing autocast does not drop it to bf16 (off by ~1e-2 at these temperatures)
+        single = loss(p32, w32, mask)
+        assert single.dtype == torch.float32 and single.item() == pytest.approx(ref.item(), rel=1e-5)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            amp = loss(p32, w32, mask)
+        assert amp.dtype == torch.float32 and amp.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_token_alignment_pair_loss_is_each_pairs_own_loss():
+    g = torch.Generator().manual_seed(15)
+    b, p, w, d = 3, 4, 5, 3
+    patches, words = torch.randn(b, p, d, generator=g, dtype=torch.float64), torch.randn(b, w, d, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True, True, True, False, False]])
+    loss = TokenAlignmentLoss(scope="pair")
+    per_pair = loss.pair_loss(patches, words, mask)
+    assert per_pair.shape == (b,)
+    for i in range(b):
+        alone = _hand_pair_token_loss(patches[i : i + 1], words[i : i + 1], mask[i : i + 1], 0.25, 0.1)
+        assert per_pair[i].item() == pytest.approx(alone, rel=1e-10)
+
+
+def test_language_model_loss_single_token_ignored_pad_id_and_bf16():
+    g = torch.Generator().manual_seed(16)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    one = torch.tensor([[0, 3, 0], [0, 0, 0]])  # a single real token: its own nll, not half of it
+    assert LanguageModelLoss(pad_id=0)(logits, one).item() == pytest.approx(-_log_softmax(logits[0, 1].tolist())[3], rel=1e-10)
+    # a pad id outside the vocabulary is ignored, not looked up (-1 here: -100 is cross_entropy's own default)
+    targets = torch.tensor([[1, 4, -1], [2, -1, -1]])
+    ref = -sum(_log_softmax(logits[b, t].tolist())[targets[b, t].item()] for b, t in ((0, 0), (0, 1), (1, 0))) / 3
+    assert LanguageModelLoss(pad_id=-1)(logits, targets).item() == pytest.approx(ref, rel=1e-10)
+    wild = logits.clone()
+    wild[1, 1:] = float("inf")
+    assert LanguageModelLoss(pad_id=-1)(wild, targets).item() == pytest.approx(ref, rel=1e-10)
+    # bf16 logits are computed in float32
+    lb = logits.float().bfloat16()
+    ref_b = -sum(_log_softmax(lb[b, t].double().tolist())[targets[b, t].item()] for b, t in ((0, 0), (0, 1), (1, 0))) / 3
+    half = LanguageModelLoss(pad_id=-1)(lb, targets)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(ref_b, rel=1e-6)
+
+
+def test_generation_distill_single_position_and_bf16_inputs():
+    g = torch.Generator().manual_seed(17)
+    zs, zt = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    hs, ht = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    one = torch.zeros(2, 3, dtype=torch.bool)
+    one[1, 2] = True  # N = 1: the position's own KL and MSE
+    loss = GenerationDistillLoss(2.0, 0.5)
+    assert loss(zs, zt, hs, ht, one).item() == pytest.approx(_hand_distill(zs, zt, hs, ht, one, 2.0, 0.5)[0], rel=1e-10)
+    # bf16 inputs are computed in float32
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    bf = [x.float().bfloat16() for x in (zs, zt, hs, ht)]
+    out = loss(*bf, mask)
+    ref = _hand_distill(*[x.double() for x in bf], mask, 2.0, 0.5)[0]
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref, rel=1e-5)

@@ -7,7 +7,8 @@ predicts ``y[:, t]``; ``m_bt = [y_bt != pad_id]``, label smoothing ``eps``::
     l_bt = -(1 - eps) log softmax(z_bt)[y_bt] - eps * mean_v log softmax(z_bt)[v]
     loss = sum_{b, t} m_bt l_bt / max(1, sum_{b, t} m_bt)
 
-so the logits at pad positions have no effect, and an all-pad batch gives 0 (with a gradient path,
+so finite logits at pad positions change neither the value nor the gradient (an inf or NaN there
+still gives NaN gradients at that position), and an all-pad batch gives 0 (with a gradient path,
 not NaN). Computed in float32 (float64 logits stay float64).
 """
 
