@@ -199,3 +199,146 @@ def test_a_plan_json_gives_the_students_filters_and_must_keep_the_teachers_strid
     assert "stage 2" in str(err.value) and "other.json" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(MedalloyError, match="not found|missing|no such"):
         build_student(plan, str(tmp_path / "absent.json"))
+
+
+def test_default_stem_stops_at_two_where_a_stem_of_three_would_also_fit():
+    # 256 / 8 = 32 px would allow a third dropped stage; the distill recipe relies on the default cap of two
+    assert default_stem(_plan(256)) == 2
+    assert default_stem(_plan(256), deepest=3) == 3  # the cap decides, not the side
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: torch.nn.Conv2d(4, 6, 3, padding=1, bias=True),  # the pointwise half takes over the bias
+        lambda: torch.nn.Conv2d(4, 6, 2),  # k = 2 is still a spatial kernel
+        lambda: torch.nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1)),  # an anisotropic 3D plan's in-plane kernel
+        lambda: torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
+        lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+    ],
+    ids=["bias", "k2", "aniso3d", "dilated", "strided"],
+)
+def test_make_separable_keeps_each_convolutions_geometry_and_bias(conv):
+    from torch.nn import functional as F
+
+    from medalloy.models.students import make_separable
+
+    torch.manual_seed(0)
+    conv = conv()
+    geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+    wrapper = torch.nn.Sequential(conv)
+    make_separable(wrapper)
+    depthwise, pointwise = wrapper[0][0], wrapper[0][1]
+    assert depthwise.groups == 4 and depthwise.bias is None and (pointwise.bias is None) == (conv.bias is None)
+    torch.nn.init.normal_(depthwise.weight)
+    torch.nn.init.normal_(pointwise.weight)
+    if pointwise.bias is not None:
+        torch.nn.init.normal_(pointwise.bias)
+    # reference: one full convolution with the original geometry and the outer-product kernel
+    spatial = (1,) * (conv.weight.dim() - 2)
+    kernel = pointwise.weight.reshape(6, 4, *spatial) * depthwise.weight.reshape(1, 4, *conv.kernel_size)
+    x = torch.randn(2, 4, *([6] * (conv.weight.dim() - 4)), 9, 9)
+    full = F.conv3d if conv.weight.dim() == 5 else F.conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), full(x, kernel, pointwise.bias, **geometry), rtol=1e-5, atol=1e-5)
+
+
+def test_make_separable_leaves_pointwise_convolutions_alone():
+    from medalloy.models.students import make_separable
+
+    head = torch.nn.Conv2d(8, 3, 1)
+    wrapper = make_separable(torch.nn.Sequential(head))
+    assert wrapper[0] is head
+    # in a student that is the 1 x 1 output head: a depthwise 1 x 1 in front of it would only add
+    # filters[0] weights to the budget and rescale its input
+    sep = build_student(_plan(), "tiny", separable=True)
+    assert type(sep.output_block.conv.conv) is torch.nn.Conv2d and sep.output_block.conv.conv.kernel_size == (1, 1)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_stem_logits_return_by_half_pixel_linear_interpolation(dim):
+    from medalloy.models.students import student_model
+
+    plan = _plan(32, dim=dim)
+    student = student_model(plan, [4, 4, 4], stem=1)
+    # a coarse map that is linear in the coarse index along every axis: (bi/tri)linear interpolation
+    # reproduces it in the interior and holds the edge value beyond the outer pixel centres
+    idx = torch.meshgrid(*[torch.arange(16.0)] * dim, indexing="ij")
+    coarse = sum(idx).expand(1, 3, *[16] * dim).contiguous()
+    student.net.forward = lambda _: coarse  # type: ignore[method-assign]
+    with torch.no_grad():
+        out = student(torch.zeros(1, 1, *[32] * dim))
+    src = ((torch.arange(32.0) + 0.5) / 2 - 0.5).clamp(0, 15)  # align_corners=False: pixel centres map to centres
+    fine = torch.meshgrid(*[src] * dim, indexing="ij")
+    assert out.shape == (1, 3, *[32] * dim)
+    torch.testing.assert_close(out[0, 2], sum(fine), rtol=0, atol=1e-5)
+
+
+def test_student_filters_double_up_to_four_times_the_base():
+    assert student_filters(11, 6) == [11, 22, 44, 44, 44, 44]
+    assert student_filters(3, 2) == [3, 6]
+    # the width docs/methods/distillation.md reports for the 224 px radiograph plan's tiny student
+    assert build_student(_plan(), "tiny").filters == [11, 22, 44, 44, 44, 44]
+
+
+def test_budget_is_inclusive_from_the_narrowest_base_and_a_digit_string_is_a_count():
+    from medalloy.models.students import student_model
+
+    plan = _plan(64)
+    stages = len(plan.network.strides)
+    cost = {b: count_parameters(student_model(plan, student_filters(b, stages))) for b in (2, 3, 5)}
+    assert build_student(plan, cost[5]).filters[0] == 5  # exactly the budget fits
+    assert build_student(plan, cost[5] - 1).filters[0] == 4
+    assert build_student(plan, str(cost[5])).filters[0] == 5  # how the CLI / a YAML config gives a count
+    assert build_student(plan, cost[3] - 1).filters[0] == 2  # the narrowest student is base 2
+
+
+def test_stem_of_two_folds_every_input_channel():
+    from medalloy.models.students import student_model
+
+    plan = _plan().model_copy(update={"in_channels": 2, "normalization": [ChannelNorm(scheme="zscore")] * 2})
+    two = student_model(plan, [4, 4, 4, 4], stem=2)
+    assert two.net.input_block.conv1.conv.in_channels == 2 * 4  # two channels, 2 x 2 pixels each
+    with torch.no_grad():
+        assert two(torch.zeros(1, 2, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_out_channels_separable_and_upsample_reach_the_student_from_a_budget_or_a_plan_json(tmp_path):
+    from medalloy.planning.plan import save_plan
+
+    plan = _plan(64)  # five stages: room for a stem of two
+    # a universal teacher's head has more outputs than the plan's classes: the student follows it
+    budget = build_student(plan, "tiny", out_channels=5).eval()
+    with torch.no_grad():
+        assert budget(torch.zeros(1, 1, 64, 64)).shape == (1, 5, 64, 64)
+    path = save_plan(plan.model_copy(update={"network": plan.network.model_copy(update={"filters": [4] * 5})}), tmp_path / "student.json")
+    own = build_student(plan, str(path), out_channels=5, separable=True, stem=2, upsample="shuffle").eval()
+    assert own.upsample == "shuffle" and own.net.output_block.conv.conv.out_channels == 5 * 16
+    assert any(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 for m in own.modules())
+    with torch.no_grad():
+        assert own(torch.zeros(1, 1, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def test_student_drops_the_teachers_deep_supervision():
+    plan = _plan(64)
+    plan = plan.model_copy(update={"network": plan.network.model_copy(update={"deep_supervision": True})})
+    student = build_student(plan, "tiny")
+    assert student.training and student(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)  # one output, no stacked heads
+
+
+def test_stem_stride_and_fold_multiply_the_dropped_stages_axis_by_axis():
+    from medalloy.models.students import student_model
+
+    # an anisotropic 3D plan: the first pooling leaves the through-plane axis alone
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    net = _plan(32, dim=3).network.model_copy(update={"strides": strides, "kernels": [[1, 3, 3]] * 2 + [[3, 3, 3]] * 3, "filters": [2] * 5})
+    plan = _plan(32, dim=3).model_copy(update={"patch_size": [16, 32, 32], "network": net})
+    two = student_model(plan, [2, 2, 2], stem=2, upsample="shuffle")
+    assert two.fold == [1, 2, 2] and two.stride == [2, 4, 4]  # [1, 2, 2] x [2, 2, 2]
+    assert two.net.output_block.conv.conv.out_channels == 3 * 2 * 4 * 4
+    with torch.no_grad():
+        assert two(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)
+    one = student_model(_plan(32), [2, 2, 2], stem=1, upsample="shuffle")
+    assert one.fold is None and one.stride == [2, 2]
+    with torch.no_grad():
+        assert one(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
