@@ -8,9 +8,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medalloy.models.amalgamation import AmalgamationLayer, resize_to
-from medalloy.models.ka2er import adapt_channels, build_ka2er, choose_taps, probe_stages
+from medalloy.models.features import STAGES_ATTR, FeatureTap
+from medalloy.models.ka2er import ExpertBank, adapt_channels, build_ka2er, choose_taps, probe_stages
 from medalloy.models.swin import run_swin_stages
 from medalloy.models.unet import build_unet
 from medalloy.planning.plan import NetworkPlan
@@ -385,3 +387,217 @@ def test_the_task_condition_is_a_switch_of_its_own():
     with torch.no_grad():
         asked(x, torch.tensor([[0, asked.null_task]]))
     torch.testing.assert_close(asked.amalgamation["bottleneck"].last_weights, padded)  # padding stays out of it
+
+
+# -- resizing, channel adaptation and the expert bank's output, value by value ---------------------
+
+
+def test_resize_averages_areas_when_finer_and_interpolates_linearly_when_coarser_per_axis():
+    g = torch.Generator().manual_seed(0)
+    # finer along one axis only (anisotropic grids): still the area mean, not a bilinear sample
+    x = torch.randn(1, 2, 4, 8, generator=g)
+    torch.testing.assert_close(resize_to(x, (4, 2)), x.reshape(1, 2, 4, 2, 4).mean(-1))
+    x3 = torch.randn(1, 2, 4, 4, 4, generator=g)
+    torch.testing.assert_close(resize_to(x3, (2, 2, 2)), x3.reshape(1, 2, 2, 2, 2, 2, 2, 2).mean((3, 5, 7)))
+    # coarser: (bi/tri)linear with half-pixel centres (align_corners=False) reproduces a linear ramp at
+    # the sample positions, clamped at the borders: 0, 1/4, 3/4, 1 when 2 cells become 4
+    c = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    ramp = (2 * torch.arange(2.0)[:, None] + torch.arange(2.0)).reshape(1, 1, 2, 2)
+    torch.testing.assert_close(resize_to(ramp, (4, 4)), (2 * c[:, None] + c).reshape(1, 1, 4, 4))
+    d, h, w = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    ramp3 = (5 * d + 3 * h + w)[None, None]  # coarser along depth only, the same in-plane
+    d4, h4, w4 = torch.meshgrid(c, torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    torch.testing.assert_close(resize_to(ramp3, (4, 4, 4)), (5 * d4 + 3 * h4 + w4)[None, None])
+
+
+def test_a_grey_batch_is_repeated_into_every_channel_of_an_rgb_expert():
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(adapt_channels(x, 3), x.repeat(1, 3, 1, 1))
+
+
+class _DeepSupervised(torch.nn.Module):
+    """An expert that answers a list, full resolution first (nnU-Net's deep-supervision outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 2, 3, padding=1)
+        setattr(self, STAGES_ATTR, {"bottleneck": "stem"})
+
+    def forward(self, x):
+        y = self.stem(x)
+        return [y, y[..., ::2, ::2] + 1.0]
+
+
+def test_an_expert_answering_a_list_gives_its_full_resolution_logits():
+    torch.manual_seed(0)
+    expert = _DeepSupervised()
+    bank = ExpertBank([expert], [1], [{"enc4": "bottleneck"}])
+    x = torch.randn(2, 1, 4, 4)
+    feats, logits = bank(x)
+    with torch.no_grad():
+        full = expert.stem(x)
+    torch.testing.assert_close(logits[0], full)
+    torch.testing.assert_close(feats["enc4"][0], full)
+
+
+# -- the network's own wiring: condition, image tokens, priors without a router, outputs ------------
+
+
+def _tiny_expert(cin: int, k: int) -> torch.nn.Module:
+    net = NetworkPlan(kernels=[[3, 3]] * 4, strides=[[1, 1]] + [[2, 2]] * 3, filters=[4, 8, 8, 8])
+    return build_unet(net, cin, k, 2).eval()
+
+
+@pytest.fixture(scope="module")
+def wired():
+    """Two tiny experts, task 0 labelled by both (no router: the plain mean), task 1 by expert 0,
+    task 2 by none. As if trained: unit-scale prompts (at 0.02 a wrong mean of them would hide
+    under the tolerance) and non-zero output projections (the merged features reach the decoder)."""
+    torch.manual_seed(0)
+    experts = [_tiny_expert(1, 3), _tiny_expert(3, 2)]
+    chosen = [choose_taps(probe_stages(e, c, [32, 32]), ["enc4", "bottleneck"]) for e, c in zip(experts, (1, 3))]
+    net = build_ka2er(2, 3, 3, 12, experts, [1, 3], [t for t, _ in chosen], [c for _, c in chosen], task_experts=[[(0, 1), (1, 1)], [(0, 2)], []], route=False)
+    with torch.no_grad():
+        net.decoder.prompts.weight.normal_(0, 1.0)
+        for layer in net.amalgamation.values():
+            layer.proj_out.weight.normal_(0, 0.1)
+    return net.eval()
+
+
+def test_the_network_wires_condition_image_tokens_priors_and_expert_tokens(wired):
+    net, null = wired, wired.null_task
+    seen: dict = {}
+    hooks = [
+        net.amalgamation["bottleneck"].register_forward_hook(lambda m, a, o: seen.update(condition=a[2], bottleneck=o[0], tokens=o[2])),
+        net.decoder.register_forward_hook(lambda m, a, o: seen.update(image=a[0], decoded=o)),
+    ]
+    ids = torch.tensor([[0, 1], [2, null]])
+    try:
+        with torch.no_grad(), FeatureTap(net, ["enc3", "bottleneck"], detach=True) as tap:
+            out = net(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), ids)
+        tapped = tap.features
+    finally:
+        for h in hooks:
+            h.remove()
+    p = net.decoder.prompts.weight
+    # the network's own stages are the amalgamated features where a layer merges (what a student's
+    # feature distillation reads through FeatureTap), the foundation's elsewhere
+    torch.testing.assert_close(tapped["bottleneck"], seen["bottleneck"])
+    assert getattr(net, STAGES_ATTR)["enc0"] == "foundation.encoder1"
+    # the task condition is the mean prompt of the tasks asked, padding left out
+    torch.testing.assert_close(seen["condition"], torch.stack([(p[0] + p[1]) / 2, p[2]]))
+    # the decoder reads the amalgamated bottleneck, projected, plus its depthwise positional term
+    with torch.no_grad():
+        img = net.image_proj(seen["bottleneck"])
+        torch.testing.assert_close(seen["image"], (img + net.image_pos(img)).flatten(2).transpose(1, 2))
+    # logits: the decoder's, plus each task's expert log-odds (task 0: the mean of both experts);
+    # task 2 and the null task have no expert: the decoder's alone
+    e0, e1 = out["expert_logits"]
+    prior = torch.stack([((e0[0, 1] - e0[0, 0]) + (e1[0, 1] - e1[0, 0])) / 2, e0[0, 2] - e0[0, 0]])
+    torch.testing.assert_close(out["logits"][0], seen["decoded"][0] + prior, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits"][1], seen["decoded"][1], atol=1e-5, rtol=1e-5)
+    assert out["route_logits"] is None
+    # what feature distillation compares: the merged tokens and each expert's projected ones
+    assert set(out["expert_tokens"]) == {"enc4", "bottleneck"} and len(out["expert_tokens"]["bottleneck"]) == 2
+    for a, b in zip(out["expert_tokens"]["bottleneck"], seen["tokens"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_expert_priors_with_a_single_expert_on_the_experts_device():
+    torch.manual_seed(0)
+    expert = _tiny_expert(1, 3)
+    taps, channels = choose_taps(probe_stages(expert, 1, [32, 32]), ["bottleneck"])
+    net = build_ka2er(2, 1, 2, 12, [expert], [1], [taps], [channels], stages=["bottleneck"], decoder="plain", task_experts=[[(0, 2)], []])
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net.expert_gate.copy_(torch.tensor([0.5, 1.0, 1.0]))
+        prior = net.expert_prior([z], torch.tensor([[0, 1, 2], [2, 0, 0]]))
+    odds = 0.5 * (z[:, 2] - z[:, 0])
+    torch.testing.assert_close(prior[0], torch.stack([odds[0], torch.zeros(4, 4), torch.zeros(4, 4)]))
+    torch.testing.assert_close(prior[1], torch.stack([torch.zeros(4, 4), odds[1], odds[1]]))
+    # every term on the experts' device (a GPU in training): the meta device stands in for it here
+    net.expert_gate = torch.nn.Parameter(net.expert_gate.detach().to("meta"))
+    meta = net.expert_prior([z.to("meta")], torch.tensor([[0, 1]], device="meta").expand(2, 2))
+    assert meta.device.type == "meta" and meta.shape == (2, 2, 4, 4)
+
+
+def test_the_options_reach_the_parts_they_name():
+    net = build_ka2er(3, 1, 2, 12, stages=["bottleneck"], hierarchical=False, prior_probability=None)
+    # a 3-D network's positional encoding is a depthwise 3-D conv (CPVT), one 3x3x3 filter per channel
+    assert isinstance(net.image_pos, torch.nn.Conv3d) and net.image_pos.groups == net.image_pos.in_channels == 64
+    assert net.image_pos.kernel_size == (3, 3, 3) and net.image_pos.padding == (1, 1, 1)
+    assert not net.amalgamation["bottleneck"].hierarchical and hasattr(net.amalgamation["bottleneck"], "mix")
+    torch.testing.assert_close(net.decoder.bias.weight, torch.zeros(3, 1))  # no prior probability: logit 0
+    plain = build_ka2er(2, 1, 2, 12, stages=["bottleneck"], decoder="plain", task_adaptive=True)
+    # the plain head starts at the rare-foreground prior too (logit of the default 0.01)
+    torch.testing.assert_close(plain.decoder.bias.weight.detach(), torch.full((3, 1), float(torch.logit(torch.tensor(0.01)))))
+    # the plain decoder's task condition starts as small as the prompt decoder's prompts (std 0.02)
+    assert 0.015 < float(plain.task_embed.weight.detach().std()) < 0.025
+
+
+def test_the_flat_ablation_adds_its_mixed_projection_to_the_foundation():
+    torch.manual_seed(0)
+    layer = AmalgamationLayer(2, 16, [8, 4], width=16, heads=2, hierarchical=False)
+    with torch.no_grad():
+        layer.proj_out.weight.normal_(0, 0.3)  # zero at the start: the sign of the residual would not show
+    f, experts, _ = _inputs()
+    with torch.no_grad():
+        out, mixed, projected = layer(f, experts)
+        pf = layer.proj_f(f)
+        pe = [p(resize_to(e, (4, 4))) for p, e in zip(layer.proj_e, experts)]
+        ref = layer.mix(torch.cat([pf + layer.pos(pf), *pe], dim=1))
+        torch.testing.assert_close(out, f + layer.proj_out(ref))
+    torch.testing.assert_close(mixed, ref.flatten(2).transpose(1, 2))
+    for a, b in zip(projected, pe):
+        torch.testing.assert_close(a, b.flatten(2).transpose(1, 2))
+
+
+def test_the_router_reads_the_deepest_amalgamated_stage():
+    torch.manual_seed(0)
+    # six stages (strides 1 to 32): enc4 and bottleneck taps are different stages of each expert
+    plan = NetworkPlan(kernels=[[3, 3]] * 6, strides=[[1, 1]] + [[2, 2]] * 5, filters=[4, 4, 8, 8, 8, 8])
+    experts = [build_unet(plan, 1, 2, 2).eval(), build_unet(plan, 1, 2, 2).eval()]
+    chosen = [choose_taps(probe_stages(e, 1, [64, 64]), ["enc4", "bottleneck"]) for e in experts]
+    assert chosen[0][0] == {"enc4": "enc4", "bottleneck": "bottleneck"}
+    net = build_ka2er(2, 1, 2, 12, experts, [1, 1], [t for t, _ in chosen], [c for _, c in chosen], decoder="plain", task_experts=[[(0, 1), (1, 1)], []])
+    with torch.no_grad():
+        net.router.weight.normal_()
+        feats, _ = net.experts(torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1)))
+        r = net.route_logits(feats)
+    pooled = [F.layer_norm(f.mean((2, 3)), f.shape[1:2]) for f in feats["bottleneck"]]  # each expert standardised on its own
+    torch.testing.assert_close(r, net.router(torch.cat(pooled, 1)).detach())
+
+
+def test_a_3d_layer_is_its_three_stages_and_each_sample_its_own():
+    torch.manual_seed(0)
+    layer = AmalgamationLayer(3, 4, [2], width=8, heads=2)
+    with torch.no_grad():  # as _layer: non-zero output, a gate that is not near uniform
+        layer.proj_out.weight.normal_(0, 0.3)
+        layer.gate_q.weight.normal_(0, 0.5)
+        layer.gate_k.weight.normal_(0, 0.5)
+    layer.eval()
+    g = torch.Generator().manual_seed(1)
+    f, experts, c = torch.randn(2, 4, 2, 2, 2, generator=g), [torch.randn(2, 2, 4, 4, 4, generator=g)], torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        out, merged, _ = layer(f, experts, c)
+        ref_out, ref_merged, _ = _reference(layer, f, experts, c)
+        alone = layer(f[1:], [experts[0][1:]], c[1:])[0]
+        t = torch.randn(2, 5, 8, generator=g)
+        mlp = layer.mlp[-1](F.gelu(layer.mlp[0](t)))
+        torch.testing.assert_close(layer.mlp(t), mlp)  # the feed-forward is Linear, GELU, Linear
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, ref_merged, atol=1e-5, rtol=1e-5)
+    # attention runs over each sample's tokens, never across the batch
+    torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=1e-5)
+    # the positional encoding is a depthwise 3x3x3 conv (CPVT); one learned embedding per expert
+    assert isinstance(layer.pos, torch.nn.Conv3d) and layer.pos.groups == 8 and layer.pos.kernel_size == (3, 3, 3)
+    assert layer.expert_embed.shape == (1, 8)
+
+
+def test_expert_embeddings_start_small():
+    torch.manual_seed(0)
+    layer = AmalgamationLayer(2, 4, [2] * 4, width=64, heads=4)
+    # 0.02 as the prompts: added to the experts' projected tokens before their LayerNorm, a
+    # unit-scale embedding would start by drowning what the expert says in who it is
+    assert layer.expert_embed.shape == (4, 64)
+    assert 0.015 < float(layer.expert_embed.detach().std()) < 0.025

@@ -62,10 +62,6 @@ class PromptMaskDecoder(nn.Module):
         self.bias = nn.Embedding(n_tasks + 1, 1)
         nn.init.constant_(self.bias.weight, prior_logit)
 
-    def condition(self, task_ids: torch.Tensor) -> torch.Tensor:
-        """The mean prompt of the tasks asked (B, D): the amalgamation's task condition."""
-        return self.prompts(task_ids).mean(1)
-
     def forward(self, image_tokens: torch.Tensor, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         b, t = task_ids.shape
         n, d = image_tokens.shape[1:]
