@@ -445,10 +445,9 @@ def test_prior_fusion_layer_chains_its_blocks_between_down_and_up(width):
         torch.testing.assert_close(layer(f, task_ids, modality_ids)[0], f)
 
 
-def test_hermes_output_is_the_fused_backbone_dotted_with_task_prototypes():
-    torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2, prior_probability=0.01, task_anchors=True).eval()
-    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
+def _fusion_recorder(net, ids, mod):
+    """A stage hook that runs the network's fusion layers and keeps, per fused stage, its task
+    tokens and its mean modality tokens (and the stage's name)."""
     tasks, modality, stages = [], [], []
 
     def fuse(stage, f):
@@ -459,6 +458,15 @@ def test_hermes_output_is_the_fused_backbone_dotted_with_task_prototypes():
         modality.append(m.mean(1))
         stages.append(stage)
         return f
+
+    return fuse, tasks, modality, stages
+
+
+def test_hermes_output_is_the_fused_backbone_dotted_with_task_prototypes():
+    torch.manual_seed(0)
+    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2, prior_probability=0.01, task_anchors=True).eval()
+    x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
+    fuse, tasks, modality, stages = _fusion_recorder(net, ids, mod)
 
     with torch.no_grad():
         net.task_bias.weight.normal_()
@@ -613,15 +621,7 @@ def test_task_and_modality_heads_are_layernorm_mlps():
     _randomise(net.modality_head, seed=7)
     net.eval()
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
-    tasks, modality = [], []
-
-    def fuse(stage, f):
-        if stage not in net.fusion:
-            return f
-        f, t, m = net.fusion[stage](f, ids, mod)
-        tasks.append(t)
-        modality.append(m.mean(1))
-        return f
+    fuse, tasks, modality, _ = _fusion_recorder(net, ids, mod)
 
     F = torch.nn.functional
     ln, fc1, fc2 = net.task_head[0], net.task_head[1], net.task_head[-1]
