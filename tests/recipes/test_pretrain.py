@@ -20,6 +20,7 @@ from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_pat
 from medalloy.data.synth import generate_dataset
 from medalloy.data.synth_reports import CLASSES, generate_report_pairs
 from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.logging import read_metrics
 from medalloy.errors import MedalloyError
 from medalloy.models import text_encoder as te
 from medalloy.models.unet import build_unet
@@ -393,7 +394,7 @@ def joint_first_step(pairs, tmp_path_factory):
             cfg = tiny_config(weights=weights, val_fraction=0.0)
             over = {**TINY, "summarize_steps": 1, "steps": 1, "val_every": 1, "precision": "fp32", "seed": 3}
             pretrain(pairs / "pairs.csv", out, text_only=pairs / "reports.csv", config=cfg, progress=False, **over)
-            [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+            [row] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
             rows[key] = row
         return rows[key]
 
