@@ -18,7 +18,7 @@ from typing import Any
 
 from medalloy.data.dataset import RawDataset
 from medalloy.errors import MedalloyError
-from medalloy.jsonio import write_json_atomic
+from medalloy.jsonio import write_json_atomic, write_text_atomic
 from medalloy.runs import prepare_output
 
 # Steps per expert: enough for Dice > 0.9 on every synthetic task; about a minute each on 2 cores.
@@ -354,7 +354,5 @@ def _write_report(
             lines += [f"![{png.stem}]({png.relative_to(root).as_posix()})"]
         lines.append("")
     path = root / "report.md"
-    tmp = path.with_name(".tmp-report.md")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

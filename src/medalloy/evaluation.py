@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from medalloy.data.dataset import DEFAULT_SOURCE, RawDataset
 from medalloy.data.io import READABLE_ENDINGS, file_ending, read_image, read_label
 from medalloy.engine.metrics import METRICS, case_metrics, summarize
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import atomic_path, write_text_atomic
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -83,24 +82,6 @@ def _summary_markdown(result: dict, title: str) -> str:
             parts.append(f"## Source `{src}` (n = {sub['n_cases']})\n")
             parts.append(markdown_table(sub, names))
     return "\n".join(parts)
-
-
-# mkstemp creates 0600 files; results are meant to be shared, so give them ordinary permissions
-_RESULT_MODE = 0o644
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _RESULT_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- file matching ----------------------------------------------------------------------------
@@ -273,15 +254,8 @@ def _save_overlay(
             ax.axis("off")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", dpi=80)
-            os.chmod(tmp, _RESULT_MODE)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     finally:
         plt.close(fig)
 
@@ -391,9 +365,9 @@ def evaluate_folders(
     if overwrite:  # overlays of an earlier run may name other cases; drop them so the folder is consistent
         for old in out.glob("overlay_*.png"):
             old.unlink()
-    _write_text_atomic(out / SUMMARY_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / SUMMARY_JSON, json.dumps(result, indent=2, allow_nan=False) + "\n")
     title = f"Evaluation of {pred_dir.name}" + (f" on {ds.name}" if ds is not None else "")
-    _write_text_atomic(out / SUMMARY_MD, _summary_markdown(result, title))
+    write_text_atomic(out / SUMMARY_MD, _summary_markdown(result, title))
     if overlays:
         _write_overlays(out, per_case, {cid: (p, g) for cid, p, g in pairs}, ds, labels)
     return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,7 @@ import torch
 
 from medalloy.errors import MedalloyError
 from medalloy.interop.onnx_runtime import INPUT, OUTPUT, SIDECAR_FORMAT, SIDECAR_VERSION, file_sha256, sidecar_path
-from medalloy.jsonio import write_json_atomic
+from medalloy.jsonio import atomic_path, write_json_atomic
 from medalloy.runs import resolve_checkpoint
 
 MIN_OPSET = 17
@@ -118,25 +117,21 @@ def export_onnx(
     example = torch.zeros(2, plan.in_channels, *plan.patch_size)
     with torch.no_grad():
         reference = model(example)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     multiple = plan.network.total_stride()
-    try:
+    with atomic_path(out) as tmp:
         program, spatial = _export(model, example, opset, multiple)
-        program.save(str(tmp))
         if quantize:
             from medalloy.interop.quantize import quantize_int8
 
-            fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
-            os.replace(tmp, fp32)
+            fp32 = tmp.with_name(tmp.name + ".fp32.onnx")  # a .tmp- name too: a killed run's leftover is swept
             try:
+                program.save(str(fp32))
                 quantize_int8(fp32, tmp, "static" if patches else "dynamic", patches)
             finally:
                 fp32.unlink(missing_ok=True)
+        else:
+            program.save(str(tmp))
         sha = file_sha256(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     sizes = (["height", "width"] if plan.dim == 2 else ["depth", "height", "width"]) if spatial["dynamic"] else list(plan.patch_size)
     meta = {
         "format": SIDECAR_FORMAT,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from medalloy.data.io import READABLE_ENDINGS, file_ending, read_image, write_label
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import atomic_path
 from medalloy.runs import resolve_checkpoint
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -179,9 +180,8 @@ def predict_folder(
         target = out / f"{case}{output_ending(files[0], meta.ndim)}"
         write_label(target, label, meta if meta.kind != "dicom" or meta.ndim == 3 else None)
         if probabilities:
-            tmp = out / f".tmp-{case}.npz"
-            np.savez_compressed(tmp, probabilities=probs.numpy().astype(np.float16))
-            tmp.replace(out / f"{case}.npz")
+            with atomic_path(out / f"{case}.npz") as tmp:  # the temporary name ends in .npz, so numpy adds no second one
+                np.savez_compressed(tmp, probabilities=probs.numpy().astype(np.float16))
         written.append(target)
     return written
 

@@ -11,8 +11,6 @@ ROUGE-L by rouge-score: the packages papers use, not our own).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from medalloy.data.radiograph import load_radiograph
 from medalloy.engine.metrics import retrieval_recall  # noqa: F401  (part of this module's API)
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import atomic_path
 
 if TYPE_CHECKING:
     from medalloy.data.reports import ReportColumns
@@ -168,13 +167,10 @@ def generate_impressions(model: torch.nn.Module, dec_tok, patches: torch.Tensor,
 
 def _write_csv(path: str | Path, header: Sequence[str], rows: list[Sequence]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

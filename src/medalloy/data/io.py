@@ -9,8 +9,6 @@ Array conventions (the same everywhere in medalloy):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import atomic_path
 
 PNG_ENDINGS = (".png",)
 JPG_ENDINGS = (".jpg", ".jpeg")
@@ -218,15 +217,6 @@ def read_label(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     return lab.astype(np.int64, copy=False), meta
 
 
-def _atomic_target(path: Path) -> tuple[Path, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ending = file_ending(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ending, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should be as readable as any other
-    return Path(tmp), ending
-
-
 def write_label(path: str | Path, label: np.ndarray, meta: ImageMeta | None = None) -> None:
     """Write a label map in the format given by the path's ending, keeping ``meta``'s geometry."""
     path = Path(path)
@@ -241,8 +231,9 @@ def write_image(path: str | Path, image: np.ndarray, meta: ImageMeta | None = No
 
 
 def _write_array(path: Path, data: np.ndarray, meta: ImageMeta | None) -> None:
-    tmp, ending = _atomic_target(path)
-    try:
+    ending = file_ending(path)
+    # the temporary file keeps the whole ending (.nii.gz): nibabel picks compression from it
+    with atomic_path(path, suffix=ending) as tmp:
         if ending in PNG_ENDINGS:
             from PIL import Image
 
@@ -273,7 +264,3 @@ def _write_array(path: Path, data: np.ndarray, meta: ImageMeta | None) -> None:
             nib.save(img, str(tmp))
         else:
             raise MedalloyError(f"cannot write '{ending}' files", path, "use .png or .nii.gz")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

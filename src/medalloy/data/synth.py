@@ -22,9 +22,6 @@ boundary is the image's 50 % iso-contour before blur.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -36,7 +33,7 @@ from scipy import ndimage as ndi
 from medalloy.data.dataset import make_dataset_json
 from medalloy.data.io import ImageMeta, file_ending, write_image, write_label
 from medalloy.errors import MedalloyError
-from medalloy.jsonio import write_json_atomic
+from medalloy.jsonio import atomic_folder, atomic_path, write_json_atomic
 
 SPLITS = {"train": 0, "test": 1}
 _PATIENT, _SCAN = 0, 1  # seed roles: anatomy (shared by a patient's scans) vs acquisition
@@ -618,21 +615,9 @@ def _refuse_existing(target: Path, overwrite: bool) -> None:
         raise MedalloyError("output exists and is not empty", target, "pass overwrite=True (--overwrite) or choose another output folder")
 
 
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` folder to ``target``, removing what was there only after success."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-        os.replace(target, old / "x")
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_dataset(ds: SynthDataset, out: Path, seed: int, cases_per_source: int, test_cases_per_source: int, bar) -> Path:
     target = out / ds.folder_name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{ds.folder_name}-", dir=out))
-    try:
+    with atomic_folder(target) as tmp:
         cases: dict[str, dict] = {}
         for spec in _case_specs(ds, cases_per_source, test_cases_per_source):
             patient, scan = _generators(seed, ds, spec)
@@ -651,10 +636,6 @@ def _write_dataset(ds: SynthDataset, out: Path, seed: int, cases_per_source: int
         )  # fmt: skip
         info["medalloy"]["synthetic"] = {"seed": int(seed), "sources": {k: asdict(s) for k, s in ds.sites.items()}}
         write_json_atomic(tmp / "dataset.json", info)
-        _replace_folder(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -794,15 +775,8 @@ def write_preview(dataset_dir: str | Path, png: str | Path, cases_per_source: in
     if png.exists() and not overwrite:
         raise MedalloyError("file exists", png, "pass overwrite=True or choose another path")
     montage = preview(dataset_dir, cases_per_source, tile)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=png.parent)
-    os.close(fd)
-    try:
+    with atomic_path(png, suffix=".png") as tmp:  # PIL picks the format from the ending
         Image.fromarray(montage).quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
-        os.replace(tmp, png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return png
 
 

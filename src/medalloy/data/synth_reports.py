@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +37,12 @@ from medalloy.data.synth import (
     _grid2d,
     _make_bar,
     _refuse_existing,
-    _replace_folder,
     _smooth_noise,
     _soft,
     _to_uint8,
 )
 from medalloy.errors import MedalloyError
+from medalloy.jsonio import atomic_folder
 
 CLASSES = ("No Finding", "Cardiomegaly", "Effusion", "Pneumonia")
 DATASET_ID = 905
@@ -281,23 +278,18 @@ def generate_report_pairs(
         raise MedalloyError("output path is a file", out, "give a folder to write the dataset into")
     target = out / FOLDER_NAME
     _refuse_existing(target, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{FOLDER_NAME}-", dir=out))
-    os.chmod(tmp, 0o755)
     bar = _make_bar(n_cases, progress, "synthetic image-report pairs")
     try:
-        rows = []
-        for i in range(n_cases):
-            image, info = _render(i, int(seed), int(size))
-            name = f"images/case{i:04d}.png"
-            write_image(tmp / name, image)
-            rows.append({"image": name, **info})
-            bar.update(1)
-        _write_csv(tmp / "pairs.csv", PAIRS_COLUMNS, rows)
-        _write_csv(tmp / "reports.csv", REPORTS_COLUMNS, [text_only_report(j, int(seed)) for j in range(text_only)])
-        _replace_folder(tmp, target)
+        with atomic_folder(target) as tmp:
+            rows = []
+            for i in range(n_cases):
+                image, info = _render(i, int(seed), int(size))
+                name = f"images/case{i:04d}.png"
+                write_image(tmp / name, image)
+                rows.append({"image": name, **info})
+                bar.update(1)
+            _write_csv(tmp / "pairs.csv", PAIRS_COLUMNS, rows)
+            _write_csv(tmp / "reports.csv", REPORTS_COLUMNS, [text_only_report(j, int(seed)) for j in range(text_only)])
     finally:
         bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -9,16 +9,14 @@ Writes go to a temporary file renamed into place, so a killed run never leaves a
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medalloy.errors import MedalloyError
-from medalloy.jsonio import write_json_atomic
+from medalloy.jsonio import atomic_path, write_json_atomic
 
 FORMAT = "medalloy-checkpoint"
 FORMAT_VERSION = 1
@@ -43,20 +41,12 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], record: 
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **record}
     text = json.dumps(full)
     # safetensors refuses shared or non-contiguous storage; clone keeps the caller's tensors untouched.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        save_file(flat, tmp, metadata={META_KEY: text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(flat, str(tmp), metadata={META_KEY: text})
     write_json_atomic(path.with_suffix(".json"), full)
     return path
 

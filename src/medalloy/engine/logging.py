@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medalloy.errors import MedalloyError
-from medalloy.jsonio import write_text_atomic
+from medalloy.jsonio import atomic_path, write_text_atomic
 
 
 class MetricsLog:
@@ -93,9 +93,9 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out
