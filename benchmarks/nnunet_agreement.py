@@ -1,5 +1,5 @@
 """Does medalloy answer as nnU-Net does with a model nnU-Net trained? A real nnU-Net v2 folder,
-imported by medalloy (the path ``medalloy amalgamate --experts`` and ``medalloy predict`` take),
+imported by medalloy (the path ``medalloy train amalgamate --experts`` and ``medalloy predict`` take),
 against ``nnUNetv2_predict`` on the same held-out cases.
 
     python benchmarks/nnunet_agreement.py [--data ../shared/data] [--dataset JSRT] [--budget-minutes 3]

@@ -1,5 +1,8 @@
 """The ``medalloy`` command: a thin layer over the Python API (every subcommand calls one function).
 
+Training is ``medalloy train expert|universal|amalgamate|distill|pretrain``; the old top-level
+``distill``, ``amalgamate`` and ``pretrain`` still parse (same flags), say where they moved, and run.
+
 Errors a user can fix (:class:`~medalloy.errors.MedalloyError`) print as one line and exit 1.
 """
 
@@ -7,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medalloy.errors import MedalloyError
 
@@ -80,8 +85,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def _say(text: str) -> None:
     """Print once per job: under torchrun only rank 0 reports."""
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print(text)
 
@@ -90,7 +93,7 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
     from medalloy.recipes.expert import train_expert
 
     res = train_expert(
-        a.dataset, a.out, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, init=a.init,
+        a.dataset, a.out, plan=a.plan, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, init=a.init,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
     )
     best = res.get("best", {}) or {}
@@ -102,7 +105,7 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
     from medalloy.recipes.universal import train_universal
 
     res = train_universal(
-        a.datasets, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.datasets, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
         patch_size=a.patch, batch_size=a.batch_size, dim=a.dim, priors=a.priors, datasets_per_step=a.datasets_per_step,
     )
@@ -115,7 +118,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     from medalloy.recipes.distill import train_distill
 
     res = train_distill(
-        a.datasets, a.teacher, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.datasets, a.teacher, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
         losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None, stem=a.stem_depth if a.stem_depth is not None else (1 if a.stem else None),
         upsample=a.upsample, augment=a.augment,
@@ -131,7 +134,7 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
     foundation = "scratch" if a.foundation in ("swinunetr", "scratch") else a.foundation
     stages = None if a.stages is None else ([] if a.stages == ["none"] else a.stages)
     res = train_amalgamate(
-        a.datasets, a.experts, a.out, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.datasets, a.experts, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
         batch_size=a.batch_size, foundation=foundation if a.foundation else None, feature_size=a.feature_size, decoder=a.decoder,
         hierarchical=False if a.flat else None, stages=stages, expert_priors=False if a.no_expert_priors else None,
@@ -170,7 +173,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from medalloy.recipes.pretrain import pretrain
 
     res = pretrain(
-        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=a.config, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
+        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
         steps=a.steps, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes, batch_size=a.batch_size,
         image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps, token_scope=a.token_scope,
         skip_empty=True if a.skip_empty else None, columns=_report_columns(a) or None, val_fraction=a.val_fraction,
@@ -232,6 +235,22 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _set_flag(c: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, which every ``train`` subcommand takes (recipes/config.py reads it)."""
+    c.add_argument(
+        "--set", action="append", default=None, metavar="KEY=VALUE",
+        help="set any config field by its dotted path, VALUE read as YAML (train.lr=1e-3, augment.preset=strong, stages=[enc4]); repeatable; "
+        "applied after --config and the other flags, so it wins over both",
+    )  # fmt: skip
+
+
+def _sets(a: argparse.Namespace) -> dict[str, Any] | None:
+    """``--set`` as ``{dotted key: value}`` (a malformed one fails here, before any work), None when not given."""
+    from medalloy.recipes.config import parse_sets
+
+    return parse_sets(a.set) if a.set else None
+
+
 def _run_flags(c: argparse.ArgumentParser, what: str, fold: bool = True) -> None:
     """The training flags the method subcommands (distill, amalgamate, pretrain) share."""
     c.add_argument("--config", default=None, help=f"YAML with train/augment/{what} settings")
@@ -245,6 +264,69 @@ def _run_flags(c: argparse.ArgumentParser, what: str, fold: bool = True) -> None
     c.add_argument("--device", default=None)
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     c.add_argument("--overwrite", action="store_true")
+    _set_flag(c)
+
+
+def _distill_flags(c: argparse.ArgumentParser) -> None:
+    """The flags of ``train distill`` (and of its old name, ``distill``)."""
+    c.add_argument("datasets", nargs="+", metavar="DATASET")
+    c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
+    c.add_argument("--out", required=True)
+    c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M), a parameter count, or PLAN.json (its filters; the teacher plan's kernels and strides)")
+    c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
+    c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: models/students.default_stem, a stem of two where the patch allows it)")
+    c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
+    c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
+    c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")
+    c.add_argument("--losses", default=None, choices=("relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
+    _run_flags(c, "distillation")
+    c.set_defaults(fn=cmd_distill)
+
+
+def _amalgamate_flags(c: argparse.ArgumentParser) -> None:
+    """The flags of ``train amalgamate`` (and of its old name, ``amalgamate``)."""
+    c.add_argument("datasets", nargs="+", metavar="DATASET")
+    c.add_argument(
+        "--experts", nargs="+", action="extend", default=[], metavar="RUN",
+        help="medalloy expert runs or trained nnU-Net v2 model folders (.../nnUNetTrainer__nnUNetPlans__2d[/fold_0]); none: the foundation alone",
+    )  # fmt: skip
+    c.add_argument("--out", required=True)
+    c.add_argument("--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run")
+    c.add_argument("--feature-size", type=int, default=None, help="SwinUNETR width, a multiple of 12 (default 12; 48 on a GPU)")
+    c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
+    c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
+    c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
+    c.add_argument("--no-expert-priors", action="store_true", help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)")
+    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2)")
+    _run_flags(c, "amalgamation")
+    c.set_defaults(fn=cmd_amalgamate)
+
+
+def _pretrain_flags(c: argparse.ArgumentParser) -> None:
+    """The flags of ``train pretrain`` (and of its old name, ``pretrain``)."""
+    c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row")
+    c.add_argument("--text-only", default=None, metavar="CSV", help="findings -> impression reports without images (summarization stage)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--plan", default=None, help="plan JSON of a 2D X-ray dataset (default: the planner's network for --image-size)")
+    c.add_argument("--image-size", type=int, default=None, help="square network input (default 224)")
+    c.add_argument("--text-encoder", choices=("auto", "scratch", "minilm"), default=None, help="minilm needs medalloy[text]; auto: minilm when installed")
+    c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
+    c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
+    c.add_argument("--token-scope", choices=("batch", "pair"), default=None, help="token-level contrast over all pairs of a batch (default) or within each image-report pair (MGCA; cheaper)")
+    c.add_argument("--val-fraction", type=float, default=None, help="share of the patients held out for validation (default 0.15)")
+    _report_column_flags(c)
+    c.add_argument("--text-only-findings-column", default=None, help="--text-only CSV column of the findings (default 'findings')")
+    c.add_argument("--text-only-impression-column", default=None, help="--text-only CSV column of the impression (default 'impression')")
+    _run_flags(c, "pretraining", fold=False)
+    c.set_defaults(fn=cmd_pretrain)
+
+
+# train subcommands that were top-level commands: name -> (help, flags); the old names stay as hidden aliases
+MOVED = {
+    "distill": ("distil a trained model into a lightweight student (relation-based KD)", _distill_flags),
+    "amalgamate": ("merge frozen experts (medalloy or nnU-Net v2) into one SwinUNETR model of all tasks (KA2ER)", _amalgamate_flags),
+    "pretrain": ("pretrain an X-ray encoder on image-report pairs (HybridMED); start experts from it with train expert --init", _pretrain_flags),
+}
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -362,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     c.add_argument("--overwrite", action="store_true")
+    _set_flag(c)
     c.set_defaults(fn=cmd_train_expert)
 
     c = train.add_parser("universal", help="one Hermes model for the tasks of several datasets (task and modality priors)")
@@ -384,7 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     c.add_argument("--overwrite", action="store_true")
+    _set_flag(c)
     c.set_defaults(fn=cmd_train_universal)
+    for name, (text, add_flags) in MOVED.items():
+        add_flags(train.add_parser(name, help=text))
+        alias = sub.add_parser(name)  # no help: out of the command list (and out of the metavar below)
+        add_flags(alias)
+        alias.set_defaults(moved=name)
 
     c = sub.add_parser("predict", help="segment a folder of images with a trained run")
     c.add_argument("run", help="run folder, .safetensors checkpoint or exported .onnx graph (run by ONNX Runtime)")
@@ -400,54 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
-
-    c = sub.add_parser("distill", help="distil a trained model into a lightweight student (relation-based KD)")
-    c.add_argument("datasets", nargs="+", metavar="DATASET")
-    c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
-    c.add_argument("--out", required=True)
-    c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M), a parameter count, or PLAN.json (its filters; the teacher plan's kernels and strides)")
-    c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
-    c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: models/students.default_stem, a stem of two where the patch allows it)")
-    c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
-    c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
-    c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")
-    c.add_argument("--losses", default=None, choices=("relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
-    _run_flags(c, "distillation")
-    c.set_defaults(fn=cmd_distill)
-
-    c = sub.add_parser("amalgamate", help="merge frozen experts (medalloy or nnU-Net v2) into one SwinUNETR model of all tasks (KA2ER)")
-    c.add_argument("datasets", nargs="+", metavar="DATASET")
-    c.add_argument(
-        "--experts", nargs="+", action="extend", default=[], metavar="RUN",
-        help="medalloy expert runs or trained nnU-Net v2 model folders (.../nnUNetTrainer__nnUNetPlans__2d[/fold_0]); none: the foundation alone",
-    )  # fmt: skip
-    c.add_argument("--out", required=True)
-    c.add_argument("--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run")
-    c.add_argument("--feature-size", type=int, default=None, help="SwinUNETR width, a multiple of 12 (default 12; 48 on a GPU)")
-    c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
-    c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
-    c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
-    c.add_argument("--no-expert-priors", action="store_true", help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)")
-    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2)")
-    _run_flags(c, "amalgamation")
-    c.set_defaults(fn=cmd_amalgamate)
-
-    c = sub.add_parser("pretrain", help="pretrain an X-ray encoder on image-report pairs (HybridMED); start experts from it with train expert --init")
-    c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row")
-    c.add_argument("--text-only", default=None, metavar="CSV", help="findings -> impression reports without images (summarization stage)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--plan", default=None, help="plan JSON of a 2D X-ray dataset (default: the planner's network for --image-size)")
-    c.add_argument("--image-size", type=int, default=None, help="square network input (default 224)")
-    c.add_argument("--text-encoder", choices=("auto", "scratch", "minilm"), default=None, help="minilm needs medalloy[text]; auto: minilm when installed")
-    c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
-    c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
-    c.add_argument("--token-scope", choices=("batch", "pair"), default=None, help="token-level contrast over all pairs of a batch (default) or within each image-report pair (MGCA; cheaper)")
-    c.add_argument("--val-fraction", type=float, default=None, help="share of the patients held out for validation (default 0.15)")
-    _report_column_flags(c)
-    c.add_argument("--text-only-findings-column", default=None, help="--text-only CSV column of the findings (default 'findings')")
-    c.add_argument("--text-only-impression-column", default=None, help="--text-only CSV column of the impression (default 'impression')")
-    _run_flags(c, "pretraining", fold=False)
-    c.set_defaults(fn=cmd_pretrain)
 
     c = sub.add_parser("zeroshot", help="classify radiographs by text prompts with a pretrain run")
     c.add_argument("run", help="pretrain run folder or checkpoint")
@@ -513,11 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_demo)
+    sub.metavar = "{" + ",".join(name for name in sub.choices if name not in MOVED) + "}"
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "moved", None) and os.environ.get("RANK", "0") == "0":
+        print(f"medalloy: 'medalloy {args.moved}' is now 'medalloy train {args.moved}'; the old name will go in a later release", file=sys.stderr)
     if args.threads:
         import torch
 

@@ -286,7 +286,7 @@ def test_the_suggested_fixes_work_from_the_command_line(tmp_path: Path, capsys: 
         ([empty_patient, "--text-only", str(renamed), "--patient-column", "none"], ["--text-only-findings-column", "text", "--text-only-impression-column", "summary"], "--text-only-findings-column"),
     ]  # fmt: skip
     for pairs, fix, before in cases:
-        argv = ["-q", "pretrain", "--pairs", *map(str, pairs), "--out", str(tmp_path / "run")]
+        argv = ["-q", "train", "pretrain", "--pairs", *map(str, pairs), "--out", str(tmp_path / "run")]
         assert main(argv) == 1
         assert before in capsys.readouterr().err
         assert main([*argv, *fix]) == 1

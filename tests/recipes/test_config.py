@@ -50,3 +50,61 @@ def test_a_config_object_is_copied_never_changed():
 def test_unknown_overrides_are_refused():
     with pytest.raises(MedalloyError, match="unknown setting.*stepz"):
         expert_config(None, stepz=5)
+
+
+def test_set_changes_any_field_by_dotted_path_over_yaml_and_flags(tmp_path):
+    from medalloy.data.transforms import AugmentConfig
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("train:\n  lr: 0.001\n  steps: 50\naugment:\n  p_blur: 0.3\nfold: 1\n", encoding="utf-8")
+    cfg = expert_config(cfg_file, lr=0.002, fold=2, set={"train.lr": 0.005, "train.warmup_steps": 4, "fold": 3, "augment.preset": "strong"})
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.warmup_steps, cfg.fold) == (0.005, 50, 4, 3)  # --set over the flag and the YAML
+    assert cfg.augment == AugmentConfig.model_validate({"preset": "strong", "p_blur": 0.3})  # the YAML's own field stays over a preset
+    cfg = expert_config(cfg_file, set=["augment.p_blur=0.9", "augment.mirror=false", "batch_size=null", "train.ema_decay=1e-3"])
+    assert (cfg.augment.p_blur, cfg.augment.mirror, cfg.batch_size, cfg.train.ema_decay, cfg.train.lr) == (0.9, False, None, 1e-3, 0.001)
+    assert expert_config(None, steps=70, set=["train.steps=5", "train.steps=6"]).train.steps == 6  # a later one wins
+    strong = tmp_path / "strong.yaml"
+    strong.write_text("augment: strong\n", encoding="utf-8")  # a section given as a preset name is expanded first
+    assert expert_config(strong, set=["augment.p_noise=0.05"]).augment == AugmentConfig.model_validate({"preset": "strong", "p_noise": 0.05})
+
+
+def test_set_reaches_lists_and_mappings_of_models():
+    from medalloy.recipes.amalgamate import TOP_KEYS, AmalgamateConfig
+    from medalloy.recipes.config import load_recipe_config, parse_sets
+
+    uni = universal_config(None, set=["fusion_width=32", "plan_options.Dataset001_A.max_2d_side=64", "task_names.lung=lungs=both"])
+    assert (uni.fusion_width, uni.plan_options["Dataset001_A"].max_2d_side, uni.task_names) == (32, 64, {"lung": "lungs=both"})
+    cfg = load_recipe_config(AmalgamateConfig, None, TOP_KEYS, {"stages": ["bottleneck"], "set": ["stages=[enc4]"]})
+    assert cfg.stages == ["enc4"]
+    assert parse_sets(["a.b=[1, 2.5, x]", "c=", "d= 1e-3", "e='1e-3'", "f=on"]) == {"a.b": [1, 2.5, "x"], "c": None, "d": 0.001, "e": "1e-3", "f": True}
+
+
+def test_set_leaves_a_given_config_object_unchanged():
+    from medalloy.recipes.expert import TOP_KEYS, ExpertConfig
+    from medalloy.recipes.scaffold import resolve_config
+
+    given = ExpertConfig(fold=1)
+    before = given.model_dump()
+    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "set": {"train.steps": 8, "augment.p_noise": 0.5}}, progress=False, top_keys=TOP_KEYS)
+    assert given.model_dump() == before
+    assert (cfg.fold, cfg.train.steps, cfg.augment.p_noise) == (1, 8, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["bogus=1"], r"^--set bogus: ExpertConfig has no field 'bogus'; use one of train, augment, fold, folds, max_val_cases, batch_size$"),
+        (["train.lrr=1"], r"^--set train.lrr: ExpertConfig.train has no field 'lrr'; use one of steps, optimizer, lr, "),
+        (["augment.bogus=1"], r"^--set augment.bogus: ExpertConfig.augment has no field 'bogus'; use one of enabled, "),
+        (["fold.x=1"], r"^--set fold.x: 'fold' is a value, not a section; set it whole: --set fold=VALUE$"),
+        (["train.lr=fast"], r"^config: config field 'train.lr': Input should be a valid number"),
+        (["augment.preset=wild"], r"unknown augmentation preset 'wild'"),
+        (["train.lr"], r"^--set 'train.lr' is not KEY=VALUE; write e.g. --set train.lr=1e-3$"),
+        (["=1"], r"is not KEY=VALUE"),
+        (["a=[1"], r"^--set 'a=\[1': the value is not valid YAML"),
+    ],
+)
+def test_wrong_sets_fail_in_one_line(sets, match):
+    with pytest.raises(MedalloyError, match=match) as info:
+        expert_config(None, set=sets)
+    assert "\n" not in str(info.value)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_serializer
 from medalloy.errors import MedalloyError
 
 # which command-line flag names each configurable column (for the fix in error messages): the
-# image-report table's (medalloy pretrain --pairs, probe, retrieve; --label-column: probe) ...
+# image-report table's (medalloy train pretrain --pairs, probe, retrieve; --label-column: probe) ...
 _FLAGS = {
     "image": "--image-column",
     "findings": "--findings-column",
@@ -29,7 +29,7 @@ _FLAGS = {
     "patient": "--patient-column",
     "label": "--label-column",
 }
-# ... and the text-only table's (medalloy pretrain --text-only)
+# ... and the text-only table's (medalloy train pretrain --text-only)
 TEXT_ONLY_FLAGS = {"findings": "--text-only-findings-column", "impression": "--text-only-impression-column"}
 
 
@@ -159,7 +159,7 @@ def read_report_pairs(
     unless ``skip_empty``, which skips the row and counts it under ``"empty findings"`` /
     ``"empty impression"``. With ``check_images`` every image must exist. ``flags``: the command-line
     flag that names each column, for the fix a missing column's message gives (default: those of
-    ``medalloy pretrain --pairs``).
+    ``medalloy train pretrain --pairs``).
     """
     flag_of = {**_FLAGS, **(flags or {})}
     columns = ReportColumns() if columns is None else columns
@@ -179,7 +179,7 @@ def read_report_pairs(
             f"missing column{'s' if len(missing) > 1 else ''} {names}; columns present: {', '.join(header)}",
             path,
             f"name the column{'s' if len(missing) > 1 else ''} with {named_by}"
-            + (" (a table without images: image=None; medalloy pretrain takes it as --text-only CSV)" if "image" in missing else ""),
+            + (" (a table without images: image=None; medalloy train pretrain takes it as --text-only CSV)" if "image" in missing else ""),
         )
     doubled = sorted({v for v in wanted.values() if header.count(v) > 1})
     if doubled:

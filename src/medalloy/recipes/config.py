@@ -1,7 +1,14 @@
-"""Recipe configs: a YAML file (optional) plus command-line overrides, validated by pydantic."""
+"""Recipe configs: a YAML file (optional) plus command-line overrides, validated by pydantic.
+
+Besides the named overrides, the reserved override ``set`` (``--set KEY=VALUE`` on the command line)
+changes any field by its dotted path, after the YAML and the named overrides (so it wins over both)."""
 
 from __future__ import annotations
 
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,15 +21,22 @@ C = TypeVar("C", bound=BaseModel)
 
 # CLI overrides that belong to the engine's ``train`` section
 TRAIN_KEYS = ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes")
+# the override that holds dotted-path settings (``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]``)
+SET_KEY = "set"
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; a command line means the number
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:
     """``cls`` from the YAML at ``path`` (if any; or a ``cls`` instance, left unchanged) with
     ``overrides`` applied: engine keys go to ``train`` (whose defaults are ``cls()``'s),
-    ``top_keys`` to the top level; None means unset. Always a new object."""
-    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in TRAIN_KEYS and k not in top_keys)
+    ``top_keys`` to the top level; None means unset. Last, ``overrides["set"]`` (see :func:`parse_sets`)
+    sets any field by its dotted path (``{"train.lr": 1e-3, "augment.preset": "strong"}``), over
+    both the YAML and the named overrides. Always a new object."""
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in TRAIN_KEYS and k not in top_keys and k != SET_KEY)
     if unknown:
-        raise MedalloyError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}", fix=f"use {', '.join(TRAIN_KEYS + top_keys)}, or put others in the YAML config")
+        others = f"or set others in the YAML config or by {SET_KEY}={{'dotted.key': value}}"
+        raise MedalloyError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}", fix=f"use {', '.join(TRAIN_KEYS + top_keys)}, {others}")
     raw: dict[str, Any] = {}
     if isinstance(path, cls):
         raw, path = path.model_dump(mode="json"), None
@@ -47,6 +61,8 @@ def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_ke
         both_mappings = isinstance(overrides[k], dict) and isinstance(raw.get(k), dict)
         # a mapping changes only the fields it names (e.g. a preset under the YAML's own fields of that section)
         raw[k] = {**raw[k], **overrides[k]} if both_mappings else overrides[k]
+    for key, value in parse_sets(overrides.get(SET_KEY)).items():
+        _set_path(cls, raw, key, value, path or "config")
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
@@ -57,3 +73,87 @@ def first_error(exc: ValidationError) -> str:
     """A pydantic error in one line: ``config field 'train.lr': <message>`` (its first error)."""
     err = exc.errors()[0]
     return f"config field '{'.'.join(str(x) for x in err['loc'])}': {err['msg']}"
+
+
+def parse_sets(sets: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    """``{"dotted.key": value}`` from a mapping (values as given) or ``KEY=VALUE`` strings, each
+    VALUE read as YAML (``1e-3``, ``true``, ``null``, ``[enc4]``); a later KEY wins."""
+    if sets is None:
+        return {}
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    if isinstance(sets, str):
+        sets = [sets]
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise MedalloyError(f"--set '{item}' is not KEY=VALUE", fix="write e.g. --set train.lr=1e-3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            why = str(exc).splitlines()[0]
+            raise MedalloyError(f"--set '{item}': the value is not valid YAML ({why})", fix="quote it, e.g. --set 'key=\"text\"'") from None
+        out[key.strip()] = float(text) if isinstance(value, str) and _FLOAT.fullmatch(text.strip()) else value  # a quoted '1e-3' stays text
+    return out
+
+
+def _models_in(annotation: Any) -> tuple[type[BaseModel] | None, Any]:
+    """The pydantic model a field holds (``X``, ``X | None``), or the value type of a ``dict[str, V]`` (else ``(None, None)``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, None
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return None, typing.get_args(annotation)[1]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            model, value = _models_in(arg)
+            if model is not None or value is not None:
+                return model, value
+    return None, None
+
+
+def _accepts(model: type[BaseModel], key: str, value: Any) -> bool:
+    """Whether ``model`` takes ``key`` though it is no field (an input its validator reads, as AugmentConfig's ``preset``)."""
+    try:
+        model.model_validate({key: value})
+    except ValidationError as exc:
+        return not any(e["type"] == "extra_forbidden" and tuple(e["loc"]) == (key,) for e in exc.errors())
+    return True
+
+
+def _set_path(cls: type[BaseModel], raw: dict[str, Any], dotted: str, value: Any, where: str | Path) -> None:
+    """``raw[a][b][c] = value`` for ``dotted`` "a.b.c", each part checked against ``cls``'s fields;
+    a section given as a non-mapping (``augment: strong``) is expanded by its model first (a wrong
+    one is an error of ``where``, the config it came from)."""
+    parts = dotted.split(".")
+    model: type[BaseModel] | None = cls
+    free: Any = None  # the value type under a dict[str, V] field: any key
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if model is not None:
+            if part not in model.model_fields and not (last and _accepts(model, part, value)):
+                owner = ".".join([cls.__name__, *parts[:i]])
+                raise MedalloyError(f"--set {dotted}: {owner} has no field '{part}'", fix=f"use one of {', '.join(model.model_fields)}")
+            annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        elif free is None and i > 0:
+            raise MedalloyError(f"--set {dotted}: '{'.'.join(parts[:i])}' is a value, not a section", fix=f"set it whole: --set {'.'.join(parts[:i])}=VALUE")
+        else:
+            annotation = free
+        if last:
+            node[part] = value
+            return
+        model, free = _models_in(annotation)
+        child = node.get(part)
+        if isinstance(child, BaseModel):
+            child = child.model_dump(mode="json")
+        elif child is not None and not isinstance(child, dict) and model is not None:
+            try:
+                child = model.model_validate(child).model_dump(mode="json")
+            except ValidationError as exc:
+                raise MedalloyError(f"config field '{'.'.join(parts[: i + 1])}': {exc.errors()[0]['msg']}", where, "fix the value") from None
+        elif not isinstance(child, dict):
+            child = {}
+        node[part] = child = dict(child)
+        node = child
