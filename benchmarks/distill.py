@@ -17,7 +17,7 @@ Models: ``teacher`` (a medalloy expert, ``--teacher-steps`` steps) and the stude
 ~0.35 M parameters, ``--steps`` steps each, the same seed); fixed step counts, so the training
 pass gives the same models however busy the machine is (the two domains may run side by side,
 ``--threads 1`` each). ``student_alone``, ``logit_kd`` and ``relation_kd`` are the recipe's default
-student (``models/students.default_stem``: a stem of two at both domains' patches, the image's 2x2
+student (``recipes/students.default_stem``: a stem of two at both domains' patches, the image's 2x2
 pixel blocks folded into channels and the network from 1/4), so the unseen-source rows compare
 like for like; ``student_alone_full``, ``logit_kd_full``, ``relation_kd_full`` the same at full
 resolution (``--stem-depth 0``), ``relation_kd_stem`` with a stem of one (``--stem``); the issue's

@@ -151,7 +151,8 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
         from medalloy.models.image_encoder import UNetEncoder
 
         seed_everything(seed)
-        encoder = UNetEncoder(plan_images_2d(IMAGE_SIZE)).eval()
+        plan = plan_images_2d(IMAGE_SIZE)
+        encoder = UNetEncoder(plan.network, plan.in_channels, plan.num_classes).eval()
 
         class _Random(torch.nn.Module):
             def __init__(self):

@@ -106,10 +106,10 @@ def probe_head(data: Path, work: Path, steps: int) -> dict[str, Any]:
         return dice_ce(z, lab), {"ce": torch.nn.functional.cross_entropy(z.float(), lab[:, 0])}
 
     torch.manual_seed(0)
-    out["expert"] = _train(build_unet(plan.network, in_channels=1, out_channels=4, spatial_dims=2), expert_loss, sampler, steps, 20, lambda z, b: {})
+    out["expert"] = _train(build_unet(plan.network, in_channels=1, out_channels=4), expert_loss, sampler, steps, 20, lambda z, b: {})
     for prior in (None, 0.01):
         torch.manual_seed(0)
-        net = build_hermes(plan, 3, 2, priors="none", prior_probability=prior)
+        net = build_hermes(plan.network, 3, 2, plan.in_channels, priors="none", prior_probability=prior)
         loss = TaskBCEDiceLoss(num_tasks=4, exclusive=True)
 
         def wrapped(x, net=net):
@@ -145,7 +145,7 @@ def probe_width(data: Path, work: Path, steps: int) -> dict[str, Any]:
     out = {}
     for filters in ([6, 12, 24, 48, 48, 48], [11, 22, 44, 44, 44, 44]):
         torch.manual_seed(0)
-        net = build_unet(plan.network.model_copy(update={"filters": filters, "deep_supervision": False}), in_channels=1, out_channels=3, spatial_dims=2)
+        net = build_unet(plan.network.model_copy(update={"filters": filters, "deep_supervision": False}), in_channels=1, out_channels=3)
         share = lambda z, b: {"predicted_share": [round(float((z.argmax(1) == k).float().mean()), 3) for k in range(3)]}  # noqa: E731
         out["x".join(map(str, filters))] = _train(net, lambda z, lab: (dice_ce(z, lab), {}), sampler, steps, 25, share)
     return out
@@ -182,8 +182,8 @@ def probe_latency(data: Path, work: Path) -> dict[str, Any]:
 
     from medalloy.engine.latency import median_ms, model_latency_ms
     from medalloy.models.flops import forward_gflops
-    from medalloy.models.students import build_student, default_stem
     from medalloy.models.unet import build_unet, count_parameters
+    from medalloy.recipes.students import build_student, default_stem
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -191,7 +191,8 @@ def probe_latency(data: Path, work: Path) -> dict[str, Any]:
     shape = (plan.in_channels, *plan.patch_size)
     deep = default_stem(plan)  # the recipe's default student (a stem of two at 224 px), plain and separable
     nets = {
-        "teacher": build_unet(plan), "student": build_student(plan, "tiny"), "student_stem": build_student(plan, "tiny", stem=True),
+        "teacher": build_unet(plan.network, plan.in_channels, plan.num_classes),
+        "student": build_student(plan, "tiny"), "student_stem": build_student(plan, "tiny", stem=True),
         "student_default": build_student(plan, "tiny", stem=deep), "student_default_separable": build_student(plan, "tiny", separable=True, stem=deep),
     }  # fmt: skip
     out: dict[str, Any] = {"patch": list(plan.patch_size)}
@@ -278,8 +279,8 @@ def probe_prototypes(checkpoints: list[Path], data: Path, work: Path) -> dict[st
 
 def probe_students(data: Path, work: Path) -> dict[str, Any]:
     from medalloy.models.flops import forward_gflops
-    from medalloy.models.students import build_student, default_stem
     from medalloy.models.unet import count_parameters
+    from medalloy.recipes.students import build_student, default_stem
 
     out: dict[str, Any] = {}
     for name in ("JSRT", "Polyp-Kvasir"):

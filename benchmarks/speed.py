@@ -70,7 +70,7 @@ def phase_overhead(data: Path, steps: int) -> dict[str, Any]:
 
     def bare() -> float:
         torch.manual_seed(0)
-        net = build_unet(plan)
+        net = build_unet(plan.network, plan.in_channels, plan.num_classes)
         opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=3e-5)
         net.train()
         t0 = 0.0
@@ -88,7 +88,7 @@ def phase_overhead(data: Path, steps: int) -> dict[str, Any]:
 
     def engine(tmp: Path) -> float:
         torch.manual_seed(0)
-        net = build_unet(plan)
+        net = build_unet(plan.network, plan.in_channels, plan.num_classes)
 
         def step_fn(models, batch):
             return {"loss": loss_fn(models["net"](batch["image"]), batch["label"])}
@@ -136,7 +136,7 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
 
     _, plan, _, sampler = _jsrt_parts(data)
     torch.manual_seed(0)
-    net = build_unet(plan)
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes)
     loss_fn = DiceCELoss()
     spec = TrainSpec(
         models={"net": net}, trainable=["net"], batches=sampler, record={"method": "speed"},
@@ -207,7 +207,7 @@ def phase_infer(data: Path, dataset: str, n: int) -> dict[str, Any]:
     for c in ds.cases[:n]:
         image, _, meta = ds.load(c)
         cases.append((image, meta))
-    model = build_unet(plan)
+    model = build_unet(plan.network, plan.in_channels, plan.num_classes)
     settings = [("fp32", False), ("bf16", False)]
     if plan.dim == 2:
         settings += [("fp32", True), ("bf16", True)]

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = batch_size_2d([patch, patch])
         x = torch.randn(batch, 3, patch, patch)
         tasks, modality = torch.zeros(batch, 2, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
-        expert = build_unet(network, in_channels=3, out_channels=3, spatial_dims=2)
+        expert = build_unet(network, in_channels=3, out_channels=3)
         e_params, e_sec, e_fwd = count_parameters(expert), step_seconds(expert, x, (), a.steps), forward_seconds(expert.eval(), x, (), a.steps)
         for name, width, scales in VARIANTS:
             net = build_hermes(network, 8, 5, in_channels=3, fusion_width=width, fusion_scales=scales)

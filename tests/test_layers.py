@@ -14,7 +14,7 @@ BASE = {"errors", "jsonio", "seeding"}
 ALLOWED = {
     "data": {"data", "planning"},  # preprocessing reads the plan's fields
     "planning": {"planning", "data"},
-    "models": {"models", "planning"},
+    "models": {"models"},  # networks take numbers and a U-Net layout (models/unet.UNetLayout), never a plan
     "losses": {"losses"},
     "engine": {"engine", "data", "planning", "models", "losses"},
     "interop": {"interop", "planning"},

@@ -274,7 +274,7 @@ def _distill_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M), a parameter count, or PLAN.json (its filters; the teacher plan's kernels and strides)")
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
-    c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: models/students.default_stem, a stem of two where the patch allows it)")
+    c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: recipes/students.default_stem, a stem of two where the patch allows it)")
     c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
     c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
     c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")

@@ -53,7 +53,7 @@ def batches(step, dist):
 
 
 seed_everything(0)
-net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), 1, 2, 2)
+net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), 1, 2)
 teacher = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1))
 with torch.no_grad():
     teacher[1].running_var.fill_(4.0)

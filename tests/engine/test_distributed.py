@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
         return {"val/dice": 0.5}
 
     seed_everything(0)
-    net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), 1, 2, 2)
+    net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), 1, 2)
     spec = TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=batches, record={"method": "ddp-test"}, validate=validate)
     cfg = TrainConfig(steps=4, val_every=2, checkpoint_every=2, log_every=1, lr=1e-2, progress=False, device="cpu", precision="fp32")
     trainer = Trainer(spec, cfg, out)

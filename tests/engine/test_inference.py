@@ -200,7 +200,7 @@ def test_dynunet_predictor_runs_in_bf16():
     from medalloy.models import build_unet
 
     plan = make_plan(2, [16, 16], [1.0, 1.0])
-    net = build_unet(plan)
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes)
     image = np.random.default_rng(0).normal(size=(1, 20, 20)).astype(np.float32)
     meta = ImageMeta(kind="png", shape=(20, 20), spacing=(1.0, 1.0))
     probs = Predictor(net, plan, precision="bf16").predict_probabilities(image, meta)

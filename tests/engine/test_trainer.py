@@ -55,7 +55,7 @@ def make_spec(
     frozen: bool = False,
 ) -> TrainSpec:
     seed_everything(0)
-    net = build_unet(NETWORK, in_channels=1, out_channels=2, spatial_dims=2)
+    net = build_unet(NETWORK, in_channels=1, out_channels=2)
     models: dict[str, nn.Module] = {"net": net}
     if frozen:
         models["frozen"] = nn.Conv2d(1, 1, 1)
@@ -421,7 +421,7 @@ def test_validate_without_the_monitored_key_fails_at_the_first_validation(tmp_pa
 def test_resume_with_weights_of_another_shape_names_file_and_module(tmp_path):
     Trainer(make_spec(validate=None), config(steps=4), tmp_path).fit()
     spec = make_spec(validate=None)
-    spec.models["net"] = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[8, 8, 16]), 1, 2, 2)
+    spec.models["net"] = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[8, 8, 16]), 1, 2)
     with pytest.raises(MedalloyError) as exc:
         Trainer(spec, config(steps=8), tmp_path).fit(resume=True)
     msg = str(exc.value)

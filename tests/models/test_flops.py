@@ -18,7 +18,7 @@ def test_unet_count_scales_with_the_image_and_restores_training_mode():
     from medalloy.models.unet import build_unet
     from medalloy.planning.plan import NetworkPlan
 
-    net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), in_channels=1, out_channels=2, spatial_dims=2)
+    net = build_unet(NetworkPlan(kernels=[[3, 3]] * 3, strides=[[1, 1], [2, 2], [2, 2]], filters=[4, 8, 16]), in_channels=1, out_channels=2)
     net.train()
     small, large = forward_gflops(net, (1, 32, 32)), forward_gflops(net, (1, 64, 64))
     assert net.training

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medalloy.models import FeatureTap, build_unet
-from medalloy.models.hermes import build_hermes, default_fusion_stages
+from medalloy.models.hermes import HermesNet, build_hermes, default_fusion_stages
 from medalloy.models.prior_fusion import BidirectionalFusion, CrossAttention, PriorBank, PriorFusionLayer, num_heads
 from medalloy.models.task_bound import TaskBound
 from medalloy.models.unet import run_stages
@@ -29,13 +29,17 @@ def _plan(dim: int = 2, filters=(8, 16, 32, 64), patch: int = 32) -> Plan:
     )
 
 
+def _hermes(plan: Plan, n_tasks: int, n_modalities: int, **kw) -> HermesNet:
+    return build_hermes(plan.network, n_tasks, n_modalities, plan.in_channels, **kw)
+
+
 def test_num_heads_uses_head_size_32():
     assert [num_heads(c) for c in (16, 32, 64, 320, 48)] == [1, 1, 2, 10, 1]
 
 
 def test_run_stages_is_dynunets_own_forward():
     torch.manual_seed(0)
-    net = build_unet(_plan().network, in_channels=1, out_channels=3, spatial_dims=2).eval()
+    net = build_unet(_plan().network, in_channels=1, out_channels=3).eval()
     x = torch.randn(2, 1, 32, 32)
     seen = []
     with torch.no_grad():
@@ -121,7 +125,7 @@ def test_prior_bank_gathers_task_then_modality_tokens():
 def test_hermes_logits_per_requested_task(dim):
     torch.manual_seed(0)
     patch = 32 if dim == 2 else 16
-    net = build_hermes(_plan(dim, filters=(8, 16, 32) if dim == 3 else (8, 16, 32, 64), patch=patch), n_tasks=4, n_modalities=3)
+    net = _hermes(_plan(dim, filters=(8, 16, 32) if dim == 3 else (8, 16, 32, 64), patch=patch), n_tasks=4, n_modalities=3)
     x = torch.randn(2, 1, *([patch] * dim))
     tasks = torch.tensor([[0, 1, 4], [2, 4, 4]])  # 4 = null task (padding)
     out = net(x, tasks, torch.tensor([0, 2]))
@@ -135,7 +139,7 @@ def test_hermes_logits_per_requested_task(dim):
 
 def test_hermes_gradients_reach_every_used_parameter_and_only_requested_task_rows():
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=5, n_modalities=2)
+    net = _hermes(_plan(), n_tasks=5, n_modalities=2)
     assert net.fusion_stages == ["enc2", "bottleneck", "dec2"] == default_fusion_stages(["enc0", "enc1", "enc2", "bottleneck", "dec2", "dec1", "dec0"])
     out = net(torch.randn(2, 1, 32, 32), torch.tensor([[0, 3], [3, 5]]), torch.tensor([0, 1]))
     (out["logits"].sum() + out["modality_logits"].sum()).backward()
@@ -148,7 +152,7 @@ def test_hermes_gradients_reach_every_used_parameter_and_only_requested_task_row
 
 def test_task_bound_and_feature_tap():
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2).eval()
     bound = TaskBound(net, [2, 0], modality_id=1)
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad(), FeatureTap(net, ["enc1", "bottleneck"]) as tap:
@@ -164,7 +168,7 @@ def test_null_task_padding_leaves_every_output_unchanged():
     # Training pads task lists with the null task, inference (TaskBound) sends none: both must
     # see the same model, so the features may not read the null tokens.
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2).eval()
     null = net.null_task
     x = torch.randn(2, 1, 32, 32)
     mod = torch.tensor([0, 1])
@@ -205,7 +209,7 @@ def test_universal_at_the_cli_default_is_within_1_3_experts():
 
     cfg = UniversalConfig()
     _, network = shared_network(256, cfg.base_filters, cfg.max_filters)
-    expert = sum(p.numel() for p in build_unet(network, in_channels=3, out_channels=3, spatial_dims=2).parameters())
+    expert = sum(p.numel() for p in build_unet(network, in_channels=3, out_channels=3).parameters())
     net = build_hermes(network, 8, 5, in_channels=3, fusion_width=cfg.fusion_width, finest_skipped=cfg.fusion_finest_skipped, fusion_scales=cfg.fusion_scales)
     full = build_hermes(network, 8, 5, in_channels=3, fusion_scales=None)
     size = sum(p.numel() for p in net.parameters())
@@ -214,7 +218,7 @@ def test_universal_at_the_cli_default_is_within_1_3_experts():
 
 def test_task_priors_only_ignore_the_modality():
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="task").eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, priors="task").eval()
     assert all(layer.bank.modality.numel() == 0 for layer in net.fusion.values()) and net.modality_head is None
     x, tasks = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]])
     with torch.no_grad():
@@ -222,14 +226,14 @@ def test_task_priors_only_ignore_the_modality():
     assert set(a) == {"logits"}
     torch.testing.assert_close(a["logits"], b["logits"])
     # the full model does read the modality
-    full = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    full = _hermes(_plan(), n_tasks=3, n_modalities=2).eval()
     with torch.no_grad():
         assert (full(x, tasks, torch.tensor([0, 0]))["logits"] - full(x, tasks, torch.tensor([1, 1]))["logits"]).abs().max() > 1e-4
 
 
 def test_no_priors_is_the_backbone_with_one_1x1_head_per_task():
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="none").eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, priors="none").eval()
     assert len(net.fusion) == 0
     with torch.no_grad():
         net.task_bias.weight.normal_()
@@ -241,7 +245,7 @@ def test_no_priors_is_the_backbone_with_one_1x1_head_per_task():
             w, bias = net.task_weight.weight[t], net.task_bias.weight[t, 0]
             torch.testing.assert_close(logits[b, j], torch.einsum("chw,c->hw", f[b], w) + bias, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="priors must be one of"):
-        build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="modality")
+        _hermes(_plan(), n_tasks=3, n_modalities=2, priors="modality")
 
 
 @pytest.mark.parametrize("priors", ["task+modality", "none"])
@@ -251,12 +255,12 @@ def test_prior_probability_starts_every_task_mostly_absent(priors):
     torch.manual_seed(0)
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1, 2], [2, 0, 1]]), torch.tensor([0, 1])
     with torch.no_grad():
-        p = torch.sigmoid(build_hermes(_plan(), 3, 2, priors=priors, prior_probability=0.01).eval()(x, ids, mod)["logits"])
-        plain = torch.sigmoid(build_hermes(_plan(), 3, 2, priors=priors).eval()(x, ids, mod)["logits"])
+        p = torch.sigmoid(_hermes(_plan(), 3, 2, priors=priors, prior_probability=0.01).eval()(x, ids, mod)["logits"])
+        plain = torch.sigmoid(_hermes(_plan(), 3, 2, priors=priors).eval()(x, ids, mod)["logits"])
     assert 0.002 < float(p.median()) < 0.05
     assert 0.2 < float(plain.median()) < 0.8
     # records before the offset (priors, no prior_probability) build without it and load as they were
-    assert not any("task_bias" in k for k in build_hermes(_plan(), 3, 2).state_dict())
+    assert not any("task_bias" in k for k in _hermes(_plan(), 3, 2).state_dict())
 
 
 def _prototype_cosines(net, n_tasks: int, side: int) -> torch.Tensor:
@@ -279,13 +283,13 @@ def test_task_anchors_start_every_task_in_its_own_direction():
     # and the recipe's fusion width: the deeper the net, the more fused scales, the more parallel.
     plan = _plan(filters=(16, 32, 64, 128, 256, 256), patch=128)
     torch.manual_seed(0)
-    plain = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01).eval()
+    plain = _hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01).eval()
     torch.manual_seed(0)
-    anchored = build_hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01, task_anchors=True).eval()
+    anchored = _hermes(plan, n_tasks=4, n_modalities=2, fusion_width=64, prior_probability=0.01, task_anchors=True).eval()
     assert plain.task_weight is None and anchored.task_weight.weight.shape == (5, 16)
     assert _prototype_cosines(plain, 4, 128).min() > 0.85  # 0.93 measured
     assert _prototype_cosines(anchored, 4, 128).abs().mean() < 0.6  # 0.39 measured
-    anchored = build_hermes(_plan(), n_tasks=4, n_modalities=2, task_anchors=True).eval()
+    anchored = _hermes(_plan(), n_tasks=4, n_modalities=2, task_anchors=True).eval()
     # the anchor enters the logits: moving one task's anchor moves only that task's map
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
     with torch.no_grad():
@@ -307,8 +311,8 @@ def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_prio
     # with the fusion layers at identity and prototypes at their anchors, a fresh universal network
     # computes what the no-priors network with the same backbone, anchors and offsets computes
     torch.manual_seed(0)
-    net = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True, identity_init=True)
-    plain = build_hermes(_plan(), 3, 2, priors="none", prior_probability=0.01)
+    net = _hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True, identity_init=True)
+    plain = _hermes(_plan(), 3, 2, priors="none", prior_probability=0.01)
     _load_shared(net, plain)
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
     out = net(x, ids, mod)
@@ -327,7 +331,7 @@ def test_identity_init_starts_as_the_no_priors_network_and_still_learns_its_prio
         assert (moved - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
     # without the flag a fresh network is not the no-priors one (random fusion output and task head, as before)
     torch.manual_seed(0)
-    random = build_hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True)
+    random = _hermes(_plan(), 3, 2, fusion_width=width, prior_probability=0.01, task_anchors=True)
     _load_shared(random, plain)
     with torch.no_grad():
         assert (random(x, ids, mod)["logits"] - plain(x, ids, mod)["logits"]).abs().max() > 1e-3
@@ -464,7 +468,7 @@ def _fusion_recorder(net, ids, mod):
 
 def test_hermes_output_is_the_fused_backbone_dotted_with_task_prototypes():
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2, prior_probability=0.01, task_anchors=True).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2, prior_probability=0.01, task_anchors=True).eval()
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[2, 0], [1, 3]]), torch.tensor([1, 0])
     fuse, tasks, modality, stages = _fusion_recorder(net, ids, mod)
 
@@ -484,7 +488,7 @@ def test_each_samples_modality_tokens_condition_its_task_logits():
     # The modality reaches a task's map only through the features' read of the modality tokens
     # (task tokens read the image, never the other priors); each sample reads its own modality's.
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=1.0).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=1.0).eval()
     x, ids = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [2, 1]])
     with torch.no_grad():
         mixed, zero, one = (net(x, ids, torch.tensor(m)) for m in ([0, 1], [0, 0], [1, 1]))
@@ -500,7 +504,7 @@ def test_each_samples_modality_tokens_condition_its_task_logits():
 def test_each_task_slot_is_its_own_tasks_prototype_and_unrequested_tasks_are_inert():
     torch.manual_seed(0)
     # identity_init: the features do not read the priors, so a task token reaches only its own slot
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, identity_init=True).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, identity_init=True).eval()
     x, ids, mod = torch.randn(2, 1, 32, 32), torch.tensor([[0, 1], [1, 2]]), torch.tensor([0, 1])
     with torch.no_grad():
         before = net(x, ids, mod)["logits"]
@@ -510,7 +514,7 @@ def test_each_task_slot_is_its_own_tasks_prototype_and_unrequested_tasks_are_ine
     assert changed.tolist() == [[False, True], [True, False]]
     # a task nobody asked for is not among the priors: its tokens change nothing anywhere
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2).eval()
     ids = torch.tensor([[0, 1], [1, 0]])
     with torch.no_grad():
         before = net(x, ids, mod)
@@ -564,7 +568,7 @@ def test_prior_tables_start_at_the_requested_scale():
     assert bank.task.std().item() == pytest.approx(0.02, rel=0.15)
     assert bank.modality.std().item() == pytest.approx(0.02, rel=0.15)
     for std in (0.02, 1.0):
-        net = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=std)
+        net = _hermes(_plan(), n_tasks=3, n_modalities=2, prior_init_std=std)
         for layer in net.fusion.values():
             assert layer.bank.task.std().item() == pytest.approx(std, rel=0.3)
             assert layer.bank.modality.std().item() == pytest.approx(std, rel=0.15)
@@ -583,18 +587,16 @@ def test_full_width_fusion_layer_has_no_projections(width):
 
 
 def test_build_hermes_hands_on_depth_scales_and_input_channels():
-    from medalloy.models.hermes import HermesNet
-
     torch.manual_seed(0)
     # fusion_scales=1 (the recipe's default): the bottleneck only, not the default three scales
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, in_channels=2, depth=2, fusion_scales=1)
+    net = build_hermes(_plan().network, n_tasks=3, n_modalities=2, in_channels=2, depth=2, fusion_scales=1)
     assert net.fusion_stages == ["bottleneck"]
     assert all(len(layer.blocks) == 2 for layer in net.fusion.values())
-    # in_channels given with a Plan overrides the plan's
+    # the input's channels are in_channels
     out = net(torch.randn(1, 2, 32, 32), torch.tensor([[0]]), torch.tensor([0]))
     assert out["logits"].shape == (1, 1, 32, 32)
     # a HermesNet built without a stage list fuses at default_fusion_stages of its backbone
-    backbone = build_unet(_plan().network, in_channels=1, out_channels=1, spatial_dims=2)
+    backbone = build_unet(_plan().network, in_channels=1, out_channels=1)
     direct = HermesNet(backbone, [8, 16, 32, 64], n_tasks=3, n_modalities=2)
     assert direct.fusion_stages == ["enc2", "bottleneck", "dec2"]
 
@@ -605,7 +607,7 @@ def test_hermes_backbone_drops_deep_supervision_heads():
     plan = _plan()
     plan = plan.model_copy(update={"network": plan.network.model_copy(update={"deep_supervision": True})})
     torch.manual_seed(0)
-    net = build_hermes(plan, n_tasks=3, n_modalities=2)
+    net = _hermes(plan, n_tasks=3, n_modalities=2)
     assert not any("deep_supervision" in k for k in net.state_dict())
     out = net(torch.randn(1, 1, 32, 32), torch.tensor([[0, 1]]), torch.tensor([1]))
     (out["logits"].sum() + out["modality_logits"].sum()).backward()
@@ -616,7 +618,7 @@ def test_task_and_modality_heads_are_layernorm_mlps():
     # prototype = Linear(GELU(Linear(LN(task tokens of every fused scale)))); modality logits =
     # Linear(LN(mean modality tokens of every fused scale)); checked with every parameter drawn
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2)
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2, tokens_per_modality=2)
     _randomise(net.task_head, seed=6)
     _randomise(net.modality_head, seed=7)
     net.eval()
@@ -641,11 +643,11 @@ def test_task_and_modality_heads_are_layernorm_mlps():
 
 def test_task_offsets_start_at_zero_without_priors_and_at_logit_p_with_them():
     torch.manual_seed(0)
-    plain = build_hermes(_plan(), n_tasks=3, n_modalities=2, priors="none")
+    plain = _hermes(_plan(), n_tasks=3, n_modalities=2, priors="none")
     # one row per task plus the null task, as in a checkpoint
     assert plain.task_weight.weight.shape == (4, 8) and plain.task_bias.weight.shape == (4, 1)
     torch.testing.assert_close(plain.task_bias.weight, torch.zeros(4, 1), rtol=0, atol=0)
-    prior = build_hermes(_plan(), n_tasks=3, n_modalities=2, prior_probability=0.01)
+    prior = _hermes(_plan(), n_tasks=3, n_modalities=2, prior_probability=0.01)
     assert prior.task_bias.weight.shape == (4, 1)
     torch.testing.assert_close(prior.task_bias.weight, torch.full((4, 1), -4.59512), rtol=0, atol=1e-5)  # log(0.01 / 0.99)
 
@@ -654,7 +656,7 @@ def test_feature_tap_reads_the_fused_features_at_fused_stages():
     # distillation and amalgamation read a stage through FeatureTap: at a fused stage that is the
     # fusion layer's output (what the next block sees), not the backbone block's
     torch.manual_seed(0)
-    net = build_hermes(_plan(), n_tasks=3, n_modalities=2).eval()
+    net = _hermes(_plan(), n_tasks=3, n_modalities=2).eval()
     seen = {}
     hooks = [
         net.fusion["bottleneck"].register_forward_hook(lambda m, i, o: seen.__setitem__("fused", o[0])),

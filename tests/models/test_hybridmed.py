@@ -22,8 +22,8 @@ def plan():
 
 
 def test_encoder_is_the_expert_unet_encoder(plan):
-    enc = UNetEncoder(plan)
-    net = build_unet(plan.model_copy(update={"label_values": [0, 1], "labels": {"background": 0, "x": 1}}))
+    enc = UNetEncoder(plan.network, plan.in_channels, plan.num_classes)
+    net = build_unet(plan.network, plan.in_channels, 2)
     state = enc.state_dict()
     assert set(state) == set(encoder_state(net.state_dict()))  # key for key
     assert load_encoder_into(net, state, "test") == len(state)
@@ -37,8 +37,8 @@ def test_encoder_is_the_expert_unet_encoder(plan):
 
 
 def test_encoder_of_another_plan_is_refused_naming_the_stage(plan):
-    small = UNetEncoder(plan).state_dict()
-    bigger = build_unet(plan_images_2d(64).model_copy(update={"label_values": [0, 1], "labels": {"background": 0, "x": 1}}))
+    small = UNetEncoder(plan.network, plan.in_channels, plan.num_classes).state_dict()
+    bigger = build_unet(plan_images_2d(64).network, plan.in_channels, 2)
     with pytest.raises(MedalloyError, match=r"stage 'enc\d|bottleneck"):
         load_encoder_into(bigger, small, "pre.safetensors")
 
@@ -98,7 +98,9 @@ def test_greedy_generation_stops_at_the_end_token():
 
 def test_hybridmed_outputs(plan):
     text = ScratchTextEncoder(vocab_size=30, width=16, layers=1, heads=2, max_len=12)
-    model = HybridMED(plan, text, vocab_size=30, width=16, embed_dim=8, decoder_layers=1, heads=2, max_impression_len=6)
+    model = HybridMED(
+        plan.network, plan.in_channels, plan.num_classes, text, vocab_size=30, width=16, embed_dim=8, decoder_layers=1, heads=2, max_impression_len=6
+    )
     images = torch.randn(3, 1, 32, 32)
     findings = torch.randint(4, 30, (3, 12))
     fmask = torch.ones_like(findings, dtype=torch.bool)

@@ -22,7 +22,7 @@ pytest.importorskip("einops")
 
 def _expert(cin: int, k: int, stages: int = 4) -> torch.nn.Module:
     net = NetworkPlan(kernels=[[3, 3]] * stages, strides=[[1, 1]] + [[2, 2]] * (stages - 1), filters=[8 * 2**i for i in range(stages)])
-    return build_unet(net, cin, k, 2).eval()
+    return build_unet(net, cin, k).eval()
 
 
 def _net(**kw):
@@ -445,7 +445,7 @@ def test_an_expert_answering_a_list_gives_its_full_resolution_logits():
 
 def _tiny_expert(cin: int, k: int) -> torch.nn.Module:
     net = NetworkPlan(kernels=[[3, 3]] * 4, strides=[[1, 1]] + [[2, 2]] * 3, filters=[4, 8, 8, 8])
-    return build_unet(net, cin, k, 2).eval()
+    return build_unet(net, cin, k).eval()
 
 
 @pytest.fixture(scope="module")
@@ -556,7 +556,7 @@ def test_the_router_reads_the_deepest_amalgamated_stage():
     torch.manual_seed(0)
     # six stages (strides 1 to 32): enc4 and bottleneck taps are different stages of each expert
     plan = NetworkPlan(kernels=[[3, 3]] * 6, strides=[[1, 1]] + [[2, 2]] * 5, filters=[4, 4, 8, 8, 8, 8])
-    experts = [build_unet(plan, 1, 2, 2).eval(), build_unet(plan, 1, 2, 2).eval()]
+    experts = [build_unet(plan, 1, 2).eval(), build_unet(plan, 1, 2).eval()]
     chosen = [choose_taps(probe_stages(e, 1, [64, 64]), ["enc4", "bottleneck"]) for e in experts]
     assert chosen[0][0] == {"enc4": "enc4", "bottleneck": "bottleneck"}
     net = build_ka2er(2, 1, 2, 12, experts, [1, 1], [t for t, _ in chosen], [c for _, c in chosen], decoder="plain", task_experts=[[(0, 1), (1, 1)], []])

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from medalloy.errors import MedalloyError
-from medalloy.models.students import STUDENT_SIZES, build_student, default_stem, student_filters
+from medalloy.models.students import student_filters, student_model
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import ChannelNorm, Plan
+from medalloy.recipes.students import STUDENT_SIZES, build_student, default_stem
 from medalloy.recipes.universal import shared_network
 
 
@@ -20,6 +21,14 @@ def _plan(patch: int = 224, dim: int = 2) -> Plan:
     )  # fmt: skip
 
 
+def _teacher(plan: Plan) -> torch.nn.Module:
+    return build_unet(plan.network, plan.in_channels, plan.num_classes)
+
+
+def _student(plan: Plan, filters: list[int], **kw) -> torch.nn.Module:
+    return student_model(plan.network, plan.in_channels, plan.num_classes, filters, **kw)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_student_is_the_widest_of_the_plans_topology_within_its_budget(size):
     plan = _plan()
@@ -29,8 +38,8 @@ def test_student_is_the_widest_of_the_plans_topology_within_its_budget(size):
     assert student.strides == plan.network.strides and student.kernel_size == plan.network.kernels
     # one step wider would not fit: the budget is used, not merely respected
     wider = plan.network.model_copy(update={"filters": student_filters(student.filters[0] + 1, len(plan.network.strides))})
-    assert count_parameters(build_unet(wider, in_channels=1, out_channels=3, spatial_dims=2)) > STUDENT_SIZES[size]
-    teacher = build_unet(plan)
+    assert count_parameters(build_unet(wider, in_channels=1, out_channels=3)) > STUDENT_SIZES[size]
+    teacher = _teacher(plan)
     assert count_parameters(teacher) >= 5 * n
     out = student(torch.zeros(1, 1, 224, 224))
     assert out.shape == (1, 3, 224, 224)
@@ -46,7 +55,7 @@ def test_stem_student_drops_the_full_resolution_stage_and_keeps_the_teachers_res
     assert stem.net.strides == plan.network.strides[1:] and stem.net.strides[0] == [2, 2]
     assert "enc0" not in stem.medalloy_stages and "dec0" not in stem.medalloy_stages
     x = torch.randn(1, 1, 224, 224, generator=torch.Generator().manual_seed(0))
-    teacher = build_unet(plan)
+    teacher = _teacher(plan)
     with torch.no_grad(), FeatureTap(teacher) as tt, FeatureTap(stem) as ts:
         out = stem(x)
         teacher(x)
@@ -79,7 +88,7 @@ def test_stem_of_two_folds_pixels_into_channels_and_starts_at_a_quarter():
     assert two.net.input_block.conv1.conv.in_channels == 4  # one grey channel, 2 x 2 pixels
     assert not {"enc0", "enc1", "dec0", "dec1"} & set(two.medalloy_stages)
     x = torch.randn(1, 1, 224, 224, generator=torch.Generator().manual_seed(0))
-    teacher = build_unet(plan)
+    teacher = _teacher(plan)
     with torch.no_grad(), FeatureTap(teacher) as tt, FeatureTap(two) as ts:
         out = two(x)
         teacher(x)
@@ -257,10 +266,8 @@ def test_make_separable_leaves_pointwise_convolutions_alone():
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_stem_logits_return_by_half_pixel_linear_interpolation(dim):
-    from medalloy.models.students import student_model
-
     plan = _plan(32, dim=dim)
-    student = student_model(plan, [4, 4, 4], stem=1)
+    student = _student(plan, [4, 4, 4], stem=1)
     # a coarse map that is linear in the coarse index along every axis: (bi/tri)linear interpolation
     # reproduces it in the interior and holds the edge value beyond the outer pixel centres
     idx = torch.meshgrid(*[torch.arange(16.0)] * dim, indexing="ij")
@@ -282,11 +289,9 @@ def test_student_filters_double_up_to_four_times_the_base():
 
 
 def test_budget_is_inclusive_from_the_narrowest_base_and_a_digit_string_is_a_count():
-    from medalloy.models.students import student_model
-
     plan = _plan(64)
     stages = len(plan.network.strides)
-    cost = {b: count_parameters(student_model(plan, student_filters(b, stages))) for b in (2, 3, 5)}
+    cost = {b: count_parameters(_student(plan, student_filters(b, stages))) for b in (2, 3, 5)}
     assert build_student(plan, cost[5]).filters[0] == 5  # exactly the budget fits
     assert build_student(plan, cost[5] - 1).filters[0] == 4
     assert build_student(plan, str(cost[5])).filters[0] == 5  # how the CLI / a YAML config gives a count
@@ -294,10 +299,8 @@ def test_budget_is_inclusive_from_the_narrowest_base_and_a_digit_string_is_a_cou
 
 
 def test_stem_of_two_folds_every_input_channel():
-    from medalloy.models.students import student_model
-
     plan = _plan().model_copy(update={"in_channels": 2, "normalization": [ChannelNorm(scheme="zscore")] * 2})
-    two = student_model(plan, [4, 4, 4, 4], stem=2)
+    two = _student(plan, [4, 4, 4, 4], stem=2)
     assert two.net.input_block.conv1.conv.in_channels == 2 * 4  # two channels, 2 x 2 pixels each
     with torch.no_grad():
         assert two(torch.zeros(1, 2, 64, 64)).shape == (1, 3, 64, 64)
@@ -327,18 +330,16 @@ def test_student_drops_the_teachers_deep_supervision():
 
 
 def test_stem_stride_and_fold_multiply_the_dropped_stages_axis_by_axis():
-    from medalloy.models.students import student_model
-
     # an anisotropic 3D plan: the first pooling leaves the through-plane axis alone
     strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     net = _plan(32, dim=3).network.model_copy(update={"strides": strides, "kernels": [[1, 3, 3]] * 2 + [[3, 3, 3]] * 3, "filters": [2] * 5})
     plan = _plan(32, dim=3).model_copy(update={"patch_size": [16, 32, 32], "network": net})
-    two = student_model(plan, [2, 2, 2], stem=2, upsample="shuffle")
+    two = _student(plan, [2, 2, 2], stem=2, upsample="shuffle")
     assert two.fold == [1, 2, 2] and two.stride == [2, 4, 4]  # [1, 2, 2] x [2, 2, 2]
     assert two.net.output_block.conv.conv.out_channels == 3 * 2 * 4 * 4
     with torch.no_grad():
         assert two(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)
-    one = student_model(_plan(32), [2, 2, 2], stem=1, upsample="shuffle")
+    one = _student(_plan(32), [2, 2, 2], stem=1, upsample="shuffle")
     assert one.fold is None and one.stride == [2, 2]
     with torch.no_grad():
         assert one(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)

@@ -7,7 +7,7 @@ import torch
 
 from medalloy.errors import MedalloyError
 from medalloy.models import FeatureTap, build_unet, stage_names
-from medalloy.models.unet import count_parameters
+from medalloy.models.unet import Layout, count_parameters
 from medalloy.planning.plan import ChannelNorm, NetworkPlan, Plan
 
 
@@ -36,14 +36,15 @@ def _plan(dim: int) -> Plan:
 
 
 def test_build_2d_from_network_plan():
-    net = build_unet(_network(2), in_channels=1, out_channels=3, spatial_dims=2).eval()
+    net = build_unet(_network(2), in_channels=1, out_channels=3).eval()
     with torch.no_grad():
         out = net(torch.zeros(2, 1, 32, 32))
     assert out.shape == (2, 3, 32, 32)
 
 
 def test_build_3d_from_plan():
-    net = build_unet(_plan(3)).eval()
+    plan = _plan(3)
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes).eval()
     with torch.no_grad():
         out = net(torch.zeros(1, 2, 16, 16, 8))
     assert out.shape == (1, 3, 16, 16, 8)
@@ -51,19 +52,31 @@ def test_build_3d_from_plan():
 
 
 def test_network_plan_without_channels_raises():
-    with pytest.raises(ValueError):
-        build_unet(_network(2))
+    with pytest.raises(TypeError):
+        build_unet(_network(2))  # type: ignore[call-arg]
+
+
+def test_a_plain_layout_builds_the_plans_network_and_deep_supervision_can_be_dropped():
+    network = _network(2, (4, 8, 16, 32)).model_copy(update={"deep_supervision": True, "res_block": True})
+    states = []
+    for layout in (network, Layout.of(network)):
+        torch.manual_seed(0)
+        states.append(build_unet(layout, 1, 2).state_dict())
+    plan, plain = states
+    assert list(plan) == list(plain) and all(torch.equal(plan[k], plain[k]) for k in plan)  # same blocks, same weights
+    assert any(k.startswith("deep_supervision_heads") for k in plan) and any("conv3" in k for k in plan)  # heads and residual blocks kept
+    assert not any(k.startswith("deep_supervision_heads") for k in build_unet(network, 1, 2, deep_supervision=False).state_dict())
 
 
 def test_stage_names_order():
-    net = build_unet(_network(2, (4, 8, 16, 32)), in_channels=1, out_channels=2, spatial_dims=2)
+    net = build_unet(_network(2, (4, 8, 16, 32)), in_channels=1, out_channels=2)
     assert stage_names(net) == ["enc0", "enc1", "enc2", "bottleneck", "dec2", "dec1", "dec0"]
 
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_feature_tap_every_stage(dim):
     filters = (4, 8, 16, 32)
-    net = build_unet(_network(dim, filters), in_channels=1, out_channels=2, spatial_dims=dim).eval()
+    net = build_unet(_network(dim, filters), in_channels=1, out_channels=2).eval()
     size = 16
     x = torch.randn(2, 1, *([size] * dim))
     with torch.no_grad(), FeatureTap(net) as tap:
@@ -84,7 +97,7 @@ def test_feature_tap_every_stage(dim):
 
 
 def test_feature_tap_subset_detach_and_grad():
-    net = build_unet(_network(2), in_channels=1, out_channels=2, spatial_dims=2)
+    net = build_unet(_network(2), in_channels=1, out_channels=2)
     x = torch.randn(1, 1, 16, 16)
     with FeatureTap(net, ["bottleneck"], detach=True) as tap:
         net(x)
@@ -95,7 +108,7 @@ def test_feature_tap_subset_detach_and_grad():
 
 
 def test_feature_tap_hooks_removed_after_context():
-    net = build_unet(_network(2), in_channels=1, out_channels=2, spatial_dims=2).eval()
+    net = build_unet(_network(2), in_channels=1, out_channels=2).eval()
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         with FeatureTap(net, ["enc0", "dec0"]) as tap:
@@ -107,7 +120,7 @@ def test_feature_tap_hooks_removed_after_context():
 
 
 def test_unknown_stage_and_plain_module():
-    net = build_unet(_network(2), in_channels=1, out_channels=2, spatial_dims=2)
+    net = build_unet(_network(2), in_channels=1, out_channels=2)
     with pytest.raises(MedalloyError, match="unknown stages") as exc:
         FeatureTap(net, ["enc0", "enc9"])
     assert "enc9" in str(exc.value) and "\n" not in str(exc.value)

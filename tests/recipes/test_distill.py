@@ -280,7 +280,7 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
 
 
 def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path, capsys):
-    from medalloy.models.students import default_stem
+    from medalloy.recipes.students import default_stem
     from medalloy.recipes.distill import load_student
 
     cfg = _cfg("logit_kd", steps=2)

@@ -29,7 +29,7 @@ def test_deep_supervision_weights_are_nnunets():
 def test_deep_supervision_heads_are_trained_by_the_loss():
     torch.manual_seed(0)
     plan = _plan(True)
-    net = build_unet(plan).train()
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes).train()
     x = torch.randn(2, 1, 32, 32)
     y = torch.randint(0, 3, (2, 1, 32, 32))
     out = net(x)
@@ -44,7 +44,8 @@ def test_deep_supervision_heads_are_trained_by_the_loss():
 
 
 def test_without_deep_supervision_no_heads_are_built():
-    net = build_unet(_plan(False))
+    plan = _plan(False)
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes)
     assert not any("deep_supervision" in n for n, _ in net.named_parameters())
     assert isinstance(expert_loss(_plan(False)), DiceCELoss)
 
@@ -62,7 +63,7 @@ def test_prediction_loaders_come_from_the_recipes(tmp_path):
         load_model(path)
     assert "\n" not in str(exc.value) and "x.safetensors" in str(exc.value)
     plan = _plan(False)
-    net = build_unet(plan)
+    net = build_unet(plan.network, plan.in_channels, plan.num_classes)
     good = ckpt.save_checkpoint(tmp_path / "e.safetensors", ckpt.prefixed(net.state_dict(), "model/net"), {"method": "expert", "plan": plan.model_dump(mode="json")})
     model, loaded_plan, record = load_model(good)
     assert loaded_plan == plan and record["method"] == "expert" and not model.training

@@ -191,7 +191,7 @@ def test_expert_starts_from_the_pretrained_encoder(hybrid_run, tmp_path, monkeyp
     for k in encoder:
         assert torch.equal(started[k], pre["image." + k]), k  # the expert trained from the pretrained encoder ...
     seed_everything(0)
-    fresh = build_unet(plan).state_dict()
+    fresh = build_unet(plan.network, plan.in_channels, plan.num_classes).state_dict()
     assert not any(torch.equal(fresh[k], started[k]) for k in encoder if k.endswith("conv.weight"))  # ... not from its own random init
     assert not any(k.split(".")[0] in ("input_block", "downsamples", "bottleneck") for k in set(fresh) - set(started))
 
@@ -217,7 +217,7 @@ def test_too_few_pairs_and_bad_columns(pairs, tmp_path, capsys):
     (tmp_path / "images").symlink_to(pairs / "images")
     with pytest.raises(MedalloyError, match="too few"):
         pretrain(few, tmp_path / "r", progress=False, **TINY)
-    assert main(["-q", "pretrain", "--pairs", str(pairs / "pairs.csv"), "--out", str(tmp_path / "r2"), "--findings-column", "notes"]) == 1
+    assert main(["-q", "train", "pretrain", "--pairs", str(pairs / "pairs.csv"), "--out", str(tmp_path / "r2"), "--findings-column", "notes"]) == 1
     err = capsys.readouterr().err
     assert "pairs.csv" in err and "'notes'" in err and err.count("\n") == 1  # one line naming the file and the column
     assert not (tmp_path / "r2").exists()

@@ -31,8 +31,7 @@ from torch import nn
 
 from medalloy.models.features import STAGES_ATTR
 from medalloy.models.prior_fusion import PriorFusionLayer
-from medalloy.models.unet import build_unet, run_stages
-from medalloy.planning.plan import NetworkPlan, Plan
+from medalloy.models.unet import UNetLayout, build_unet, run_stages
 
 
 def stage_channels(net: DynUNet, filters: list[int]) -> dict[str, int]:
@@ -167,10 +166,10 @@ PRIORS = ("task+modality", "task", "none")
 
 
 def build_hermes(
-    network: NetworkPlan | Plan,
+    network: UNetLayout,
     n_tasks: int,
     n_modalities: int,
-    in_channels: int | None = None,
+    in_channels: int,
     depth: int = 1,
     tokens_per_modality: int = 10,
     fusion_width: int | None = None,
@@ -182,7 +181,7 @@ def build_hermes(
     identity_init: bool = False,
     prior_init_std: float = 0.02,
 ) -> HermesNet:
-    """A :class:`HermesNet` on the DynUNet a plan (or its network part) describes. ``priors``:
+    """A :class:`HermesNet` on the DynUNet of ``network`` reading ``in_channels``, without deep supervision. ``priors``:
     ``task+modality`` (Hermes), ``task`` (no modality tokens) or ``none`` (no fusion: one head per task);
     fusion at every scale but the ``finest_skipped`` finest (2: from 1/4 resolution, the paper's),
     and only at the ``fusion_scales`` coarsest (3: the paper's count, see :func:`default_fusion_stages`;
@@ -195,20 +194,12 @@ def build_hermes(
     tables start at N(0, std^2) (see :class:`~medalloy.models.prior_fusion.PriorBank`)."""
     if priors not in PRIORS:
         raise ValueError(f"priors must be one of {', '.join(PRIORS)}, not {priors!r}")
-    if isinstance(network, Plan):
-        in_channels = network.in_channels if in_channels is None else in_channels
-        spatial_dims, network = network.dim, network.network
-    else:
-        spatial_dims = len(network.strides[0])
-    if in_channels is None:
-        raise ValueError("give a Plan or in_channels")
-    network = network.model_copy(update={"deep_supervision": False})
-    backbone = build_unet(network, in_channels=in_channels, out_channels=1, spatial_dims=spatial_dims)
+    backbone = build_unet(network, in_channels=in_channels, out_channels=1, deep_supervision=False)
     # the task-prototype head replaces DynUNet's output layer: unused parameters would stall DDP
     backbone.output_block = nn.Identity()
     return HermesNet(
         backbone,
-        network.filters,
+        list(network.filters),
         n_tasks,
         n_modalities,
         fusion_stages=[] if priors == "none" else default_fusion_stages(list(getattr(backbone, STAGES_ATTR)), finest_skipped, fusion_scales),

@@ -18,13 +18,18 @@ from torch import nn
 
 from medalloy.models.image_encoder import UNetEncoder
 from medalloy.models.report_decoder import ReportDecoder
-from medalloy.planning.plan import Plan
+from medalloy.models.unet import UNetLayout
 
 
 class HybridMED(nn.Module):
+    """``network``, ``in_channels``, ``out_channels``: the 2D U-Net whose encoder reads the images (see
+    :class:`~medalloy.models.image_encoder.UNetEncoder`)."""
+
     def __init__(
         self,
-        plan: Plan,
+        network: UNetLayout,
+        in_channels: int,
+        out_channels: int,
         text_encoder: nn.Module,
         vocab_size: int,
         width: int = 256,
@@ -36,10 +41,10 @@ class HybridMED(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
-        if plan.dim != 2:
+        if len(network.strides[0]) != 2:
             raise ValueError("HybridMED encodes 2D radiographs: give a 2D plan")
-        self.image = UNetEncoder(plan)
-        filters = plan.network.filters
+        self.image = UNetEncoder(network, in_channels, out_channels)
+        filters = list(network.filters)
         token_stages = max(1, min(token_stages, len(filters)))
         self.token_channels = filters[-token_stages:]
         self.patch_proj = nn.ModuleList(nn.Linear(c, width) for c in self.token_channels)

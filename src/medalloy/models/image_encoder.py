@@ -1,7 +1,7 @@
 """The encoder half of the expert U-Net, on its own: what image pretraining trains and what an expert
 starts from (``medalloy train expert DATASET --init RUN``).
 
-It is MONAI's DynUNet built from the same plan, with the decoder dropped: the submodules keep
+It is MONAI's DynUNet of the same layout, with the decoder dropped: the submodules keep
 DynUNet's names (``input_block``, ``downsamples.<i>``, ``bottleneck``) and the stages medalloy's
 names (``enc0`` ... ``enc{n-1}``, ``bottleneck``), so its state dict loads into an expert's network
 key for key.
@@ -14,24 +14,25 @@ from torch import nn
 
 from medalloy.errors import MedalloyError
 from medalloy.models.features import STAGES_ATTR
-from medalloy.models.unet import build_unet, unet_stages
-from medalloy.planning.plan import Plan
+from medalloy.models.unet import UNetLayout, build_unet, unet_stages
 
 ENCODER_MODULES = ("input_block", "downsamples", "bottleneck")
 _FIT = "train the expert with the encoder's network: omit --plan, or copy 'network' and 'in_channels' from the pretraining run's plan.json"
 
 
 class UNetEncoder(nn.Module):
-    """``(B, C, *patch) -> [enc0, ..., enc{n-1}, bottleneck]`` features, finest first;
-    stage ``i`` has ``plan.network.filters[i]`` channels."""
+    """``(B, in_channels, *patch) -> [enc0, ..., enc{n-1}, bottleneck]`` features, finest first;
+    stage ``i`` has ``network.filters[i]`` channels. The encoder of ``build_unet(network, in_channels,
+    out_channels)``: the decoder is dropped, but DynUNet draws its initial weights after building every
+    block, so ``out_channels`` still decides which weights a seed gives."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, network: UNetLayout, in_channels: int, out_channels: int):
         super().__init__()
-        net = build_unet(plan)
+        net = build_unet(network, in_channels, out_channels)
         self.input_block = net.input_block
         self.downsamples = net.downsamples
         self.bottleneck = net.bottleneck
-        self.filters = list(plan.network.filters)
+        self.filters = list(network.filters)
         setattr(self, STAGES_ATTR, {k: v for k, v in unet_stages(net).items() if not k.startswith("dec")})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,24 +1,21 @@
-"""Lightweight students for distillation: the plan's own U-Net topology (MONAI DynUNet, blocks
-unchanged) at a width chosen to fit a parameter budget.
+"""Lightweight students for distillation: the teacher's U-Net topology (MONAI DynUNet, blocks
+unchanged) at a width chosen to fit a parameter budget. The networks and their arithmetic, on a
+U-Net layout and numbers; :mod:`medalloy.recipes.students` reads them from a plan.
 
-``build_student(plan, size)`` keeps the plan's kernels and strides (so the student sees the same
+:func:`widest_student` keeps the layout's kernels and strides (so the student sees the same
 field of view and resolutions as its teacher) and picks the widest filters
-``[min(b * 2**i, 4 * b) for each stage]`` whose network has at most the size's parameters
+``[min(b * 2**i, 4 * b) for each stage]`` whose network has at most ``budget`` parameters
 (capped at 4 b, not nnU-Net's doubling to the bottom: a budget spent on deep stages left 6 channels
 at full resolution, and such JSRT students ended at heart Dice 0; 11..44 learns it,
-docs/methods/distillation.md):
-``tiny`` 0.35 M (the paper's student has ~353 k), ``small`` 1.0 M; an int is a budget of its own.
-A plan JSON (``medalloy plan DATASET --base-filters 8 --out student.json``) gives the filters
-directly: its kernels and strides must be the teacher plan's (the relation losses compare stages of
-equal resolution), its filters are the student's (a stem student drops the finest ones with their stages).
+docs/methods/distillation.md).
 
 ``separable=True`` replaces every k x k convolution of the network (but the first, which reads only
 the image's 1-3 channels) by a depthwise k x k convolution and a pointwise 1 x 1 one (MobileNet's
 factorisation): about k^2 times fewer weights per layer, so the same budget buys wider filters.
 The DynUNet's blocks, stage names and resolutions stay; only their convolution layers change.
 
-``stem=1`` (or True) starts the network at the plan's first pooling instead of full resolution: the
-first stage takes the stride of the plan's second (the full-resolution stage is dropped, the total
+``stem=1`` (or True) starts the network at the layout's first pooling instead of full resolution: the
+first stage takes the stride of the layout's second (the full-resolution stage is dropped, the total
 stride and the bottleneck's resolution stay the teacher's), and the logits are interpolated back to
 the input size. ``stem=2`` drops the two finest stages: the image is first folded into channels by
 the second stage's stride (space-to-depth, as a pixel unshuffle: ``(C, H, W)`` -> ``(4C, H/2, W/2)``
@@ -37,8 +34,9 @@ convolution; a few hundred weights more, no full-resolution operator but the unf
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,10 +46,7 @@ from torch import nn
 
 from medalloy.errors import MedalloyError
 from medalloy.models.features import STAGES_ATTR
-from medalloy.models.unet import build_unet, count_parameters
-from medalloy.planning.plan import Plan, load_plan
-
-STUDENT_SIZES = {"tiny": 350_000, "small": 1_000_000}
+from medalloy.models.unet import Layout, UNetLayout, build_unet, count_parameters
 
 
 def student_filters(base: int, stages: int) -> list[int]:
@@ -142,31 +137,40 @@ class StemStudent(nn.Module):
 
 
 def student_model(
-    plan: Plan, filters: list[int], out_channels: int | None = None, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
+    network: UNetLayout,
+    in_channels: int,
+    out_channels: int,
+    filters: Sequence[int],
+    separable: bool = False,
+    stem: int | bool = 0,
+    upsample: str = "interpolate",
 ) -> nn.Module:
-    """The student network of ``plan`` with these filters (a checkpoint's record rebuilds it this
-    way); ``stem``: how many of the finest stages it drops, ``upsample``: how a stem student's
-    logits return to full resolution (see the module docstring)."""
-    network, depth = plan.network, int(stem)
-    in_channels, fold = plan.in_channels, None
-    out_channels = out_channels or plan.num_classes
-    stride = [int(v) for v in np.prod(np.asarray(network.strides[1 : depth + 1]), axis=0)] if depth else None
+    """The student of the teacher layout ``network`` with these filters, ``(B, in_channels, *patch) ->
+    (B, out_channels, *patch)`` (a checkpoint's record rebuilds it this way); ``stem``: how many of the
+    finest stages it drops, ``upsample``: how a stem student's logits return to full resolution (see
+    the module docstring)."""
+    depth = int(stem)
+    fold = None
+    kernels, strides = list(network.kernels), list(network.strides)
+    stride = [int(v) for v in np.prod(np.asarray(strides[1 : depth + 1]), axis=0)] if depth else None
     check_upsample(upsample)  # a full-resolution student has nothing to upsample, but a wrong name is still wrong
     if depth:
-        if len(network.strides) < depth + MIN_STAGES:
+        if len(strides) < depth + MIN_STAGES:
             raise MedalloyError(
-                f"a stem student of depth {depth} needs a plan of at least {depth + MIN_STAGES} stages; this one has {len(network.strides)}", fix="distil with a smaller --stem"
+                f"a stem student of depth {depth} needs a plan of at least {depth + MIN_STAGES} stages; this one has {len(strides)}",
+                fix="distil with a smaller --stem",
             )
         if depth > 1:  # fold the strides of the dropped stages after the first into channels
-            fold = [int(v) for v in np.prod(np.asarray(network.strides[1:depth]), axis=0)]
+            fold = [int(v) for v in np.prod(np.asarray(strides[1:depth]), axis=0)]
             in_channels *= int(np.prod(fold))
-        network = network.model_copy(update={"kernels": network.kernels[depth:], "strides": network.strides[depth:]})
-    network = network.model_copy(update={"filters": list(filters), "deep_supervision": False, "architecture": "DynUNet"})  # a student is a DynUNet, whatever the teacher
+        kernels, strides = kernels[depth:], strides[depth:]
+    # a student is a DynUNet without deep supervision, whatever the teacher
+    layout = dataclasses.replace(Layout.of(network), kernels=kernels, strides=strides, filters=list(filters), deep_supervision=False)
     shuffle = bool(depth) and upsample == "shuffle"
     net_out = out_channels * int(np.prod(stride)) if shuffle and stride else out_channels
-    net: nn.Module = build_unet(network, in_channels=in_channels, out_channels=net_out, spatial_dims=plan.dim)
+    net: nn.Module = build_unet(layout, in_channels=in_channels, out_channels=net_out)
     if depth:
-        net = StemStudent(net, plan.dim, depth, fold, stride, upsample)
+        net = StemStudent(net, len(strides[0]), depth, fold, stride, upsample)
     if separable:
         make_separable(net)
     return net
@@ -179,60 +183,27 @@ MIN_STAGES = 3  # MONAI's DynUNet needs at least three stages after a stem
 MIN_STEM_SIDE = 32
 
 
-def default_stem(plan: Plan, deepest: int = 2) -> int:
-    """The stem a student of ``plan`` gets by default: the deepest (up to ``deepest``) that leaves at
-    least three stages (MONAI's DynUNet) and at least :data:`MIN_STEM_SIDE` along every axis at the resolution where the
-    student starts (2: a 224 px radiograph starts at 56 px; a 40 px hippocampus patch gets none)."""
-    strides = np.asarray(plan.network.strides)
-    patch = np.asarray(plan.patch_size)
+def deepest_stem(strides: Sequence[Sequence[int]], patch_size: Sequence[int], deepest: int = 2) -> int:
+    """The deepest stem (up to ``deepest``) that leaves at least three stages (MONAI's DynUNet) and at
+    least :data:`MIN_STEM_SIDE` along every axis at the resolution where the student of a ``patch_size``
+    U-Net of these ``strides`` starts (2: a 224 px radiograph starts at 56 px; a 40 px hippocampus patch gets none)."""
+    steps = np.asarray(strides)
+    patch = np.asarray(patch_size)
     for depth in range(deepest, 0, -1):
-        if len(strides) >= depth + MIN_STAGES and (patch / np.prod(strides[: depth + 1], axis=0)).min() >= MIN_STEM_SIDE:
+        if len(steps) >= depth + MIN_STAGES and (patch / np.prod(steps[: depth + 1], axis=0)).min() >= MIN_STEM_SIDE:
             return depth
     return 0
 
 
-def plan_filters(plan: Plan, path: str | Path) -> list[int]:
-    """The filters of the student plan at ``path``, once its network is checked against the
-    teacher's ``plan`` stage by stage (same dimension, depth, kernels and strides)."""
-    own = load_plan(path)
-    if own.dim != plan.dim:
-        raise MedalloyError(f"student plan is {own.dim}D, the teacher's {plan.dim}D", path, "plan the student on the teacher's dataset")
-    mine, theirs = own.network, plan.network
-    if len(mine.strides) != len(theirs.strides):
-        raise MedalloyError(
-            f"student plan has {len(mine.strides)} stages, the teacher's {len(theirs.strides)}", path, "plan the student on the teacher's dataset, changing only --base-filters"
-        )  # fmt: skip
-    for i, (k, s, tk, ts) in enumerate(zip(mine.kernels, mine.strides, theirs.kernels, theirs.strides)):
-        if (k, s) != (tk, ts):
-            raise MedalloyError(
-                f"student plan's stage {i} (kernel {k}, stride {s}) differs from the teacher's (kernel {tk}, stride {ts})",
-                path, "keep the teacher plan's kernels and strides; change only the filters",
-            )  # fmt: skip
-    return [int(f) for f in mine.filters]
-
-
-def student_stages(plan: Plan, stem: int | bool = 0) -> int:
-    return len(plan.network.strides) - int(stem)
-
-
-def build_student(
-    plan: Plan, size: str | int = "tiny", out_channels: int | None = None, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
+def widest_student(
+    network: UNetLayout, in_channels: int, out_channels: int, budget: int, separable: bool = False, stem: int | bool = 0, upsample: str = "interpolate"
 ) -> nn.Module:
-    """The plan's U-Net at the widest base width within the size's parameter budget (no deep
-    supervision), or with the filters of a plan JSON (``size`` a path ending in ``.json``);
-    ``separable``: with depthwise-separable convolutions; ``stem``: a :class:`StemStudent` without
-    the ``stem`` finest stages, ``upsample`` its logits' way back."""
-    if isinstance(size, str) and size.lower().endswith(".json"):
-        return student_model(plan, plan_filters(plan, size)[int(stem) :], out_channels, separable, stem, upsample)
-    if isinstance(size, str) and size.isdigit():
-        size = int(size)
-    budget = STUDENT_SIZES.get(size) if isinstance(size, str) else int(size)
-    if budget is None:
-        raise MedalloyError(f"unknown student size '{size}'", fix=f"use one of {', '.join(STUDENT_SIZES)} or a parameter count")
-    stages = student_stages(plan, stem)
+    """The student of ``network`` (see :func:`student_model`) at the widest base width whose network
+    has at most ``budget`` parameters."""
+    stages = len(network.strides) - int(stem)
     best = None
     for base in range(2, 129):
-        net = student_model(plan, student_filters(base, stages), out_channels, separable, stem, upsample)
+        net = student_model(network, in_channels, out_channels, student_filters(base, stages), separable, stem, upsample)
         if count_parameters(net) > budget:
             break
         best = net

@@ -1,15 +1,51 @@
-"""The expert backbone: MONAI's DynUNet (nnU-Net's network) built from a plan."""
+"""The expert backbone: MONAI's DynUNet (nnU-Net's network) built from a U-Net layout and channel counts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from medalloy.models.features import STAGES_ATTR
-from medalloy.planning.plan import NetworkPlan, Plan
+
+
+class UNetLayout(Protocol):
+    """A U-Net's topology: one kernel and one stride per stage, ``filters[i]`` channels at stage ``i``.
+    The plan's network part (``medalloy.planning.plan.NetworkPlan``) is one, without the models
+    importing the planning layer; :class:`Layout` is a plain one."""
+
+    @property
+    def kernels(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def strides(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def filters(self) -> Sequence[int]: ...
+    @property
+    def norm(self) -> str: ...
+    @property
+    def deep_supervision(self) -> bool: ...
+    @property
+    def res_block(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A :class:`UNetLayout` of plain values (``dataclasses.replace`` changes a field)."""
+
+    kernels: Sequence[Sequence[int]]
+    strides: Sequence[Sequence[int]]
+    filters: Sequence[int]
+    norm: str = "instance"
+    deep_supervision: bool = False
+    res_block: bool = False
+
+    @classmethod
+    def of(cls, network: UNetLayout) -> Layout:
+        return cls(list(network.kernels), list(network.strides), list(network.filters), network.norm, network.deep_supervision, network.res_block)
 
 
 def unet_stages(net: DynUNet) -> dict[str, str]:
@@ -42,18 +78,10 @@ def run_stages(net: DynUNet, x: torch.Tensor, after: Callable[[str, torch.Tensor
     return f
 
 
-def build_unet(
-    network: NetworkPlan | Plan, in_channels: int | None = None, out_channels: int | None = None, spatial_dims: int | None = None
-) -> DynUNet:
-    """A DynUNet from a plan (or its network part plus channel counts). ``(B, C, *patch) -> (B, K, *patch)``."""
-    if isinstance(network, Plan):
-        plan = network
-        in_channels = plan.in_channels if in_channels is None else in_channels
-        out_channels = plan.num_classes if out_channels is None else out_channels
-        spatial_dims = plan.dim
-        network = plan.network
-    if in_channels is None or out_channels is None or spatial_dims is None:
-        raise ValueError("give a Plan, or in_channels, out_channels and spatial_dims")
+def build_unet(network: UNetLayout, in_channels: int, out_channels: int, deep_supervision: bool | None = None) -> DynUNet:
+    """The DynUNet of ``network``, its spatial dimensions one per stride entry: ``(B, in_channels, *patch)
+    -> (B, out_channels, *patch)``. ``deep_supervision`` overrides the layout's (None: keep it)."""
+    spatial_dims = len(network.strides[0])
     net = DynUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
@@ -63,7 +91,7 @@ def build_unet(
         upsample_kernel_size=network.strides[1:],
         filters=network.filters,
         norm_name=network.norm,
-        deep_supervision=network.deep_supervision,
+        deep_supervision=network.deep_supervision if deep_supervision is None else deep_supervision,
         deep_supr_num=max(1, min(2, len(network.strides) - 2)),
         res_block=network.res_block,
     )

@@ -26,9 +26,10 @@ needs nothing else. Run folder as for the universal model (``registry.json``, ``
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -64,6 +65,7 @@ from medalloy.recipes.multitask import (
     validation_sets,
 )
 from medalloy.recipes.registry import load_checkpoint_model
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import Run, dice_validation, open_run, require_labelled, resolve_config, task_entry
 from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
@@ -110,6 +112,73 @@ class AmalgamateConfig(BaseModel):
     max_val_cases: int = Field(8, ge=0)
 
 
+class FrozenExpert(BaseModel):
+    """One frozen expert inside an amalgamated model: how to rebuild it (``kind``, ``plan``, and
+    nnU-Net's ``architecture`` for ``nnunet``), where its features are read (``taps``: foundation
+    stage -> expert stage, ``channels``: their widths) and what it was trained on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["expert", "nnunet"]
+    plan: Plan
+    architecture: dict[str, Any] | None = None
+    source: str
+    in_channels: int = Field(ge=1)
+    dim: Literal[2, 3]
+    taps: dict[str, str]
+    channels: dict[str, int]
+    dataset: str | None = None
+    label_values: list[int]
+
+
+class AmalgamateSpec(ModelSpec):
+    """A :class:`~medalloy.models.ka2er.KA2ERNet`: a SwinUNETR foundation of ``feature_size``, the
+    frozen ``experts`` it amalgamates at ``stages``, and its decoder (options named as in
+    :class:`AmalgamateConfig`; ``task_experts``: per task, the ``(expert, class)`` pairs whose
+    log-odds start its logits, or None without expert priors)."""
+
+    METHOD: ClassVar[str] = METHOD
+
+    dim: Literal[2, 3]
+    in_channels: int = Field(ge=1)
+    n_tasks: int = Field(ge=1)
+    feature_size: int
+    stages: list[str]
+    width: int
+    heads: int
+    hierarchical: bool
+    decoder: Literal["prompt", "plain"]
+    decoder_depth: int
+    task_adaptive: bool | None
+    prior_probability: float | None
+    route: bool
+    task_experts: list[list[tuple[int, int]]] | None = None
+    experts: list[FrozenExpert]
+
+
+def build_amalgamated(spec: AmalgamateSpec, experts: list[nn.Module] | None = None) -> KA2ERNet:
+    """The network ``spec`` describes, with the loaded frozen ``experts`` (training) or, without
+    them, experts rebuilt from the spec with random weights (loading: the checkpoint holds theirs)."""
+    nets = experts if experts is not None else [rebuild_expert(e) for e in spec.experts]
+    return build_ka2er(
+        spec.dim, spec.in_channels, spec.n_tasks, spec.feature_size, nets, [e.in_channels for e in spec.experts], [e.taps for e in spec.experts],
+        [e.channels for e in spec.experts], stages=list(spec.stages), width=spec.width, heads=spec.heads, hierarchical=spec.hierarchical,
+        decoder=spec.decoder, decoder_depth=spec.decoder_depth, task_adaptive=spec.task_adaptive, prior_probability=spec.prior_probability,
+        task_experts=None if spec.task_experts is None else [[tuple(p) for p in t] for t in spec.task_experts], route=spec.route,
+    )  # fmt: skip
+
+
+def _spec_from_v0(record: dict[str, Any], tensors: Collection[str]) -> dict[str, Any]:
+    """Records before specs: the options under ``model``, the experts, dim and channels at the top."""
+    model = {"route": False, **record["model"]}  # records before the router have none
+    if model.get("decoder") == "plain" and "model/net/task_embed.weight" not in tensors:
+        model["task_adaptive"] = False  # records before the switch say true where the plain decoder had no condition
+    return {**model, "dim": record["dim"], "in_channels": record["in_channels"], "n_tasks": len(record["registry"]["tasks"]), "experts": record["experts"]}
+
+
+register_spec(AmalgamateSpec, {0: _spec_from_v0})
+
+
 # -- experts ---------------------------------------------------------------------------------
 
 
@@ -141,7 +210,8 @@ def rebuild_expert(spec: dict[str, Any]) -> nn.Module:
         from medalloy.interop.nnunet import build_nnunet_network
 
         return build_nnunet_network(spec["architecture"], Plan.model_validate(spec["plan"]))
-    return build_unet(Plan.model_validate(spec["plan"]))
+    plan = Plan.model_validate(spec["plan"])
+    return build_unet(plan.network, plan.in_channels, plan.num_classes)
 
 
 def _expert_dataset(record: dict[str, Any], dss: list[RawDataset]) -> str | None:

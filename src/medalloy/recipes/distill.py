@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,10 +38,11 @@ from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, MarginalDiceCELoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import UPSAMPLE, build_student, default_stem, student_model
+from medalloy.models.students import UPSAMPLE, student_model
 from medalloy.models.unet import count_parameters
-from medalloy.planning.plan import Plan, save_plan
+from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.registry import load_checkpoint_model, register
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
     ValidationSet,
     cache_cases,
@@ -53,6 +54,7 @@ from medalloy.recipes.scaffold import (
     select_cases,
     task_entry,
 )
+from medalloy.recipes.students import build_student, default_stem
 from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything, step_rng
 
@@ -91,7 +93,7 @@ class DistillConfig(BaseModel):
     losses: Literal["relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M), a parameter budget, or a plan JSON giving the filters
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
-    stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: models/students.default_stem
+    stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: recipes/students.default_stem
     upsample: Literal["interpolate", "shuffle"] = "interpolate"  # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
     stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
@@ -106,6 +108,34 @@ class DistillConfig(BaseModel):
     # (unlabelled ones merged into background: losses/marginal_dice_ce.py; sigmoid: its tasks' terms
     # only) beside the teacher's terms; "teacher": its steps teach through the teacher alone
     partial_labels: Literal["marginal", "teacher"] = "marginal"
+
+
+class StudentSpec(ModelSpec):
+    """A student (:func:`~medalloy.models.students.student_model`): the teacher plan's U-Net
+    ``network`` (kernels, strides) at ``filters`` of its own, ``(B, in_channels, *patch) ->
+    (B, out_channels, *patch)``; ``stem`` finest stages dropped, their resolution restored by ``upsample``."""
+
+    METHOD: ClassVar[str] = METHOD
+
+    network: NetworkPlan
+    in_channels: int = Field(ge=1)
+    filters: list[int]
+    out_channels: int = Field(ge=1)
+    separable: bool
+    stem: int = Field(ge=0)
+    upsample: Literal["interpolate", "shuffle"]
+
+
+def _spec_from_v0(record: dict[str, Any], _tensors: Any) -> dict[str, Any]:
+    """Records before specs: the student's numbers under ``student``, its layout in the plan."""
+    student, plan = record["student"], record["plan"]
+    return {
+        "network": plan["network"], "in_channels": plan["in_channels"], "filters": student["filters"], "out_channels": student["out_channels"],
+        "separable": bool(student.get("separable")), "stem": int(student.get("stem") or 0), "upsample": student.get("upsample") or "interpolate",
+    }  # fmt: skip
+
+
+register_spec(StudentSpec, {0: _spec_from_v0})
 
 
 def load_teacher(path: str | Path, dataset: str, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
@@ -353,7 +383,7 @@ def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan
             raise ValueError(upsample)
     except (KeyError, ValidationError, TypeError, ValueError):
         raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = student_model(plan, filters, out_channels, bool(student.get("separable")), int(student.get("stem") or 0), upsample)
+    model = student_model(plan.network, plan.in_channels, out_channels, filters, bool(student.get("separable")), int(student.get("stem") or 0), upsample)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
     return model.eval(), copy.deepcopy(plan), record
 

@@ -15,7 +15,7 @@ Run folder (``--out RUN``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from monai.losses import DeepSupervisionLoss
@@ -31,10 +31,11 @@ from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
 from medalloy.models.image_encoder import load_encoder_into
 from medalloy.models.unet import build_unet, count_parameters
-from medalloy.planning.plan import Plan, save_plan
+from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.config import load_recipe_config
 from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
 from medalloy.recipes.registry import register
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
     Run,
     ValidationSet,
@@ -65,6 +66,31 @@ class ExpertConfig(BaseModel):
     folds: int = 5
     max_val_cases: int = 16
     batch_size: int | None = None
+
+
+class ExpertSpec(ModelSpec):
+    """A DynUNet, nnU-Net's network: ``(B, in_channels, *patch) -> (B, out_channels, *patch)``
+    (while training with deep supervision: ``(B, heads, out_channels, *patch)``)."""
+
+    METHOD: ClassVar[str] = METHOD
+
+    network: NetworkPlan
+    in_channels: int = Field(ge=1)
+    out_channels: int = Field(ge=2)
+
+    @classmethod
+    def of_plan(cls, plan: Plan) -> ExpertSpec:
+        """The network a plan describes, for its channels and classes."""
+        return cls(network=plan.network, in_channels=plan.in_channels, out_channels=plan.num_classes)
+
+
+def _spec_from_v0(record: dict[str, Any], _tensors: Any) -> dict[str, Any]:
+    """Records before specs: the network was the plan's."""
+    plan = record["plan"]
+    return {"network": plan["network"], "in_channels": plan["in_channels"], "out_channels": len(plan["label_values"])}
+
+
+register_spec(ExpertSpec, {0: _spec_from_v0})
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> ExpertConfig:
@@ -148,7 +174,7 @@ def train_expert(
     val_prep = cache_cases(ds, cases_of(ds, ids["val"]), the_plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
 
     seed_everything(seed)
-    model = build_unet(the_plan)
+    model = build_unet(the_plan.network, the_plan.in_channels, the_plan.num_classes)
     if init_enc is not None:
         load_encoder_into(model, init_enc.state, init_enc.path)
     loss_fn = expert_loss(the_plan)
@@ -200,7 +226,7 @@ def load_expert(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
         plan = Plan.model_validate(record["plan"])
     except (KeyError, ValidationError):
         raise MedalloyError("checkpoint record has no valid plan", path, "retrain with this medalloy version") from None
-    model = build_unet(plan)
+    model = build_unet(plan.network, plan.in_channels, plan.num_classes)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")
     return model.eval(), plan, record
 

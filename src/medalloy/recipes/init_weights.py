@@ -1,6 +1,6 @@
 """Start an expert's encoder from another run's (``medalloy train expert DATASET --init RUN``).
 
-``RUN`` is a ``medalloy pretrain`` run (its image encoder) or an expert run (transfer from
+``RUN`` is a ``medalloy train pretrain`` run (its image encoder) or an expert run (transfer from
 another dataset), or one of their ``.safetensors`` checkpoints. Without ``--plan``, the new plan
 takes the encoder's network (kernels, strides, filters) and rounds its patch up to what that
 network divides, as nnU-Net moves plans between datasets for pretraining; with ``--plan`` the

@@ -1,5 +1,5 @@
 """Image-report pretraining (HybridMED, Jiang et al. arXiv 2410.00448; design in
-docs/methods/pretraining.md): ``medalloy pretrain --pairs CSV [--text-only CSV] --out RUN``.
+docs/methods/pretraining.md): ``medalloy train pretrain --pairs CSV [--text-only CSV] --out RUN``.
 
 Two stages, both through the shared engine:
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -46,8 +46,9 @@ from medalloy.losses.token_alignment import TokenAlignmentLoss
 from medalloy.models.hybridmed import HybridMED
 from medalloy.models.text_encoder import MiniLMTextEncoder, ScratchTextEncoder, minilm_dir
 from medalloy.models.unet import count_parameters
-from medalloy.planning.plan import Plan, save_plan
+from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.scaffold import Run, given_or_kept_plan, open_run, resolve_config
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.seeding import seed_everything, step_rng
 
 METHOD = "pretrain"
@@ -106,6 +107,37 @@ class PretrainConfig(BaseModel):
     distill_temperature: float = Field(2.0, gt=0)
     val_fraction: float = Field(0.15, ge=0, lt=1)
     augment: bool = True
+
+
+class PretrainSpec(ModelSpec):
+    """A :class:`~medalloy.models.hybridmed.HybridMED`: a DynUNet encoder of ``network`` for grey
+    radiographs, a ``text_encoder`` (scratch: of ``vocab_size``, ``width``, ``text_layers``; MiniLM:
+    ``minilm_trainable_layers`` of it trained), and the report decoder (fields as in :class:`PretrainConfig`)."""
+
+    METHOD: ClassVar[str] = METHOD
+
+    network: NetworkPlan
+    in_channels: int = Field(1, ge=1)
+    text_encoder: Literal["scratch", "minilm"]
+    vocab_size: int
+    width: int
+    embed_dim: int
+    text_layers: int
+    decoder_layers: int
+    heads: int
+    token_stages: int
+    max_findings_len: int
+    max_impression_len: int
+    minilm_trainable_layers: int
+
+
+def _spec_from_v0(record: dict[str, Any], _tensors: Any) -> dict[str, Any]:
+    """Records before specs: the sizes under ``model``, the encoder's network in the plan."""
+    plan = record["plan"]
+    return {**record["model"], "network": plan["network"], "in_channels": plan["in_channels"], "text_encoder": record["text_encoder"]}
+
+
+register_spec(PretrainSpec, {0: _spec_from_v0})
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -217,7 +249,10 @@ def build_model(record: dict[str, Any], plan: Plan, load_minilm: bool = True) ->
         text: torch.nn.Module = MiniLMTextEncoder(m["minilm_trainable_layers"], load_weights=load_minilm)
     else:
         text = ScratchTextEncoder(m["vocab_size"], m["width"], m["text_layers"], m["heads"], m["max_findings_len"])
-    return HybridMED(plan, text, m["vocab_size"], m["width"], m["embed_dim"], m["decoder_layers"], m["heads"], m["max_impression_len"], m["token_stages"])
+    return HybridMED(
+        plan.network, plan.in_channels, plan.num_classes, text,
+        m["vocab_size"], m["width"], m["embed_dim"], m["decoder_layers"], m["heads"], m["max_impression_len"], m["token_stages"],
+    )  # fmt: skip
 
 
 def _text_encoder_kind(cfg: PretrainConfig) -> str:

@@ -18,10 +18,11 @@ the same one-line error.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -103,12 +104,76 @@ def open_run(out: str | Path, train_cfg: TrainConfig, overwrite: bool = False, r
         path = prepare_output(out, overwrite=overwrite, resume=resume)
         if not resume:  # marks the folder as medalloy's at once, so --overwrite may replace a failed set-up
             write_json_atomic(path / "run.json", {"status": "preparing"})
-        for stale in path.rglob(".tmp-*"):  # half-written files of a killed run; their targets are whole
-            stale.unlink()
+        for stale in sorted(path.rglob(".tmp-*")):  # half-written files (or folders) of a killed run; their targets are whole
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():  # not inside a folder removed just before
+                stale.unlink()
         return path
 
     path = from_main(prepare, dist)
     return Run(out=Path(path), dist=dist, resume=resume, progress=progress and dist.is_main)  # one set of bars, rank 0's
+
+
+class Recipe(Generic[C]):
+    """One method's own parts; :func:`run_recipe` does the rest, the same for every method.
+
+    The driver calls the hooks in this order (every rank calls every hook; a hook that writes into
+    the run folder does it through ``run.main``, which runs on rank 0 and hands every rank the result):
+
+    1. ``check()``: refusals that must come before the run folder is touched (datasets, experts, teacher);
+    2. ``prepare(run)``: what the run decides before its split (plans, task registry), kept by a resumed run;
+    3. the config is written (``config.yaml``), then ``choose_split(run)`` on rank 0 (``split.json``);
+    4. ``train_spec(run, split)``: cached cases, models (after ``seed_everything``), batches, step, validation, record;
+    5. ``fit(run, spec)``: the engine trains it (a recipe of several stages trains each);
+    6. ``result(summary)``: what ``run.json`` says beyond the method, its inputs and the engine's summary.
+
+    ``inputs()`` names what the run trains on (datasets, experts, teacher, ...): ``run.json`` holds it
+    from the start, so a failed run still says what it was.
+    """
+
+    METHOD: ClassVar[str] = ""
+
+    def __init__(self, cfg: C, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+
+    def check(self) -> None:
+        """Refuse bad inputs before the run folder is touched."""
+
+    def inputs(self) -> dict[str, Any]:
+        return {}
+
+    def prepare(self, run: Run) -> None:
+        """Decide (rank 0, kept by a resumed run) what comes before the split: plans, registries."""
+
+    def choose_split(self, run: Run) -> dict[str, Any]:
+        """Rank 0: the run's split (a resumed run keeps its own)."""
+        raise NotImplementedError
+
+    def train_spec(self, run: Run, split: dict[str, Any]) -> TrainSpec:
+        raise NotImplementedError
+
+    def fit(self, run: Run, spec: TrainSpec) -> dict[str, Any]:
+        return run.train(spec, self.cfg.train)  # type: ignore[attr-defined]
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``recipe`` into the run folder ``out``; returns the run summary (``run.json``)."""
+    recipe.check()
+    run = open_run(out, recipe.cfg.train, overwrite=overwrite, resume=resume, progress=progress)
+    recipe.prepare(run)
+    run.write_config(recipe.cfg)
+    split = run.main(lambda: recipe.choose_split(run))
+    run.write_json("split.json", split)
+    run.status(recipe.METHOD, **recipe.inputs())
+    summary = recipe.fit(run, recipe.train_spec(run, split))
+    result = {"method": recipe.METHOD, **recipe.inputs(), "status": "done", **recipe.result(summary), **summary}
+    run.write_json("run.json", result)
+    return result
 
 
 def given_or_kept_plan(run: Run, plan: str | Path | Plan | None, make: Callable[[], Plan]) -> Plan:

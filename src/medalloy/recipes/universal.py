@@ -22,7 +22,7 @@ dataset), ``plans/<dataset>.json``, ``metrics.jsonl``, ``training_curve.png``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from medalloy.models.hermes import HermesNet, build_hermes
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, load_plan, save_plan
 from medalloy.recipes.config import load_recipe_config
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.multitask import (
     REGISTRY_FILE,
     PlanOptions,
@@ -104,6 +105,53 @@ class UniversalConfig(BaseModel):
     fold: int = 0
     folds: int = 5
     max_val_cases: int = Field(8, ge=0)  # per dataset
+
+
+class UniversalSpec(ModelSpec):
+    """A :class:`~medalloy.models.hermes.HermesNet`: ``(B, in_channels, *patch)`` and per-sample
+    task and modality ids -> ``(B, tasks asked, *patch)`` logits, on the DynUNet ``network``
+    (fields named as in :class:`UniversalConfig`)."""
+
+    METHOD: ClassVar[str] = METHOD
+
+    network: NetworkPlan
+    in_channels: int = Field(ge=1)
+    n_tasks: int = Field(ge=1)
+    n_modalities: int = Field(ge=1)  # the last one is "unknown"
+    priors: Literal["task+modality", "task", "none"]
+    fusion_width: int | None
+    fusion_finest_skipped: int
+    fusion_scales: int | None
+    fusion_depth: int
+    tokens_per_modality: int
+    prior_probability: float | None
+    task_anchors: bool
+    fusion_identity_init: bool
+    prior_init_std: float
+
+
+def build_universal(spec: UniversalSpec) -> HermesNet:
+    """The network ``spec`` describes (random weights): for training and for loading alike."""
+    return build_hermes(
+        spec.network, spec.n_tasks, spec.n_modalities, in_channels=spec.in_channels, depth=spec.fusion_depth,
+        tokens_per_modality=spec.tokens_per_modality, fusion_width=spec.fusion_width, priors=spec.priors, finest_skipped=spec.fusion_finest_skipped,
+        prior_probability=spec.prior_probability, fusion_scales=spec.fusion_scales, task_anchors=spec.task_anchors,
+        identity_init=spec.fusion_identity_init, prior_init_std=spec.prior_init_std,
+    )  # fmt: skip
+
+
+def _spec_from_v0(record: dict[str, Any], _tensors: Any) -> dict[str, Any]:
+    """Records before specs: the network and channels at the top, the options under ``model`` with
+    two names of their own; records older than every option are not read."""
+    model, registry = record["model"], record["registry"]
+    renamed = {"finest_skipped": "fusion_finest_skipped", "identity_init": "fusion_identity_init"}
+    return {
+        "network": record["network"], "in_channels": record["in_channels"], "n_tasks": len(registry["tasks"]),
+        "n_modalities": len(registry["modalities"]), **{renamed.get(k, k): v for k, v in model.items()},
+    }  # fmt: skip
+
+
+register_spec(UniversalSpec, {0: _spec_from_v0})
 
 
 def shared_network(patch: int, base_filters: int, max_filters: int, dim: int = 2) -> tuple[list[int], NetworkPlan]:
