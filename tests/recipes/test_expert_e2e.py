@@ -40,7 +40,7 @@ def test_expert_learns_synthetic_cxr(cxr_run):
     assert result["best"]["metrics"]["val/dice_heart"] > 0.6
     for name in ("run.json", "plan.json", "config.yaml", "split.json", "metrics.jsonl", "training_curve.png"):
         assert (run / name).exists(), name
-    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))["datasets"]["SynthCXR"]
     assert not set(split["train"]) & set(split["val"])
     model, plan, record = load_expert(run / "checkpoints" / "best.safetensors")
     assert record["method"] == "expert" and record["tasks"][0]["labels"] == {"background": 0, "lung": 1, "heart": 2}
@@ -141,6 +141,6 @@ def test_explicit_split_is_used_and_checked(cxr, tmp_path):
     ids = [c.case_id for c in ds.cases]
     res = train_expert(cxr, tmp_path / "r", split={"train": ids[:3], "val": ids[3:4]}, steps=2, val_every=2, progress=False)
     assert (res["train_cases"], res["val_cases"]) == (3, 1)
-    assert json.loads((tmp_path / "r" / "split.json").read_text(encoding="utf-8"))["val"] == ids[3:4]
+    assert json.loads((tmp_path / "r" / "split.json").read_text(encoding="utf-8"))["datasets"]["SynthCXR"]["val"] == ids[3:4]
     with pytest.raises(MedalloyError, match="not in the dataset"):
         train_expert(cxr, tmp_path / "r2", split={"train": ["nope"]}, steps=1, progress=False)

@@ -37,16 +37,18 @@ from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, re
 from medalloy.recipes.registry import register
 from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
+    Recipe,
     Run,
     ValidationSet,
     cache_cases,
     cases_of,
-    choose_split,
+    dataset_splits,
     dice_validation,
     given_or_kept_plan,
-    open_run,
     require_labelled,
     resolve_config,
+    run_recipe,
+    split_record,
     task_entry,
 )
 from medalloy.seeding import seed_everything
@@ -141,6 +143,72 @@ def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: 
     return the_plan
 
 
+def build_expert(spec: ExpertSpec) -> torch.nn.Module:
+    """The network ``spec`` describes (random weights): for training and for loading alike."""
+    return build_unet(spec.network, spec.in_channels, spec.out_channels)
+
+
+class ExpertRecipe(Recipe[ExpertConfig]):
+    """One expert on one dataset: its plan, the fold's split, a DynUNet trained with Dice + CE."""
+
+    METHOD = METHOD
+
+    def __init__(
+        self, cfg: ExpertConfig, ds: RawDataset, plan: str | Path | Plan | None = None, split: dict[str, list[str]] | None = None,
+        init: str | Path | None = None, progress: bool = True,
+    ):  # fmt: skip
+        super().__init__(cfg, progress)
+        self.ds, self.given_plan, self.given_split, self.init = ds, plan, split, init
+
+    def check(self) -> None:
+        require_labelled(self.ds)
+        self.init_enc = read_init_encoder(self.init) if self.init is not None else None  # refused before the run folder is touched
+
+    def inputs(self) -> dict[str, Any]:
+        return {"dataset": str(self.ds.root)}
+
+    def prepare(self, run: Run) -> None:
+        self.plan = run.main(lambda: _choose_plan(run, self.ds, self.given_plan, self.cfg, self.progress, self.init_enc))
+
+    def choose_split(self, run: Run) -> dict[str, Any]:
+        given = None if self.given_split is None else {self.ds.name: self.given_split}
+        return split_record(self.cfg.fold, dataset_splits(run, [self.ds], self.cfg, given))
+
+    def train_spec(self, run: Run, split: dict[str, Any]) -> TrainSpec:
+        ds, plan, cfg, seed, ids = self.ds, self.plan, self.cfg, self.cfg.train.seed, split["datasets"][self.ds.name]
+        self.train_prep = cache_cases(ds, cases_of(ds, ids["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
+        self.val_prep = cache_cases(ds, cases_of(ds, ids["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
+        seed_everything(seed)
+        spec = ExpertSpec.of_plan(plan)
+        model = build_expert(spec)
+        if self.init_enc is not None:
+            load_encoder_into(model, self.init_enc.state, self.init_enc.path)
+        loss_fn = expert_loss(plan)
+        sampler = PatchSampler(self.train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment)
+
+        def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
+            return {"loss": loss_fn(models["net"](batch["image"]), batch["label"])}
+
+        def predictor() -> Predictor:
+            return Predictor(model, plan, device=next(model.parameters()).device, precision=cfg.train.precision, channels_last=False)
+
+        self.record = {
+            "method": METHOD,
+            "name": f"expert-{ds.name}",
+            "tasks": [task_entry(ds)],
+            "spec": spec.to_record(),
+            "plan": plan.model_dump(mode="json"),
+            "params": count_parameters(model),
+            "init": None if self.init_enc is None else {"path": str(self.init_enc.path), "method": self.init_enc.method},
+        }
+        validate = dice_validation([ValidationSet(predictor, self.val_prep, plan)]) if self.val_prep else None
+        return TrainSpec(models={"net": model}, trainable=["net"], step_fn=step_fn, batches=sampler, record=self.record, validate=validate)
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        r = self.record
+        return {"name": self.ds.name, "fold": self.cfg.fold, "train_cases": len(self.train_prep), "val_cases": len(self.val_prep), "params": r["params"], "init": r["init"]}
+
+
 def train_expert(
     dataset: str | Path,
     out: str | Path,
@@ -160,75 +228,21 @@ def train_expert(
     checkpoint) whose encoder the network starts from (:mod:`medalloy.recipes.init_weights`)."""
     ds = RawDataset(dataset)
     cfg = resolve_config(ExpertConfig, config, overrides, progress, TOP_KEYS)
-    require_labelled(ds)
-    init_enc = read_init_encoder(init) if init is not None else None  # refused before the run folder is touched
-    run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
-    the_plan = run.main(lambda: _choose_plan(run, ds, plan, cfg, progress, init_enc))
-    run.write_config(cfg)
-    ids = run.main(lambda: choose_split(run, ds, cfg, split))
-    run.write_json("split.json", {"fold": cfg.fold, **ids})
-    run.status(METHOD, dataset=str(ds.root))
-
-    seed = cfg.train.seed
-    train_prep = cache_cases(ds, cases_of(ds, ids["train"]), the_plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
-    val_prep = cache_cases(ds, cases_of(ds, ids["val"]), the_plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
-
-    seed_everything(seed)
-    model = build_unet(the_plan.network, the_plan.in_channels, the_plan.num_classes)
-    if init_enc is not None:
-        load_encoder_into(model, init_enc.state, init_enc.path)
-    loss_fn = expert_loss(the_plan)
-    sampler = PatchSampler(train_prep, the_plan.patch_size, the_plan.batch_size, the_plan.dim, seed, the_plan.foreground_oversample, cfg.augment)
-
-    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": loss_fn(models["net"](batch["image"]), batch["label"])}
-
-    def predictor() -> Predictor:
-        return Predictor(model, the_plan, device=next(model.parameters()).device, precision=cfg.train.precision, channels_last=False)
-
-    record = {
-        "method": METHOD,
-        "name": f"expert-{ds.name}",
-        "tasks": [task_entry(ds)],
-        "plan": the_plan.model_dump(mode="json"),
-        "params": count_parameters(model),
-        "init": None if init_enc is None else {"path": str(init_enc.path), "method": init_enc.method},
-    }
-    spec = TrainSpec(
-        models={"net": model},
-        trainable=["net"],
-        step_fn=step_fn,
-        batches=sampler,
-        record=record,
-        validate=dice_validation([ValidationSet(predictor, val_prep, the_plan)]) if val_prep else None,
-    )
-    summary = run.train(spec, cfg.train)
-    result = {
-        "method": METHOD,
-        "dataset": str(ds.root),
-        "name": ds.name,
-        "status": "done",
-        "fold": cfg.fold,
-        "train_cases": len(train_prep),
-        "val_cases": len(val_prep),
-        "params": record["params"],
-        "init": record["init"],
-        **summary,
-    }
-    run.write_json("run.json", result)
-    return result
+    return run_recipe(ExpertRecipe(cfg, ds, plan, split, init, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def load_expert(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Plan, dict[str, Any]]:
-    """Network, plan and record of an expert checkpoint (``.safetensors``)."""
+    """Network, plan and record of an expert checkpoint (``.safetensors``); the record's ``spec``
+    is the current version's (records of earlier versions migrated)."""
     tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
+    spec = read_spec(ExpertSpec, record, path, tensors.keys())
     try:
         plan = Plan.model_validate(record["plan"])
     except (KeyError, ValidationError):
         raise MedalloyError("checkpoint record has no valid plan", path, "retrain with this medalloy version") from None
-    model = build_unet(plan.network, plan.in_channels, plan.num_classes)
+    model = build_expert(spec)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")
-    return model.eval(), plan, record
+    return model.eval(), plan, {**record, "spec": spec.to_record()}
 
 
 register(METHOD, lambda path, device, dataset=None: load_expert(path, device))

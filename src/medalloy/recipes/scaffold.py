@@ -215,13 +215,34 @@ def select_cases(
     return {"train": [c.case_id for c in train if c.label is not None], "val": [c.case_id for c in val if c.label is not None][:max_val]}
 
 
-def choose_split(run: Run, ds: RawDataset, cfg: Any, split: dict[str, list[str]] | None) -> dict[str, list[str]]:
-    """Rank 0, for single-dataset recipes: a resumed run keeps its own split; else the explicit one
-    or the fold's (``cfg`` has ``fold``, ``folds``, ``max_val_cases`` and ``train.seed``)."""
-    if split is None and run.kept("split.json"):
-        saved = run.read_json("split.json")
-        return {"train": saved["train"], "val": saved["val"]}
-    return select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, split)
+SPLIT_FILE = "split.json"
+
+
+def split_record(fold: int | None, ids: dict[str, dict[str, list]], **extra: Any) -> dict[str, Any]:
+    """``split.json``, one schema for every method: ``{"fold": f, "datasets": {name: {"train": [ids],
+    "val": [ids]}}, ...}`` (pretraining's "dataset" is its table of pairs, its ids row numbers)."""
+    return {"fold": fold, "datasets": {name: {"train": list(v["train"]), "val": list(v["val"])} for name, v in ids.items()}, **extra}
+
+
+def kept_split(run: Run, names: Sequence[str]) -> dict[str, dict[str, list]] | None:
+    """A resumed run's own split per dataset of ``names`` (also from a run written before the one
+    schema, whose ``split.json`` held one dataset's ``train`` and ``val`` at the top); else None."""
+    if not run.kept(SPLIT_FILE):
+        return None
+    saved = run.read_json(SPLIT_FILE)
+    if "datasets" in saved:
+        return {n: {"train": saved["datasets"][n]["train"], "val": saved["datasets"][n]["val"]} for n in names}
+    return {names[0]: {"train": saved["train"], "val": saved["val"]}}
+
+
+def dataset_splits(run: Run, dss: Sequence[RawDataset], cfg: Any, given: dict[str, dict[str, list[str]]] | None = None) -> dict[str, dict[str, list[str]]]:
+    """Rank 0: per dataset, training and validation case ids: a resumed run's own, else the given
+    split of that dataset, else its fold's (``cfg`` has ``fold``, ``folds``, ``max_val_cases`` and ``train.seed``)."""
+    kept = kept_split(run, [ds.name for ds in dss]) if not given else None
+    if kept is not None:
+        return kept
+    given = given or {}
+    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
 
 
 def cases_of(ds: RawDataset, ids: Sequence[str]) -> list[Case]:
