@@ -98,7 +98,7 @@ def log(msg: str) -> None:
 
 def train_arm(arm: str, raw: dict[str, Any], data: Path, work: Path, budget: float, seed: int, feature_size: int, batch_size: int | None) -> dict[str, Any]:
     from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
-    from medalloy.recipes.multitask import PlanOptions
+    from medalloy.planning.multi_dataset import PlanOptions
 
     with_experts, overrides = SETTINGS[arm]
     experts = [raw["experts"][n]["run"] for n in MEMBERS] if with_experts else []

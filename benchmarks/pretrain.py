@@ -170,12 +170,12 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
         return row
     g, patches = encode_images(model, [p.image for p in test], IMAGE_SIZE)
     findings = sorted({p.impression for p in test})
-    txt = encode_texts(model, enc_tok, findings, record["model"]["max_impression_len"])
+    txt = encode_texts(model, enc_tok, findings, record["spec"]["max_impression_len"])
     pred = zero_shot_probs(g, txt, record["temperature"]).argmax(1).numpy()
     pred_groups = np.array([group(findings[i]) for i in pred])
     row["zeroshot_acc"] = float(np.mean(pred_groups == test_groups))
     row["zeroshot_balanced_acc"] = balanced_accuracy(pred_groups, test_groups)
-    imp_emb = encode_texts(model, enc_tok, [p.impression for p in test], record["model"]["max_impression_len"])
+    imp_emb = encode_texts(model, enc_tok, [p.impression for p in test], record["spec"]["max_impression_len"])
     r = retrieval_recall(g, imp_emb, keys=[impression_key(p.impression) for p in test], ks=(1, 5, 10))
     row["retrieval_r1"], row["retrieval_r5"], row["retrieval_r10"] = r["r1"], r["r5"], r["r10"]
     if "generation" in record["losses"]:

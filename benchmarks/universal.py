@@ -234,7 +234,8 @@ def train_expert_arm(name: str, mix: str, data: Path, work: Path, budget: float,
 def train_universal_arm(
     arm: str, members: list[str], mix: str, data: Path, work: Path, budget: float, seed: int, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
+    from medalloy.planning.multi_dataset import PlanOptions
+    from medalloy.recipes.universal import UniversalConfig, train_universal
 
     folders = {n: member_folder(n, data, work) for n in members}
     ids = {n: splits(n, dataset_path(n, data, work), seed) for n in members}

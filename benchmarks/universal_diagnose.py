@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from medalloy.data.dataset import RawDataset
     from medalloy.engine.inference import Predictor
     from medalloy.recipes.registry import load_checkpoint_model
-    from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
+    from medalloy.planning.multi_dataset import PlanOptions
+    from medalloy.recipes.universal import UniversalConfig, train_universal
 
     name = "ACDC"
     if a.mix is not None:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def mix(a: argparse.Namespace, name: str) -> int:
     """ACDC with neighbours, a fixed number of steps: ACDC's validation Dice against the others'."""
-    from medalloy.recipes.universal import PlanOptions, UniversalConfig, train_universal
+    from medalloy.planning.multi_dataset import PlanOptions
+    from medalloy.recipes.universal import UniversalConfig, train_universal
 
     names = [name, *a.mix]
     folders = [member_folder(n, a.data, a.work) for n in names]

@@ -34,6 +34,26 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+# the modules at the package's top, with what each may import: the base modules (errors first) and
+# the run-folder helpers; then the applications of the layers (evaluation, prediction, export, the
+# radiograph commands), the demo, and the CLI above all
+LIBRARY = set(ALLOWED) | BASE
+TOP_LEVEL = {
+    "errors": set(),
+    "seeding": set(),
+    "jsonio": {"errors"},
+    "runs": {"errors"},
+    "__init__": {"errors"},
+    "evaluation": BASE | {"data", "engine", "planning"},
+    "predict": BASE | {"data", "engine", "planning", "interop", "recipes", "runs"},
+    "export": BASE | {"data", "engine", "planning", "interop", "recipes", "runs", "predict"},
+    "radiograph_tasks": BASE | {"data", "engine", "planning", "models", "losses", "recipes", "runs"},
+    "demo": LIBRARY | {"runs", "predict", "export", "evaluation", "radiograph_tasks"},
+    "cli": LIBRARY | {"runs", "predict", "export", "evaluation", "radiograph_tasks", "demo"},
+    "__main__": {"cli"},
+}
+
+
 def test_layers_import_only_downwards():
     wrong = []
     for layer, allowed in ALLOWED.items():
@@ -41,6 +61,21 @@ def test_layers_import_only_downwards():
             bad = _imports(path) - allowed - BASE
             if bad:
                 wrong.append(f"{path.relative_to(PKG)} imports {sorted(bad)}")
+    assert not wrong, wrong
+
+
+def test_every_module_has_a_place_and_keeps_to_it():
+    placed = {p for layer in ALLOWED for p in (PKG / layer).rglob("*.py")}
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path in placed:
+            continue
+        if path.parent != PKG or path.stem not in TOP_LEVEL:
+            wrong.append(f"{path.relative_to(PKG)} belongs to no layer: add it to tests/test_layers.py and docs/design.md")
+            continue
+        bad = _imports(path) - TOP_LEVEL[path.stem] - {path.stem}
+        if bad:
+            wrong.append(f"{path.relative_to(PKG)} imports {sorted(bad)}")
     assert not wrong, wrong
 
 

@@ -203,7 +203,7 @@ def _pretrain_stage(root: Path, xray: dict[str, Any], steps: int | None, seed: i
     model, enc_tok, dec_tok, record = load_pretrained(run)
     test = read_report_pairs(held / "pairs.csv", ReportColumns(label="finding")).pairs
     emb, patches = encode_images(model, [p.image for p in test], PRETRAIN_SIZE)
-    probs = zero_shot_probs(emb, encode_texts(model, enc_tok, list(CLASSES), record["model"]["max_impression_len"]), record["temperature"])
+    probs = zero_shot_probs(emb, encode_texts(model, enc_tok, list(CLASSES), record["spec"]["max_impression_len"]), record["temperature"])
     zeroshot = float(np.mean([CLASSES[int(i)] == p.label for i, p in zip(probs.argmax(1), test)]))
     captions = generate_impressions(model, dec_tok, patches)
     scores = caption_scores(captions, [p.impression for p in test])

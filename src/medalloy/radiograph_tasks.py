@@ -179,15 +179,15 @@ def zeroshot(
 ) -> Path:
     """Classify every image of ``images`` among ``classes`` by the prompts ``prompt.format(class)``;
     writes ``out`` (CSV: image, predicted class, one probability column a class)."""
-    from medalloy.recipes.pretrain import load_pretrained
+    from medalloy.recipes.registry import load_image_text_model
 
     classes = [c.strip() for c in classes if c.strip()]
     if len(classes) < 2:
         raise MedalloyError(f"zero-shot needs at least two classes, got {classes}", fix='give --classes "COVID-19,No Finding"')
-    model, enc_tok, _dec, record = load_pretrained(run, device)
+    model, enc_tok, _dec, record = load_image_text_model(run, device)
     paths = list_images(images)
     img, _ = encode_images(model, paths, record["plan"]["patch_size"][0], progress=progress)
-    txt = encode_texts(model, enc_tok, [prompt.format(c) for c in classes], record["model"]["max_impression_len"])
+    txt = encode_texts(model, enc_tok, [prompt.format(c) for c in classes], record["spec"]["max_impression_len"])
     probs = zero_shot_probs(img, txt, record["temperature"])
     rows = [[p.name, classes[int(pr.argmax())], *[f"{v:.4f}" for v in pr.tolist()]] for p, pr in zip(paths, probs)]
     return _write_csv(out, ["image", "predicted", *classes], rows)
@@ -195,9 +195,9 @@ def zeroshot(
 
 def caption(run: str | Path, images: str | Path, out: str | Path, device: str = "cpu", progress: bool = True) -> Path:
     """Generate an impression for every image of ``images``; writes ``out`` (CSV: image, impression)."""
-    from medalloy.recipes.pretrain import load_pretrained
+    from medalloy.recipes.registry import load_image_text_model
 
-    model, _enc, dec_tok, record = load_pretrained(run, device)
+    model, _enc, dec_tok, record = load_image_text_model(run, device)
     if "generation" not in record.get("losses", []):
         raise MedalloyError("this pretraining run has no generation decoder trained", run, "pretrain with --losses global token generation")
     paths = list_images(images)
@@ -230,7 +230,7 @@ def probe(
     """
     from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_patient
     from medalloy.jsonio import write_json_atomic
-    from medalloy.recipes.pretrain import load_pretrained
+    from medalloy.recipes.registry import load_image_text_model
 
     columns = ReportColumns(label="finding") if columns is None else columns
     if columns.label is None:
@@ -240,7 +240,7 @@ def probe(
         raise MedalloyError(f"label fractions must be in (0, 1], got {list(fractions)}", fix="give e.g. --fractions 0.01 0.1 1.0")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
         raise MedalloyError(f"the held-out fraction must be in (0, 1), got {test_fraction!r}", fix="give e.g. --test-fraction 0.25")
-    model, _enc, _dec, record = load_pretrained(run, device)
+    model, _enc, _dec, record = load_image_text_model(run, device)
     table = read_report_pairs(pairs, columns, skip_empty=skip_empty)
     unlabelled = next((p for p in table.pairs if p.label is None), None)
     if unlabelled is not None:
@@ -306,17 +306,17 @@ def retrieve(
     """
     from medalloy.data.reports import ReportColumns, read_report_pairs
     from medalloy.jsonio import write_json_atomic
-    from medalloy.recipes.pretrain import load_pretrained
+    from medalloy.recipes.registry import load_image_text_model
 
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise MedalloyError(f"Recall@k needs whole numbers k >= 1, got {list(ks)}", fix="give e.g. --k 1 5 10")
     ks = sorted(set(ks))
-    model, enc_tok, _dec, record = load_pretrained(run, device)
+    model, enc_tok, _dec, record = load_image_text_model(run, device)
     table = read_report_pairs(pairs, ReportColumns() if columns is None else columns, skip_empty=skip_empty)
     if len(table.pairs) < 2:
         raise MedalloyError(f"{len(table.pairs)} image-report pair(s): nothing to retrieve among", table.path, "give two or more pairs")
     images, _ = encode_images(model, [p.image for p in table.pairs], record["plan"]["patch_size"][0], progress=progress)
-    texts = encode_texts(model, enc_tok, [p.impression for p in table.pairs], record["model"]["max_impression_len"])
+    texts = encode_texts(model, enc_tok, [p.impression for p in table.pairs], record["spec"]["max_impression_len"])
     keys = [" ".join(p.impression.lower().split()) for p in table.pairs]
     result = {
         "run": str(run),

@@ -439,7 +439,7 @@ def test_an_nnunet_expert_amalgamated_is_frozen_inside_and_rebuilt_from_the_chec
     assert res["experts"] == [str(trainer)]
     path = tmp_path / "ka" / "checkpoints" / "last.safetensors"
     record = ckpt.read_record(path)
-    assert record["experts"][0]["kind"] == "nnunet" and record["kd_pairs"] == {}  # the expert of another dataset (Toy) lends features only
+    assert record["spec"]["experts"][0]["kind"] == "nnunet" and record["kd_pairs"] == {}  # the expert of another dataset (Toy) lends features only
     shutil.rmtree(tmp_path / "nnUNet_results")  # the checkpoint alone must suffice
     model, _, _, _ = load_amalgamated(path)
     x = torch.randn(1, 1, 32, 32)

@@ -205,7 +205,8 @@ def test_narrow_fusion_layer_runs_at_its_width_and_keeps_the_shape():
 
 def test_universal_at_the_cli_default_is_within_1_3_experts():
     # the planner's 6-stage layout for a 256 px plan (filters 16..256), 8 tasks, 5 modalities
-    from medalloy.recipes.universal import UniversalConfig, shared_network
+    from medalloy.planning.multi_dataset import shared_network
+    from medalloy.recipes.universal import UniversalConfig
 
     cfg = UniversalConfig()
     _, network = shared_network(256, cfg.base_filters, cfg.max_filters)

@@ -10,7 +10,7 @@ from medalloy.models.students import student_filters, student_model
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import ChannelNorm, Plan
 from medalloy.recipes.students import STUDENT_SIZES, build_student, default_stem
-from medalloy.recipes.universal import shared_network
+from medalloy.planning.multi_dataset import shared_network
 
 
 def _plan(patch: int = 224, dim: int = 2) -> Plan:

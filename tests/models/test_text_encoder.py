@@ -35,10 +35,10 @@ def test_minilm_needs_the_extra(monkeypatch):
 def test_minilm_weights_checked_loaded_and_partly_frozen(monkeypatch):
     pytest.importorskip(te.MINILM_PACKAGE)
     pytest.importorskip("transformers")
-    from medalloy.recipes.pretrain import minilm_tokenizer
+    from medalloy.data.tokenizer import minilm_tokenizer
 
     enc = te.MiniLMTextEncoder(trainable_layers=2).eval()
-    tok = minilm_tokenizer()
+    tok = minilm_tokenizer(te.minilm_dir())
     texts = ["Small left pleural effusion.", "Fluid collecting in the left pleural space.", "The heart is markedly enlarged."]
     ids, mask = tok.encode(texts, 24)
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
     assert res["trainable_params"] < res["params"]  # the experts are inside, frozen
     tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")
     assert record["kd_pairs"] == {"SynthCXR": 0, "SynthEndo": 1}
-    assert record["model"]["task_experts"] == [[[0, 1]], [[0, 2]], [[1, 1]]]  # lung, heart: the CXR expert's classes 1, 2; lesion: the endoscopy expert's
+    assert record["spec"]["task_experts"] == [[[0, 1]], [[0, 2]], [[1, 1]]]  # lung, heart: the CXR expert's classes 1, 2; lesion: the endoscopy expert's
     for k, run in enumerate(experts):  # the experts' weights come out of training bit-identical
         own = ckpt.group(ckpt.load_checkpoint(run / "checkpoints" / "best.safetensors")[0], "model/net")
         prefix = f"experts.experts.{k}."
@@ -118,7 +118,7 @@ def test_experts_sharing_a_task_are_routed(data, experts, tmp_path):
     out = tmp_path / "routed"
     train_amalgamate([data[0], data[2]], [experts[0], experts[2]], out, config=_cfg(steps=10), progress=False)
     tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "last.safetensors")
-    assert record["model"]["task_experts"] == [[[0, 1], [1, 1]], [[0, 2]]] and record["model"]["route"] is True
+    assert record["spec"]["task_experts"] == [[[0, 1], [1, 1]], [[0, 2]]] and record["spec"]["route"] is True
     assert "router.weight" in ckpt.group(tensors, "model/net")
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert all(r["loss/route"] > 0 and np.isfinite(r["loss/route"]) for r in rows)

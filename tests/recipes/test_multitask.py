@@ -37,7 +37,7 @@ REGISTRY = TaskRegistry(
     },
 )
 PLANS = {"CXR": _plan("CXR", 0.5), "MRI": _plan("MRI", 1.5)}
-RECORD = {"in_channels": 1}
+RECORD = {"spec": {"in_channels": 1}}
 
 
 def _asked(model: nn.Module) -> list[float]:

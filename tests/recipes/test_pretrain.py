@@ -91,14 +91,14 @@ def test_two_stages_and_record(hybrid_run):
         "summarize/checkpoints/best.safetensors",
     ):
         assert (out / name).exists(), name
-    split = json.loads((out / "split.json").read_text())
+    split = json.loads((out / "split.json").read_text())["datasets"]["pairs"]
     assert not set(split["train"]) & set(split["val"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_keys = set().union(*(r for r in rows if r["kind"] == "train"))
     assert {"global", "token", "summary", "caption", "distill"} <= train_keys
     record = ckpt.read_record(out / "checkpoints" / "best.safetensors")
     assert record["method"] == "pretrain" and record["losses"] == ["global", "token", "generation"]
-    assert record["plan"]["patch_size"] == [32, 32] and record["text_encoder"] == "scratch"
+    assert record["plan"]["patch_size"] == [32, 32] and record["spec"]["text_encoder"] == "scratch"
     stage1, _ = specs[0]
     assert stage1.monitor == "val/summary" and stage1.trainable == ["model"]
 
@@ -166,7 +166,7 @@ def test_load_pretrained_gives_the_trained_weights(hybrid_run):
     saved = ckpt.group(ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")[0], "model/model")
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k
-    assert enc_tok is dec_tok and dec_tok.vocab_size == record["model"]["vocab_size"]
+    assert enc_tok is dec_tok and dec_tok.vocab_size == record["spec"]["vocab_size"]
     assert 0.0 < record["temperature"] < 1.0
 
 
@@ -238,16 +238,16 @@ def test_empty_reports_stop_or_are_skipped_and_counted(pairs, tmp_path, capsys):
 
 
 def test_token_scope_pair_from_the_cli(pairs, tmp_path):
-    from medalloy.recipes.pretrain import Objective
+    from medalloy.recipes.pretrain import objective_of
 
     out = tmp_path / "pair"
     argv = ["pretrain", "--pairs", str(pairs / "pairs.csv"), "--out", str(out), "--losses", "token", "--token-scope", "pair", "--text-encoder", "scratch"]
     assert main(["--quiet", *argv, "--image-size", "32", "--batch-size", "8", "--steps", "2"]) == 0
     cfg = PretrainConfig.model_validate(__import__("yaml").safe_load((out / "config.yaml").read_text()))
-    assert cfg.token_scope == "pair" and Objective(cfg, pad_id=0).token.scope == "pair"
+    assert cfg.token_scope == "pair" and objective_of(cfg, pad_id=0).token.scope == "pair"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert np.isfinite(rows[-1]["token"]) and "global" not in rows[-1]
-    assert Objective(tiny_config(), pad_id=0).token.scope == "batch"
+    assert objective_of(tiny_config(), pad_id=0).token.scope == "batch"
 
 
 def test_probe_and_retrieve_commands(hybrid_run, pairs, tmp_path, capsys):
@@ -260,7 +260,7 @@ def test_probe_and_retrieve_commands(hybrid_run, pairs, tmp_path, capsys):
         x = torch.from_numpy(np.stack([load_radiograph(p.image, size) for p in table.pairs]))
         pooled = model.image(x)[-1].mean(dim=(2, 3)).double()  # the encoder's pooled bottleneck, as the benchmark probes it
         glob = torch.nn.functional.normalize(model.image_features(x)[0].double(), dim=-1)
-        ids, mask = enc_tok.encode([p.impression for p in table.pairs], record["model"]["max_impression_len"])
+        ids, mask = enc_tok.encode([p.impression for p in table.pairs], record["spec"]["max_impression_len"])
         txt = torch.nn.functional.normalize(model.text_features(ids, mask)[0].double(), dim=-1)
 
     # linear probe: patient-level split, 1 / 10 / 100 % of the training labels, accuracy and balanced accuracy
@@ -358,7 +358,7 @@ def test_auto_text_encoder_falls_back_to_scratch_without_the_extra_and_says_so(p
     res = pretrain(pairs / "pairs.csv", out, config=auto, progress=False, losses=["global"], **{**TINY, "steps": 2, "val_every": 2})
     assert res["text_encoder"] == "scratch" and json.loads((out / "run.json").read_text())["text_encoder"] == "scratch"
     assert __import__("yaml").safe_load((out / "config.yaml").read_text())["text_encoder"] == "auto"  # what was asked; run.json: what ran
-    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["text_encoder"] == "scratch"
+    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["spec"]["text_encoder"] == "scratch"
     model, enc_tok, dec_tok, _ = load_pretrained(out)
     assert isinstance(model.text, te.ScratchTextEncoder) and enc_tok is dec_tok  # the recorded encoder is the one in the weights
 
@@ -369,7 +369,7 @@ def test_auto_text_encoder_takes_minilm_when_installed_and_records_it(pairs, tmp
     out = tmp_path / "minilm"
     res = pretrain(pairs / "pairs.csv", out, config=tiny_config(text_encoder="auto"), progress=False, losses=["global"], **{**TINY, "steps": 1, "val_every": 1})
     assert res["text_encoder"] == "minilm" and json.loads((out / "run.json").read_text())["text_encoder"] == "minilm"
-    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["text_encoder"] == "minilm"
+    assert ckpt.read_record(out / "checkpoints" / "best.safetensors")["spec"]["text_encoder"] == "minilm"
     model, enc_tok, dec_tok, _ = load_pretrained(out)
     assert isinstance(model.text, te.MiniLMTextEncoder) and enc_tok is not dec_tok
 

@@ -13,7 +13,8 @@ from medalloy.data.io import read_label
 from medalloy.data.synth import generate_dataset
 from medalloy.errors import MedalloyError
 from medalloy.predict import predict_cases
-from medalloy.recipes.universal import UniversalConfig, build_registry, load_universal, train_universal
+from medalloy.recipes.multitask import build_registry
+from medalloy.recipes.universal import UniversalConfig, load_universal, train_universal
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def test_universal_learns_every_dataset(run):
     assert set(split["datasets"]) == {"SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"}
     assert sorted(p.name for p in (out / "plans").iterdir()) == ["SynthCXR.json", "SynthCXRLung.json", "SynthEndo.json", "SynthMR.json"]
     net, reg, plans, record = load_universal(out / "checkpoints" / "best.safetensors")
-    assert record["method"] == "universal" and record["in_channels"] == 3 and reg.tasks == ["organ", "core", "lung", "heart", "lesion"]
+    assert record["method"] == "universal" and record["spec"]["in_channels"] == 3 and reg.tasks == ["organ", "core", "lung", "heart", "lesion"]
     assert plans["SynthCXR"].patch_size == [64, 64] and plans["SynthCXR"].label_values == [0, 1, 2]
 
 
@@ -153,7 +154,7 @@ def test_predict_per_task_masks_and_dataset_by_folder_name(three, run, tmp_path,
 
 def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
     from medalloy.engine.logging import read_metrics
-    from medalloy.recipes.universal import PlanOptions, own_plan
+    from medalloy.planning.multi_dataset import PlanOptions, own_plan
 
     cxr, endo = four[1], four[3]
     cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, datasets_per_step=1, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
@@ -163,7 +164,7 @@ def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
     _, _, plans, _ = load_universal(out / "checkpoints" / "last.safetensors")
     for path in (cxr, endo):
         ds = RawDataset(path)
-        own = own_plan(ds, cfg)
+        own = own_plan(ds, cfg.dim, cfg.plan_options.get(ds.name), cfg.max_2d_side, cfg.base_filters, cfg.max_filters)
         assert plans[ds.name].patch_size == own.patch_size and plans[ds.name].batch_size == own.batch_size
     assert plans["SynthCXR"].patch_size == [112, 112] and plans["SynthEndo"].patch_size == [64, 64]  # each its own, not one shared patch
     assert plans["SynthCXR"].network == plans["SynthEndo"].network
@@ -176,7 +177,7 @@ def test_each_dataset_keeps_its_own_field_of_view_by_default(four, tmp_path):
 
 def test_several_datasets_a_step_average_their_losses(four, tmp_path):
     from medalloy.engine.logging import read_metrics
-    from medalloy.recipes.universal import PlanOptions
+    from medalloy.planning.multi_dataset import PlanOptions
 
     cxr, endo = four[1], four[3]
     cfg = UniversalConfig(base_filters=4, max_val_cases=1, folds=4, datasets_per_step=2, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)})
@@ -218,7 +219,7 @@ def test_total_loss_moves_by_the_modality_terms_weight_alone(four, tmp_path):
     # the universal total is the datasets' mean segmentation loss plus modality_weight * the modality
     # cross-entropy: a changed weight must move the total by exactly (w' - w) * that term, and no term
     from medalloy.engine.logging import read_metrics
-    from medalloy.recipes.universal import PlanOptions
+    from medalloy.planning.multi_dataset import PlanOptions
 
     cxr, endo = four[1], four[3]
 

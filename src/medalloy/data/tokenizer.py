@@ -84,6 +84,12 @@ class TextTokenizer:
         return cls.from_json(path.read_text(encoding="utf-8"), special)
 
 
+def minilm_tokenizer(model_dir: Path) -> TextTokenizer:
+    """MiniLM's own (BERT WordPiece) tokenizer from the folder of the packaged model
+    (:func:`medalloy.models.text_encoder.minilm_dir`: data may not import models, so the caller finds it)."""
+    return TextTokenizer.from_file(Path(model_dir) / "tokenizer.json", special=("[PAD]", "[CLS]", "[SEP]"))
+
+
 def train_report_tokenizer(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2) -> TextTokenizer:
     """A lower-cased word vocabulary of at most ``vocab_size`` entries learnt from ``texts``: the
     words seen at least ``min_frequency`` times, most frequent first (ties alphabetical), others

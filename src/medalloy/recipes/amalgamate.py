@@ -25,7 +25,6 @@ needs nothing else. Run folder as for the universal model (``registry.json``, ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,34 +38,21 @@ from torch import nn
 
 from medalloy.data.dataset import RawDataset
 from medalloy.data.mixed import MixedSampler
-from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import LogitKDLoss, TaskBCEDiceLoss
 from medalloy.models.ka2er import KA2ERNet, build_ka2er, choose_taps, probe_stages
 from medalloy.models.swin import load_swin_state, load_swin_weights
-from medalloy.models.unet import build_unet, count_parameters
-from medalloy.planning.plan import Plan, load_plan, save_plan
-from medalloy.recipes.multitask import (
-    REGISTRY_FILE,
-    PlanOptions,
-    TaskRegistry,
-    build_registry,
-    check_plan_options,
-    common_in_channels,
-    dataset_plan,
-    dataset_sources,
-    dataset_splits,
-    own_plan,
-    register_multitask,
-    resumed_order,
-    tasks_in_label_order,
-    validation_sets,
-)
+from medalloy.models.unet import count_parameters
+from medalloy.planning.multi_dataset import amalgamation_plans, stride_multiple
+from medalloy.planning.plan import Plan
+from medalloy.recipes.config import MultiDatasetConfig
+from medalloy.recipes.expert import ExpertSpec, build_expert
+from medalloy.recipes.multitask import MultiDatasetRecipe, TaskRegistry, build_registry, register_multitask, tasks_in_label_order
 from medalloy.recipes.registry import load_checkpoint_model
+from medalloy.recipes.scaffold import Run, resolve_config, run_recipe, task_entry
 from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
-from medalloy.recipes.scaffold import Run, dice_validation, open_run, require_labelled, resolve_config, task_entry
 from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
 
@@ -74,17 +60,11 @@ METHOD = "amalgamate"
 TOP_KEYS = ("fold", "batch_size", "dim", "feature_size", "foundation", "decoder", "hierarchical", "stages", "expert_priors", "datasets_per_step")
 
 
-class AmalgamateConfig(BaseModel):
+class AmalgamateConfig(MultiDatasetConfig):
     """Everything of an amalgamation run besides the datasets and experts (YAML: ``--config CFG.yaml``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=5e-4))
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    dim: Literal[2, 3] = 2
     max_2d_side: int = Field(256, ge=32)
-    plan_options: dict[str, PlanOptions] = Field(default_factory=dict)
-    batch_size: int | None = Field(None, ge=1)  # None: each dataset's plan's
     base_filters: int = Field(32, ge=1)  # the planner's (patch and batch rules); the network is the foundation
     max_filters: int = Field(320, ge=1)
     feature_size: int = Field(12, ge=12)  # SwinUNETR width (multiple of 12); 48 is MONAI's pre-trained size
@@ -99,17 +79,9 @@ class AmalgamateConfig(BaseModel):
     expert_priors: bool = True  # each task's logits = its own experts' log-odds + the decoder's correction
     route: bool = True  # experts sharing a task weighed per image by a router trained to tell their sources apart
     route_weight: float = Field(1.0, ge=0.0)
-    datasets_per_step: int = Field(2, ge=1)  # own-patch batches of this many datasets averaged per optimizer step
-    prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)
-    class_loss: Literal["exclusive", "bce"] = "exclusive"
     kd_logits: float = Field(1.0, ge=0.0)
     kd_temperature: float = Field(2.0, gt=0.0)
     kd_features: float = Field(0.1, ge=0.0)
-    dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
-    task_names: dict[str, str] = Field(default_factory=dict)
-    fold: int = 0
-    folds: int = 5
-    max_val_cases: int = Field(8, ge=0)
 
 
 class FrozenExpert(BaseModel):
@@ -204,14 +176,13 @@ def load_frozen_expert(path: str | Path, device: str = "cpu") -> tuple[nn.Module
     return net.eval(), plan, record, {**spec, "source": str(path), "in_channels": plan.in_channels, "dim": plan.dim}
 
 
-def rebuild_expert(spec: dict[str, Any]) -> nn.Module:
-    """An expert's network (random weights) from the spec a checkpoint keeps."""
-    if spec["kind"] == "nnunet":
+def rebuild_expert(expert: FrozenExpert) -> nn.Module:
+    """An expert's network (random weights) from what the spec keeps of it."""
+    if expert.kind == "nnunet":
         from medalloy.interop.nnunet import build_nnunet_network
 
-        return build_nnunet_network(spec["architecture"], Plan.model_validate(spec["plan"]))
-    plan = Plan.model_validate(spec["plan"])
-    return build_unet(plan.network, plan.in_channels, plan.num_classes)
+        return build_nnunet_network(expert.architecture, expert.plan)
+    return build_expert(ExpertSpec.of_plan(expert.plan))
 
 
 def _expert_dataset(record: dict[str, Any], dss: list[RawDataset]) -> str | None:
@@ -256,14 +227,6 @@ def expert_links(experts: list[dict[str, Any]], registry: TaskRegistry) -> Exper
     return ExpertLinks(teacher, own, task)
 
 
-def stride_multiple(plans: list[Plan], dim: int) -> list[int]:
-    """Per axis, what every patch must be a multiple of: 32 (the foundation) and each expert's total stride."""
-    out = [32] * dim
-    for p in plans:
-        out = [math.lcm(a, b) for a, b in zip(out, p.network.total_stride())]
-    return out
-
-
 # -- foundation ------------------------------------------------------------------------------
 
 
@@ -294,110 +257,91 @@ def _has_record(path: Path) -> bool:
 # -- training --------------------------------------------------------------------------------
 
 
-def _plans(run: Run, dss: list[RawDataset], cfg: AmalgamateConfig, registry: TaskRegistry, multiple: list[int]) -> dict[str, Plan]:
-    saved = {ds.name: run.kept(f"plans/{ds.name}.json") for ds in dss}
-    if all(saved.values()):
-        plans = {name: load_plan(path) for name, path in saved.items()}
-    else:
-        plans = {}
-        for ds in dss:
-            own = own_plan(ds, cfg)
-            patch = [int(-(-p // m) * m) for p, m in zip(own.patch_size, multiple)]
-            batch = cfg.batch_size or own.batch_size
-            note = f"amalgamation: patch {'x'.join(map(str, patch))} (own {'x'.join(map(str, own.patch_size))}, rounded to multiples of {'x'.join(map(str, multiple))}), batch {batch}"
-            plans[ds.name] = dataset_plan(own, patch, own.network, batch, registry.datasets[ds.name], note)
-    for name, p in plans.items():
-        save_plan(p, run.out / "plans" / f"{name}.json")
-    return plans
+class AmalgamateRecipe(MultiDatasetRecipe[AmalgamateConfig]):
+    """Frozen experts amalgamated into one SwinUNETR model of the tasks of several datasets (KA2ER)."""
+
+    METHOD = METHOD
+
+    def __init__(self, cfg: AmalgamateConfig, dss: list[RawDataset], experts: list[str | Path], splits: dict | None = None, progress: bool = True):
+        super().__init__(cfg, dss, splits, progress)
+        self.expert_paths = experts
+
+    def check(self) -> None:
+        self.check_datasets()
+        self.loaded = [load_frozen_expert(e) for e in self.expert_paths]
+        for _, plan, _, spec in self.loaded:
+            if plan.dim != self.cfg.dim:
+                raise MedalloyError(f"a {plan.dim}D expert in a {self.cfg.dim}D amalgamation", spec["source"], f"give {self.cfg.dim}D experts or set dim: {plan.dim}")
+        self.registry = build_registry(self.dss, self.cfg.task_names)
+
+    def inputs(self) -> dict[str, Any]:
+        return {**super().inputs(), "experts": [spec["source"] for _, _, _, spec in self.loaded]}
+
+    def make_plans(self, owns: dict[str, Plan], values: dict[str, list[int]]) -> dict[str, Plan]:
+        multiple = stride_multiple([p for _, p, _, _ in self.loaded], self.cfg.dim)
+        return amalgamation_plans(owns, values, multiple, self.cfg.batch_size)
+
+    def _experts(self) -> list[dict[str, Any]]:
+        """Each frozen expert as the spec keeps it: its stages tapped at the largest patch of the run."""
+        largest = max((p.patch_size for p in self.plans.values()), key=lambda s: int(np.prod(s)))
+        experts = []
+        for net, plan, record, spec in self.loaded:
+            taps, channels = choose_taps(probe_stages(net, plan.in_channels, largest), list(self.cfg.stages))
+            experts.append({**spec, "taps": taps, "channels": channels, "dataset": _expert_dataset(record, self.dss), "label_values": list(plan.label_values)})
+        return experts
+
+    def _task_experts(self, links: ExpertLinks, experts: list[dict[str, Any]], progress: bool) -> list[list[tuple[int, int]]] | None:
+        if not (self.cfg.expert_priors and self.loaded):
+            return None
+        paired = {k for entry in links.task for k, _ in entry}
+        for k, e in enumerate(experts):
+            if e["dataset"] is not None and k not in paired and progress:  # e.g. an nnU-Net expert whose labels were renumbered
+                values = sorted(self.registry.datasets[e["dataset"]]["labels"].values())
+                print(f"warning: expert {e['source']} (of {e['dataset']}) has none of its label values {values} (it has {e['label_values']}): no expert prior from it")
+        return links.task
+
+    def train_spec(self, run: Run, split: dict[str, Any]) -> TrainSpec:
+        cfg, registry = self.cfg, self.registry
+        experts = self._experts()
+        links = expert_links(experts, registry)
+        self.load_sources(run, split)
+        seed_everything(cfg.train.seed)
+        spec = AmalgamateSpec.from_config(
+            cfg, in_channels=self.in_channels, n_tasks=len(registry.tasks), task_experts=self._task_experts(links, experts, run.progress),
+            experts=[FrozenExpert.model_validate(e) for e in experts],
+        )  # fmt: skip
+        net = build_amalgamated(spec, [e for e, _, _, _ in self.loaded])
+        self.foundation_note = init_foundation(net, cfg.foundation) if not run.resume else "resumed"  # every rank: each holds its own copy
+        if run.progress:
+            print(self.foundation_note)
+        batches = MixedSampler(
+            self.sources, cfg.batch_size or 1, self.in_channels, registry.null_task, cfg.train.seed, foreground_oversample=0.33, per_dataset=True,
+            datasets_per_step=cfg.datasets_per_step,
+        )  # fmt: skip
+        self.record = {
+            "method": METHOD,
+            "name": "amalgamate-" + "+".join(ds.name for ds in self.dss),
+            "tasks": [task_entry(ds) for ds in self.dss],
+            "registry": registry.model_dump(mode="json"),
+            "plans": {k: p.model_dump(mode="json") for k, p in self.plans.items()},
+            "spec": spec.to_record(),
+            "kd_pairs": links.teacher,
+            "foundation_init": self.foundation_note,
+            "activation": "sigmoid",
+            "params": count_parameters(net),
+            "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        }
+        step_fn = amalgamate_step(cfg, registry, self.sources, links)
+        return TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=batches, record=self.record, validate=self.validation(net))
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {**super().result(summary), "trainable_params": self.record["trainable_params"], "foundation_init": self.foundation_note}
 
 
-def _model_options(cfg: AmalgamateConfig) -> dict[str, Any]:
-    return {
-        "feature_size": cfg.feature_size, "stages": list(cfg.stages), "width": cfg.width, "heads": cfg.heads, "hierarchical": cfg.hierarchical,
-        "decoder": cfg.decoder, "decoder_depth": cfg.decoder_depth, "task_adaptive": cfg.task_adaptive, "prior_probability": cfg.prior_probability,
-        "route": cfg.route,
-    }  # fmt: skip
-
-
-def _build(model: dict[str, Any], dim: int, in_channels: int, n_tasks: int, experts: list[nn.Module], specs: list[dict[str, Any]]) -> KA2ERNet:
-    opts = dict(model)
-    feature_size = int(opts.pop("feature_size"))
-    return build_ka2er(
-        dim,
-        in_channels,
-        n_tasks,
-        feature_size,
-        experts,
-        [int(s["in_channels"]) for s in specs],
-        [s["taps"] for s in specs],
-        [s["channels"] for s in specs],
-        **opts,
-    )
-
-
-def train_amalgamate(
-    datasets: list[str | Path],
-    experts: list[str | Path],
-    out: str | Path,
-    config: str | Path | AmalgamateConfig | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    splits: dict[str, dict[str, list[str]]] | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Amalgamate ``experts`` into one model of the tasks of ``datasets``; returns the run summary."""
-    if not datasets:
-        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
-    dss = [RawDataset(d) for d in datasets]
-    cfg = resolve_config(AmalgamateConfig, config, overrides, progress, TOP_KEYS)
-    for ds in dss:
-        require_labelled(ds)
-    check_plan_options(cfg, dss)
-    loaded = [load_frozen_expert(e) for e in experts]
-    for _, plan, _, spec in loaded:
-        if plan.dim != cfg.dim:
-            raise MedalloyError(f"a {plan.dim}D expert in a {cfg.dim}D amalgamation", spec["source"], f"give {cfg.dim}D experts or set dim: {plan.dim}")
-    registry = build_registry(dss, cfg.task_names)
-    run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
-    if run.kept(REGISTRY_FILE):
-        dss = run.main(lambda: resumed_order(run, dss, cfg.task_names))
-        registry = build_registry(dss, cfg.task_names)
-    run.write_json(REGISTRY_FILE, registry.model_dump(mode="json"))
-    multiple = stride_multiple([p for _, p, _, _ in loaded], cfg.dim)
-    plans = run.main(lambda: _plans(run, dss, cfg, registry, multiple))
-    in_channels = common_in_channels(plans)
-    run.write_config(cfg)
-    ids = run.main(lambda: dataset_splits(run, dss, cfg, splits))
-    run.write_json("split.json", {"fold": cfg.fold, "datasets": ids})
-    run.status(METHOD, datasets=[str(d.root) for d in dss], experts=[str(e) for e in experts])
-
-    largest = max((p.patch_size for p in plans.values()), key=lambda s: int(np.prod(s)))
-    specs = []
-    for net, plan, record, spec in loaded:
-        taps, channels = choose_taps(probe_stages(net, plan.in_channels, largest), list(cfg.stages))
-        specs.append({**spec, "taps": taps, "channels": channels, "dataset": _expert_dataset(record, dss), "label_values": list(plan.label_values)})
-    links = expert_links(specs, registry)
-
-    seed = cfg.train.seed
-    sources, val_cases, sizes = dataset_sources(run, dss, plans, registry, ids, cfg)
-
-    seed_everything(seed)
-    model = _model_options(cfg)
-    if cfg.expert_priors and loaded:
-        model["task_experts"] = links.task
-        paired = {k for entry in model["task_experts"] for k, _ in entry}
-        for k, sp in enumerate(specs):
-            if sp["dataset"] is not None and k not in paired and run.progress:  # e.g. an nnU-Net expert whose labels were renumbered
-                values = sorted(registry.datasets[sp["dataset"]]["labels"].values())
-                print(f"warning: expert {sp['source']} (of {sp['dataset']}) has none of its label values {values} (it has {sp['label_values']}): no expert prior from it")
-    net = _build(model, cfg.dim, in_channels, len(registry.tasks), [e for e, _, _, _ in loaded], specs)
-    foundation_note = init_foundation(net, cfg.foundation) if not run.resume else "resumed"  # every rank: each holds its own copy
-    if run.progress:
-        print(foundation_note)
-    batches = MixedSampler(sources, cfg.batch_size or 1, in_channels, registry.null_task, seed, foreground_oversample=0.33, per_dataset=True, datasets_per_step=cfg.datasets_per_step)
-    exclusive = cfg.class_loss == "exclusive"
-    seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=exclusive)
+def amalgamate_step(cfg: AmalgamateConfig, registry: TaskRegistry, sources: list, links: ExpertLinks) -> Any:
+    """The step: per dataset part, the task losses, the logit and feature terms from the dataset's
+    own expert and the router's term; several datasets a step average their parts."""
+    seg_loss = TaskBCEDiceLoss(num_tasks=registry.null_task + 1, exclusive=cfg.class_loss == "exclusive")
     kd = LogitKDLoss(cfg.kd_temperature)
     names = [s.name for s in sources]
     teacher_of = [links.teacher.get(n) for n in names]
@@ -433,63 +377,43 @@ def train_amalgamate(
         logged.update({"loss/seg": seg.detach(), "loss/kd_logits": kd_logit.detach(), "loss/kd_features": kd_feat.detach(), "loss/route": route.detach()})
         return {"loss": loss, **logged}
 
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    record = {
-        "method": METHOD,
-        "name": "amalgamate-" + "+".join(ds.name for ds in dss),
-        "tasks": [task_entry(ds) for ds in dss],
-        "registry": registry.model_dump(mode="json"),
-        "plans": {k: p.model_dump(mode="json") for k, p in plans.items()},
-        "in_channels": in_channels,
-        "dim": cfg.dim,
-        "model": model,
-        "experts": specs,
-        "kd_pairs": links.teacher,
-        "foundation_init": foundation_note,
-        "activation": "sigmoid",
-        "params": count_parameters(net),
-        "trainable_params": sum(p.numel() for p in trainable),
-    }
-    sets = validation_sets(net, registry, plans, val_cases, in_channels, cfg.train.precision)
-    spec = TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=batches, record=record, validate=dice_validation(sets) if sets else None)
-    summary = run.train(spec, cfg.train)
-    result = {
-        "method": METHOD,
-        "datasets": [str(d.root) for d in dss],
-        "experts": [s["source"] for s in specs],
-        "name": record["name"],
-        "status": "done",
-        "fold": cfg.fold,
-        "tasks": registry.tasks,
-        "train_cases": dict(zip(names, sizes)),
-        "val_cases": {k: len(v) for k, v in val_cases.items()},
-        "params": record["params"],
-        "trainable_params": record["trainable_params"],
-        "foundation_init": foundation_note,
-        **summary,
-    }
-    run.write_json("run.json", result)
-    return result
+    return step_fn
+
+
+def train_amalgamate(
+    datasets: list[str | Path],
+    experts: list[str | Path],
+    out: str | Path,
+    config: str | Path | AmalgamateConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    splits: dict[str, dict[str, list[str]]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Amalgamate ``experts`` into one model of the tasks of ``datasets``; returns the run summary."""
+    if not datasets:
+        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
+    dss = [RawDataset(d) for d in datasets]
+    cfg = resolve_config(AmalgamateConfig, config, overrides, progress, TOP_KEYS)
+    return run_recipe(AmalgamateRecipe(cfg, dss, experts, splits, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 # -- prediction ------------------------------------------------------------------------------
 
 
 def load_amalgamated(path: str | Path, device: str = "cpu") -> tuple[KA2ERNet, TaskRegistry, dict[str, Plan], dict[str, Any]]:
-    """Network (experts included), task registry, per-dataset plans and record of a checkpoint."""
+    """Network (experts included), task registry, per-dataset plans and record (its ``spec`` of the current version) of a checkpoint."""
     tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
+    spec = read_spec(AmalgamateSpec, record, path, tensors.keys())
     try:
         registry = TaskRegistry.model_validate(record["registry"])
         plans = {k: Plan.model_validate(v) for k, v in record["plans"].items()}
-        specs = list(record["experts"])
-        model = {"route": False, **record["model"]}  # records before the router have none
-        if model.get("decoder") == "plain" and "task_embed.weight" not in ckpt.group(tensors, "model/net"):
-            model["task_adaptive"] = False  # records before the switch say true where the plain decoder had no condition
-        net = _build(model, int(record["dim"]), int(record["in_channels"]), len(registry.tasks), [rebuild_expert(s) for s in specs], specs)
     except (KeyError, ValidationError, TypeError, ValueError):
-        raise MedalloyError("checkpoint record lacks a valid registry, plans, model or experts", path, "retrain with this medalloy version") from None
+        raise MedalloyError("checkpoint record lacks a valid registry or plans", path, "retrain with this medalloy version") from None
+    net = build_amalgamated(spec)
     ckpt.load_module_state(net, ckpt.group(tensors, "model/net"), path, "net", "use the checkpoint with its own run")
-    return net.eval(), registry, plans, record
+    return net.eval(), registry, plans, {**record, "spec": spec.to_record()}
 
 
 register_multitask(METHOD, load_amalgamated)

@@ -10,12 +10,15 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medalloy.data.transforms import AugmentConfig
+from medalloy.engine.trainer import TrainConfig
 from medalloy.errors import MedalloyError
+from medalloy.planning.multi_dataset import PlanOptions
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -25,6 +28,36 @@ TRAIN_KEYS = ("steps", "lr", "seed", "precision", "val_every", "device", "ema_de
 SET_KEY = "set"
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; a command line means the number
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class SegmentationConfig(BaseModel):
+    """What every segmentation recipe's config has; a recipe redeclares a field whose default is its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    fold: int = 0
+    folds: int = 5
+    max_val_cases: int = Field(16, ge=0)  # per dataset
+    batch_size: int | None = Field(None, ge=1)  # None: the plan's
+
+
+class MultiDatasetConfig(SegmentationConfig):
+    """What the recipes of one network on several datasets add: how each dataset is planned, how
+    its tasks are named and how often each is drawn."""
+
+    max_val_cases: int = Field(8, ge=0)  # per dataset
+    dim: Literal[2, 3] = 2
+    max_2d_side: int = Field(256, ge=16)  # per dataset: coarsen the spacing so the median image fits
+    plan_options: dict[str, PlanOptions] = Field(default_factory=dict)  # dataset name -> its planner settings
+    base_filters: int = Field(16, ge=1)
+    max_filters: int = Field(256, ge=1)
+    prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
+    class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
+    dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
+    datasets_per_step: int = Field(2, ge=1)  # own-patch batches of this many datasets averaged per optimizer step (docs/methods/hermes.md)
+    task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
 
 
 def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:

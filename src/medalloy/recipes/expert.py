@@ -19,11 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 from monai.losses import DeepSupervisionLoss
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from medalloy.data.dataset import RawDataset
 from medalloy.data.sampling import PatchSampler
-from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, TrainSpec
@@ -32,7 +31,7 @@ from medalloy.losses import DiceCELoss
 from medalloy.models.image_encoder import load_encoder_into
 from medalloy.models.unet import build_unet, count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
-from medalloy.recipes.config import load_recipe_config
+from medalloy.recipes.config import SegmentationConfig, load_recipe_config
 from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
 from medalloy.recipes.registry import register
 from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
@@ -57,17 +56,10 @@ METHOD = "expert"
 TOP_KEYS = ("fold", "batch_size")
 
 
-class ExpertConfig(BaseModel):
+class ExpertConfig(SegmentationConfig):
     """Everything of an expert run that is not in the plan (YAML: ``--config CFG.yaml``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, val_every=100, lr=3e-3))
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    fold: int = 0
-    folds: int = 5
-    max_val_cases: int = 16
-    batch_size: int | None = None
 
 
 class ExpertSpec(ModelSpec):

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
@@ -22,22 +22,24 @@ from medalloy.data.sampling import PatchSampler
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.models.task_bound import TaskBound
-from medalloy.planning.plan import NetworkPlan, Plan
+from medalloy.planning.multi_dataset import check_plan_options, common_in_channels, own_plan
+from medalloy.planning.plan import Plan, load_plan, save_plan
 from medalloy.recipes.registry import register
-from medalloy.recipes.scaffold import Run, ValidationSet, cache_cases, cases_of, select_cases
+from medalloy.recipes.scaffold import (
+    C,
+    Recipe,
+    Run,
+    ValidationSet,
+    cache_cases,
+    cases_of,
+    dataset_splits,
+    dice_validation,
+    require_labelled,
+    split_record,
+)
 
 UNKNOWN_MODALITY = "unknown"
 REGISTRY_FILE = "registry.json"
-
-
-class PlanOptions(BaseModel):
-    """Planner settings for one dataset of the mix (as ``medalloy plan`` takes them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_2d_side: int | None = Field(None, ge=16)
-    max_2d_patch: int | None = Field(None, ge=16)
-    max_3d_voxels: int | None = Field(None, ge=4096)
 
 
 class TaskRegistry(BaseModel):
@@ -92,44 +94,9 @@ def build_registry(datasets: list[RawDataset], task_names: dict[str, str] | None
     return TaskRegistry(tasks=tasks, modalities=modalities, datasets=per)
 
 
-def own_plan(ds: RawDataset, cfg: Any) -> Plan:
-    """The dataset's own plan (its spacing, normalisation, patch, batch) in ``cfg.dim`` dimensions
-    (``cfg``: a recipe config with ``dim``, ``plan_options``, ``max_2d_side``, ``base_filters``, ``max_filters``)."""
-    from medalloy.planning.fingerprint import fingerprint
-    from medalloy.planning.planner import plan_dataset
-
-    opts = cfg.plan_options.get(ds.name, PlanOptions())
-    kw = {k: v for k, v in opts.model_dump().items() if v is not None}
-    kw.setdefault("max_2d_side", cfg.max_2d_side)
-    try:
-        return plan_dataset(ds, fingerprint(ds, progress=False), force_dim=cfg.dim, base_filters=cfg.base_filters, max_filters=cfg.max_filters, **kw)
-    except MedalloyError as exc:
-        if "3D plan for 2D images" in str(exc):
-            raise MedalloyError(
-                f"{ds.name} holds 2D images; a 3D model of several datasets needs volumes", ds.root, "train it in a 2D model (dim: 2)"
-            ) from None
-        raise
-
-
-def check_plan_options(cfg: Any, dss: list[RawDataset]) -> None:
-    stray = sorted(set(cfg.plan_options) - {ds.name for ds in dss})
-    if stray:
-        raise MedalloyError(f"plan_options names '{stray[0]}', not a dataset of this run", fix=f"key plan_options by {', '.join(ds.name for ds in dss)}")
-
-
-def common_in_channels(plans: dict[str, Plan]) -> int:
-    """The network's input channels: the widest dataset's; the others must have 1 (repeated) or as many."""
-    in_channels = max(p.in_channels for p in plans.values())
-    for name, p in plans.items():
-        if p.in_channels not in (1, in_channels):
-            raise MedalloyError(f"{name} has {p.in_channels} channels, others {in_channels}", fix="mix datasets with 1 channel and one common channel count")
-    return in_channels
-
-
-def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, entry: dict[str, Any], note: str) -> Plan:
-    """A dataset's own plan with its patch and batch in the shared model, and the shared network."""
-    values = [0] + [entry["labels"][t] for t in tasks_in_label_order(entry)]
-    return own.model_copy(update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": values, "notes": own.notes + [note]})
+def label_values(registry: TaskRegistry) -> dict[str, list[int]]:
+    """Per dataset, its label values in the network's class order (background, then its tasks in label order)."""
+    return {name: [0] + [e["labels"][t] for t in tasks_in_label_order(e)] for name, e in registry.datasets.items()}
 
 
 def bound_model(net: nn.Module, registry: TaskRegistry, dataset: str, in_channels: int) -> TaskBound:
@@ -167,14 +134,6 @@ def resumed_order(run: Run, dss: list[RawDataset], task_names: dict[str, str]) -
     return ordered
 
 
-def dataset_splits(run: Run, dss: list[RawDataset], cfg: Any, splits: dict[str, dict[str, list[str]]] | None) -> dict[str, dict[str, list[str]]]:
-    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own)."""
-    if run.kept("split.json"):
-        return run.read_json("split.json")["datasets"]
-    given = splits or {}
-    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
-
-
 def resolve_dataset(given: str, plans: dict[str, Plan], record: dict[str, Any], path: str | Path) -> str:
     """A training dataset's name from its name, its folder name (``Dataset103_Shenzhen``) or a
     path to it, compared case-insensitively."""
@@ -199,7 +158,7 @@ def bind_dataset(
             raise MedalloyError(f"a model of {len(plans)} datasets: say which one the images come from", path, f"pass --dataset, one of {', '.join(plans)}")
         dataset = next(iter(plans))
     dataset = resolve_dataset(dataset, plans, record, path)
-    return bound_model(net, registry, dataset, int(record["in_channels"])).eval(), plans[dataset], record
+    return bound_model(net, registry, dataset, int(record["spec"]["in_channels"])).eval(), plans[dataset], record
 
 
 def bind_tasks(
@@ -237,7 +196,7 @@ def bind_tasks(
             how = f"first dataset that annotates {tasks[0]}"
         dataset = annotating[0]
     entry = registry.datasets[dataset]
-    model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["in_channels"])).eval()
+    model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["spec"]["in_channels"])).eval()
     plan = plans[dataset].model_copy(
         update={"label_values": list(range(len(tasks) + 1)), "labels": {"background": 0, **{t: i + 1 for i, t in enumerate(tasks)}}}
     )
@@ -267,6 +226,72 @@ def dataset_sources(
     for src, w in zip(sources, dataset_weights(samples, cfg.dataset_weighting)):
         src.weight = float(w)
     return sources, val_cases, sizes
+
+
+class MultiDatasetRecipe(Recipe[C]):
+    """What the recipes of one network on several datasets share: the task registry (kept by a
+    resumed run, in its order), each dataset's plan (``plans/<dataset>.json``; subclasses decide
+    what the datasets share in :meth:`make_plans`), the splits and the cached training sources.
+    ``cfg`` has the fields of :class:`~medalloy.recipes.config.MultiDatasetConfig`."""
+
+    def __init__(self, cfg: C, dss: list[RawDataset], splits: dict[str, dict[str, list[str]]] | None = None, progress: bool = True):
+        super().__init__(cfg, progress)
+        self.dss, self.given_splits = dss, splits
+
+    def check_datasets(self) -> None:
+        for ds in self.dss:
+            require_labelled(ds)
+        check_plan_options(self.cfg.plan_options, [ds.name for ds in self.dss])
+
+    def check(self) -> None:
+        self.check_datasets()
+        self.registry = build_registry(self.dss, self.cfg.task_names)
+
+    def inputs(self) -> dict[str, Any]:
+        return {"datasets": [str(d.root) for d in self.dss]}
+
+    def prepare(self, run: Run) -> None:
+        if run.kept(REGISTRY_FILE):
+            self.dss = run.main(lambda: resumed_order(run, self.dss, self.cfg.task_names))
+            self.registry = build_registry(self.dss, self.cfg.task_names)
+        run.write_json(REGISTRY_FILE, self.registry.model_dump(mode="json"))
+        self.plans = run.main(lambda: self._kept_or_new_plans(run))
+        self.in_channels = common_in_channels(self.plans)
+
+    def make_plans(self, owns: dict[str, Plan], values: dict[str, list[int]]) -> dict[str, Plan]:
+        """The run's plans from each dataset's own (``values``: its classes in the model's order)."""
+        raise NotImplementedError
+
+    def _kept_or_new_plans(self, run: Run) -> dict[str, Plan]:
+        """Rank 0: a resumed run's own plans, else new ones; saved under ``plans/``."""
+        cfg = self.cfg
+        saved = {ds.name: run.kept(f"plans/{ds.name}.json") for ds in self.dss}
+        if all(saved.values()):
+            plans = {name: load_plan(path) for name, path in saved.items()}
+        else:
+            owns = {ds.name: own_plan(ds, cfg.dim, cfg.plan_options.get(ds.name), cfg.max_2d_side, cfg.base_filters, cfg.max_filters) for ds in self.dss}
+            plans = self.make_plans(owns, label_values(self.registry))
+        common_in_channels(plans)  # refused before a plan is written
+        for name, p in plans.items():
+            save_plan(p, run.out / "plans" / f"{name}.json")
+        return plans
+
+    def choose_split(self, run: Run) -> dict[str, Any]:
+        return split_record(self.cfg.fold, dataset_splits(run, self.dss, self.cfg, self.given_splits))
+
+    def load_sources(self, run: Run, split: dict[str, Any]) -> None:
+        """Cached training sources (``self.sources``), validation cases and training-case counts."""
+        self.sources, self.val_cases, self.sizes = dataset_sources(run, self.dss, self.plans, self.registry, split["datasets"], self.cfg)
+
+    def validation(self, net: nn.Module) -> Any:
+        sets = validation_sets(net, self.registry, self.plans, self.val_cases, self.in_channels, self.cfg.train.precision)
+        return dice_validation(sets) if sets else None
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": self.record["name"], "fold": self.cfg.fold, "tasks": self.registry.tasks, "train_cases": dict(zip([d.name for d in self.dss], self.sizes)),
+            "val_cases": {k: len(v) for k, v in self.val_cases.items()}, "params": self.record["params"],
+        }  # fmt: skip
 
 
 def register_multitask(method: str, load: Any) -> None:

@@ -3,6 +3,11 @@
 Each recipe module ends with one ``register(METHOD, loader)`` line. A checkpoint's record names its
 ``method``; :func:`loader_for` imports the recipe modules on first use, so ``predict`` needs no list
 of methods and a new recipe needs no change outside its own file.
+
+Pretraining's image-text models predict no masks: their recipe registers with
+``register_image_text(METHOD, loader)`` instead, which ``zeroshot``, ``caption``, ``probe`` and
+``retrieve`` load through (:func:`load_image_text_model`), and which makes ``predict`` (and any
+other mask-predicting use) say in one line what such a run is for.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ Loader = Callable[[Path, str, "str | None"], "tuple[nn.Module, Plan, dict[str, A
 # map per task, plan whose classes are the tasks, record, one-line note of the preprocessing used)
 TaskLoader = Callable[..., "tuple[nn.Module, Plan, dict[str, Any], str]"]
 
+# (checkpoint path, device) -> (image-text model, text-encoder tokenizer, report tokenizer, record)
+ImageTextLoader = Callable[[Path, str], "tuple[nn.Module, Any, Any, dict[str, Any]]"]
+
 _LOADERS: dict[str, Loader] = {}
 _TASK_LOADERS: dict[str, TaskLoader] = {}
+_IMAGE_TEXT: dict[str, ImageTextLoader] = {}
 
 
 def register(method: str, loader: Loader, tasks: TaskLoader | None = None) -> None:
@@ -38,6 +47,13 @@ def register(method: str, loader: Loader, tasks: TaskLoader | None = None) -> No
     _LOADERS[method] = loader
     if tasks is not None:
         _TASK_LOADERS[method] = tasks
+
+
+def register_image_text(method: str, loader: ImageTextLoader) -> None:
+    """Make checkpoints whose record says ``method`` loadable as image-text models (no masks)."""
+    if _IMAGE_TEXT.get(method, loader) is not loader:
+        raise ValueError(f"an image-text loader for method '{method}' is registered already")
+    _IMAGE_TEXT[method] = loader
 
 
 def _import_recipes() -> None:
@@ -56,6 +72,9 @@ def registered() -> list[str]:
 def loader_for(method: Any, checkpoint: str | Path) -> Loader:
     if method not in _LOADERS:
         _import_recipes()
+    if method in _IMAGE_TEXT:
+        fix = "use it with zeroshot, caption, probe or retrieve, or start an expert from it (train expert --init)"
+        raise MedalloyError(f"a '{method}' model predicts no masks", checkpoint, fix)
     if method not in _LOADERS:
         raise MedalloyError(f"cannot predict with a '{method}' checkpoint", checkpoint, f"use a run of one of: {', '.join(sorted(_LOADERS))}")
     return _LOADERS[method]
@@ -78,3 +97,18 @@ def load_checkpoint_tasks(
 ) -> tuple[nn.Module, Plan, dict[str, Any], str]:
     """A per-task model (one sigmoid map per task of ``tasks``) from any method that has one."""
     return task_loader_for(read_record(checkpoint).get("method"), checkpoint)(Path(checkpoint), tasks, dataset=dataset, modality=modality, device=device)
+
+
+def load_image_text_model(source: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """Model, text-encoder tokenizer, report tokenizer and record of an image-text run (its
+    ``checkpoints/best.safetensors``) or checkpoint, by the ``method`` its record names."""
+    from medalloy.recipes.init_weights import checkpoint_of
+
+    file = checkpoint_of(source)
+    method = read_record(file).get("method")
+    if method not in _IMAGE_TEXT:
+        _import_recipes()
+    if method not in _IMAGE_TEXT:
+        wanted = " or ".join(f"'{m}'" for m in sorted(_IMAGE_TEXT))
+        raise MedalloyError(f"checkpoint is for method '{method}', not {wanted}", file, f"give a run of {wanted} (an image-text model)")
+    return _IMAGE_TEXT[method](file, device)
