@@ -121,7 +121,7 @@ def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work
 def encoder_features(model, paths: list[Path], batch: int = 16):
     """Pooled bottleneck features ``(N, C)`` (the encoder a downstream model would start from): the
     library's, which ``medalloy probe`` uses too."""
-    from medalloy.radiograph_tasks import encoder_features as features
+    from medalloy.engine.radiograph_encoding import encoder_features as features
 
     return features(model, paths, IMAGE_SIZE, batch)
 
@@ -130,17 +130,11 @@ def score_arm(arm: str, seed: int, run: Path | None, train, test) -> dict[str, A
     """Downstream uses 1-4 for one arm and seed (``run`` None: random init)."""
     import torch
 
+    from medalloy.engine.linear_probe import linear_probe
+    from medalloy.engine.metrics import balanced_accuracy, caption_scores, retrieval_recall
+    from medalloy.engine.radiograph_encoding import encode_images
+    from medalloy.models.image_text import encode_texts, generate_impressions, zero_shot_probs
     from medalloy.planning.planner import plan_images_2d
-    from medalloy.radiograph_tasks import (
-        balanced_accuracy,
-        caption_scores,
-        encode_images,
-        encode_texts,
-        generate_impressions,
-        linear_probe,
-        retrieval_recall,
-        zero_shot_probs,
-    )
     from medalloy.recipes.pretrain import load_pretrained
     from medalloy.seeding import seed_everything
 

@@ -47,7 +47,7 @@ TOP_LEVEL = {
     "evaluation": BASE | {"data", "engine", "planning"},
     "predict": BASE | {"data", "engine", "planning", "interop", "recipes", "runs"},
     "export": BASE | {"data", "engine", "planning", "interop", "recipes", "runs", "predict"},
-    "radiograph_tasks": BASE | {"data", "engine", "planning", "models", "losses", "recipes", "runs"},
+    "radiograph_tasks": BASE | {"data", "engine", "models", "recipes"},
     "demo": LIBRARY | {"runs", "predict", "export", "evaluation", "radiograph_tasks"},
     "cli": LIBRARY | {"runs", "predict", "export", "evaluation", "radiograph_tasks", "demo"},
     "__main__": {"cli"},

@@ -1,15 +1,18 @@
-"""Radiograph loading and the downstream metrics: values a wrong implementation would miss."""
+"""Radiograph loading and listing (``data/radiograph.py``) and the radiograph commands' CSV writer: values a
+wrong implementation would miss. The commands themselves run end to end in ``tests/recipes/test_pretrain.py``."""
 
 from __future__ import annotations
+
+import csv
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from medalloy.data.radiograph import augment_batch, load_radiograph
+from medalloy.data.radiograph import augment_batch, list_images, load_radiograph
 from medalloy.errors import MedalloyError
-from medalloy.radiograph_tasks import balanced_accuracy, caption_scores, linear_probe, list_images, probe_predictions, retrieval_recall, zero_shot_probs
+from medalloy.radiograph_tasks import _write_csv
 
 
 def test_load_radiograph_keeps_aspect_and_zscores(tmp_path):
@@ -43,57 +46,11 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path)
 
 
-def test_retrieval_recall_by_hand():
-    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.9]])
-    # image 0 ranks texts 1, 2, 0; image 1: 0, 2, 1; image 2: 2 first -> R@1 = R@2 = 1/3, R@3 = 1
-    r = retrieval_recall(img, txt, ks=(1, 2, 3))
-    assert r == pytest.approx({"r1": 1 / 3, "r2": 1 / 3, "r3": 1.0})
-    # texts 0 and 1 say the same thing: image 0's top text (1) now counts
-    r = retrieval_recall(img, txt, keys=["same", "same", "other"], ks=(1,))
-    assert r["r1"] == pytest.approx(1.0)
-
-
-def test_zero_shot_probs_sum_to_one_and_follow_similarity():
-    p = zero_shot_probs(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), temperature=0.5)
-    assert p.sum().item() == pytest.approx(1.0)
-    assert p[0, 0].item() == pytest.approx(np.exp(2) / (np.exp(2) + 1))
-
-
-def test_linear_probe_fraction_and_accuracy():
-    rng = np.random.default_rng(0)
-    x = torch.tensor(rng.normal(size=(60, 5)))
-    x[:, 0] += torch.where(x[:, 0] > 0, 0.5, -0.5)  # a margin around the boundary
-    y = np.where(x[:, 0].numpy() > 0, "a", "b")
-    assert linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=1.0) == 1.0
-    noise = torch.tensor(rng.normal(size=(60, 5)))  # features unrelated to the labels
-    assert linear_probe(noise[:40], y[:40], noise[40:], y[40:]) < 0.9
-    majority = np.array(["a"] * 20)
-    truth = np.array(["a"] * 15 + ["b"] * 5)
-    assert balanced_accuracy(majority, truth) == pytest.approx(0.5)  # 75 % accuracy, chance-level balanced
-    # 5 % of 40 is 2 examples, one a class: still trains, and is seeded
-    once = linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=0.05, seed=3)
-    assert once == linear_probe(x[:40], y[:40], x[40:], y[40:], fraction=0.05, seed=3)
-
-
-def test_caption_scores():
-    refs = ["small left pleural effusion.", "no acute cardiopulmonary abnormality.", "cardiomegaly."]
-    perfect = caption_scores(refs, refs)
-    assert perfect["bleu4"] == pytest.approx(1.0) and perfect["rougeL"] == pytest.approx(1.0)
-    off = caption_scores(["right pleural effusion.", "no acute abnormality.", "cardiomegaly."], refs)
-    assert 0 < off["bleu4"] < 1 and 0 < off["rougeL"] < 1
-    # ROUGE-L F1 by hand (rouge-score drops punctuation): LCS "pleural effusion" = 2 of 3 and of 4 tokens
-    p, r = 2 / 3, 2 / 4
-    assert caption_scores(["right pleural effusion."], ["small left pleural effusion."])["rougeL"] == pytest.approx(2 * p * r / (p + r))
-
-
-def test_probe_predictions_count_the_labels_learnt_from():
-    rng = np.random.default_rng(0)
-    y = np.array(["a"] * 30 + ["b"] * 10 + ["c"] * 2)
-    centre = {"a": 0.0, "b": 5.0, "c": -5.0}
-    x = torch.tensor([[centre[c] + 0.1 * rng.standard_normal(), rng.standard_normal()] for c in y])
-    test_x, test_y = torch.tensor([[0.0, 0.0], [5.0, 0.0], [-5.0, 0.0]]), np.array(["a", "b", "c"])
-    assert probe_predictions(x, y, test_x, 0.1, seed=0)[1] == 3 + 1 + 1  # round(10 % of 30), round(10 % of 10), and at least one of the two c's
-    pred, used = probe_predictions(x, y, test_x, 1.0, seed=0)
-    assert used == 42 and pred.tolist() == ["a", "b", "c"]
-    assert linear_probe(x, y, test_x, test_y, 1.0, seed=0) == linear_probe(x, y, test_x, test_y, 1.0, seed=0, balanced=True) == 1.0
+def test_write_csv_round_trips_and_replaces_the_file_whole(tmp_path):
+    out = tmp_path / "scores.csv"
+    out.write_text("an older, longer file\n" * 5, encoding="utf-8")
+    rows = [["a.png", "pleural effusion, left", "0.9000"], ["b.png", 'a "quoted" word; ünïcode', "0.1000"]]
+    assert _write_csv(out, ["image", "impression", "p"], rows) == out
+    with open(out, newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [["image", "impression", "p"], *rows]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]  # no temporary file left beside it

@@ -187,7 +187,9 @@ def _pretrain_stage(root: Path, xray: dict[str, Any], steps: int | None, seed: i
     from medalloy.data.synth_reports import CLASSES, generate_report_pairs
     from medalloy.evaluation import evaluate_folders
     from medalloy.predict import predict_folder
-    from medalloy.radiograph_tasks import caption_scores, encode_images, encode_texts, generate_impressions, zero_shot_probs
+    from medalloy.engine.metrics import caption_scores
+    from medalloy.engine.radiograph_encoding import encode_images
+    from medalloy.models.image_text import encode_texts, generate_impressions, zero_shot_probs
     from medalloy.recipes.expert import train_expert
     from medalloy.recipes.pretrain import PretrainConfig, load_pretrained, pretrain
 

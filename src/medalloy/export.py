@@ -1,4 +1,5 @@
-"""``medalloy export RUN --format onnx --out FILE.onnx``: a trained model as an ONNX graph (opset >= 17,
+"""``medalloy export RUN --format onnx --out FILE.onnx``: a trained model (a run, a checkpoint, or an nnU-Net v2 model
+folder: whatever ``medalloy predict`` loads, bar an ONNX graph) as an ONNX graph (opset >= 17,
 dynamic batch; dynamic spatial size, any multiple of the network's total stride per axis, where the
 network exports so (else the plan's patch, which is what the sliding window feeds it; the sidecar's
 ``spatial`` says which, and ``spatial.static_reason`` why, also logged as a warning) and its JSON sidecar (``interop/onnx_runtime.py``). A universal model is exported bound to one
@@ -24,7 +25,7 @@ import torch
 from medalloy.errors import MedalloyError
 from medalloy.interop.onnx_runtime import INPUT, OUTPUT, SIDECAR_FORMAT, SIDECAR_VERSION, file_sha256, sidecar_path
 from medalloy.jsonio import atomic_path, write_json_atomic
-from medalloy.runs import resolve_checkpoint
+from medalloy.recipes.registry import ONNX, load_model, load_task_model, resolve_source
 
 MIN_OPSET = 17
 
@@ -44,12 +45,10 @@ def _quiet(*loggers: str):
 
 
 def _model(ckpt: Path, dataset: str | None, tasks: list[str] | None, modality: str | None):
-    from medalloy.recipes.registry import load_checkpoint_model, load_checkpoint_tasks
-
     if tasks:
-        model, plan, record, _ = load_checkpoint_tasks(ckpt, tasks, dataset=dataset, modality=modality, device="cpu")
+        model, plan, record, _ = load_task_model(ckpt, tasks, dataset=dataset, modality=modality, device="cpu")
         return model, plan, {**record, "activation": "sigmoid"}
-    return load_checkpoint_model(ckpt, "cpu", dataset=dataset)
+    return load_model(ckpt, "cpu", dataset=dataset)
 
 
 def calibration_patches(plan, folder: str | Path, count: int = 32, seed: int = 0) -> list[np.ndarray]:
@@ -109,7 +108,10 @@ def export_onnx(
         raise MedalloyError("ONNX export needs the onnx extra", fix='pip install "medalloy[onnx]" (after torch)') from None
     if quantize not in (None, "int8"):
         raise MedalloyError(f"unknown quantization '{quantize}'", fix="use --quantize int8")
-    ckpt = resolve_checkpoint(run, checkpoint)
+    source = resolve_source(run, checkpoint)
+    if source.kind == ONNX:
+        raise MedalloyError("this is an exported ONNX graph already", source.path, "export the run or checkpoint it was exported from")
+    ckpt = source.path
     model, plan, record = _model(ckpt, dataset, tasks, modality)
     patches = calibration_patches(plan, calibration, calibration_samples) if quantize and calibration is not None else None
     model = model.eval().float()

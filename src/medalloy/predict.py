@@ -8,22 +8,30 @@ Input cases follow nnU-Net's naming (``CASE_0000.ext`` [+ ``CASE_0001.ext`` ...]
 images (no channel suffix) is read one case per file. Outputs are ``CASE.ext`` (DICOM inputs become
 ``.nii.gz`` for volumes, ``.png`` for 2D), and with ``--probabilities`` also ``CASE.npz`` holding
 ``probabilities`` ``(K, *spatial)`` float16, as nnU-Net writes them.
+
+Models load through :func:`medalloy.recipes.registry.load_model` (re-exported here). The three
+public functions share one loop (:func:`_predict_each`: read a case, predict its probabilities,
+hand them to each writer): :class:`LabelWriter` (label maps), :class:`TaskMaskWriter` (one binary
+mask per task) and :class:`ProbabilityWriter` (``.npz``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from medalloy.data.io import READABLE_ENDINGS, file_ending, read_image, write_label
+from medalloy.data.io import READABLE_ENDINGS, ImageMeta, file_ending, read_image, write_label
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import atomic_path
-from medalloy.runs import resolve_checkpoint
+from medalloy.recipes.registry import load_model, load_task_model, resolve_source
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
@@ -58,29 +66,83 @@ def output_ending(input_file: Path, ndim: int) -> str:
     return ending
 
 
-def load_model(checkpoint: Path, device: str = "cpu", dataset: str | None = None):
-    """Model, plan and record for any segmentation method's checkpoint (the loader its recipe
-    registered for the record's ``method``); ``dataset`` names which of a multi-dataset model's
-    datasets (tasks, modality, preprocessing) the images belong to. An exported ``.onnx`` graph runs
-    through ONNX Runtime with its sidecar's plan; it was bound to its tasks at export, so
-    ``dataset`` does not apply to it. An nnU-Net v2 folder or ``.pth`` checkpoint has one dataset."""
-    from medalloy.interop.nnunet import is_nnunet_folder, load_nnunet_expert
-    from medalloy.recipes.registry import load_checkpoint_model
+# -- one case, one loop, its writers ------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaseImage:
+    """One case read for prediction: ``image`` ``(C, *spatial)`` float32 and its ``meta``; ``source``
+    (its first file, which errors name); outputs are ``CASE<ending>`` with ``geometry`` (None:
+    written without one, as for 2D DICOM inputs, which become plain PNGs)."""
 
-    if Path(checkpoint).suffix == ".onnx":
-        from medalloy.interop.onnx_runtime import load_onnx
-
-        return load_onnx(checkpoint)
-    if Path(checkpoint).suffix == ".pth" or is_nnunet_folder(checkpoint):
-        return load_nnunet_expert(checkpoint, device)
-    return load_checkpoint_model(checkpoint, device, dataset)
+    case_id: str
+    image: np.ndarray
+    meta: ImageMeta
+    source: Path
+    ending: str
+    geometry: ImageMeta | None
 
 
-def _checkpoint(run: str | Path, which: str) -> Path:
-    """:func:`~medalloy.runs.resolve_checkpoint`, or the ``.pth`` file of an nnU-Net v2 folder."""
-    from medalloy.interop.nnunet import is_nnunet_folder, nnunet_checkpoint
+class LabelWriter:
+    """``out/CASE<ending>``: the label map (dataset label values) in the input's geometry;
+    ``keep`` (label values): the others become background."""
 
-    return nnunet_checkpoint(run, which) if is_nnunet_folder(run) else resolve_checkpoint(run, which)
+    def __init__(self, out: Path, keep: list[int] | None = None):
+        self.out, self.keep, self.written = out, keep, []
+
+    def __call__(self, case: CaseImage, probs: torch.Tensor, predictor: Predictor) -> None:
+        label = predictor.to_labels(probs)
+        if self.keep is not None:
+            label = np.where(np.isin(label, self.keep), label, 0)
+        target = self.out / f"{case.case_id}{case.ending}"
+        write_label(target, label, case.geometry)
+        self.written.append(target)
+
+
+class TaskMaskWriter:
+    """``out/<task>/CASE<ending>``: per task (channel ``k`` of ``tasks``) 1 where its probability
+    exceeds 0.5, else 0 (tasks may overlap, unlike in a label map)."""
+
+    def __init__(self, out: Path, tasks: list[str]):
+        self.out, self.tasks, self.written = out, tasks, []
+
+    def __call__(self, case: CaseImage, probs: torch.Tensor, predictor: Predictor) -> None:
+        for k, task in enumerate(self.tasks):
+            target = self.out / task / f"{case.case_id}{case.ending}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_label(target, (probs[k] > 0.5).numpy().astype(np.uint8), case.geometry)
+            self.written.append(target)
+
+
+class ProbabilityWriter:
+    """``out/CASE.npz`` holding ``probabilities`` ``(K, *spatial)`` float16, as nnU-Net writes them."""
+
+    def __init__(self, out: Path):
+        self.out, self.written = out, []
+
+    def __call__(self, case: CaseImage, probs: torch.Tensor, predictor: Predictor) -> None:
+        target = self.out / f"{case.case_id}.npz"
+        with atomic_path(target) as tmp:  # the temporary name ends in .npz, so numpy adds no second one
+            np.savez_compressed(tmp, probabilities=probs.numpy().astype(np.float16))
+        self.written.append(target)
+
+
+Writer = Callable[[CaseImage, torch.Tensor, Predictor], None]
+T = TypeVar("T")
+
+
+def _predict_each(predictor: Predictor, items: Sequence[T], read: Callable[[T], CaseImage], writers: Iterable[Writer], progress: bool) -> None:
+    """For each item: read its case, predict probabilities ``(K, *spatial)`` on its grid, write them with every writer in turn."""
+    writers = list(writers)
+    for item in tqdm(items, desc="predict", unit="case", disable=not progress):
+        case = read(item)
+        probs = predictor.predict_probabilities(case.image, case.meta, case.source)
+        for write in writers:
+            write(case, probs, predictor)
+
+
+def _folder_case(item: tuple[str, list[Path]]) -> CaseImage:
+    case, files = item
+    image, meta = read_image(files)
+    return CaseImage(case, image, meta, files[0], output_ending(files[0], meta.ndim), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
@@ -123,28 +185,27 @@ def predict_cases(
     the training dataset whose tasks and preprocessing apply (default: this dataset's name, e.g.
     another name to test a source the model was asked about as if it came from that one).
     Returns the written files."""
-    from medalloy.data.dataset import RawDataset
+    from medalloy.data.dataset import Case, RawDataset
 
     dev = _device(device)
-    ckpt_path = _checkpoint(run, checkpoint)
+    source = resolve_source(run, checkpoint)
     ds = RawDataset(dataset)
-    model, plan, record = load_model(ckpt_path, dev, dataset=as_dataset or ds.name)
-    kept = _kept_values(plan.labels, keep_labels, ckpt_path)
+    model, plan, record = load_model(source.path, dev, dataset=as_dataset or ds.name)
+    kept = _kept_values(plan.labels, keep_labels, source.path)
     cases = [ds.case(cid) for cid in case_ids]  # unknown ids fail before any work
     out = Path(output_dir)
-    targets = [out / f"{c.case_id}{ds.spec.file_ending}" for c in cases]
-    existing = [t for t in targets if t.exists()]
+    existing = [t for t in (out / f"{c.case_id}{ds.spec.file_ending}" for c in cases) if t.exists()]
     if existing and not overwrite:
         raise MedalloyError("prediction exists already", existing[0], "pass overwrite=True or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    predictor = _predictor(model, plan, record, dev, precision, tta)
-    for case, target in tqdm(list(zip(cases, targets)), desc="predict", unit="case", disable=not progress):
-        image, _, meta = ds.load(case)
-        label = predictor.predict(image, meta, case.images[0])
-        if kept is not None:
-            label = np.where(np.isin(label, kept), label, 0)
-        write_label(target, label, meta)
-    return targets
+
+    def read(case: Case) -> CaseImage:
+        image, _, meta = ds.load(case)  # the label too, if any: one whose grid differs is an error here as in training
+        return CaseImage(case.case_id, image, meta, case.images[0], ds.spec.file_ending, meta)
+
+    labels = LabelWriter(out, kept)
+    _predict_each(_predictor(model, plan, record, dev, precision, tta), cases, read, [labels], progress)
+    return labels.written
 
 
 def predict_folder(
@@ -163,27 +224,17 @@ def predict_folder(
     """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files.
     ``dataset``: for a model of several datasets, the one whose tasks and preprocessing apply."""
     dev = _device(device)
-    ckpt_path = _checkpoint(run, checkpoint)
-    model, plan, record = load_model(ckpt_path, dev, dataset=dataset)
+    model, plan, record = load_model(run, dev, dataset=dataset, which=checkpoint)
     cases = find_input_cases(input_dir)
     out = Path(output_dir)
     existing = [c for c in cases if any(out.glob(f"{c}.*"))] if out.exists() else []
     if existing and not overwrite:
         raise MedalloyError(f"predictions exist already (e.g. {existing[0]})", out, "pass --overwrite or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    predictor = _predictor(model, plan, record, dev, precision, tta)
-    written = []
-    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
-        image, meta = read_image(files)
-        probs = predictor.predict_probabilities(image, meta, files[0])
-        label = predictor.to_labels(probs)
-        target = out / f"{case}{output_ending(files[0], meta.ndim)}"
-        write_label(target, label, meta if meta.kind != "dicom" or meta.ndim == 3 else None)
-        if probabilities:
-            with atomic_path(out / f"{case}.npz") as tmp:  # the temporary name ends in .npz, so numpy adds no second one
-                np.savez_compressed(tmp, probabilities=probs.numpy().astype(np.float16))
-        written.append(target)
-    return written
+    labels = LabelWriter(out)
+    writers: list[Writer] = [labels, ProbabilityWriter(out)] if probabilities else [labels]
+    _predict_each(_predictor(model, plan, record, dev, precision, tta), list(cases.items()), _folder_case, writers, progress)
+    return labels.written
 
 
 def predict_tasks(
@@ -205,29 +256,19 @@ def predict_tasks(
     task (universal). The preprocessing is ``dataset``'s, else that of a training dataset that
     annotates the first task (of ``modality``, when given). Returns the files and a one-line note
     saying which preprocessing was used."""
-    from medalloy.recipes.registry import load_checkpoint_tasks
-
     if not tasks:
         raise MedalloyError("no task given", fix="name at least one task with --task")
     dev = _device(device)
-    ckpt_path = resolve_checkpoint(run, checkpoint)
-    model, plan, record, note = load_checkpoint_tasks(ckpt_path, tasks, dataset=dataset, modality=modality, device=dev)
+    model, plan, _, note = load_task_model(run, tasks, dataset=dataset, modality=modality, device=dev, which=checkpoint)
     cases = find_input_cases(input_dir)
     out = Path(output_dir)
     existing = [out / t for t in tasks if (out / t).exists() and any((out / t).iterdir())]
     if existing and not overwrite:
         raise MedalloyError("task masks exist already", existing[0], "pass --overwrite or choose another --output")
+    masks = TaskMaskWriter(out, tasks)
     predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta, activation="sigmoid")
-    written = []
-    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
-        image, meta = read_image(files)
-        probs = predictor.predict_probabilities(image, meta, files[0])
-        for k, task in enumerate(tasks):
-            target = out / task / f"{case}{output_ending(files[0], meta.ndim)}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_label(target, (probs[k] > 0.5).numpy().astype(np.uint8), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
-            written.append(target)
-    return written, note
+    _predict_each(predictor, list(cases.items()), _folder_case, [masks], progress)
+    return masks.written, note
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -142,3 +142,33 @@ def test_several_datasets_a_step_give_one_batch_each_at_its_own_patch():
     assert torch.equal(two.sample(step)[0]["image"], one.sample(step)["image"])
     with pytest.raises(ValueError, match="per-dataset"):
         MixedSampler([a, b], batch_size=4, channels=3, null_task=4, datasets_per_step=2)
+
+
+def test_dataset_steps_give_the_drawn_datasets_own_batch_with_its_index_and_seg_weight():
+    from medalloy.data.mixed import DatasetSteps, step_dataset
+
+    srcs = _sources()
+    a, b = (PatchSampler(s.sampler.cases, [8, 8], 3, 2, seed=7, augment=OFF) for s in srcs)  # label maps kept as they are
+    p = dataset_weights([1, 3], "size")
+    steps = DatasetSteps([a, b], p, seed=2, seg_weights=[1.0, 0.0])
+    drawn = []
+    for step in range(120):
+        batch = steps.sample(step)
+        d = int(batch["dataset"])
+        own = (a, b)[d].sample(step)
+        assert torch.equal(batch["image"], own["image"]) and torch.equal(batch["label"], own["label"])
+        assert batch["image"].shape == ((3, 1, 8, 8), (3, 3, 8, 8))[d] and float(batch["seg_weight"]) == (1.0, 0.0)[d]
+        drawn.append(d)
+    # the step's dataset is the one a per-dataset MixedSampler of these weights draws: (seed, step, rank, "dataset")
+    mixed = MixedSampler([MixedSource(s.name, s.sampler, s.task_ids, s.label_values, s.modality, w) for s, w in zip(srcs, p)], 1, 3, 3, seed=2, per_dataset=True)
+    assert drawn == [int(mixed.sample(t)["dataset"][0]) for t in range(120)] == [step_dataset(p, 2, t) for t in range(120)]
+    assert 75 <= drawn.count(1) <= 105  # 3:1 by weight: 90 expected
+    assert int(steps(5, SimpleRank(1))["dataset"]) == step_dataset(p, 2, 5, rank=1)  # each rank draws its own
+    assert [int(DatasetSteps([a], np.ones(1), seed=0)(t)["dataset"]) for t in range(3)] == [0, 0, 0]
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        DatasetSteps([a, b], np.ones(1), seed=0)
+
+
+class SimpleRank:
+    def __init__(self, rank: int):
+        self.rank = rank

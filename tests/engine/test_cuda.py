@@ -36,7 +36,7 @@ def test_expert_trains_on_cuda(cxr, tmp_path, precision):
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert losses and all(np.isfinite(losses))
     # Learning, not just running: the lung is far above an empty or inverted prediction (~0).
-    assert res["best"]["metrics"]["val/dice_lung"] > 0.6
+    assert res["best"]["metrics"]["val/SynthCXR/dice_lung"] > 0.6
 
 
 def test_cuda_checkpoint_predicts_the_same_on_cpu(cxr, tmp_path):

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from medalloy.engine.metrics import batch_dice, binary_metrics, case_metrics, image_diagonal, summarize
+from medalloy.engine.metrics import (
+    balanced_accuracy,
+    batch_dice,
+    binary_metrics,
+    caption_scores,
+    case_metrics,
+    image_diagonal,
+    retrieval_recall,
+    summarize,
+)
 from medalloy.errors import MedalloyError
 
 LABELS = {"background": 0, "a": 1}
@@ -177,3 +186,31 @@ def test_summarize_skips_nan():
     s = summarize(per_case)
     assert s["classes"]["a"]["dice"] == {"mean": 0.5, "std": 0.0, "n": 1}
     assert s["classes"]["a"]["hd95"]["mean"] == pytest.approx(2.0)
+
+
+def test_retrieval_recall_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.9]])
+    # image 0 ranks texts 1, 2, 0; image 1: 0, 2, 1; image 2: 2 first -> R@1 = R@2 = 1/3, R@3 = 1
+    r = retrieval_recall(img, txt, ks=(1, 2, 3))
+    assert r == pytest.approx({"r1": 1 / 3, "r2": 1 / 3, "r3": 1.0})
+    # texts 0 and 1 say the same thing: image 0's top text (1) now counts
+    r = retrieval_recall(img, txt, keys=["same", "same", "other"], ks=(1,))
+    assert r["r1"] == pytest.approx(1.0)
+
+
+def test_balanced_accuracy_is_chance_for_a_constant_answer():
+    majority = np.array(["a"] * 20)
+    truth = np.array(["a"] * 15 + ["b"] * 5)
+    assert balanced_accuracy(majority, truth) == pytest.approx(0.5)  # 75 % accuracy, chance-level balanced
+
+
+def test_caption_scores():
+    refs = ["small left pleural effusion.", "no acute cardiopulmonary abnormality.", "cardiomegaly."]
+    perfect = caption_scores(refs, refs)
+    assert perfect["bleu4"] == pytest.approx(1.0) and perfect["rougeL"] == pytest.approx(1.0)
+    off = caption_scores(["right pleural effusion.", "no acute abnormality.", "cardiomegaly."], refs)
+    assert 0 < off["bleu4"] < 1 and 0 < off["rougeL"] < 1
+    # ROUGE-L F1 by hand (rouge-score drops punctuation): LCS "pleural effusion" = 2 of 3 and of 4 tokens
+    p, r = 2 / 3, 2 / 4
+    assert caption_scores(["right pleural effusion."], ["small left pleural effusion."])["rougeL"] == pytest.approx(2 * p * r / (p + r))

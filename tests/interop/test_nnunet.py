@@ -445,3 +445,55 @@ def test_an_nnunet_expert_amalgamated_is_frozen_inside_and_rebuilt_from_the_chec
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.experts.experts[0](x), _logits(net, x), atol=1e-5, rtol=1e-4)
+
+
+def test_load_model_takes_every_nnunet_source_and_each_use_its_checkpoint(tmp_path):
+    """The registry's one way in: a TRAINER folder, a fold or a ``.pth`` all resolve to the fold's
+    checkpoint; ``best`` (predict, export) prefers checkpoint_best.pth, a frozen expert (amalgamate)
+    keeps nnU-Net's own default, checkpoint_final.pth; per-task prediction is refused in one line."""
+    from medalloy.recipes.amalgamate import load_frozen_expert
+    from medalloy.recipes.registry import NNUNET, Source, load_model, load_task_model, resolve_source
+
+    trainer, final_net = _folder(tmp_path)
+    final = trainer / "fold_0" / "checkpoint_final.pth"
+    for source in (trainer, trainer / "fold_0", final):
+        assert resolve_source(source) == Source(NNUNET, final)  # no best yet: final
+    torch.manual_seed(7)
+    best_net = _network(_plans())
+    torch.save(_checkpoint(best_net, _plans(), _dataset_json()), trainer / "fold_0" / "checkpoint_best.pth")
+    assert resolve_source(trainer) == Source(NNUNET, trainer / "fold_0" / "checkpoint_best.pth")
+    assert resolve_source(trainer, "last").path == resolve_source(trainer, None).path == final
+    x = torch.randn(1, 1, 32, 32)
+    assert not torch.allclose(_logits(best_net, x), _logits(final_net, x), atol=1e-3)  # the two checkpoints tell apart
+    for source, which, net in ((trainer, "best", best_net), (trainer, "last", final_net), (final, "best", final_net)):
+        model, plan, record = load_model(source, which=which)
+        assert record["method"] == "nnunet" and plan.labels == LABELS
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _logits(net, x), atol=1e-5, rtol=1e-4)
+    expert, _, _, spec = load_frozen_expert(trainer)
+    assert spec["kind"] == "nnunet" and spec["source"] == str(trainer)
+    with torch.no_grad():
+        torch.testing.assert_close(expert(x), _logits(final_net, x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(MedalloyError, match="an nnU-Net model has no per-task outputs; predict label maps without --task") as exc:
+        load_task_model(trainer, ["lung"])
+    assert "\n" not in str(exc.value) and str(trainer / "fold_0" / "checkpoint_best.pth") in str(exc.value)
+
+
+@pytest.mark.slow
+def test_an_nnunet_model_exports_to_onnx_and_an_onnx_graph_does_not(tmp_path):
+    """``medalloy export NNUNET_FOLDER``: export loads through the same registry as predict, so the
+    graph computes the imported network; a graph given again is refused in one line."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from medalloy.export import export_onnx
+    from medalloy.interop.onnx_runtime import load_onnx
+
+    trainer, net = _folder(tmp_path)
+    out = tmp_path / "nn.onnx"
+    meta = export_onnx(trainer, out)
+    assert meta["method"] == "nnunet" and meta["exported_from"] == str(trainer / "fold_0" / "checkpoint_final.pth") and meta["labels"] == LABELS
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert float((load_onnx(out)[0](x) - _logits(net, x)).abs().max()) < 1e-3
+    with pytest.raises(MedalloyError, match="an exported ONNX graph already; export the run or checkpoint it was exported from") as exc:
+        export_onnx(out, tmp_path / "again.onnx")
+    assert "\n" not in str(exc.value) and not (tmp_path / "again.onnx").exists()

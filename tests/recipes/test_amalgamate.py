@@ -74,7 +74,7 @@ def test_amalgamation_trains_with_frozen_experts_and_predicts(data, experts, tmp
     for part in ("seg", "kd_logits", "kd_features"):
         assert all(np.isfinite(r[f"loss/{part}"]) for r in rows if f"loss/{part}" in r), part
     assert any(r.get("loss/kd_logits", 0) > 0 for r in rows) and any(r.get("loss/kd_features", 0) > 0 for r in rows)
-    both = [r for r in rows if np.isfinite(r.get("seg/SynthCXR", np.nan)) and np.isfinite(r.get("seg/SynthEndo", np.nan))]
+    both = [r for r in rows if np.isfinite(r.get("loss/SynthCXR", np.nan)) and np.isfinite(r.get("loss/SynthEndo", np.nan))]
     assert len(both) == len(rows)  # two datasets a step (the default): every logged step saw both
 
     for path in data:

@@ -57,7 +57,7 @@ def test_relation_kd_student_learns_from_a_frozen_teacher(cxr, teacher, tmp_path
     for part in ("seg", "logits", "kernel", "affinity"):
         assert all(np.isfinite(r[f"loss/{part}"]) for r in rows), part
     assert rows[-1]["loss/logits"] < rows[0]["loss/logits"]  # the student moves towards the teacher
-    assert res["best"]["metrics"]["val/dice_lung"] > 0.6, res["best"]
+    assert res["best"]["metrics"]["val/SynthCXR/dice_lung"] > 0.6, res["best"]
     tensors, record = ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "best.safetensors")
     assert record["method"] == "distill" and record["teacher"]["method"] == "expert" and record["teacher"]["steps"] == 120
     assert not any(k.startswith("model/teacher") for k in tensors)  # frozen modules are not saved
@@ -75,7 +75,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray, value: int) -> float:
 def _student_predicts_the_dataset_labels(cxr, student_run, out):
     """The student's best checkpoint, on its own validation cases: label maps in the dataset's
     values, on the label's grid, with the lung found; returns the mean lung Dice."""
-    val = json.loads((student_run / "split.json").read_text(encoding="utf-8"))["val"]
+    val = json.loads((student_run / "split.json").read_text(encoding="utf-8"))["datasets"]["SynthCXR"]["val"]
     ds = RawDataset(cxr)
     written = predict_cases(student_run, cxr, val, out, precision="fp32", progress=False)
     scores = []
@@ -135,7 +135,7 @@ def test_a_universal_teacher_teaches_through_the_per_task_binary_logit_kd(cxr, u
 
     tensors, record = ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "best.safetensors")
     assert record["teacher"]["method"] == "universal" and record["activation"] == "sigmoid"
-    assert record["student"]["out_channels"] == 2  # bound to SynthCXR: lung and heart (the first dataset has lung only)
+    assert record["spec"]["out_channels"] == 2  # bound to SynthCXR: lung and heart (the first dataset has lung only)
     assert record["plan"]["label_values"] == [0, 1, 2] and not any(k.startswith("model/teacher") for k in tensors)
     rows = [r for r in read_metrics(tmp_path / "student" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 30 == len(calls)
@@ -164,7 +164,7 @@ def test_a_universal_teacher_teaches_through_the_per_task_binary_logit_kd(cxr, u
         assert torch.allclose(fresh(x).float(), zt.float(), atol=1e-3)
     assert plan.labels == {"background": 0, "lung": 1, "heart": 2}
 
-    assert res["best"]["metrics"]["val/dice_lung"] > 0.7, res["best"]
+    assert res["best"]["metrics"]["val/SynthCXR/dice_lung"] > 0.7, res["best"]
     assert _student_predicts_the_dataset_labels(cxr, tmp_path / "student", tmp_path / "pred") > 0.7
 
 
@@ -188,7 +188,7 @@ def test_an_amalgamated_teacher_distils_through_the_cli(cxr, teacher, tmp_path, 
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # experts and foundation untouched
 
     tensors, record = ckpt.load_checkpoint(out / "checkpoints" / "best.safetensors")
-    assert record["teacher"]["method"] == "amalgamate" and record["activation"] == "sigmoid" and record["student"]["out_channels"] == 2
+    assert record["teacher"]["method"] == "amalgamate" and record["activation"] == "sigmoid" and record["spec"]["out_channels"] == 2
     assert not any(k.startswith("model/teacher") for k in tensors) and record["params"] < record["teacher"]["params"] / 5
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 30
@@ -222,8 +222,8 @@ def test_several_datasets_a_partially_labelled_one_trains_its_classes_or_teaches
         rows = [r for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "train"]
         assert all(r["loss/logits"] > 0 and r["loss/affinity"] > 0 for r in rows)
         # each step drew one dataset: its own curve has the value, the other's none (NaN, logged as null)
-        full = [r["loss/seg/SynthCXR"] for r in rows]
-        part = [r["loss/seg/SynthCXRLung"] for r in rows]
+        full = [r["loss/SynthCXR"] for r in rows]
+        part = [r["loss/SynthCXRLung"] for r in rows]
         assert all((a is None) != (b is None) for a, b in zip(full, part))
         assert 0 < sum(v is not None for v in part) < len(rows)
         seg_by_mode[mode] = [v for v in part if v is not None]
@@ -232,12 +232,47 @@ def test_several_datasets_a_partially_labelled_one_trains_its_classes_or_teaches
         assert record["partial_labels"] == mode
     assert all(v > 0 for v in seg_by_mode["marginal"]) and all(v == 0 for v in seg_by_mode["teacher"])
     split = json.loads((tmp_path / "marginal" / "split.json").read_text(encoding="utf-8"))
-    assert set(split["datasets"]) == {"SynthCXR", "SynthCXRLung"} and split["train"] == split["datasets"]["SynthCXR"]["train"]
+    assert set(split) == {"fold", "datasets"} and set(split["datasets"]) == {"SynthCXR", "SynthCXRLung"}
     # a dataset whose label the teacher does not know is refused before anything is written
     endo = generate_dataset("Dataset904_SynthEndo", tmp_path / "data", seed=6, cases_per_source=2, test_cases_per_source=1, progress=False)
     with pytest.raises(MedalloyError, match="label 'lesion' = 1, but the teacher's plan lacks it"):
         train_distill([cxr, endo], teacher, tmp_path / "bad", config=_cfg("relation", steps=2), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_given_split_of_one_dataset_or_per_dataset_is_the_same_split_and_a_resumed_run_keeps_its_own(cxr, tmp_path):
+    from medalloy.recipes.distill import DistillRecipe
+    from medalloy.recipes.scaffold import Run
+
+    ds = RawDataset(cxr)
+    ids = [c.case_id for c in ds.labelled_cases()]
+    given = {"train": ids[:4], "val": ids[4:6]}
+    expected = {"fold": 2, "datasets": {"SynthCXR": given}}
+    run = Run(out=tmp_path, dist=None, resume=False, progress=False)
+    for split in (given, {"SynthCXR": given}):
+        assert DistillRecipe(DistillConfig(fold=2), [ds], "unused", split).choose_split(run) == expected
+    # a run written before the one schema held the one dataset's ids at the top of split.json
+    (tmp_path / "split.json").write_text(json.dumps({"fold": 0, "train": ids[1:3], "val": ids[3:4]}), encoding="utf-8")
+    resumed = Run(out=tmp_path, dist=None, resume=True, progress=False)
+    kept = DistillRecipe(DistillConfig(), [ds], "unused").choose_split(resumed)
+    assert kept == {"fold": 0, "datasets": {"SynthCXR": {"train": ids[1:3], "val": ids[3:4]}}}
+
+
+def test_the_student_is_its_specs_build_with_the_weights_and_draws_of_the_size_choice(cxr):
+    from medalloy.recipes.distill import build_student_net, choose_student
+    from medalloy.recipes.students import build_student
+
+    ds = RawDataset(cxr)
+    plan = plan_dataset(ds, fingerprint(ds, progress=False), max_2d_side=64)
+    torch.manual_seed(0)
+    before = build_student(plan, 30000, out_channels=3, stem=1).state_dict()  # how a run chose and drew its student before specs
+    next_draw = torch.rand(4)
+    torch.manual_seed(0)
+    spec, student = choose_student(plan, DistillConfig(student=30000, stem=1), 3)
+    assert torch.equal(torch.rand(4), next_draw)  # the spec's build draws nothing: every later draw (adapters, ...) is as before
+    assert student.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert spec.stem == 1 and spec.out_channels == 3 and spec.filters == student.filters and spec.network == plan.network
+    build_student_net(spec).load_state_dict(student.state_dict())  # what loading builds takes the trained weights as they are
 
 
 def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
@@ -263,11 +298,11 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
     meta = export_onnx(tmp_path / "s", tmp_path / "s.onnx")
     assert meta["method"] == "distill" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
     student, plan, record = load_student(tmp_path / "s" / "checkpoints" / "best.safetensors")
-    assert record["student"]["separable"] is separable
+    assert record["spec"]["separable"] is separable
     assert any(getattr(m, "groups", 1) > 1 for m in student.modules()) is separable  # loaded as trained
-    assert record["student"]["stem"] == stem and ("enc0" in student.medalloy_stages) is (stem == 0)
+    assert record["spec"]["stem"] == stem and ("enc0" in student.medalloy_stages) is (stem == 0)
     assert ("enc1" in student.medalloy_stages) is (stem < 2)  # a stem of 2 starts at 1/4
-    assert record["student"]["upsample"] == upsample and getattr(student, "upsample", "interpolate") == upsample
+    assert record["spec"]["upsample"] == upsample and getattr(student, "upsample", "interpolate") == upsample
     graph, _, _ = load_onnx(tmp_path / "s.onnx")
     x = torch.randn(3, plan.in_channels, *plan.patch_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -290,13 +325,13 @@ def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_
     assert "the student trains 2 steps, its teacher trained 120" in capsys.readouterr().out
     _, plan, record = load_student(tmp_path / "s" / "checkpoints" / "last.safetensors")
     # the synthetic patch keeps one pooling only (>= 32 px): neither no stem nor the radiographs' two
-    assert record["student"]["stem"] == default_stem(plan) == 1, plan.patch_size
+    assert record["spec"]["stem"] == default_stem(plan) == 1, plan.patch_size
     assert "stem: null" not in (tmp_path / "s" / "config.yaml").read_text()  # a resumed run keeps the same student
     # a record naming an upsampling this version does not know is a one-line error naming the file
     tensors, record = ckpt.load_checkpoint(tmp_path / "s" / "checkpoints" / "last.safetensors")
-    record["student"]["upsample"] = "nearest"
+    record["spec"]["upsample"] = "nearest"
     ckpt.save_checkpoint(tmp_path / "odd.safetensors", tensors, record)
-    with pytest.raises(MedalloyError, match="odd.safetensors.*lacks a valid plan or student"):
+    with pytest.raises(MedalloyError, match="odd.safetensors: distill checkpoint .spec version 1. lacks a valid model description .'upsample'"):
         load_student(tmp_path / "odd.safetensors")
 
 
@@ -331,9 +366,9 @@ def test_a_student_plan_json_sets_the_filters_and_is_recorded_by_its_absolute_pa
     cfg.student = "student.json"
     train_distill(cxr, teacher, tmp_path / "s", config=cfg, progress=False)
     model, _, record = load_student(tmp_path / "s" / "checkpoints" / "last.safetensors")
-    stem = record["student"]["stem"]
-    assert record["student"]["filters"] == [3 + 2 * i for i in range(stem, n)]
-    assert record["student"]["size"] == str(tmp_path / "student.json")
+    stem = record["spec"]["stem"]
+    assert record["spec"]["filters"] == [3 + 2 * i for i in range(stem, n)]
+    assert record["student_size"] == str(tmp_path / "student.json") and "student" not in record  # the spec holds the student
     assert str(tmp_path / "student.json") in (tmp_path / "s" / "config.yaml").read_text()
 
 

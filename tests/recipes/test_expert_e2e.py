@@ -36,8 +36,8 @@ def test_expert_learns_synthetic_cxr(cxr_run):
     run, result = cxr_run
     assert result["status"] == "done" and result["steps"] == 60
     # Background-only or inverted predictions score ~0; a learning expert is far above.
-    assert result["best"]["metrics"]["val/dice_lung"] > 0.85
-    assert result["best"]["metrics"]["val/dice_heart"] > 0.6
+    assert result["best"]["metrics"]["val/SynthCXR/dice_lung"] > 0.85
+    assert result["best"]["metrics"]["val/SynthCXR/dice_heart"] > 0.6
     for name in ("run.json", "plan.json", "config.yaml", "split.json", "metrics.jsonl", "training_curve.png"):
         assert (run / name).exists(), name
     split = json.loads((run / "split.json").read_text(encoding="utf-8"))["datasets"]["SynthCXR"]

@@ -20,12 +20,12 @@ from medalloy.data.reports import ReportColumns, read_report_pairs, split_by_pat
 from medalloy.data.synth import generate_dataset
 from medalloy.data.synth_reports import CLASSES, generate_report_pairs
 from medalloy.engine import checkpoint as ckpt
+from medalloy.engine.linear_probe import linear_probe
 from medalloy.engine.logging import read_metrics
 from medalloy.errors import MedalloyError
 from medalloy.models import text_encoder as te
 from medalloy.models.unet import build_unet
 from medalloy.planning.plan import load_plan
-from medalloy.radiograph_tasks import linear_probe
 from medalloy.recipes import scaffold
 from medalloy.recipes.expert import train_expert
 from medalloy.recipes.pretrain import PretrainConfig, _text_encoder_kind, load_pretrained, pretrain
@@ -95,7 +95,7 @@ def test_two_stages_and_record(hybrid_run):
     assert not set(split["train"]) & set(split["val"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_keys = set().union(*(r for r in rows if r["kind"] == "train"))
-    assert {"global", "token", "summary", "caption", "distill"} <= train_keys
+    assert {"loss/global", "loss/token", "loss/summary", "loss/caption", "loss/distill"} <= train_keys
     record = ckpt.read_record(out / "checkpoints" / "best.safetensors")
     assert record["method"] == "pretrain" and record["losses"] == ["global", "token", "generation"]
     assert record["plan"]["patch_size"] == [32, 32] and record["spec"]["text_encoder"] == "scratch"
@@ -404,12 +404,12 @@ def joint_first_step(pairs, tmp_path_factory):
 @pytest.mark.parametrize("term", ["global", "token", "summary", "caption", "distill"])
 def test_the_joint_loss_is_the_weighted_sum_of_the_logged_terms(joint_first_step, term):
     base = joint_first_step(TERM_WEIGHTS)
-    terms = {k: base[k] for k in WEIGHT_OF}
+    terms = {k: base[f"loss/{k}"] for k in WEIGHT_OF}
     assert all(v > 0 for v in terms.values()), terms
     # every term enters with its own weight, and nothing else does
     assert base["loss"] == pytest.approx(sum(TERM_WEIGHTS[WEIGHT_OF[k]] * v for k, v in terms.items()), rel=1e-5)
     name = WEIGHT_OF[term]
     changed = joint_first_step({**TERM_WEIGHTS, name: TERM_WEIGHTS[name] + 2.0})
-    assert {k: changed[k] for k in terms} == pytest.approx(terms, rel=1e-6)  # the same step, the same terms
+    assert {k: changed[f"loss/{k}"] for k in terms} == pytest.approx(terms, rel=1e-6)  # the same step, the same terms
     # the weight scales the logged (unweighted) term, and only it
     assert changed["loss"] - base["loss"] == pytest.approx(2.0 * terms[term], rel=1e-4, abs=1e-5)

@@ -187,7 +187,7 @@ def test_several_datasets_a_step_average_their_losses(four, tmp_path):
     assert len(rows) == 4
     for r in rows:  # both datasets in every step, and the step's loss is their mean (plus the modality term)
         both = (r["loss/SynthCXR"] + r["loss/SynthEndo"]) / 2
-        assert r["loss"] == pytest.approx(both + cfg.modality_weight * r["modality_ce"], rel=1e-3, abs=1e-4)
+        assert r["loss"] == pytest.approx(both + cfg.modality_weight * r["loss/modality"], rel=1e-3, abs=1e-4)
 
 
 def test_universal_3d_trains_on_volumes_and_predicts_by_sliding_window(four, tmp_path):
@@ -234,7 +234,7 @@ def test_total_loss_moves_by_the_modality_terms_weight_alone(four, tmp_path):
         return row
 
     base, moved = one_step(0.01, tmp_path / "base"), one_step(0.7, tmp_path / "moved")
-    assert base["modality_ce"] > 0.1 and base["loss/SynthCXR"] > 0.1 and base["loss/SynthEndo"] > 0.1, base
-    for term in ("modality_ce", "loss/SynthCXR", "loss/SynthEndo"):
+    assert base["loss/modality"] > 0.1 and base["loss/SynthCXR"] > 0.1 and base["loss/SynthEndo"] > 0.1, base
+    for term in ("loss/modality", "loss/SynthCXR", "loss/SynthEndo"):
         assert moved[term] == pytest.approx(base[term], rel=1e-6, abs=1e-7), term
-    assert moved["loss"] - base["loss"] == pytest.approx((0.7 - 0.01) * base["modality_ce"], rel=1e-5, abs=1e-6)
+    assert moved["loss"] - base["loss"] == pytest.approx((0.7 - 0.01) * base["loss/modality"], rel=1e-5, abs=1e-6)

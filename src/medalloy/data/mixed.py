@@ -23,6 +23,11 @@ Sample ``i`` of step ``t`` draws its dataset, case, location and augmentation fr
 seeded by ``(seed, t, rank, i)`` (per dataset: the step's dataset from ``(seed, t, rank, "dataset")``,
 the ``j``-th of several datasets' samples from ``(seed, t, rank, j, i)`` for ``j > 0``):
 batches are a pure function of the step, as for experts.
+
+:class:`DatasetSteps` draws the step's dataset the same way for batches that keep each dataset's
+label maps as they are (distillation: one network, one set of classes, the teacher's): the drawn
+dataset's own :class:`~medalloy.data.sampling.PatchSampler` batch, with its index and the weight its
+labels have in the segmentation loss.
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ def dataset_weights(sizes: Sequence[int], scheme: str = "sqrt") -> np.ndarray:
     return w / w.sum()
 
 
+def step_dataset(p: np.ndarray, seed: int, step: int, rank: int = 0) -> int:
+    """The one dataset a per-dataset step ``step`` of ``rank`` draws, by the probabilities ``p`` (summing
+    to 1, as :func:`dataset_weights` gives them), from the generator seeded by ``(seed, step, rank, "dataset")``."""
+    return int(step_rng(seed, step, rank, "dataset").choice(len(p), p=p))
+
+
 class MixedSampler:
     """Batches mixing several datasets (see the module docstring)."""
 
@@ -109,9 +120,9 @@ class MixedSampler:
     def sample(self, step: int, rank: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
         if not self.per_dataset:
             return self._batch(step, rank, None, 0)
-        pick = step_rng(self.seed, step, rank, "dataset")
         if self.datasets_per_step == 1:
-            return self._batch(step, rank, int(pick.choice(len(self.sources), p=self.p)), 0)
+            return self._batch(step, rank, step_dataset(self.p, self.seed, step, rank), 0)
+        pick = step_rng(self.seed, step, rank, "dataset")
         nonzero = int((self.p > 0).sum())  # numpy cannot draw more distinct items than have weight
         chosen = pick.choice(len(self.sources), size=min(self.datasets_per_step, nonzero), replace=False, p=self.p)
         return [self._batch(step, rank, int(k), j) for j, k in enumerate(sorted(chosen.tolist()))]
@@ -149,4 +160,36 @@ class MixedSampler:
         }
 
     def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+        return self.sample(step, 0 if dist is None else dist.rank)
+
+
+class DatasetSteps:
+    """Each step one dataset's batch, label maps as they are: the dataset drawn by :func:`step_dataset`
+    (as a :class:`MixedSampler` of per-dataset batches draws it), then its sampler's batch of the step.
+
+    ``DatasetSteps(step, dist)`` returns::
+
+        image       (B, C, *patch)  float   the drawn dataset's patches (its sampler's batch size)
+        label       (B, 1, *patch)  long    their label maps, in the dataset's values
+        dataset     ()              long    index of the drawn dataset
+        seg_weight  ()              float   ``seg_weights`` of that dataset: how much its labels count
+                                            (0: a dataset whose labels train nothing, taught otherwise)
+
+    ``weights``: each dataset's probability (summing to 1, e.g. :func:`dataset_weights`).
+    """
+
+    def __init__(self, samplers: Sequence[PatchSampler], weights: np.ndarray, seed: int, seg_weights: Sequence[float] | None = None):
+        if not samplers or len(weights) != len(samplers):
+            raise ValueError("one weight per dataset needed")
+        self.samplers, self.p, self.seed = list(samplers), np.asarray(weights, dtype=float), seed
+        self.seg_weights = [1.0] * len(self.samplers) if seg_weights is None else [float(w) for w in seg_weights]
+        if len(self.seg_weights) != len(self.samplers):
+            raise ValueError("one segmentation weight per dataset needed")
+
+    def sample(self, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
+        d = step_dataset(self.p, self.seed, step, rank)
+        batch = self.samplers[d].sample(step, rank)
+        return {**batch, "dataset": torch.tensor(d), "seg_weight": torch.tensor(self.seg_weights[d])}
+
+    def __call__(self, step: int, dist: RankInfo | None = None) -> dict[str, torch.Tensor]:
         return self.sample(step, 0 if dist is None else dist.rank)

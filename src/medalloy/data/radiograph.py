@@ -1,5 +1,5 @@
 """Radiographs for image-level models (pretraining, classification probes): a whole image as a
-square network input, and a cheap batch augmentation.
+square network input, the radiographs of a folder, and a cheap batch augmentation.
 
 The image is read like a dataset case (PNG/JPG/DICOM/NIfTI through :func:`medalloy.data.io.read_any`),
 turned grey (channel mean), z-scored per image as the planner normalises X-ray channels (so an
@@ -18,6 +18,19 @@ import torch.nn.functional as F
 
 from medalloy.data.io import read_any
 from medalloy.errors import MedalloyError
+
+IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".nii.gz", ".nii")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The radiographs of ``folder`` (files with one of :data:`IMAGE_ENDINGS`, any case), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedalloyError("image folder not found", folder, "give a folder of radiographs (PNG/JPG/DICOM)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_ENDINGS))
+    if not files:
+        raise MedalloyError("no images in the folder", folder, f"put radiographs ({', '.join(IMAGE_ENDINGS)}) in it")
+    return files
 
 
 def load_radiograph(path: str | Path, size: int) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Segmentation metrics per class and per case (MONAI implementations), plus summaries over cases;
-and image <-> text retrieval Recall@k (pretraining's validation and its downstream command).
+and the image-report metrics: image <-> text retrieval Recall@k (pretraining's validation and its
+downstream command), balanced accuracy (zero-shot and linear probes) and caption BLEU-4 / ROUGE-L
+(by sacrebleu and rouge-score: the packages papers use, not our own).
 
 Metrics, for one foreground class with prediction mask ``P`` and ground-truth mask ``G``:
 
@@ -227,3 +229,21 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: Sequ
     order = sims.argsort(dim=1, descending=True).numpy()
     hits = keys_arr[order] == keys_arr[:, None]
     return {f"r{k}": float(hits[:, : min(k, sims.shape[1])].any(1).mean()) for k in ks}
+
+
+def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over the true classes of the share predicted right (chance: 1 / classes, whatever the mix)."""
+    return float(np.mean([np.mean(pred[truth == c] == c) for c in np.unique(truth)]))
+
+
+def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU-4 (sacrebleu, 0-100 scaled to 0-1) and mean ROUGE-L F1 (rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError("give one reference per prediction")
+    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
+    return {"bleu4": float(bleu), "rougeL": rouge}

@@ -50,7 +50,7 @@ from medalloy.planning.plan import Plan
 from medalloy.recipes.config import MultiDatasetConfig
 from medalloy.recipes.expert import ExpertSpec, build_expert
 from medalloy.recipes.multitask import MultiDatasetRecipe, TaskRegistry, build_registry, register_multitask, tasks_in_label_order
-from medalloy.recipes.registry import load_checkpoint_model
+from medalloy.recipes.registry import NNUNET, ONNX, load_model, resolve_source
 from medalloy.recipes.scaffold import Run, resolve_config, run_recipe, task_entry
 from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.runs import resolve_checkpoint
@@ -157,21 +157,17 @@ register_spec(AmalgamateSpec, {0: _spec_from_v0})
 def load_frozen_expert(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any], dict[str, Any]]:
     """A medalloy expert run (or checkpoint) or a trained nnU-Net v2 folder: network, plan,
     record, and the spec a checkpoint keeps to rebuild it."""
-    from medalloy.interop.nnunet import is_nnunet_folder
-
     path = Path(path)
-    if is_nnunet_folder(path):
-        from medalloy.interop.nnunet import load_nnunet_expert
-
-        net, plan, record = load_nnunet_expert(path, device=device)
+    source = resolve_source(path, which=None)  # each kind's default: a run's best checkpoint, nnU-Net's checkpoint_final.pth
+    fix = "give medalloy expert runs or nnU-Net v2 model folders"
+    if source.kind == ONNX:
+        raise MedalloyError("an exported ONNX graph cannot be an expert here (its stages cannot be tapped)", source.path, fix)
+    net, plan, record = load_model(source.path, device)
+    if source.kind == NNUNET:
         spec = {"kind": "nnunet", "architecture": record["architecture"], "plan": plan.model_dump(mode="json")}
     else:
-        checkpoint = resolve_checkpoint(path)
-        net, plan, record = load_checkpoint_model(checkpoint, device)
         if record.get("method") != "expert":
-            raise MedalloyError(
-                f"a '{record.get('method')}' model cannot be an expert here", checkpoint, "give medalloy expert runs or nnU-Net v2 model folders"
-            )
+            raise MedalloyError(f"a '{record.get('method')}' model cannot be an expert here", source.path, fix)
         spec = {"kind": "expert", "plan": plan.model_dump(mode="json")}
     return net.eval(), plan, record, {**spec, "source": str(path), "in_channels": plan.in_channels, "dim": plan.dim}
 
@@ -366,11 +362,11 @@ def amalgamate_step(cfg: AmalgamateConfig, registry: TaskRegistry, sources: list
         if out.get("route_logits") is not None and own_expert[d] is not None:
             target = torch.full((out["route_logits"].shape[0],), own_expert[d], dtype=torch.long, device=out["route_logits"].device)
             route = F.cross_entropy(out["route_logits"].float(), target)
-        logged[f"seg/{names[d]}"] = seg.detach()
+        logged[f"loss/{names[d]}"] = seg.detach()
         return seg, kd_logit, kd_feat, route
 
     def step_fn(models: dict, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
-        logged = {f"seg/{name}": torch.tensor(float("nan")) for name in names}  # NaN: not in this step
+        logged = {f"loss/{name}": torch.tensor(float("nan")) for name in names}  # NaN: not in this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
         seg, kd_logit, kd_feat, route = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
         loss = seg + cfg.kd_logits * kd_logit + cfg.kd_features * kd_feat + cfg.route_weight * route

@@ -12,51 +12,54 @@ mode; its features come through ``FeatureTap`` at ``stages`` of the plan's U-Net
 student shares (same plan, same stage names and resolutions). The student keeps the teacher's plan
 (preprocessing, patch) and activation (softmax, or one sigmoid per task for a universal teacher).
 
-Run folder as for experts (``plan.json``, ``config.yaml``, ``split.json``, ``metrics.jsonl``,
-``checkpoints/``); the checkpoints hold the student and its feature adapters, not the teacher.
+Run folder as for experts (``plan.json``, ``config.yaml``, ``split.json`` of every dataset,
+``metrics.jsonl``, ``checkpoints/``); the checkpoints hold the student and its feature adapters, not
+the teacher; their record holds the student's :class:`StudentSpec` (``"spec"``), which
+:func:`build_student_net` builds for training and loading alike.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from medalloy.data.dataset import RawDataset
-from medalloy.data.mixed import dataset_weights, sample_count
+from medalloy.data.mixed import DatasetSteps, dataset_weights, sample_count
 from medalloy.data.sampling import PatchSampler
-from medalloy.data.transforms import AugmentConfig
 from medalloy.engine import checkpoint as ckpt
 from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDLoss, MarginalDiceCELoss, SpatialAffinityLoss, TaskBCEDiceLoss
 from medalloy.models.features import STAGES_ATTR, FeatureTap
-from medalloy.models.students import UPSAMPLE, student_model
+from medalloy.models.students import student_model
 from medalloy.models.unet import count_parameters
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
+from medalloy.recipes.config import SegmentationConfig
 from medalloy.recipes.registry import load_checkpoint_model, register
 from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
+    Recipe,
+    Run,
     ValidationSet,
     cache_cases,
     cases_of,
+    dataset_splits,
     dice_validation,
-    open_run,
     require_labelled,
     resolve_config,
-    select_cases,
+    run_recipe,
+    split_record,
     task_entry,
 )
 from medalloy.recipes.students import build_student, default_stem
 from medalloy.runs import resolve_checkpoint
-from medalloy.seeding import seed_everything, step_rng
+from medalloy.seeding import seed_everything
 
 METHOD = "distill"
 TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "upsample", "augment")
@@ -83,27 +86,22 @@ class DistillWeights(BaseModel):
     cwd: float = Field(1.0, ge=0.0)
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(SegmentationConfig):
     """Everything of a distillation run besides the teacher and the dataset (YAML: ``--config``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=3e-3))
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     losses: Literal["relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
     student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M), a parameter budget, or a plan JSON giving the filters
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
-    stem: int | None = Field(None, ge=0)  # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: recipes/students.default_stem
-    upsample: Literal["interpolate", "shuffle"] = "interpolate"  # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
+    # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: recipes/students.default_stem
+    stem: int | None = Field(None, ge=0)
+    # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
+    upsample: Literal["interpolate", "shuffle"] = "interpolate"
     stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
     kernel: Literal["poly", "rbf"] = "poly"
     max_positions: int = Field(256, ge=4)
-    fold: int = 0
-    folds: int = 5
-    max_val_cases: int = 16
-    batch_size: int | None = None
     # a dataset labelling only some of the teacher's classes: "marginal" trains the classes it labels
     # (unlabelled ones merged into background: losses/marginal_dice_ce.py; sigmoid: its tasks' terms
     # only) beside the teacher's terms; "teacher": its steps teach through the teacher alone
@@ -136,6 +134,26 @@ def _spec_from_v0(record: dict[str, Any], _tensors: Any) -> dict[str, Any]:
 
 
 register_spec(StudentSpec, {0: _spec_from_v0})
+
+
+def build_student_net(spec: StudentSpec) -> nn.Module:
+    """The student ``spec`` describes (random weights): for training and for loading alike."""
+    return student_model(spec.network, spec.in_channels, spec.out_channels, spec.filters, spec.separable, spec.stem, spec.upsample)
+
+
+def choose_student(plan: Plan, cfg: DistillConfig, out_channels: int) -> tuple[StudentSpec, nn.Module]:
+    """The student ``cfg`` asks for (its ``stem`` resolved) on the teacher's ``plan``: its spec, and
+    :func:`build_student_net` of it, ``(B, in_channels, *patch) -> (B, out_channels, *patch)``.
+
+    The size's choice (:func:`~medalloy.recipes.students.build_student`: a plan JSON's filters, else the
+    widest within the budget) builds candidates from torch's generator; the network keeps the chosen
+    candidate's weights, so a seed gives the student (and every later draw) it gave before specs."""
+    chosen = build_student(plan, cfg.student, out_channels=out_channels, separable=cfg.separable, stem=cfg.stem or 0, upsample=cfg.upsample)
+    spec = StudentSpec.from_config(cfg, network=plan.network, in_channels=plan.in_channels, filters=list(chosen.filters), out_channels=out_channels)
+    with torch.random.fork_rng(devices=[]):  # building it again draws nothing
+        student = build_student_net(spec)
+    student.load_state_dict(chosen.state_dict())
+    return spec, student
 
 
 def load_teacher(path: str | Path, dataset: str, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
@@ -178,32 +196,205 @@ def _fit_labels(ds: RawDataset, plan: Plan) -> bool:
     for name, value in ds.spec.labels.items():
         if plan.labels.get(name) != value:
             where = "lacks it" if name not in plan.labels else f"has it as {plan.labels[name]}"
-            raise MedalloyError(f"label '{name}' = {value}, but the teacher's plan {where}", ds.root / "dataset.json", "distil datasets whose labels are the teacher's (names and values)")
+            fix = "distil datasets whose labels are the teacher's (names and values)"
+            raise MedalloyError(f"label '{name}' = {value}, but the teacher's plan {where}", ds.root / "dataset.json", fix)
     return set(plan.labels) <= set(ds.spec.labels)
 
 
-class _DatasetSteps:
-    """Each step one dataset's batch (drawn by ``weights`` from ``(seed, step, rank)``), with its
-    index and whether its labels train the student (``seg_weight``: 1.0 or 0.0)."""
-
-    def __init__(self, samplers: list[PatchSampler], full: list[bool], weights: np.ndarray, seed: int):
-        self.samplers, self.full, self.seed, self.p = samplers, full, seed, weights
-
-    def __call__(self, step: int, dist: Any = None) -> dict[str, torch.Tensor]:
-        rank = 0 if dist is None else dist.rank
-        d = int(step_rng(self.seed, step, rank, "dataset").choice(len(self.samplers), p=self.p)) if len(self.samplers) > 1 else 0
-        batch = self.samplers[d].sample(step, rank)
-        return {**batch, "dataset": torch.tensor(d), "seg_weight": torch.tensor(1.0 if self.full[d] else 0.0)}
+def _datasets(dataset: str | Path | Sequence[str | Path]) -> list[RawDataset]:
+    """The datasets given (one folder or several), each once."""
+    paths = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
+    if not paths:
+        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
+    dss = [RawDataset(d) for d in paths]
+    if len({d.name for d in dss}) != len(dss):
+        raise MedalloyError("dataset given twice", dss[0].root, "give each dataset once")
+    return dss
 
 
-def _splits(run: Any, dss: list[RawDataset], cfg: DistillConfig, split: dict[str, Any] | None) -> dict[str, dict[str, list[str]]]:
-    """Rank 0: per dataset, training and validation ids (a resumed run keeps its own). ``split`` is
-    ``{"train", "val"}`` for one dataset or ``{name: {"train", "val"}}`` for several."""
-    if split is None and run.kept("split.json"):
-        saved = run.read_json("split.json")
-        return saved.get("datasets") or {dss[0].name: {"train": saved["train"], "val": saved["val"]}}
-    given = {dss[0].name: split} if split is not None and "train" in split else (split or {})
-    return {ds.name: select_cases(ds, cfg.fold, cfg.folds, cfg.train.seed, cfg.max_val_cases, given.get(ds.name)) for ds in dss}
+class DistillRecipe(Recipe[DistillConfig]):
+    """A student of a frozen teacher on one dataset or several: the teacher's plan and activation, one
+    dataset a step, the configured terms (``LOSS_SETS``) beside the segmentation loss."""
+
+    METHOD = METHOD
+
+    def __init__(self, cfg: DistillConfig, dss: list[RawDataset], teacher: str | Path, split: dict[str, Any] | None = None, progress: bool = True):
+        super().__init__(cfg, progress)
+        self.dss, self.teacher, self.given_split = dss, teacher, split
+
+    def check(self) -> None:
+        for d in self.dss:
+            require_labelled(d)
+        self.teacher_model, self.plan, self.teacher_record = load_teacher(self.teacher, self.dss[0].name)
+        self.full = [_fit_labels(d, self.plan) for d in self.dss]
+        self.terms = LOSS_SETS[self.cfg.losses]
+        self.activation = self.teacher_record.get("activation", "softmax")
+        with torch.no_grad():
+            self.n_out = int(self.teacher_model.eval()(torch.zeros(1, self.plan.in_channels, *self.plan.patch_size)).shape[1])
+        self._choose_student()
+        teacher_steps = self.teacher_record.get("total_steps")
+        if self.progress and isinstance(teacher_steps, int) and self.cfg.train.steps < teacher_steps:
+            # polyp, converged teacher: students of half its steps kept 92 % of its Dice, of 4/3 of them 99 % (docs/methods/distillation.md)
+            print(
+                f"note: the student trains {self.cfg.train.steps} steps, its teacher trained {teacher_steps}; "
+                f"a student trained shorter than its teacher may stay below it (--steps {teacher_steps} or more)"
+            )
+
+    def _choose_student(self) -> None:
+        """The seeded student, built before the run folder is touched (its stages are checked); the stem,
+        student plan path and stages the config leaves open are resolved once, so config.yaml and a
+        resumed run keep the student it chose."""
+        cfg, plan = self.cfg, self.plan
+        seed_everything(cfg.train.seed)
+        if cfg.stem is None:
+            cfg = cfg.model_copy(update={"stem": default_stem(plan)})
+        if isinstance(cfg.student, str) and cfg.student.lower().endswith(".json"):  # a resumed run finds it from any folder
+            cfg = cfg.model_copy(update={"student": str(Path(cfg.student).resolve())})
+        self.spec, self.student = choose_student(plan, cfg, self.n_out)
+        if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
+            cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem or 0)}"]})
+        names = getattr(self.student, STAGES_ATTR)
+        unknown = [s for s in cfg.stages or [] if s not in names]
+        if unknown:
+            raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(names)}")
+        self.cfg = cfg
+
+    def inputs(self) -> dict[str, Any]:
+        return {"dataset": str(self.dss[0].root), "datasets": [str(d.root) for d in self.dss], "teacher": str(self.teacher)}
+
+    def prepare(self, run: Run) -> None:
+        if self.cfg.batch_size:
+            self.plan = self.plan.model_copy(update={"batch_size": self.cfg.batch_size})
+        run.main(lambda: save_plan(self.plan, run.out / "plan.json"))
+
+    def choose_split(self, run: Run) -> dict[str, Any]:
+        """``split`` as given: ``{"train", "val"}`` for the first dataset, or ``{name: {"train", "val"}}``."""
+        split = self.given_split
+        given = {self.dss[0].name: split} if split is not None and "train" in split else split
+        return split_record(self.cfg.fold, dataset_splits(run, self.dss, self.cfg, given))
+
+    def train_spec(self, run: Run, split: dict[str, Any]) -> TrainSpec:
+        batches = self._batches(run, split["datasets"])
+        models: dict[str, nn.Module] = {"student": self.student, "teacher": self.teacher_model}
+        trainable = ["student"]
+        if "kernel" in self.terms:  # drawn after caching, as before specs
+            models["adapters"] = _adapters(self.student, self.teacher_model, self.cfg.stages or [], self.plan)
+            trainable.append("adapters")
+        self._losses()
+        student, plan, cfg = self.student, self.plan, self.cfg
+
+        def predictor() -> Predictor:
+            return Predictor(student, plan, device=next(student.parameters()).device, precision=cfg.train.precision, activation=self.activation)
+
+        self.record = self._record()
+        sets = [ValidationSet(predictor, prep, plan, name) for name, prep in self.val_sets]
+        validate = dice_validation(sets) if sets else None
+        return TrainSpec(models=models, trainable=trainable, step_fn=self._step, batches=batches, record=self.record, validate=validate)
+
+    def _batches(self, run: Run, ids: dict[str, dict[str, list[str]]]) -> DatasetSteps:
+        """Every dataset's cases cached (validation: the fully labelled ones, a partially labelled
+        dataset cannot score the classes it lacks); one dataset a step, by the sqrt of its samples."""
+        plan, cfg, seed = self.plan, self.cfg, self.cfg.train.seed
+        samplers, samples, self.train_cases, self.val_sets = [], [], {}, []
+        for d, is_full in zip(self.dss, self.full):
+            train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress)
+            samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
+            self.train_cases[d.name] = len(train_prep)
+            samples.append(sample_count(train_prep, plan.dim))
+            if is_full:
+                val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
+                if val_prep:
+                    self.val_sets.append((d.name, val_prep))
+        marginal = cfg.partial_labels == "marginal"
+        return DatasetSteps(samplers, dataset_weights(samples, "sqrt"), seed, seg_weights=[1.0 if f or marginal else 0.0 for f in self.full])
+
+    def _losses(self) -> None:
+        """The terms' losses, and per dataset its segmentation loss and (sigmoid) the tasks it scores."""
+        cfg, n_out = self.cfg, self.n_out
+        self.kd = LogitKDLoss(cfg.temperature, binary=self.activation == "sigmoid")
+        self.relation = {
+            "affinity": SpatialAffinityLoss(cfg.max_positions, weighting="confidence"),
+            "pairwise": SpatialAffinityLoss(cfg.max_positions, weighting="none"),
+            "cross": SpatialAffinityLoss(cfg.max_positions, weighting="confidence", scope="batch"),
+        }
+        self.kernel = KernelMMDLoss(cfg.kernel, cfg.max_positions)
+        self.cwd = ChannelWiseLoss(4.0)
+        self.task_loss = TaskBCEDiceLoss(num_tasks=n_out)
+        # per dataset: the classes (label values) it annotates, and its softmax segmentation loss
+        self.annotated = [sorted(v for v in d.spec.labels.values() if v) for d in self.dss]
+        self.dice_ce = [DiceCELoss() if f else MarginalDiceCELoss(n_out, a) for f, a in zip(self.full, self.annotated)] if self.activation == "softmax" else []
+        # sigmoid: a task its annotators left out is not scored
+        self.task_mask = [torch.tensor([float(k + 1 in a) for k in range(n_out)]) for a in self.annotated]
+        self.feature_terms = {"kernel", "affinity", "pairwise", "cross"} & set(self.terms)
+        w = cfg.weights
+        self.feature_weights = {"kernel": w.kernel, "affinity": w.affinity, "pairwise": w.affinity, "cross": w.cross}
+
+    def _seg_loss(self, logits: torch.Tensor, label: torch.Tensor, d: int) -> torch.Tensor:
+        """``logits (B, K, *patch)``, ``label (B, 1, *patch)`` of dataset ``d`` -> its segmentation loss."""
+        if self.activation == "softmax":
+            return self.dice_ce[d](logits, label)
+        n_out = self.n_out
+        target = torch.cat([(label == k + 1).float() for k in range(n_out)], dim=1)
+        return self.task_loss(logits, target, self.task_mask[d].to(logits.device).expand(logits.shape[0], n_out))
+
+    def _step(self, models: dict, batch: dict) -> dict[str, torch.Tensor]:
+        x, label, w = batch["image"], batch["label"], self.cfg.weights
+        stages = (self.cfg.stages or []) if self.feature_terms else []
+        with torch.no_grad(), FeatureTap(_tapped(models["teacher"]), stages) as tt:
+            zt = models["teacher"](x)
+        with FeatureTap(models["student"], stages) as ts:
+            zs = models["student"](x)
+        d = int(batch["dataset"])
+        seg = self._seg_loss(zs, label, d) * batch["seg_weight"]  # 0: a partially labelled dataset taught by the teacher alone
+        logged = {"seg": seg.detach()}
+        if len(self.dss) > 1:  # each dataset's own curve; NaN: another dataset's step (every step logs the same keys)
+            logged.update({ds_.name: seg.detach() if i == d else torch.full_like(seg.detach(), float("nan")) for i, ds_ in enumerate(self.dss)})
+        total = seg
+        if "logits" in self.terms:
+            logged["logits"] = self.kd(zs, zt)
+            total = total + w.logits * logged["logits"]
+        if "cwd" in self.terms:
+            logged["cwd"] = self.cwd(zs, zt)
+            total = total + w.cwd * logged["cwd"]
+        if self.feature_terms:
+            conf = confidence(zt, self.activation)
+            for term in sorted(self.feature_terms):
+                if term == "kernel":
+                    value = sum(self.kernel(models["adapters"][s](ts.features[s]), tt.features[s]) for s in stages) / len(stages)
+                else:
+                    value = sum(self.relation[term](ts.features[s], tt.features[s], conf) for s in stages) / len(stages)
+                logged[term] = value
+                total = total + self.feature_weights[term] * value
+        logged = {k: v.detach() for k, v in logged.items()}
+        return {"loss": total, **{f"loss/{k}": v for k, v in logged.items()}}
+
+    def _record(self) -> dict[str, Any]:
+        """The checkpoints' record: the student's spec, and what prediction needs besides it (plan, activation)."""
+        dss, cfg, tr = self.dss, self.cfg, self.teacher_record
+        return {
+            "method": METHOD,
+            "name": f"student-{dss[0].name}",
+            "tasks": [task_entry(dss[0])],
+            "spec": self.spec.to_record(),
+            "student_size": cfg.student,
+            "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f, "annotated": a} for d, f, a in zip(dss, self.full, self.annotated)],
+            "partial_labels": cfg.partial_labels,
+            "plan": self.plan.model_dump(mode="json"),
+            "activation": self.activation,
+            "teacher": {
+                "path": str(self.teacher), "method": tr.get("method"), "name": tr.get("name"),
+                "params": count_parameters(self.teacher_model), "steps": tr.get("total_steps"),
+            },  # fmt: skip
+            "losses": cfg.losses,
+            "params": count_parameters(self.student),
+        }
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        r = self.record
+        return {
+            "name": r["name"], "losses": self.cfg.losses, "train_cases": self.train_cases, "val_cases": {name: len(prep) for name, prep in self.val_sets},
+            "params": r["params"], "teacher_params": r["teacher"]["params"],
+        }  # fmt: skip
 
 
 def train_distill(
@@ -225,167 +416,27 @@ def train_distill(
     The others' labels must be the teacher's (names and values); a dataset labelling only some of
     them (Shenzhen's lung beside JSRT's lung and heart) trains the classes it labels through the
     marginal loss and learns the others from the teacher (``partial_labels: teacher``: from the
-    teacher alone). Each step trains on one dataset (sqrt of its 2D images or 3D volumes)."""
-    paths = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
-    if not paths:
-        raise MedalloyError("no datasets given", fix="give at least one dataset folder")
-    dss = [RawDataset(d) for d in paths]
-    if len({d.name for d in dss}) != len(dss):
-        raise MedalloyError("dataset given twice", dss[0].root, "give each dataset once")
-    ds = dss[0]
+    teacher alone). Each step trains on one dataset (sqrt of its 2D images or 3D volumes).
+    ``split``: ``{"train": [ids], "val": [ids]}`` of the first dataset, or ``{name: {...}}`` per dataset."""
+    dss = _datasets(dataset)
     if isinstance(overrides.get("augment"), str):  # a preset name: the YAML's own augment fields stay over it
         overrides = {**overrides, "augment": {"preset": overrides["augment"]}}
     cfg = resolve_config(DistillConfig, config, overrides, progress, TOP_KEYS)
-    for d in dss:
-        require_labelled(d)
-    teacher_model, plan, teacher_record = load_teacher(teacher, ds.name)
-    full = [_fit_labels(d, plan) for d in dss]
-    terms = LOSS_SETS[cfg.losses]
-    activation = teacher_record.get("activation", "softmax")
-    with torch.no_grad():
-        n_out = int(teacher_model.eval()(torch.zeros(1, plan.in_channels, *plan.patch_size)).shape[1])
-    seed_everything(cfg.train.seed)
-    if cfg.stem is None:  # resolved once, so config.yaml and a resumed run keep the student it chose
-        cfg = cfg.model_copy(update={"stem": default_stem(plan)})
-    if isinstance(cfg.student, str) and cfg.student.lower().endswith(".json"):  # a resumed run finds it from any folder
-        cfg = cfg.model_copy(update={"student": str(Path(cfg.student).resolve())})
-    student = build_student(plan, cfg.student, out_channels=n_out, separable=cfg.separable, stem=cfg.stem, upsample=cfg.upsample)
-    if cfg.stages is None:  # the finest decoder stage a stem student has, below full resolution
-        cfg = cfg.model_copy(update={"stages": ["bottleneck", f"dec{max(1, cfg.stem)}"]})
-    unknown = [s for s in cfg.stages if s not in getattr(student, STAGES_ATTR)]
-    if unknown:
-        raise MedalloyError(f"unknown stage '{unknown[0]}'", fix=f"choose stages from {', '.join(getattr(student, STAGES_ATTR))}")
-    teacher_steps = teacher_record.get("total_steps")
-    if progress and isinstance(teacher_steps, int) and cfg.train.steps < teacher_steps:
-        # polyp, converged teacher: students of half its steps kept 92 % of its Dice, of 4/3 of them 99 % (docs/methods/distillation.md)
-        print(f"note: the student trains {cfg.train.steps} steps, its teacher trained {teacher_steps}; a student trained shorter than its teacher may stay below it (--steps {teacher_steps} or more)")
-    run = open_run(out, cfg.train, overwrite=overwrite, resume=resume, progress=progress)
-    if cfg.batch_size:
-        plan = plan.model_copy(update={"batch_size": cfg.batch_size})
-    run.main(lambda: save_plan(plan, run.out / "plan.json"))
-    run.write_config(cfg)
-    ids = run.main(lambda: _splits(run, dss, cfg, split))
-    run.write_json("split.json", {"fold": cfg.fold, **ids[ds.name], **({"datasets": ids} if len(dss) > 1 else {})})
-    run.status(METHOD, dataset=str(ds.root), datasets=[str(d.root) for d in dss], teacher=str(teacher))
-
-    seed = cfg.train.seed
-    samplers, sizes, samples, val_sets = [], [], [], []
-    for d, is_full in zip(dss, full):
-        train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress)
-        samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
-        sizes.append(len(train_prep))
-        samples.append(sample_count(train_prep, plan.dim))
-        if is_full:  # a partially labelled dataset cannot score the classes it lacks
-            val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
-            if val_prep:
-                val_sets.append((d.name, val_prep))
-    marginal = cfg.partial_labels == "marginal"
-    batches = _DatasetSteps(samplers, [f or marginal for f in full], dataset_weights(samples, "sqrt"), seed)
-
-    models: dict[str, nn.Module] = {"student": student, "teacher": teacher_model}
-    trainable = ["student"]
-    if "kernel" in terms:
-        models["adapters"] = _adapters(student, teacher_model, cfg.stages, plan)
-        trainable.append("adapters")
-    w = cfg.weights
-    kd = LogitKDLoss(cfg.temperature, binary=activation == "sigmoid")
-    affinity = SpatialAffinityLoss(cfg.max_positions, weighting="confidence")
-    pairwise = SpatialAffinityLoss(cfg.max_positions, weighting="none")
-    cross = SpatialAffinityLoss(cfg.max_positions, weighting="confidence", scope="batch")
-    kernel = KernelMMDLoss(cfg.kernel, cfg.max_positions)
-    cwd = ChannelWiseLoss(4.0)
-    task_loss = TaskBCEDiceLoss(num_tasks=n_out)
-    # per dataset: the classes (label values) it annotates, and its softmax segmentation loss
-    annotated = [sorted(v for v in d.spec.labels.values() if v) for d in dss]
-    dice_ce = [DiceCELoss() if f else MarginalDiceCELoss(n_out, a) for f, a in zip(full, annotated)] if activation == "softmax" else []
-    # sigmoid: a task its annotators left out is not scored
-    task_mask = [torch.tensor([float(k + 1 in a) for k in range(n_out)]) for a in annotated]
-    feature_terms = {"kernel", "affinity", "pairwise", "cross"} & set(terms)
-    feature_weights = {"kernel": w.kernel, "affinity": w.affinity, "pairwise": w.affinity, "cross": w.cross}
-
-    def seg_loss(logits: torch.Tensor, label: torch.Tensor, d: int) -> torch.Tensor:
-        if activation == "softmax":
-            return dice_ce[d](logits, label)
-        target = torch.cat([(label == k + 1).float() for k in range(n_out)], dim=1)
-        return task_loss(logits, target, task_mask[d].to(logits.device).expand(logits.shape[0], n_out))
-
-    def step_fn(models: dict, batch: dict) -> dict[str, torch.Tensor]:
-        x, label = batch["image"], batch["label"]
-        stages = cfg.stages if feature_terms else []
-        with torch.no_grad(), FeatureTap(_tapped(models["teacher"]), stages) as tt:
-            zt = models["teacher"](x)
-        with FeatureTap(models["student"], stages) as ts:
-            zs = models["student"](x)
-        d = int(batch["dataset"])
-        seg = seg_loss(zs, label, d) * batch["seg_weight"]  # 0: a partially labelled dataset taught by the teacher alone
-        logged = {"seg": seg.detach()}
-        if len(dss) > 1:  # each dataset's own curve; NaN: another dataset's step (every step logs the same keys)
-            logged.update({f"seg/{ds_.name}": seg.detach() if i == d else torch.full_like(seg.detach(), float("nan")) for i, ds_ in enumerate(dss)})
-        total = seg
-        if "logits" in terms:
-            logged["logits"] = kd(zs, zt)
-            total = total + w.logits * logged["logits"]
-        if "cwd" in terms:
-            logged["cwd"] = cwd(zs, zt)
-            total = total + w.cwd * logged["cwd"]
-        if feature_terms:
-            conf = confidence(zt, activation)
-            for term in sorted(feature_terms):
-                if term == "kernel":
-                    value = sum(kernel(models["adapters"][s](ts.features[s]), tt.features[s]) for s in stages) / len(stages)
-                else:
-                    loss = {"affinity": affinity, "pairwise": pairwise, "cross": cross}[term]
-                    value = sum(loss(ts.features[s], tt.features[s], conf) for s in stages) / len(stages)
-                logged[term] = value
-                total = total + feature_weights[term] * value
-        logged = {k: v.detach() for k, v in logged.items()}
-        return {"loss": total, **{f"loss/{k}": v for k, v in logged.items()}}
-
-    def predictor() -> Predictor:
-        return Predictor(student, plan, device=next(student.parameters()).device, precision=cfg.train.precision, activation=activation)
-
-    record = {
-        "method": METHOD,
-        "name": f"student-{ds.name}",
-        "tasks": [task_entry(ds)],
-        "datasets": [{"dataset": d.name, "folder": d.root.name, "fully_labelled": f, "annotated": a} for d, f, a in zip(dss, full, annotated)],
-        "partial_labels": cfg.partial_labels,
-        "plan": plan.model_dump(mode="json"),
-        "activation": activation,
-        "student": {"filters": list(student.filters), "size": cfg.student, "out_channels": n_out, "separable": cfg.separable, "stem": cfg.stem, "upsample": cfg.upsample},
-        "teacher": {"path": str(teacher), "method": teacher_record.get("method"), "name": teacher_record.get("name"), "params": count_parameters(teacher_model), "steps": teacher_steps},
-        "losses": cfg.losses,
-        "params": count_parameters(student),
-    }
-    sets = [ValidationSet(predictor, prep, plan, prefix=f"{name}/" if len(dss) > 1 else "") for name, prep in val_sets]
-    spec = TrainSpec(
-        models=models, trainable=trainable, step_fn=step_fn, batches=batches, record=record, validate=dice_validation(sets) if sets else None,
-    )  # fmt: skip
-    summary = run.train(spec, cfg.train)
-    result = {
-        "method": METHOD, "dataset": str(ds.root), "name": record["name"], "status": "done", "losses": cfg.losses,
-        "datasets": [str(d.root) for d in dss], "train_cases": dict(zip([d.name for d in dss], sizes)),
-        "val_cases": {name: len(prep) for name, prep in val_sets}, "params": record["params"], "teacher_params": record["teacher"]["params"], **summary,
-    }  # fmt: skip
-    run.write_json("run.json", result)
-    return result
+    return run_recipe(DistillRecipe(cfg, dss, teacher, split, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def load_student(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Plan, dict[str, Any]]:
-    """The student network, plan and record of a distillation checkpoint."""
+    """The student network, plan and record of a distillation checkpoint; the record's ``spec`` is the
+    current version's (records of earlier versions migrated)."""
     tensors, record = ckpt.load_checkpoint(path, method=METHOD, map_location=device)
+    spec = read_spec(StudentSpec, record, path, tensors.keys())
     try:
         plan = Plan.model_validate(record["plan"])
-        student = record["student"]
-        filters, out_channels = [int(f) for f in student["filters"]], int(student["out_channels"])
-        upsample = str(student.get("upsample") or "interpolate")
-        if upsample not in UPSAMPLE:
-            raise ValueError(upsample)
-    except (KeyError, ValidationError, TypeError, ValueError):
-        raise MedalloyError("checkpoint record lacks a valid plan or student", path, "retrain with this medalloy version") from None
-    model = student_model(plan.network, plan.in_channels, out_channels, filters, bool(student.get("separable")), int(student.get("stem") or 0), upsample)
+    except (KeyError, ValidationError):
+        raise MedalloyError("checkpoint record has no valid plan", path, "retrain with this medalloy version") from None
+    model = build_student_net(spec)
     ckpt.load_module_state(model, ckpt.group(tensors, "model/student"), path, "student", "use the checkpoint with its own run")
-    return model.eval(), copy.deepcopy(plan), record
+    return model.eval(), plan, {**record, "spec": spec.to_record()}
 
 
 register(METHOD, lambda path, device, dataset=None: load_student(path, device))

@@ -193,7 +193,7 @@ class ExpertRecipe(Recipe[ExpertConfig]):
             "params": count_parameters(model),
             "init": None if self.init_enc is None else {"path": str(self.init_enc.path), "method": self.init_enc.method},
         }
-        validate = dice_validation([ValidationSet(predictor, self.val_prep, plan)]) if self.val_prep else None
+        validate = dice_validation([ValidationSet(predictor, self.val_prep, plan, ds.name)]) if self.val_prep else None
         return TrainSpec(models={"net": model}, trainable=["net"], step_fn=step_fn, batches=sampler, record=self.record, validate=validate)
 
     def result(self, summary: dict[str, Any]) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def validation_sets(
             bound_model(net, registry, name, in_channels), plans[name], device=next(net.parameters()).device, precision=precision, activation="sigmoid"
         )
 
-    return [ValidationSet(predictor(name), prepared, plans[name], prefix=f"{name}/") for name, prepared in cases.items() if prepared]
+    return [ValidationSet(predictor(name), prepared, plans[name], name) for name, prepared in cases.items() if prepared]
 
 
 def resumed_order(run: Run, dss: list[RawDataset], task_names: dict[str, str]) -> list[RawDataset]:

@@ -235,6 +235,11 @@ def _joint_validation(objective: HybridMEDObjective, val_batches: PairBatches) -
     return validate
 
 
+def logged_terms(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's terms as every recipe logs them: ``loss`` (the total) and ``loss/<term>``."""
+    return {"loss": out["loss"], **{f"loss/{k}": v for k, v in out.items() if k != "loss"}}
+
+
 class PretrainRecipe(Recipe[PretrainConfig]):
     """Image-report pretraining: stage 1 (summarization, HybridMED only) then stage 2 (the joint
     objective, the stage-1 model frozen as the captioning branch's teacher), one HybridMED throughout."""
@@ -319,7 +324,7 @@ class PretrainRecipe(Recipe[PretrainConfig]):
         return TrainSpec(
             models={"model": self.model},
             trainable=["model"],
-            step_fn=lambda models, batch: objective.summary_step(models["model"], batch),
+            step_fn=lambda models, batch: logged_terms(objective.summary_step(models["model"], batch)),
             batches=PairBatches(train, None, cfg.batch_size, seed, STAGE1, False),
             record={**self.record, "name": "pretrain-summarize", "stage": STAGE1},
             validate=validate if len(val.texts) else None,
@@ -340,7 +345,7 @@ class PretrainRecipe(Recipe[PretrainConfig]):
         return TrainSpec(
             models={"model": self.model, "contrast": GlobalContrastiveLoss()},
             trainable=["model", "contrast"],
-            step_fn=lambda ms, batch: objective.joint_step(ms, batch, ms.get("teacher")),
+            step_fn=lambda ms, batch: logged_terms(objective.joint_step(ms, batch, ms.get("teacher"))),
             batches=batches,
             record={**self.record, "stage": "joint"},
             validate=_joint_validation(objective, val_batches) if self.val_pairs else None,

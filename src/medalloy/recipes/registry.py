@@ -1,4 +1,4 @@
-"""Method name -> how to load its checkpoint for prediction (and, later, export).
+"""Method name -> how to load its checkpoint for prediction and export; and every other kind of model source.
 
 Each recipe module ends with one ``register(METHOD, loader)`` line. A checkpoint's record names its
 ``method``; :func:`loader_for` imports the recipe modules on first use, so ``predict`` needs no list
@@ -8,6 +8,11 @@ Pretraining's image-text models predict no masks: their recipe registers with
 ``register_image_text(METHOD, loader)`` instead, which ``zeroshot``, ``caption``, ``probe`` and
 ``retrieve`` load through (:func:`load_image_text_model`), and which makes ``predict`` (and any
 other mask-predicting use) say in one line what such a run is for.
+
+:func:`load_model` is the one way in for prediction, export and frozen experts: a source is a run
+folder or ``.safetensors`` checkpoint (the loader of its record's method), an exported ``.onnx``
+graph with its sidecar, or a trained nnU-Net v2 model folder or ``.pth`` checkpoint; the last two
+are source kinds registered below (``register_source``), tried before the medalloy checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from torch import nn
 from medalloy.engine.checkpoint import read_record
 from medalloy.errors import MedalloyError
 from medalloy.planning.plan import Plan
+from medalloy.runs import resolve_checkpoint
 
 # (checkpoint path, device, dataset name or None) -> (network taking (B, C, *sp), plan, record)
 Loader = Callable[[Path, str, "str | None"], "tuple[nn.Module, Plan, dict[str, Any]]"]
@@ -112,3 +119,105 @@ def load_image_text_model(source: str | Path, device: str = "cpu") -> tuple[nn.M
         wanted = " or ".join(f"'{m}'" for m in sorted(_IMAGE_TEXT))
         raise MedalloyError(f"checkpoint is for method '{method}', not {wanted}", file, f"give a run of {wanted} (an image-text model)")
     return _IMAGE_TEXT[method](file, device)
+
+
+# -- sources: what load_model accepts --------------------------------------------------------------
+MEDALLOY, ONNX, NNUNET = "medalloy", "onnx", "nnunet"
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of model source besides medalloy's checkpoints: how it is recognised (``matches``),
+    which file a ``which`` (``best``/``last``; None: the kind's own default) names (``resolve``),
+    and how that file loads (``load``, a :data:`Loader`). ``no_tasks``: the one-line reason it has
+    no per-task outputs, and its fix."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    resolve: Callable[[Path, "str | None"], Path]
+    load: Loader
+    no_tasks: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model source: its kind (``medalloy``, ``onnx``, ``nnunet``, ...) and the file to load."""
+
+    kind: str
+    path: Path
+
+
+_SOURCES: dict[str, SourceKind] = {}
+
+
+def register_source(kind: SourceKind) -> None:
+    """Make ``load_model`` accept sources of ``kind`` (tried in registration order, before medalloy's checkpoints)."""
+    if kind.name == MEDALLOY or _SOURCES.get(kind.name, kind) is not kind:
+        raise ValueError(f"a source kind '{kind.name}' is registered already")
+    _SOURCES[kind.name] = kind
+
+
+def resolve_source(source: str | Path, which: str | None = "best") -> Source:
+    """The kind of ``source`` and the file ``which`` names in it: a registered kind that matches,
+    else a medalloy run folder (``checkpoints/<which>.safetensors``) or checkpoint file.
+    Resolving a resolved path gives it back."""
+    path = Path(source)
+    for kind in _SOURCES.values():
+        if kind.matches(path):
+            return Source(kind.name, kind.resolve(path, which))
+    return Source(MEDALLOY, resolve_checkpoint(path, which or "best"))
+
+
+def load_model(source: str | Path, device: str = "cpu", dataset: str | None = None, which: str | None = "best") -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Network ``(B, C, *patch) -> (B, K, *patch)`` logits, plan and record of any model source
+    (:func:`resolve_source`; ``which``: ``best`` or ``last``, None: each kind's default, nnU-Net's
+    being its ``checkpoint_final.pth``). ``dataset`` names which of a multi-dataset model's
+    datasets (tasks, modality, preprocessing) the images belong to; an ONNX graph was bound to its
+    tasks at export and an nnU-Net model has one dataset, so it does not apply to them."""
+    src = resolve_source(source, which)
+    if src.kind in _SOURCES:
+        return _SOURCES[src.kind].load(src.path, device, dataset)
+    return load_checkpoint_model(src.path, device, dataset)
+
+
+def load_task_model(
+    source: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", which: str = "best"
+) -> tuple[nn.Module, Plan, dict[str, Any], str]:
+    """:func:`load_checkpoint_tasks` of a run folder or checkpoint; other kinds of source are refused in one line."""
+    src = resolve_source(source, which)
+    if src.kind in _SOURCES:
+        raise MedalloyError(_SOURCES[src.kind].no_tasks[0], src.path, _SOURCES[src.kind].no_tasks[1])
+    return load_checkpoint_tasks(src.path, tasks, dataset=dataset, modality=modality, device=device)
+
+
+def _load_onnx(path: Path, device: str, dataset: str | None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    from medalloy.interop.onnx_runtime import load_onnx
+
+    return load_onnx(path)  # runs on ONNX Runtime's CPU provider; the Predictor moves its input there
+
+
+def _is_nnunet(path: Path) -> bool:
+    from medalloy.interop.nnunet import is_nnunet_folder
+
+    return path.suffix == ".pth" or is_nnunet_folder(path)
+
+
+def _nnunet_file(path: Path, which: str | None) -> Path:
+    from medalloy.interop.nnunet import nnunet_checkpoint
+
+    return path if path.suffix == ".pth" else nnunet_checkpoint(path, which or "last")
+
+
+def _load_nnunet(path: Path, device: str, dataset: str | None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    from medalloy.interop.nnunet import load_nnunet_expert
+
+    return load_nnunet_expert(path, device)
+
+
+register_source(
+    SourceKind(
+        ONNX, lambda p: p.suffix == ".onnx", lambda p, which: p, _load_onnx,
+        ("an ONNX graph predicts the tasks it was exported for, not --task", "predict without --task, or export the run with --task for other tasks"),
+    )
+)  # fmt: skip
+register_source(SourceKind(NNUNET, _is_nnunet, _nnunet_file, _load_nnunet, ("an nnU-Net model has no per-task outputs", "predict label maps without --task")))

@@ -276,12 +276,12 @@ def label_names(plan: Plan) -> dict[int, str]:
 
 @dataclass
 class ValidationSet:
-    """Cases scored with one predictor; metric keys are ``val/<prefix>dice_<label>``."""
+    """One dataset's cases scored with one predictor; metric keys are ``val/<dataset>/dice_<label>``."""
 
     predictor: Callable[[], Predictor]
     cases: list[PreparedCase]
     plan: Plan
-    prefix: str = ""
+    dataset: str
 
 
 def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, float]]:
@@ -301,7 +301,7 @@ def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, flo
                 per_case.append(batch_dice(predictor.to_classes(probs)[None], target[None], vs.plan.num_classes))
             dice = torch.stack(per_case).mean(0)
             for k, d in enumerate(dice):
-                metrics[f"val/{vs.prefix}dice_{names[k + 1]}"] = float(d)
+                metrics[f"val/{vs.dataset}/dice_{names[k + 1]}"] = float(d)
         if metrics:
             metrics["val/dice"] = float(np.mean(list(metrics.values())))
         return metrics

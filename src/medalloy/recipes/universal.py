@@ -191,7 +191,7 @@ def universal_step(cfg: UniversalConfig, registry: TaskRegistry, names: list[str
         logged = {f"loss/{name}": torch.tensor(float("nan")) for name in names}  # every rank logs the same keys; NaN: not this step
         parts = [part_loss(models["net"], b, logged) for b in (batch if isinstance(batch, list) else [batch])]
         seg, mod, bce, dice = (torch.stack([p[i] for p in parts]).mean() for i in range(4))
-        return {"loss": seg + cfg.modality_weight * mod, "bce": bce, "tversky": dice, "modality_ce": mod.detach(), **logged}
+        return {"loss": seg + cfg.modality_weight * mod, "loss/bce": bce, "loss/dice": dice, "loss/modality": mod.detach(), **logged}
 
     return step_fn
 
