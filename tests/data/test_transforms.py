@@ -34,10 +34,10 @@ def test_yaml_and_the_distill_flag_take_a_preset(tmp_path, monkeypatch):
     assert AUGMENT_CHOICES == tuple(AUGMENT_PRESETS)  # the parser's copy of the names
     cfg_file = tmp_path / "distill.yaml"
     cfg_file.write_text("augment: strong\n", encoding="utf-8")
-    from_yaml = load_recipe_config(recipe.DistillConfig, cfg_file, recipe.TOP_KEYS, {})
-    from_flag = load_recipe_config(recipe.DistillConfig, None, recipe.TOP_KEYS, {"augment": "strong"})
+    from_yaml = load_recipe_config(recipe.DistillConfig, cfg_file, {})
+    from_flag = load_recipe_config(recipe.DistillConfig, None, {"augment": "strong"})
     assert from_yaml.augment == from_flag.augment == AugmentConfig.model_validate("strong")
-    assert load_recipe_config(recipe.DistillConfig, None, recipe.TOP_KEYS, {"augment": None}).augment == AugmentConfig()
+    assert load_recipe_config(recipe.DistillConfig, None, {"augment": None}).augment == AugmentConfig()
 
     seen = []
     monkeypatch.setattr(
@@ -55,9 +55,9 @@ def test_the_flag_sets_the_preset_under_the_yaml_fields_and_bad_names_are_one_li
 
     cfg_file = tmp_path / "distill.yaml"
     cfg_file.write_text("augment:\n  p_blur: 0.9\n", encoding="utf-8")
-    cfg = load_recipe_config(recipe.DistillConfig, cfg_file, recipe.TOP_KEYS, {"augment": {"preset": "strong"}})  # what train_distill makes of "strong"
+    cfg = load_recipe_config(recipe.DistillConfig, cfg_file, {"augment": {"preset": "strong"}})  # what train_distill makes of "strong"
     assert cfg.augment.p_blur == 0.9 and cfg.augment.p_contrast == 0.5  # the YAML's field over the flag's preset
     for bad in ("wild", {"preset": ["strong"]}):
         with pytest.raises(MedalloyError, match="unknown augmentation preset") as err:
-            load_recipe_config(recipe.DistillConfig, None, recipe.TOP_KEYS, {"augment": bad})
+            load_recipe_config(recipe.DistillConfig, None, {"augment": bad})
         assert "\n" not in str(err.value)

@@ -41,15 +41,39 @@ def test_a_config_object_is_copied_never_changed():
 
     given = ExpertConfig(fold=1)
     before = given.model_dump()
-    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "batch_size": 3}, progress=False, top_keys=("fold", "batch_size"))
+    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "batch_size": 3}, progress=False)
     assert given.model_dump() == before  # the caller's object: progress still on, steps unchanged
     assert cfg is not given and cfg.train is not given.train
     assert (cfg.fold, cfg.train.steps, cfg.batch_size, cfg.train.progress) == (1, 7, 3, False)
 
 
 def test_unknown_overrides_are_refused():
-    with pytest.raises(MedalloyError, match="unknown setting.*stepz"):
+    with pytest.raises(MedalloyError, match="unknown setting.*stepz") as info:
         expert_config(None, stepz=5)
+    assert "use steps or another field of ExpertConfig or of its train section" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(MedalloyError, match="unknown setting.*patch_size"):
+        expert_config(None, patch_size=64)  # a field of another recipe's config
+
+
+def test_named_overrides_are_the_config_fields_and_the_train_fields():
+    from medalloy.recipes.amalgamate import AmalgamateConfig
+    from medalloy.recipes.config import load_recipe_config, override_names
+    from medalloy.recipes.distill import DistillConfig
+    from medalloy.recipes.expert import ExpertConfig
+    from medalloy.recipes.pretrain import PretrainConfig
+    from medalloy.recipes.universal import UniversalConfig
+
+    cfg = expert_config(None, max_val_cases=4, warmup_steps=3, lr=1e-4, steps=5, fold=1)
+    assert (cfg.max_val_cases, cfg.train.warmup_steps, cfg.train.lr, cfg.train.steps, cfg.fold) == (4, 3, 1e-4, 5, 1)
+    uni = universal_config(None, fusion_width=32, task_anchors=False, plan_options={"Dataset001_A": {"max_2d_side": 64}})
+    assert (uni.fusion_width, uni.task_anchors, uni.plan_options["Dataset001_A"].max_2d_side) == (32, False, 64)
+    top, train = override_names(ExpertConfig)
+    assert top == ("augment", "fold", "folds", "max_val_cases", "batch_size") and train[:3] == ("steps", "optimizer", "lr") and "time_budget_minutes" in train
+    for cls in (ExpertConfig, UniversalConfig, DistillConfig, AmalgamateConfig, PretrainConfig):
+        top, train = override_names(cls)
+        assert not set(top) & set(train) and "train" not in top and "seed" in train  # one meaning per name
+    pre = load_recipe_config(PretrainConfig, None, {"columns": {"patient": "none"}, "text_only_findings": "notes", "time_budget_minutes": 2.0})
+    assert (pre.columns.patient, pre.columns.image, pre.text_only_findings, pre.train.time_budget_minutes) == (None, "image", "notes", 2.0)
 
 
 def test_set_changes_any_field_by_dotted_path_over_yaml_and_flags(tmp_path):
@@ -69,23 +93,23 @@ def test_set_changes_any_field_by_dotted_path_over_yaml_and_flags(tmp_path):
 
 
 def test_set_reaches_lists_and_mappings_of_models():
-    from medalloy.recipes.amalgamate import TOP_KEYS, AmalgamateConfig
+    from medalloy.recipes.amalgamate import AmalgamateConfig
     from medalloy.recipes.config import load_recipe_config, parse_sets
 
     uni = universal_config(None, set=["fusion_width=32", "plan_options.Dataset001_A.max_2d_side=64", "task_names.lung=lungs=both"])
     assert (uni.fusion_width, uni.plan_options["Dataset001_A"].max_2d_side, uni.task_names) == (32, 64, {"lung": "lungs=both"})
-    cfg = load_recipe_config(AmalgamateConfig, None, TOP_KEYS, {"stages": ["bottleneck"], "set": ["stages=[enc4]"]})
+    cfg = load_recipe_config(AmalgamateConfig, None, {"stages": ["bottleneck"], "set": ["stages=[enc4]"]})
     assert cfg.stages == ["enc4"]
     assert parse_sets(["a.b=[1, 2.5, x]", "c=", "d= 1e-3", "e='1e-3'", "f=on"]) == {"a.b": [1, 2.5, "x"], "c": None, "d": 0.001, "e": "1e-3", "f": True}
 
 
 def test_set_leaves_a_given_config_object_unchanged():
-    from medalloy.recipes.expert import TOP_KEYS, ExpertConfig
+    from medalloy.recipes.expert import ExpertConfig
     from medalloy.recipes.scaffold import resolve_config
 
     given = ExpertConfig(fold=1)
     before = given.model_dump()
-    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "set": {"train.steps": 8, "augment.p_noise": 0.5}}, progress=False, top_keys=TOP_KEYS)
+    cfg = resolve_config(ExpertConfig, given, {"steps": 7, "set": {"train.steps": 8, "augment.p_noise": 0.5}}, progress=False)
     assert given.model_dump() == before
     assert (cfg.fold, cfg.train.steps, cfg.augment.p_noise) == (1, 8, 0.5)
 

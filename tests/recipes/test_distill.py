@@ -342,8 +342,8 @@ def test_cli_stem_flags_reach_the_config(monkeypatch):
     seen, ups = [], []
 
     def fake(*args, **kw):
-        seen.append(kw.get("stem"))
-        ups.append(kw.get("upsample"))
+        seen.append((kw.get("set") or {}).get("stem"))  # the flags arrive as dotted-path settings
+        ups.append((kw.get("set") or {}).get("upsample"))
         return {"params": 1, "teacher_params": 2, "steps": 0, "seconds": 0.0, "best": {}}
 
     monkeypatch.setattr(recipe, "train_distill", fake)

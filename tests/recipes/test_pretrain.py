@@ -121,7 +121,7 @@ def test_arm_without_generation_skips_stage1(pairs, tmp_path):
     res = pretrain(pairs / "pairs.csv", tmp_path / "g", config=tiny_config(), progress=False, losses=["global"], **TINY)
     assert res["summarize"] is None and not (tmp_path / "g" / "summarize").exists()
     rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    assert "global" in rows[-1] and "token" not in rows[-1] and "caption" not in rows[-1]
+    assert "loss/global" in rows[-1] and "loss/token" not in rows[-1] and "loss/caption" not in rows[-1]
     with pytest.raises(MedalloyError, match="no generation decoder"):
         from medalloy.radiograph_tasks import caption
 
@@ -246,7 +246,7 @@ def test_token_scope_pair_from_the_cli(pairs, tmp_path):
     cfg = PretrainConfig.model_validate(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert cfg.token_scope == "pair" and objective_of(cfg, pad_id=0).token.scope == "pair"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
-    assert np.isfinite(rows[-1]["token"]) and "global" not in rows[-1]
+    assert np.isfinite(rows[-1]["loss/token"]) and "loss/global" not in rows[-1]
     assert objective_of(tiny_config(), pad_id=0).token.scope == "batch"
 
 

@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1000, ge=1, description="optimizer steps (with a time budget: at most)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(3e-5, ge=0)
@@ -62,13 +62,15 @@ class TrainConfig(BaseModel):
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = 12.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 where the device has it, else fp16 on a GPU, fp32 on a CPU"
+    )
     ema_decay: float | None = None
     val_every: int = Field(250, ge=1)
     checkpoint_every: int | None = None
     log_every: int = Field(10, ge=1)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = Field(0, description="seed of the weights, the sampling and the augmentation")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     # On a GPU: cuDNN's deterministic convolutions (as MONAI's set_determinism), so a seeded run
     # repeats and resumes the same; false lets cuDNN pick the fastest algorithm (nnU-Net's choice).
     deterministic: bool = True

@@ -57,7 +57,6 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
 
 METHOD = "amalgamate"
-TOP_KEYS = ("fold", "batch_size", "dim", "feature_size", "foundation", "decoder", "hierarchical", "stages", "expert_priors", "datasets_per_step")
 
 
 class AmalgamateConfig(MultiDatasetConfig):
@@ -67,13 +66,13 @@ class AmalgamateConfig(MultiDatasetConfig):
     max_2d_side: int = Field(256, ge=32)
     base_filters: int = Field(32, ge=1)  # the planner's (patch and batch rules); the network is the foundation
     max_filters: int = Field(320, ge=1)
-    feature_size: int = Field(12, ge=12)  # SwinUNETR width (multiple of 12); 48 is MONAI's pre-trained size
+    feature_size: int = Field(12, ge=12, description="SwinUNETR width, a multiple of 12 (48 on a GPU: MONAI's pre-trained size)")
     foundation: str = "scratch"  # "scratch", a weights file (.safetensors/.pt/.pth), or a medalloy amalgamate run/checkpoint
     stages: list[Literal["enc3", "enc4", "bottleneck"]] = Field(default_factory=lambda: ["enc4", "bottleneck"])
     width: int = Field(64, ge=8)
     heads: int = Field(4, ge=1)
     hierarchical: bool = True  # False: concatenate + 1x1 conv (the ablation)
-    decoder: Literal["prompt", "plain"] = "prompt"
+    decoder: Literal["prompt", "plain"] = Field("prompt", description="prompt-driven mask decoder, or one 1x1 head per task (plain: the ablation)")
     decoder_depth: int = Field(2, ge=1)
     task_adaptive: bool | None = None  # stage 3's task condition; None: on with the prompt decoder, off with the plain one
     expert_priors: bool = True  # each task's logits = its own experts' log-odds + the decoder's correction
@@ -391,7 +390,7 @@ def train_amalgamate(
     if not datasets:
         raise MedalloyError("no datasets given", fix="give at least one dataset folder")
     dss = [RawDataset(d) for d in datasets]
-    cfg = resolve_config(AmalgamateConfig, config, overrides, progress, TOP_KEYS)
+    cfg = resolve_config(AmalgamateConfig, config, overrides, progress)
     return run_recipe(AmalgamateRecipe(cfg, dss, experts, splits, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 

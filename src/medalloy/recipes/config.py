@@ -1,10 +1,13 @@
-"""Recipe configs: a YAML file (optional) plus command-line overrides, validated by pydantic.
+"""Recipe configs: a YAML file (optional) plus overrides, validated by pydantic.
 
-Besides the named overrides, the reserved override ``set`` (``--set KEY=VALUE`` on the command line)
-changes any field by its dotted path, after the YAML and the named overrides (so it wins over both)."""
+A named override is a field of the config (``fold=1``) or of its ``train`` section (``steps=5``),
+by name. The reserved override ``set`` (``--set KEY=VALUE`` on the command line; every flag of a
+``train`` subcommand arrives this way too) changes any field by its dotted path, after the YAML and
+the named overrides (so it wins over both)."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
@@ -14,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from medalloy.data.transforms import AugmentConfig
 from medalloy.engine.trainer import TrainConfig
@@ -22,8 +26,6 @@ from medalloy.planning.multi_dataset import PlanOptions
 
 C = TypeVar("C", bound=BaseModel)
 
-# CLI overrides that belong to the engine's ``train`` section
-TRAIN_KEYS = ("steps", "lr", "seed", "precision", "val_every", "device", "ema_decay", "time_budget_minutes")
 # the override that holds dotted-path settings (``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]``)
 SET_KEY = "set"
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; a command line means the number
@@ -37,10 +39,10 @@ class SegmentationConfig(BaseModel):
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    fold: int = 0
+    fold: int = Field(0, description="fold of each dataset's split (-1: train on all)")
     folds: int = 5
     max_val_cases: int = Field(16, ge=0)  # per dataset
-    batch_size: int | None = Field(None, ge=1)  # None: the plan's
+    batch_size: int | None = Field(None, ge=1, description="patches per step (default: the plan's)")
 
 
 class MultiDatasetConfig(SegmentationConfig):
@@ -48,7 +50,7 @@ class MultiDatasetConfig(SegmentationConfig):
     its tasks are named and how often each is drawn."""
 
     max_val_cases: int = Field(8, ge=0)  # per dataset
-    dim: Literal[2, 3] = 2
+    dim: Literal[2, 3] = Field(2, description="2 (volumes sliced) or 3 (volumes, sliding-window prediction)")
     max_2d_side: int = Field(256, ge=16)  # per dataset: coarsen the spacing so the median image fits
     plan_options: dict[str, PlanOptions] = Field(default_factory=dict)  # dataset name -> its planner settings
     base_filters: int = Field(16, ge=1)
@@ -56,20 +58,47 @@ class MultiDatasetConfig(SegmentationConfig):
     prior_probability: float | None = Field(0.01, gt=0.0, lt=1.0)  # task logits start at logit(p): "mostly absent" (None: at 0, the paper's)
     class_loss: Literal["exclusive", "bce"] = "exclusive"  # a dataset's labels compete (softmax, background logit 0), or the paper's per-task BCE
     dataset_weighting: Literal["sqrt", "size", "uniform"] = "sqrt"
-    datasets_per_step: int = Field(2, ge=1)  # own-patch batches of this many datasets averaged per optimizer step (docs/methods/hermes.md)
+    datasets_per_step: int = Field(
+        2, ge=1, description="own-patch batches of this many distinct datasets averaged in each optimizer step (docs/methods/hermes.md)"
+    )
     task_names: dict[str, str] = Field(default_factory=dict)  # "Dataset:label" or "label" -> task name
 
 
-def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_keys: tuple[str, ...], overrides: dict[str, Any]) -> C:
+def override_names(cls: type[BaseModel]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The named overrides ``cls`` takes: its own fields but ``train``, then the fields of its ``train``
+    section (a name in both would be the top level's)."""
+    top = tuple(k for k in cls.model_fields if k != "train")
+    train, _ = _models_in(cls.model_fields["train"].annotation)
+    return top, tuple(k for k in (train.model_fields if train else ()) if k not in top)
+
+
+def field_at(cls: type[BaseModel], dotted: str) -> tuple[FieldInfo, Any]:
+    """The field of ``cls`` at ``dotted`` ("train.steps") and its default there, ``cls()``'s (a recipe's own train defaults)."""
+    model: type[BaseModel] | None = cls
+    value: Any = cls()
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields:
+            raise KeyError(f"{cls.__name__} has no field {dotted}")
+        info = model.model_fields[part]
+        value = getattr(value, part)
+        model, _ = _models_in(info.annotation)
+    return info, value
+
+
+def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, overrides: dict[str, Any]) -> C:
     """``cls`` from the YAML at ``path`` (if any; or a ``cls`` instance, left unchanged) with
-    ``overrides`` applied: engine keys go to ``train`` (whose defaults are ``cls()``'s),
-    ``top_keys`` to the top level; None means unset. Last, ``overrides["set"]`` (see :func:`parse_sets`)
-    sets any field by its dotted path (``{"train.lr": 1e-3, "augment.preset": "strong"}``), over
-    both the YAML and the named overrides. Always a new object."""
-    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in TRAIN_KEYS and k not in top_keys and k != SET_KEY)
+    ``overrides`` applied (:func:`override_names`): a ``train`` field's name goes to ``train``
+    (whose defaults are ``cls()``'s), a top-level field's to the top level; None means unset.
+    Last, ``overrides["set"]`` (see :func:`parse_sets`) sets any field by its dotted path
+    (``{"train.lr": 1e-3, "augment.preset": "strong"}``), over both the YAML and the named
+    overrides. Always a new object."""
+    top_keys, train_keys = override_names(cls)
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in top_keys and k not in train_keys and k != SET_KEY)
     if unknown:
-        others = f"or set others in the YAML config or by {SET_KEY}={{'dotted.key': value}}"
-        raise MedalloyError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}", fix=f"use {', '.join(TRAIN_KEYS + top_keys)}, {others}")
+        near = difflib.get_close_matches(unknown[0], top_keys + train_keys, n=1)
+        nested = f"or set a nested one by {SET_KEY}={{'dotted.key': value}}"
+        fix = f"use {near[0] + ' or ' if near else ''}another field of {cls.__name__} or of its train section, {nested}"
+        raise MedalloyError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}", fix=fix)
     raw: dict[str, Any] = {}
     if isinstance(path, cls):
         raw, path = path.model_dump(mode="json"), None
@@ -86,7 +115,7 @@ def load_recipe_config(cls: type[C], path: str | Path | BaseModel | None, top_ke
         if not isinstance(raw, dict):
             raise MedalloyError("config is not a YAML mapping", path, "write 'key: value' lines (train:, augment:, ...)")
     train = {**cls().train.model_dump(), **dict(raw.get("train") or {})}
-    train.update({k: overrides[k] for k in TRAIN_KEYS if overrides.get(k) is not None})
+    train.update({k: overrides[k] for k in train_keys if overrides.get(k) is not None})
     raw["train"] = train
     for k in top_keys:
         if overrides.get(k) is None:

