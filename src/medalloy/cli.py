@@ -591,7 +591,7 @@ def build_parser() -> _Parser:
     c.set_defaults(fn=cmd_retrieve)
 
     c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
-    c.add_argument("run", help="run folder or .safetensors checkpoint")
+    c.add_argument("run", help="run folder, .safetensors checkpoint or trained nnU-Net v2 model folder")
     c.add_argument("--format", choices=("onnx",), default="onnx")
     c.add_argument("--out", required=True, help="MODEL.onnx (the sidecar MODEL.onnx.json is written beside it)")
     c.add_argument("--checkpoint", choices=("best", "last"), default="best")
