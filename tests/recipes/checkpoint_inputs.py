@@ -3,6 +3,7 @@ and the outputs of the network the current medalloy loads from each file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,28 @@ import torch
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 METHODS = ("expert", "universal", "amalgamate", "distill", "pretrain")
 DATASET = "SynthCXR"  # the multi-dataset fixtures are asked as for this training dataset
+TERNARY_MIN = 4096  # tensors of more values are stored as the seed, shape and scale that regenerate them
+
+
+def fixture(method: str, folder: Path) -> Path:
+    """The whole checkpoint fixture of ``method`` written into ``folder``: the stored small tensors
+    and record, and the large tensors regenerated from ``<method>.ternary.json`` (sparse ternary
+    values of each tensor's scale, drawn in the listed order from one seeded generator)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    stored = FIXTURES / f"{method}.safetensors"
+    with safe_open(str(stored), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    spec = json.loads(stored.with_suffix(".ternary.json").read_text(encoding="utf-8"))
+    g = torch.Generator().manual_seed(spec["seed"])
+    for key, shape, scale in spec["tensors"]:
+        u = torch.rand(shape, generator=g)
+        tensors[key] = torch.tensor(scale, dtype=torch.float32) * ((u > 0.875).float() - (u < 0.125).float())
+    path = folder / stored.name
+    save_file(tensors, str(path), metadata=meta)
+    return path
 
 
 def _image(shape: tuple[int, ...]) -> torch.Tensor:

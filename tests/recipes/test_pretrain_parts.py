@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from checkpoint_inputs import FIXTURES
+from checkpoint_inputs import FIXTURES, fixture
 
 from medalloy.data.reports import read_report_pairs, split_by_patient
 from medalloy.engine import checkpoint as ckpt
@@ -18,7 +18,7 @@ from medalloy.recipes.scaffold import Run
 from medalloy.recipes.spec import read_spec
 from medalloy.seeding import seed_everything
 
-PRETRAIN = FIXTURES / "pretrain.safetensors"
+PRETRAIN = FIXTURES / "pretrain.safetensors"  # its record (the large tensors are rebuilt by fixture())
 
 
 def test_the_record_before_specs_migrates_to_the_spec_a_run_writes():
@@ -84,11 +84,12 @@ def test_a_pretrain_run_predicts_no_masks_but_loads_as_an_image_text_model(tmp_p
     from medalloy.predict import load_model
     from medalloy.recipes.registry import load_image_text_model, register_image_text, registered
 
+    whole = fixture("pretrain", tmp_path)
     with pytest.raises(MedalloyError, match=r"pretrain.safetensors: a 'pretrain' model predicts no masks; use it with zeroshot, caption") as exc:
-        load_model(PRETRAIN)
+        load_model(whole)
     assert "\n" not in str(exc.value) and "pretrain" not in registered()  # the mask predictors only
-    model, enc_tok, dec_tok, record = load_image_text_model(PRETRAIN)
-    direct = load_pretrained(PRETRAIN)
+    model, enc_tok, dec_tok, record = load_image_text_model(whole)
+    direct = load_pretrained(whole)
     assert record == direct[3] and enc_tok.to_json() == direct[1].to_json() and dec_tok.to_json() == direct[2].to_json()
     for k, v in model.state_dict().items():
         assert torch.equal(v, direct[0].state_dict()[k]), k
