@@ -26,10 +26,27 @@ class Stub(nn.Module):
         }  # fmt: skip
         self.out = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
         self.asked: list[tuple[str, ...]] = []
+        self.given: list[dict] = []
 
     def forward(self, parts=(), **inputs):
         self.asked.append(tuple(parts))
+        self.given.append(inputs)
         return dict(self.out)
+
+
+def _handed(given: dict, batch: dict, names: tuple[str, ...]) -> bool:
+    """The model got exactly the batch's tensors of ``names`` (the same objects), and nothing else."""
+    return set(given) == set(names) and all(given[n] is batch[n] for n in names)
+
+
+JOINT_INPUTS = ("images", "findings", "findings_mask", "impression", "impression_enc", "impression_enc_mask")
+SUMMARY_INPUTS = ("findings", "findings_mask", "impression")
+
+
+def _same(i: int, j: int) -> torch.Tensor:
+    same = torch.eye(B, dtype=torch.bool)
+    same[i, j] = same[j, i] = True
+    return same
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -40,7 +57,7 @@ def _batch() -> dict[str, torch.Tensor]:
     return {
         "images": torch.zeros(B, 1, 8, 8), "findings": torch.ones(B, T, dtype=torch.long), "findings_mask": torch.ones(B, T, dtype=torch.bool),
         "impression": impression, "impression_mask": mask, "impression_enc": impression, "impression_enc_mask": mask,
-        "same_impression": torch.eye(B, dtype=torch.bool), "same_findings": torch.eye(B, dtype=torch.bool),
+        "same_impression": _same(0, 1), "same_findings": _same(1, 2),  # two identical texts: positives beside the diagonal
     }  # fmt: skip
 
 
@@ -64,6 +81,11 @@ def test_joint_step_is_the_weighted_sum_of_each_terms_own_loss():
         assert float(v) > 0, k
     assert float(out["loss"]) == pytest.approx(sum(WEIGHTS[k] * float(v) for k, v in expected.items()), rel=1e-6)
     assert model.asked == [("global", "token", "summary", "caption")] and teacher.asked == [("summary",)]
+    assert _handed(model.given[0], batch, JOINT_INPUTS) and _handed(teacher.given[0], batch, SUMMARY_INPUTS)
+    identical_texts_ignored = contrast(m["image_global"], m["impression_global"], torch.eye(B, dtype=torch.bool))
+    assert float(identical_texts_ignored) != pytest.approx(float(out["global"]), rel=1e-4)  # the positives matter here
+    own_pairs_only = TokenAlignmentLoss(scope="batch")(m["patches"], m["words"], batch["findings_mask"], torch.eye(B, dtype=torch.bool))
+    assert float(own_pairs_only) != pytest.approx(float(out["token"]), rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +106,7 @@ def test_summary_step_is_the_summarization_branchs_language_model_loss():
     out = objective.summary_step(model, batch)
     reference = LanguageModelLoss(pad_id=0)(model.out["summary_logits"], batch["impression"][:, 1:])
     assert float(out["loss"]) == pytest.approx(float(reference), rel=1e-6) and float(out["summary"]) == float(out["loss"])
-    assert model.asked == [("summary",)]
+    assert model.asked == [("summary",)] and _handed(model.given[0], batch, SUMMARY_INPUTS)
 
 
 def test_a_missing_weight_is_refused_and_mean_terms_averages_each_key():
