@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/medalloy demo --out $(DEMO_OUT) --overwrite
+	$(BIN)/medalloy pipeline examples/demo.yaml --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

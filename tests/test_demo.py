@@ -6,40 +6,43 @@ import json
 
 import pytest
 
-from medalloy.demo import run_demo
+from medalloy.demo import demo_config, run_demo
 from medalloy.errors import MedalloyError
+from medalloy.pipeline import load_pipeline
 
 pytestmark = pytest.mark.slow
+MODEL_STAGES = ["experts", "experts_pretrained", "universal", "amalgamate", "distill", "export"]
 
 
-def test_demo_writes_the_report_with_experts_and_the_universal_model(tmp_path):
+def test_the_demo_file_is_a_valid_pipeline_of_every_stage():
+    cfg = load_pipeline(demo_config())
+    assert {s.kind for s in cfg.stages.values()} == {"pretrain", "experts", "universal", "amalgamate", "distill", "export", "evaluate", "report"}
+    quick = demo_config(steps=3)
+    assert all(s["train"]["steps"] == 3 for s in quick["stages"].values() if "train" in s)
+    assert quick["stages"]["pretrain"]["summarize_steps"] == 3
+
+
+def test_demo_writes_the_report_with_every_model_on_the_held_out_cases(tmp_path):
     report = run_demo(tmp_path / "demo", steps=3, progress=False)
     text = report.read_text(encoding="utf-8")
-    for name in ("SynthMR", "SynthCXR", "SynthCXRLung", "SynthEndo"):
-        assert f"| {name} |" in text
-        assert (tmp_path / "demo" / "predictions-universal" / name).is_dir()
-    assert "## Universal model (Hermes) vs experts" in text
-    # every expert label has a universal Dice beside it
-    uni_rows = [ln for ln in text.split("## Universal model")[1].split("\n## ")[0].splitlines() if ln.startswith("| Synth")]
-    assert len(uni_rows) == 6 and all(ln.split("|")[4].strip() not in ("", "-") for ln in uni_rows)
-    # the distilled student: predicted through ONNX Runtime, a Dice per teacher label and three latencies
-    assert (tmp_path / "demo" / "student" / "student.onnx").is_file() and (tmp_path / "demo" / "predictions-student" / "SynthCXR").is_dir()
-    section = text.split("## Distilled student")[1].split("\n## ")[0]
-    dice_rows = [ln for ln in section.splitlines() if ln.startswith(("| lung", "| heart"))]
-    assert len(dice_rows) == 2 and all(0.0 <= float(ln.split("|")[3]) <= 1.0 for ln in dice_rows)
-    assert len([ln for ln in section.splitlines() if ln.startswith(("| teacher", "| student"))]) == 3
-    # the amalgamated model of the three 2D experts: a Dice beside each of their labels
-    section = text.split("## Amalgamated model (KA2ER) vs experts")[1].split("\n## ")[0]
-    ka_rows = [ln for ln in section.splitlines() if ln.startswith("| Synth")]
-    assert [ln.split("|")[1].strip() for ln in ka_rows] == ["SynthCXR", "SynthCXR", "SynthCXRLung", "SynthEndo"]
-    assert all(0.0 <= float(ln.split("|")[4]) <= 1.0 for ln in ka_rows)
-    # pretraining: zero-shot and captions on held-out pairs, and the X-ray expert again from its encoder
-    section = text.split("## Image-report pretraining (HybridMED)")[1].split("\n## ")[0]
-    assert "zero-shot accuracy" in section and "BLEU-4" in section
-    init_rows = [ln for ln in section.splitlines() if ln.startswith(("| lung", "| heart"))]
-    assert len(init_rows) == 2 and all(0.0 <= float(ln.split("|")[3]) <= 1.0 for ln in init_rows)
-    expert = json.loads((tmp_path / "demo" / "experts-pretrained" / "SynthCXR" / "run.json").read_text(encoding="utf-8"))
+    header = next(ln for ln in text.splitlines() if ln.startswith("| dataset | task | source |"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:] == MODEL_STAGES
+    rows = {(c[0], c[1]): c[3:] for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| Synth")) if c[2] == "all"}
+    assert set(rows) == {("SynthMR", "core"), ("SynthMR", "organ"), ("SynthCXR", "lung"), ("SynthCXR", "heart"), ("SynthCXRLung", "lung"), ("SynthEndo", "lesion")}
+    # experts and the universal model answer every dataset; the amalgamated model the 2D ones; the student and its ONNX export the chest X-ray one
+    for (ds, _), cells in rows.items():
+        has = [bool(c) for c in cells]
+        assert has[0] and has[2] and has[3] == (ds != "SynthMR") and has[1] == has[4] == has[5] == (ds == "SynthCXR"), (ds, cells)
+    report_json = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
+    onnx = [r for r in report_json["rows"] if r["format"] == "onnx"]
+    assert len(onnx) == 1 and "onnxruntime fp32" in onnx[0]["latency_ms"]
+    assert "zero-shot accuracy" in text and "BLEU-4" in text
+    expert = json.loads((tmp_path / "demo" / "experts_pretrained" / "SynthCXR" / "run.json").read_text(encoding="utf-8"))
     assert expert["init"]["method"] == "pretrain"
-    assert json.loads((tmp_path / "demo" / "demo.json").read_text(encoding="utf-8"))["status"] == "done"
-    with pytest.raises(MedalloyError, match="overwrite"):
-        run_demo(tmp_path / "demo", steps=3, progress=False)
+    # a second demo reuses every stage; --overwrite starts afresh, and only over a pipeline's folder
+    again = run_demo(tmp_path / "demo", steps=3, progress=False)
+    assert again.read_text(encoding="utf-8") == text
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("keep")
+    with pytest.raises(MedalloyError, match="no pipeline.json"):
+        run_demo(tmp_path / "other", overwrite=True, steps=3, progress=False)

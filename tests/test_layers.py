@@ -19,6 +19,8 @@ ALLOWED = {
     "engine": {"engine", "data", "planning", "models", "losses"},
     "interop": {"interop", "planning"},
     "recipes": {"recipes", "engine", "data", "planning", "models", "losses", "runs", "interop"},  # interop: foreign experts (nnU-Net)
+    # the pipeline composes recipes and the applications over them (prediction, export, evaluation)
+    "pipeline": {"pipeline", "recipes", "engine", "data", "planning", "models", "losses", "interop", "runs", "predict", "export", "evaluation"},
 }
 
 
@@ -37,7 +39,7 @@ def _imports(path: Path) -> set[str]:
 # the modules at the package's top, with what each may import: the base modules (errors first) and
 # the run-folder helpers; then the applications of the layers (evaluation, prediction, export, the
 # radiograph commands), the demo, and the CLI above all
-LIBRARY = set(ALLOWED) | BASE
+LIBRARY = set(ALLOWED) | BASE  # the pipeline included
 TOP_LEVEL = {
     "errors": set(),
     "seeding": set(),

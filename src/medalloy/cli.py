@@ -482,6 +482,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    from medalloy import pipeline
+
+    if a.schema:
+        print(json.dumps(pipeline.json_schema(), indent=1))
+        return 0
+    if a.config is None or a.out is None:
+        raise MedalloyError("give the pipeline file and --out", fix="medalloy pipeline PIPELINE.yaml --out RUN (or --schema)")
+    variables = dict(_key_value(v, "--var") for v in a.var)
+    result = pipeline.run(a.config, a.out, until=a.until, only=a.only, dry_run=a.dry_run, progress=not a.quiet, variables=variables, log=True)
+    if not a.dry_run and result.report is not None:
+        print(f"report: {result.report}")
+    return 0
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise MedalloyError(f"{flag} {text}: not NAME=VALUE", fix=f"write {flag} DATA=/path/to/data")
+    k, v = text.split("=", 1)
+    return k.strip(), v
+
+
 def build_parser() -> _Parser:
     from medalloy import __version__
 
@@ -612,9 +634,19 @@ def build_parser() -> _Parser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_evaluate)
 
-    c = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data")
+    c = sub.add_parser("pipeline", help="datasets -> experts -> universal -> amalgamated -> student -> ONNX -> report, from one YAML")
+    c.add_argument("config", nargs="?", default=None, help="the pipeline file (examples/demo.yaml)")
+    c.add_argument("--out", default=None, help="the run folder; a run started again in it reuses the stages that finished")
+    c.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
+    c.add_argument("--only", nargs="+", default=None, metavar="STAGE", help="run only these stages (what they read must have finished)")
+    c.add_argument("--dry-run", action="store_true", help="print what would run, what is reused, budgets and inputs; write nothing")
+    c.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a ${NAME} of the file (default: the environment)")
+    c.add_argument("--schema", action="store_true", help="print the pipeline file's JSON schema and exit")
+    c.set_defaults(fn=cmd_pipeline)
+
+    c = sub.add_parser("demo", help="the demo pipeline (examples/demo.yaml) on built-in synthetic data")
     c.add_argument("--out", default="runs/demo")
-    c.add_argument("--steps", type=int, default=None, help="training steps per expert")
+    c.add_argument("--steps", type=int, default=None, help="every training stage's steps (a quick look; default: the demo's own)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_demo)

@@ -413,3 +413,21 @@ def test_the_joint_loss_is_the_weighted_sum_of_the_logged_terms(joint_first_step
     assert {k: changed[f"loss/{k}"] for k in terms} == pytest.approx(terms, rel=1e-6)  # the same step, the same terms
     # the weight scales the logged (unweighted) term, and only it
     assert changed["loss"] - base["loss"] == pytest.approx(2.0 * terms[term], rel=1e-4, abs=1e-5)
+
+
+def test_a_run_killed_between_its_two_stages_resumes_into_stage_two(hybrid_run, pairs, tmp_path):
+    """Stage 1 finished, stage 2 had no checkpoint yet: --resume trains stage 2 from its start
+    (as the pipeline's resume does) and ends with the uninterrupted run's weights."""
+    import shutil
+
+    out, _, _ = hybrid_run
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints")
+    (cut / "metrics.jsonl").unlink()
+    (cut / "run.json").write_text(json.dumps({"method": "pretrain", "status": "training"}), encoding="utf-8")
+    result = pretrain(pairs / "pairs.csv", cut, text_only=pairs / "reports.csv", config=tiny_config(), resume=True, progress=False, seed=0, **TINY)
+    assert result["status"] == "done" and result["steps"] == 8
+    a, _ = ckpt.load_checkpoint(out / "checkpoints" / "last.safetensors")
+    b, _ = ckpt.load_checkpoint(cut / "checkpoints" / "last.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

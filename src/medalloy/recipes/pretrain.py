@@ -359,7 +359,9 @@ class PretrainRecipe(Recipe[PretrainConfig]):
         if self.stage1 is not None:
             self.stage1_summary = self._summarize(run, self.stage1)
             spec = replace(spec, models={**spec.models, "teacher": copy.deepcopy(self.model).eval()})
-        return run.train(spec, self._joint_train_config())
+        # killed after stage 1 and before stage 2's first checkpoint: stage 2 starts from its beginning
+        resume = run.resume and (run.out / "checkpoints" / "last.safetensors").exists()
+        return run.train(spec, self._joint_train_config(), resume=resume)
 
     def _summarize(self, run: Run, stage1: TrainSpec) -> dict[str, Any]:
         cfg = self.cfg

@@ -1,0 +1,79 @@
+"""The evaluate stage: every model predicts each of its datasets' held-out cases (``imagesTs``
+against ``labelsTs``) and is scored per task and per source (Dice, HD95, surface Dice), with its
+parameters and its latency per image in its runtimes.
+
+``RUN/<stage>/<model>/<dataset>/`` holds the predictions and ``summary.json`` (written last, so a
+stage started again after a kill skips the pairs already scored); ``RUN/<stage>/results.json`` all rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medalloy.jsonio import read_json, write_json_atomic
+from medalloy.pipeline.graph import StagePlan
+from medalloy.pipeline.stages import Context
+
+RESULTS = "results.json"
+
+
+def _latency(ctx: Context, model: dict[str, Any], dataset: str, runs: int) -> dict[str, float]:
+    """Median ms of a batch-1 forward pass at the dataset's patch, in each runtime the model has here."""
+    from medalloy.engine.latency import model_latency_ms
+    from medalloy.engine.precision import cpu_supports_bf16
+    from medalloy.recipes.registry import load_model
+
+    net, plan, _ = load_model(ctx.path(model), "cpu", dataset=ctx.datasets[dataset].raw.name if len(model["datasets"]) > 1 else None)
+    shape = (plan.in_channels, *plan.patch_size)
+    if model["format"] == "onnx":
+        return {"onnxruntime fp32": model_latency_ms(net, shape, runs=runs)}
+    out = {"torch fp32": model_latency_ms(net, shape, "fp32", runs=runs)}
+    if cpu_supports_bf16():
+        out["torch bf16"] = model_latency_ms(net, shape, "bf16", runs=runs)
+    return out
+
+
+def _score(ctx: Context, model: dict[str, Any], dataset: str, folder: Path, overlays: bool) -> dict[str, Any] | None:
+    from medalloy.evaluation import evaluate_folders
+    from medalloy.predict import predict_folder
+
+    ds = ctx.datasets[dataset]
+    images, labels = ds.path / "imagesTs", ds.path / "labelsTs"
+    if not (images.is_dir() and labels.is_dir()):
+        return None
+    many = len(model["datasets"]) > 1
+    predict_folder(ctx.path(model), images, folder / "predictions", dataset=ds.raw.name if many else None, device="cpu", overwrite=True, progress=ctx.progress)
+    return evaluate_folders(folder / "predictions", labels, dataset=ds.path, out_dir=folder, overlays=overlays, overwrite=True, progress=ctx.progress)
+
+
+def run_evaluate(ctx: Context, p: StagePlan) -> dict[str, Any]:
+    st = p.stage
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for stage in [n for n in ctx.records if n in p.needs]:  # the order they ran in
+        for model in ctx.models_of(stage):
+            for d in model["datasets"]:
+                folder = ctx.root / p.name / model["name"].replace("/", "-") / d
+                done = folder / "row.json"
+                if done.is_file():
+                    rows.append(read_json(done, "row.json", "delete the evaluate folder"))
+                    continue
+                ctx.log(f"{p.name}: {model['name']} on {d}'s held-out cases")
+                result = _score(ctx, model, d, folder, st.overlays)  # type: ignore[attr-defined]
+                if result is None:
+                    skipped.append(d)
+                    continue
+                row = {
+                    "model": model["name"], "stage": stage, "kind": ctx.records[stage]["kind"], "format": model["format"], "dataset": d,
+                    "params": model.get("params"), "val_dice": model.get("val_dice", {}).get(d),
+                    "latency_ms": _latency(ctx, model, d, st.latency_runs),  # type: ignore[attr-defined]
+                    "summary": result["summary"], "folder": folder.relative_to(ctx.root).as_posix(),
+                }  # fmt: skip
+                write_json_atomic(done, row)
+                rows.append(row)
+    write_json_atomic(ctx.root / p.name / RESULTS, {"rows": rows})
+    note = f"{len(rows)} model x dataset rows"
+    if skipped:
+        note += f"; no held-out labels (imagesTs + labelsTs) in {', '.join(sorted(set(skipped)))}"
+    return {"models": [], "rows": len(rows), "results": f"{p.name}/{RESULTS}", "note": note}

@@ -1,0 +1,127 @@
+"""The pipeline's plan without training: stage kinds, order, budgets, keys, the recommendation rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from medalloy.errors import MedalloyError
+from medalloy.pipeline import json_schema, load_pipeline
+from medalloy.pipeline.config import budget_minutes, recipe_config
+from medalloy.pipeline.datasets import ResolvedDataset
+from medalloy.pipeline.graph import plan_stages, select, what_changed
+from medalloy.pipeline.report import recommend
+from medalloy.pipeline.stages import Context, best_teacher
+
+
+def _cfg(**stages) -> dict:
+    return {"datasets": {"a": {"synthetic": {"name": "SynthCXR"}}, "b": {"synthetic": {"name": "SynthEndo"}}}, "stages": stages}
+
+
+def _plan(cfg: dict, keys: dict[str, str] | None = None):
+    keys = keys or {"a": "ka", "b": "kb"}
+    datasets = {n: ResolvedDataset(n, None, keys[n]) for n in ("a", "b")}  # type: ignore[arg-type]
+    return {p.name: p for p in plan_stages(load_pipeline(cfg), datasets)}
+
+
+def test_a_stage_runs_after_what_it_reads_else_in_the_files_order():
+    cfg = _cfg(
+        report={}, distill={"teacher": "universal"}, universal={}, experts_again={"kind": "experts", "init": "pretrain"},
+        pretrain={"pairs": {"cases": 4}}, experts={},
+    )  # fmt: skip
+    assert list(_plan(cfg)) == ["universal", "distill", "pretrain", "experts_again", "experts", "report"]
+    in_order = _cfg(pretrain={"pairs": {"cases": 4}}, experts={}, universal={}, experts_again={"kind": "experts", "init": "pretrain"}, report={})
+    assert list(_plan(in_order)) == ["pretrain", "experts", "universal", "experts_again", "report"]  # the file's order where it can
+
+
+def test_a_settings_change_changes_the_key_of_that_stage_and_the_stages_below_only():
+    base = _cfg(experts={}, universal={}, distill={"teacher": "experts"}, export={}, report={})
+    a = _plan(base)
+    b = _plan(_cfg(experts={}, universal={}, distill={"teacher": "experts", "train": {"steps": 7}}, export={}, report={}))
+    assert [n for n in a if a[n].key != b[n].key] == ["distill", "export", "report"]
+    assert what_changed({"settings": a["distill"].settings_key, "datasets": a["distill"].dataset_keys}, b["distill"]) == "its settings changed"
+    old = {"settings": a["export"].settings_key, "datasets": {}, "stages": a["export"].upstream, "external": {}}
+    assert what_changed(old, b["export"]) == "it reads distill, which runs again"
+    c = _plan(base, {"a": "ka", "b": "changed"})
+    assert [n for n in a if a[n].key != c[n].key] == ["experts", "universal", "distill", "export", "report"]
+    assert what_changed({"settings": a["experts"].settings_key, "datasets": a["experts"].dataset_keys}, c["experts"]) == "dataset b changed since it ran"
+    # the pipeline's seed is every stage's, so it is in every key; the device is not a result's
+    d = _plan({**base, "seed": 1})
+    assert all(a[n].key != d[n].key for n in a)
+    e = _plan({**base, "device": "cuda"})
+    assert all(a[n].key == e[n].key for n in a)
+
+
+def test_the_budget_is_split_by_shares_after_the_stages_own():
+    p = _plan({**_cfg(experts={"share": 3}, universal={"share": 1}, distill={"teacher": "experts", "budget": "20m"}, report={}), "budget": "1.5h"})
+    assert p["distill"].budget == 20
+    assert p["experts"].budget == pytest.approx(52.5) and p["universal"].budget == pytest.approx(17.5)
+    assert p["report"].budget is None
+    q = _plan({**_cfg(experts={}, universal={}), "budget": 60})  # default shares 0.35 : 0.25
+    assert q["experts"].budget == pytest.approx(35) and q["universal"].budget == pytest.approx(25)
+    with pytest.raises(MedalloyError, match="take all of the pipeline"):
+        _plan({**_cfg(experts={"budget": "2h"}, universal={}), "budget": "1h"})
+    assert [budget_minutes(v) for v in ("90m", "1.5h", "30s", 12)] == [90, 90, 0.5, 12]
+    with pytest.raises(MedalloyError, match="not a duration"):
+        load_pipeline({**_cfg(experts={}), "budget": "soon"})
+
+
+def test_a_stage_budget_reaches_its_recipe_and_the_pipeline_seed_fills_an_unset_one():
+    cfg = load_pipeline({**_cfg(experts={"train": {"steps": 9}}, universal={"train": {"seed": 5}}), "seed": 3, "device": "cpu"})
+    experts = recipe_config(cfg.stages["experts"], cfg.seed, cfg.device, 4.0)
+    assert (experts.train.steps, experts.train.seed, experts.train.device, experts.train.time_budget_minutes) == (9, 3, "cpu", 4.0)
+    assert experts.train.val_every == 100  # a partial train section keeps the method's own defaults
+    universal = recipe_config(cfg.stages["universal"], cfg.seed, cfg.device, None)
+    assert (universal.train.seed, universal.train.steps, universal.train.time_budget_minutes) == (5, 2000, None)
+
+
+def test_until_and_only_choose_the_stages():
+    order = list(_plan(_cfg(experts={}, universal={}, report={})).values())
+    assert select(order, "universal", None) == {"experts", "universal"}
+    assert select(order, None, ["report"]) == {"report"}
+    with pytest.raises(MedalloyError, match="--until nope: no such stage"):
+        select(order, "nope", None)
+
+
+def test_wrong_wiring_is_refused_in_one_line():
+    with pytest.raises(MedalloyError, match="stage 'foo' needs a kind"):
+        load_pipeline(_cfg(foo={}))
+    with pytest.raises(MedalloyError, match="names dataset 'c'"):
+        _plan(_cfg(experts={"datasets": ["c"]}))
+    with pytest.raises(MedalloyError, match="reads 'universal', a universal stage"):
+        _plan(_cfg(universal={}, amalgamate={"experts": ["universal"]}))
+    with pytest.raises(MedalloyError, match="give exactly one of path, import, synthetic"):
+        load_pipeline({"datasets": {"a": {}}, "stages": {"experts": {}}})
+
+
+def test_the_schema_names_every_stage_kind_and_refuses_unknown_keys():
+    schema = json_schema()
+    kinds = {d["properties"]["kind"]["const"] for d in schema["$defs"].values() if "kind" in d.get("properties", {}) and "const" in d["properties"]["kind"]}
+    assert kinds == {"pretrain", "experts", "universal", "amalgamate", "distill", "export", "evaluate", "report"}
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["ExpertsStage"]["additionalProperties"] is False
+
+
+def _row(model: str, params: int, val: float, fmt: str = "run") -> dict:
+    return {"model": model, "dataset": "d", "params": params, "val_dice": val, "format": fmt, "summary": {"mean": {"dice": {"mean": val - 0.01}}}}
+
+
+def test_the_recommendation_is_the_smallest_model_within_the_tolerance_of_the_best():
+    rows = [_row("experts/d", 2_000_000, 0.90), _row("universal", 3_000_000, 0.92), _row("distill/d", 300_000, 0.895)]
+    rec = recommend(rows, 0.03)["d"]
+    assert (rec["best"], rec["recommended"]) == ("universal", "distill/d")
+    assert recommend(rows, 0.02)["d"]["recommended"] == "experts/d"
+    assert recommend(rows, 0.0)["d"]["recommended"] == "universal"
+    onnx = recommend([*rows, _row("export/distill-d", 300_000, 0.895, "onnx")], 0.03)["d"]
+    assert onnx["recommended"] == "export/distill-d"  # the same model, deployable without torch
+
+
+def test_the_best_teacher_is_the_stage_with_the_highest_validation_dice_on_the_students_datasets():
+    records = {
+        "experts": {"models": [{"datasets": ["a"], "val_dice": {"a": 0.8}}, {"datasets": ["b"], "val_dice": {"b": 0.9}}]},
+        "universal": {"models": [{"datasets": ["a", "b"], "val_dice": {"a": 0.85, "b": 0.7}}]},
+        "amalgamate": {"models": [{"datasets": ["a"], "val_dice": {"a": 0.99}}]},
+    }
+    ctx = Context(None, None, {}, records, False)  # type: ignore[arg-type]
+    assert best_teacher(ctx, ["experts", "universal", "amalgamate"], ["a"]) == "amalgamate"
+    assert best_teacher(ctx, ["experts", "universal", "amalgamate"], ["a", "b"]) == "experts"  # amalgamate lacks b
+    assert best_teacher(ctx, ["experts", "universal"], ["b"]) == "experts"
