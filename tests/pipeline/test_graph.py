@@ -102,13 +102,13 @@ def test_the_schema_names_every_stage_kind_and_refuses_unknown_keys():
 
 
 def _row(model: str, params: int, val: float, fmt: str = "run") -> dict:
-    return {"model": model, "dataset": "d", "params": params, "val_dice": val, "format": fmt, "summary": {"mean": {"dice": {"mean": val - 0.01}}}}
+    return {"model": model, "stage": model.split("/")[0], "dataset": "d", "params": params, "val_dice": val, "format": fmt, "summary": {"mean": {"dice": {"mean": val - 0.01}}}}
 
 
 def test_the_recommendation_is_the_smallest_model_within_the_tolerance_of_the_best():
     rows = [_row("experts/d", 2_000_000, 0.90), _row("universal", 3_000_000, 0.92), _row("distill/d", 300_000, 0.895)]
     rec = recommend(rows, 0.03)["d"]
-    assert (rec["best"], rec["recommended"]) == ("universal", "distill/d")
+    assert (rec["best"], rec["recommended"], rec["rule"]) == ("universal", "distill/d", "validation Dice")
     assert recommend(rows, 0.02)["d"]["recommended"] == "experts/d"
     assert recommend(rows, 0.0)["d"]["recommended"] == "universal"
     onnx = recommend([*rows, _row("export/distill-d", 300_000, 0.895, "onnx")], 0.03)["d"]
@@ -125,3 +125,35 @@ def test_the_best_teacher_is_the_stage_with_the_highest_validation_dice_on_the_s
     assert best_teacher(ctx, ["experts", "universal", "amalgamate"], ["a"]) == "amalgamate"
     assert best_teacher(ctx, ["experts", "universal", "amalgamate"], ["a", "b"]) == "experts"  # amalgamate lacks b
     assert best_teacher(ctx, ["experts", "universal"], ["b"]) == "experts"
+
+
+def test_a_dataset_without_test_labels_holds_out_a_share_by_patient(tmp_path):
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.synth import generate_dataset
+    from medalloy.pipeline.datasets import resolve_datasets
+
+    path = generate_dataset("SynthCXR", tmp_path, cases_per_source=5, test_cases_per_source=0, progress=False)
+    cfg = load_pipeline({"datasets": {"a": {"path": str(path)}, "b": {"path": str(path), "held_out": 0.5}}, "stages": {"experts": {}}})
+    dss = resolve_datasets(cfg.datasets, tmp_path / "data", build=False, progress=False, held_out=cfg.held_out)
+    a, b = dss["a"].split(), dss["b"].split()
+    ids = sorted(c.case_id for c in RawDataset(path).labelled_cases())
+    for split, n_test in ((a, 2), (b, 5)):
+        assert sorted(split["train"] + split["val"] + split["test"]) == ids and len(split["test"]) == n_test
+        assert not set(split["test"]) & set(split["train"] + split["val"]) and split["val"]
+    assert dss["a"].split() == a  # the same cases every time
+    assert dss["a"].key != dss["b"].key  # the share is part of the dataset's key
+    with_test = generate_dataset("SynthEndo", tmp_path, cases_per_source=3, test_cases_per_source=1, progress=False)
+    own = resolve_datasets(load_pipeline({"datasets": {"c": {"path": str(with_test)}}, "stages": {"experts": {}}}).datasets, tmp_path, False, False)
+    assert own["c"].split() is None  # its own imagesTs + labelsTs are the held-out cases
+
+
+def test_where_leave_one_source_out_rows_exist_they_decide_and_only_stages_with_rows_compete():
+    rows = [_row("experts/d", 2_000_000, 0.95), _row("universal", 3_000_000, 0.90), _row("distill/d", 300_000, 0.94)]
+    for r, stage in zip(rows, ("experts", "universal", "distill")):
+        r["stage"] = stage
+    cross = [{"stage": "experts", "dataset": "d", "summary": {"mean": {"dice": {"mean": 0.70}}}},
+             {"stage": "universal", "dataset": "d", "summary": {"mean": {"dice": {"mean": 0.85}}}}]  # fmt: skip
+    rec = recommend(rows, 0.03, cross)["d"]
+    assert (rec["rule"], rec["best"], rec["recommended"], rec["score"]) == ("leave-one-source-out Dice", "universal", "universal", 0.85)
+    assert recommend(rows, 0.2, cross)["d"]["recommended"] == "experts/d"  # within 0.2 of 0.85; distill has no row
+    assert recommend(rows, 0.03, [])["d"]["rule"] == "validation Dice"

@@ -28,6 +28,7 @@ def _toy(data: Path, **changes) -> dict:
     cfg = {
         "name": "toy",
         "device": "cpu",
+        "held_out": 0.25,
         "datasets": {"cxr": {"path": str(data)}},
         "stages": {
             "experts": {**STEPS},
@@ -62,7 +63,8 @@ def _weights(out: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return generate_dataset("SynthCXR", tmp_path_factory.mktemp("data"), cases_per_source=3, test_cases_per_source=1, progress=False)
+    # no imagesTs: the pipeline holds out a quarter of the cases itself
+    return generate_dataset("SynthCXR", tmp_path_factory.mktemp("data"), cases_per_source=4, test_cases_per_source=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,12 @@ def test_the_reference_run_trains_each_stage_from_the_one_before(reference):
     assert student["steps"] == 4
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert {(r["model"], r["dataset"]) for r in report["rows"]} == {("experts/cxr", "cxr"), ("distill/cxr", "cxr")}
+    # the held-out quarter (by patient) is scored and never trained or selected on
+    held = set(json.loads((out / "evaluate" / "experts-cxr" / "cxr" / "summary.json").read_text(encoding="utf-8"))["per_case"])
+    assert len(held) == 2
+    for run_dir in (out / "experts" / "cxr", out / "distill" / "cxr"):
+        split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))["datasets"]["SynthCXR"]
+        assert not held & (set(split["train"]) | set(split["val"])) and len(split["train"]) + len(split["val"]) == 6
 
 
 def test_a_rerun_reuses_every_stage_and_trains_nothing(reference, tmp_path):
@@ -257,3 +265,32 @@ def test_the_html_report_renders_its_tables_in_a_browser(reference, tmp_path):
     assert 0.005 < ink.mean() < 0.5
     # tables: many dark rows across the page's width, not a blank or an error page
     assert (ink.mean(axis=1) > 0.05).sum() > 20
+
+
+def test_leave_one_source_out_scores_each_source_with_models_that_never_saw_it(data, tmp_path):
+    lung = generate_dataset("SynthCXRLung", tmp_path / "lung", cases_per_source=4, test_cases_per_source=0, progress=False)
+    cfg = _toy(data)
+    cfg["datasets"]["lungonly"] = {"path": str(lung)}
+    cfg["stages"] = {
+        "experts": {**STEPS},
+        "universal": {**STEPS, "patch_size": 64},
+        "evaluate": {"latency_runs": 1, "overlays": False, "leave_one_source_out": True},
+        "report": {},
+    }
+    result = run(cfg, tmp_path / "run", progress=False)
+    cross = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text(encoding="utf-8"))["cross_source"]
+    by = {(r["dataset"], r["source"], r["model"]): r for r in cross}
+    # the chest set's siteA: the lung-only expert (lung only), the chest expert retrained on siteB, a universal model without siteA
+    assert by[("cxr", "siteA", "experts/lungonly")]["tasks"] == ["lung"]
+    assert by[("cxr", "siteA", "evaluate/cross-source/cxr-siteA/experts/cxr")]["tasks"] == ["lung", "heart"]
+    assert by[("cxr", "siteA", "universal without cxr/siteA")]["tasks"] == ["lung", "heart"]
+    assert {k[:2] for k in by} == {("cxr", "siteA"), ("cxr", "siteB"), ("lungonly", "siteC"), ("lungonly", "siteD")}
+    # scored on that source's training cases only, never on the held-out ones
+    held = set(result.stages["evaluate"] and json.loads((tmp_path / "run" / "evaluate" / "experts-cxr" / "cxr" / "summary.json").read_text(encoding="utf-8"))["per_case"])
+    scored = json.loads((tmp_path / "run" / "evaluate" / "cross-source" / "cxr-siteA" / "universal" / "scores" / "universal_without_cxr-siteA" / "summary.json").read_text(encoding="utf-8"))
+    assert scored["per_case"] and not held & set(scored["per_case"]) and all(scored["sources"][c] == "siteA" for c in scored["per_case"])
+    retrained = json.loads((tmp_path / "run" / "evaluate" / "cross-source" / "cxr-siteA" / "universal" / "split.json").read_text(encoding="utf-8"))["datasets"]
+    assert not any(cid in scored["per_case"] for part in retrained.values() for ids in part.values() for cid in ids)
+    report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+    assert report["recommendation"]["cxr"]["rule"] == "leave-one-source-out Dice"
+    assert "## Sources never trained on" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")

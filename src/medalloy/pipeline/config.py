@@ -40,7 +40,7 @@ from medalloy.recipes.universal import UniversalConfig
 # the stages in the order they run when nothing else decides (a stage runs after what it names)
 KINDS = ("pretrain", "experts", "universal", "amalgamate", "distill", "export", "evaluate", "report")
 # the kinds that train, and their share of the pipeline's budget when none is given
-DEFAULT_SHARES = {"pretrain": 0.10, "experts": 0.35, "universal": 0.25, "amalgamate": 0.15, "distill": 0.15}
+DEFAULT_SHARES = {"pretrain": 0.10, "experts": 0.35, "universal": 0.25, "amalgamate": 0.15, "distill": 0.15, "evaluate": 0.20}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
 
@@ -94,6 +94,9 @@ class DatasetEntry(_Strict):
     labels: dict[str, int] | None = Field(None, description="for import: label name -> mask value (background 0 is added)")
     modality: str | None = Field(None, description="for import: CT, MR, xray, endoscopy ...")
     synthetic: SyntheticData | None = None
+    held_out: float | None = Field(
+        None, gt=0, lt=1, description="without labelsTs: the share of cases (by patient) held out for evaluation (default: the pipeline's)"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> DatasetEntry:
@@ -179,6 +182,9 @@ class EvaluateStage(StageBase):
     models: list[str] | None = Field(None, description="the stages whose models are scored (default: every model stage)")
     latency_runs: int = Field(20, ge=1, description="batch-1 forward passes timed per model (median)")
     overlays: bool = True
+    leave_one_source_out: bool = Field(
+        False, description="also score each experts/universal stage on every source with a model trained without it (training cases only; its own budget share)"
+    )
 
 
 class ReportStage(StageBase):
@@ -202,6 +208,9 @@ class PipelineConfig(_Strict):
     seed: int = Field(0, description="every stage's train.seed unless the stage gives its own")
     device: str = Field("auto", description="every stage's train.device unless the stage gives its own")
     budget: Budget = Field(None, description="the whole run's training time, split over the training stages by their share")
+    held_out: float = Field(
+        0.2, gt=0, lt=1, description="a dataset without labelsTs: the share of its cases (by patient) no stage trains or selects on, for evaluate"
+    )
     datasets: dict[str, DatasetEntry] = Field(min_length=1)
     stages: dict[str, Stage] = Field(min_length=1)
 

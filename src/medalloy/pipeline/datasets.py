@@ -31,6 +31,26 @@ class ResolvedDataset:
     name: str  # the pipeline's name for it
     path: Path  # an nnU-Net raw folder
     key: str  # content key
+    held_out: float | None = None  # without labelsTs: the share of cases held out for evaluation
+
+    @property
+    def has_test_labels(self) -> bool:
+        return (self.path / "labelsTs").is_dir() and any((self.path / "labelsTs").iterdir())
+
+    def split(self) -> dict[str, list[str]] | None:
+        """None where the dataset holds its own held-out cases (imagesTs + labelsTs: the recipes split
+        imagesTr as they always do); else ``{"train", "val", "test"}`` of its labelled cases, by
+        patient: ``test`` (fold 0 of ``1 / held_out`` folds) is never trained or selected on,
+        ``val`` is fold 0 of 5 of the rest."""
+        from medalloy.data.splits import kfold_splits
+
+        if self.held_out is None:
+            return None
+        cases = self.raw.labelled_cases()
+        test = set(kfold_splits(cases, k=max(2, round(1 / self.held_out)), seed=0)[0]["val"])
+        rest = [c for c in cases if c.case_id not in test]
+        val = set(kfold_splits(rest, k=5, seed=0)[0]["val"])
+        return {"train": sorted(c.case_id for c in rest if c.case_id not in val), "val": sorted(val), "test": sorted(test)}
 
     @property
     def raw(self) -> RawDataset:
@@ -94,9 +114,23 @@ def _build(name: str, entry: DatasetEntry, target: Path, progress: bool) -> Path
     return target
 
 
-def resolve_datasets(entries: dict[str, DatasetEntry], data_dir: Path, build: bool, progress: bool = True) -> dict[str, ResolvedDataset]:
-    """Each entry as a raw folder with its key. ``build=False`` (a dry run) writes nothing: an
-    imported or synthetic dataset not yet built is keyed by its sources alone."""
+def resolve_datasets(
+    entries: dict[str, DatasetEntry], data_dir: Path, build: bool, progress: bool = True, held_out: float = 0.2
+) -> dict[str, ResolvedDataset]:
+    """Each entry as a raw folder with its key (which includes the held-out share where one is
+    drawn). ``build=False`` (a dry run) writes nothing: an imported or synthetic dataset not yet
+    built is keyed by its sources alone."""
+    out = {}
+    for name, ds in _resolve(entries, data_dir, build, progress).items():
+        entry = entries[name]
+        # known from the entry, so a dry run before the data is built keys it the same
+        own_test = entry.synthetic.test_cases_per_source > 0 if entry.synthetic else False if entry.import_ else ds.has_test_labels
+        drawn = None if own_test else entry.held_out or held_out
+        out[name] = ResolvedDataset(name, ds.path, digest({"content": ds.key, "held_out": drawn}) if drawn else ds.key, drawn)
+    return out
+
+
+def _resolve(entries: dict[str, DatasetEntry], data_dir: Path, build: bool, progress: bool) -> dict[str, ResolvedDataset]:
     out = {}
     for name, entry in entries.items():
         if entry.path is not None:

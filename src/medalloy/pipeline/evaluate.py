@@ -1,5 +1,5 @@
 """The evaluate stage: every model predicts each of its datasets' held-out cases (``imagesTs``
-against ``labelsTs``) and is scored per task and per source (Dice, HD95, surface Dice), with its
+against ``labelsTs``, or the cases the pipeline held out of ``imagesTr``) and is scored per task and per source (Dice, HD95, surface Dice), with its
 parameters and its latency per image in its runtimes.
 
 ``RUN/<stage>/<model>/<dataset>/`` holds the predictions and ``summary.json`` (written last, so a
@@ -8,6 +8,7 @@ stage started again after a kill skips the pairs already scored); ``RUN/<stage>/
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,25 @@ def _latency(ctx: Context, model: dict[str, Any], dataset: str, runs: int) -> di
 
 
 def _score(ctx: Context, model: dict[str, Any], dataset: str, folder: Path, overlays: bool) -> dict[str, Any] | None:
+    """Predict and score the dataset's held-out cases: its imagesTs, or the cases the pipeline held out of imagesTr."""
     from medalloy.evaluation import evaluate_folders
-    from medalloy.predict import predict_folder
+    from medalloy.predict import predict_cases, predict_folder
 
     ds = ctx.datasets[dataset]
-    images, labels = ds.path / "imagesTs", ds.path / "labelsTs"
-    if not (images.is_dir() and labels.is_dir()):
-        return None
-    many = len(model["datasets"]) > 1
-    predict_folder(ctx.path(model), images, folder / "predictions", dataset=ds.raw.name if many else None, device="cpu", overwrite=True, progress=ctx.progress)
+    as_dataset = ds.raw.name if len(model["datasets"]) > 1 else None
+    split = ds.split()
+    if split is not None:
+        raw = ds.raw
+        labels = folder / "labels"
+        labels.mkdir(parents=True, exist_ok=True)
+        for cid in split["test"]:
+            shutil.copyfile(raw.case(cid).label, labels / f"{cid}{raw.spec.file_ending}")
+        predict_cases(ctx.path(model), ds.path, split["test"], folder / "predictions", device="cpu", overwrite=True, progress=ctx.progress, as_dataset=as_dataset)
+    else:
+        images, labels = ds.path / "imagesTs", ds.path / "labelsTs"
+        if not (images.is_dir() and labels.is_dir()):
+            return None
+        predict_folder(ctx.path(model), images, folder / "predictions", dataset=as_dataset, device="cpu", overwrite=True, progress=ctx.progress)
     return evaluate_folders(folder / "predictions", labels, dataset=ds.path, out_dir=folder, overlays=overlays, overwrite=True, progress=ctx.progress)
 
 
@@ -72,8 +83,13 @@ def run_evaluate(ctx: Context, p: StagePlan) -> dict[str, Any]:
                 }  # fmt: skip
                 write_json_atomic(done, row)
                 rows.append(row)
-    write_json_atomic(ctx.root / p.name / RESULTS, {"rows": rows})
-    note = f"{len(rows)} model x dataset rows"
+    cross, notes = ([], [])
+    if st.leave_one_source_out:  # type: ignore[attr-defined]
+        from medalloy.pipeline.cross_source import cross_source_rows
+
+        cross, notes = cross_source_rows(ctx, p)
+    write_json_atomic(ctx.root / p.name / RESULTS, {"rows": rows, "cross_source": cross, "cross_source_notes": notes})
+    note = f"{len(rows)} model x dataset rows" + (f", {len(cross)} cross-source rows" if cross else "")
     if skipped:
         note += f"; no held-out labels (imagesTs + labelsTs) in {', '.join(sorted(set(skipped)))}"
     return {"models": [], "rows": len(rows), "results": f"{p.name}/{RESULTS}", "note": note}

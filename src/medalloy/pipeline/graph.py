@@ -121,13 +121,19 @@ def _wiring(name: str, stage: StageBase, stages: dict[str, StageBase], all_datas
     return needs, datasets, external
 
 
+def trains(stage: StageBase) -> bool:
+    """Whether a stage takes a share of the budget: the training kinds, and evaluate when it
+    retrains without each source."""
+    return stage.kind in DEFAULT_SHARES and (stage.kind != "evaluate" or bool(getattr(stage, "leave_one_source_out", False)))
+
+
 def _budgets(cfg: PipelineConfig) -> dict[str, float | None]:
     """Minutes per training stage: its own ``budget``, else its share of what the pipeline's budget
     leaves (shares of the stages present, normalised)."""
     own = {n: budget_minutes(s.budget) for n, s in cfg.stages.items()}
     total = budget_minutes(cfg.budget)
     out: dict[str, float | None] = dict(own)
-    shared = [n for n, s in cfg.stages.items() if own[n] is None and s.kind in DEFAULT_SHARES]
+    shared = [n for n, s in cfg.stages.items() if own[n] is None and trains(s)]
     if total is not None and shared:
         left = total - sum(v for v in own.values() if v is not None)
         if left <= 0:

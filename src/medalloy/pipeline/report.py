@@ -18,35 +18,67 @@ from medalloy.pipeline.html import markdown_to_html
 from medalloy.pipeline.stages import Context
 
 
-def _rows(ctx: Context) -> list[dict[str, Any]]:
-    rows = []
-    for name, rec in ctx.records.items():
+def _results(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """(held-out rows, cross-source rows, cross-source notes) of the evaluate stages."""
+    rows, cross, notes = [], [], []
+    for rec in ctx.records.values():
         if rec.get("kind") == "evaluate":
-            rows += read_json(ctx.root / rec["results"], "results.json", "run the evaluate stage again")["rows"]
-    return rows
+            got = read_json(ctx.root / rec["results"], "results.json", "run the evaluate stage again")
+            rows += got["rows"]
+            cross += got.get("cross_source", [])
+            notes += got.get("cross_source_notes", [])
+    return rows, cross, notes
 
 
 def _fastest(latency: dict[str, float]) -> tuple[str, float] | None:
     return min(latency.items(), key=lambda kv: kv[1]) if latency else None
 
 
-def recommend(rows: list[dict[str, Any]], tolerance: float) -> dict[str, dict[str, Any]]:
-    """Per dataset: the best validation Dice, and the smallest model within ``tolerance`` of it
-    (an ONNX export counts as the model it was exported from, and is what gets deployed)."""
+def recommend(rows: list[dict[str, Any]], tolerance: float, cross: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per dataset: the best score and the smallest model within ``tolerance`` of it (an ONNX
+    export counts as the model it was exported from, and is what gets deployed). The score is the
+    stage's leave-one-source-out Dice on the dataset's sources where such rows exist (only stages
+    with rows compete), else each model's validation Dice."""
+    from medalloy.pipeline.cross_source import cross_source_dice
+
     out = {}
     for d in sorted({r["dataset"] for r in rows}):
-        cands = [r for r in rows if r["dataset"] == d and r.get("val_dice") is not None and r.get("params")]
-        if not cands:
+        cands = [r for r in rows if r["dataset"] == d and r.get("params")]
+        loso = {r["stage"]: cross_source_dice(cross or [], r["stage"], d) for r in cands}
+        if any(v is not None for v in loso.values()):
+            rule = "leave-one-source-out Dice"
+            scored = [(r, loso[r["stage"]]) for r in cands if loso[r["stage"]] is not None]
+        else:
+            rule = "validation Dice"
+            scored = [(r, r["val_dice"]) for r in cands if r.get("val_dice") is not None]
+        if not scored:
             continue
-        best = max(cands, key=lambda r: r["val_dice"])
-        close = [r for r in cands if r["val_dice"] >= best["val_dice"] - tolerance]
-        pick = min(close, key=lambda r: (r["params"], r["format"] != "onnx", -r["val_dice"]))
+        best, best_score = max(scored, key=lambda rs: rs[1])
+        close = [(r, v) for r, v in scored if v >= best_score - tolerance]
+        pick, score = min(close, key=lambda rs: (rs[0]["params"], rs[0]["format"] != "onnx", -rs[1]))
         out[d] = {
-            "best": best["model"], "best_val_dice": best["val_dice"], "recommended": pick["model"], "val_dice": pick["val_dice"],
-            "params": pick["params"], "format": pick["format"], "tolerance": tolerance,
+            "rule": rule, "best": best["model"], "best_score": best_score, "recommended": pick["model"], "score": score,
+            "val_dice": pick.get("val_dice"), "params": pick["params"], "format": pick["format"], "tolerance": tolerance,
             "held_out_dice": pick["summary"]["mean"]["dice"]["mean"],
         }  # fmt: skip
     return out
+
+
+def _cross_table(cross: list[dict[str, Any]], notes: list[str]) -> list[str]:
+    lines = [
+        "## Sources never trained on (leave one source out)",
+        "",
+        "Each source scored by models trained without it (its training cases; the held-out cases stay untouched).",
+        "",
+        "| dataset | source left out | task | stage | model | cases | Dice | HD95 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cross:
+        for label, stats in r["summary"]["classes"].items():
+            lines.append(
+                f"| {r['dataset']} | {r['source']} | {label} | {r['stage']} | {r['model']} | {r['cases']} | {_fmt(stats['dice']['mean'])} | {_fmt(stats['hd95']['mean'], 1)} |"
+            )
+    return lines + [""] + [f"- {n}" for n in notes] + [""]
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -142,8 +174,8 @@ def _pretrain_lines(ctx: Context) -> list[str]:
 
 def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     st = p.stage
-    rows = _rows(ctx)
-    rec = recommend(rows, st.tolerance)  # type: ignore[attr-defined]
+    rows, cross, notes = _results(ctx)
+    rec = recommend(rows, st.tolerance, cross)  # type: ignore[attr-defined]
     lines = [f"# medalloy pipeline report: {ctx.cfg.name}", "", "## Held-out cases", ""]
     if rows:
         lines += ["Dice / HD95 on each dataset's held-out cases (`imagesTs`), by the model of each stage.", "", *_held_out_table(rows), "", "## Models", "", *_model_table(rows)]
@@ -152,18 +184,21 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     lines += ["", "## Recommended model per dataset", ""]
     if rec:
         lines += [
-            f"Best: the highest validation Dice (never the held-out cases). Recommended: the smallest model within {st.tolerance:.3f} of it.",  # type: ignore[attr-defined]
+            "Best: the highest leave-one-source-out Dice where those rows exist, else the highest validation Dice (never the held-out "
+            f"cases). Recommended: the smallest model within {st.tolerance:.3f} of it.",  # type: ignore[attr-defined]
             "",
-            "| dataset | best (validation Dice) | recommended | its validation Dice | held-out Dice | parameters | deploy |",
-            "|---|---|---|---|---|---|---|",
+            "| dataset | by | best | recommended | its score | held-out Dice | parameters | deploy |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for d, r in rec.items():
             lines.append(
-                f"| {d} | {r['best']} ({r['best_val_dice']:.3f}) | {r['recommended']} | {r['val_dice']:.3f} | {r['held_out_dice']:.3f} | {r['params']:,} | "
-                f"`{_deployable(ctx, r['recommended'])}` |"
+                f"| {d} | {r['rule']} | {r['best']} ({r['best_score']:.3f}) | {r['recommended']} | {r['score']:.3f} | {r['held_out_dice']:.3f} | "
+                f"{r['params']:,} | `{_deployable(ctx, r['recommended'])}` |"
             )
     else:
         lines.append("No model with a validation Dice was evaluated.")
+    if cross or notes:
+        lines += ["", *_cross_table(cross, notes)]
     lines += ["", "## Stages", "", *_stage_table(ctx), ""]
     lines += _pretrain_lines(ctx)
     lines += [
@@ -184,7 +219,7 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     write_text_atomic(ctx.root / "report.md", text)
     write_text_atomic(ctx.root / "report.html", markdown_to_html(text, ctx.root, f"medalloy report: {ctx.cfg.name}"))
     stages = {n: {k: r.get(k) for k in ("kind", "key", "seconds", "note", "models", "held_out", "teacher") if r.get(k) is not None} for n, r in ctx.records.items()}
-    write_json_atomic(ctx.root / "report.json", {"name": ctx.cfg.name, "rows": rows, "recommendation": rec, "stages": stages})
+    write_json_atomic(ctx.root / "report.json", {"name": ctx.cfg.name, "rows": rows, "cross_source": cross, "recommendation": rec, "stages": stages})
     return {"models": [], "note": "report.html, report.md, report.json", "recommendation": rec}
 
 

@@ -132,7 +132,7 @@ def run(
     cfg = load_pipeline(config, variables)
     root = Path(out)
     state = _open(root, dry_run)
-    datasets = resolve_datasets(cfg.datasets, root / "data", build=not dry_run, progress=progress)
+    datasets = resolve_datasets(cfg.datasets, root / "data", build=not dry_run, progress=progress, held_out=cfg.held_out)
     order = plan_stages(cfg, datasets)
     chosen = select(order, until, only)
     _check_static(order, datasets)

@@ -48,6 +48,17 @@ class Context:
     def recipe_config(self, p: StagePlan, budget: float | None) -> Any:
         return recipe_config(p.stage, self.cfg.seed, self.cfg.device, budget)
 
+    def split_of(self, dataset: str) -> dict[str, list[str]] | None:
+        """The training and validation cases of a dataset whose held-out cases the pipeline drew
+        (none of its test cases), else None (the recipe splits imagesTr as always)."""
+        split = self.datasets[dataset].split()
+        return None if split is None else {"train": split["train"], "val": split["val"]}
+
+    def splits_of(self, datasets: list[str]) -> dict[str, dict[str, list[str]]] | None:
+        """:meth:`split_of` of each, by the name the recipes know the dataset by."""
+        out = {self.datasets[d].raw.name: s for d in datasets if (s := self.split_of(d)) is not None}
+        return out or None
+
 
 def train_run(folder: Path, train: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """A finished run's ``run.json``; else ``train(resume=..., overwrite=...)`` into ``folder``,
@@ -105,7 +116,7 @@ def run_experts(ctx: Context, p: StagePlan) -> dict[str, Any]:
         folder = ctx.root / p.name / d
         ds = ctx.datasets[d]
         ctx.log(f"{p.name}: expert of {d}")
-        summary = train_run(folder, lambda resume, overwrite: train_expert(ds.path, folder, config=cfg, init=init, resume=resume, overwrite=overwrite, progress=ctx.progress))
+        summary = train_run(folder, lambda resume, overwrite: train_expert(ds.path, folder, config=cfg, init=init, split=ctx.split_of(d), resume=resume, overwrite=overwrite, progress=ctx.progress))
         models.append(model_entry(ctx, p.name, folder, [d], summary))
     return {"models": models, "note": _dice_line(models)}
 
@@ -122,7 +133,7 @@ def run_universal(ctx: Context, p: StagePlan) -> dict[str, Any]:
 
     cfg = ctx.recipe_config(p, p.budget)
     paths = [ctx.datasets[d].path for d in p.datasets]
-    return _multi(ctx, p, lambda resume, overwrite: train_universal(paths, ctx.root / p.name, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress))
+    return _multi(ctx, p, lambda resume, overwrite: train_universal(paths, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress))
 
 
 def run_amalgamate(ctx: Context, p: StagePlan) -> dict[str, Any]:
@@ -137,7 +148,7 @@ def run_amalgamate(ctx: Context, p: StagePlan) -> dict[str, Any]:
     cfg = ctx.recipe_config(p, p.budget)
     paths = [ctx.datasets[d].path for d in p.datasets]
     return _multi(
-        ctx, p, lambda resume, overwrite: train_amalgamate(paths, experts, ctx.root / p.name, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress)
+        ctx, p, lambda resume, overwrite: train_amalgamate(paths, experts, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress)
     )
 
 
@@ -183,7 +194,7 @@ def run_distill(ctx: Context, p: StagePlan) -> dict[str, Any]:
         paths = [ctx.datasets[d].path for d in group]
         ctx.log(f"{p.name}: a student of {teacher_path.relative_to(ctx.root) if teacher_path.is_relative_to(ctx.root) else teacher_path} on {', '.join(group)}")
         summary = train_run(
-            folder, lambda resume, overwrite: train_distill(paths, teacher_path, folder, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress)
+            folder, lambda resume, overwrite: train_distill(paths, teacher_path, folder, config=cfg, split=ctx.splits_of(group), resume=resume, overwrite=overwrite, progress=ctx.progress)
         )
         entry = model_entry(ctx, p.name, folder, group, summary)
         entry["teacher"] = teacher_path.relative_to(ctx.root).as_posix() if teacher_path.is_relative_to(ctx.root) else str(teacher_path)
