@@ -157,3 +157,23 @@ def test_where_leave_one_source_out_rows_exist_they_decide_and_only_stages_with_
     assert (rec["rule"], rec["best"], rec["recommended"], rec["score"]) == ("leave-one-source-out Dice", "universal", "universal", 0.85)
     assert recommend(rows, 0.2, cross)["d"]["recommended"] == "experts/d"  # within 0.2 of 0.85; distill has no row
     assert recommend(rows, 0.03, [])["d"]["rule"] == "validation Dice"
+
+
+def test_a_stage_name_is_a_folder_name_and_not_the_data_folder():
+    for bad in ("data", "my stage", "../x"):
+        with pytest.raises(MedalloyError, match="stage name"):
+            load_pipeline(_cfg(**{bad: {"kind": "experts"}}))
+
+
+def test_predictions_are_scored_in_the_datasets_own_label_values(tmp_path):
+    import numpy as np
+
+    from medalloy.data.io import read_label, write_label
+    from medalloy.pipeline.evaluate import keep_dataset_labels
+
+    write_label(tmp_path / "a.png", np.array([[0, 1], [2, 2]], dtype=np.uint8))
+    keep_dataset_labels(tmp_path, {"background": 0, "lung": 1, "heart": 2}, {"background": 0, "lung": 1})
+    assert read_label(tmp_path / "a.png")[0].tolist() == [[0, 1], [0, 0]]  # heart is not this dataset's: background
+    write_label(tmp_path / "a.png", np.array([[0, 1], [2, 2]], dtype=np.uint8))
+    keep_dataset_labels(tmp_path, {"background": 0, "lung": 1, "heart": 2}, {"background": 0, "heart": 1, "lung": 2})
+    assert read_label(tmp_path / "a.png")[0].tolist() == [[0, 2], [1, 1]]  # mapped by name

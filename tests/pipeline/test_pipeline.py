@@ -294,3 +294,28 @@ def test_leave_one_source_out_scores_each_source_with_models_that_never_saw_it(d
     report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
     assert report["recommendation"]["cxr"]["rule"] == "leave-one-source-out Dice"
     assert "## Sources never trained on" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+
+def test_experts_in_parallel_processes_end_as_sequential_ones_on_one_thread(data, tmp_path):
+    endo = generate_dataset("SynthEndo", tmp_path / "endo", cases_per_source=3, test_cases_per_source=1, progress=False)
+    outs = {}
+    for jobs in (1, 2):
+        cfg = {**_toy(data), "jobs": jobs, "stages": {"experts": {**STEPS}}}
+        cfg["datasets"]["endo"] = {"path": str(endo)}
+        res = _pipeline(_write(tmp_path, cfg, f"jobs{jobs}.yaml"), tmp_path / f"run{jobs}")  # --threads 1: one thread each way
+        assert res.returncode == 0, res.stderr
+        outs[jobs] = tmp_path / f"run{jobs}"
+    assert "2 experts, 2 at a time" in res.stdout
+    for d in ("cxr", "endo"):
+        ckpt = Path("experts") / d / "checkpoints" / "last.safetensors"
+        assert_bit_identical(checkpoint_tensors(outs[1] / ckpt), checkpoint_tensors(outs[2] / ckpt))
+
+
+def test_a_finished_stage_whose_output_was_deleted_runs_again(reference, tmp_path):
+    out = _copy(reference, tmp_path)
+    shutil.rmtree(out / "distill" / "cxr")
+    dry = _pipeline(reference[0], out, "--dry-run")
+    rows = dry.stdout.splitlines()
+    # the same key trains the same weights again, so what read them stays valid
+    assert [ln.split()[2] for ln in rows[1:]] == ["reuse", "run", "reuse", "reuse"], dry.stdout
+    assert "its output distill/cxr is missing" in rows[2]

@@ -41,6 +41,8 @@ from medalloy.recipes.universal import UniversalConfig
 KINDS = ("pretrain", "experts", "universal", "amalgamate", "distill", "export", "evaluate", "report")
 # the kinds that train, and their share of the pipeline's budget when none is given
 DEFAULT_SHARES = {"pretrain": 0.10, "experts": 0.35, "universal": 0.25, "amalgamate": 0.15, "distill": 0.15, "evaluate": 0.20}
+_STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+RESERVED = ("data", "stages")  # RUN/data holds the built datasets
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
 
@@ -207,6 +209,7 @@ class PipelineConfig(_Strict):
     name: str = "pipeline"
     seed: int = Field(0, description="every stage's train.seed unless the stage gives its own")
     device: str = Field("auto", description="every stage's train.device unless the stage gives its own")
+    jobs: int = Field(1, ge=1, description="experts of several datasets trained in parallel processes, one torch thread each")
     budget: Budget = Field(None, description="the whole run's training time, split over the training stages by their share")
     held_out: float = Field(
         0.2, gt=0, lt=1, description="a dataset without labelsTs: the share of its cases (by patient) no stage trains or selects on, for evaluate"
@@ -221,6 +224,8 @@ class PipelineConfig(_Strict):
             return value
         out = {}
         for name, stage in value.items():
+            if not _STAGE_NAME.match(str(name)) or name in RESERVED:
+                raise ValueError(f"stage name '{name}': use letters, digits, _ and - (not {', '.join(RESERVED)}): it names the stage's folder")
             stage = {} if stage is None else stage
             if isinstance(stage, dict) and "kind" not in stage:
                 if name not in KINDS:

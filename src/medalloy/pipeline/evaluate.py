@@ -55,7 +55,32 @@ def _score(ctx: Context, model: dict[str, Any], dataset: str, folder: Path, over
         if not (images.is_dir() and labels.is_dir()):
             return None
         predict_folder(ctx.path(model), images, folder / "predictions", dataset=as_dataset, device="cpu", overwrite=True, progress=ctx.progress)
+    keep_dataset_labels(folder / "predictions", _model_labels(ctx, model, as_dataset), dict(ds.raw.spec.labels))
     return evaluate_folders(folder / "predictions", labels, dataset=ds.path, out_dir=folder, overlays=overlays, overwrite=True, progress=ctx.progress)
+
+
+def _model_labels(ctx: Context, model: dict[str, Any], as_dataset: str | None) -> dict[str, int]:
+    from medalloy.recipes.registry import load_model
+
+    return dict(load_model(ctx.path(model), "cpu", dataset=as_dataset)[1].labels)
+
+
+def keep_dataset_labels(pred_dir: Path, model_labels: dict[str, int], dataset_labels: dict[str, int]) -> None:
+    """Rewrite each prediction in the dataset's label values, by name; a class the dataset does not
+    label becomes background (a student of lung and heart scored on a lung-only set)."""
+    import numpy as np
+
+    from medalloy.data.io import read_label, write_label
+
+    pairs = [(v, dataset_labels[n]) for n, v in model_labels.items() if v != 0 and n in dataset_labels]
+    if all(a == b for a, b in pairs) and {v for v in model_labels.values() if v} == {a for a, _ in pairs}:
+        return  # the same names and values: nothing to rewrite
+    for path in sorted(p for p in pred_dir.iterdir() if p.is_file()):
+        pred, meta = read_label(path)
+        out = np.zeros_like(pred)
+        for a, b in pairs:
+            out[pred == a] = b
+        write_label(path, out, meta)
 
 
 def run_evaluate(ctx: Context, p: StagePlan) -> dict[str, Any]:

@@ -178,7 +178,7 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     rec = recommend(rows, st.tolerance, cross)  # type: ignore[attr-defined]
     lines = [f"# medalloy pipeline report: {ctx.cfg.name}", "", "## Held-out cases", ""]
     if rows:
-        lines += ["Dice / HD95 on each dataset's held-out cases (`imagesTs`), by the model of each stage.", "", *_held_out_table(rows), "", "## Models", "", *_model_table(rows)]
+        lines += ["Dice / HD95 on each dataset's held-out cases (its `imagesTs`, or the share the pipeline held out), by the model of each stage.", "", *_held_out_table(rows), "", "## Models", "", *_model_table(rows)]
     else:
         lines.append("No evaluate stage ran, or no dataset has held-out labels (imagesTs + labelsTs).")
     lines += ["", "## Recommended model per dataset", ""]

@@ -64,7 +64,8 @@ def _status(p: StagePlan, state: dict[str, Any], root: Path) -> tuple[str, str]:
     if rec.get("key") != p.key:
         return "run", what_changed(rec.get("inputs") or {}, p)
     if rec.get("status") == "done":
-        return "reuse", ""
+        missing = [m["path"] for m in rec.get("models", []) if not (root / m["path"]).exists()]
+        return ("run", f"its output {missing[0]} is missing") if missing else ("reuse", "")
     return "resume", ""
 
 

@@ -103,21 +103,61 @@ def _dice_line(models: list[dict[str, Any]]) -> str:
     return f"validation Dice {', '.join(vals)}" if vals else ""
 
 
-def run_experts(ctx: Context, p: StagePlan) -> dict[str, Any]:
-    from medalloy.recipes.expert import train_expert
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert of an experts stage, as a picklable job for a worker process."""
 
+    dataset: Path
+    folder: Path
+    config: dict[str, Any]
+    init: Path | None
+    split: dict[str, list[str]] | None
+    progress: bool
+
+
+def train_expert_job(job: ExpertJob) -> dict[str, Any]:
+    """Train (or resume, or reuse) one expert; in a worker process, on one torch thread."""
+    from medalloy.recipes.expert import ExpertConfig, train_expert
+
+    cfg = ExpertConfig.model_validate(job.config)
+    return train_run(
+        job.folder,
+        lambda resume, overwrite: train_expert(job.dataset, job.folder, config=cfg, init=job.init, split=job.split, resume=resume, overwrite=overwrite, progress=job.progress),
+    )
+
+
+def _one_thread_job(job: ExpertJob) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    return train_expert_job(job)
+
+
+def run_experts(ctx: Context, p: StagePlan) -> dict[str, Any]:
     st = p.stage
     init = None
     if st.init is not None:  # type: ignore[attr-defined]
         init = ctx.path(ctx.models_of(st.init)[0]) if st.init in ctx.records else Path(st.init)  # type: ignore[attr-defined]
-    cfg = ctx.recipe_config(p, p.budget / len(p.datasets) if p.budget else None)
-    models = []
-    for d in p.datasets:
-        folder = ctx.root / p.name / d
-        ds = ctx.datasets[d]
-        ctx.log(f"{p.name}: expert of {d}")
-        summary = train_run(folder, lambda resume, overwrite: train_expert(ds.path, folder, config=cfg, init=init, split=ctx.split_of(d), resume=resume, overwrite=overwrite, progress=ctx.progress))
-        models.append(model_entry(ctx, p.name, folder, [d], summary))
+    workers = min(ctx.cfg.jobs, len(p.datasets))
+    # in parallel each expert has the stage's wall-clock time for its share of the datasets
+    cfg = ctx.recipe_config(p, p.budget * workers / len(p.datasets) if p.budget else None)
+    jobs = [
+        ExpertJob(ctx.datasets[d].path, ctx.root / p.name / d, cfg.model_dump(mode="json"), init, ctx.split_of(d), ctx.progress and workers == 1)
+        for d in p.datasets
+    ]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx.log(f"{p.name}: {len(jobs)} experts, {workers} at a time (one thread each)")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            summaries = list(pool.map(_one_thread_job, jobs))
+    else:
+        summaries = []
+        for d, job in zip(p.datasets, jobs):
+            ctx.log(f"{p.name}: expert of {d}")
+            summaries.append(train_expert_job(job))
+    models = [model_entry(ctx, p.name, job.folder, [d], summary) for d, job, summary in zip(p.datasets, jobs, summaries)]
     return {"models": models, "note": _dice_line(models)}
 
 
