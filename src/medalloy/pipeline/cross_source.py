@@ -69,6 +69,7 @@ def _score(ctx: Context, model_path: Path, d: str, ids: list[str], tasks: list[s
     """Predict ``ids`` of ``d`` with the model, keep ``tasks`` (values mapped to ``d``'s), score them."""
     from medalloy.data.io import read_label, write_label
     from medalloy.evaluation import evaluate_folders
+    from medalloy.pipeline.evaluate import keep_dataset_labels
     from medalloy.predict import predict_cases
     from medalloy.recipes.registry import load_model
 
@@ -81,13 +82,9 @@ def _score(ctx: Context, model_path: Path, d: str, ids: list[str], tasks: list[s
     pred, gt = folder / "predictions", folder / "labels"
     predict_cases(model_path, ctx.datasets[d].path, ids, pred, keep_labels=tasks, device="cpu", overwrite=True, progress=ctx.progress, as_dataset=as_dataset)
     gt.mkdir(parents=True, exist_ok=True)
+    keep_dataset_labels(pred, dict(plan.labels), own)  # the model's values to the dataset's, by name (other tasks are 0 already)
     for cid in ids:
         name = f"{cid}{raw.spec.file_ending}"
-        p, meta = read_label(pred / name)
-        mapped = np.zeros_like(p)
-        for t in tasks:
-            mapped[p == plan.labels[t]] = own[t]
-        write_label(pred / name, mapped, meta)
         g, gmeta = read_label(raw.case(cid).label)
         write_label(gt / name, np.where(np.isin(g, [own[t] for t in tasks]), g, 0), gmeta)
     return evaluate_folders(pred, gt, dataset=ctx.datasets[d].path, labels={t: own[t] for t in tasks}, out_dir=folder, overlays=False, overwrite=True, progress=False)
