@@ -451,7 +451,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.task:
         files, note = predict_tasks(
             a.run, a.input, a.output, a.task, dataset=a.dataset, modality=a.modality, tta=a.tta, checkpoint=a.checkpoint,
-            device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet,
+            device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet, native_size=a.native_size,
         )  # fmt: skip
         print(f"{a.output}: {len(files)} masks ({note})")
         return 0
@@ -460,7 +460,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     files = predict_folder(
         a.run, a.input, a.output, tta=a.tta, probabilities=a.probabilities, checkpoint=a.checkpoint,
         device=a.device, precision=a.precision, overwrite=a.overwrite, progress=not a.quiet, dataset=a.dataset,
-    )
+        native_size=a.native_size, say=lambda line: print(f"{a.output}: {line}"),
+    )  # fmt: skip
     print(f"{a.output}: {len(files)} predictions")
     return 0
 
@@ -571,8 +572,9 @@ def build_parser() -> _Parser:
     c.add_argument("--device", default="auto")
     c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     c.add_argument("--dataset", default=None, help="universal models: the training dataset (name, folder name or path) whose tasks and preprocessing apply")
-    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/; without --dataset, the preprocessing of the first training dataset that annotates the first T (of --modality, when given), named in one line")
+    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/; without --dataset, the preprocessing of the training dataset that annotates the first T (of --modality, when given) whose typical image size is closest to the inputs', named in one line with why")
     c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
+    c.add_argument("--native-size", action="store_true", help="keep PNG/JPEG inputs at their own pixel size (default: where their median size is more than 1.25x off the training data's typical size, each is resampled to it)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
 

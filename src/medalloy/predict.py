@@ -31,6 +31,8 @@ from medalloy.data.io import READABLE_ENDINGS, ImageMeta, file_ending, read_imag
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import atomic_path
+from medalloy.planning.input_fit import FIT_TOLERANCE, InputGeometry, as_trained, geometry_of_files, misfit
+from medalloy.planning.plan import Plan
 from medalloy.recipes.registry import load_model, load_task_model, resolve_source
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -139,10 +141,38 @@ def _predict_each(predictor: Predictor, items: Sequence[T], read: Callable[[T], 
             write(case, probs, predictor)
 
 
-def _folder_case(item: tuple[str, list[Path]]) -> CaseImage:
+def _folder_case(item: tuple[str, list[Path]], rescale_to: Plan | None = None) -> CaseImage:
+    """The case read from its files; ``rescale_to``: predicted at that plan's typical size (:func:`as_trained`)."""
     case, files = item
     image, meta = read_image(files)
-    return CaseImage(case, image, meta, files[0], output_ending(files[0], meta.ndim), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+    seen = as_trained(meta, rescale_to) if rescale_to is not None else meta
+    return CaseImage(case, image, seen, files[0], output_ending(files[0], meta.ndim), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+
+
+def input_geometry(cases: dict[str, list[Path]]) -> InputGeometry:
+    """The median geometry of an input folder's cases, from their headers."""
+    files = [cases[c] for c in sorted(cases)]
+    try:
+        return geometry_of_files(files)
+    except ValueError as exc:
+        raise MedalloyError(f"input images differ in kind ({exc})", files[0][0].parent, "predict 2D and 3D images from separate folders") from None
+
+
+def _scale_choice(plan: Plan, cases: dict[str, list[Path]], native_size: bool) -> tuple[Plan | None, str | None]:
+    """The plan to bring natural images to (None: as they are) and a one-line note when they are
+    resampled: their median size is more than FIT_TOLERANCE off the training data's."""
+    if native_size or not cases or not plan.median_shape:
+        return None, None
+    geometry = input_geometry(cases)
+    ratio = misfit(plan, geometry)
+    if ratio is None:
+        return None, None
+    typical = "x".join(str(s) for s in plan.median_shape)
+    note = (
+        f"inputs of {geometry.describe()} are x{ratio:.2f} off {plan.dataset}'s typical {typical} px (more than x{FIT_TOLERANCE:g}): "
+        "each resampled to that size (--native-size keeps them as they are)"
+    )
+    return plan, note
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:
@@ -178,14 +208,18 @@ def predict_cases(
     overwrite: bool = False,
     progress: bool = True,
     as_dataset: str | None = None,
+    native_size: bool = False,
 ) -> list[Path]:
     """Predict cases of a raw dataset by id (e.g. a held-out fold) into ``output_dir`` as
     ``CASE<file_ending>``; ``keep_labels`` names the labels to keep (others become background,
     e.g. to score a lung+heart model on a lung-only dataset). ``as_dataset`` (universal models):
     the training dataset whose tasks and preprocessing apply (default: this dataset's name, e.g.
     another name to test a source the model was asked about as if it came from that one).
-    Returns the written files."""
+    A dataset of natural images whose median size is more than ``FIT_TOLERANCE`` off the model's
+    training data is predicted at that data's typical size, as :func:`predict_folder` does, unless
+    ``native_size``. Returns the written files."""
     from medalloy.data.dataset import Case, RawDataset
+    from medalloy.planning.input_fit import dataset_geometry
 
     dev = _device(device)
     source = resolve_source(run, checkpoint)
@@ -198,10 +232,11 @@ def predict_cases(
     if existing and not overwrite:
         raise MedalloyError("prediction exists already", existing[0], "pass overwrite=True or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    rescale = not native_size and bool(plan.median_shape) and misfit(plan, dataset_geometry(ds)) is not None
 
     def read(case: Case) -> CaseImage:
         image, _, meta = ds.load(case)  # the label too, if any: one whose grid differs is an error here as in training
-        return CaseImage(case.case_id, image, meta, case.images[0], ds.spec.file_ending, meta)
+        return CaseImage(case.case_id, image, as_trained(meta, plan) if rescale else meta, case.images[0], ds.spec.file_ending, meta)
 
     labels = LabelWriter(out, kept)
     _predict_each(_predictor(model, plan, record, dev, precision, tta), cases, read, [labels], progress)
@@ -220,12 +255,20 @@ def predict_folder(
     overwrite: bool = False,
     progress: bool = True,
     dataset: str | None = None,
+    native_size: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict every case of ``input_dir`` into ``output_dir``; returns the written label files.
-    ``dataset``: for a model of several datasets, the one whose tasks and preprocessing apply."""
+    ``dataset``: for a model of several datasets, the one whose tasks and preprocessing apply.
+    Natural images (PNG, JPEG: no spacing) whose median size is more than ``FIT_TOLERANCE`` off
+    the training data's are resampled to its typical size unless ``native_size``; ``say`` gets
+    that note."""
     dev = _device(device)
     model, plan, record = load_model(run, dev, dataset=dataset, which=checkpoint)
     cases = find_input_cases(input_dir)
+    rescale_to, note = _scale_choice(plan, cases, native_size)
+    if note and say:
+        say(note)
     out = Path(output_dir)
     existing = [c for c in cases if any(out.glob(f"{c}.*"))] if out.exists() else []
     if existing and not overwrite:
@@ -233,7 +276,7 @@ def predict_folder(
     out.mkdir(parents=True, exist_ok=True)
     labels = LabelWriter(out)
     writers: list[Writer] = [labels, ProbabilityWriter(out)] if probabilities else [labels]
-    _predict_each(_predictor(model, plan, record, dev, precision, tta), list(cases.items()), _folder_case, writers, progress)
+    _predict_each(_predictor(model, plan, record, dev, precision, tta), list(cases.items()), lambda c: _folder_case(c, rescale_to), writers, progress)
     return labels.written
 
 
@@ -250,24 +293,31 @@ def predict_tasks(
     precision: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    native_size: bool = False,
 ) -> tuple[list[Path], str]:
     """One binary mask per task and case, ``output_dir/<task>/CASE.ext`` (1 where that task's own
     sigmoid exceeds 0.5: tasks may overlap, unlike in a label map), for models with one output per
-    task (universal). The preprocessing is ``dataset``'s, else that of a training dataset that
-    annotates the first task (of ``modality``, when given). Returns the files and a one-line note
-    saying which preprocessing was used."""
+    task (universal). The preprocessing is ``dataset``'s, else that of the training dataset that
+    annotates the first task (of ``modality``, when given) whose typical image is closest to the
+    inputs' (:mod:`medalloy.planning.input_fit`); natural images far from every such dataset's
+    size are resampled to the closest one's unless ``native_size``. Returns the files and a
+    one-line note saying which preprocessing was used and why."""
     if not tasks:
         raise MedalloyError("no task given", fix="name at least one task with --task")
     dev = _device(device)
-    model, plan, _, note = load_task_model(run, tasks, dataset=dataset, modality=modality, device=dev, which=checkpoint)
     cases = find_input_cases(input_dir)
+    geometry = input_geometry(cases) if dataset is None and cases else None
+    model, plan, _, note = load_task_model(run, tasks, dataset=dataset, modality=modality, device=dev, which=checkpoint, geometry=geometry)
+    rescale_to, scale_note = _scale_choice(plan, cases, native_size)
+    if scale_note:
+        note = f"{note}; {scale_note}"
     out = Path(output_dir)
     existing = [out / t for t in tasks if (out / t).exists() and any((out / t).iterdir())]
     if existing and not overwrite:
         raise MedalloyError("task masks exist already", existing[0], "pass --overwrite or choose another --output")
     masks = TaskMaskWriter(out, tasks)
     predictor = Predictor(model, plan, device=dev, precision=precision, tta=tta, activation="sigmoid")
-    _predict_each(predictor, list(cases.items()), _folder_case, [masks], progress)
+    _predict_each(predictor, list(cases.items()), lambda c: _folder_case(c, rescale_to), [masks], progress)
     return masks.written, note
 
 

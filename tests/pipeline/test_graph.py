@@ -177,3 +177,16 @@ def test_predictions_are_scored_in_the_datasets_own_label_values(tmp_path):
     write_label(tmp_path / "a.png", np.array([[0, 1], [2, 2]], dtype=np.uint8))
     keep_dataset_labels(tmp_path, {"background": 0, "lung": 1, "heart": 2}, {"background": 0, "heart": 1, "lung": 2})
     assert read_label(tmp_path / "a.png")[0].tolist() == [[0, 2], [1, 1]]  # mapped by name
+
+
+def test_a_variable_holding_a_relative_path_is_read_from_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "data" / "Dataset001_X").mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    yaml_file = tmp_path / "configs" / "p.yaml"
+    yaml_file.write_text("name: p\ndatasets:\n  x: {path: '${DATA}/Dataset001_X'}\n  y: {path: 'local/Dataset002_Y'}\nstages: {experts: {}}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(yaml_file, {"DATA": "data"})
+    assert cfg.datasets["x"].path == tmp_path / "data" / "Dataset001_X"  # from where the command runs
+    assert cfg.datasets["y"].path == tmp_path / "configs" / "local" / "Dataset002_Y"  # a path written in the file: from the file
+    # a value that is no existing path is left as typed (then relative to the file, like any other)
+    assert load_pipeline(yaml_file, {"DATA": "elsewhere"}).datasets["x"].path == tmp_path / "configs" / "elsewhere" / "Dataset001_X"

@@ -316,6 +316,11 @@ def test_a_finished_stage_whose_output_was_deleted_runs_again(reference, tmp_pat
     shutil.rmtree(out / "distill" / "cxr")
     dry = _pipeline(reference[0], out, "--dry-run")
     rows = dry.stdout.splitlines()
-    # the same key trains the same weights again, so what read them stays valid
-    assert [ln.split()[2] for ln in rows[1:]] == ["reuse", "run", "reuse", "reuse"], dry.stdout
-    assert "its output distill/cxr is missing" in rows[2]
+    # what read the lost output runs again too: a budgeted stage trained again ends on other weights
+    assert [ln.split()[2] for ln in rows[1:]] == ["reuse", "run", "run", "run"], dry.stdout
+    assert "its output distill/cxr is missing" in rows[2] and "it reads distill, which runs again" in rows[3]
+    assert "which runs again" in rows[4]
+    only_report = _copy(reference, tmp_path / "report")
+    (only_report / "report.md").unlink()
+    rows = _pipeline(reference[0], only_report, "--dry-run").stdout.splitlines()
+    assert [ln.split()[2] for ln in rows[1:]] == ["reuse", "reuse", "reuse", "run"] and "its output report.md is missing" in rows[4]

@@ -240,6 +240,48 @@ def test_several_datasets_a_partially_labelled_one_trains_its_classes_or_teaches
     assert not (tmp_path / "bad").exists()
 
 
+def _scaled_copy(src, dst, factor: float):
+    """An nnU-Net 2D PNG dataset with every image and label ``factor`` times larger (a site scanning at another size)."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(src, dst)
+    for path in dst.rglob("*.png"):
+        im = Image.open(path)
+        size = (round(im.width * factor), round(im.height * factor))
+        im.resize(size, Image.NEAREST if path.parent.name.startswith("labels") else Image.BILINEAR).save(path)
+    return dst
+
+
+def test_a_dataset_far_from_the_plan_size_trains_at_the_plan_size_as_it_is_predicted(cxr, teacher, tmp_path):
+    from medalloy.planning.input_fit import dataset_geometry, misfit
+    from medalloy.planning.plan import load_plan
+    from medalloy.recipes.scaffold import cache_cases
+
+    lung = generate_dataset("Dataset903_SynthCXRLung", tmp_path / "data", seed=6, cases_per_source=2, test_cases_per_source=1, progress=False)
+    big = _scaled_copy(lung, tmp_path / "big" / lung.name, 2.5)
+    plan = load_plan(teacher / "plan.json")
+    assert misfit(plan, dataset_geometry(RawDataset(lung))) is None and misfit(plan, dataset_geometry(RawDataset(big))) > 2
+    # resampled, each image (whatever its size) reaches the network at the plan's typical size: the
+    # larger copy as its original does, the same anatomy on the same grid
+    small_ds, big_ds = RawDataset(lung), RawDataset(big)
+    own = cache_cases(small_ds, small_ds.labelled_cases(), plan, pad=False, seed=0, desc="", progress=False, rescale=True)
+    fitted = cache_cases(big_ds, big_ds.labelled_cases(), plan, pad=False, seed=0, desc="", progress=False, rescale=True)
+    native = cache_cases(big_ds, big_ds.labelled_cases(), plan, pad=False, seed=0, desc="", progress=False)
+    typical = np.asarray(plan.median_shape) * np.asarray(plan.median_spacing or [1, 1]) / np.asarray(plan.target_spacing)
+    for a, b, c in zip(own, fitted, native):
+        assert a.image.shape == b.image.shape and b.label.shape == b.image.shape[1:]
+        assert np.all(np.abs(np.asarray(b.image.shape[2:]) - typical) <= 1) and np.all(np.asarray(c.image.shape[2:]) > 2 * typical)
+        overlap = 2 * np.logical_and(a.label > 0, b.label > 0).sum() / ((a.label > 0).sum() + (b.label > 0).sum())
+        assert overlap > 0.9, overlap
+    cfg = _cfg("relation", steps=2)
+    train_distill([cxr, big], teacher, tmp_path / "student", config=cfg, progress=False)
+    notes = load_plan(tmp_path / "student" / "plan.json").notes
+    assert any(n.startswith("SynthCXRLung: images x2.") and "each resampled to it" in n for n in notes) and not any(n.startswith("SynthCXR:") for n in notes)
+    assert ckpt.load_checkpoint(tmp_path / "student" / "checkpoints" / "last.safetensors")[1]["plan"]["notes"] == notes  # prediction sees it
+
+
 def test_a_given_split_of_one_dataset_or_per_dataset_is_the_same_split_and_a_resumed_run_keeps_its_own(cxr, tmp_path):
     from medalloy.recipes.distill import DistillRecipe
     from medalloy.recipes.scaffold import Run

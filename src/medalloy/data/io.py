@@ -10,7 +10,7 @@ Array conventions (the same everywhere in medalloy):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,47 @@ def read_image(paths: str | Path | Sequence[str | Path]) -> tuple[np.ndarray, Im
     data = np.concatenate(arrays, axis=0)
     meta.channels = data.shape[0]
     return data, meta
+
+
+def _natural_geometry(path: Path) -> ImageMeta:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            width, height, mode = im.width, im.height, im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise MedalloyError(f"cannot read image ({exc.__class__.__name__})", path, "replace the file with a valid PNG/JPG") from None
+    channels = 1 if mode in ("1", "L", "I", "I;16", "F", "LA") else 3  # as _read_natural converts them
+    return ImageMeta(kind="png", shape=(height, width), spacing=(1.0, 1.0), channels=channels)
+
+
+def _nifti_geometry(path: Path) -> ImageMeta:
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception as exc:
+        raise MedalloyError(f"cannot read NIfTI ({exc.__class__.__name__}: {exc})", path, "replace the file with a valid .nii.gz") from None
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if len(shape) == 4 and shape[-1] == 1:
+        shape = shape[:3]
+    return ImageMeta(kind="nifti", shape=shape, spacing=tuple(float(z) for z in header.get_zooms()[: len(shape)]), channels=1)
+
+
+def read_geometry(paths: str | Path | Sequence[str | Path]) -> ImageMeta:
+    """The geometry :func:`read_image` would give (shape, spacing, kind, channels; no affine),
+    from the headers of PNG/JPEG and NIfTI files without decoding their pixels."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    metas = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise MedalloyError("file not found", p, "check the path or the dataset's file_ending")
+        kind = _kind(p)
+        metas.append(_natural_geometry(p) if kind == "png" else _nifti_geometry(p) if kind == "nifti" else _read_dicom(p)[1])
+    if not metas:
+        raise MedalloyError("no image files given")
+    return replace(metas[0], channels=sum(m.channels for m in metas))
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, ImageMeta]:

@@ -259,7 +259,11 @@ def _expand(value: Any, variables: dict[str, str], path: Path) -> Any:
             name = m.group(1)
             if name not in variables:
                 raise MedalloyError(f"${{{name}}} is not set", path, f"export {name}=... or pass --var {name}=...")
-            return variables[name]
+            given = variables[name]
+            # a relative path typed on the command line means from where it was typed, not from the YAML's folder
+            if m.start() == 0 and not os.path.isabs(given) and os.path.exists(given):
+                return str(Path(given).resolve())
+            return given
 
         return _VAR.sub(one, value)
     if isinstance(value, dict):
@@ -271,7 +275,8 @@ def _expand(value: Any, variables: dict[str, str], path: Path) -> Any:
 
 def load_pipeline(source: str | Path | dict | PipelineConfig, variables: dict[str, str] | None = None) -> PipelineConfig:
     """A pipeline from its YAML file (``${VAR}`` from ``variables``, then the environment; relative
-    paths from the file's folder), a dict or a config itself."""
+    paths from the file's folder, except a value that starts with a variable holding a relative path
+    that exists from the current folder: from there), a dict or a config itself."""
     if isinstance(source, PipelineConfig):
         return source
     where = Path("<dict>")

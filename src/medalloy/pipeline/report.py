@@ -220,7 +220,7 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     write_text_atomic(ctx.root / "report.html", markdown_to_html(text, ctx.root, f"medalloy report: {ctx.cfg.name}"))
     stages = {n: {k: r.get(k) for k in ("kind", "key", "seconds", "note", "models", "held_out", "teacher") if r.get(k) is not None} for n, r in ctx.records.items()}
     write_json_atomic(ctx.root / "report.json", {"name": ctx.cfg.name, "rows": rows, "cross_source": cross, "recommendation": rec, "stages": stages})
-    return {"models": [], "note": "report.html, report.md, report.json", "recommendation": rec}
+    return {"models": [], "report": "report.md", "note": "report.html, report.md, report.json", "recommendation": rec}
 
 
 def _deployable(ctx: Context, model: str) -> str:

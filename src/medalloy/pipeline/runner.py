@@ -64,16 +64,23 @@ def _status(p: StagePlan, state: dict[str, Any], root: Path) -> tuple[str, str]:
     if rec.get("key") != p.key:
         return "run", what_changed(rec.get("inputs") or {}, p)
     if rec.get("status") == "done":
-        missing = [m["path"] for m in rec.get("models", []) if not (root / m["path"]).exists()]
+        outputs = [m["path"] for m in rec.get("models", [])] + [rec[k] for k in ("results", "report") if isinstance(rec.get(k), str)]
+        missing = [o for o in outputs if not (root / o).exists()]
         return ("run", f"its output {missing[0]} is missing") if missing else ("reuse", "")
     return "resume", ""
 
 
 def plan_table(order: list[StagePlan], state: dict[str, Any], root: Path, chosen: set[str]) -> list[dict[str, Any]]:
     keys = {p.name: p.key for p in order}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    again: set[str] = set()  # stages that run again: what reads them has read outputs that go
     for p in order:
         status, why = _status(p, state, root)
+        redone = [n for n in p.needs if n in again]
+        if status == "reuse" and redone:
+            status, why = "run", f"it reads {redone[0]}, which runs again"
+        if status != "reuse" and p.name in state["stages"]:
+            again.add(p.name)
         if p.name not in chosen and status != "reuse":
             status = "skip"
         rows.append(

@@ -90,6 +90,9 @@ class Plan(BaseModel):
     network: NetworkPlan
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     median_shape: list[int] = Field(default_factory=list)
+    # The dataset's median spacing (array axes, as median_shape; empty in plans made before it was
+    # kept): with median_shape, the geometry that predict compares new images with (planning/input_fit.py).
+    median_spacing: list[float] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
     @property

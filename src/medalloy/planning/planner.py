@@ -362,6 +362,7 @@ def plan_dataset(
         labels=dict(dataset.spec.labels),
         network=NetworkPlan(kernels=kernels, strides=strides, filters=filters),
         median_shape=[int(round(s)) for s in fp["median_shape"]],
+        median_spacing=[float(s) for s in fp["median_spacing"]],
         notes=notes,
     )
 

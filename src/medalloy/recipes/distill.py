@@ -39,6 +39,7 @@ from medalloy.losses import ChannelWiseLoss, DiceCELoss, KernelMMDLoss, LogitKDL
 from medalloy.models.features import STAGES_ATTR, FeatureTap
 from medalloy.models.students import student_model
 from medalloy.models.unet import count_parameters
+from medalloy.planning.input_fit import dataset_geometry, misfit
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.config import SegmentationConfig
 from medalloy.recipes.registry import load_checkpoint_model, register
@@ -269,6 +270,16 @@ class DistillRecipe(Recipe[DistillConfig]):
     def prepare(self, run: Run) -> None:
         if self.cfg.batch_size:
             self.plan = self.plan.model_copy(update={"batch_size": self.cfg.batch_size})
+        # a dataset of natural images far from the plan's typical size trains at that size, as it is predicted (predict.py)
+        self.rescaled: dict[str, str] = {}
+        for d in self.dss:
+            ratio = misfit(self.plan, dataset_geometry(d)) if self.plan.median_shape else None
+            if ratio is not None:
+                self.rescaled[d.name] = f"{d.name}: images x{ratio:.2f} off the plan's typical {'x'.join(map(str, self.plan.median_shape))} px, each resampled to it"
+        if self.rescaled:
+            self.plan = self.plan.model_copy(update={"notes": self.plan.notes + list(self.rescaled.values())})
+            if run.progress:
+                print("\n".join(self.rescaled.values()))
         run.main(lambda: save_plan(self.plan, run.out / "plan.json"))
 
     def choose_split(self, run: Run) -> dict[str, Any]:
@@ -301,12 +312,13 @@ class DistillRecipe(Recipe[DistillConfig]):
         plan, cfg, seed = self.plan, self.cfg, self.cfg.train.seed
         samplers, samples, self.train_cases, self.val_sets = [], [], {}, []
         for d, is_full in zip(self.dss, self.full):
-            train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress)
+            rescale = d.name in self.rescaled
+            train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress, rescale=rescale)
             samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
             self.train_cases[d.name] = len(train_prep)
             samples.append(sample_count(train_prep, plan.dim))
             if is_full:
-                val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress)
+                val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress, rescale=rescale)
                 if val_prep:
                     self.val_sets.append((d.name, val_prep))
         marginal = cfg.partial_labels == "marginal"

@@ -22,6 +22,7 @@ from medalloy.data.sampling import PatchSampler
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.models.task_bound import TaskBound
+from medalloy.planning.input_fit import InputGeometry, choose_plan
 from medalloy.planning.multi_dataset import check_plan_options, common_in_channels, own_plan
 from medalloy.planning.plan import Plan, load_plan, save_plan
 from medalloy.recipes.registry import register
@@ -170,11 +171,14 @@ def bind_tasks(
     tasks: list[str],
     dataset: str | None = None,
     modality: str | None = None,
+    geometry: InputGeometry | None = None,
 ) -> tuple[TaskBound, Plan, dict[str, Any], str]:
     """The network asked for ``tasks`` (one sigmoid map each, in that order), with the
-    preprocessing and modality of ``dataset``; without one, of the first training dataset that
-    annotates the first task (the first whose modality is ``modality``, when given). Returns the
-    model, a plan whose classes are the tasks, the record and a one-line note of the choice."""
+    preprocessing and modality of ``dataset``; without one, of the training dataset that annotates
+    the first task (of modality ``modality``, when given) whose fingerprint is closest to the
+    inputs' ``geometry`` (:func:`~medalloy.planning.input_fit.choose_plan`), else the first such
+    dataset. Returns the model, a plan whose classes are the tasks, the record and a one-line note
+    of the choice."""
     unknown = [t for t in tasks if t not in registry.tasks]
     if unknown:
         raise MedalloyError(f"the model has no task '{unknown[0]}'", path, f"use --task with one of {', '.join(registry.tasks)}")
@@ -195,6 +199,9 @@ def bind_tasks(
         else:
             how = f"first dataset that annotates {tasks[0]}"
         dataset = annotating[0]
+        if geometry is not None:
+            fit = choose_plan({n: plans[n] for n in annotating}, geometry)
+            dataset, how = fit.dataset, (f"modality {modality}; " if modality is not None else "") + fit.reason
     entry = registry.datasets[dataset]
     model = TaskBound(net, [registry.tasks.index(t) for t in tasks], entry["modality_id"], in_channels=int(record["spec"]["in_channels"])).eval()
     plan = plans[dataset].model_copy(
@@ -303,9 +310,9 @@ def register_multitask(method: str, load: Any) -> None:
         return bind_dataset(net, registry, plans, record, path, dataset)
 
     def for_tasks(
-        path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
+        path: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", geometry: InputGeometry | None = None
     ) -> tuple[TaskBound, Plan, dict[str, Any], str]:
         net, registry, plans, record = load(path, device)
-        return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality)
+        return bind_tasks(net, registry, plans, record, path, tasks, dataset, modality, geometry)
 
     register(method, for_dataset, tasks=for_tasks)

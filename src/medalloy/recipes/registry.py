@@ -100,10 +100,13 @@ def load_checkpoint_model(checkpoint: str | Path, device: str = "cpu", dataset: 
 
 
 def load_checkpoint_tasks(
-    checkpoint: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu"
+    checkpoint: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", geometry: Any = None
 ) -> tuple[nn.Module, Plan, dict[str, Any], str]:
-    """A per-task model (one sigmoid map per task of ``tasks``) from any method that has one."""
-    return task_loader_for(read_record(checkpoint).get("method"), checkpoint)(Path(checkpoint), tasks, dataset=dataset, modality=modality, device=device)
+    """A per-task model (one sigmoid map per task of ``tasks``) from any method that has one;
+    ``geometry`` (:class:`~medalloy.planning.input_fit.InputGeometry` of the images to predict)
+    chooses the preprocessing when ``dataset`` does not."""
+    loader = task_loader_for(read_record(checkpoint).get("method"), checkpoint)
+    return loader(Path(checkpoint), tasks, dataset=dataset, modality=modality, device=device, geometry=geometry)
 
 
 def load_image_text_model(source: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, Any, dict[str, Any]]:
@@ -181,13 +184,13 @@ def load_model(source: str | Path, device: str = "cpu", dataset: str | None = No
 
 
 def load_task_model(
-    source: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", which: str = "best"
+    source: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", which: str = "best", geometry: Any = None
 ) -> tuple[nn.Module, Plan, dict[str, Any], str]:
     """:func:`load_checkpoint_tasks` of a run folder or checkpoint; other kinds of source are refused in one line."""
     src = resolve_source(source, which)
     if src.kind in _SOURCES:
         raise MedalloyError(_SOURCES[src.kind].no_tasks[0], src.path, _SOURCES[src.kind].no_tasks[1])
-    return load_checkpoint_tasks(src.path, tasks, dataset=dataset, modality=modality, device=device)
+    return load_checkpoint_tasks(src.path, tasks, dataset=dataset, modality=modality, device=device, geometry=geometry)
 
 
 def _load_onnx(path: Path, device: str, dataset: str | None) -> tuple[nn.Module, Plan, dict[str, Any]]:

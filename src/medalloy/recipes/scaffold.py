@@ -36,6 +36,7 @@ from medalloy.engine.inference import Predictor
 from medalloy.engine.trainer import TrainConfig, Trainer, TrainSpec
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import read_json, write_json_atomic, write_text_atomic
+from medalloy.planning.input_fit import as_trained
 from medalloy.planning.plan import Plan
 from medalloy.recipes.config import load_recipe_config
 from medalloy.runs import prepare_output
@@ -257,12 +258,16 @@ def cases_of(ds: RawDataset, ids: Sequence[str]) -> list[Case]:
     return [ds.case(i) for i in ids]
 
 
-def cache_cases(ds: RawDataset, cases: list[Case], plan: Plan, pad: bool, seed: int, desc: str, progress: bool = True) -> list[PreparedCase]:
-    """Read, move to network space, pad to the patch and index foreground, once per case (cached)."""
+def cache_cases(
+    ds: RawDataset, cases: list[Case], plan: Plan, pad: bool, seed: int, desc: str, progress: bool = True, rescale: bool = False
+) -> list[PreparedCase]:
+    """Read, move to network space, pad to the patch and index foreground, once per case (cached).
+    ``rescale``: each image (and label) at the plan's typical size (:func:`~medalloy.planning.input_fit.as_trained`),
+    as prediction brings natural images of another size."""
     out = []
     for case in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False):
         image, label, meta = ds.load(case)
-        image, label = to_network_space(image, label, meta, plan, case.images[0])
+        image, label = to_network_space(image, label, as_trained(meta, plan) if rescale else meta, plan, case.images[0])
         pads: list = []
         if pad:
             image, label, pads = pad_to_patch(image, label, plan.patch_size)
