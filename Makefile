@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,nnunet,text]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,onnx,nnunet,text]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -17,7 +17,9 @@ ALLOWED = {
     "models": {"models"},  # networks take numbers and a U-Net layout (models/unet.UNetLayout), never a plan
     "losses": {"losses"},
     "engine": {"engine", "data", "planning", "models", "losses"},
-    "interop": {"interop", "planning"},
+    "interop": {"interop", "planning", "runtime"},  # the ONNX sidecar is the runtime's
+    # deployment without torch: only the torch-free modules of data and planning (tests/runtime imports it with torch blocked)
+    "runtime": {"runtime", "data", "planning"},
     "recipes": {"recipes", "engine", "data", "planning", "models", "losses", "runs", "interop"},  # interop: foreign experts (nnU-Net)
     # the pipeline composes recipes and the applications over them (prediction, export, evaluation)
     "pipeline": {"pipeline", "recipes", "engine", "data", "planning", "models", "losses", "interop", "runs", "predict", "export", "evaluation"},

@@ -445,7 +445,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_onnx(a: argparse.Namespace) -> int:
+    """An exported graph through the torch-free runtime (what a deployment install has)."""
+    from medalloy.runtime import predict_folder
+
+    for flag, given in (("--task", a.task), ("--dataset", a.dataset), ("--modality", a.modality)):
+        if given:
+            raise MedalloyError(f"an ONNX graph predicts what it was exported for; {flag} does not apply", a.run, "export the run bound to those tasks, or predict the run itself")
+    files = predict_folder(
+        a.run, a.input, a.output, tta=a.tta, overwrite=a.overwrite, progress=not a.quiet, native_size=a.native_size, say=lambda line: print(f"{a.output}: {line}")
+    )
+    print(f"{a.output}: {len(files)} predictions (ONNX Runtime)")
+    return 0
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
+    if str(a.run).endswith(".onnx") and not a.probabilities:
+        return _predict_onnx(a)
     from medalloy.predict import predict_folder, predict_tasks
 
     if a.task:
@@ -656,16 +672,37 @@ def build_parser() -> _Parser:
     return p
 
 
+# what `pip install medalloy` (deployment) leaves out and `medalloy[train]` adds
+TRAINING_STACK = ("torch", "monai", "safetensors", "einops", "matplotlib", "scipy", "tokenizers", "sacrebleu", "rouge_score", "markdown")
+
+
+def _needs_training_stack(exc: ModuleNotFoundError) -> int:
+    """A module of the `train` extra is missing: one line saying how to install it (others propagate)."""
+    if (exc.name or "").split(".")[0] not in TRAINING_STACK:
+        raise exc
+    print(
+        f"medalloy: error: this command needs the training stack ({exc.name} is not installed); "
+        'fix: pip install torch, then pip install "medalloy[train]" (an exported .onnx predicts without it)',
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # a train command's flags come from its recipe's config, which needs torch
+    except ModuleNotFoundError as exc:
+        return _needs_training_stack(exc)
     if getattr(args, "moved", None) and os.environ.get("RANK", "0") == "0":
         print(f"medalloy: 'medalloy {args.moved}' is now 'medalloy train {args.moved}'; the old name will go in a later release", file=sys.stderr)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.fn(args) or 0)
+    except ModuleNotFoundError as exc:
+        return _needs_training_stack(exc)
     except MedalloyError as exc:
         if not getattr(exc, "from_main", False):  # under torchrun, rank 0 has printed it already
             print(f"medalloy: error: {exc}", file=sys.stderr)

@@ -17,7 +17,6 @@ mask per task) and :class:`ProbabilityWriter` (``.npz``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,46 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medalloy.data.io import READABLE_ENDINGS, ImageMeta, file_ending, read_image, write_label
+from medalloy.data.input_folder import find_input_cases, output_ending
+from medalloy.data.io import ImageMeta, read_image, write_label
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import atomic_path
 from medalloy.planning.input_fit import FIT_TOLERANCE, InputGeometry, as_trained, geometry_of_files, misfit
 from medalloy.planning.plan import Plan
 from medalloy.recipes.registry import load_model, load_task_model, resolve_source
-
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
-
-
-def find_input_cases(folder: str | Path) -> dict[str, list[Path]]:
-    """Case id -> channel files, sorted by channel index."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MedalloyError("input folder not found", folder, "give a folder of images (nnU-Net naming CASE_0000.ext)")
-    cases: dict[str, dict[int, Path]] = {}
-    for p in sorted(folder.iterdir()):
-        ending = file_ending(p)
-        if p.name.startswith(".") or ending not in READABLE_ENDINGS:
-            continue
-        stem = p.name[: -len(ending)]
-        m = _CHANNEL.match(stem)
-        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
-        if ch in cases.setdefault(case, {}):
-            raise MedalloyError(f"two files for case '{case}' channel {ch}", p, "keep one file per case and channel")
-        cases[case][ch] = p
-    if not cases:
-        raise MedalloyError("no images found", folder, f"put images ending in one of {', '.join(READABLE_ENDINGS)} there")
-    return {c: [chs[k] for k in sorted(chs)] for c, chs in cases.items()}
-
-
-def output_ending(input_file: Path, ndim: int) -> str:
-    ending = file_ending(input_file)
-    if ending in (".jpg", ".jpeg"):
-        return ".png"  # masks must be lossless
-    if ending == ".dcm" or input_file.is_dir():
-        return ".nii.gz" if ndim == 3 else ".png"
-    return ending
-
 
 # -- one case, one loop, its writers ------------------------------------------------------------------
 @dataclass(frozen=True)

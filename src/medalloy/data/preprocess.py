@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from medalloy.data.io import ImageMeta
+from medalloy.data.network_grid import network_shape
+from medalloy.data.normalize import normalize
 from medalloy.errors import MedalloyError
-from medalloy.planning.plan import ChannelNorm, Plan
+from medalloy.planning.plan import Plan
 
 
 @dataclass
@@ -28,31 +30,6 @@ class PreparedCase:
     source: str = "default"
     fg: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (N, ndim) voxel coordinates
     pad: list[tuple[int, int]] = field(default_factory=list)  # padding added for patch sampling
-
-
-def normalize(image: np.ndarray, norms: list[ChannelNorm], path: object = None) -> np.ndarray:
-    """Per-channel normalisation as the plan says (see :class:`~medalloy.planning.plan.ChannelNorm`)."""
-    if image.shape[0] != len(norms):
-        raise MedalloyError(
-            f"image has {image.shape[0]} channels, the plan expects {len(norms)}", path, "predict with a model trained on this kind of image"
-        )
-    if not np.all(np.isfinite(image)):
-        raise MedalloyError("image holds NaN or inf values", path, "fix or remove the case (`medalloy data check` lists such files)")
-    out = np.empty(image.shape, dtype=np.float32)
-    for c, norm in enumerate(norms):
-        x = image[c].astype(np.float32, copy=False)
-        if norm.scheme == "ct":
-            x = np.clip(x, norm.clip_low, norm.clip_high)
-            x = (x - norm.mean) / max(norm.std or 1.0, 1e-8)
-        elif norm.scheme == "zscore":
-            x = (x - x.mean()) / max(float(x.std()), 1e-8)
-        elif norm.scheme == "rgb":
-            x = x / 255.0
-        elif norm.scheme == "rescale01":
-            x = x - x.min()
-            x = x / max(float(x.max()), 1e-8)
-        out[c] = x
-    return out
 
 
 def to_class_indices(label: np.ndarray, plan: Plan, path: object = None) -> np.ndarray:
@@ -70,13 +47,6 @@ def to_class_indices(label: np.ndarray, plan: Plan, path: object = None) -> np.n
     return out
 
 
-def _net_spacing(meta: ImageMeta, plan: Plan) -> tuple[float, ...]:
-    spacing = list(meta.spacing)
-    if plan.dim == 2 and meta.ndim == 3:
-        spacing.pop(plan.slice_axis)
-    return tuple(spacing)
-
-
 def _resize(x: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
     """``x``: (N, C, *spatial). Linear modes with antialiasing when shrinking 2D images."""
     if tuple(x.shape[2:]) == tuple(size):
@@ -86,15 +56,6 @@ def _resize(x: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
     lin = "bilinear" if len(size) == 2 else "trilinear"
     shrink = any(s < t for s, t in zip(size, x.shape[2:]))
     return F.interpolate(x, size=size, mode=lin, align_corners=False, antialias=shrink and len(size) == 2)
-
-
-def network_shape(meta: ImageMeta, plan: Plan) -> tuple[int, ...]:
-    """In-network spatial shape (without the slice axis) after resampling to the target spacing."""
-    shape = list(meta.shape)
-    if plan.dim == 2 and meta.ndim == 3:
-        shape.pop(plan.slice_axis)
-    spacing = _net_spacing(meta, plan)
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, plan.target_spacing))
 
 
 def to_network_space(image: np.ndarray, label: np.ndarray | None, meta: ImageMeta, plan: Plan, path: object = None):
