@@ -324,3 +324,31 @@ def test_a_finished_stage_whose_output_was_deleted_runs_again(reference, tmp_pat
     (only_report / "report.md").unlink()
     rows = _pipeline(reference[0], only_report, "--dry-run").stdout.splitlines()
     assert [ln.split()[2] for ln in rows[1:]] == ["reuse", "reuse", "reuse", "run"] and "its output report.md is missing" in rows[4]
+
+
+def test_under_torchrun_the_stages_train_on_every_rank_and_rank_0_writes(reference, data, tmp_path):
+    from tests.subprocs import torchrun
+
+    config = _write(tmp_path, _toy(data))
+    args = ("-m", "medalloy", "--threads", "1", "-q", "pipeline", str(config), "--out", str(tmp_path / "run"))
+    res = run_proc(torchrun(*args), cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text(encoding="utf-8"))
+    assert [(n, s["status"]) for n, s in state["stages"].items()] == [(n, "done") for n in ("experts", "distill", "evaluate", "report")]
+    for stage in ("experts", "distill", "evaluate", "report"):
+        assert res.stdout.count(f"[medalloy pipeline] {stage}: started") == 1, res.stdout  # rank 0 says it, once
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "evaluate" / "results.json").is_file()
+    # two ranks, each its own batches: other weights than the one-process reference, same keys
+    ours, theirs = _weights(tmp_path / "run"), _weights(reference[1])
+    assert sorted(ours["experts/cxr"]) == sorted(theirs["experts/cxr"])
+    assert any(not (ours["experts/cxr"][k] == theirs["experts/cxr"][k]).all() for k in ours["experts/cxr"])
+    ref_state = json.loads((reference[1] / "pipeline.json").read_text(encoding="utf-8"))
+    assert {n: s["key"] for n, s in state["stages"].items()} == {n: s["key"] for n, s in ref_state["stages"].items()}
+    again = run_proc(torchrun(*args), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reused") == 4 and "started" not in again.stdout, again.stdout + again.stderr[-2000:]
+    # leave-one-source-out retrains inside evaluate, on rank 0 alone: refused in one line before training
+    loso = _write(tmp_path, _toy(data, evaluate={"leave_one_source_out": True}), "loso.yaml")
+    refused = run_proc(torchrun("-m", "medalloy", "--threads", "1", "-q", "pipeline", str(loso), "--out", str(tmp_path / "loso")), cwd=tmp_path, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("medalloy: error")]
+    assert refused.returncode != 0 and len(errors) == 1 and "run that pipeline without torchrun" in errors[0], refused.stderr[-2000:]
+    assert not (tmp_path / "loso" / "experts").exists()

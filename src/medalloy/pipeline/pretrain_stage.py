@@ -59,7 +59,9 @@ def held_out_scores(run: Path, test_pairs: Path, size: int, classes: list[str] |
 def run_pretrain(ctx: Context, p: StagePlan) -> dict[str, Any]:
     from medalloy.recipes.pretrain import pretrain
 
-    pairs, text_only, test_pairs = _pairs(ctx, p)
+    from medalloy.engine.distributed import current, from_main
+
+    pairs, text_only, test_pairs = from_main(lambda: _pairs(ctx, p), current())  # rank 0 writes the synthetic pairs
     cfg = ctx.recipe_config(p, p.budget)
     folder = ctx.root / p.name / "run"
     summary = train_run(folder, lambda resume, overwrite: pretrain(pairs, folder, text_only=text_only, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress))
@@ -72,7 +74,8 @@ def run_pretrain(ctx: Context, p: StagePlan) -> dict[str, Any]:
         ctx.log(f"{p.name}: zero-shot accuracy and impressions on the held-out pairs")
         from medalloy.data.synth_reports import CLASSES
 
-        record["held_out"] = held_out_scores(folder, test_pairs, p.stage.image_size, list(CLASSES) if isinstance(p.stage.pairs, PretrainPairs) else None)  # type: ignore[attr-defined]
+        classes = list(CLASSES) if isinstance(p.stage.pairs, PretrainPairs) else None  # type: ignore[attr-defined]
+        record["held_out"] = from_main(lambda: held_out_scores(folder, test_pairs, p.stage.image_size, classes), current())  # type: ignore[attr-defined]
         h = record["held_out"]
         record["note"] = f"held-out zero-shot accuracy {h['zeroshot_acc']:.3f}, BLEU-4 {h['bleu4']:.3f}"
     return record

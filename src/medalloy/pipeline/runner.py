@@ -17,12 +17,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medalloy import __version__
+from medalloy.engine.distributed import DistInfo, broadcast_object, from_main, init_distributed, resolve_device, world_from_env
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import read_json, write_json_atomic, write_text_atomic
 from medalloy.pipeline.config import DistillStage, PipelineConfig, load_pipeline
 from medalloy.pipeline.datasets import ResolvedDataset, check_datasets, resolve_datasets
 from medalloy.pipeline.graph import StagePlan, describe_inputs, input_summary, plan_stages, select, what_changed
-from medalloy.pipeline.stages import Context, runner_for
+from medalloy.pipeline.stages import TRAINING_KINDS, Context, runner_for
 
 STATE_FILE = "pipeline.json"
 
@@ -107,9 +108,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _check_static(order: list[StagePlan], datasets: dict[str, ResolvedDataset]) -> None:
-    """Refusals that need no training: a student's datasets its teacher stage never learned."""
+def _world(cfg: PipelineConfig, dry_run: bool) -> DistInfo:
+    """The process group torchrun describes (a single process outside torchrun, and for a dry run)."""
+    if dry_run or world_from_env()[0] <= 1:
+        return DistInfo()
+    return init_distributed(resolve_device(cfg.device))
+
+
+def _check_static(order: list[StagePlan], datasets: dict[str, ResolvedDataset], info: DistInfo | None = None) -> None:
+    """Refusals that need no training: a student's datasets its teacher stage never learned;
+    under torchrun, leave-one-source-out (it retrains inside evaluate, which runs on rank 0)."""
     by_name = {p.name: p for p in order}
+    if info is not None and info.enabled:
+        loso = [p.name for p in order if getattr(p.stage, "leave_one_source_out", False)]
+        if loso:
+            raise MedalloyError(f"stage '{loso[0]}': leave_one_source_out retrains inside evaluate, which runs on rank 0 alone", fix="run that pipeline without torchrun")
     for p in order:
         if isinstance(p.stage, DistillStage) and p.stage.teacher in by_name:
             missing = [d for d in p.datasets if d not in by_name[p.stage.teacher].datasets]
@@ -139,20 +152,27 @@ def run(
     log = progress if log is None else log
     cfg = load_pipeline(config, variables)
     root = Path(out)
-    state = _open(root, dry_run)
-    datasets = resolve_datasets(cfg.datasets, root / "data", build=not dry_run, progress=progress, held_out=cfg.held_out)
+    info = _world(cfg, dry_run)
+    # under torchrun rank 0 reads and writes the folder, and every rank follows what it found
+    state = from_main(lambda: _open(root, dry_run), info)
+    datasets = from_main(lambda: resolve_datasets(cfg.datasets, root / "data", build=not dry_run, progress=progress, held_out=cfg.held_out), info)
     order = plan_stages(cfg, datasets)
     chosen = select(order, until, only)
-    _check_static(order, datasets)
+    from_main(lambda: _check_static(order, datasets, info), info)
     rows = plan_table(order, state, root, chosen)
-    say = _printer(log)
+    say = _printer(log and info.is_main)
     if dry_run:
         print(format_table(rows), flush=True)
         return PipelineResult(root, dict(state["stages"]), rows)
-    write_text_atomic(root / "pipeline.yaml", _yaml(cfg))
-    check_datasets(datasets, state["checked"])
-    write_json_atomic(root / STATE_FILE, state)
-    ctx = Context(root, cfg, datasets, {}, progress, log)
+
+    def start() -> dict[str, Any]:
+        write_text_atomic(root / "pipeline.yaml", _yaml(cfg))
+        check_datasets(datasets, state["checked"])
+        write_json_atomic(root / STATE_FILE, state)
+        return state
+
+    state = from_main(start, info)
+    ctx = Context(root, cfg, datasets, {}, progress and info.is_main, log and info.is_main)
     t_all = time.perf_counter()
     for p, row in zip(order, rows):
         status = row["status"]
@@ -165,19 +185,26 @@ def run(
         missing = [n for n in p.needs if n not in ctx.records]
         if missing:
             raise MedalloyError(f"stage '{p.name}' reads '{missing[0]}', which has not finished", root, f"run without --only/--until, or add --only {missing[0]}")
-        if status == "run" and (root / p.name).exists():
-            if p.name in state["stages"]:
-                say(f"{p.name}: {row['why'] or 'started again'}: its earlier output goes")
-            shutil.rmtree(root / p.name)
+
+        def begin(p: StagePlan = p, status: str = status, why: str = row["why"]) -> None:
+            if status == "run" and (root / p.name).exists():
+                if p.name in state["stages"]:
+                    say(f"{p.name}: {why or 'started again'}: its earlier output goes")
+                shutil.rmtree(root / p.name)
+            write_json_atomic(root / STATE_FILE, state)
+
         state["stages"][p.name] = {"kind": p.kind, "key": p.key, "status": "running", "inputs": input_summary(p)}
-        write_json_atomic(root / STATE_FILE, state)
+        from_main(begin, info)
         say(f"{p.name}: {'resumed' if status == 'resume' else 'started'}" + (f" (budget {p.budget:.1f} min)" if p.budget else ""))
         t0 = time.perf_counter()
-        record = runner_for(p.kind)(ctx, p)
-        seconds = time.perf_counter() - t0
-        state["stages"][p.name] = {**state["stages"][p.name], **record, "status": "done", "seconds": round(seconds, 1), "finished": _now()}
+        if p.kind in TRAINING_KINDS:  # every rank trains (data-parallel); rank 0's record is the stage's
+            record = broadcast_object(runner_for(p.kind)(ctx, p), info)
+        else:
+            record = from_main(lambda p=p: runner_for(p.kind)(ctx, p), info)
+        seconds = broadcast_object(time.perf_counter() - t0, info)
+        state["stages"][p.name] = {**state["stages"][p.name], **record, "status": "done", "seconds": round(seconds, 1), "finished": broadcast_object(_now(), info)}
         ctx.records[p.name] = state["stages"][p.name]
-        write_json_atomic(root / STATE_FILE, state)
+        from_main(lambda: write_json_atomic(root / STATE_FILE, state), info)
         note = record.get("note")
         say(f"{p.name}: done in {_minutes(seconds)}" + (f", {note}" if note else ""))
     say(f"finished in {_minutes(time.perf_counter() - t_all)}" + (f": {root / 'report.md'}" if (root / "report.md").is_file() else ""))

@@ -62,16 +62,25 @@ class Context:
 
 def train_run(folder: Path, train: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """A finished run's ``run.json``; else ``train(resume=..., overwrite=...)`` into ``folder``,
-    resumed where a checkpoint exists, afresh where none does."""
-    done = folder / "run.json"
-    if done.is_file():
-        record = read_json(done, "run.json", "delete the folder to train it again")
-        if record.get("status") == "done":
-            return record
-    resume = done.is_file() and any(folder.rglob("last.safetensors"))
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)  # a run killed before its first checkpoint: nothing to keep
-    return train(resume=resume, overwrite=False)
+    resumed where a checkpoint exists, afresh where none does. Under torchrun rank 0 looks at the
+    folder and every rank follows its answer (a rank that looked while rank 0 wrote would differ)."""
+    from medalloy.engine.distributed import current, from_main
+
+    def decide() -> tuple[str, dict[str, Any] | None]:
+        done = folder / "run.json"
+        if done.is_file():
+            record = read_json(done, "run.json", "delete the folder to train it again")
+            if record.get("status") == "done":
+                return "done", record
+        resume = done.is_file() and any(folder.rglob("last.safetensors"))
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)  # a run killed before its first checkpoint: nothing to keep
+        return ("resume" if resume else "fresh"), None
+
+    how, record = from_main(decide, current())
+    if how == "done" and record is not None:
+        return record
+    return train(resume=how == "resume", overwrite=False)
 
 
 def val_dice(summary: dict[str, Any], dataset: str) -> float | None:
@@ -138,7 +147,10 @@ def run_experts(ctx: Context, p: StagePlan) -> dict[str, Any]:
     init = None
     if st.init is not None:  # type: ignore[attr-defined]
         init = ctx.path(ctx.models_of(st.init)[0]) if st.init in ctx.records else Path(st.init)  # type: ignore[attr-defined]
-    workers = min(ctx.cfg.jobs, len(p.datasets))
+    from medalloy.engine.distributed import current
+
+    # under torchrun the ranks share each expert (data-parallel), one expert after another
+    workers = 1 if current().enabled else min(ctx.cfg.jobs, len(p.datasets))
     # in parallel each expert has the stage's wall-clock time for its share of the datasets
     cfg = ctx.recipe_config(p, p.budget * workers / len(p.datasets) if p.budget else None)
     jobs = [
@@ -260,6 +272,9 @@ def run_export(ctx: Context, p: StagePlan) -> dict[str, Any]:
         raise MedalloyError(f"stage '{p.name}' exports '{source}', which has not finished", fix=f"run '{source}' first")
     return {"models": models, "note": f"{len(models)} ONNX model(s)"}
 
+
+# stages whose recipes train: every rank runs them (data-parallel under torchrun); the others run on rank 0
+TRAINING_KINDS = ("pretrain", "experts", "universal", "amalgamate", "distill")
 
 RUNNERS: dict[str, Callable[[Context, StagePlan], dict[str, Any]]] = {
     "experts": run_experts,

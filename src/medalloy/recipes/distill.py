@@ -184,14 +184,23 @@ def confidence(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return (1 - h).clamp(0, 1)
 
 
-def _adapters(student: nn.Module, teacher: nn.Module, stages: list[str], plan: Plan) -> nn.ModuleDict:
+class StageAdapters(nn.ModuleDict):
+    """One 1x1 convolution per tapped stage; ``forward({stage: features})`` maps them all in one call,
+    so under DistributedDataParallel (which wraps modules by their forward, once a step) every
+    adapter's gradient is reduced."""
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {s: self[s](f) for s, f in features.items()}
+
+
+def _adapters(student: nn.Module, teacher: nn.Module, stages: list[str], plan: Plan) -> StageAdapters:
     """1x1 convolutions from the student's stage widths to the teacher's (for the kernel term)."""
     x = torch.zeros(1, plan.in_channels, *plan.patch_size)
     with torch.no_grad(), FeatureTap(_tapped(teacher), stages) as tt, FeatureTap(student, stages) as ts:
         teacher(x)
         student(x)
     conv = nn.Conv2d if plan.dim == 2 else nn.Conv3d
-    return nn.ModuleDict({s: conv(ts.features[s].shape[1], tt.features[s].shape[1], 1) for s in stages})
+    return StageAdapters({s: conv(ts.features[s].shape[1], tt.features[s].shape[1], 1) for s in stages})
 
 
 def _fit_labels(ds: RawDataset, plan: Plan) -> bool:
@@ -376,7 +385,8 @@ class DistillRecipe(Recipe[DistillConfig]):
             conf = confidence(zt, self.activation)
             for term in sorted(self.feature_terms):
                 if term == "kernel":
-                    value = sum(self.kernel(models["adapters"][s](ts.features[s]), tt.features[s]) for s in stages) / len(stages)
+                    adapted = models["adapters"]({s: ts.features[s] for s in stages})
+                    value = sum(self.kernel(adapted[s], tt.features[s]) for s in stages) / len(stages)
                 else:
                     value = sum(self.relation[term](ts.features[s], tt.features[s], conf) for s in stages) / len(stages)
                 logged[term] = value
