@@ -218,7 +218,11 @@ def test_several_datasets_a_partially_labelled_one_trains_its_classes_or_teaches
         cfg = _cfg("relation", steps=12).model_copy(update={"partial_labels": mode})
         cfg.train.log_every = 1
         res = train_distill([cxr, lung_only], teacher, tmp_path / mode, config=cfg, progress=False)
-        assert set(res["train_cases"]) == {"SynthCXR", "SynthCXRLung"} and list(res["val_cases"]) == ["SynthCXR"]
+        assert set(res["train_cases"]) == {"SynthCXR", "SynthCXRLung"} and list(res["val_cases"]) == ["SynthCXR", "SynthCXRLung"]
+        # the lung-only set validates on its lung alone (a heart Dice against its hearts-as-background would mean nothing)
+        val = {k for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "val" for k, v in r.items() if k.startswith("val/") and v is not None}
+        assert {k for k in val if k.startswith("val/SynthCXRLung/")} == {"val/SynthCXRLung/dice_lung"}
+        assert {"val/SynthCXR/dice_lung", "val/SynthCXR/dice_heart"} <= val
         rows = [r for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "train"]
         assert all(r["loss/logits"] > 0 and r["loss/affinity"] > 0 for r in rows)
         # each step drew one dataset: its own curve has the value, the other's none (NaN, logged as null)

@@ -311,13 +311,13 @@ class DistillRecipe(Recipe[DistillConfig]):
             return Predictor(student, plan, device=next(student.parameters()).device, precision=cfg.train.precision, activation=self.activation)
 
         self.record = self._record()
-        sets = [ValidationSet(predictor, prep, plan, name) for name, prep in self.val_sets]
+        sets = [ValidationSet(predictor, prep, plan, name, classes) for name, prep, classes in self.val_sets]
         validate = dice_validation(sets) if sets else None
         return TrainSpec(models=models, trainable=trainable, step_fn=self._step, batches=batches, record=self.record, validate=validate)
 
     def _batches(self, run: Run, ids: dict[str, dict[str, list[str]]]) -> DatasetSteps:
-        """Every dataset's cases cached (validation: the fully labelled ones, a partially labelled
-        dataset cannot score the classes it lacks); one dataset a step, by the sqrt of its samples."""
+        """Every dataset's cases cached (a partially labelled dataset validates on the classes it
+        labels); one dataset a step, by the sqrt of its samples."""
         plan, cfg, seed = self.plan, self.cfg, self.cfg.train.seed
         samplers, samples, self.train_cases, self.val_sets = [], [], {}, []
         for d, is_full in zip(self.dss, self.full):
@@ -326,10 +326,11 @@ class DistillRecipe(Recipe[DistillConfig]):
             samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
             self.train_cases[d.name] = len(train_prep)
             samples.append(sample_count(train_prep, plan.dim))
-            if is_full:
-                val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress, rescale=rescale)
-                if val_prep:
-                    self.val_sets.append((d.name, val_prep))
+            # validation: a partially labelled dataset scores the classes it labels (its "background" hides the others)
+            val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress, rescale=rescale)
+            if val_prep:
+                labelled = None if is_full else [plan.label_values.index(v) for v in sorted(v for v in d.spec.labels.values() if v)]
+                self.val_sets.append((d.name, val_prep, labelled))
         marginal = cfg.partial_labels == "marginal"
         return DatasetSteps(samplers, dataset_weights(samples, "sqrt"), seed, seg_weights=[1.0 if f or marginal else 0.0 for f in self.full])
 
@@ -418,7 +419,7 @@ class DistillRecipe(Recipe[DistillConfig]):
     def result(self, summary: dict[str, Any]) -> dict[str, Any]:
         r = self.record
         return {
-            "name": r["name"], "losses": self.cfg.losses, "train_cases": self.train_cases, "val_cases": {name: len(prep) for name, prep in self.val_sets},
+            "name": r["name"], "losses": self.cfg.losses, "train_cases": self.train_cases, "val_cases": {name: len(prep) for name, prep, _ in self.val_sets},
             "params": r["params"], "teacher_params": r["teacher"]["params"],
         }  # fmt: skip
 

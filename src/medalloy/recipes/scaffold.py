@@ -289,12 +289,14 @@ def label_names(plan: Plan) -> dict[int, str]:
 
 @dataclass
 class ValidationSet:
-    """One dataset's cases scored with one predictor; metric keys are ``val/<dataset>/dice_<label>``."""
+    """One dataset's cases scored with one predictor; metric keys are ``val/<dataset>/dice_<label>``
+    for the network classes in ``classes`` (None: all; a partially labelled dataset scores the ones it labels)."""
 
     predictor: Callable[[], Predictor]
     cases: list[PreparedCase]
     plan: Plan
     dataset: str
+    classes: list[int] | None = None
 
 
 def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, float]]:
@@ -314,7 +316,8 @@ def dice_validation(sets: list[ValidationSet]) -> Callable[[dict], dict[str, flo
                 per_case.append(batch_dice(predictor.to_classes(probs)[None], target[None], vs.plan.num_classes))
             dice = torch.stack(per_case).mean(0)
             for k, d in enumerate(dice):
-                metrics[f"val/{vs.dataset}/dice_{names[k + 1]}"] = float(d)
+                if vs.classes is None or k + 1 in vs.classes:
+                    metrics[f"val/{vs.dataset}/dice_{names[k + 1]}"] = float(d)
         if metrics:
             metrics["val/dice"] = float(np.mean(list(metrics.values())))
         return metrics
