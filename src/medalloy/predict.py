@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medalloy.data.input_folder import find_input_cases, output_ending
+from medalloy.data.input_folder import find_input_cases, output_ending, written_geometry
 from medalloy.data.io import ImageMeta, read_image, write_label
 from medalloy.engine.inference import Predictor
 from medalloy.errors import MedalloyError
 from medalloy.jsonio import atomic_path
-from medalloy.planning.input_fit import FIT_TOLERANCE, InputGeometry, as_trained, geometry_of_files, misfit
+from medalloy.planning.input_fit import InputGeometry, as_trained, geometry_of_files, misfit, rescale_note
 from medalloy.planning.plan import Plan
 from medalloy.recipes.registry import load_model, load_task_model, resolve_source
 
@@ -113,7 +113,7 @@ def _folder_case(item: tuple[str, list[Path]], rescale_to: Plan | None = None) -
     case, files = item
     image, meta = read_image(files)
     seen = as_trained(meta, rescale_to) if rescale_to is not None else meta
-    return CaseImage(case, image, seen, files[0], output_ending(files[0], meta.ndim), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+    return CaseImage(case, image, seen, files[0], output_ending(files[0], meta.ndim), written_geometry(meta))
 
 
 def input_geometry(cases: dict[str, list[Path]]) -> InputGeometry:
@@ -130,16 +130,8 @@ def _scale_choice(plan: Plan, cases: dict[str, list[Path]], native_size: bool) -
     resampled: their median size is more than FIT_TOLERANCE off the training data's."""
     if native_size or not cases or not plan.median_shape:
         return None, None
-    geometry = input_geometry(cases)
-    ratio = misfit(plan, geometry)
-    if ratio is None:
-        return None, None
-    typical = "x".join(str(s) for s in plan.median_shape)
-    note = (
-        f"inputs of {geometry.describe()} are x{ratio:.2f} off {plan.dataset}'s typical {typical} px (more than x{FIT_TOLERANCE:g}): "
-        "each resampled to that size (--native-size keeps them as they are)"
-    )
-    return plan, note
+    note = rescale_note(plan, input_geometry(cases))
+    return (plan, note) if note else (None, None)
 
 
 def _predictor(model, plan, record: dict[str, Any], device: str, precision: str, tta: bool) -> Predictor:

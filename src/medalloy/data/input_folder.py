@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medalloy.data.io import READABLE_ENDINGS, file_ending
+from medalloy.data.io import READABLE_ENDINGS, ImageMeta, file_ending
 from medalloy.errors import MedalloyError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -41,3 +41,8 @@ def output_ending(input_file: Path, ndim: int) -> str:
     if ending == ".dcm" or input_file.is_dir():
         return ".nii.gz" if ndim == 3 else ".png"
     return ending
+
+
+def written_geometry(meta: ImageMeta) -> ImageMeta | None:
+    """The geometry a prediction is written with: the input's, except a 2D DICOM's, which becomes a plain PNG."""
+    return meta if meta.kind != "dicom" or meta.ndim == 3 else None

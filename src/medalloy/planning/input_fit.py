@@ -135,6 +135,19 @@ def misfit(plan: Plan, geometry: InputGeometry, tolerance: float = FIT_TOLERANCE
     return ratio if geometry.spacing is None and ratio is not None and ratio > tolerance else None
 
 
+def rescale_note(plan: Plan, geometry: InputGeometry) -> str | None:
+    """The one line prediction says when natural images of ``geometry`` are resampled to ``plan``'s
+    typical size (:func:`misfit`); None when they are taken as they are."""
+    ratio = misfit(plan, geometry)
+    if ratio is None:
+        return None
+    typical = "x".join(str(s) for s in plan.median_shape)
+    return (
+        f"inputs of {geometry.describe()} are x{ratio:.2f} off {plan.dataset}'s typical {typical} px (more than x{FIT_TOLERANCE:g}): "
+        "each resampled to that size (--native-size keeps them as they are)"
+    )
+
+
 def as_trained(meta: ImageMeta, plan: Plan) -> ImageMeta:
     """``meta`` with the spacing that brings this image to ``plan``'s typical size (the same factor
     on every axis, so shapes keep their proportions); the grid and shape are kept, so predictions

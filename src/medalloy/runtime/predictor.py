@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medalloy.data.input_folder import find_input_cases, output_ending
+from medalloy.data.input_folder import find_input_cases, output_ending, written_geometry
 from medalloy.data.io import ImageMeta, read_image, write_label
 from medalloy.data.network_grid import network_shape
 from medalloy.data.normalize import normalize
 from medalloy.errors import MedalloyError
-from medalloy.planning.input_fit import FIT_TOLERANCE, as_trained, geometry_of_files, misfit
+from medalloy.planning.input_fit import as_trained, geometry_of_files, rescale_note
 from medalloy.planning.plan import Plan
 from medalloy.runtime.resample import resize_linear
 from medalloy.runtime.sidecar import INPUT, OUTPUT, onnx_session, read_sidecar, sidecar_path
@@ -121,21 +121,17 @@ def predict_folder(
     existing = [c for c in cases if any(out.glob(f"{c}.*"))] if out.exists() else []
     if existing and not overwrite:
         raise MedalloyError(f"predictions exist already (e.g. {existing[0]})", out, "pass --overwrite or choose another --output")
-    rescale = False
-    if not native_size and plan.median_shape:
-        geometry = geometry_of_files([cases[c] for c in sorted(cases)])
-        ratio = misfit(plan, geometry)
-        rescale = ratio is not None
-        if rescale and say:
-            typical = "x".join(map(str, plan.median_shape))
-            say(f"inputs of {geometry.describe()} are x{ratio:.2f} off {plan.dataset}'s typical {typical} px (more than x{FIT_TOLERANCE:g}): each resampled to that size (--native-size keeps them as they are)")
+    note = rescale_note(plan, geometry_of_files([cases[c] for c in sorted(cases)])) if not native_size and plan.median_shape else None
+    rescale = note is not None
+    if note and say:
+        say(note)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for case, files in tqdm(list(cases.items()), desc="predict", unit="case", disable=not progress):
         image, meta = read_image(files)
         probs = predictor.predict_probabilities(image, as_trained(meta, plan) if rescale else meta, files[0])
         target = out / f"{case}{output_ending(files[0], meta.ndim)}"
-        write_label(target, predictor.to_labels(probs), meta if meta.kind != "dicom" or meta.ndim == 3 else None)
+        write_label(target, predictor.to_labels(probs), written_geometry(meta))
         written.append(target)
     return written
 
