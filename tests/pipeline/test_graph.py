@@ -157,6 +157,11 @@ def test_where_leave_one_source_out_rows_exist_they_decide_and_only_stages_with_
     assert (rec["rule"], rec["best"], rec["recommended"], rec["score"]) == ("leave-one-source-out Dice", "universal", "universal", 0.85)
     assert recommend(rows, 0.2, cross)["d"]["recommended"] == "experts/d"  # within 0.2 of 0.85; distill has no row
     assert recommend(rows, 0.03, [])["d"]["rule"] == "validation Dice"
+    # a student with rows competes; its ONNX export has the same weights, hence its rows, and deploys
+    cross.append({"stage": "distill", "dataset": "d", "summary": {"mean": {"dice": {"mean": 0.84}}}})
+    onnx = {**_row("export/distill-d", 300_000, 0.9), "stage": "export", "format": "onnx", "trained_by": "distill"}
+    rec = recommend([*rows, onnx], 0.03, cross)["d"]
+    assert (rec["best"], rec["recommended"], rec["format"], rec["score"]) == ("universal", "export/distill-d", "onnx", 0.84)
 
 
 def test_a_stage_name_is_a_folder_name_and_not_the_data_folder():

@@ -185,7 +185,8 @@ class EvaluateStage(StageBase):
     latency_runs: int = Field(20, ge=1, description="batch-1 forward passes timed per model (median)")
     overlays: bool = True
     leave_one_source_out: bool = Field(
-        False, description="also score each experts/universal stage on every source with a model trained without it (training cases only; its own budget share)"
+        False,
+        description="also score each model stage on every source with its models rebuilt without that source (training cases only; its own budget share)",
     )
 
 

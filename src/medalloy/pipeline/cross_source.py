@@ -3,21 +3,27 @@
 A *domain* is one source of one dataset. For each domain, every candidate stage answers with a
 model trained without it and is scored on that domain's training-split cases (the held-out cases
 stay untouched, as everywhere in the pipeline), on the tasks some remaining source annotates (the
-others are skipped and said):
+others are skipped and said). Each stage is rebuilt as it was built, from the stages before it
+rebuilt without the domain:
 
-- an experts stage: the experts of the other datasets that annotate those tasks (trained without
-  the domain already), and, where the domain's dataset has other sources, its expert retrained
-  without this one;
-- a universal stage: retrained on every dataset's training cases but the domain's, asked as the
-  domain's dataset where that dataset keeps other sources, else as the remaining dataset that
-  annotates the most of the tasks.
+- an experts stage: the experts of the other datasets (they never saw the domain), and, where the
+  domain's dataset has other sources, its expert retrained without this one;
+- a universal stage: retrained on every dataset's training cases but the domain's;
+- an amalgamate stage: its experts stages as rebuilt, amalgamated on the remaining cases (one
+  whose experts come from outside the pipeline cannot be rebuilt, and says so);
+- a distill stage: a student of its teacher as rebuilt (per dataset for an experts teacher: the
+  other datasets' students as they are, the domain's dataset's distilled again);
+- an export stage: the same weights as the stage it exports, so that stage's rows are its own.
 
-Stages derived from others (amalgamate, distill, export) are not retrained per source; the report says so.
-Each retraining has an equal part of the evaluate stage's budget (else its stage's own steps).
+A model of several datasets answers as the domain's dataset where that dataset keeps other
+sources, else as the remaining dataset that annotates the most of the tasks. Every retraining has
+an equal part of the evaluate stage's budget (else its stage's own steps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,9 @@ import numpy as np
 from medalloy.jsonio import read_json, write_json_atomic
 from medalloy.pipeline.config import recipe_config
 from medalloy.pipeline.graph import StagePlan
-from medalloy.pipeline.stages import Context, model_entry, train_run
+from medalloy.pipeline.stages import Context, train_run
 
-RETRAINED = ("experts", "universal")
+RETRAINED = ("experts", "universal", "amalgamate", "distill")
 
 
 def _train_ids(ctx: Context, d: str) -> list[str]:
@@ -90,71 +96,213 @@ def _score(ctx: Context, model_path: Path, d: str, ids: list[str], tasks: list[s
     return evaluate_folders(pred, gt, dataset=ctx.datasets[d].path, labels={t: own[t] for t in tasks}, out_dir=folder, overlays=False, overwrite=True, progress=False)
 
 
-def cross_source_rows(ctx: Context, p: StagePlan) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, notes) of every candidate stage on every domain it can be scored on."""
+@dataclass
+class Domain:
+    """One source of one dataset, left out: the cases each dataset keeps, the tasks to score."""
+
+    dataset: str
+    source: str
+    rest: dict[str, list[str]]  # training ids of each dataset without the domain
+    tasks: list[str]
+    ids: list[str]  # the domain's training-split cases, scored
+    base: Path
+
+
+@dataclass
+class Without:
+    """A stage as rebuilt without a domain: a model per dataset (experts, their students), or one
+    model of several datasets (``model`` trained on ``datasets``)."""
+
+    per_dataset: dict[str, Path] | None = None
+    model: Path | None = None
+    datasets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One retraining: ``train(config, resume, overwrite)`` into ``folder``."""
+
+    stage: str
+    folder: Path
+    what: str
+    train: Callable[[Any, bool, bool], dict[str, Any]]
+
+
+Rebuilt = tuple[Without | None, list[Job], str | None]  # (the stage without the domain, its retrainings, why not)
+
+
+def _kept(ctx: Context, stage: str, dom: Domain) -> list[str]:
+    """The stage's datasets that keep cases without the domain."""
+    trained = {d for m in ctx.models_of(stage) for d in m["datasets"]}
+    return [e for e in dom.rest if e in trained]
+
+
+def _experts(ctx: Context, stage: str, dom: Domain, done: dict[str, Without]) -> Rebuilt:
     from medalloy.recipes.expert import train_expert
+
+    st = ctx.cfg.stages[stage]
+    init = None
+    if st.init is not None:  # type: ignore[attr-defined]
+        init = ctx.path(ctx.models_of(st.init)[0]) if st.init in ctx.records else Path(st.init)  # type: ignore[attr-defined]
+    per = {m["datasets"][0]: ctx.path(m) for m in ctx.models_of(stage) if m["datasets"][0] != dom.dataset}
+    jobs = []
+    if dom.dataset in _kept(ctx, stage, dom):  # the domain's dataset keeps other sources: its expert without this one
+        d, folder = dom.dataset, dom.base / stage / dom.dataset
+        ds, split = ctx.datasets[d], _halves(dom.rest[d])
+        per[d] = folder
+        jobs.append(Job(stage, folder, f"{stage} of {d} without source {dom.source}",
+                        lambda cfg, resume, overwrite: train_expert(ds.path, folder, config=cfg, init=init, split=split, resume=resume, overwrite=overwrite, progress=ctx.progress)))  # fmt: skip
+    return Without(per_dataset=per), jobs, None
+
+
+def _multi(ctx: Context, stage: str, dom: Domain, train: Callable[..., dict[str, Any]]) -> Rebuilt:
+    """One model of the stage's remaining datasets: ``train(paths, folder, cfg, splits, resume, overwrite)``."""
+    keep = _kept(ctx, stage, dom)
+    if not keep:
+        return None, [], f"{stage} on {dom.dataset}/{dom.source}: no other dataset to train on"
+    folder = dom.base / stage
+    paths = [ctx.datasets[e].path for e in keep]
+    splits = {ctx.datasets[e].raw.name: _halves(dom.rest[e]) for e in keep}
+    job = Job(stage, folder, f"{stage} without {dom.dataset}/{dom.source}", lambda cfg, resume, overwrite: train(paths, folder, cfg, splits, resume, overwrite))
+    return Without(model=folder, datasets=keep), [job], None
+
+
+def _universal(ctx: Context, stage: str, dom: Domain, done: dict[str, Without]) -> Rebuilt:
     from medalloy.recipes.universal import train_universal
 
-    stages = [n for n in ctx.records if n in p.needs and ctx.records[n]["kind"] in RETRAINED]
-    notes = [f"{n}: not retrained per source (derived from other stages)" for n in ctx.records if n in p.needs and ctx.records[n]["kind"] not in RETRAINED]
-    all_sets = sorted({d for n in stages for m in ctx.models_of(n) for d in m["datasets"]}, key=list(ctx.datasets).index)
-    jobs = _retrain_count(ctx, stages, all_sets)
-    budget = p.budget / jobs if p.budget and jobs else None
-    rows: list[dict[str, Any]] = []
-    for d, source in domains(ctx, all_sets):
-        rest = _without(ctx, all_sets, d, source)
-        tasks = [t for t in _labels(ctx, d) if any(t in _labels(ctx, e) for e in rest)]
-        skipped = [t for t in _labels(ctx, d) if t not in tasks]
-        if skipped:
-            notes.append(f"{d}/{source}: {', '.join(skipped)} skipped (no other source annotates it)")
-        if not tasks:
+    return _multi(ctx, stage, dom, lambda paths, out, cfg, splits, resume, overwrite: train_universal(
+        paths, out, config=cfg, splits=splits, resume=resume, overwrite=overwrite, progress=ctx.progress))  # fmt: skip
+
+
+def _amalgamate(ctx: Context, stage: str, dom: Domain, done: dict[str, Without]) -> Rebuilt:
+    from medalloy.recipes.amalgamate import train_amalgamate
+
+    keep = set(_kept(ctx, stage, dom))
+    experts: list[Path] = []
+    for e in ctx.cfg.stages[stage].experts:  # type: ignore[attr-defined]
+        if e not in done:
+            why = "from outside the pipeline" if e not in ctx.records else f"of '{e}', which was not rebuilt"
+            return None, [], f"{stage}: not retrained without a source (its experts {why})"
+        w = done[e]
+        experts += [p for d, p in (w.per_dataset or {}).items() if d in keep]
+        if w.model is not None and keep & set(w.datasets):
+            experts.append(w.model)
+    return _multi(ctx, stage, dom, lambda paths, out, cfg, splits, resume, overwrite: train_amalgamate(
+        paths, experts, out, config=cfg, splits=splits, resume=resume, overwrite=overwrite, progress=ctx.progress))  # fmt: skip
+
+
+def _distill(ctx: Context, stage: str, dom: Domain, done: dict[str, Without]) -> Rebuilt:
+    from medalloy.recipes.distill import train_distill
+
+    teacher = ctx.records[stage].get("teacher")
+    if teacher not in done:
+        why = "from outside the pipeline" if teacher not in ctx.records else f"'{teacher}', which was not rebuilt"
+        return None, [], f"{stage}: not retrained without a source (its teacher is {why})"
+    t = done[teacher]
+
+    def distil(paths: list[Path], teacher_path: Path, out: Path, cfg: Any, splits: Any, resume: bool, overwrite: bool) -> dict[str, Any]:
+        return train_distill(paths, teacher_path, out, config=cfg, split=splits, resume=resume, overwrite=overwrite, progress=ctx.progress)
+
+    if t.per_dataset is None:
+        return _multi(ctx, stage, dom, lambda paths, out, cfg, splits, resume, overwrite: distil(paths, t.model, out, cfg, splits, resume, overwrite))  # type: ignore[arg-type]
+    per = {m["datasets"][0]: ctx.path(m) for m in ctx.models_of(stage) if m["datasets"][0] != dom.dataset}
+    jobs = []
+    d = dom.dataset
+    if d in _kept(ctx, stage, dom) and d in t.per_dataset:  # the domain's dataset: a student of its expert without the domain
+        folder, path, split = dom.base / stage / d, ctx.datasets[d].path, {ctx.datasets[d].raw.name: _halves(dom.rest[d])}
+        per[d] = folder
+        jobs.append(Job(stage, folder, f"{stage}: a student of {d} without source {dom.source}",
+                        lambda cfg, resume, overwrite: distil([path], t.per_dataset[d], folder, cfg, split, resume, overwrite)))  # type: ignore[index]  # fmt: skip
+    return Without(per_dataset=per), jobs, None
+
+
+REBUILD: dict[str, Callable[[Context, str, Domain, dict[str, Without]], Rebuilt]] = {
+    "experts": _experts,
+    "universal": _universal,
+    "amalgamate": _amalgamate,
+    "distill": _distill,
+}
+
+
+def _answers(ctx: Context, stage: str, w: Without, dom: Domain) -> list[tuple[str, Path, list[str], str | None]]:
+    """(name, model, tasks, dataset to ask it as) of each model of a rebuilt stage that shares a task with the domain."""
+    out = []
+    for e, path in (w.per_dataset or {}).items():
+        shared = [t for t in dom.tasks if t in _labels(ctx, e)]
+        if shared:
+            out.append((path.relative_to(ctx.root).as_posix(), path, shared, None))
+    if w.model is not None:
+        ask = dom.dataset if dom.dataset in w.datasets else max(w.datasets, key=lambda e: sum(t in _labels(ctx, e) for t in dom.tasks))
+        shared = [t for t in dom.tasks if t in _labels(ctx, ask)]
+        if shared:
+            out.append((f"{stage} without {dom.dataset}/{dom.source}", w.model, shared, ctx.datasets[ask].raw.name))
+    return out
+
+
+def _with_inputs(ctx: Context, candidates: list[str]) -> list[str]:
+    """The candidates and the stages they are built from (a student's teacher, an amalgamation's
+    experts), in the order they ran: rebuilding a student rebuilds its teacher, scored or not."""
+    need, todo = set(), list(candidates)
+    while todo:
+        n = todo.pop()
+        if n in need or n not in ctx.records or ctx.records[n]["kind"] not in RETRAINED:
             continue
-        ids = [i for i in _train_ids(ctx, d) if ctx.datasets[d].raw.case(i).source == source]
-        base = ctx.root / p.name / "cross-source" / f"{d}-{source}"
-        for stage in stages:
+        need.add(n)
+        todo += [ctx.records[n].get("teacher") or "", *getattr(ctx.cfg.stages[n], "experts", [])]
+    return [n for n in ctx.records if n in need]
+
+
+def _domain(ctx: Context, p: StagePlan, datasets: list[str], d: str, source: str, notes: list[str]) -> Domain | None:
+    rest = _without(ctx, datasets, d, source)
+    tasks = [t for t in _labels(ctx, d) if any(t in _labels(ctx, e) for e in rest)]
+    skipped = [t for t in _labels(ctx, d) if t not in tasks]
+    if skipped:
+        notes.append(f"{d}/{source}: {', '.join(skipped)} skipped (no other source annotates it)")
+    if not tasks:
+        return None
+    ids = [i for i in _train_ids(ctx, d) if ctx.datasets[d].raw.case(i).source == source]
+    return Domain(d, source, rest, tasks, ids, ctx.root / p.name / "cross-source" / f"{d}-{source}")
+
+
+def cross_source_rows(ctx: Context, p: StagePlan) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, notes) of every candidate stage on every domain it can be scored on."""
+    candidates = [n for n in ctx.records if n in p.needs and ctx.records[n]["kind"] in RETRAINED]
+    stages = _with_inputs(ctx, candidates)
+    notes = [f"{n}: scored by the rows of the stage it exports (the same weights)" for n in ctx.records if n in p.needs and ctx.records[n]["kind"] == "export"]
+    def sets(names: list[str]) -> list[str]:
+        return sorted({d for n in names for m in ctx.models_of(n) for d in m["datasets"]}, key=list(ctx.datasets).index)
+
+    plans: list[tuple[Domain, list[tuple[str, Without, list[Job]]]]] = []
+    for d, source in domains(ctx, sets(candidates)):
+        dom = _domain(ctx, p, sets(stages), d, source, notes)
+        if dom is None:
+            continue
+        done: dict[str, Without] = {}
+        rebuilt = []
+        for stage in stages:  # in the order they ran: a stage's inputs are rebuilt before it
+            w, jobs, why = REBUILD[ctx.records[stage]["kind"]](ctx, stage, dom, done)
+            if w is None:
+                notes.append(why)  # type: ignore[arg-type]
+                continue
+            done[stage] = w
+            rebuilt.append((stage, w, jobs))
+        plans.append((dom, rebuilt))
+    n_jobs = sum(len(jobs) for _, rebuilt in plans for _, _, jobs in rebuilt)
+    budget = p.budget / n_jobs if p.budget and n_jobs else None
+    rows: list[dict[str, Any]] = []
+    for dom, rebuilt in plans:
+        for stage, w, jobs in rebuilt:
             cfg = recipe_config(ctx.cfg.stages[stage], ctx.cfg.seed, ctx.cfg.device, budget)
-            if ctx.records[stage]["kind"] == "experts":
-                answers = []
-                for m in ctx.models_of(stage):
-                    e = m["datasets"][0]
-                    shared = [t for t in tasks if t in _labels(ctx, e)]
-                    if e != d and shared:
-                        answers.append((m["name"], ctx.path(m), [e], shared, None))
-                if d in rest:  # the domain's own dataset keeps other sources: its expert without this one
-                    folder = base / stage / d
-                    ds = ctx.datasets[d]
-                    ctx.log(f"{p.name}: {stage} of {d} without source {source}")
-                    summary = train_run(folder, lambda resume, overwrite: train_expert(ds.path, folder, config=cfg, split=_halves(rest[d]), resume=resume, overwrite=overwrite, progress=ctx.progress))
-                    answers.append((model_entry(ctx, stage, folder, [d], summary)["name"], folder, [d], tasks, None))
-            else:
-                folder = base / stage
-                keep = [e for e in rest if e in ctx.models_of(stage)[0]["datasets"]]
-                if not keep:
-                    notes.append(f"{stage} on {d}/{source}: no other dataset to train on")
-                    continue
-                ctx.log(f"{p.name}: {stage} without {d}/{source}")
-                paths = [ctx.datasets[e].path for e in keep]
-                splits = {ctx.datasets[e].raw.name: _halves(rest[e]) for e in keep}
-                summary = train_run(folder, lambda resume, overwrite: train_universal(paths, folder, config=cfg, splits=splits, resume=resume, overwrite=overwrite, progress=ctx.progress))
-                ask = d if d in keep else max(keep, key=lambda e: sum(t in _labels(ctx, e) for t in tasks))
-                answers = [(f"{stage} without {d}/{source}", folder, keep, [t for t in tasks if t in _labels(ctx, ask)], ctx.datasets[ask].raw.name)]
-            for name, path, _trained_on, shared, as_dataset in answers:
-                out = base / stage / "scores" / name.replace("/", "-").replace(" ", "_")
-                result = _score(ctx, path, d, ids, shared, out, as_dataset)
-                row = {"stage": stage, "model": name, "dataset": d, "source": source, "tasks": shared, "cases": len(ids), "summary": result["summary"]}
+            for job in jobs:
+                ctx.log(f"{p.name}: {job.what}")
+                train_run(job.folder, lambda resume, overwrite, job=job: job.train(cfg, resume, overwrite))
+            for name, path, shared, as_dataset in _answers(ctx, stage, w, dom) if stage in candidates else []:
+                out = dom.base / stage / "scores" / name.replace("/", "-").replace(" ", "_")
+                result = _score(ctx, path, dom.dataset, dom.ids, shared, out, as_dataset)
+                row = {"stage": stage, "model": name, "dataset": dom.dataset, "source": dom.source, "tasks": shared, "cases": len(dom.ids), "summary": result["summary"]}
                 write_json_atomic(out / "row.json", row)
                 rows.append(row)
     return rows, notes
-
-
-def _retrain_count(ctx: Context, stages: list[str], datasets: list[str]) -> int:
-    n = 0
-    for d, source in domains(ctx, datasets):
-        for stage in stages:
-            if ctx.records[stage]["kind"] == "universal" or len(ctx.datasets[d].raw.sources) > 1:
-                n += 1
-    return n
-
 
 def cross_source_dice(rows: list[dict[str, Any]], stage: str, dataset: str) -> float | None:
     """A stage's mean Dice over its rows on ``dataset``'s sources (None: no row)."""

@@ -102,6 +102,7 @@ def run_evaluate(ctx: Context, p: StagePlan) -> dict[str, Any]:
                     continue
                 row = {
                     "model": model["name"], "stage": stage, "kind": ctx.records[stage]["kind"], "format": model["format"], "dataset": d,
+                    "trained_by": model["from"].split("/")[0] if "from" in model else stage,  # an export's weights are its source stage's
                     "params": model.get("params"), "val_dice": model.get("val_dice", {}).get(d),
                     "latency_ms": _latency(ctx, model, d, st.latency_runs),  # type: ignore[attr-defined]
                     "summary": result["summary"], "folder": folder.relative_to(ctx.root).as_posix(),

@@ -38,16 +38,16 @@ def recommend(rows: list[dict[str, Any]], tolerance: float, cross: list[dict[str
     """Per dataset: the best score and the smallest model within ``tolerance`` of it (an ONNX
     export counts as the model it was exported from, and is what gets deployed). The score is the
     stage's leave-one-source-out Dice on the dataset's sources where such rows exist (only stages
-    with rows compete), else each model's validation Dice."""
+    with rows compete; an export has the rows of the stage it exports), else each model's validation Dice."""
     from medalloy.pipeline.cross_source import cross_source_dice
 
     out = {}
     for d in sorted({r["dataset"] for r in rows}):
         cands = [r for r in rows if r["dataset"] == d and r.get("params")]
-        loso = {r["stage"]: cross_source_dice(cross or [], r["stage"], d) for r in cands}
+        loso = {r["model"]: cross_source_dice(cross or [], r.get("trained_by", r["stage"]), d) for r in cands}
         if any(v is not None for v in loso.values()):
             rule = "leave-one-source-out Dice"
-            scored = [(r, loso[r["stage"]]) for r in cands if loso[r["stage"]] is not None]
+            scored = [(r, loso[r["model"]]) for r in cands if loso[r["model"]] is not None]
         else:
             rule = "validation Dice"
             scored = [(r, r["val_dice"]) for r in cands if r.get("val_dice") is not None]
