@@ -1,9 +1,9 @@
 """Knowledge amalgamation (KA2ER) against the experts it amalgamates and the foundation alone, at
 equal compute, on the real 2D data of ../shared/data.
 
-    python benchmarks/amalgamate.py [--data ../shared/data] [--budget-minutes 2] [--feature-size 12]
+    python -m benchmarks.amalgamate [--data ../shared/data] [--budget-minutes 2] [--feature-size 12]
                                     [--only experts foundation amalgamated no_hier_attention no_prompt_decoder no_experts no_expert_priors no_router]
-    python benchmarks/amalgamate.py --report      # re-render the markdown from the raw results
+    python -m benchmarks.amalgamate --report      # re-render the markdown from the raw results
 
 Tasks, held-out cases and equal-compute rule are the universal benchmark's (benchmarks/universal.py):
 JSRT (lung, heart), Shenzhen (lung), Polyp-Kvasir and Polyp-CVC (one dataset per centre), ACDC per
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
+from benchmarks.common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -222,7 +222,7 @@ def markdown(res: dict[str, Any], raw: dict[str, Any]) -> str:
     out = [
         "# Knowledge amalgamation (KA2ER) on real data",
         "",
-        f"Made by `python benchmarks/amalgamate.py --budget-minutes {s.get('budget_per_expert_minutes', 2):g} --feature-size {s.get('feature_size', 12)}` "
+        f"Made by `python -m benchmarks.amalgamate --budget-minutes {s.get('budget_per_expert_minutes', 2):g} --feature-size {s.get('feature_size', 12)}` "
         f"(seed {s.get('seed', 0)}): each expert {s.get('budget_per_expert_minutes', 2):g} min, every other arm 5x that, on 2 CPU cores; "
         "held-out cases as the experts and universal benchmarks (never seen in training or model selection). Dice per task; "
         "`universal` is the universal benchmark's 2D arm (its own run, same rule).",

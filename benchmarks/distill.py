@@ -1,9 +1,9 @@
 """Relation-based distillation on the real data of ../shared/data: a tiny student against its teacher
 and the baselines, on Dice, size, FLOPs and CPU latency per runtime.
 
-    python benchmarks/distill.py [--data ../shared/data] [--teacher-steps 1500] [--steps 600]
+    python -m benchmarks.distill [--data ../shared/data] [--teacher-steps 1500] [--steps 600]
                                  [--only polyp cxr] [--models teacher student_alone ...]
-    python benchmarks/distill.py --measure      # then, on an idle machine: size, FLOPs, latency, int8
+    python -m benchmarks.distill --measure      # then, on an idle machine: size, FLOPs, latency, int8
 
 Domains (held-out cases as in benchmarks/experts.py: never used in training or model selection):
 - ``polyp``: Kvasir + CVC in one dataset (two sources). Teacher: a medalloy expert trained on both
@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
+from benchmarks.common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -576,8 +576,8 @@ def rerun_command(res: dict[str, Any], results: Path | None = None) -> str:
     """The command line of the settings ``res`` records (step counts, seeds) writing into
     ``results``, and where the rows' student seeds differ, that they are per row in the JSON."""
     if "steps" not in res or "teacher_steps" not in res:
-        return "`python benchmarks/distill.py`"
-    cmd = ["python benchmarks/distill.py", f"--teacher-steps {res['teacher_steps']}", f"--steps {res['steps']}"]
+        return "`python -m benchmarks.distill`"
+    cmd = ["python -m benchmarks.distill", f"--teacher-steps {res['teacher_steps']}", f"--steps {res['steps']}"]
     if res.get("seed", 0):
         cmd.append(f"--seed {res['seed']}")
     seed = res.get("seed", 0)

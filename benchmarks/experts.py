@@ -1,6 +1,6 @@
 """Experts on the real datasets of ../shared/data within a fixed CPU budget per expert.
 
-    python benchmarks/experts.py [--data ../shared/data] [--budget-minutes 10] [--only JSRT ...]
+    python -m benchmarks.experts [--data ../shared/data] [--budget-minutes 10] [--only JSRT ...]
 
 Every expert is trained with medalloy's defaults (planner + expert recipe) for a wall-clock budget,
 then evaluated on held-out cases it never saw, neither in training nor in model selection:
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
+from benchmarks.common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -216,7 +216,7 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
         f"medalloy defaults (planner + expert recipe, bf16 on CPU), {budget:g} min wall-clock budget per expert on 2 CPU cores; "
         "held-out test cases never used for training or model selection (fold 0 of 5, by patient when known; ACDC: its "
         "patient split). Cross rows apply an expert to another source's held-out cases, on the labels both share. "
-        "images/s = training throughput. Produced by `python benchmarks/experts.py`.",
+        "images/s = training throughput. Produced by `python -m benchmarks.experts`.",
         "",
         "Planner settings other than the defaults: "
         + (
@@ -239,7 +239,7 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
             "trained on the same train/val cases within the same budget: a short calibration run fixes epochs x "
             "iterations per epoch (trainer `nnUNetTrainerBudget`, otherwise nnU-Net's default trainer), prediction with "
             "nnU-Net's default test-time mirroring, scored by the same code on the same test cases. nnU-Net iterations "
-            "are batches of its own batch size. Produced by `python benchmarks/experts.py --with-nnunet`.",
+            "are batches of its own batch size. Produced by `python -m benchmarks.experts --with-nnunet`.",
         ]
         lines[-2] += " nnU-Net Dice | nnU-Net HD95 | nnU-Net train min | nnU-Net iterations |"
         lines[-1] += "---|---|---|---|"
@@ -270,7 +270,7 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
         if no_peer:
             lines.append(
                 f"- not measured yet: {', '.join(no_peer)} (a peer run costs 20-35 minutes per dataset here: preprocessing, "
-                "calibration, the budget, nnU-Net's own validation and prediction; `python benchmarks/experts.py --nnunet-only "
+                "calibration, the budget, nnU-Net's own validation and prediction; `python -m benchmarks.experts --nnunet-only "
                 "--only NAME` adds a row)"
             )
         lines += ["", PEER_READING]
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Any] = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else {}
     names = a.only or [*EXPERTS, *VARIANTS]
     if a.with_nnunet or a.nnunet_only:
-        from nnunet_peer import check_venv
+        from benchmarks.nnunet_peer import check_venv
 
         from medalloy.errors import MedalloyError
 
@@ -344,7 +344,7 @@ def run_peer(name: str, data: Path, work: Path, budget: float, seed: int, venv: 
     so one dataset nnU-Net cannot handle does not stop the others."""
     import traceback
 
-    from nnunet_peer import run_nnunet
+    from benchmarks.nnunet_peer import run_nnunet
 
     ds_path = dataset_path(name, data, work)
     try:

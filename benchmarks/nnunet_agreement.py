@@ -2,7 +2,7 @@
 imported by medalloy (the path ``medalloy train amalgamate --experts`` and ``medalloy predict`` take),
 against ``nnUNetv2_predict`` on the same held-out cases.
 
-    python benchmarks/nnunet_agreement.py [--data ../shared/data] [--dataset JSRT] [--budget-minutes 3]
+    python -m benchmarks.nnunet_agreement [--data ../shared/data] [--dataset JSRT] [--budget-minutes 3]
                                           [--venv runs/nnunet-venv]
 
 1. nnU-Net trains its 2d configuration on the experts benchmark's train/val split of the dataset in
@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import copy_ground_truth, dataset_path, evaluate, splits
-from nnunet_peer import CONFIGURATION, DATASET_IDS, DEFAULT_VENV, FOLD, PLANS, TRAINER, dataset_folder_name, run_nnunet
+from benchmarks.common import copy_ground_truth, dataset_path, evaluate, splits
+from benchmarks.nnunet_peer import CONFIGURATION, DATASET_IDS, DEFAULT_VENV, FOLD, PLANS, TRAINER, dataset_folder_name, run_nnunet
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -94,7 +94,7 @@ def markdown(res: dict[str, Any]) -> str:
     out = [
         "# nnU-Net v2 models imported by medalloy: agreement with nnUNetv2_predict",
         "",
-        f"Made by `python benchmarks/nnunet_agreement.py --dataset {res['dataset']} --budget-minutes {res['budget_minutes']:g}`: "
+        f"Made by `python -m benchmarks.nnunet_agreement --dataset {res['dataset']} --budget-minutes {res['budget_minutes']:g}`: "
         f"nnU-Net {res['nnunetv2']} trained its {CONFIGURATION} configuration ({res['nnunet_iterations']} iterations, "
         f"{res['nnunet_train_minutes']} min on 2 CPU cores) and predicted the {res['test_cases']} held-out cases with its defaults "
         "(mirroring); medalloy imported the same `fold_0` folder and predicted the same images with mirroring. "

@@ -1,7 +1,7 @@
 """nnU-Net v2 as the peer of ``benchmarks/experts.py``: same cases, same budget, same metric code.
 
-    python benchmarks/experts.py --with-nnunet [--nnunet-venv PATH]     (the benchmark, see README.md)
-    python benchmarks/nnunet_peer.py --smoke [--venv PATH]              (a one-minute check of the chain)
+    python -m benchmarks.experts --with-nnunet [--nnunet-venv PATH]     (the benchmark, see README.md)
+    python -m benchmarks.nnunet_peer --smoke [--venv PATH]              (a one-minute check of the chain)
 
 For one expert, ``run_nnunet`` runs nnU-Net's own commands in nnU-Net's own virtual environment
 (``benchmarks/nnunet/setup_venv.sh``), never medalloy's, in a work folder of its own:
@@ -365,9 +365,7 @@ def run_nnunet(
     from medalloy.data.dataset import RawDataset
     from medalloy.errors import MedalloyError
 
-    if str(HERE) not in sys.path:  # experts.py's scoring code, whether or not it is the running script
-        sys.path.insert(0, str(HERE))
-    from common import copy_ground_truth, evaluate
+    from benchmarks.common import copy_ground_truth, evaluate
 
     bin_dir = check_venv(Path(venv))
     threads = threads or os.cpu_count() or 1

@@ -1,11 +1,11 @@
 """Image-report pretraining (HybridMED) against random init and two simpler objectives, on the real
 chest X-ray data of ../shared/data, with every downstream use the issue names.
 
-    python benchmarks/pretrain.py [--data ../shared/data] [--budget-minutes 8] [--seg-minutes 2]
+    python -m benchmarks.pretrain [--data ../shared/data] [--budget-minutes 8] [--seg-minutes 2]
                                   [--seeds 0 1 2] [--only global_only token_level hybridmed] [--skip-seg]
-    python benchmarks/pretrain.py --text-encoder minilm --work runs/bench-pretrain-minilm \
+    python -m benchmarks.pretrain --text-encoder minilm --work runs/bench-pretrain-minilm \
         --results benchmarks/results/pretrain_minilm --random-from benchmarks/results
-    python benchmarks/pretrain.py --report      # re-render the markdown from the raw results
+    python -m benchmarks.pretrain --report      # re-render the markdown from the raw results
 
 Data: ``CXR-Text/covid_cxr_notes.csv`` (459 radiographs; findings = the clinical ``notes``,
 impression = the diagnosis ``finding``), split by patient: 25 % of the patients are held out for
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import train_benchmark_expert
+from benchmarks.common import train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -28,8 +28,8 @@
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
   (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
 
-    python benchmarks/probes.py [head width profile latency students token_loss] [--steps 120]
-    python benchmarks/probes.py prototypes --universal RUN/checkpoints/best.safetensors [...]
+    python -m benchmarks.probes [head width profile latency students token_loss] [--steps 120]
+    python -m benchmarks.probes prototypes --universal RUN/checkpoints/best.safetensors [...]
 
 Writes ``benchmarks/results/probes.json`` (merged per probe).
 """
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, splits
+from benchmarks.common import PLAN_OPTIONS, dataset_path, splits
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))

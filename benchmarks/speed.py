@@ -1,6 +1,6 @@
 """CPU speed of medalloy's engine, side by side with plain PyTorch, in one run.
 
-    python benchmarks/speed.py [--data ../shared/data] [--steps 200]
+    python -m benchmarks.speed [--data ../shared/data] [--steps 200]
 
 Phases (each in its own process, so its peak resident memory is its own):
 - overhead:  images/s of the engine's training step vs a bare PyTorch loop (same network, batches,
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 JSRT, HIPPO = "Dataset102_JSRT", "Dataset105_Hippocampus"
@@ -37,7 +36,7 @@ def peak_rss_mib() -> float:
 
 def _jsrt_parts(data: Path, n_cases: int = 60):
     """Plan, prepared training cases and a sampler for JSRT (the 2D reference task)."""
-    from experts import splits
+    from benchmarks.common import splits
 
     from medalloy.data.dataset import RawDataset
     from medalloy.data.sampling import PatchSampler
@@ -149,7 +148,7 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
 
 def phase_precision(data: Path, steps: int, precision: str, work: Path) -> dict[str, Any]:
     """Train the JSRT expert for a fixed number of steps in one precision; held-out Dice."""
-    from common import copy_ground_truth, evaluate
+    from benchmarks.common import copy_ground_truth, evaluate
 
     from medalloy.predict import predict_cases
     from medalloy.recipes.expert import train_expert
@@ -223,9 +222,9 @@ def phase_infer(data: Path, dataset: str, n: int) -> dict[str, Any]:
 
 def run_phase(args: list[str]) -> dict[str, Any]:
     """Run one phase in a fresh interpreter; its last stdout line is its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", *args]
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--phase", *args]
     print(f"[speed] {' '.join(args)}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)  # the benchmarks package is found from the repository root
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"phase {args[0]} failed")
@@ -239,7 +238,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# CPU speed",
         "",
-        f"{r['cpu']}, {r['threads']} torch threads, torch {r['torch']}. Produced by `python benchmarks/speed.py`.",
+        f"{r['cpu']}, {r['threads']} torch threads, torch {r['torch']}. Produced by `python -m benchmarks.speed`.",
         "",
         "| measure | value | target | |",
         "|---|---|---|---|",

@@ -1,7 +1,7 @@
 """One universal (Hermes) model against the experts it replaces, at equal compute, on the real data
 of ../shared/data.
 
-    python benchmarks/universal.py [--data ../shared/data] [--budget-minutes 6] [--mix 2d 3d]
+    python -m benchmarks.universal [--data ../shared/data] [--budget-minutes 6] [--mix 2d 3d]
                                    [--only experts universal no_priors task_priors_only transfer]
 
 Held-out cases are the experts benchmark's (benchmarks/experts.py: fold 0 of 5 by patient when
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
+from benchmarks.common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -409,7 +409,7 @@ def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) 
         "",
         f"Equal compute on 2 CPU cores: each expert trains {b:g} min, each universal arm (number of experts) x {b:g} min. "
         "Held-out test cases of the experts benchmark (never used for training or model selection). Universal: each dataset at "
-        f"its own plan's field of view and batch ({batching(raw)}), fusion at 64 channels. Produced by `python benchmarks/universal.py"
+        f"its own plan's field of view and batch ({batching(raw)}), fusion at 64 channels. Produced by `python -m benchmarks.universal"
         + (f" --budget-minutes {b:g}" if b != 6 else "") + (f" --seed {seed}" if seed else "")
         + "".join(f" --set {k}={json.dumps(v)}" for k, v in overrides.items())
         + (f" --results {shown}" if where != RESULTS.resolve() else "") + "`.",

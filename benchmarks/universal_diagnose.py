@@ -5,8 +5,8 @@ prior probability (``prior_probability``), and the expert for the same steps as 
 (``--expert``); per class the mean probability inside and outside the class on
 validation cases.
 
-    python benchmarks/universal_diagnose.py [--steps 400] [--lr 2e-3] [--class-loss bce exclusive] [--prior-probability none 0.01] [--expert]
-    python benchmarks/universal_diagnose.py --mix JSRT [Shenzhen Polyp] [--weighting uniform] [--priors none] [--steps 800]
+    python -m benchmarks.universal_diagnose [--steps 400] [--lr 2e-3] [--class-loss bce exclusive] [--prior-probability none 0.01] [--expert]
+    python -m benchmarks.universal_diagnose --mix JSRT [Shenzhen Polyp] [--weighting uniform] [--priors none] [--steps 800]
 
 ``--mix`` trains ACDC in a mix with the named datasets instead (defaults otherwise; ``--steps`` for
 the whole mix, so with uniform weighting and one neighbour ACDC gets about half): does a neighbour
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import PLAN_OPTIONS, dataset_path, member_folder, splits
+from benchmarks.common import PLAN_OPTIONS, dataset_path, member_folder, splits
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))

@@ -1,6 +1,6 @@
 """Size and step cost of the universal (Hermes) network against one expert of the same layout.
 
-    python benchmarks/universal_size.py [--steps 15]
+    python -m benchmarks.universal_size [--steps 15]
 
 For the planner's 6-stage layout of a 128 px and a 256 px plan (filters 16..256; 8 tasks, 5
 modalities, 3 channels): parameters, and the median time of a training step (forward + backward +
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Universal network: size and step cost vs one expert",
         "",
         f"Forward + backward + SGD, bf16 autocast, {torch.get_num_threads()} threads, median of {a.steps} steps after 2 warm-up steps, "
-        "at the planner's batch for the patch. Produced by `python benchmarks/universal_size.py`.",
+        "at the planner's batch for the patch. Produced by `python -m benchmarks.universal_size`.",
         "",
         "Inference: the forward pass alone (bf16 autocast, `inference_mode`, same batch), as validation and prediction run it.",
         "",

@@ -1,5 +1,5 @@
 """The package's imports point one way: cli -> recipes -> models / losses / engine -> data, as
-docs/design.md draws them; no two benchmarks import each other (shared scoring lives in benchmarks/common.py)."""
+docs/design.md draws them; no benchmark imports another (shared scoring lives in benchmarks/common.py)."""
 
 from __future__ import annotations
 
@@ -83,13 +83,28 @@ def test_every_module_has_a_place_and_keeps_to_it():
     assert not wrong, wrong
 
 
-def test_benchmarks_do_not_import_each_other_both_ways():
+def test_benchmarks_import_only_their_shared_modules_and_never_touch_sys_path():
+    """A study reads the shared datasets, splits and scoring (common) and the nnU-Net peer's driver,
+    never another study; the folder is a package run with ``python -m benchmarks.<study>``."""
     bench = ROOT / "benchmarks"
-    scripts = {p.stem for p in bench.glob("*.py")}
+    scripts = {p.stem for p in bench.glob("*.py")} - {"__init__"}
+    shared = {"common", "nnunet_peer"}
     edges = set()
     for p in bench.glob("*.py"):
-        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            edges |= {(p.stem, m) for m in mods if m in scripts and m != p.stem}
-    assert not {(a, b) for a, b in edges if (b, a) in edges}, edges
-    assert {b for a, b in edges if a == "nnunet_peer"} <= {"common"}, edges  # the peer uses shared scoring only
+        text = p.read_text(encoding="utf-8")
+        assert "sys.path" not in text, f"{p.name} edits sys.path"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [f"{node.module}.{a.name}" for a in node.names] if node.module == "benchmarks" else [node.module or ""]
+            else:
+                continue
+            for m in mods:
+                assert m.split(".")[0] not in scripts, f"{p.name}: import {m} as benchmarks.{m} (the folder is a package)"
+                name = m.removeprefix("benchmarks.").split(".")[0]
+                if name in scripts and name != p.stem:
+                    edges.add((p.stem, name))
+    assert (bench / "__init__.py").is_file()
+    assert {(a, b) for a, b in edges if b not in shared} == set(), edges
+    assert {b for a, b in edges if a == "nnunet_peer"} <= {"common"}, edges

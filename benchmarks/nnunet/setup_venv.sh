@@ -39,4 +39,4 @@ from importlib.metadata import version
 cls = recursive_find_trainer_class_by_name("nnUNetTrainerBudget")
 print(f"ok: nnunetv2 {version('nnunetv2')}, torch {torch.__version__}, trainer {cls.__name__} found")
 PY
-echo "use it with: python benchmarks/experts.py --with-nnunet --nnunet-venv $VENV"
+echo "use it with: python -m benchmarks.experts --with-nnunet --nnunet-venv $VENV"

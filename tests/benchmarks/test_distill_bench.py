@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
-import distill as bench  # noqa: E402
+from benchmarks import distill as bench
 
 
 def _domain(val: dict[str, float], unseen: dict[str, float]) -> dict:
@@ -171,10 +167,10 @@ def test_rerun_line_gives_the_settings_the_results_record() -> None:
         return {"steps": 4000, "teacher_steps": 3000, "seed": seed, "domains": {"cxr": {"models": models, "unseen_source": {}}}}
 
     one = bench.rerun_command(res({"relation_kd": [0, 1, 2], "logit_kd": [0, 1, 2]}), bench.RESULTS / "distill_s4000")
-    assert one == "`python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`"
+    assert one == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`"
     # rows of other seeds (a single-seed row trains at --seed): no one --student-seeds, the JSON has them per row
     mixed = bench.rerun_command(res({"relation_kd": [0, 1, 2], "skd": None}, seed=1), bench.RESULTS)
-    assert mixed == "`python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in distill.json)"
-    assert bench.rerun_command({"domains": {}}) == "`python benchmarks/distill.py`"  # settings not recorded
+    assert mixed == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in distill.json)"
+    assert bench.rerun_command({"domains": {}}) == "`python -m benchmarks.distill`"  # settings not recorded
     md = bench.markdown(bench.summarise(res({"relation_kd": [0, 1, 2]})), bench.RESULTS / "distill_s4000")
-    assert "Rerun: `python benchmarks/distill.py --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`." in md
+    assert "Rerun: `python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`." in md

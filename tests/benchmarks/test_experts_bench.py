@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
-import experts as bench  # noqa: E402
+from benchmarks import experts as bench
 
 
 def test_a_variant_is_its_base_dataset_under_other_planner_options() -> None:

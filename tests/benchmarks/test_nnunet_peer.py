@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import experts
+from benchmarks import nnunet_peer as peer
+from medalloy.data.synth import generate_dataset
+from medalloy.errors import MedalloyError
 
-import experts  # noqa: E402
-import nnunet_peer as peer  # noqa: E402
-
-from medalloy.data.synth import generate_dataset  # noqa: E402
-from medalloy.errors import MedalloyError  # noqa: E402
+BENCH = Path(peer.__file__).resolve().parent
 
 
 # -- budget --------------------------------------------------------------------------------------

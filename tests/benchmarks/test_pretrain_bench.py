@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import pretrain as bench  # noqa: E402
+from benchmarks import pretrain as bench
 
 
 def test_summary_means_seeds_and_text_encoder() -> None:

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import universal as bench  # noqa: E402
+from benchmarks import universal as bench
 
 
 def test_overrides_are_typed_and_checked() -> None:
