@@ -19,12 +19,13 @@ slice (RV, MYO, LV); each expert trains B minutes, every other arm 5 x B minutes
   ``no_experts`` (the amalgamation layer's self-attention and the prompt decoder, no experts),
   ``no_expert_priors`` (the experts' hidden features only, the paper's form: the decoder answers alone),
   ``no_router`` (priors, but experts that share a task averaged, not routed).
-- ``universal``: the universal benchmark's 2D universal arm (results/universal.json), when present:
+- ``universal``: the universal benchmark's 2D universal arm (results/universal/results.json), when present:
   same tasks, splits and rule.
 
 The hardest classes (ACDC RV and MYO; polyp across centres: the model asked as one centre on the
-other's held-out cases) are reported apart. Writes ``benchmarks/results/amalgamate.json`` (the
-issue's shape), ``amalgamate_raw.json`` and ``amalgamate.md``.
+other's held-out cases) are reported apart. Writes ``benchmarks/results/amalgamate/results.json`` (the
+issue's shape), ``raw.json`` and ``results.md``; what the runs found is in ``NOTES.md`` beside them,
+written by people (the script never writes it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import numpy as np
 from benchmarks.common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "amalgamate"
+# the universal study's summary: its 2D universal arm is a column of this table
+UNIVERSAL = HERE / "results" / "universal" / "results.json"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 MEMBERS = ["JSRT", "Shenzhen", "Polyp-Kvasir", "Polyp-CVC", "ACDC"]
@@ -57,39 +60,6 @@ SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
 }
 HARDEST = ["ACDC/RV", "ACDC/MYO"]
 CROSS = [("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir")]
-NOTES: list[str] = [
-    "Runs of 2026-12-04 (this table), single seed: experts, foundation, amalgamated and no_expert_priors together; the "
-    "no_experts, no_hier_attention and no_prompt_decoder ablations later the same day on the same experts and machine. "
-    "Every multi-dataset arm averages two datasets' own batches a step (datasets_per_step 2, as the universal model), so "
-    "it trains half the steps of one-dataset steps.",
-    "Ablations: with the experts' priors, neither the hierarchical attention nor the prompt decoder earns its place at this "
-    "budget: concatenation + 1x1 conv (no_hier_attention, 0.701, 305 steps) and plain heads (no_prompt_decoder, 0.697, "
-    "268 steps) match the full model (0.699, 209 steps) within 0.004 on every task, and train more steps in the same "
-    "time. The model's output is its experts' log-odds plus a learned correction, and in 10 minutes the correction stays "
-    "small whichever module makes it. Without experts (no_experts: SwinUNETR + prompt decoder, 0.583) the prompt "
-    "decoder adds +0.009 over the foundation's plain head (0.574), and it is the best arm across centres (0.511 / 0.425 "
-    "vs the experts' 0.430 / 0.389): it has seen both centres and carries no single-centre expert.",
-    "Expert priors (docs/methods/amalgamation.md): each task's logits start from its own experts' log-odds and the "
-    "decoder learns a correction; where experts share a task (lung: JSRT and Shenzhen; polyp: two centres) a router on "
-    "their pooled features weighs them per image. Without priors (no_expert_priors, the paper's hidden-feature form) "
-    "the same 10 minutes give 0.509 mean Dice, below the foundation alone (0.574): 251 steps that also run five "
-    "experts do not rebuild what the experts know. With priors but the plain mean of the experts sharing a task (no "
-    "router; commit f35eed5, same experts, the arm `--only no_router` reruns it): 0.690, below the experts (0.695), because the other centre's expert "
-    "pulled each in-centre task down (Kvasir 0.519 vs 0.545, JSRT lung 0.950 vs 0.968); the router restores them "
-    "(0.544, 0.967). Across centres the plain mean did better (0.470 / 0.414 vs the router's 0.435 / 0.394): an image "
-    "of the other centre gets one expert from the router, an ensemble from the mean.",
-    "The targets are met by small margins on one seed: mean +0.005; ACDC RV +0.019, MYO +0.013; polyp across centres "
-    "+0.005 each way. The amalgamated model is, in effect, its experts plus a learned correction; in-centre it adds "
-    "little at this budget. Run-to-run spread of 2-minute experts is larger than these margins (the first run's experts "
-    "scored 0.761 mean on a faster machine: 510 ACDC steps vs 301 here), so a second seed is the next check.",
-    "First run (2026-12-02, without priors, one dataset a step): experts 0.761, foundation 0.532, amalgamated 0.494; "
-    "ACDC failed in every multi-dataset arm. Two datasets a step lifted the foundation alone's ACDC from 0.16/0.19/0.22 "
-    "to 0.26/0.36/0.42 (RV/MYO/LV), still far below the experts.",
-    "The `universal` column is the universal benchmark's own run (its experts: 0.680 mean), so compare it with care.",
-    "Next: a second seed; cheaper expert passes (the experts are frozen: cached features of "
-    "unaugmented patches, or the experts through ONNX Runtime); on a GPU, feature size 48 with MONAI's self-supervised "
-    "weights and the default 6-minute budget.",
-]
 
 
 def log(msg: str) -> None:
@@ -154,10 +124,9 @@ def run_arm(arm: str, raw: dict[str, Any], data: Path, work: Path, budget: float
 
 def universal_rows() -> dict[str, float]:
     """The universal benchmark's 2D universal arm per task, when it has run (same tasks, splits, rule)."""
-    path = RESULTS / "universal.json"
-    if not path.exists():
+    if not UNIVERSAL.exists():
         return {}
-    tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
+    tasks = json.loads(UNIVERSAL.read_text(encoding="utf-8")).get("tasks", {})
     return {k: v["universal"] for k, v in tasks.items() if "universal" in v}
 
 
@@ -245,8 +214,7 @@ def markdown(res: dict[str, Any], raw: dict[str, Any]) -> str:
         else:
             out.append(f"| {arm} | {res['train_minutes'][arm]} | {res['steps'][arm]} | {res['params'][arm]} ({res['params'][arm + '_trainable']}) |")
     out += ["", "## Targets", ""] + (targets(res) or ["- nothing to compare yet"])
-    if NOTES:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
+    out += ["", "Notes (written by people, not generated): [NOTES.md](NOTES.md)."]
     return "\n".join(out) + "\n"
 
 
@@ -255,9 +223,9 @@ def save(raw: dict[str, Any], results: Path) -> dict[str, Any]:
 
     res = summary(raw)
     results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(results / "amalgamate_raw.json", json.dumps(raw, indent=2) + "\n")
-    write_text_atomic(results / "amalgamate.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(results / "amalgamate.md", markdown(res, raw))
+    write_text_atomic(results / "raw.json", json.dumps(raw, indent=2) + "\n")
+    write_text_atomic(results / "results.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(results / "results.md", markdown(res, raw))
     return res
 
 
@@ -271,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="amalgamation arms (default: each dataset's plan)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", choices=ARMS, default=None)
-    p.add_argument("--report", action="store_true", help="re-render the results from amalgamate_raw.json")
+    p.add_argument("--report", action="store_true", help="re-render the results from raw.json")
     a = p.parse_args(argv)
-    raw_path = a.results / "amalgamate_raw.json"
+    raw_path = a.results / "raw.json"
     raw = json.loads(raw_path.read_text(encoding="utf-8")) if raw_path.exists() else {}
     if a.report:
         save(raw, a.results)

@@ -39,7 +39,8 @@ ONNX Runtime fp32 and int8 (static, calibrated on 32 training patches; the teach
 relation student's int8 Dice too).
 
 ``--only DOMAIN`` / ``--models M ...`` rerun parts and merge them into the results. Writes
-``benchmarks/results/distill.json`` and ``distill.md``.
+``benchmarks/results/distill/results.json`` and ``results.md``; what the runs showed is in ``NOTES.md`` beside
+them, written by people (the script never writes it).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import numpy as np
 from benchmarks.common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "distill"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 STUDENTS = {
@@ -120,169 +121,6 @@ DOMAINS: dict[str, dict[str, Any]] = {
 }
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
 DOMAIN_NAMES = {"cxr": "chest X-ray"}  # how the markdown names a domain
-# What the runs showed (rendered under "Notes"; measured, see docs/methods/distillation.md).
-NOTES = [
-    "Student width: the first pass (commit 4b4d65e) used filters doubling to 8x the base (6..48 at 224 px, 0.29 M, 0.65 "
-    "GFLOPs); every JSRT student then scored heart Dice 0.000 (lung 0.95-0.96), with or without distillation. "
-    "`benchmarks/probes.py width` (results/probes.json, the student alone, 120 steps): the 6..48 network predicts almost no "
-    "heart until step ~100 and ends at loss 0.75, the 11..44 one at 0.28. Capped at 4x the base (11..44, 0.34 M, 1.67 GFLOPs; the paper's student: ~353 k, ~2.2 GFLOPs) "
-    "every student learns the heart (0.905-0.928). That second pass (2026-12-02, commit 646dca1) is the `*_full` rows.",
-    "2026-12-02 pass (commit 646dca1, full-resolution students; superseded by the stem of two below: 10.5x, met). "
-    "Latency missed (1.6x, target 5x): FLOPs fall 3.3x (5.45 -> 1.67 GFLOPs) but time only 1.6x. A torch.profiler pass "
-    "(`benchmarks/probes.py profile`, results/probes.json; bf16, batch 1, 224 px, one thread) puts 56 % of the relation "
-    "student's CPU time in convolutions (7 points of it dispatch in `aten::_convolution`), 20 % in dtype and layout copies "
-    "around them and 10 % in instance norms (teacher: 50 %, 30 %, 9 %): oneDNN's kernels run far below peak at 11-44 channels, so halving the FLOPs does not halve the time; ONNX Runtime does not beat bf16 autocast here (14.4 vs 11.3 ms) and "
-    "int8 (static QDQ) gains nothing for the student (instance norms stay float, with quantize/dequantize pairs around "
-    "every convolution) while it brings the teacher from 25.4 to 18.8 ms in ONNX Runtime, as fast as its bf16 (that "
-    "pass's teacher times; the table's teacher row is the 2026-12-03 pass's, 34.5 -> 21.6 ms). Next: a "
-    "stride-2 stem (the first stage at half resolution), fewer full-resolution operators, a separable student "
-    "(`--separable`) measured.",
-    "2026-12-02 pass (commit 646dca1, full-resolution students: the `*_full` rows, with that day's teachers; at the "
-    "default student superseded by the three-seed rows below). In-domain, distillation at 400 student steps moves Dice little (students 0.738-0.761 mean against the teacher's 0.755; "
-    "the plain student is at 97.7 %); relation KD reaches 100 % of the teacher, CWD 101 %, the relation ablations 98-99 %. "
-    "On the unseen source relation KD is above logit KD and the student alone on both rows (JSRT->Shenzhen 0.686 vs 0.666 / "
-    "0.620; Kvasir->CVC 0.487 vs 0.479 / 0.457). One seed: in-domain differences of ~0.01 are noise.",
-    "Stem student (2026-12-03, `relation_kd_stem`: `--stem`, no full-resolution stage, 0.57 GFLOPs at 224 px): trained "
-    "with a teacher retrained that day on another machine (same seed and steps, different thread count: JSRT heart "
-    "0.938 / lung 0.975, where the other students' teacher had 0.928 / 0.975; its row in the table is the new one). "
-    "JSRT: stem student 0.932 / 0.969 (99.4 % of its teacher), JSRT->Shenzhen 0.705 (relation KD 0.687, logit KD "
-    "0.666); polyp (teachers retrained likewise, CVC 0.566 / Kvasir 0.553): 0.565 / 0.573, Kvasir->CVC 0.497 (relation KD "
-    "0.487, logit KD 0.479); 100.3 % of the teacher over the four tasks. An earlier latency probe (`benchmarks/probes.py "
-    "latency`) called it 5.7x faster than the teacher, but against the teacher's bf16 (36.1 ms there), not its int8 graph: "
-    "in the `--measure` pass, each model in its fastest runtime, it is 2.2-3.3x (two passes on one machine: 6.5 and 9.7 ms "
-    "in ONNX Runtime against the teacher's int8 21.4 / 21.6 ms; timings on this shared machine vary by up to ~50 % between "
-    "passes, less within one).",
-    "Stem of two (2026-12-03, `relation_kd_stem2`: `--stem-depth 2`): the image's 2x2 pixel blocks folded into channels "
-    "(space-to-depth, lossless), the network strided from there, so it starts at 1/4 resolution (0.32 M parameters, 0.21 "
-    "GFLOPs at 224 px; logits interpolated back). 400 relation-KD steps from the same teachers: JSRT heart / lung 0.928 / "
-    "0.966, polyp CVC / Kvasir 0.538 / 0.577, 99.2 % of the teacher over the four tasks; 2.0 ms in ONNX Runtime against the "
-    "teacher's 21.6 ms (int8), 10.5x, in the same `--measure` pass (polyp, 128 px: 1.1 vs 9.1 ms, 8.3x): the latency target "
-    "is met by this student. Unseen source: JSRT->Shenzhen 0.708 (best of all students), Kvasir->CVC 0.472 (below logit KD's "
-    "full-resolution student, 0.479, and relation KD's, 0.487: a 32 x 32 output map at 128 px loses small-polyp outlines; one "
-    "seed). The rows of the other students keep the latencies of a 2026-12-02 `--measure` pass on a faster machine (their "
-    "runs were not kept); the teacher's and the stem students' are from 2026-12-03.",
-    "Default student, like for like (2026-12-04): `student_alone`, `logit_kd` and `relation_kd` are now the recipe's "
-    "default student (stem of two) and were trained the same day from the same teachers (cxr's teacher reproduced the "
-    "2026-12-03 one: heart / lung 0.938 / 0.975; polyp's, retrained, 0.574 / 0.551 where the earlier rows had 0.553 / "
-    "0.566). The earlier full-resolution rows are renamed `*_full` (and keep that day's teachers). JSRT and "
-    "JSRT->Shenzhen: three student seeds (`--student-seeds 0 1 2`); polyp: one. Relation KD keeps 98.4 % of the "
-    "teacher's mean Dice, but is not above the student alone and logit KD on the unseen sources: JSRT->Shenzhen 0.716 vs "
-    "0.719 / 0.722 (seeds spread 0.69-0.74 for each loss), Kvasir->CVC 0.470 vs 0.488 / 0.480 (one seed, that "
-    "morning's polyp teacher; superseded by the three-seed polyp note below: 0.479 vs 0.481 / 0.466). The earlier "
-    "`relation_kd_stem2` run of the same configuration scored JSRT->Shenzhen 0.708 where today's seed 0 scores 0.687 (the "
-    "same teacher; other thread counts): single-seed unseen rows move by ~0.02-0.05. At a quarter resolution the student "
-    "alone generalises as well as the distilled ones; the full-resolution students did show relation KD ahead "
-    "(`relation_kd_full` 0.686 / 0.487 vs 0.666 / 0.479 and 0.620 / 0.457, one seed). The new `student_alone` and "
-    "`logit_kd` rows have no latency of their own: the architecture is relation_kd's (2.0 ms, ONNX fp32).",
-    "Polyp with three student seeds (2026-12-04, later: `--only polyp --models teacher student_alone logit_kd relation_kd "
-    "--student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2`): the teachers retrained with two threads "
-    "reproduce the 2026-12-03 ones (Kvasir / CVC 0.553 / 0.566; the one-thread retrain of the morning had 0.574 / 0.551), "
-    "and the three default students were retrained from them, three seeds each. Kvasir->CVC: relation KD 0.479 (0.472 / "
-    "0.490 / 0.475) vs the student alone 0.481 (0.473 / 0.490 / 0.480) and logit KD 0.466 (0.464 / 0.492 / 0.442): level "
-    "with the student alone, above logit KD, all within the seeds' spread. In domain distillation pays on polyp: CVC "
-    "0.530 relation KD and 0.538 logit KD against 0.495 for the student alone (Kvasir 0.563 / 0.568 / 0.544). So over "
-    "three seeds on both unseen rows, relation KD at the default (quarter-resolution) student is level with training "
-    "the student alone (JSRT->Shenzhen -0.003, Kvasir->CVC -0.002): the unseen-source target is missed by margins well "
-    "inside the seeds' spread.",
-    "int8 (2026-12-02 `--measure` pass, full-resolution students; the teachers' times in distill.json are the 2026-12-03 "
-    "pass's: 34.5 -> 21.6 ms at 224 px, 12.9 -> 9.1 ms at 128 px): static QDQ, 32 calibration patches, changes Dice by at most 0.003 on every task; it speeds up the teachers in "
-    "ONNX Runtime (25.4 -> 18.8 ms at 224 px, 9.0 -> 7.2 ms at 128 px) and not the students. At 128 px (polyp) the "
-    "fastest teacher is 7.2 ms (ONNX int8) and the fastest student 4.6 ms (ONNX fp32): 1.5x.",
-    "Relation-term weights (2026-12-05: `--models relation_kd_x10 relation_kd_x30` with the baselines, `--student-seeds 0 "
-    "1 2 --teacher-steps 800 --steps 400 --threads 1`, polyp's baselines reused, chest X-ray's retrained with a retrained "
-    "teacher that reproduced the earlier one to the fourth decimal, as did every student): at weight 1 the kernel and "
-    "affinity terms end 20-30x below L_seg (polyp: 0.02-0.04 vs 0.65), so they barely steer the student. Weighted 10 and "
-    "30, on chest X-rays they trade a little in-domain Dice for the unseen source: JSRT->Shenzhen 0.732 (x10) and 0.743 "
-    "(x30, seeds 0.740-0.745, the tightest of any loss) against 0.719 alone and 0.722 logit KD, JSRT Dice 0.944 / 0.939 "
-    "against 0.945. On polyp they cost both: Kvasir->CVC 0.471 / 0.465 against 0.479 at weight 1, validation 0.550 / "
-    "0.533 against 0.565. Chosen per domain by the validation Dice on the training source (x10 for chest X-rays, 1 for "
-    "polyp), relation KD is above both baselines on JSRT->Shenzhen (+0.010 over logit KD, inside the baselines' seed "
-    "spread) and level on Kvasir->CVC (-0.002): the target is met on one of the two unseen rows.",
-    "A converged polyp teacher (2026-12-05, `--only polyp --teacher-steps 3000 --steps 2000 --student-seeds 0 1 2 "
-    "--models teacher student_alone logit_kd relation_kd --results benchmarks/results/distill_long`): the 800-step polyp "
-    "teacher of the main table was undertrained (Kvasir / CVC 0.553 / 0.566; at 3,000 steps 0.781 / 0.770). Against the "
-    "converged one, students of 2,000 steps keep 92.4 % (relation KD 0.716, logit KD 0.717, alone 0.671 vs 0.775): the "
-    ">= 97 % target is missed on polyp; on Kvasir->CVC every student beats the teacher (0.561-0.595 vs 0.521), relation KD "
-    "the lowest of the three. The chest X-ray teacher is near its ceiling at 800 steps (validation flat from step 400).",
-    "Students as long as the converged teacher (2026-12-05, later; `benchmarks/results/distill_s4000`: `--only polyp "
-    "--teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --models teacher student_alone logit_kd relation_kd`, the "
-    "3,000-step teacher reused): at 2,000 steps the students' learning rate had decayed while their validation Dice still "
-    "rose. A sub-pixel head (`relation_kd_shuffle`, `--upsample shuffle`) and a 500 k student (`relation_kd_500k`) at 2,000 "
-    "steps did not help (mean 0.713 / 0.718 against 0.716, seed 0, results/distill_long). At 4,000 steps relation KD keeps "
-    "98.9 % of the teacher (0.767 vs 0.775; logit KD 0.744, the student alone 0.739), 8.3x faster in the fastest runtimes "
-    "(0.42 ms ONNX fp32 vs the teacher's 3.5 ms ONNX int8 at 128 px, a quiet machine), and on Kvasir->CVC is level with "
-    "the student alone and above logit KD (0.604 vs 0.603 / 0.590; seeds 0.587-0.635, 0.550-0.637, 0.562-0.608: inside the spread).",
-    "Chest X-rays at the same lengths (2026-12-05, later, same results folder: `--only cxr --teacher-steps 3000 --steps 4000 "
-    "--student-seeds 0 1 2 --models teacher student_alone logit_kd relation_kd relation_kd_x10`, two passes side by side at one "
-    "thread each, then `--measure --models teacher relation_kd` alone): the 3,000-step JSRT teacher scores heart / lung 0.945 / "
-    "0.980 (800 steps: 0.938 / 0.975) and 0.753 on Shenzhen (800 steps: 0.787); every 4,000-step student reaches it on JSRT "
-    "(0.943-0.947 / 0.977-0.978), so over both domains relation KD keeps 99.5 % of the teacher (logit KD 98.2 %, alone 97.8 %), "
-    "19.1x faster in the fastest runtimes (1.4 ms ONNX int8 vs the teacher's 26.9 ms ONNX int8 at 224 px). JSRT->Shenzhen: "
-    "relation KD 0.733 (seeds 0.727-0.737) above the student alone 0.708 (0.684-0.726), below logit KD 0.737 (0.715-0.755): "
-    "level in truth; x10 0.742 (0.732-0.757) is above both but validation Dice does not choose it (0.959 for both weights). "
-    "int8 moves no Dice of the teacher or relation KD by more than 0.008 (relation KD's Kvasir 0.777 -> 0.769).",
-    "Relations across images (2026-12-05, later; same folder: `--only cxr --teacher-steps 3000 --steps 4000 --student-seeds "
-    "0 1 2 --models relation_kd_cross` and `relation_kd_x10_cross`, two passes side by side at one thread): the recipe's "
-    "`--losses relation_cross` adds the affinity over the batch's positions (16 an image, 192 a batch of 12; losses/"
-    "affinity.py scope batch), after CIRKD and the journal title's 'cross-site relational'. JSRT->Shenzhen 0.738 at "
-    "weight 1 (seeds 0.735-0.742, the tightest of any loss) against 0.737 logit KD (0.715-0.755) and 0.708 alone, 0.729 "
-    "at x10 (0.725-0.733); in domain level (heart / lung 0.946 / 0.978). Validation Dice picks x10 cross (0.961 against "
-    "0.958 at weight 1), whose unseen row is below logit KD: across-image relations narrow the seeds' spread but do not "
-    "lift the mean beyond it; the unseen-source target stays missed on chest X-rays. Polyp not run (its two 3,000-step "
-    "teachers' runs were not kept).",
-    "The issue's baselines and ablations at the default student (2026-12-05, later; same folder, `--student-seeds 0` only: "
-    "`--models skd cwd` and `relation_no_kernel relation_no_affinity`, two passes side by side): JSRT heart / lung "
-    "0.945-0.946 / 0.977-0.978 for all four, like every default student; JSRT->Shenzhen SKD 0.732, CWD 0.745, relation "
-    "without kernel 0.737, without affinity 0.715 (seed 0 of relation KD 0.727, logit KD 0.715, alone 0.684; seeds of one "
-    "loss spread by up to 0.04): no ordering beyond the spread. Polyp not run.",
-    "Stronger augmentation (2026-12-05, later; same folder: `--only cxr --teacher-steps 3000 --steps 4000 --models "
-    "relation_kd_aug` and `logit_kd_aug`, `--student-seeds 0 1 2` then `3 4`, two passes side by side at one thread, then "
-    "`--student-seeds 0 1 2 3 4 --reuse-students` to score all five; `student_alone_aug` likewise, seeds 0-2 alone at two threads): "
-    "the `*_aug` rows train under the recipe's `augment: strong` preset (data/transforms.py: affine, contrast and brightness "
-    "at p 0.5, wider scale and gamma), the teacher seeing the same augmented patches. In domain level (heart / lung "
-    "0.944-0.946 / 0.976-0.977). JSRT->Shenzhen: relation KD 0.758 (seeds 0.744-0.782) against logit KD 0.751 (0.742-0.774) "
-    "and the student alone 0.721 (0.708-0.741); relation KD above logit KD on each of the five seeds "
-    "(+0.015, +0.005, +0.008, +0.001, +0.008; the same seed draws the same initial weights and batches) and above the "
-    "student alone on each seed, its lowest seed above the student alone's highest. Both KD students now pass their teacher (0.753); over the seeds 0-2 "
-    "that every row has, augmentation lifts the KD students (logit +0.019, relation +0.033) more than the student alone (+0.013). Polyp not run (its teachers' "
-    "runs were not kept).",
-    "Multi-source (2026-12-05): `*_multi` rows train on JSRT's and Shenzhen's images at once from the JSRT teacher; "
-    "Shenzhen labels the lung only. First run (commit ac7daac) with Shenzhen taught through the teacher alone: Shenzhen "
-    "lung 0.785-0.790 (teacher 0.787, JSRT-only students 0.716-0.732). With the recipe's default since, the marginal loss "
-    "on Shenzhen's lung labels (`partial_labels: marginal`; the table): 0.820-0.833, above the teacher on every seed "
-    "(0.809-0.834), JSRT 0.906-0.910 / 0.954-0.956 against the single-source rows' 0.925-0.926 / 0.964.",
-    "2026-12-06: the issue's baselines and ablations under their own keys at the default student (`skd`, `cwd`, "
-    "`relation_no_kernel`, `relation_no_affinity`; chest X-ray, seeds 0-2, `--only cxr --models teacher skd cwd "
-    "relation_no_kernel relation_no_affinity --student-seeds 0 1 2`; the 800-step teacher retrained from scratch "
-    "gave the same Dice to 4 decimals, so every row shares one teacher). In domain the seven default students are within "
-    "0.004 (0.942-0.946); on Shenzhen (unseen) CWD 0.729 and relation KD without its kernel term 0.724 are above "
-    "relation KD (0.716), relation KD without its affinity term lowest (0.713); the order hints that the affinity term "
-    "matters more than the kernel term, but every difference is inside the seeds' spread "
-    "(0.69-0.74). Polyp likewise (same day, later: `--only polyp --models teacher skd cwd relation_no_kernel "
-    "relation_no_affinity --student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2 --reuse-students`; the "
-    "teacher retrained at two threads reproduced Kvasir / CVC 0.553 / 0.566, the Kvasir-only one its CVC 0.484, so the "
-    "polyp rows share the teachers of student_alone, logit_kd and relation_kd; a first pass whose teacher had trained "
-    "at one thread, 0.574 / 0.551, was set aside). In domain the four are above the student alone on CVC "
-    "(0.542-0.553 vs 0.495; Kvasir 0.555-0.574 vs 0.544). Kvasir->CVC: relation KD 0.479 above SKD 0.478, CWD 0.473 "
-    "and both ablations (without kernel 0.471, without affinity 0.465), the student alone 0.481 highest; every seed "
-    "within 0.44-0.49. Of the seven default students, without kernel is second on JSRT->Shenzhen and fifth on "
-    "Kvasir->CVC; without affinity is last on both (on polyp 0.001 below logit KD): a hint that the affinity term "
-    "carries more than the kernel term, every gap inside the seeds' spread.",
-    "Depthwise-separable students (2026-12-06, later: `--only cxr` then `--only polyp`, `--models relation_kd_sep "
-    "student_alone_sep logit_kd_sep --student-seeds 0 1 2 --teacher-steps 800 --steps 400 --threads 2 "
-    "--reuse-students`, the same teachers): `--separable` at the default stem buys 38..152 channels for 16..64 in "
-    "the same budget (0.35 M parameters, 0.19 GFLOPs at 224 px). Relation KD is above the separable student alone on "
-    "both unseen rows on every seed (JSRT->Shenzhen 0.748 vs 0.740, +0.007 / +0.007 / +0.011; Kvasir->CVC 0.478 vs "
-    "0.457, +0.021 / +0.035 / +0.009) and above separable logit KD on JSRT->Shenzhen (0.739; 2 of 3 seeds), below it "
-    "on Kvasir->CVC (0.482, -0.003): the unseen-source target is met on three of its four comparisons at this "
-    "student, where the plain default student met one. In domain the separable students reach 98.8-99.7 % of the "
-    "teacher (relation KD 0.754 against the plain one's 0.746); on JSRT->Shenzhen every separable row is 0.017-0.032 "
-    "above its plain row, on Kvasir->CVC only logit KD gains (+0.016; alone -0.025, relation KD level). The cost is time: `benchmarks/probes.py latency` (results/probes_2026-12-06, one pass, "
-    "untrained networks, 224 px, 2 threads) times the separable default student at 2.97 ms in ONNX Runtime against "
-    "1.81 ms for the plain one (fewer FLOPs but twice the convolutions, the depthwise ones memory-bound; not profiled), 8.9x faster than the teacher's fastest runtime in that pass (bf16 26.5 ms; the probe has no int8) "
-    "against 14.7x. Their rows are not in a `--measure` pass (the plain students' runs are gone, and timings of "
-    "different passes do not compare on this machine).",
-]
 
 
 def log(msg: str) -> None:
@@ -587,7 +425,7 @@ def rerun_command(res: dict[str, Any], results: Path | None = None) -> str:
     if results is not None and results.resolve() != RESULTS.resolve():
         where = results.resolve()
         cmd.append(f"--results {where.relative_to(HERE.parent) if where.is_relative_to(HERE.parent) else where}")
-    tail = " (each row's student seeds: `seeds` in distill.json)" if len(student_seeds) > 1 else ""
+    tail = " (each row's student seeds: `seeds` in results.json)" if len(student_seeds) > 1 else ""
     return f"`{' '.join(cmd)}`{tail}"
 
 
@@ -616,7 +454,7 @@ def markdown(res: dict[str, Any], results: Path | None = None) -> str:
     shown = reference_domain(teachers) if teachers else "cxr"  # the domain summarise() takes sizes and latencies from
     patch = next((m["patch"] for m in doms.get(shown, {}).get("models", {}).values() if m.get("patch")), None)
     at = f" ({' x '.join(map(str, patch))})" if patch else ""
-    lines += ["", f"Sizes and latencies are the {DOMAIN_NAMES.get(shown, shown)} domain's{at}; per domain in `distill.json`."]
+    lines += ["", f"Sizes and latencies are the {DOMAIN_NAMES.get(shown, shown)} domain's{at}; per domain in `results.json`."]
     if any(len(m["dice"]) < len(keys) for m in models.values()):
         lines.append("\\* the mean over the tasks of the domains the model was trained in (- : not trained there).")
     shared: dict[str, list[str]] = {}
@@ -662,7 +500,7 @@ def markdown(res: dict[str, Any], results: Path | None = None) -> str:
                 lines.append(f"| {d} | {name} | {k} | {m['dice'][k]:.3f} | {v:.3f} |")
         lines.append("")
     lines += ["## Targets", ""] + targets(res) + [""]
-    lines += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
+    lines += ["Notes (written by people, not generated): [NOTES.md](NOTES.md).", ""]
     return "\n".join(lines)
 
 
@@ -791,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the training pass (1 when two passes run side by side)")
     p.add_argument("--measure", action="store_true", help="the timing pass over the trained models (run alone)")
-    p.add_argument("--report", action="store_true", help="only rewrite distill.md from distill.json (e.g. after editing the notes)")
+    p.add_argument("--report", action="store_true", help="only rewrite results.md from results.json (e.g. after a change to the markdown)")
     p.add_argument("--only", nargs="*", default=list(DOMAINS), choices=list(DOMAINS))
     p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     p.add_argument("--seed", type=int, default=0, help="the splits' and the teachers' seed")
@@ -804,13 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    path = a.results / "distill.json"
+    path = a.results / "results.json"
 
     def save(res: dict[str, Any]) -> dict[str, Any]:
         res = summarise(res)
         a.results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-        (a.results / "distill.md").write_text(markdown(res, a.results), encoding="utf-8")
+        (a.results / "results.md").write_text(markdown(res, a.results), encoding="utf-8")
         return res
 
     if a.report:

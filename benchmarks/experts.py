@@ -8,13 +8,14 @@ fold 0 of a 5-fold split (by patient when known) is the test set, and a tenth of
 cases (at most 16) validates; ACDC uses its `splits_patients.json` (train / val / test patients).
 Cross-source rows apply an expert to another source's held-out cases (labels they share only).
 
-Writes `benchmarks/results/experts.json` and `experts.md`; `--only NAME` runs some experts and merges
+Writes `benchmarks/results/experts/results.json` and `results.md` (people's notes on the results are in
+NOTES.md beside them, which this script never writes); `--only NAME` runs some experts and merges
 their rows (and the cross rows they make possible) into the existing results.
 
 `--with-nnunet` also runs nnU-Net v2 (2d, `-device cpu`, its own commands in its own venv, see
 benchmarks/README.md and nnunet_peer.py) on each expert's split within the same budget, stored as the
 row's "nnunet" entry and shown beside medalloy's columns; `--nnunet-only` keeps the medalloy rows
-already in experts.json and runs just the peer.
+already in results.json and runs just the peer.
 """
 
 from __future__ import annotations
@@ -31,51 +32,20 @@ import numpy as np
 from benchmarks.common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "experts"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
-# Read when a target is missed: the cause as measured, and what would reach the target.
-WHY_MISSED = {
-    "Polyp-Kvasir": "polyps vary in size, colour and texture, and a U-Net trained from scratch (nothing is downloaded "
-    "at run time, so no ImageNet-pretrained encoder) needs tens of epochs on Kvasir's 782 training frames; 10 CPU minutes "
-    "give ~6 epochs at 256x256 (0.528) and ~20 at 128x128 (0.617; validation Dice still rising at the end, 0.48 at step 200, "
-    "0.60 at 1,900). Expected to reach it (not yet measured): a longer budget (about an hour) "
-    "or a pretrained encoder shipped with the package",
-    "ACDC": "2D per slice; the stored spacing (1 mm) is not the real one (~1.5 mm in-plane), so the planner keeps the "
-    "216x256 slices. With whole slices 10 minutes gave ~4 passes over the ~1,300 training slices (mean 0.788); 128x128 "
-    "foreground-oversampled crops (`max_2d_patch=128`) give ~3x more samples and 0.838, with the validation Dice still "
-    "rising at the end (0.816 -> 0.836 over the last 400 steps) while the learning rate had decayed. The RV and the thin "
-    "myocardium are what lag. Expected to reach it (not yet measured): a ~20-minute budget",
-}
-PEER_READING = (
-    "How to read the nnU-Net rows: nnU-Net's default 2d plans are sized for a GPU (~20 M parameters, batches of 2-56 "
-    "whole images); on these 2 CPU cores one of its iterations takes 6-53 s, so the budget buys it 10-80 iterations, "
-    "a fraction of a percent of its default 250,000. The rows show what a CPU-sized plan and schedule buy within the same "
-    "wall-clock, not the accuracy nnU-Net reaches when trained to convergence (for JSRT the issue reports 0.970 / 0.926 "
-    "after 480 iterations in 52 minutes on these cores)."
-)
-PLAN_WHY = {
-    "Polyp-Kvasir": "256x256 frames at full size leave ~6 epochs in the budget, 128x128 ~4x more",
-    "ACDC": "128x128 crops of the 216x256 slices (foreground-oversampled, at full resolution; sliding window at test) "
-    "are ~3.5x cheaper per sample than whole slices",
-}
-# (trained expert, test set of): evaluated on the labels both share
 # Experts of a dataset above under other planner settings: name -> (dataset's expert name, planner options).
 # The planner's crop option trades context for speed; these rows, with their cross rows, measure what it costs.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "JSRT-crop128": ("JSRT", {"max_2d_patch": 128}),
     "Shenzhen-crop128": ("Shenzhen", {"max_2d_patch": 128}),
 }
-PLAN_WHY.update(
-    {
-        n: "128x128 crops of the whole images: cheaper per sample, less context around each pixel; its cross row shows what "
-        "that costs on a source it never saw"
-        for n in VARIANTS
-    }
-)
+# (trained expert, test set of): evaluated on the labels both share
 CROSS = [
     ("Polyp-Kvasir", "Polyp-CVC"), ("Polyp-CVC", "Polyp-Kvasir"), ("JSRT", "Shenzhen"), ("Shenzhen", "JSRT"),
     ("JSRT-crop128", "Shenzhen"), ("Shenzhen-crop128", "JSRT"),
 ]  # fmt: skip
+NOTES_LINE = "Notes (written by people, not generated): [NOTES.md](NOTES.md)."
 TARGETS = {
     "JSRT": {"lung": 0.95, "heart": 0.90},
     "Shenzhen": {"lung": 0.92},
@@ -221,7 +191,7 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
         "Planner settings other than the defaults: "
         + (
             "; ".join(
-                f"{n}: {', '.join(f'{k}={v}' for k, v in r['plan_options'].items())}" + (f" ({PLAN_WHY[n]})" if n in PLAN_WHY else "")
+                f"{n}: {', '.join(f'{k}={v}' for k, v in r['plan_options'].items())}"
                 for n, r in rows.items()
                 if r.get("source") == "in" and r.get("plan_options")
             )
@@ -261,19 +231,13 @@ def markdown(rows: dict[str, Any], budget: float) -> str:
             if row["mean_dice"] < mean_target:
                 missed.append(f"{name} mean: {row['mean_dice']:.3f} < {mean_target}")
     lines += ["", "## Targets", ""]
-    lines += [f"- missed: {m}" + (f". Why, and what would reach it: {WHY_MISSED[m.split()[0]]}" if m.split()[0] in WHY_MISSED else "") for m in missed] or [
-        "- all targets of the rows above are met"
-    ]
+    lines += [f"- missed: {m}" for m in missed] or ["- all targets of the rows above are met"]
     if with_peer:
         lines += ["", "## medalloy vs nnU-Net (mean foreground Dice)", ""] + (_peer_summary(rows) or ["- no expert has both rows"])
         no_peer = [n for n, r in rows.items() if r.get("source") == "in" and n in EXPERTS and not isinstance(r.get("nnunet"), dict)]
         if no_peer:
-            lines.append(
-                f"- not measured yet: {', '.join(no_peer)} (a peer run costs 20-35 minutes per dataset here: preprocessing, "
-                "calibration, the budget, nnU-Net's own validation and prediction; `python -m benchmarks.experts --nnunet-only "
-                "--only NAME` adds a row)"
-            )
-        lines += ["", PEER_READING]
+            lines.append(f"- not measured yet: {', '.join(no_peer)} (`python -m benchmarks.experts --nnunet-only --only NAME` adds a row)")
+    lines += ["", NOTES_LINE]
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--with-nnunet", action="store_true", help="also run nnU-Net v2 (2d, CPU) on each expert's split and budget")
-    p.add_argument("--nnunet-only", action="store_true", help="keep the medalloy rows of experts.json; run only nnU-Net")
+    p.add_argument("--nnunet-only", action="store_true", help="keep the medalloy rows of results.json; run only nnU-Net")
     p.add_argument("--nnunet-venv", type=Path, default=Path(os.environ.get("MEDALLOY_NNUNET_VENV", HERE.parent / "runs" / "nnunet-venv")))
     a = p.parse_args(argv)
     import torch
@@ -298,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experts.py: data folder {a.data} not found; pass --data", file=sys.stderr)
         return 1
     a.results.mkdir(parents=True, exist_ok=True)
-    out_json = a.results / "experts.json"
+    out_json = a.results / "results.json"
     rows: dict[str, Any] = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else {}
     names = a.only or [*EXPERTS, *VARIANTS]
     if a.with_nnunet or a.nnunet_only:
@@ -360,7 +324,7 @@ def run_peer(name: str, data: Path, work: Path, budget: float, seed: int, venv: 
 def _save(rows: dict[str, Any], results: Path, budget: float) -> None:
     order = [*EXPERTS, *VARIANTS] + [f"{a}->{b}" for a, b in CROSS]
     rows = {k: rows[k] for k in order if k in rows}
-    for path, text in ((results / "experts.json", json.dumps(rows, indent=2) + "\n"), (results / "experts.md", markdown(rows, budget))):
+    for path, text in ((results / "results.json", json.dumps(rows, indent=2) + "\n"), (results / "results.md", markdown(rows, budget))):
         tmp = path.with_name(".tmp-" + path.name)
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)

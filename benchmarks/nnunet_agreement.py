@@ -16,7 +16,8 @@ against ``nnUNetv2_predict`` on the same held-out cases.
 
 The issue's target: Dice between the two >= 0.99 for every label. The training budget only needs a
 model that segments something: the check is agreement, not accuracy. Writes
-``benchmarks/results/nnunet_agreement.json`` and ``.md``.
+``benchmarks/results/nnunet_agreement/results.json`` and ``results.md`` (``--report`` renders the
+markdown again from the JSON).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from benchmarks.common import copy_ground_truth, dataset_path, evaluate, splits
 from benchmarks.nnunet_peer import CONFIGURATION, DATASET_IDS, DEFAULT_VENV, FOLD, PLANS, TRAINER, dataset_folder_name, run_nnunet
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "nnunet_agreement"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 TARGET = 0.99
 HARDLY = 0.1  # below this Dice against the truth a label is hardly predicted: its agreement says little
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--report", action="store_true", help="re-render the markdown from nnunet_agreement.json")
+    p.add_argument("--report", action="store_true", help="re-render results.md from results.json")
     a = p.parse_args(argv)
     if a.report:
         from medalloy.jsonio import write_text_atomic
 
-        write_text_atomic(a.results / "nnunet_agreement.md", markdown(json.loads((a.results / "nnunet_agreement.json").read_text(encoding="utf-8"))))
+        write_text_atomic(a.results / "results.md", markdown(json.loads((a.results / "results.json").read_text(encoding="utf-8"))))
         return 0
     if not a.data.is_dir():
         print(f"nnunet_agreement.py: no data at {a.data}; pass --data", file=sys.stderr)
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from medalloy.jsonio import write_text_atomic
 
     a.results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.results / "nnunet_agreement.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(a.results / "nnunet_agreement.md", markdown(res))
+    write_text_atomic(a.results / "results.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(a.results / "results.md", markdown(res))
     print(markdown(res))
     measured = [v for k, v in res["agreement_dice"].items() if res["nnunet_dice"][k] >= HARDLY]
     return 0 if measured and all(v >= TARGET for v in measured) else 2

@@ -310,36 +310,12 @@ def _train(bin_dir: Path, env: dict[str, str], dataset_id: int, log_path: Path) 
     return run_command(cmd, env, log_path)
 
 
-# Run by the nnU-Net venv's python: reads a checkpoint without unpickling arbitrary objects
-# (weights_only=True), allowing only the numpy scalar and dtype types nnU-Net stores in its logs.
-FACTS_CODE = """
-import json, sys
-import numpy as np
-import torch
-from importlib.metadata import version
-
-try:
-    from numpy._core.multiarray import scalar
-except ImportError:  # numpy < 2
-    from numpy.core.multiarray import scalar
-allowed = [scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)]
-with torch.serialization.safe_globals(allowed):
-    ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-ws = {(v.data_ptr(), tuple(v.shape)): v.numel() for v in ck["network_weights"].values() if v.is_floating_point()}
-try:
-    nnunet = version("nnunetv2")
-except Exception:
-    nnunet = None
-print(json.dumps({"params": sum(ws.values()), "nnunetv2": nnunet, "torch": torch.__version__}))
-"""
-
-
 def _model_facts(bin_dir: Path, env: dict[str, str], checkpoint: Path) -> dict[str, Any]:
-    """Versions and parameter count, asked of the nnU-Net venv (its torch reads its checkpoint).
+    """Versions and parameter count, asked of the nnU-Net venv (its torch reads its checkpoint) by ``nnunet/facts.py``.
 
     The state dict names some tensors twice (a block's ``conv`` is also ``all_modules.0``; the decoder
     holds the encoder), so parameters are counted once per tensor in memory."""
-    out = subprocess.run([str(bin_dir / "python"), "-c", FACTS_CODE, str(checkpoint)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([str(bin_dir / "python"), str(TRAINER_DIR / "facts.py"), str(checkpoint)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

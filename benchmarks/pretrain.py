@@ -4,7 +4,7 @@ chest X-ray data of ../shared/data, with every downstream use the issue names.
     python -m benchmarks.pretrain [--data ../shared/data] [--budget-minutes 8] [--seg-minutes 2]
                                   [--seeds 0 1 2] [--only global_only token_level hybridmed] [--skip-seg]
     python -m benchmarks.pretrain --text-encoder minilm --work runs/bench-pretrain-minilm \
-        --results benchmarks/results/pretrain_minilm --random-from benchmarks/results
+        --results benchmarks/results/pretrain/minilm --random-from benchmarks/results/pretrain
     python -m benchmarks.pretrain --report      # re-render the markdown from the raw results
 
 Data: ``CXR-Text/covid_cxr_notes.csv`` (459 radiographs; findings = the clinical ``notes``,
@@ -35,8 +35,9 @@ retraining the same segmentation experts. ``--token-scope pair`` trains the toke
 each image-report pair (MGCA's form, ``B`` times cheaper than the all-pairs GLoRIA form), so the
 token_level and hybridmed arms take more steps in the same budget; give it its own ``--work``.
 
-Writes ``benchmarks/results/pretrain.json`` (the issue's shape: means over seeds),
-``pretrain_raw.json`` (every seed) and ``pretrain.md``.
+Writes ``benchmarks/results/pretrain/results.json`` (the issue's shape: means over seeds),
+``raw.json`` (every seed) and ``results.md``; what the runs found is written by people in
+docs/methods/pretraining.md.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ import numpy as np
 from benchmarks.common import train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "pretrain"
 ARMS = ("random", "global_only", "token_level", "hybridmed")
 LOSSES = {"global_only": ["global"], "token_level": ["global", "token"], "hybridmed": ["global", "token", "generation"]}
 SEG = ("JSRT", "Shenzhen")
@@ -436,14 +437,14 @@ def main() -> int:
     ap.add_argument("--skip-seg", action="store_true")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--rescore", action="store_true", help="score finished pretraining runs again (uses 1-4), keeping their segmentation rows")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results/pretrain)")
     ap.add_argument("--text-encoder", choices=("scratch", "minilm"), default="scratch", help="minilm needs medalloy[text]")
     ap.add_argument("--token-scope", choices=("batch", "pair"), default="batch", help="token-level contrast over the batch's pairs, or within each pair (MGCA; cheaper); use its own --work")
-    ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/pretrain_raw.json")
+    ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/raw.json")
     ap.add_argument("--curves", action="store_true", help="with --report: add the seg experts' validation curves from the runs still in --work")
     a = ap.parse_args()
     results = a.results
-    raw_path = results / "pretrain_raw.json"
+    raw_path = results / "raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     if a.curves:
         print(f"[curves] {backfill_curves(raw, a.work)} seg runs' validation curves read from {a.work}", flush=True)
@@ -454,7 +455,7 @@ def main() -> int:
     if a.token_scope != "batch":
         settings["token_scope"] = a.token_scope
     if a.random_from is not None:
-        src = a.random_from / "pretrain_raw.json"
+        src = a.random_from / "raw.json"
         if not src.exists():
             sys.exit(f"error: {src} not found; fix: point --random-from at a results folder of this benchmark")
         raw["random"] = json.loads(src.read_text()).get("random", {})
@@ -504,9 +505,9 @@ def main() -> int:
     summary["settings"] = settings
     summary["reference"] = reference
     results.mkdir(parents=True, exist_ok=True)
-    (results / "pretrain.json").write_text(json.dumps(summary, indent=1))
-    (results / "pretrain.md").write_text(render(summary, raw, settings, reference))
-    print((results / "pretrain.md").read_text())
+    (results / "results.json").write_text(json.dumps(summary, indent=1))
+    (results / "results.md").write_text(render(summary, raw, settings, reference))
+    print((results / "results.md").read_text())
     return 0
 
 

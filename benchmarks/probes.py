@@ -26,12 +26,12 @@
   padding): forward + backward time, median of 20 after 3 warm-up calls, one thread
   (docs/methods/pretraining.md, "Token-level contrast within each pair"). Run it alone.
 - ``profile``: torch.profiler shares of the CPU time of a trained teacher and student
-  (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/distill.py notes).
+  (``--runs DIR``: benchmarks/distill.py's work folder) at 224 px, bf16, batch 1 (benchmarks/results/distill/NOTES.md).
 
     python -m benchmarks.probes [head width profile latency students token_loss] [--steps 120]
     python -m benchmarks.probes prototypes --universal RUN/checkpoints/best.safetensors [...]
 
-Writes ``benchmarks/results/probes.json`` (merged per probe).
+Writes ``benchmarks/results/probes/results.json`` (merged per probe).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import numpy as np
 from benchmarks.common import PLAN_OPTIONS, dataset_path, splits
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "probes"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")
     p.add_argument("--runs", type=Path, default=HERE.parent / "runs" / "bench-distill" / "runs")
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if not a.data.is_dir():
         print(f"probes.py: data folder {a.data} not found; pass --data", file=sys.stderr)
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if "prototypes" in a.probes and not a.universal:
         print("probes.py: the prototypes probe reads trained checkpoints; pass --universal RUN/checkpoints/best.safetensors", file=sys.stderr)
         return 1
-    path = a.results / "probes.json"
+    path = a.results / "results.json"
     for name in a.probes:
         probes = {
             "head": lambda: probe_head(a.data, a.work, a.steps),

@@ -9,7 +9,8 @@ Phases (each in its own process, so its peak resident memory is its own):
 - precision: the same JSRT expert trained fp32 and bf16 for the same steps: speed and held-out Dice;
 - infer2d / infer3d: latency per 2D image (JSRT) and per 3D volume (Hippocampus, sliding window)
              in fp32, bf16 and channels-last.
-Writes `benchmarks/results/speed.json` and `speed.md`.
+Writes `benchmarks/results/speed/results.json` and `results.md`; people's notes on the results are in
+NOTES.md beside them, which this script never writes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results" / "speed"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 JSRT, HIPPO = "Dataset102_JSRT", "Dataset105_Hippocampus"
 
@@ -262,12 +263,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Defaults: training precision `auto` = {r['defaults']['train_precision']}; inference {r['defaults']['inference']}.",
     ]
-    if not t["bf16_speed"]:
-        lines += [
-            "",
-            f"bf16 below 1.8x: this CPU reports {r.get('bf16_units', 'no bf16 matrix units')} in /proc/cpuinfo; bf16 convolutions "
-            "run on AVX512-BF16 dot products, not AMX tiles, and the instance norms, loss and optimiser stay fp32.",
-        ]
+    lines += ["", f"bf16 matrix units this CPU reports in /proc/cpuinfo: {r.get('bf16_units', 'not recorded')}."]
+    lines += ["", "Notes (written by people, not generated): [NOTES.md](NOTES.md)."]
     return "\n".join(lines) + "\n"
 
 
@@ -338,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": {"train_precision": resolve_precision("auto", torch.device("cpu")), "inference": f"fastest measured 2D setting: {fastest}"},
     }
     a.results.mkdir(parents=True, exist_ok=True)
-    for path, text in ((a.results / "speed.json", json.dumps(result, indent=2) + "\n"), (a.results / "speed.md", markdown(result))):
+    for path, text in ((a.results / "results.json", json.dumps(result, indent=2) + "\n"), (a.results / "results.md", markdown(result))):
         tmp = path.with_name(".tmp-" + path.name)
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)

@@ -10,9 +10,9 @@ validation cases.
 
 ``--mix`` trains ACDC in a mix with the named datasets instead (defaults otherwise; ``--steps`` for
 the whole mix, so with uniform weighting and one neighbour ACDC gets about half): does a neighbour
-interfere, and which? Rows go to ``universal_diagnose_mix.json`` (appended, one per mix).
+interfere, and which? Rows go to ``diagnose_mix.json`` (appended, one per mix).
 
-Writes ``benchmarks/results/universal_diagnose.json`` (benchmarks/results/universal.md's notes quote it).
+Writes ``benchmarks/results/universal/diagnose.json`` (the universal benchmark's NOTES.md beside it quotes both).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-loss", nargs="*", default=["bce", "exclusive"], choices=["bce", "exclusive"])
     p.add_argument("--prior-probability", nargs="*", default=["none", "0.01"], help="task logit offsets' start (none: at 0, the paper's)")
     p.add_argument("--expert", action="store_true", help="also train the ACDC expert for the same steps (the control)")
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--results", type=Path, default=HERE / "results" / "universal")
     p.add_argument("--mix", nargs="*", default=None, help="train ACDC in a mix with these datasets (JSRT, Shenzhen, Polyp, ...)")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "sqrt", "size"])
     p.add_argument("--priors", default="none", choices=["task+modality", "task", "none"])
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         what = {"model": f"universal, no priors, class_loss {class_loss}, prior_probability {prior}", "class_loss": class_loss, "prior_probability": prior, "lr": lr}
         rows.append(row(what, res, Predictor(model, plan, activation="sigmoid"), 0))
     a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "universal_diagnose.json").write_text(json.dumps({"dataset": name, "priors": "none", "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    (a.results / "diagnose.json").write_text(json.dumps({"dataset": name, "priors": "none", "rows": rows}, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -132,7 +132,7 @@ def mix(a: argparse.Namespace, name: str) -> int:
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     a.results.mkdir(parents=True, exist_ok=True)
-    out = a.results / "universal_diagnose_mix.json"
+    out = a.results / "diagnose_mix.json"
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"] if out.exists() else []
     out.write_text(json.dumps({"rows": [*rows, row]}, indent=2) + "\n", encoding="utf-8")
     return 0

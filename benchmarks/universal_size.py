@@ -5,8 +5,8 @@
 For the planner's 6-stage layout of a 128 px and a 256 px plan (filters 16..256; 8 tasks, 5
 modalities, 3 channels): parameters, and the median time of a training step (forward + backward +
 SGD, bf16 autocast, the torch threads as set) at the planner's batch for that patch, for several
-fusion widths and placements, beside the plain DynUNet expert. Writes
-``benchmarks/results/universal_size.json`` and ``.md`` (docs/methods/hermes.md "Size" quotes them).
+fusion widths and placements, beside the plain DynUNet expert. Writes ``size.json`` and ``size.md`` in
+``benchmarks/results/universal/`` (docs/methods/hermes.md "Size" quotes them).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def step_seconds(model, x, args, steps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--results", type=Path, default=HERE / "results" / "universal")
     a = p.parse_args(argv)
     import torch
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{patch} px x{batch} {name}: {rows[-1]['params'] / 1e6:.2f} M ({rows[-1]['params'] / e_params:.2f} x), "
                   f"step {sec / e_sec:.2f} x, inference {fwd / e_fwd:.2f} x", flush=True)  # fmt: skip
     a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "universal_size.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    (a.results / "size.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
     md = [
         "# Universal network: size and step cost vs one expert",
         "",
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['patch']} x {r['batch']} | {r['fusion']} | {r['params'] / 1e6:.2f} M | {r['params'] / r['expert_params']:.2f} | "
             f"{r['step_s']:.3f} | {r['step_s'] / r['expert_step_s']:.2f} | {r['forward_s']:.3f} | {r['forward_s'] / r['expert_forward_s']:.2f} |"
         )
-    (a.results / "universal_size.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    (a.results / "size.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return 0
 
 

@@ -88,7 +88,7 @@ def test_benchmarks_import_only_their_shared_modules_and_never_touch_sys_path():
     never another study; the folder is a package run with ``python -m benchmarks.<study>``."""
     bench = ROOT / "benchmarks"
     scripts = {p.stem for p in bench.glob("*.py")} - {"__init__"}
-    shared = {"common", "nnunet_peer"}
+    shared = {"common", "nnunet_peer", "manifest"}  # run.py dispatches to studies as processes, never imports them
     edges = set()
     for p in bench.glob("*.py"):
         text = p.read_text(encoding="utf-8")
@@ -108,3 +108,16 @@ def test_benchmarks_import_only_their_shared_modules_and_never_touch_sys_path():
     assert (bench / "__init__.py").is_file()
     assert {(a, b) for a, b in edges if b not in shared} == set(), edges
     assert {b for a, b in edges if a == "nnunet_peer"} <= {"common"}, edges
+
+
+def test_benchmarks_keep_no_prose_in_python():
+    """Findings are written by people in benchmarks/results/<study>/NOTES.md; a module-level constant
+    of more than 40 words of text is prose that belongs there."""
+    found = []
+    for p in sorted((ROOT / "benchmarks").rglob("*.py")):
+        for node in ast.parse(p.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                words = sum(len(n.value.split()) for n in ast.walk(node.value) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+                if words > 40:
+                    found.append(f"{p.relative_to(ROOT)}:{node.lineno} ({words} words)")
+    assert not found, found

@@ -166,11 +166,24 @@ def test_rerun_line_gives_the_settings_the_results_record() -> None:
         models = {"teacher": dict(row), **{n: {**row, **({"seeds": s} if s else {})} for n, s in seeds.items()}}
         return {"steps": 4000, "teacher_steps": 3000, "seed": seed, "domains": {"cxr": {"models": models, "unseen_source": {}}}}
 
-    one = bench.rerun_command(res({"relation_kd": [0, 1, 2], "logit_kd": [0, 1, 2]}), bench.RESULTS / "distill_s4000")
-    assert one == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`"
+    other = bench.HERE / "results" / "archive" / "distill_s4000"
+    one = bench.rerun_command(res({"relation_kd": [0, 1, 2], "logit_kd": [0, 1, 2]}), other)
+    assert one == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/archive/distill_s4000`"
     # rows of other seeds (a single-seed row trains at --seed): no one --student-seeds, the JSON has them per row
     mixed = bench.rerun_command(res({"relation_kd": [0, 1, 2], "skd": None}, seed=1), bench.RESULTS)
-    assert mixed == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in distill.json)"
+    assert mixed == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in results.json)"
     assert bench.rerun_command({"domains": {}}) == "`python -m benchmarks.distill`"  # settings not recorded
-    md = bench.markdown(bench.summarise(res({"relation_kd": [0, 1, 2]})), bench.RESULTS / "distill_s4000")
-    assert "Rerun: `python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/distill_s4000`." in md
+    md = bench.markdown(bench.summarise(res({"relation_kd": [0, 1, 2]})), other)
+    assert "Rerun: `python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/archive/distill_s4000`." in md
+
+
+def test_markdown_points_to_the_notes_people_write_and_holds_none_of_them() -> None:
+    row = {"dice": {"lung/JSRT": 0.97}, "params": 300_000}
+    res = {"steps": 400, "teacher_steps": 800, "seed": 0, "domains": {"cxr": {"models": {"teacher": dict(row), "relation_kd": dict(row)}, "unseen_source": {}}}}
+    md = bench.markdown(bench.summarise(res), bench.RESULTS)
+    assert "Notes (written by people, not generated): [NOTES.md](NOTES.md)." in md
+    assert "--results" not in md  # the default results folder needs no flag in the rerun line
+    notes = (bench.RESULTS / "NOTES.md").read_text(encoding="utf-8")
+    paragraphs = [p for p in notes.split("\n\n") if p and not p.startswith("#")]
+    assert len(paragraphs) > 10 and not any(p in md for p in paragraphs)
+    assert not hasattr(bench, "NOTES")

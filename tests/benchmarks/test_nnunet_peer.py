@@ -241,7 +241,7 @@ def _fake_venv(root: Path) -> Path:
 def test_nnunet_only_adds_peer_rows_to_existing_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    (results / "experts.json").write_text(json.dumps({"Shenzhen": _row(0.95)}), encoding="utf-8")
+    (results / "results.json").write_text(json.dumps({"Shenzhen": _row(0.95)}), encoding="utf-8")
     calls = []
 
     def fake_peer(name, data, work, budget, seed, venv, threads):  # noqa: ANN001, ANN202
@@ -256,10 +256,10 @@ def test_nnunet_only_adds_peer_rows_to_existing_results(tmp_path: Path, monkeypa
     assert calls == []
     assert experts.main([*argv, "--nnunet-only", "--only", "Shenzhen"]) == 0
     assert calls == [("Shenzhen", 10.0, 0, venv)]
-    rows = json.loads((results / "experts.json").read_text(encoding="utf-8"))
+    rows = json.loads((results / "results.json").read_text(encoding="utf-8"))
     assert rows["Shenzhen"]["nnunet"]["lung"] == {"dice": 0.91, "hd95": 4.5}
     assert rows["Shenzhen"]["lung"] == {"dice": 0.95, "hd95": 3.25}  # medalloy's row untouched
-    assert "| 0.910 | 4.50 | 9.1 | 1650 |" in (results / "experts.md").read_text(encoding="utf-8")
+    assert "| 0.910 | 4.50 | 9.1 | 1650 |" in (results / "results.md").read_text(encoding="utf-8")
 
 
 def test_with_nnunet_refuses_missing_venv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,3 +307,14 @@ def test_model_facts_read_an_nnunet_checkpoint_without_unpickling_code(tmp_path)
     with pytest.raises(subprocess.CalledProcessError) as exc:
         peer._model_facts(Path(sys.executable).parent, dict(os.environ), path)
     assert "unpickled!" not in exc.value.stdout and "weights_only" in exc.value.stderr
+
+
+def test_model_facts_script_does_nothing_when_nnunet_imports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nnU-Net imports every module of its nnUNet_extTrainer folder while looking for the trainer, with its own argv
+    import importlib.util
+
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "502", "2d", "0"])
+    spec = importlib.util.spec_from_file_location("facts", BENCH / "nnunet" / "facts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)

@@ -117,3 +117,10 @@ def test_targets_say_which_are_missed_and_the_image_blind_floors() -> None:
     assert "above global-only on at least three uses: missed (4 of 4" not in lines and "met (4 of 4" in lines
     assert "Zero-shot below the constant guess: the best arm's accuracy 0.300 against 0.600" in lines
     assert "Retrieval above the image-blind floor: the best arm's R@1 0.700 against 0.600" in lines
+
+
+def test_the_committed_markdown_is_what_the_script_renders_from_the_committed_json() -> None:
+    assert bench.RESULTS.parts[-2:] == ("results", "pretrain")
+    summary = json.loads((bench.RESULTS / "results.json").read_text())
+    raw = json.loads((bench.RESULTS / "raw.json").read_text())
+    assert bench.render(summary, raw, summary["settings"], summary["reference"]) == (bench.RESULTS / "results.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_overrides_are_typed_and_checked() -> None:
 
 
 def test_a_table_made_with_other_settings_is_not_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "universal_raw.json").write_text('{"setting": {"budget_per_expert_minutes": 6.0, "seed": 0}}', encoding="utf-8")
+    (tmp_path / "raw.json").write_text('{"setting": {"budget_per_expert_minutes": 6.0, "seed": 0}}', encoding="utf-8")
     data = tmp_path / "data"
     data.mkdir()
     argv = ["--data", str(data), "--results", str(tmp_path), "--only", "universal", "--set", "fusion_scales=1"]
@@ -57,6 +58,38 @@ def test_the_header_says_how_these_arms_batched() -> None:
     assert bench.batching(raw) == "2 datasets' batches a step"
     raw["3d"] = {"no_priors": {**arm, "datasets_per_step": 1}}
     assert bench.batching(raw) == "one dataset a step or 2 datasets' batches a step (the arms differ)"
-    # written before the arms recorded it: the table's known setting, else the default of then
-    assert bench.batching({"setting": {"budget_per_expert_minutes": 2.0, "seed": 0}, "2d": {"universal": {"steps": 1}}}) == "one dataset a step"
-    assert bench.batching({"setting": {"budget_per_expert_minutes": 6.0, "seed": 1}, "2d": {"universal": {"steps": 1}}}) == "two datasets' batches a step"
+    # written before the arms recorded it: said so, not guessed from the budget or seed (the 2-minute table's arms differed)
+    for budget, seed in ((2.0, 0), (6.0, 1)):
+        unrecorded = {"setting": {"budget_per_expert_minutes": budget, "seed": seed}, "2d": {"universal": {"steps": 1}}}
+        assert bench.batching(unrecorded) == "batching not recorded by these arms"
+
+
+def _small_raw() -> dict:
+    score = {"lung": {"dice": 0.9, "hd95": 5.0}}
+    expert = {"scores": score, "params": 10, "steps": 100, "minutes": 1.0, "seconds_per_case": 0.1}
+    universal = {"scores": {n: score for n in bench.MIXES["2d"]}, "params": 12, "steps": 300, "minutes": 5.0, "seconds_per_case": 0.2, "datasets_per_step": 2}
+    return {"setting": {"budget_per_expert_minutes": 2.0, "seed": 0}, "2d": {"experts": {n: expert for n in bench.MIXES["2d"]}, "universal": universal}}
+
+
+def test_the_markdown_links_the_notes_and_carries_none_of_their_text(tmp_path: Path) -> None:
+    raw = _small_raw()
+    res = bench.summary(raw, 2.0)
+    link = "Notes (written by people, not generated): [NOTES.md](NOTES.md)."
+    notes = (bench.RESULTS / "NOTES.md").read_text(encoding="utf-8")
+    md = bench.markdown(res, raw)  # the study's own folder, whose NOTES.md people write
+    assert md.rstrip().endswith(link) and "## Notes" not in md
+    bullets = [line[2:] for line in notes.splitlines() if line.startswith("- ")]
+    assert bullets and not any(b[:60] in md for b in bullets)
+    assert link not in bench.markdown(res, raw, tmp_path)  # a folder without notes gets no dangling link
+    (tmp_path / "NOTES.md").write_text("# notes\n", encoding="utf-8")
+    assert link in bench.markdown(res, raw, tmp_path)
+
+
+def test_the_study_writes_its_own_folder(tmp_path: Path) -> None:
+    assert bench.RESULTS == Path(bench.__file__).resolve().parent / "results" / "universal"
+    assert (bench.RESULTS / "results.json").is_file() and (bench.RESULTS / "raw.json").is_file()  # what amalgamate.py and --report read
+    raw = _small_raw()
+    (tmp_path / "raw.json").write_text(json.dumps(raw), encoding="utf-8")
+    assert bench.main(["--report", "--results", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.json", "results.json", "results.md"]
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["tasks"]["JSRT/lung"] == {"expert": 0.9, "universal": 0.9}

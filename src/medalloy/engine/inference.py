@@ -32,7 +32,7 @@ class Predictor:
         tta: bool = False,
         overlap: float = 0.5,
         slice_batch: int = 16,
-        channels_last: bool = False,  # measured slower than contiguous here (benchmarks/results/speed.md)
+        channels_last: bool = False,  # measured slower than contiguous here (benchmarks/results/speed/results.md)
         activation: str = "softmax",
     ):
         if activation not in ("softmax", "sigmoid"):
