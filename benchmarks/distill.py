@@ -27,7 +27,8 @@ and ``relation_no_affinity_full`` the same at full resolution (in-domain only);
 ``relation_kd_x10`` and ``relation_kd_x30`` are ``relation_kd`` with its kernel and affinity terms
 weighted 10 and 30 (1 by default), to be chosen between by the validation Dice each student records;
 ``relation_kd_cross`` and ``relation_kd_x10_cross`` add relations across the images of a batch (the
-recipe's ``--losses relation_cross``), at weight 1 and 10.
+recipe's ``--losses relation_cross``), at weight 1 and 10. Each model's settings are one entry of
+``benchmarks/configs/distill/_models.yaml`` (a new model is a new entry there).
 Multi-source (chest X-ray): ``logit_kd_multi``, ``relation_kd_multi`` and ``relation_kd_x10_multi`` are
 those rows trained from the JSRT teacher on JSRT's and Shenzhen's images at once (Shenzhen labels the
 lung only: its lung labels train through the marginal loss, the heart comes from the teacher), scored
@@ -49,71 +50,119 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import yaml
 from benchmarks.common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill"
 DEFAULT_DATA = Path(os.environ.get("MEDALLOY_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
-STUDENTS = {
-    "student_alone": "student_alone", "logit_kd": "logit_kd", "relation_kd": "relation", "relation_kd_stem": "relation",
-    "student_alone_full": "student_alone", "logit_kd_full": "logit_kd", "relation_kd_full": "relation",
-    "skd": "skd", "cwd": "cwd", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
-    "skd_full": "skd", "cwd_full": "cwd", "relation_no_kernel_full": "relation_no_kernel", "relation_no_affinity_full": "relation_no_affinity",
-}  # fmt: skip
-# students whose stem is not the recipe's default (models/students.py): how many of the finest stages they drop
-STEM = {
-    "relation_kd_stem": 1, "student_alone_full": 0, "logit_kd_full": 0, "relation_kd_full": 0,
-    "skd_full": 0, "cwd_full": 0, "relation_no_kernel_full": 0, "relation_no_affinity_full": 0,
-}  # fmt: skip
-# relation KD at the default student with the relation terms (kernel and affinity) weighted W
-# instead of 1: at weight 1 they end ~20x below L_seg (0.02-0.04 vs ~0.65 on polyp), too small to
-# steer the student; the weight is chosen by the students' validation Dice on the training source
-RELATION_WEIGHTS = (10.0, 30.0)
-WEIGHTS: dict[str, dict[str, float]] = {f"relation_kd_x{w:g}": {"kernel": w, "affinity": w} for w in RELATION_WEIGHTS}
-STUDENTS.update({name: "relation" for name in WEIGHTS})
-# relation KD with relations across images too (the recipe's losses "relation_cross": the affinity
-# also over the positions of the whole batch, losses/affinity.py scope "batch"), at weight 1 and 10
-CROSS: dict[str, dict[str, float]] = {"relation_kd_cross": {}, "relation_kd_x10_cross": {"kernel": 10.0, "affinity": 10.0, "cross": 10.0}}
-STUDENTS.update({name: "relation_cross" for name in CROSS})
-# multi-source (the issue's JSRT + Shenzhen): the domain's students trained on the images of several
-# datasets at once, from the domain's teacher (Shenzhen labels the lung only: the recipe's marginal
-# loss trains its lung, the teacher its heart), scored on each one's held-out cases; each row is the
-# named single-source row's configuration with more images
+ARMS_FILE = HERE / "configs" / "distill" / "_models.yaml"  # the arms (models) and their settings, one entry each
+
+
+class ArmsError(ValueError):
+    """ARMS_FILE cannot be used: the message names the file, the arm and the fix."""
+
+
+class Arm(BaseModel):
+    """One arm of ARMS_FILE (the file's header says what each field means)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    loss: str | None = None  # the recipe's loss preset (--losses); None only for a multi-source arm
+    stem: int | None = None  # None: the recipe's default stem
+    weights: dict[str, float] = {}  # DistillWeights' fields; absent: 1 each
+    upsample: Literal["shuffle"] | None = None
+    params: int | None = None  # None: the tiny student
+    augment: Literal["default", "strong"] = "default"
+    separable: bool = False
+    multi_of: str | None = None  # a multi-source arm: the single-source arm whose settings it trains
+    unseen: bool = False  # an unseen-source row
+    baselines: tuple[str, ...] | None = None  # a relation arm's targets: the arms it must beat
+    why: str = ""
+
+    @property
+    def default_student(self) -> bool:
+        """The recipe's default student on the default data: only the loss and its weights may differ."""
+        return self.stem is None and self.upsample is None and self.params is None and not self.separable and self.augment == "default" and self.multi_of is None
+
+
+@dataclass(frozen=True)
+class ArmTable:
+    """ARMS_FILE read and checked."""
+
+    arms: dict[str, Arm]  # in the order of the results' tables (after the teacher)
+    unseen: list[str]  # the unseen-source rows in their order (after the teacher)
+    targets: list[str]  # the arms with baselines, in the targets' order
+
+
+def load_arms(path: Path = ARMS_FILE) -> ArmTable:
+    """The arms of ``path``, checked: an unknown field, an arm without a loss (or multi_of), or a name
+    where an arm is needed that is not one, is an ArmsError of one line naming the file and the arm."""
+    where = path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ArmsError(f"{where}: not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("arms"), dict) or not raw["arms"]:
+        raise ArmsError(f"{where}: no `arms:` mapping (arm name -> its settings); add one")
+    keys = ("arms", "unseen_order", "targets_order")
+    if unknown := sorted(set(raw) - set(keys)):
+        raise ArmsError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(keys)}); remove it")
+    arms: dict[str, Arm] = {}
+    for name, fields in raw["arms"].items():
+        at = f"{where}: arm {name!r}"
+        if name == "teacher":
+            raise ArmsError(f"{at}: the teacher is not an arm (every table starts with it); rename the arm")
+        if not isinstance(fields, dict):
+            raise ArmsError(f"{at}: its settings are not a mapping; write `loss: ...` and the other fields")
+        if unknown := sorted(set(fields) - set(Arm.model_fields)):
+            raise ArmsError(f"{at}: unknown field {unknown[0]!r} (fields: {', '.join(Arm.model_fields)}); fix or remove it")
+        try:
+            arm = Arm.model_validate(fields)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ArmsError(f"{at}: field {'.'.join(map(str, err['loc']))!r}: {err['msg']}; fix the value") from None
+        if arm.multi_of is None and arm.loss is None:
+            raise ArmsError(f"{at}: no loss (the recipe's loss preset, e.g. `loss: relation`); add one, or `multi_of:` a single-source arm")
+        if arm.multi_of is not None:
+            if more := sorted(set(fields) - {"multi_of", "why"}):
+                raise ArmsError(f"{at}: a multi-source arm takes every setting from its multi_of arm, not {more[0]!r}; remove it")
+            if arm.multi_of not in arms or arms[arm.multi_of].multi_of is not None:
+                raise ArmsError(f"{at}: multi_of {arm.multi_of!r} is not a single-source arm above it; name one")
+        arms[name] = arm
+    for name, arm in arms.items():
+        if bad := [b for b in arm.baselines or () if b == name or b not in arms or arms[b].multi_of is not None]:
+            raise ArmsError(f"{where}: arm {name!r}: baseline {bad[0]!r} is not another single-source arm; name one")
+
+    def order(key: str, flagged: list[str], flag: str) -> list[str]:
+        listed = raw.get(key) or []
+        if not isinstance(listed, list):
+            raise ArmsError(f"{where}: {key} is not a list of arm names; write [name, ...]")
+        for i, name in enumerate(listed):
+            if name not in flagged or name in listed[:i]:
+                raise ArmsError(f"{where}: {key}: arm {name!r} is {'named twice' if name in listed[:i] else f'not an arm with {flag}'}; remove it")
+        return [*listed, *(n for n in flagged if n not in listed)]
+
+    unseen = order("unseen_order", [n for n, a in arms.items() if a.unseen], "unseen: true")
+    return ArmTable(arms, unseen, order("targets_order", [n for n, a in arms.items() if a.baselines is not None], "baselines"))
+
+
+ARM_TABLE = load_arms()
+ARMS = ARM_TABLE.arms
+MULTI = {name: arm.multi_of for name, arm in ARMS.items() if arm.multi_of is not None}  # multi-source arm -> its single-source arm
+MODELS = ["teacher", *ARMS]
+UNSEEN_MODELS = ["teacher", *ARM_TABLE.unseen]  # the students trained on one centre only, for the unseen-source row
+RELATION_VS_BASELINES = {name: ARMS[name].baselines or () for name in ARM_TABLE.targets}  # relation KD and the baselines it must beat
+# the relation-KD settings a user chooses between by validation Dice: relation KD at the default student, its weights and scope aside
+WEIGHT_CHOICES = [name for name, arm in ARMS.items() if arm.loss in ("relation", "relation_cross") and arm.default_student]
+# the datasets each domain's multi-source arms (multi_of in ARMS_FILE) train on at once
 MULTI_SOURCES = {"cxr": ["JSRT", "Shenzhen"]}
-# the default student with a sub-pixel head (models/students.py, upsample "shuffle"): its logits
-# leave the quarter-resolution network as K x 16 channels, unfolded to full resolution
-SHUFFLE = {"student_alone_shuffle": "student_alone", "logit_kd_shuffle": "logit_kd", "relation_kd_shuffle": "relation"}
-STUDENTS.update(SHUFFLE)
-# the default student at a larger parameter budget: 500 k, a tenth of the 5.15 M teachers (the
-# widest that keeps the >= 10x target)
-BUDGET = {"relation_kd_500k": 500_000, "student_alone_500k": 500_000}
-STUDENTS.update({"relation_kd_500k": "relation", "student_alone_500k": "student_alone"})
-# the default students under the "strong" augmentation preset (data/transforms.py: every transform
-# more often and wider, intensity above all: what differs between centres), the teacher seeing the
-# same augmented patches: does relation KD gain more from it than its baselines on the unseen source?
-AUGMENT = {"student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation"}
-STUDENTS.update(AUGMENT)
-# the default student with depthwise-separable convolutions (models/students.py: wider filters
-# within the same parameter budget), relation KD and its baselines: does the wider network pay in
-# Dice or time, and does relation KD gain more from it than the baselines?
-SEPARABLE = {"student_alone_sep": "student_alone", "logit_kd_sep": "logit_kd", "relation_kd_sep": "relation"}
-STUDENTS.update(SEPARABLE)
-MULTI = {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"}
-MODELS = ["teacher", *STUDENTS, *MULTI]
-# relation KD at each student architecture, and the baselines it must beat at the same one
-RELATION_VS_BASELINES = {
-    "relation_kd": ("student_alone", "logit_kd"), "relation_kd_full": ("student_alone_full", "logit_kd_full"), "relation_kd_stem": (),
-    "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"), "relation_kd_500k": ("student_alone_500k",),
-    **{name: ("student_alone", "logit_kd") for name in (*WEIGHTS, *CROSS)}, "relation_kd_aug": ("student_alone_aug", "logit_kd_aug"),
-    "relation_kd_sep": ("student_alone_sep", "logit_kd_sep"),
-}  # fmt: skip
-# the students trained on one centre only, for the unseen-source row (the ones the targets compare)
-UNSEEN_MODELS = ["teacher", "student_alone", "logit_kd", "relation_kd", *WEIGHTS, *CROSS, "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full", *SHUFFLE, *BUDGET, *AUGMENT, *SEPARABLE]
 # domain -> (members of the training set, per-source test sets {source: (experts-benchmark name, label names)}, unseen (train -> test))
 DOMAINS: dict[str, dict[str, Any]] = {
     "polyp": {"train": ["Polyp-Kvasir", "Polyp-CVC"], "unseen_train": ["Polyp-Kvasir"], "unseen_test": "Polyp-CVC", "unseen_key": "Kvasir->CVC"},
@@ -196,11 +245,10 @@ def train_student(domain: str, model: str, members: list[str], teacher: Path, da
         log(f"{domain} {run.name}: reusing {run}")
         return run, json.loads((run / "run.json").read_text(encoding="utf-8"))
     log(f"{domain} {run.name}: {steps} steps on {', '.join(members)}")
-    base = MULTI.get(model, model)
-    weights = {**WEIGHTS, **CROSS}.get(base)
-    config = DistillConfig(weights=DistillWeights(**(weights or {})), augment="strong" if base in AUGMENT else "default")
+    arm = ARMS[MULTI.get(model, model)]  # a multi-source arm trains its single-source arm's settings
+    config = DistillConfig(weights=DistillWeights(**arm.weights), augment=arm.augment)
     res = train_distill(
-        dataset, teacher, run, config, losses=STUDENTS[base], student=BUDGET.get(base, "tiny"), separable=base in SEPARABLE, stem=STEM.get(base), upsample="shuffle" if base in SHUFFLE else None, split=split,
+        dataset, teacher, run, config, losses=arm.loss, student="tiny" if arm.params is None else arm.params, separable=arm.separable, stem=arm.stem, upsample=arm.upsample, split=split,
         overwrite=True, progress=sys.stderr.isatty(), steps=steps, val_every=max(100, steps // 4), seed=student_seed,
     )  # fmt: skip
     return run, res
@@ -357,7 +405,8 @@ def merge(old: dict[str, Any], domain: str, new: dict[str, Any]) -> dict[str, An
 
 def architecture(name: str, entry: dict[str, Any]) -> tuple[Any, ...]:
     """What fixes a row's network (so its size, FLOPs and time): loss and loss weights do not."""
-    return ("teacher",) if name == "teacher" else ("student", STEM.get(name, "default"), name in SEPARABLE, entry.get("params"))
+    arm = ARMS.get(name) or Arm()  # a row of an arm no longer in the table: the default student
+    return ("teacher",) if name == "teacher" else ("student", "default" if arm.stem is None else arm.stem, arm.separable, entry.get("params"))
 
 
 def share_architecture_measures(models: dict[str, dict[str, Any]]) -> None:
@@ -604,11 +653,11 @@ def paired_summary(diffs: list[float]) -> str:
 
 def chosen_by_validation(res: dict[str, Any]) -> list[str]:
     """Per domain, the relation-KD weight a user would pick (best validation Dice on the training
-    source, among ``relation_kd``, the ``WEIGHTS`` and the ``CROSS`` rows) and its unseen-source row against the baselines."""
+    source, among the ``WEIGHT_CHOICES`` rows) and its unseen-source row against the baselines."""
     out = []
     for domain, v in res.get("domains", {}).items():
         models, unseen = v["models"], v["unseen_source"]
-        options = [n for n in ("relation_kd", *WEIGHTS, *CROSS) if "val_dice" in models.get(n, {}) and n in unseen]
+        options = [n for n in WEIGHT_CHOICES if "val_dice" in models.get(n, {}) and n in unseen]
         if len(options) < 2 or not all(b in unseen for b in ("student_alone", "logit_kd")):
             continue
         best = max(options, key=lambda n: models[n]["val_dice"])

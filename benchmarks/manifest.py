@@ -1,7 +1,7 @@
 """What ran, where and when: the manifest written beside each benchmark arm's results.
 
-A manifest names the arm's config by content (sha256 of its file and of the variables it was
-given), the code (commit, and whether the tree had uncommitted changes), medalloy's version, the
+A manifest names the arm's config by content (sha256 of its file; the variables it was given
+beside it), the code (commit, and whether the tree had uncommitted changes), medalloy's version, the
 machine (CPU model, cores, torch threads, GPU), the date, the steps trained and the minutes taken.
 """
 
@@ -19,12 +19,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config_sha256(path: Path, variables: dict[str, str] | None = None) -> str:
-    """The arm's identity: its file's bytes and the variables it was run with (sorted)."""
-    h = hashlib.sha256(path.read_bytes())
-    for k, v in sorted((variables or {}).items()):
-        h.update(f"\0{k}={v}".encode())
-    return h.hexdigest()
+def config_sha256(path: Path) -> str:
+    """The arm's identity: its file's bytes (the variables, such as where the data lies on this
+    machine, are recorded beside it, not hashed: the same config on two machines is one arm)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def code_version() -> dict[str, Any]:
@@ -75,7 +73,7 @@ def build(study: str, arm: str, config: Path, command: str, minutes: float, step
         "study": study,
         "arm": arm,
         "config": config.resolve().relative_to(ROOT).as_posix() if config.resolve().is_relative_to(ROOT) else str(config),
-        "config_sha256": config_sha256(config, variables),
+        "config_sha256": config_sha256(config),
         "variables": dict(sorted((variables or {}).items())),
         "command": command,
         **code_version(),

@@ -1,8 +1,9 @@
 """Run a study's arms from their configs and write each arm's manifest.
 
-    python -m benchmarks.run STUDY [--only ARM ...] [--var NAME=VALUE ...] [--list] [--dry-run]
+    python -m benchmarks.run STUDY [--only ARM ...] [--seed N ...] [--var NAME=VALUE ...] [--list] [--dry-run]
 
-A study is a folder ``benchmarks/configs/<study>/``; each ``<arm>.yaml`` in it is one arm:
+A study is a folder ``benchmarks/configs/<study>/``; each ``<arm>.yaml`` in it is one arm (a
+``_<name>.yaml`` is a table the study's script reads, not an arm):
 
 - a pipeline YAML (it has ``stages:``): run with ``medalloy.pipeline.run`` into
   ``<work>/<study>/<arm>/`` (a rerun reuses its finished stages); its ``report.json``,
@@ -50,7 +51,7 @@ def arms(study: str, configs: Path = CONFIGS) -> dict[str, Path]:
     if not folder.is_dir():
         known = ", ".join(sorted(p.name for p in configs.iterdir() if p.is_dir())) if configs.is_dir() else "none"
         raise ArmError(f"{folder}: no such study (studies: {known}); give one of them")
-    found = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    found = {p.stem: p for p in sorted(folder.glob("*.yaml")) if not p.name.startswith("_")}  # _*.yaml: a study's own tables
     if not found:
         raise ArmError(f"{folder}: no arm configs (*.yaml); add one")
     return found
@@ -94,34 +95,58 @@ def _pipeline_steps_minutes(out: Path) -> tuple[dict[str, int], dict[str, float]
     return steps, minutes
 
 
-def run_arm(study: str, arm: str, path: Path, variables: dict[str, str], results: Path, work: Path, progress: bool = True) -> dict[str, Any]:
-    """Run one arm and write its manifest; returns the manifest."""
+def _with_seed(args: list[str], seed: int, results: Path, path: Path) -> list[str]:
+    """A study config's command line at another seed, its results apart (scripts refuse to merge seeds)."""
+    if "--seed" not in args:
+        raise ArmError(f"{path}: its script takes no --seed in args; add `--seed, '0'` to args to run it at other seeds")
+    out = list(args)
+    out[out.index("--seed") + 1] = str(seed)
+    if "--results" in out:
+        out[out.index("--results") + 1] = str(results)
+    else:
+        out += ["--results", str(results)]
+    return out
+
+
+def run_arm(study: str, arm: str, path: Path, variables: dict[str, str], results: Path, work: Path, progress: bool = True, seed: int | None = None) -> dict[str, Any]:
+    """Run one arm (at ``seed``, else its config's) and write its manifest; returns the manifest. An
+    arm at another seed is its own arm: ``<arm>-seed<N>``, with its own results and run folder."""
     cfg = read_arm(path)
+    name = arm if seed is None else f"{arm}-seed{seed}"
     start = time.perf_counter()
     if "stages" in cfg:
+        from medalloy.pipeline import load_pipeline
         from medalloy.pipeline import run as run_pipeline
 
-        out = work / study / arm
-        run_pipeline(path, out, variables=variables, progress=progress)
-        dest = results / study / arm
+        out = work / study / name
+        pipeline = load_pipeline(path, variables)
+        if seed is not None:
+            pipeline.seed = seed
+        run_pipeline(pipeline, out, progress=progress)
+        dest = results / study / name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("report.json", "report.md", "pipeline.yaml"):
-            if (out / name).is_file():
-                shutil.copyfile(out / name, dest / name)
+        for file in ("report.json", "report.md", "pipeline.yaml"):
+            if (out / file).is_file():
+                shutil.copyfile(out / file, dest / file)
         steps, stage_minutes = _pipeline_steps_minutes(out)
-        command = f"python -m benchmarks.run {study} --only {arm}"
+        command = f"python -m benchmarks.run {study} --only {arm}" + (f" --seed {seed}" if seed is not None else "")
         extra: dict[str, Any] = {"stage_minutes": stage_minutes, "run_folder": str(out), "results": dest.relative_to(results).as_posix()}
         minutes = sum(stage_minutes.values())
     else:
         args = [_expand(str(a), variables, path) for a in cfg.get("args") or []]
+        if seed is not None:
+            args = _with_seed(args, seed, results / study / f"seed{seed}", path)
         cmd = [sys.executable, "-m", f"benchmarks.{cfg['script']}", *args]
         if _call(cmd) != 0:
             raise ArmError(f"{path}: `python -m benchmarks.{cfg['script']} {' '.join(args)}` failed (its output is above); fix it and rerun this arm")
         steps, command, extra = None, f"python -m benchmarks.{cfg['script']} {' '.join(args)}".strip(), {}
         minutes = (time.perf_counter() - start) / 60
     extra["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
-    record = manifest.build(study, arm, path, command, minutes, steps, variables, **extra)
-    manifest.write(results / study / "manifests" / f"{arm}.json", record)
+    tables = sorted(path.parent.glob("_*.yaml"))  # what the study's script reads beside the arm (distill's models)
+    if tables:
+        extra["tables"] = {t.name: manifest.config_sha256(t) for t in tables}
+    record = manifest.build(study, name, path, command, minutes, steps, variables, **extra)
+    manifest.write(results / study / "manifests" / f"{name}.json", record)
     return record
 
 
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", help="a folder of benchmarks/configs/")
     p.add_argument("--only", nargs="+", metavar="ARM", help="run these arms (default: every arm of the study)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a ${NAME} in the configs (DATA: the shared data, default ../shared/data)")
+    p.add_argument("--seed", type=int, nargs="+", metavar="N", help="run each arm at these seeds (arm-seedN: its own results and manifest; default: the config's seed)")
     p.add_argument("--list", action="store_true", help="list the study's arms and what each runs, and stop")
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
     p.add_argument("--configs", type=Path, default=CONFIGS, help="where the studies' configs are (default benchmarks/configs)")
@@ -160,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             if a.list or a.dry_run:
                 print(f"{name}: {what}" + (f"  ({cfg['description']})" if cfg.get("description") else ""))
                 continue
-            print(f"[bench] {a.study}/{name}: {what}", flush=True)
-            record = run_arm(a.study, name, found[name], variables, a.results, a.work, progress=not a.quiet)
-            print(f"[bench] {a.study}/{name}: {record['minutes']:.1f} min; manifest {a.results / a.study / 'manifests' / (name + '.json')}", flush=True)
+            for seed in a.seed or [None]:
+                print(f"[bench] {a.study}/{name}{'' if seed is None else f' seed {seed}'}: {what}", flush=True)
+                record = run_arm(a.study, name, found[name], variables, a.results, a.work, progress=not a.quiet, seed=seed)
+                print(f"[bench] {a.study}/{record['arm']}: {record['minutes']:.1f} min; manifest {a.results / a.study / 'manifests' / (record['arm'] + '.json')}", flush=True)
     except (ArmError, MedalloyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

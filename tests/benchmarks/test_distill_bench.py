@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 
+import pytest
 
 from benchmarks import distill as bench
 
@@ -124,7 +126,7 @@ def test_train_student_asks_for_strong_augmentation_only_on_aug_rows_and_separab
     monkeypatch.setattr("medalloy.recipes.distill.train_distill", fake_train)
     monkeypatch.setattr(bench, "dataset_path", lambda member, data, work: tmp_path / member)
     monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
-    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10", *bench.SEPARABLE):
+    for model in ("relation_kd_aug", "logit_kd_aug", "student_alone_aug", "relation_kd", "relation_kd_x10", *(n for n, a in bench.ARMS.items() if a.separable)):
         bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
     strong, default = AugmentConfig.model_validate("strong"), AugmentConfig()
     assert strong != default and strong.p_contrast > default.p_contrast
@@ -187,3 +189,131 @@ def test_markdown_points_to_the_notes_people_write_and_holds_none_of_them() -> N
     paragraphs = [p for p in notes.split("\n\n") if p and not p.startswith("#")]
     assert len(paragraphs) > 10 and not any(p in md for p in paragraphs)
     assert not hasattr(bench, "NOTES")
+
+
+# The arms as benchmarks/distill.py defined them in ten parallel structures before the arms file
+# (benchmarks/configs/distill/_models.yaml): the table must give exactly these settings and orders.
+# fmt: off
+_DEFAULT, _FULL = ("student_alone", "logit_kd"), ("student_alone_full", "logit_kd_full")
+BEFORE = {
+    "STUDENTS": {
+        "student_alone": "student_alone", "logit_kd": "logit_kd", "relation_kd": "relation", "relation_kd_stem": "relation",
+        "student_alone_full": "student_alone", "logit_kd_full": "logit_kd", "relation_kd_full": "relation",
+        "skd": "skd", "cwd": "cwd", "relation_no_kernel": "relation_no_kernel", "relation_no_affinity": "relation_no_affinity",
+        "skd_full": "skd", "cwd_full": "cwd", "relation_no_kernel_full": "relation_no_kernel", "relation_no_affinity_full": "relation_no_affinity",
+        "relation_kd_x10": "relation", "relation_kd_x30": "relation", "relation_kd_cross": "relation_cross", "relation_kd_x10_cross": "relation_cross",
+        "student_alone_shuffle": "student_alone", "logit_kd_shuffle": "logit_kd", "relation_kd_shuffle": "relation",
+        "relation_kd_500k": "relation", "student_alone_500k": "student_alone",
+        "student_alone_aug": "student_alone", "logit_kd_aug": "logit_kd", "relation_kd_aug": "relation",
+        "student_alone_sep": "student_alone", "logit_kd_sep": "logit_kd", "relation_kd_sep": "relation",
+    },
+    "STEM": {
+        "relation_kd_stem": 1, "student_alone_full": 0, "logit_kd_full": 0, "relation_kd_full": 0,
+        "skd_full": 0, "cwd_full": 0, "relation_no_kernel_full": 0, "relation_no_affinity_full": 0,
+    },
+    "WEIGHTS": {"relation_kd_x10": {"kernel": 10.0, "affinity": 10.0}, "relation_kd_x30": {"kernel": 30.0, "affinity": 30.0}},
+    "CROSS": {"relation_kd_cross": {}, "relation_kd_x10_cross": {"kernel": 10.0, "affinity": 10.0, "cross": 10.0}},
+    "SHUFFLE": ["student_alone_shuffle", "logit_kd_shuffle", "relation_kd_shuffle"],
+    "BUDGET": {"relation_kd_500k": 500_000, "student_alone_500k": 500_000},
+    "AUGMENT": ["student_alone_aug", "logit_kd_aug", "relation_kd_aug"],
+    "SEPARABLE": ["student_alone_sep", "logit_kd_sep", "relation_kd_sep"],
+    "MULTI": {"logit_kd_multi": "logit_kd", "relation_kd_multi": "relation_kd", "relation_kd_x10_multi": "relation_kd_x10"},
+    "MULTI_SOURCES": {"cxr": ["JSRT", "Shenzhen"]},
+    "MODELS": [
+        "teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full",
+        "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "skd_full", "cwd_full", "relation_no_kernel_full", "relation_no_affinity_full",
+        "relation_kd_x10", "relation_kd_x30", "relation_kd_cross", "relation_kd_x10_cross", "student_alone_shuffle", "logit_kd_shuffle", "relation_kd_shuffle",
+        "relation_kd_500k", "student_alone_500k", "student_alone_aug", "logit_kd_aug", "relation_kd_aug", "student_alone_sep", "logit_kd_sep", "relation_kd_sep",
+        "logit_kd_multi", "relation_kd_multi", "relation_kd_x10_multi",
+    ],
+    "RELATION_VS_BASELINES": {
+        "relation_kd": _DEFAULT, "relation_kd_full": _FULL, "relation_kd_stem": (), "relation_kd_shuffle": ("student_alone_shuffle", "logit_kd_shuffle"),
+        "relation_kd_500k": ("student_alone_500k",), "relation_kd_x10": _DEFAULT, "relation_kd_x30": _DEFAULT, "relation_kd_cross": _DEFAULT,
+        "relation_kd_x10_cross": _DEFAULT, "relation_kd_aug": ("student_alone_aug", "logit_kd_aug"), "relation_kd_sep": ("student_alone_sep", "logit_kd_sep"),
+    },
+    "UNSEEN_MODELS": [
+        "teacher", "student_alone", "logit_kd", "relation_kd", "relation_kd_x10", "relation_kd_x30", "relation_kd_cross", "relation_kd_x10_cross",
+        "skd", "cwd", "relation_no_kernel", "relation_no_affinity", "relation_kd_stem", "student_alone_full", "logit_kd_full", "relation_kd_full",
+        "student_alone_shuffle", "logit_kd_shuffle", "relation_kd_shuffle", "relation_kd_500k", "student_alone_500k",
+        "student_alone_aug", "logit_kd_aug", "relation_kd_aug", "student_alone_sep", "logit_kd_sep", "relation_kd_sep",
+    ],
+}
+# fmt: on
+
+
+def test_the_arms_file_gives_every_arm_the_settings_and_orders_it_had_before() -> None:
+    arms, b = bench.ARMS, BEFORE
+    single = [n for n, a in arms.items() if a.multi_of is None]
+    assert {n: arms[n].loss for n in single} == b["STUDENTS"] and list(single) == list(b["STUDENTS"])
+    assert {n: arms[n].stem for n in single if arms[n].stem is not None} == b["STEM"]
+    assert {n: arms[n].weights for n in single if arms[n].weights} == {k: v for k, v in {**b["WEIGHTS"], **b["CROSS"]}.items() if v}
+    assert [n for n in single if arms[n].loss == "relation_cross"] == list(b["CROSS"])
+    assert [n for n in single if arms[n].upsample == "shuffle"] == b["SHUFFLE"]
+    assert {n: arms[n].params for n in single if arms[n].params is not None} == b["BUDGET"]
+    assert [n for n in single if arms[n].augment == "strong"] == b["AUGMENT"]
+    assert [n for n in single if arms[n].separable] == b["SEPARABLE"]
+    assert bench.MULTI == b["MULTI"] and bench.MULTI_SOURCES == b["MULTI_SOURCES"]
+    assert bench.MODELS == b["MODELS"] and bench.UNSEEN_MODELS == b["UNSEEN_MODELS"]
+    assert list(bench.RELATION_VS_BASELINES.items()) == list(b["RELATION_VS_BASELINES"].items())  # the targets' order too
+    assert bench.WEIGHT_CHOICES == ["relation_kd", *b["WEIGHTS"], *b["CROSS"]]  # what chosen_by_validation chooses between
+    assert all(a.why for a in arms.values())
+
+
+def test_every_arm_trains_as_it_did_before(monkeypatch, tmp_path) -> None:
+    """What train_student passes the recipe for each arm (train_distill replaced by a recorder), against
+    what the ten structures gave it before."""
+    from medalloy.recipes.distill import DistillConfig, DistillWeights
+
+    seen: dict[str, tuple] = {}
+
+    def fake_train(dataset, teacher, run, config, **kw):
+        seen[run.name] = (config, kw)
+        return {}
+
+    monkeypatch.setattr("medalloy.recipes.distill.train_distill", fake_train)
+    monkeypatch.setattr(bench, "dataset_path", lambda member, data, work: tmp_path / member)
+    monkeypatch.setattr(bench, "union_split", lambda *a: {"train": ["a"], "val": ["b"]})
+    b = BEFORE
+    for model in bench.MODELS[1:]:
+        bench.train_student("cxr", model, ["JSRT"], tmp_path / "teacher", tmp_path, tmp_path, 10, 0, "", 0)
+        base = b["MULTI"].get(model, model)
+        config, kw = seen[model]
+        weights = {**b["WEIGHTS"], **b["CROSS"]}.get(base)
+        assert config == DistillConfig(weights=DistillWeights(**(weights or {})), augment="strong" if base in b["AUGMENT"] else "default"), model
+        assert (kw["losses"], kw["student"], kw["separable"], kw["stem"], kw["upsample"]) == (
+            b["STUDENTS"][base], b["BUDGET"].get(base, "tiny"), base in b["SEPARABLE"], b["STEM"].get(base), "shuffle" if base in b["SHUFFLE"] else None
+        ), model
+        assert bench.architecture(model, {"params": 1}) == ("student", b["STEM"].get(model, "default"), model in b["SEPARABLE"], 1)
+
+
+def test_the_committed_markdown_is_rendered_from_the_committed_json() -> None:
+    results = json.loads((bench.RESULTS / "results.json").read_text(encoding="utf-8"))
+    assert bench.markdown(bench.summarise(results), bench.RESULTS) == (bench.RESULTS / "results.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        ("skd: {loss: skd, stems: 0}", "arm 'skd': unknown field 'stems'"),
+        ("skd: {stem: 0}", "arm 'skd': no loss"),
+        ("skd: {loss: skd, augment: heavy}", "arm 'skd': field 'augment'"),
+        ("cwd_multi: {multi_of: cwd, loss: cwd}", "arm 'cwd_multi': a multi-source arm takes every setting from its multi_of arm"),
+        ("relation_kd: {loss: relation, baselines: [skd_full]}", "arm 'relation_kd': baseline 'skd_full' is not another single-source arm"),
+    ],
+)
+def test_a_wrong_arm_is_one_line_naming_the_file_and_the_arm(tmp_path, arm: str, message: str) -> None:
+    path = tmp_path / "_models.yaml"
+    path.write_text(f"arms:\n  cwd: {{loss: cwd}}\n  {arm}\n", encoding="utf-8")
+    with pytest.raises(bench.ArmsError) as err:
+        bench.load_arms(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_orders_name_arms_that_have_the_rows_and_the_rest_follow(tmp_path) -> None:
+    path = tmp_path / "_models.yaml"
+    arms = "arms:\n  a: {loss: skd, unseen: true}\n  b: {loss: cwd, unseen: true}\n  c: {loss: cwd}\n"
+    path.write_text(arms + "unseen_order: [b]\n", encoding="utf-8")
+    assert bench.load_arms(path).unseen == ["b", "a"]
+    path.write_text(arms + "unseen_order: [c]\n", encoding="utf-8")
+    with pytest.raises(bench.ArmsError, match="unseen_order: arm 'c' is not an arm with unseen: true"):
+        bench.load_arms(path)
