@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install install-dev clean mutation mutation-report
+.PHONY: demo test lint install install-dev clean mutation mutation-report
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/medalloy pipeline examples/demo.yaml --out $(DEMO_OUT)
+
+# the house style, as CI and the pre-commit hooks check it (ruff pinned in the dev extra)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install
 	$(BIN)/python -m pytest -q

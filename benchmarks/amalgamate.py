@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks.common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
@@ -67,8 +68,8 @@ def log(msg: str) -> None:
 
 
 def train_arm(arm: str, raw: dict[str, Any], data: Path, work: Path, budget: float, seed: int, feature_size: int, batch_size: int | None) -> dict[str, Any]:
-    from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
     from medalloy.planning.multi_dataset import PlanOptions
+    from medalloy.recipes.amalgamate import AmalgamateConfig, train_amalgamate
 
     with_experts, overrides = SETTINGS[arm]
     experts = [raw["experts"][n]["run"] for n in MEMBERS] if with_experts else []
@@ -177,7 +178,9 @@ def targets(res: dict[str, Any]) -> list[str]:
     hard = {k: v for k, v in res["hardest"].items() if "amalgamated" in v and "experts" in v}
     if hard:
         below = [f"{k} {v['amalgamated']:.3f} < {v['experts']:.3f}" for k, v in hard.items() if v["amalgamated"] <= v["experts"]]
-        lines.append(f"- {'met' if not below else 'missed'}: amalgamated above the experts on the hardest classes" + (f" ({'; '.join(below)})" if below else ""))
+        lines.append(
+            f"- {'met' if not below else 'missed'}: amalgamated above the experts on the hardest classes" + (f" ({'; '.join(below)})" if below else "")
+        )
     return lines
 
 

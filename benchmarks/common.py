@@ -73,8 +73,6 @@ def splits(name: str, ds_path: Path, seed: int = 0) -> dict[str, list[str]]:
     return {"train": [c.case_id for c in rest if c.case_id not in val], "val": sorted(val), "test": sorted(test)}
 
 
-
-
 def timed_prediction(run: Path, ds_path: Path, case_ids: list[str], out: Path, keep: list[str] | None = None, as_dataset: str | None = None) -> float:
     """:func:`medalloy.predict.predict_cases` on ``case_ids`` (labels not in ``keep`` become
     background; ``as_dataset``: a universal model asked as that training dataset); returns seconds per case."""
@@ -108,7 +106,9 @@ def evaluate(pred: Path, gt: Path, labels: dict[str, int], out: Path) -> dict[st
     return row
 
 
-def predict_and_score(run: Path, ds_path: Path, ids: list[str], labels: dict[str, int], key: str, work: Path, as_dataset: str | None = None) -> tuple[dict[str, Any], float]:
+def predict_and_score(
+    run: Path, ds_path: Path, ids: list[str], labels: dict[str, int], key: str, work: Path, as_dataset: str | None = None
+) -> tuple[dict[str, Any], float]:
     """Predict ``ids`` of ``ds_path`` with ``run``, keep ``labels``; -> (per-label Dice/HD95, s per case)."""
     pred, gt = work / "pred" / key, work / "gt" / key
     for d in (pred, gt):
@@ -155,7 +155,16 @@ def foreground(ds_path: Path) -> dict[str, int]:
 
 
 def train_benchmark_expert(
-    name: str, data: Path, work: Path, run: Path, budget: float, seed: int, plan_kw: dict[str, Any], what: str, init: Path | None = None, train_fraction: float = 1.0,
+    name: str,
+    data: Path,
+    work: Path,
+    run: Path,
+    budget: float,
+    seed: int,
+    plan_kw: dict[str, Any],
+    what: str,
+    init: Path | None = None,
+    train_fraction: float = 1.0,
     warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """A medalloy expert on the benchmark's train/val split of ``name`` for ``budget`` minutes,
@@ -188,4 +197,11 @@ def train_benchmark_expert(
         steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed, init=init,
     )  # fmt: skip
     scores, sec = predict_and_score(run, ds_path, split["test"], foreground(ds_path), f"{what.replace(' ', '-')}-{name}", work)
-    return {"run": str(run), "scores": scores, "seconds_per_case": round(sec, 3), "params": int(res["params"]), "minutes": round(res["seconds"] / 60, 2), "steps": int(res["steps"])}
+    return {
+        "run": str(run),
+        "scores": scores,
+        "seconds_per_case": round(sec, 3),
+        "params": int(res["params"]),
+        "minutes": round(res["seconds"] / 60, 2),
+        "steps": int(res["steps"]),
+    }

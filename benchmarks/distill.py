@@ -56,8 +56,9 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from benchmarks.common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from benchmarks.common import PLAN_OPTIONS, dataset_path, predict_and_score, splits
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distill"
@@ -89,7 +90,9 @@ class Arm(BaseModel):
     @property
     def default_student(self) -> bool:
         """The recipe's default student on the default data: only the loss and its weights may differ."""
-        return self.stem is None and self.upsample is None and self.params is None and not self.separable and self.augment == "default" and self.multi_of is None
+        return (
+            self.stem is None and self.upsample is None and self.params is None and not self.separable and self.augment == "default" and self.multi_of is None
+        )
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,9 @@ def train_teacher(domain: str, members: list[str], data: Path, work: Path, steps
     return run
 
 
-def train_student(domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str, student_seed: int, reuse: bool = False) -> tuple[Path, dict[str, Any]]:
+def train_student(
+    domain: str, model: str, members: list[str], teacher: Path, data: Path, work: Path, steps: int, seed: int, tag: str, student_seed: int, reuse: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """One student; ``seed`` picks the split (as for the teacher), ``student_seed`` its training
     (initialisation, batches): one run folder per student seed. ``reuse``: a finished run of the same
     steps is scored, not retrained."""
@@ -288,7 +293,9 @@ def measure(run: Path, calibration: Path, work: Path, key: str) -> dict[str, Any
     }  # fmt: skip
 
 
-def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int, student_seeds: list[int], reuse: bool = False) -> dict[str, Any]:
+def run_domain(
+    domain: str, models: list[str], data: Path, work: Path, teacher_steps: int, steps: int, seed: int, student_seeds: list[int], reuse: bool = False
+) -> dict[str, Any]:
     """The domain's teacher and students (each student once per seed of ``student_seeds``: its Dice
     is the mean over them, ``dice_per_seed`` keeps each), then the unseen-source rows."""
     spec = DOMAINS[domain]
@@ -351,7 +358,12 @@ def run_domain(domain: str, models: list[str], data: Path, work: Path, teacher_s
                 for label, d in score(run, member, data, work, f"{domain}-{run.name}-{member}", seed).items():
                     dice[f"{label}/{source_of(member)}"] = d
             per_seed.append(dice)
-        out.setdefault("multi_source", {})[model] = {"trained_on": sources, "dice": mean_dice(per_seed), "seeds": list(student_seeds), "dice_per_seed": per_seed}
+        out.setdefault("multi_source", {})[model] = {
+            "trained_on": sources,
+            "dice": mean_dice(per_seed),
+            "seeds": list(student_seeds),
+            "dice_per_seed": per_seed,
+        }
         log(f"{domain} {model}: Dice {out['multi_source'][model]['dice']}")
     return out
 
@@ -495,8 +507,12 @@ def markdown(res: dict[str, Any], results: Path | None = None) -> str:
         lat = m["latency_ms"] or {}
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731  (not measured yet: --measure)
         lines.append(
-            f"| {name} | " + " | ".join(f"{m['dice'][k]:.3f}" if k in m["dice"] else "-" for k in keys) + f" | {m['dice_mean']:.3f}{'' if len(m['dice']) == len(keys) else '*'} | {m['params']:,} | "
-            f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | " + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8")) + " |"
+            f"| {name} | "
+            + " | ".join(f"{m['dice'][k]:.3f}" if k in m["dice"] else "-" for k in keys)
+            + f" | {m['dice_mean']:.3f}{'' if len(m['dice']) == len(keys) else '*'} | {m['params']:,} | "
+            f"{fmt(m['size_mb'], '.2f')} | {fmt(m['gflops'], '.2f')} | "
+            + " | ".join(fmt(lat.get(k), ".1f") for k in ("eager_fp32", "bf16", "onnx_fp32", "onnx_int8"))
+            + " |"
         )
     doms = res.get("domains", {})
     teachers = {d: v["models"]["teacher"] for d, v in doms.items() if "teacher" in v["models"]}
@@ -616,7 +632,9 @@ def targets(res: dict[str, Any]) -> list[str]:
         else:
             (tk, tv), (sk, sv) = fastest(t["latency_ms"]), fastest(s["latency_ms"])
             speed = tv / sv
-            out.append(f"- latency of {name}, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}")
+            out.append(
+                f"- latency of {name}, each in its fastest runtime: teacher {tv:.1f} ms ({tk}), student {sv:.1f} ms ({sk}): {speed:.1f}x (target >= 5x): {'met' if speed >= 5 else '**missed**'}"
+            )
     for name, base in [(n, b) for n, bases in RELATION_VS_BASELINES.items() for b in bases]:
         if name in unseen and base in unseen:
             for k, v in unseen[name].items():
@@ -624,7 +642,9 @@ def targets(res: dict[str, Any]) -> list[str]:
                 if b is not None:
                     diffs = paired_differences(res, name, base, k)
                     pairs = "" if diffs is None else f" (paired by seed: {paired_summary(diffs)})"
-                    out.append(f"- unseen source {k}: {name.replace('_kd', ' KD').replace('_', ' ')} {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}{pairs}")
+                    out.append(
+                        f"- unseen source {k}: {name.replace('_kd', ' KD').replace('_', ' ')} {v:.3f} vs {base} {b:.3f}: {'met' if v > b else '**missed**'}{pairs}"
+                    )
     out += chosen_by_validation(res)
     return out
 
@@ -682,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=list(DOMAINS), choices=list(DOMAINS))
     p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     p.add_argument("--seed", type=int, default=0, help="the splits' and the teachers' seed")
-    p.add_argument("--reuse-students", action="store_true", help="score finished student runs of the same steps instead of retraining them (after a code change, do not)")
+    p.add_argument(
+        "--reuse-students", action="store_true", help="score finished student runs of the same steps instead of retraining them (after a code change, do not)"
+    )
     p.add_argument("--student-seeds", type=int, nargs="*", default=None, help="train each student once per seed and report the mean (default: --seed only)")
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
@@ -724,7 +746,10 @@ def main(argv: list[str] | None = None) -> int:
         # two passes may run side by side (one domain each): read what the other wrote just before merging
         res = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         if res and (res.get("steps"), res.get("teacher_steps")) != (a.steps, a.teacher_steps):
-            print(f"distill.py: {path} was made with other settings; move it away or use --steps {res.get('steps')} --teacher-steps {res.get('teacher_steps')}", file=sys.stderr)
+            print(
+                f"distill.py: {path} was made with other settings; move it away or use --steps {res.get('steps')} --teacher-steps {res.get('teacher_steps')}",
+                file=sys.stderr,
+            )
             return 1
         res.update({"steps": a.steps, "teacher_steps": a.teacher_steps, "seed": a.seed})
         save(merge(res, domain, new))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks.common import EXPERTS, PLAN_OPTIONS, copy_ground_truth, dataset_path, evaluate, splits, timed_prediction
 
 HERE = Path(__file__).resolve().parent
@@ -84,8 +85,16 @@ def run_expert(name: str, data: Path, work: Path, budget: float, seed: int) -> d
 
         plan = plan_dataset(ds, fingerprint(ds, progress=False), **plan_options(name))
     res = train_expert(
-        ds_path, run, plan=plan, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=sys.stderr.isatty(),
-        steps=1_000_000, time_budget_minutes=budget, val_every=200, seed=seed,
+        ds_path,
+        run,
+        plan=plan,
+        split={"train": split["train"], "val": split["val"]},
+        overwrite=True,
+        progress=sys.stderr.isatty(),
+        steps=1_000_000,
+        time_budget_minutes=budget,
+        val_every=200,
+        seed=seed,
     )
     labels = ds.spec.labels
     fg = {k: v for k, v in labels.items() if v != 0}
@@ -267,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     names = a.only or [*EXPERTS, *VARIANTS]
     if a.with_nnunet or a.nnunet_only:
         from benchmarks.nnunet_peer import check_venv
-
         from medalloy.errors import MedalloyError
 
         try:

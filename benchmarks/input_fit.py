@@ -69,13 +69,15 @@ def score(run: Path, datasets: list[str]) -> list[dict[str, Any]]:
             images = _folder(ds_path, ids, Path(tmp) / name / "images")
             others = [d for d in datasets if d != name]
 
-            def add(model: str, how: str, out: Path, task: str, value: int | None, note: str = "") -> None:
+            def add(model: str, how: str, out: Path, task: str, value: int | None, note: str = "", ids=ids, truth=truth, labels=labels, name=name) -> None:
                 dice = []
                 for cid in ids:
                     found = next(out.glob(f"{cid}.*"))
                     pred = read_label(found)[0]
                     dice.append(_dice(pred == (value if value is not None else 1), truth[cid] == labels[task]))
-                rows.append({"dataset": name, "task": task, "model": model, "how": how, "dice": round(float(np.mean(dice)), 4), "cases": len(ids), "note": note})
+                rows.append(
+                    {"dataset": name, "task": task, "model": model, "how": how, "dice": round(float(np.mean(dice)), 4), "cases": len(ids), "note": note}
+                )
 
             for task, value in labels.items():
                 base = Path(tmp) / name / task

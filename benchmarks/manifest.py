@@ -68,7 +68,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def build(study: str, arm: str, config: Path, command: str, minutes: float, steps: dict[str, int] | None, variables: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+def build(
+    study: str, arm: str, config: Path, command: str, minutes: float, steps: dict[str, int] | None, variables: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "study": study,
         "arm": arm,

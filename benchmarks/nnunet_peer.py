@@ -338,10 +338,9 @@ def run_nnunet(
     Returns experts.py's row layout: ``{label: {"dice", "hd95"}}`` plus timings and the training
     length (see the module docstring for what each time covers).
     """
+    from benchmarks.common import copy_ground_truth, evaluate
     from medalloy.data.dataset import RawDataset
     from medalloy.errors import MedalloyError
-
-    from benchmarks.common import copy_ground_truth, evaluate
 
     bin_dir = check_venv(Path(venv))
     threads = threads or os.cpu_count() or 1

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks.common import train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
@@ -102,7 +103,9 @@ def prepare_pairs(data: Path, work: Path):
     return out, columns, train, test
 
 
-def pretrain_arm(arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float, text_encoder: str = "scratch", token_scope: str = "batch") -> Path:
+def pretrain_arm(
+    arm: str, seed: int, pairs_csv: Path, columns, data: Path, work: Path, budget: float, text_encoder: str = "scratch", token_scope: str = "batch"
+) -> Path:
     from medalloy.recipes.pretrain import PretrainConfig, pretrain
 
     run = work / "runs" / f"{arm}-s{seed}"
@@ -188,10 +191,24 @@ def seg_arm(arm: str, seed: int, run: Path | None, data: Path, work: Path, minut
         dice = []
         for name in SEG:
             res = train_benchmark_expert(
-                name, data, work, work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}{suffix}", minutes, seed, {}, f"seg {arm}", init=run, train_fraction=frac,
+                name,
+                data,
+                work,
+                work / "runs" / "seg" / f"{arm}-s{seed}-{name}-{frac_key}{suffix}",
+                minutes,
+                seed,
+                {},
+                f"seg {arm}",
+                init=run,
+                train_fraction=frac,
                 warmup_steps=warmup,
             )
-            out[f"{name}_{frac_key}"] = {"dice": res["scores"]["lung"]["dice"], "steps": res["steps"], "minutes": res["minutes"], "val_curve": val_curve(Path(res["run"]))}
+            out[f"{name}_{frac_key}"] = {
+                "dice": res["scores"]["lung"]["dice"],
+                "steps": res["steps"],
+                "minutes": res["minutes"],
+                "val_curve": val_curve(Path(res["run"])),
+            }
             dice.append(res["scores"]["lung"]["dice"])
         out[f"seg_dice_{frac_key}"] = float(np.mean(dice))
     return out
@@ -390,7 +407,9 @@ def render(summary: dict[str, Any], raw: dict[str, Any], settings: dict[str, Any
             if "pretrain" in r:
                 p = r["pretrain"]
                 peak = "peak RSS while it pretrained" if p.get("peak_scope") == "arm" else "the benchmark process's peak RSS by then"
-                lines.append(f"- {arm} seed {seed}: {p['steps']} steps ({p.get('summarize_steps') or 0} summarization) in {p['minutes']:.1f} min; {peak} {p['peak_mb']:.0f} MB")
+                lines.append(
+                    f"- {arm} seed {seed}: {p['steps']} steps ({p.get('summarize_steps') or 0} summarization) in {p['minutes']:.1f} min; {peak} {p['peak_mb']:.0f} MB"
+                )
     for arm in ARMS:
         for seed, r in sorted(raw.get(arm, {}).items()):
             for ref, cap in r.get("caption_examples", []):
@@ -439,7 +458,12 @@ def main() -> int:
     ap.add_argument("--rescore", action="store_true", help="score finished pretraining runs again (uses 1-4), keeping their segmentation rows")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go (default benchmarks/results/pretrain)")
     ap.add_argument("--text-encoder", choices=("scratch", "minilm"), default="scratch", help="minilm needs medalloy[text]")
-    ap.add_argument("--token-scope", choices=("batch", "pair"), default="batch", help="token-level contrast over the batch's pairs, or within each pair (MGCA; cheaper); use its own --work")
+    ap.add_argument(
+        "--token-scope",
+        choices=("batch", "pair"),
+        default="batch",
+        help="token-level contrast over the batch's pairs, or within each pair (MGCA; cheaper); use its own --work",
+    )
     ap.add_argument("--random-from", type=Path, default=None, help="take the random arm's rows from DIR/raw.json")
     ap.add_argument("--curves", action="store_true", help="with --report: add the seg experts' validation curves from the runs still in --work")
     a = ap.parse_args()

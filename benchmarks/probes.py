@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks.common import PLAN_OPTIONS, dataset_path, splits
 
 HERE = Path(__file__).resolve().parent
@@ -87,7 +88,9 @@ def _train(net, loss_fn, sampler, steps: int, every: int, report) -> list[dict[s
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
         if step % every == 0 or step == steps - 1:
-            rows.append({"step": step, "loss": round(float(loss.detach()), 3), **{k: round(float(v.detach()), 3) for k, v in parts.items()}, **report(z.detach(), b)})
+            rows.append(
+                {"step": step, "loss": round(float(loss.detach()), 3), **{k: round(float(v.detach()), 3) for k, v in parts.items()}, **report(z.detach(), b)}
+            )
     return rows
 
 
@@ -333,7 +336,9 @@ def probe_token_loss(batch: int = 16, words: int = 100, patches: int = 245, dim:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes", "students", "token_loss"])
+    p.add_argument(
+        "probes", nargs="*", default=["head", "width", "profile"], choices=["head", "width", "profile", "latency", "prototypes", "students", "token_loss"]
+    )
     p.add_argument("--universal", type=Path, action="append", default=[], help="a universal checkpoint (prototypes; repeat for more)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=HERE.parent / "runs" / "bench-probes")

@@ -108,7 +108,9 @@ def _with_seed(args: list[str], seed: int, results: Path, path: Path) -> list[st
     return out
 
 
-def run_arm(study: str, arm: str, path: Path, variables: dict[str, str], results: Path, work: Path, progress: bool = True, seed: int | None = None) -> dict[str, Any]:
+def run_arm(
+    study: str, arm: str, path: Path, variables: dict[str, str], results: Path, work: Path, progress: bool = True, seed: int | None = None
+) -> dict[str, Any]:
     """Run one arm (at ``seed``, else its config's) and write its manifest; returns the manifest. An
     arm at another seed is its own arm: ``<arm>-seed<N>``, with its own results and run folder."""
     cfg = read_arm(path)
@@ -165,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", help="a folder of benchmarks/configs/")
     p.add_argument("--only", nargs="+", metavar="ARM", help="run these arms (default: every arm of the study)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a ${NAME} in the configs (DATA: the shared data, default ../shared/data)")
-    p.add_argument("--seed", type=int, nargs="+", metavar="N", help="run each arm at these seeds (arm-seedN: its own results and manifest; default: the config's seed)")
+    p.add_argument(
+        "--seed", type=int, nargs="+", metavar="N", help="run each arm at these seeds (arm-seedN: its own results and manifest; default: the config's seed)"
+    )
     p.add_argument("--list", action="store_true", help="list the study's arms and what each runs, and stop")
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
     p.add_argument("--configs", type=Path, default=CONFIGS, help="where the studies' configs are (default benchmarks/configs)")
@@ -189,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in a.seed or [None]:
                 print(f"[bench] {a.study}/{name}{'' if seed is None else f' seed {seed}'}: {what}", flush=True)
                 record = run_arm(a.study, name, found[name], variables, a.results, a.work, progress=not a.quiet, seed=seed)
-                print(f"[bench] {a.study}/{record['arm']}: {record['minutes']:.1f} min; manifest {a.results / a.study / 'manifests' / (record['arm'] + '.json')}", flush=True)
+                print(
+                    f"[bench] {a.study}/{record['arm']}: {record['minutes']:.1f} min; manifest {a.results / a.study / 'manifests' / (record['arm'] + '.json')}",
+                    flush=True,
+                )
     except (ArmError, MedalloyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

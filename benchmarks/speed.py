@@ -38,7 +38,6 @@ def peak_rss_mib() -> float:
 def _jsrt_parts(data: Path, n_cases: int = 60):
     """Plan, prepared training cases and a sampler for JSRT (the 2D reference task)."""
     from benchmarks.common import splits
-
     from medalloy.data.dataset import RawDataset
     from medalloy.data.sampling import PatchSampler
     from medalloy.planning.fingerprint import fingerprint
@@ -139,7 +138,10 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
     net = build_unet(plan.network, plan.in_channels, plan.num_classes)
     loss_fn = DiceCELoss()
     spec = TrainSpec(
-        models={"net": net}, trainable=["net"], batches=sampler, record={"method": "speed"},
+        models={"net": net},
+        trainable=["net"],
+        batches=sampler,
+        record={"method": "speed"},
         step_fn=lambda m, b: {"loss": loss_fn(m["net"](b["image"]), b["label"])},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,15 +152,21 @@ def phase_data(data: Path, steps: int) -> dict[str, Any]:
 def phase_precision(data: Path, steps: int, precision: str, work: Path) -> dict[str, Any]:
     """Train the JSRT expert for a fixed number of steps in one precision; held-out Dice."""
     from benchmarks.common import copy_ground_truth, evaluate
-
     from medalloy.predict import predict_cases
     from medalloy.recipes.expert import train_expert
 
     ds, _, split, _ = _jsrt_parts(data, n_cases=1)
     run = work / f"jsrt-{precision}"
     res = train_expert(
-        ds.root, run, split={"train": split["train"], "val": split["val"]}, overwrite=True, progress=False,
-        steps=steps, precision=precision, val_every=steps, seed=0,
+        ds.root,
+        run,
+        split={"train": split["train"], "val": split["val"]},
+        overwrite=True,
+        progress=False,
+        steps=steps,
+        precision=precision,
+        val_every=steps,
+        seed=0,
     )
     train_rss = peak_rss_mib()
     pred, gt = work / f"pred-{precision}", work / "gt-jsrt"
@@ -311,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         "dice_difference": round(mean(bf16["dice"]) - mean(fp32["dice"]), 4),
     }
     fastest = min(infer2d["seconds_per_case"], key=infer2d["seconds_per_case"].get)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
     flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
     units = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     result = {
@@ -324,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_vs_fp32": prec,
         "inference_2d": infer2d,
         "inference_3d": infer3d,
-        "memory": {"train_2d_peak_rss_mib": bf16["train_peak_rss_mib"], "infer_2d_peak_rss_mib": infer2d["peak_rss_mib"], "infer_3d_peak_rss_mib": infer3d["peak_rss_mib"]},
+        "memory": {
+            "train_2d_peak_rss_mib": bf16["train_peak_rss_mib"],
+            "infer_2d_peak_rss_mib": infer2d["peak_rss_mib"],
+            "infer_3d_peak_rss_mib": infer3d["peak_rss_mib"],
+        },
         "targets": {
             "engine_ratio": overhead["ratio"] >= 0.90,
             "data_fraction": data["data_fraction"] < 0.10,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from benchmarks.common import PLAN_OPTIONS, dataset_path, foreground, member_folder, predict_and_score, splits, train_benchmark_expert
 
 HERE = Path(__file__).resolve().parent
@@ -208,7 +209,8 @@ def targets(res: dict[str, Any]) -> list[str]:
     if both:
         worse = [f"{k} {v['universal']:.3f} < {v['expert']:.3f}" for k, v in both.items() if v["universal"] < v["expert"]]
         lines.append(
-            f"- {'met' if not worse else 'missed'}: universal >= experts on the cross-source rows" + (f" ({'; '.join(worse)})" if worse else "")
+            f"- {'met' if not worse else 'missed'}: universal >= experts on the cross-source rows"
+            + (f" ({'; '.join(worse)})" if worse else "")
             + " (but the universal model saw both sources in training)"
         )
     unseen = res.get("unseen_source", {}).get("JSRT/lung", {})
@@ -248,9 +250,11 @@ def markdown(res: dict[str, Any], raw: dict[str, Any], results: Path = RESULTS) 
         f"Equal compute on 2 CPU cores: each expert trains {b:g} min, each universal arm (number of experts) x {b:g} min. "
         "Held-out test cases of the experts benchmark (never used for training or model selection). Universal: each dataset at "
         f"its own plan's field of view and batch ({batching(raw)}), fusion at 64 channels. Produced by `python -m benchmarks.universal"
-        + (f" --budget-minutes {b:g}" if b != 6 else "") + (f" --seed {seed}" if seed else "")
+        + (f" --budget-minutes {b:g}" if b != 6 else "")
+        + (f" --seed {seed}" if seed else "")
         + "".join(f" --set {k}={json.dumps(v)}" for k, v in overrides.items())
-        + (f" --results {shown}" if where != RESULTS.resolve() else "") + "`.",
+        + (f" --results {shown}" if where != RESULTS.resolve() else "")
+        + "`.",
         "",
     ]
     for mix, title in (("tasks", "2D mix"), ("tasks_3d", "3D mix")):
@@ -339,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=ARMS, default=None, help="run these arms and merge them into the results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="universal-recipe settings for every universal arm (e.g. fusion_scales=1), recorded with the results")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="universal-recipe settings for every universal arm (e.g. fusion_scales=1), recorded with the results",
+    )
     p.add_argument("--report", action="store_true", help="only rewrite results.json / results.md from raw.json (e.g. after a change to the tables)")
     a = p.parse_args(argv)
     raw_path = a.results / "raw.json"

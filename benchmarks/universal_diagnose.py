@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from benchmarks.common import PLAN_OPTIONS, dataset_path, member_folder, splits
 
 HERE = Path(__file__).resolve().parent
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from medalloy.data.dataset import RawDataset
     from medalloy.engine.inference import Predictor
-    from medalloy.recipes.registry import load_checkpoint_model
     from medalloy.planning.multi_dataset import PlanOptions
+    from medalloy.recipes.registry import load_checkpoint_model
     from medalloy.recipes.universal import UniversalConfig, train_universal
 
     name = "ACDC"
@@ -104,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         run = a.work / "runs" / "diagnose" / f"acdc-alone-{class_loss}-prior{prior}-lr{lr:g}"
         res = train_universal([folder], run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={name: split})
         model, plan, _ = load_checkpoint_model(run / "checkpoints" / "last.safetensors", "cpu", name)
-        what = {"model": f"universal, no priors, class_loss {class_loss}, prior_probability {prior}", "class_loss": class_loss, "prior_probability": prior, "lr": lr}
+        what = {
+            "model": f"universal, no priors, class_loss {class_loss}, prior_probability {prior}",
+            "class_loss": class_loss,
+            "prior_probability": prior,
+            "lr": lr,
+        }
         rows.append(row(what, res, Predictor(model, plan, activation="sigmoid"), 0))
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "diagnose.json").write_text(json.dumps({"dataset": name, "priors": "none", "rows": rows}, indent=2) + "\n", encoding="utf-8")
@@ -119,10 +125,23 @@ def mix(a: argparse.Namespace, name: str) -> int:
     names = [name, *a.mix]
     folders = [member_folder(n, a.data, a.work) for n in names]
     ids = {n: splits(n, dataset_path(n, a.data, a.work), 0) for n in names}
-    cfg = UniversalConfig(plan_options={n: PlanOptions(**PLAN_OPTIONS.get(n, {})) for n in names}, priors=a.priors, dataset_weighting=a.weighting, patch_size=a.patch, datasets_per_step=a.datasets_per_step)
+    cfg = UniversalConfig(
+        plan_options={n: PlanOptions(**PLAN_OPTIONS.get(n, {})) for n in names},
+        priors=a.priors,
+        dataset_weighting=a.weighting,
+        patch_size=a.patch,
+        datasets_per_step=a.datasets_per_step,
+    )
     cfg.train.steps, cfg.train.val_every, cfg.train.lr, cfg.train.seed = a.steps, a.steps, a.lr[0], a.seed
-    run = a.work / "runs" / "diagnose" / f"mix-{'+'.join(names)}-{a.weighting}-{a.priors.replace('+', '')}-{a.steps}{f'-patch{a.patch}' if a.patch else ''}{f'-dps{a.datasets_per_step}' if a.datasets_per_step > 1 else ''}{f'-seed{a.seed}' if a.seed else ''}"
-    res = train_universal(folders, run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={n: {"train": ids[n]["train"], "val": ids[n]["val"]} for n in names})
+    run = (
+        a.work
+        / "runs"
+        / "diagnose"
+        / f"mix-{'+'.join(names)}-{a.weighting}-{a.priors.replace('+', '')}-{a.steps}{f'-patch{a.patch}' if a.patch else ''}{f'-dps{a.datasets_per_step}' if a.datasets_per_step > 1 else ''}{f'-seed{a.seed}' if a.seed else ''}"
+    )
+    res = train_universal(
+        folders, run, config=cfg, overwrite=True, progress=sys.stderr.isatty(), splits={n: {"train": ids[n]["train"], "val": ids[n]["val"]} for n in names}
+    )
     dice = {k.removeprefix("val/"): round(v, 3) for k, v in res["best"]["metrics"].items() if "/dice_" in k}
     acdc = {k.split("dice_")[1]: v for k, v in dice.items() if k.startswith(f"{name}/")}
     row = {

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from medalloy.models.hermes import build_hermes
     from medalloy.models.unet import build_unet, count_parameters
-    from medalloy.planning.planner import batch_size_2d
     from medalloy.planning.multi_dataset import shared_network
+    from medalloy.planning.planner import batch_size_2d
 
     torch.manual_seed(0)
     rows = []

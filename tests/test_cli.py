@@ -117,7 +117,10 @@ def test_set_errors_are_one_line_before_any_work(monkeypatch, capsys):
     assert (built[-1].fusion_width, built[-1].train.ema_decay, built[-1].train.steps) == (32, 0.99, 11)
 
     for pair, message in [
-        ("fusion_widht=32", "--set fusion_widht: UniversalConfig has no field 'fusion_widht'; use one of train, augment, fold, folds, max_val_cases, batch_size, dim,"),
+        (
+            "fusion_widht=32",
+            "--set fusion_widht: UniversalConfig has no field 'fusion_widht'; use one of train, augment, fold, folds, max_val_cases, batch_size, dim,",
+        ),
         ("train.lrr=1", "--set train.lrr: UniversalConfig.train has no field 'lrr'; use one of steps, optimizer, lr,"),
         ("train.lr=fast", "config field 'train.lr': Input should be a valid number"),
         ("fusion_width", "--set 'fusion_width' is not KEY=VALUE; write e.g. --set train.lr=1e-3"),

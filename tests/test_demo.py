@@ -27,8 +27,17 @@ def test_demo_writes_the_report_with_every_model_on_the_held_out_cases(tmp_path)
     text = report.read_text(encoding="utf-8")
     header = next(ln for ln in text.splitlines() if ln.startswith("| dataset | task | source |"))
     assert [c.strip() for c in header.strip("|").split("|")][3:] == MODEL_STAGES
-    rows = {(c[0], c[1]): c[3:] for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| Synth")) if c[2] == "all"}
-    assert set(rows) == {("SynthMR", "core"), ("SynthMR", "organ"), ("SynthCXR", "lung"), ("SynthCXR", "heart"), ("SynthCXRLung", "lung"), ("SynthEndo", "lesion")}
+    rows = {
+        (c[0], c[1]): c[3:] for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| Synth")) if c[2] == "all"
+    }
+    assert set(rows) == {
+        ("SynthMR", "core"),
+        ("SynthMR", "organ"),
+        ("SynthCXR", "lung"),
+        ("SynthCXR", "heart"),
+        ("SynthCXRLung", "lung"),
+        ("SynthEndo", "lesion"),
+    }
     # experts and the universal model answer every dataset; the amalgamated model the 2D ones; the student and its ONNX export the chest X-ray one
     for (ds, _), cells in rows.items():
         has = [bool(c) for c in cells]

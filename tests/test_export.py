@@ -30,7 +30,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    return [generate_dataset(n, root, seed=2, cases_per_source=2, test_cases_per_source=1, progress=False) for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo")]
+    return [
+        generate_dataset(n, root, seed=2, cases_per_source=2, test_cases_per_source=1, progress=False) for n in ("Dataset902_SynthCXR", "Dataset904_SynthEndo")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,9 @@ def test_failed_dynamic_export_falls_back_to_the_patch_and_says_why(runs, tmp_pa
 
     def fixed_sizes(*args, dynamic_shapes, **kwargs):
         if len(dynamic_shapes[0]) > 1:  # spatial axes asked for: fail as torch.export does on such a graph
-            raise torch.onnx.errors.OnnxExporterError(f"Failed to export the model with \x1b[96mtorch.export\x1b[0m.\n\n## Exception summary\n\n{summary}\n\nmore advice")
+            raise torch.onnx.errors.OnnxExporterError(
+                f"Failed to export the model with \x1b[96mtorch.export\x1b[0m.\n\n## Exception summary\n\n{summary}\n\nmore advice"
+            )
         return real(*args, dynamic_shapes=dynamic_shapes, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", fixed_sizes)

@@ -109,7 +109,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from medalloy.planning.planner import plan_and_save
 
     out = Path(a.out) if a.out else Path(a.dataset) / "plan.json"
-    kw = {k: v for k, v in {"max_2d_side": a.max_2d_side, "max_2d_patch": a.max_2d_patch, "base_filters": a.base_filters, "force_dim": a.dim}.items() if v is not None}
+    kw = {
+        k: v
+        for k, v in {"max_2d_side": a.max_2d_side, "max_2d_patch": a.max_2d_patch, "base_filters": a.base_filters, "force_dim": a.dim}.items()
+        if v is not None
+    }
     plan = plan_and_save(a.dataset, out, overwrite=a.overwrite, progress=not a.quiet, **kw)
     print(f"{out}: {plan.dim}D, patch {plan.patch_size}, spacing {plan.target_spacing}, batch {plan.batch_size}, filters {plan.network.filters}")
     for note in plan.notes:
@@ -154,7 +158,9 @@ def cmd_distill(a: argparse.Namespace) -> int:
         a.datasets, a.teacher, a.out, config=a.config, set=sets, augment=a.augment, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet
     )  # fmt: skip
     best = res.get("best", {}) or {}
-    _say(f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}")
+    _say(
+        f"{a.out}: student of {res['params']} parameters (teacher {res['teacher_params']}), {res['steps']} steps in {res['seconds']:.0f} s; best val Dice {best.get('value')}"
+    )
     return 0
 
 
@@ -383,9 +389,24 @@ def _distill_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
     c.add_argument("--out", required=True)
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
-    c.add_argument("--stem", action="store_true", help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: recipes/students.default_stem, a stem of two where the patch allows it)")
-    c.add_argument("--stem-depth", type=int, default=None, metavar="N", help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)")
-    c.add_argument("--augment", default=None, choices=AUGMENT_CHOICES, help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)")
+    c.add_argument(
+        "--stem",
+        action="store_true",
+        help="a stem of one: the student starts at the plan's first pooling, logits interpolated back (default: recipes/students.default_stem, a stem of two where the patch allows it)",
+    )
+    c.add_argument(
+        "--stem-depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a stem that drops the N finest stages (0: a full-resolution student; 2: also folds 2x2 pixels into channels; --stem is 1; default: the deepest up to 2 that leaves >= 32 px at the start)",
+    )
+    c.add_argument(
+        "--augment",
+        default=None,
+        choices=AUGMENT_CHOICES,
+        help="training augmentation preset (strong: more often and wider, intensity above all; it lifted every chest X-ray student on an unseen centre, docs/methods/distillation.md)",
+    )
     _run_flags(c, "distill", "train/augment/distillation")
     c.set_defaults(fn=cmd_distill)
 
@@ -398,10 +419,16 @@ def _amalgamate_flags(c: argparse.ArgumentParser) -> None:
         help="medalloy expert runs or trained nnU-Net v2 model folders (.../nnUNetTrainer__nnUNetPlans__2d[/fold_0]); none: the foundation alone",
     )  # fmt: skip
     c.add_argument("--out", required=True)
-    c.add_argument("--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run")
+    c.add_argument(
+        "--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run"
+    )
     c.add_argument("--flat", action="store_true", help="ablation: concatenate + 1x1 conv instead of hierarchical attention")
     c.add_argument("--stages", nargs="+", default=None, help="foundation stages to amalgamate at (default enc4 bottleneck; 'none': the foundation alone)")
-    c.add_argument("--no-expert-priors", action="store_true", help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)")
+    c.add_argument(
+        "--no-expert-priors",
+        action="store_true",
+        help="ablation: the decoder alone answers (default: each task's own experts' log-odds + the decoder's correction)",
+    )
     _run_flags(c, "amalgamate", "train/augment/amalgamation")
     c.set_defaults(fn=cmd_amalgamate)
 
@@ -451,9 +478,20 @@ def _predict_onnx(a: argparse.Namespace) -> int:
 
     for flag, given in (("--task", a.task), ("--dataset", a.dataset), ("--modality", a.modality)):
         if given:
-            raise MedalloyError(f"an ONNX graph predicts what it was exported for; {flag} does not apply", a.run, "export the run bound to those tasks, or predict the run itself")
+            raise MedalloyError(
+                f"an ONNX graph predicts what it was exported for; {flag} does not apply",
+                a.run,
+                "export the run bound to those tasks, or predict the run itself",
+            )
     files = predict_folder(
-        a.run, a.input, a.output, tta=a.tta, overwrite=a.overwrite, progress=not a.quiet, native_size=a.native_size, say=lambda line: print(f"{a.output}: {line}")
+        a.run,
+        a.input,
+        a.output,
+        tta=a.tta,
+        overwrite=a.overwrite,
+        progress=not a.quiet,
+        native_size=a.native_size,
+        say=lambda line: print(f"{a.output}: {line}"),
     )
     print(f"{a.output}: {len(files)} predictions (ONNX Runtime)")
     return 0
@@ -588,9 +626,19 @@ def build_parser() -> _Parser:
     c.add_argument("--device", default="auto")
     c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     c.add_argument("--dataset", default=None, help="universal models: the training dataset (name, folder name or path) whose tasks and preprocessing apply")
-    c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/; without --dataset, the preprocessing of the training dataset that annotates the first T (of --modality, when given) whose typical image size is closest to the inputs', named in one line with why")
+    c.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        metavar="T",
+        help="universal models: one binary mask per task T (repeatable), each at its own 0.5 threshold, in OUTPUT/T/; without --dataset, the preprocessing of the training dataset that annotates the first T (of --modality, when given) whose typical image size is closest to the inputs', named in one line with why",
+    )
     c.add_argument("--modality", default=None, help="with --task and no --dataset: use a training dataset of this modality")
-    c.add_argument("--native-size", action="store_true", help="keep PNG/JPEG inputs at their own pixel size (default: where their median size is more than 1.25x off the training data's typical size, each is resampled to it)")
+    c.add_argument(
+        "--native-size",
+        action="store_true",
+        help="keep PNG/JPEG inputs at their own pixel size (default: where their median size is more than 1.25x off the training data's typical size, each is resampled to it)",
+    )
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_predict)
 
@@ -639,8 +687,15 @@ def build_parser() -> _Parser:
     c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: export bound to these tasks (one sigmoid map each)")
     c.add_argument("--modality", default=None, help="with --task and no --dataset: the preprocessing of a training dataset of this modality")
     c.add_argument("--opset", type=int, default=18)
-    c.add_argument("--quantize", choices=("int8",), default=None, help="int8 graph through ONNX Runtime: static with --calibration, else dynamic (weights only)")
-    c.add_argument("--calibration", default=None, metavar="DIR", help="with --quantize: images (as for predict --input, e.g. DATASET/imagesTr) whose activation ranges calibrate int8")
+    c.add_argument(
+        "--quantize", choices=("int8",), default=None, help="int8 graph through ONNX Runtime: static with --calibration, else dynamic (weights only)"
+    )
+    c.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="with --quantize: images (as for predict --input, e.g. DATASET/imagesTr) whose activation ranges calibrate int8",
+    )
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_export)
 

@@ -220,9 +220,7 @@ def _draw_outlines(ax: Any, lab: np.ndarray, values: list[int]) -> None:
             ax.contour(mask.astype(float), levels=[0.5], colors=[cmap(i % 10)], linewidths=1.0)
 
 
-def _save_overlay(
-    path: Path, image: np.ndarray | None, rgb: bool, gt: np.ndarray, pred: np.ndarray, labels: dict[str, int], title: str
-) -> None:
+def _save_overlay(path: Path, image: np.ndarray | None, rgb: bool, gt: np.ndarray, pred: np.ndarray, labels: dict[str, int], title: str) -> None:
     """Panels image | ground truth | prediction (labels in colour over the image, or over black when
     there is no image); a 3D case shows the last-axis slice with the most ground-truth foreground.
     """

@@ -67,7 +67,9 @@ def calibration_patches(plan, folder: str | Path, count: int = 32, seed: int = 0
         files = cases[ids[i % len(ids)]]
         image, meta = read_image(files)
         if image.shape[0] != plan.in_channels and image.shape[0] != 1:
-            raise MedalloyError(f"calibration image has {image.shape[0]} channels, the model {plan.in_channels}", files[0], "calibrate with images of the training modality")
+            raise MedalloyError(
+                f"calibration image has {image.shape[0]} channels, the model {plan.in_channels}", files[0], "calibrate with images of the training modality"
+            )
         net, _ = to_network_space(image, None, meta, plan, files[0])
         if net.shape[0] != plan.in_channels:
             net = np.repeat(net, plan.in_channels, 0)  # one-channel images in a model of several (as in training)
@@ -141,7 +143,9 @@ def export_onnx(
         "onnx_file": out.name,
         "onnx_sha256": sha,
         "opset": opset,
-        "quantization": None if not quantize else {"type": "int8", "mode": "static" if patches else "dynamic", "calibration": str(calibration) if patches else None, "samples": len(patches or [])},
+        "quantization": None
+        if not quantize
+        else {"type": "int8", "mode": "static" if patches else "dynamic", "calibration": str(calibration) if patches else None, "samples": len(patches or [])},
         "method": record.get("method"),
         "name": record.get("name"),
         "exported_from": str(ckpt),

@@ -35,6 +35,7 @@ from medalloy.planning.input_fit import InputGeometry, as_trained, geometry_of_f
 from medalloy.planning.plan import Plan
 from medalloy.recipes.registry import load_model, load_task_model, resolve_source
 
+
 # -- one case, one loop, its writers ------------------------------------------------------------------
 @dataclass(frozen=True)
 class CaseImage:

@@ -23,7 +23,9 @@ def prepare_output(out: str | Path, overwrite: bool = False, resume: bool = Fals
         return out
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise MedalloyError("output folder exists and is not empty", out, "pass --overwrite to replace it, --resume to continue it, or choose another --out")
+            raise MedalloyError(
+                "output folder exists and is not empty", out, "pass --overwrite to replace it, --resume to continue it, or choose another --out"
+            )
         if not (out / marker).exists():
             raise MedalloyError(f"refusing to delete a folder that has no {marker}", out, "choose an empty or new --out folder")
         shutil.rmtree(out)

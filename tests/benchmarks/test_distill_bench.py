@@ -176,7 +176,10 @@ def test_rerun_line_gives_the_settings_the_results_record() -> None:
     assert mixed == "`python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --seed 1` (each row's student seeds: `seeds` in results.json)"
     assert bench.rerun_command({"domains": {}}) == "`python -m benchmarks.distill`"  # settings not recorded
     md = bench.markdown(bench.summarise(res({"relation_kd": [0, 1, 2]})), other)
-    assert "Rerun: `python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/archive/distill_s4000`." in md
+    assert (
+        "Rerun: `python -m benchmarks.distill --teacher-steps 3000 --steps 4000 --student-seeds 0 1 2 --results benchmarks/results/archive/distill_s4000`."
+        in md
+    )
 
 
 def test_markdown_points_to_the_notes_people_write_and_holds_none_of_them() -> None:
@@ -281,7 +284,11 @@ def test_every_arm_trains_as_it_did_before(monkeypatch, tmp_path) -> None:
         weights = {**b["WEIGHTS"], **b["CROSS"]}.get(base)
         assert config == DistillConfig(weights=DistillWeights(**(weights or {})), augment="strong" if base in b["AUGMENT"] else "default"), model
         assert (kw["losses"], kw["student"], kw["separable"], kw["stem"], kw["upsample"]) == (
-            b["STUDENTS"][base], b["BUDGET"].get(base, "tiny"), base in b["SEPARABLE"], b["STEM"].get(base), "shuffle" if base in b["SHUFFLE"] else None
+            b["STUDENTS"][base],
+            b["BUDGET"].get(base, "tiny"),
+            base in b["SEPARABLE"],
+            b["STEM"].get(base),
+            "shuffle" if base in b["SHUFFLE"] else None,
         ), model
         assert bench.architecture(model, {"params": 1}) == ("student", b["STEM"].get(model, "default"), model in b["SEPARABLE"], 1)
 

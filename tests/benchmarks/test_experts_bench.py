@@ -42,7 +42,15 @@ def test_markdown_points_to_the_notes_and_holds_none_of_their_text() -> None:
     def row(dice: float, options: dict) -> dict:
         return {"polyp": {"dice": dice, "hd95": 60.0}, "source": "in", "mean_dice": dice, "plan_options": options}
 
-    peer = {"polyp": {"dice": 0.4, "hd95": 90.0}, "mean_dice": 0.4, "epochs": 11, "iterations_per_epoch": 1, "batch_size": 40, "patch_size": [256, 256], "images_per_second": 0.65}
+    peer = {
+        "polyp": {"dice": 0.4, "hd95": 90.0},
+        "mean_dice": 0.4,
+        "epochs": 11,
+        "iterations_per_epoch": 1,
+        "batch_size": 40,
+        "patch_size": [256, 256],
+        "images_per_second": 0.65,
+    }
     md = bench.markdown({"Polyp-Kvasir": {**row(0.617, {"max_2d_side": 128}), "nnunet": peer}, "Polyp-CVC": row(0.567, {})}, 10.0)
     lines = md.splitlines()
     assert lines[-1] == "Notes (written by people, not generated): [NOTES.md](NOTES.md)."

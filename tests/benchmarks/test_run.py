@@ -103,7 +103,9 @@ def test_an_arm_at_other_seeds_is_its_own_arm_with_its_own_results(tmp_path, mon
     def fake_pipeline(cfg, out, progress=True):
         seeds.append(cfg.seed)
         Path(out).mkdir(parents=True)
-        (Path(out) / "pipeline.json").write_text(json.dumps({"stages": {"experts": {"seconds": 60.0, "models": [{"name": "experts/cxr", "steps": 2}]}}}), encoding="utf-8")
+        (Path(out) / "pipeline.json").write_text(
+            json.dumps({"stages": {"experts": {"seconds": 60.0, "models": [{"name": "experts/cxr", "steps": 2}]}}}), encoding="utf-8"
+        )
 
     monkeypatch.setattr(medalloy.pipeline, "run", fake_pipeline)
     assert _main(tmp_path, configs, "--seed", "1", "2") == 0

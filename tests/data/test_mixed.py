@@ -160,7 +160,9 @@ def test_dataset_steps_give_the_drawn_datasets_own_batch_with_its_index_and_seg_
         assert batch["image"].shape == ((3, 1, 8, 8), (3, 3, 8, 8))[d] and float(batch["seg_weight"]) == (1.0, 0.0)[d]
         drawn.append(d)
     # the step's dataset is the one a per-dataset MixedSampler of these weights draws: (seed, step, rank, "dataset")
-    mixed = MixedSampler([MixedSource(s.name, s.sampler, s.task_ids, s.label_values, s.modality, w) for s, w in zip(srcs, p)], 1, 3, 3, seed=2, per_dataset=True)
+    mixed = MixedSampler(
+        [MixedSource(s.name, s.sampler, s.task_ids, s.label_values, s.modality, w) for s, w in zip(srcs, p)], 1, 3, 3, seed=2, per_dataset=True
+    )
     assert drawn == [int(mixed.sample(t)["dataset"][0]) for t in range(120)] == [step_dataset(p, 2, t) for t in range(120)]
     assert 75 <= drawn.count(1) <= 105  # 3:1 by weight: 90 expected
     assert int(steps(5, SimpleRank(1))["dataset"]) == step_dataset(p, 2, 5, rank=1)  # each rank draws its own

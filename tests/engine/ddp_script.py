@@ -76,7 +76,9 @@ def validate(models):
 
 spec = TrainSpec(models={"net": net, "teacher": teacher}, trainable=["net"], step_fn=step_fn, batches=batches, record={"method": "ddp-test"}, validate=validate)
 if mode == "skew":
-    cfg = TrainConfig(steps=10_000, time_budget_minutes=0.6 / 60, calibration_steps=4, val_every=8, log_every=2, lr=1e-2, progress=False, device="cpu", precision="fp32")
+    cfg = TrainConfig(
+        steps=10_000, time_budget_minutes=0.6 / 60, calibration_steps=4, val_every=8, log_every=2, lr=1e-2, progress=False, device="cpu", precision="fp32"
+    )
 else:
     cfg = TrainConfig(steps=10, val_every=4, checkpoint_every=4, log_every=1, lr=1e-2, ema_decay=0.9, progress=False, device="cpu", precision="fp32")
 if mode == "kill":

@@ -125,7 +125,9 @@ def _checkpoint(net: torch.nn.Module, plans: dict, dataset_json: dict, cfg: str 
     }
 
 
-def _folder(root: Path, plans: dict | None = None, dataset_json: dict | None = None, cfg: str = "2d", fold: str = "fold_0", net=None, **kw) -> tuple[Path, PlainConvUNet]:
+def _folder(
+    root: Path, plans: dict | None = None, dataset_json: dict | None = None, cfg: str = "2d", fold: str = "fold_0", net=None, **kw
+) -> tuple[Path, PlainConvUNet]:
     """``root/Dataset102_Toy/nnUNetTrainer__nnUNetPlans__CFG/FOLD/checkpoint_final.pth`` as nnU-Net writes it."""
     import json
 
@@ -370,7 +372,10 @@ def test_3d_configuration_with_transpose_forward(tmp_path):
     kw.update(kernel_sizes=[[3, 1, 3], [3, 3, 1], [1, 3, 3]], strides=[[1, 1, 1], [2, 1, 2], [2, 2, 1]])
     plans["configurations"] = {"3d_fullres": cfg}
     orig = PlainConvUNet(
-        input_channels=1, num_classes=3, deep_supervision=True, **{**kw, "conv_op": torch.nn.Conv3d, "norm_op": torch.nn.InstanceNorm3d, "nonlin": torch.nn.LeakyReLU}
+        input_channels=1,
+        num_classes=3,
+        deep_supervision=True,
+        **{**kw, "conv_op": torch.nn.Conv3d, "norm_op": torch.nn.InstanceNorm3d, "nonlin": torch.nn.LeakyReLU},
     ).eval()
     trainer, _ = _folder(tmp_path, plans=plans, dataset_json=_dataset_json(ending=".nii.gz"), cfg="3d_fullres", net=orig)
     net, plan, _ = load_nnunet_expert(trainer)
@@ -393,7 +398,10 @@ def test_residual_encoder_unet(tmp_path):
     kw = arch["arch_kwargs"]
     kw["n_blocks_per_stage"] = kw.pop("n_conv_per_stage")
     orig = ResidualEncoderUNet(
-        input_channels=1, num_classes=3, deep_supervision=True, **{**kw, "conv_op": torch.nn.Conv2d, "norm_op": torch.nn.InstanceNorm2d, "nonlin": torch.nn.LeakyReLU}
+        input_channels=1,
+        num_classes=3,
+        deep_supervision=True,
+        **{**kw, "conv_op": torch.nn.Conv2d, "norm_op": torch.nn.InstanceNorm2d, "nonlin": torch.nn.LeakyReLU},
     ).eval()
     trainer, _ = _folder(tmp_path, plans=plans, net=orig)
     net, plan, _ = load_nnunet_expert(trainer)

@@ -73,7 +73,9 @@ def test_joint_step_is_the_weighted_sum_of_each_terms_own_loss():
         "token": TokenAlignmentLoss(scope="batch")(m["patches"], m["words"], batch["findings_mask"], batch["same_findings"]),
         "summary": lm(m["summary_logits"], target),
         "caption": lm(m["caption_logits"], target),
-        "distill": GenerationDistillLoss(temperature=2.0)(m["caption_logits"], t["summary_logits"], m["caption_hidden"], t["summary_hidden"], batch["impression_mask"][:, 1:]),
+        "distill": GenerationDistillLoss(temperature=2.0)(
+            m["caption_logits"], t["summary_logits"], m["caption_hidden"], t["summary_hidden"], batch["impression_mask"][:, 1:]
+        ),
     }
     assert set(out) == {"loss", *TERMS}
     for k, v in expected.items():
@@ -88,9 +90,7 @@ def test_joint_step_is_the_weighted_sum_of_each_terms_own_loss():
     assert float(own_pairs_only) != pytest.approx(float(out["token"]), rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("groups", "terms"), [(["global"], {"global"}), (["global", "token"], {"global", "token"}), (["generation"], {"summary", "caption"})]
-)
+@pytest.mark.parametrize(("groups", "terms"), [(["global"], {"global"}), (["global", "token"], {"global", "token"}), (["generation"], {"summary", "caption"})])
 def test_groups_choose_the_terms_and_no_teacher_no_distillation(groups, terms):
     objective = HybridMEDObjective(groups, WEIGHTS, "pair", pad_id=0, distill_temperature=1.0)
     model = Stub(1)

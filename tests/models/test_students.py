@@ -8,9 +8,9 @@ import torch
 from medalloy.errors import MedalloyError
 from medalloy.models.students import student_filters, student_model
 from medalloy.models.unet import build_unet, count_parameters
+from medalloy.planning.multi_dataset import shared_network
 from medalloy.planning.plan import ChannelNorm, Plan
 from medalloy.recipes.students import STUDENT_SIZES, build_student, default_stem
-from medalloy.planning.multi_dataset import shared_network
 
 
 def _plan(patch: int = 224, dim: int = 2) -> Plan:
@@ -140,11 +140,19 @@ def test_default_stem_is_the_deepest_that_keeps_enough_pixels_and_stages():
     assert {s: default_stem(six.model_copy(update={"patch_size": list(s)})) for s in sides} == sides
     # the shortest axis decides: a 3D patch with an unpooled first axis of 20 voxels gets none
     net = _plan(160).network
-    anisotropic = _plan(160).model_copy(update={"dim": 3, "patch_size": [20, 160, 160], "network": net.model_copy(update={"strides": [[1, *s] for s in net.strides], "kernels": [[1, *k] for k in net.kernels]})})
+    anisotropic = _plan(160).model_copy(
+        update={
+            "dim": 3,
+            "patch_size": [20, 160, 160],
+            "network": net.model_copy(update={"strides": [[1, *s] for s in net.strides], "kernels": [[1, *k] for k in net.kernels]}),
+        }
+    )
     assert default_stem(anisotropic) == 0
     # too few stages for a stem of two: one is left
     net = _plan(224).network
-    short = _plan(224).model_copy(update={"network": net.model_copy(update={"strides": net.strides[:4], "kernels": net.kernels[:4], "filters": net.filters[:4]})})
+    short = _plan(224).model_copy(
+        update={"network": net.model_copy(update={"strides": net.strides[:4], "kernels": net.kernels[:4], "filters": net.filters[:4]})}
+    )
     assert default_stem(short) == 1
     build_student(short, "tiny", stem=default_stem(short))  # what it returns is a student that builds
 

@@ -59,7 +59,11 @@ def test_students_of_experts_are_distilled_again_only_for_the_left_out_sources_d
     monkeypatch.setattr(distill, "train_distill", fake)
     records = {
         "experts": _experts_record(tmp_path, "experts"),
-        "distill": {"kind": "distill", "teacher": "experts", "models": [{"name": f"distill/{d}", "path": f"distill/{d}", "datasets": [d]} for d in ("cxr", "lungonly")]},
+        "distill": {
+            "kind": "distill",
+            "teacher": "experts",
+            "models": [{"name": f"distill/{d}", "path": f"distill/{d}", "datasets": [d]} for d in ("cxr", "lungonly")],
+        },
     }
     ctx, evaluate = _context(folders, tmp_path, {"experts": {}, "distill": {"teacher": "experts"}}, records)
     got = _rebuild(ctx, evaluate, ["experts", "distill"], "cxr", "siteA")

@@ -102,7 +102,15 @@ def test_the_schema_names_every_stage_kind_and_refuses_unknown_keys():
 
 
 def _row(model: str, params: int, val: float, fmt: str = "run") -> dict:
-    return {"model": model, "stage": model.split("/")[0], "dataset": "d", "params": params, "val_dice": val, "format": fmt, "summary": {"mean": {"dice": {"mean": val - 0.01}}}}
+    return {
+        "model": model,
+        "stage": model.split("/")[0],
+        "dataset": "d",
+        "params": params,
+        "val_dice": val,
+        "format": fmt,
+        "summary": {"mean": {"dice": {"mean": val - 0.01}}},
+    }
 
 
 def test_the_recommendation_is_the_smallest_model_within_the_tolerance_of_the_best():
@@ -188,7 +196,9 @@ def test_a_variable_holding_a_relative_path_is_read_from_the_current_folder(tmp_
     (tmp_path / "data" / "Dataset001_X").mkdir(parents=True)
     (tmp_path / "configs").mkdir()
     yaml_file = tmp_path / "configs" / "p.yaml"
-    yaml_file.write_text("name: p\ndatasets:\n  x: {path: '${DATA}/Dataset001_X'}\n  y: {path: 'local/Dataset002_Y'}\nstages: {experts: {}}\n", encoding="utf-8")
+    yaml_file.write_text(
+        "name: p\ndatasets:\n  x: {path: '${DATA}/Dataset001_X'}\n  y: {path: 'local/Dataset002_Y'}\nstages: {experts: {}}\n", encoding="utf-8"
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_pipeline(yaml_file, {"DATA": "data"})
     assert cfg.datasets["x"].path == tmp_path / "data" / "Dataset001_X"  # from where the command runs

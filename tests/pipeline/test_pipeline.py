@@ -287,8 +287,15 @@ def test_leave_one_source_out_scores_each_source_with_models_that_never_saw_it(d
     assert by[("cxr", "siteA", "universal without cxr/siteA")]["tasks"] == ["lung", "heart"]
     assert {k[:2] for k in by} == {("cxr", "siteA"), ("cxr", "siteB"), ("lungonly", "siteC"), ("lungonly", "siteD")}
     # scored on that source's training cases only, never on the held-out ones
-    held = set(result.stages["evaluate"] and json.loads((tmp_path / "run" / "evaluate" / "experts-cxr" / "cxr" / "summary.json").read_text(encoding="utf-8"))["per_case"])
-    scored = json.loads((tmp_path / "run" / "evaluate" / "cross-source" / "cxr-siteA" / "universal" / "scores" / "universal_without_cxr-siteA" / "summary.json").read_text(encoding="utf-8"))
+    held = set(
+        result.stages["evaluate"]
+        and json.loads((tmp_path / "run" / "evaluate" / "experts-cxr" / "cxr" / "summary.json").read_text(encoding="utf-8"))["per_case"]
+    )
+    scored = json.loads(
+        (tmp_path / "run" / "evaluate" / "cross-source" / "cxr-siteA" / "universal" / "scores" / "universal_without_cxr-siteA" / "summary.json").read_text(
+            encoding="utf-8"
+        )
+    )
     assert scored["per_case"] and not held & set(scored["per_case"]) and all(scored["sources"][c] == "siteA" for c in scored["per_case"])
     retrained = json.loads((tmp_path / "run" / "evaluate" / "cross-source" / "cxr-siteA" / "universal" / "split.json").read_text(encoding="utf-8"))["datasets"]
     assert not any(cid in scored["per_case"] for part in retrained.values() for ids in part.values() for cid in ids)

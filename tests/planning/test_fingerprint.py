@@ -82,7 +82,9 @@ def test_rgb_png_gives_three_channels_with_own_statistics(tmp_path):
 
 def test_rgb_file_is_detected_even_when_named_as_one_channel(tmp_path):
     image = np.random.default_rng(3).integers(0, 256, (3, 8, 8)).astype(np.uint8)
-    ds = write_dataset(tmp_path / "Dataset003_Photo", {"p": ToyCase(image, np.ones((8, 8), np.uint8))}, {"0": "photo"}, {"background": 0, "x": 1}, ".png", "Photo")
+    ds = write_dataset(
+        tmp_path / "Dataset003_Photo", {"p": ToyCase(image, np.ones((8, 8), np.uint8))}, {"0": "photo"}, {"background": 0, "x": 1}, ".png", "Photo"
+    )
     fp = fingerprint(ds, progress=False)
     assert fp["rgb"] is True and fp["channel_names"] == ["R", "G", "B"]
 

@@ -35,10 +35,7 @@ def volumes(tmp_path, shape, spacing, name="Vol", channel_names=None, n=2, offse
     rng = np.random.default_rng(1)
     channel_names = channel_names or {"0": "MRI"}
     c = len(channel_names)
-    cases = {
-        f"v{i}": ToyCase((rng.random((c, *shape)) * 100 + offset).astype(np.float32), _label(shape), spacing)
-        for i in range(n)
-    }
+    cases = {f"v{i}": ToyCase((rng.random((c, *shape)) * 100 + offset).astype(np.float32), _label(shape), spacing) for i in range(n)}
     return write_dataset(tmp_path / f"Dataset020_{name}", cases, channel_names, LABELS, ".nii.gz", name)
 
 
@@ -213,8 +210,17 @@ def test_ct_channel_uses_foreground_statistics(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "ct"),
-    [("CT", True), ("ct_arterial", True), ("non-contrast ct", True), ("CECT", True), ("PET/CT", True),
-     ("spectral MRI", False), ("rectal", False), ("cine-MRI", False), ("X-ray", False)],
+    [
+        ("CT", True),
+        ("ct_arterial", True),
+        ("non-contrast ct", True),
+        ("CECT", True),
+        ("PET/CT", True),
+        ("spectral MRI", False),
+        ("rectal", False),
+        ("cine-MRI", False),
+        ("X-ray", False),
+    ],
 )
 def test_ct_channel_names(name, ct):
     assert is_ct_channel(name) is ct

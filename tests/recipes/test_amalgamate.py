@@ -98,7 +98,11 @@ def test_expert_links_follow_datasets_and_label_values():
     registry = TaskRegistry(
         tasks=["lung", "heart", "polyp"],
         modalities=["xray", "unknown"],
-        datasets={"A": {"task_ids": [0, 1], "labels": {"lung": 1, "heart": 2}}, "B": {"task_ids": [0], "labels": {"lung": 1}}, "C": {"task_ids": [2], "labels": {"polyp": 1}}},
+        datasets={
+            "A": {"task_ids": [0, 1], "labels": {"lung": 1, "heart": 2}},
+            "B": {"task_ids": [0], "labels": {"lung": 1}},
+            "C": {"task_ids": [2], "labels": {"polyp": 1}},
+        },
     )
     experts = [
         {"dataset": "A", "label_values": [0, 2, 1]},  # channels in its own order: heart is class 1, lung class 2

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 # resumed checkpoints were bit-identical too, but a logged loss differed in the 7th digit (CUDA
 # reductions are not ordered), so these runs stay on the CPU wherever the suite runs.
 EXPERT_CFG = "train: {val_every: 4, checkpoint_every: 4, log_every: 1, ema_decay: 0.9, device: cpu}\nbatch_size: 3\nmax_val_cases: 1\nfolds: 2\n"
-UNIVERSAL_CFG = "train: {val_every: 4, checkpoint_every: 4, log_every: 1, device: cpu}\npatch_size: 32\nbatch_size: 4\nbase_filters: 4\nmax_val_cases: 1\nfolds: 2\n"
+UNIVERSAL_CFG = (
+    "train: {val_every: 4, checkpoint_every: 4, log_every: 1, device: cpu}\npatch_size: 32\nbatch_size: 4\nbase_filters: 4\nmax_val_cases: 1\nfolds: 2\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def _kill_and_resume(tmp_path, train_args: list[str], cfg_text: str, steps: int 
     resumed = run(medalloy(*common, "--out", str(broken), "--resume"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for which in ("last", "best"):
-        assert_bit_identical(checkpoint_tensors(whole / "checkpoints" / f"{which}.safetensors"), checkpoint_tensors(broken / "checkpoints" / f"{which}.safetensors"))
+        assert_bit_identical(
+            checkpoint_tensors(whole / "checkpoints" / f"{which}.safetensors"), checkpoint_tensors(broken / "checkpoints" / f"{which}.safetensors")
+        )
     assert rows_without_time(whole / "metrics.jsonl") == rows_without_time(broken / "metrics.jsonl")
     steps_logged = [r["step"] for r in rows_without_time(broken / "metrics.jsonl") if r["kind"] == "train"]
     assert steps_logged == list(range(1, steps + 1))  # redone steps are not logged twice

@@ -199,7 +199,12 @@ def test_an_amalgamated_teacher_distils_through_the_cli(cxr, teacher, tmp_path, 
 
 
 def test_baselines_train_only_their_terms(cxr, teacher, tmp_path):
-    for losses, parts in (("student_alone", {"seg"}), ("skd", {"seg", "logits", "pairwise"}), ("cwd", {"seg", "cwd"}), ("relation_cross", {"seg", "logits", "kernel", "affinity", "cross"})):
+    for losses, parts in (
+        ("student_alone", {"seg"}),
+        ("skd", {"seg", "logits", "pairwise"}),
+        ("cwd", {"seg", "cwd"}),
+        ("relation_cross", {"seg", "logits", "kernel", "affinity", "cross"}),
+    ):
         train_distill(cxr, teacher, tmp_path / losses, config=_cfg(losses, steps=4), progress=False)
         row = [r for r in read_metrics(tmp_path / losses / "metrics.jsonl") if r["kind"] == "train"][-1]
         assert {k[5:] for k in row if k.startswith("loss/")} == parts, losses
@@ -330,7 +335,10 @@ def test_confidence_is_one_for_certain_and_zero_for_uniform_predictions():
     assert confidence(torch.full((1, 2, 1, 1), 30.0), "sigmoid").item() == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize(("separable", "stem", "upsample"), [(False, 0, "interpolate"), (True, 0, "interpolate"), (False, 1, "interpolate"), (False, 2, "interpolate"), (False, 1, "shuffle")])
+@pytest.mark.parametrize(
+    ("separable", "stem", "upsample"),
+    [(False, 0, "interpolate"), (True, 0, "interpolate"), (False, 1, "interpolate"), (False, 2, "interpolate"), (False, 1, "shuffle")],
+)
 def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path, separable, stem, upsample):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -355,14 +363,16 @@ def test_student_run_exports_to_onnx_with_matching_logits(cxr, teacher, tmp_path
         assert float((student(x) - graph(x)).abs().max()) < 1e-3
     # every student exports with a dynamic spatial size: one more total stride along the last axis
     assert meta["spatial"]["dynamic"], meta["spatial"]
-    wider = torch.randn(1, plan.in_channels, *plan.patch_size[:-1], plan.patch_size[-1] + meta["spatial"]["multiple_of"][-1], generator=torch.Generator().manual_seed(2))
+    wider = torch.randn(
+        1, plan.in_channels, *plan.patch_size[:-1], plan.patch_size[-1] + meta["spatial"]["multiple_of"][-1], generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         assert float((student(wider) - graph(wider)).abs().max()) < 1e-3
 
 
 def test_a_run_without_a_stem_records_the_default_it_resolved(cxr, teacher, tmp_path, capsys):
-    from medalloy.recipes.students import default_stem
     from medalloy.recipes.distill import load_student
+    from medalloy.recipes.students import default_stem
 
     cfg = _cfg("logit_kd", steps=2)
     assert cfg.stem is None

@@ -64,7 +64,9 @@ def test_prediction_loaders_come_from_the_recipes(tmp_path):
     assert "\n" not in str(exc.value) and "x.safetensors" in str(exc.value)
     plan = _plan(False)
     net = build_unet(plan.network, plan.in_channels, plan.num_classes)
-    good = ckpt.save_checkpoint(tmp_path / "e.safetensors", ckpt.prefixed(net.state_dict(), "model/net"), {"method": "expert", "plan": plan.model_dump(mode="json")})
+    good = ckpt.save_checkpoint(
+        tmp_path / "e.safetensors", ckpt.prefixed(net.state_dict(), "model/net"), {"method": "expert", "plan": plan.model_dump(mode="json")}
+    )
     model, loaded_plan, record = load_model(good)
     assert loaded_plan == plan and record["method"] == "expert" and not model.training
 

@@ -227,7 +227,22 @@ def test_empty_reports_stop_or_are_skipped_and_counted(pairs, tmp_path, capsys):
     rows = list(csv.DictReader((pairs / "pairs.csv").open(newline="")))
     rows[3]["impression"] = "  "
     bad = write_pairs(rows, pairs, tmp_path / "pairs.csv")
-    args = ["-q", "pretrain", "--pairs", str(bad), "--out", str(tmp_path / "r"), "--losses", "global", "--image-size", "32", "--steps", "2", "--text-encoder", "scratch"]
+    args = [
+        "-q",
+        "pretrain",
+        "--pairs",
+        str(bad),
+        "--out",
+        str(tmp_path / "r"),
+        "--losses",
+        "global",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+        "--text-encoder",
+        "scratch",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "line 5" in err and "empty impression" in err and not (tmp_path / "r").exists()

@@ -69,7 +69,13 @@ class _Toy(Recipe):
         def step_fn(models, batch):
             return {"loss": ((models["net"](batch) - 3.0) ** 2).mean()}
 
-        return TrainSpec(models={"net": net}, trainable=["net"], step_fn=step_fn, batches=lambda step, dist: torch.ones(4, 1), record={"method": "toy", "spec": {"method": "toy", "version": 1, "width": 1}})
+        return TrainSpec(
+            models={"net": net},
+            trainable=["net"],
+            step_fn=step_fn,
+            batches=lambda step, dist: torch.ones(4, 1),
+            record={"method": "toy", "spec": {"method": "toy", "version": 1, "width": 1}},
+        )
 
     def result(self, summary):
         self.calls.append(("result", summary["steps"]))

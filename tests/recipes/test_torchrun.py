@@ -68,7 +68,9 @@ def test_universal_under_torchrun_killed_and_resumed_is_bit_identical(data, tmp_
     resumed = run(_cli(*common, "--out", str(broken), "--resume"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for which in ("last", "best"):
-        assert_bit_identical(checkpoint_tensors(whole / "checkpoints" / f"{which}.safetensors"), checkpoint_tensors(broken / "checkpoints" / f"{which}.safetensors"))
+        assert_bit_identical(
+            checkpoint_tensors(whole / "checkpoints" / f"{which}.safetensors"), checkpoint_tensors(broken / "checkpoints" / f"{which}.safetensors")
+        )
     assert rows_without_time(whole / "metrics.jsonl") == rows_without_time(broken / "metrics.jsonl")
     # the per-dataset losses are reduced over the ranks: a logged step with both means the ranks
     # trained on different datasets (different shapes) in that step

@@ -129,7 +129,10 @@ def test_predict_per_task_masks_and_dataset_by_folder_name(three, run, tmp_path,
     out, _ = run
     cxr = three[0]
     target = tmp_path / "tasks"
-    assert main(["-q", "predict", str(out), "--input", str(cxr / "imagesTs"), "--output", str(target), "--task", "lung", "--task", "heart", "--precision", "fp32"]) == 0
+    assert (
+        main(["-q", "predict", str(out), "--input", str(cxr / "imagesTs"), "--output", str(target), "--task", "lung", "--task", "heart", "--precision", "fp32"])
+        == 0
+    )
     said = capsys.readouterr().out
     assert "of SynthCXR (inputs of" in said and "closest to SynthCXR's typical" in said  # which preprocessing and why, in one line
     for path in sorted((cxr / "labelsTs").glob("*.png")):
@@ -255,7 +258,13 @@ def test_total_loss_moves_by_the_modality_terms_weight_alone(four, tmp_path):
 
     def one_step(weight: float, out) -> dict:
         cfg = UniversalConfig(
-            base_filters=4, max_val_cases=0, folds=4, datasets_per_step=2, batch_size=2, modality_weight=weight, plan_options={"SynthEndo": PlanOptions(max_2d_side=64)}
+            base_filters=4,
+            max_val_cases=0,
+            folds=4,
+            datasets_per_step=2,
+            batch_size=2,
+            modality_weight=weight,
+            plan_options={"SynthEndo": PlanOptions(max_2d_side=64)},
         )
         # lr must be > 0; the one step's logged loss is that of the weights before its update anyway
         cfg.train.steps, cfg.train.log_every, cfg.train.lr, cfg.train.precision = 1, 1, 1e-12, "fp32"

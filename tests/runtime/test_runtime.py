@@ -69,7 +69,11 @@ def graphs(tmp_path_factory):
     cxr = generate_dataset("Dataset902_SynthCXR", root, seed=3, cases_per_source=2, test_cases_per_source=1, progress=False)
     mr = generate_dataset("Dataset901_SynthMR", root, seed=3, cases_per_source=2, test_cases_per_source=1, progress=False)
     out = {}
-    for name, data, kw in (("2d", cxr, {"max_2d_side": 64}), ("3d", mr, {"force_dim": 3, "max_3d_voxels": 16**3}), ("sliced", mr, {"force_dim": 2, "max_2d_side": 32})):
+    for name, data, kw in (
+        ("2d", cxr, {"max_2d_side": 64}),
+        ("3d", mr, {"force_dim": 3, "max_3d_voxels": 16**3}),
+        ("sliced", mr, {"force_dim": 2, "max_2d_side": 32}),
+    ):
         ds = RawDataset(data)
         plan = plan_dataset(ds, fingerprint(ds, progress=False), base_filters=4, **kw)
         cfg = ExpertConfig(folds=2, max_val_cases=1)
@@ -106,7 +110,11 @@ def test_an_exported_graph_predicts_without_torch_as_the_pytorch_path_does(graph
 
     onnx_file, images, run = graphs[kind]
     predict_folder(run, images, tmp_path / "torch", precision="fp32", device="cpu", progress=False)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_TORCH), "-q", "predict", str(onnx_file), "--input", str(images), "--output", str(tmp_path / "runtime")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NO_TORCH), "-q", "predict", str(onnx_file), "--input", str(images), "--output", str(tmp_path / "runtime")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(ONNX Runtime)" in res.stdout
     written = sorted((tmp_path / "torch").iterdir())
@@ -130,6 +138,10 @@ def test_an_exported_graph_predicts_without_torch_as_the_pytorch_path_does(graph
         assert ours.shape == theirs.shape == (plan.num_classes, *image_meta.shape) and np.abs(ours - theirs).max() < 1e-4
         assert theirs.std() > 1e-3  # not a constant map that any layout would match
     # without torch, what needs it says so in one line instead of a traceback
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_TORCH), "-q", "predict", str(run), "--input", str(images), "--output", str(tmp_path / "x")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NO_TORCH), "-q", "predict", str(run), "--input", str(images), "--output", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     err = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(err) == 1 and "medalloy[train]" in err[0], res.stderr[-2000:]

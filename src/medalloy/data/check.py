@@ -83,9 +83,7 @@ def _check_json(root: Path) -> tuple[DatasetSpec | None, dict, list[Problem], bo
     if not isinstance(raw, dict):
         return None, {}, [Problem(path, "dataset.json is not a JSON object", "follow nnU-Net v2's dataset.json format")], False
     problems = [
-        Problem(path, f"required field '{name}' is missing", "add it as in nnU-Net v2's dataset.json format")
-        for name in REQUIRED_FIELDS
-        if name not in raw
+        Problem(path, f"required field '{name}' is missing", "add it as in nnU-Net v2's dataset.json format") for name in REQUIRED_FIELDS if name not in raw
     ]
     if problems:
         return None, raw, problems, False
@@ -125,9 +123,11 @@ def _check_label_values(path: Path, labels: dict[str, Any]) -> list[Problem]:
         dup = sorted({v for v in values if values.count(v) > 1})
         problems.append(Problem(path, f"label values {dup} are given to more than one name", "give each label its own value"))
     elif 0 not in ints.values():
-        problems.append(Problem(path, "no label has the value 0 (background)", "add \"background\": 0 to labels"))
+        problems.append(Problem(path, "no label has the value 0 (background)", 'add "background": 0 to labels'))
     elif values != list(range(len(values))):
-        problems.append(Problem(path, f"label values {values} are not consecutive from 0", "renumber the labels 0, 1, ..., K (in dataset.json and the label files)"))
+        problems.append(
+            Problem(path, f"label values {values} are not consecutive from 0", "renumber the labels 0, 1, ..., K (in dataset.json and the label files)")
+        )
     return problems
 
 
@@ -154,13 +154,17 @@ def _check_bookkeeping(root: Path, raw: dict, spec: DatasetSpec, case_ids: set[s
         )
     listed = spec.extension.get("cases", {}) if isinstance(spec.extension, dict) else {}
     if not isinstance(listed, dict):
-        return problems + [Problem(path, f"'{EXTENSION_KEY}.cases' is not an object", "make it {\"CASE\": {\"source\": ..., \"patient\": ...}}")]
+        return problems + [Problem(path, f"'{EXTENSION_KEY}.cases' is not an object", 'make it {"CASE": {"source": ..., "patient": ...}}')]
     # Held-out cases in imagesTs/ may carry a source too (per-source test summaries need it).
     test_ids = _test_case_ids(root, spec.file_ending)
     missing = sorted(set(listed) - case_ids - test_ids)
     if missing:
         problems.append(
-            Problem(path, f"{len(missing)} case(s) listed under '{EXTENSION_KEY}.cases' do not exist: {_some(missing)}", "remove them from dataset.json or add their files")
+            Problem(
+                path,
+                f"{len(missing)} case(s) listed under '{EXTENSION_KEY}.cases' do not exist: {_some(missing)}",
+                "remove them from dataset.json or add their files",
+            )
         )
     return problems
 
@@ -243,10 +247,14 @@ def _check_layout(root: Path, spec: DatasetSpec, images: _Folder, labels: dict[s
     for case, channels in sorted(images.files.items()):
         for c in range(n):
             if c not in channels:
-                problems.append(Problem(root / "imagesTr" / f"{case}_{c:04d}{ending}", f"case '{case}' is missing channel file {c}", "add the file or remove the case"))
+                problems.append(
+                    Problem(root / "imagesTr" / f"{case}_{c:04d}{ending}", f"case '{case}' is missing channel file {c}", "add the file or remove the case")
+                )
         for c in sorted(set(channels) - set(range(n))):
             what = f"{n} channel file(s)" + (" (RGB is one _0000 file)" if spec.is_rgb else "")
-            problems.append(Problem(channels[c], f"unexpected channel {c}: dataset.json declares {what}", "remove the file or add the channel to channel_names"))
+            problems.append(
+                Problem(channels[c], f"unexpected channel {c}: dataset.json declares {what}", "remove the file or add the channel to channel_names")
+            )
         if labels is not None and case not in labels:
             problems.append(Problem(root / "labelsTr" / f"{case}{ending}", f"case '{case}' has no label file", "add the label or move the case to imagesTs/"))
     labels = labels or {}
@@ -263,9 +271,7 @@ def _duplicate_ids(folder: Path, ids: set[str]) -> list[Problem]:
     for cid in ids:
         by_lower.setdefault(cid.lower(), []).append(cid)
     return [
-        Problem(folder, f"case ids {sorted(group)} differ only by letter case", "rename one of them")
-        for _, group in sorted(by_lower.items())
-        if len(group) > 1
+        Problem(folder, f"case ids {sorted(group)} differ only by letter case", "rename one of them") for _, group in sorted(by_lower.items()) if len(group) > 1
     ]
 
 
@@ -336,7 +342,9 @@ def _check_case(case: str, channel_files: dict[int, Path], label_path: Path | No
             first = (path, meta)
             continue
         if tuple(meta.shape) != tuple(first[1].shape):
-            problems.append(Problem(path, f"channel shape {meta.shape} differs from {first[0].name}'s {first[1].shape}", "resample all channels of a case to one grid"))
+            problems.append(
+                Problem(path, f"channel shape {meta.shape} differs from {first[0].name}'s {first[1].shape}", "resample all channels of a case to one grid")
+            )
         elif (why := _same_geometry(first[1], meta)) is not None:
             problems.append(Problem(path, f"{why} in {first[0].name}", "resample all channels of a case to one grid"))
     if label_path is None:
@@ -350,10 +358,16 @@ def _check_case(case: str, channel_files: dict[int, Path], label_path: Path | No
         if tuple(lmeta.shape) != tuple(meta.shape):
             problems.append(Problem(label_path, f"label shape {lmeta.shape} differs from image shape {meta.shape}", "resample the label onto the image grid"))
         elif (why := _same_geometry(meta, lmeta)) is not None:
-            problems.append(Problem(label_path, f"label {why} in the image {img_path.name}", "resample the label onto the image grid (or copy the image header)"))
+            problems.append(
+                Problem(label_path, f"label {why} in the image {img_path.name}", "resample the label onto the image grid (or copy the image header)")
+            )
     unknown = sorted(set(np.unique(lab).tolist()) - set(spec.labels.values())) if check_values else []
     if unknown:
-        problems.append(Problem(label_path, f"label values {unknown} are not in dataset.json labels {sorted(spec.labels.values())}", "add them to labels or fix the label file"))
+        problems.append(
+            Problem(
+                label_path, f"label values {unknown} are not in dataset.json labels {sorted(spec.labels.values())}", "add them to labels or fix the label file"
+            )
+        )
     return problems
 
 
@@ -367,7 +381,9 @@ def check_dataset(root: str | Path, progress: bool = True) -> list[Problem]:
         return [Problem(root, "dataset folder not found", "give the path of a DatasetNNN_Name folder")]
     spec, raw, problems, labels_usable = _check_json(root)
     if not (root / "imagesTr").is_dir():
-        return problems + [Problem(root / "imagesTr", "no imagesTr/ folder", "put the training images in imagesTr/ as CASE_0000" + (spec.file_ending if spec else ""))]
+        return problems + [
+            Problem(root / "imagesTr", "no imagesTr/ folder", "put the training images in imagesTr/ as CASE_0000" + (spec.file_ending if spec else ""))
+        ]
     if spec is None:
         return problems
     images, found = _scan_images(root / "imagesTr", spec.file_ending)

@@ -94,9 +94,7 @@ class RawDataset:
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
-            raise MedalloyError(
-                f"dataset.json field '{where}': {err['msg']}", self.root / "dataset.json", "follow nnU-Net v2's dataset.json format"
-            ) from None
+            raise MedalloyError(f"dataset.json field '{where}': {err['msg']}", self.root / "dataset.json", "follow nnU-Net v2's dataset.json format") from None
         for name, value in self.spec.labels.items():
             if not isinstance(value, int):
                 raise MedalloyError(

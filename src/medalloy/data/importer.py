@@ -118,9 +118,7 @@ def _pair_files(images: Path, masks: Path, source: str) -> list[_Pair]:
     for pair in pairs:
         key = pair.case_id.lower()  # ids equal up to case collide on macOS/Windows file systems
         if key in seen:
-            raise MedalloyError(
-                f"'{pair.image.name}' and '{seen[key]}' give the same case id '{pair.case_id}'", images, "rename one of them"
-            )
+            raise MedalloyError(f"'{pair.image.name}' and '{seen[key]}' give the same case id '{pair.case_id}'", images, "rename one of them")
         seen[key] = pair.image.name
     return pairs
 
@@ -173,9 +171,7 @@ def _validate_pair(pair: _Pair, labels: dict[str, int]) -> tuple[int, str | None
     try:
         img, meta = read_any(pair.image)
         if img.dtype not in (np.uint8, np.uint16) or img.shape[0] not in (1, 3):
-            raise MedalloyError(
-                f"image is {img.dtype} with {img.shape[0]} channel(s)", pair.image, "save it as 8/16-bit grey or 8-bit RGB"
-            )
+            raise MedalloyError(f"image is {img.dtype} with {img.shape[0]} channel(s)", pair.image, "save it as 8/16-bit grey or 8-bit RGB")
         if img.shape[0] == 3 and img.dtype != np.uint8:
             raise MedalloyError("16-bit RGB image", pair.image, "save it as 8-bit RGB")
         mask, mmeta = read_any(pair.mask)
@@ -202,7 +198,9 @@ def _validate_content(pairs: list[_Pair], labels: dict[str, int], progress: bool
         else:
             channels.setdefault(n, []).append(pair.image.name)
     if problems:
-        raise MedalloyError(f"{len(problems)} input file(s) cannot be imported: {_listing(problems)}", pairs[0].image.parent, "fix those files and run the import again")
+        raise MedalloyError(
+            f"{len(problems)} input file(s) cannot be imported: {_listing(problems)}", pairs[0].image.parent, "fix those files and run the import again"
+        )
     if len(channels) > 1:
         grey, rgb = channels.get(1, []), channels.get(3, [])
         raise MedalloyError(
@@ -259,7 +257,9 @@ def _check_existing(raw: dict, out: Path, source: str, overwrite: bool) -> None:
         raise MedalloyError(f"dataset's file_ending is {raw.get('file_ending')!r}, the import writes .png", path, "import into a new dataset folder")
     cases = raw.get(EXTENSION_KEY, {}).get("cases", {})
     if not overwrite and any(info.get("source") == source for info in cases.values()):
-        raise MedalloyError(f"source '{source}' is already imported into this dataset", path, "pass overwrite=True (--overwrite) to import it again, or use another source name")
+        raise MedalloyError(
+            f"source '{source}' is already imported into this dataset", path, "pass overwrite=True (--overwrite) to import it again, or use another source name"
+        )
 
 
 def _check_channels(raw: dict, out: Path, rgb: bool) -> None:

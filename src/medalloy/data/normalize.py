@@ -12,9 +12,7 @@ from medalloy.planning.plan import ChannelNorm
 def normalize(image: np.ndarray, norms: list[ChannelNorm], path: object = None) -> np.ndarray:
     """Per-channel normalisation as the plan says (see :class:`~medalloy.planning.plan.ChannelNorm`)."""
     if image.shape[0] != len(norms):
-        raise MedalloyError(
-            f"image has {image.shape[0]} channels, the plan expects {len(norms)}", path, "predict with a model trained on this kind of image"
-        )
+        raise MedalloyError(f"image has {image.shape[0]} channels, the plan expects {len(norms)}", path, "predict with a model trained on this kind of image")
     if not np.all(np.isfinite(image)):
         raise MedalloyError("image holds NaN or inf values", path, "fix or remove the case (`medalloy data check` lists such files)")
     out = np.empty(image.shape, dtype=np.float32)

@@ -115,7 +115,7 @@ def foreground_coords(label: np.ndarray, num_classes: int, rng: np.random.Genera
 
 def pad_to_patch(image: np.ndarray, label: np.ndarray | None, patch: list[int]) -> tuple[np.ndarray, np.ndarray | None, list[tuple[int, int]]]:
     """Pad the trailing spatial axes symmetrically so every axis is at least the patch size."""
-    spatial = image.shape[-len(patch):]
+    spatial = image.shape[-len(patch) :]
     pads = [((max(p - s, 0)) // 2, max(p - s, 0) - (max(p - s, 0)) // 2) for s, p in zip(spatial, patch)]
     if not any(a or b for a, b in pads):
         return image, label, pads

@@ -49,9 +49,7 @@ def kfold_splits(cases: list[Case], k: int = 5, seed: int = 0) -> list[dict[str,
     _check_unique_ids(cases)
     groups = _groups(cases)
     if len(groups) < k:
-        raise MedalloyError(
-            f"{len(groups)} patients/cases cannot fill {k} folds", None, f"use at most {len(groups)} folds or add cases"
-        )
+        raise MedalloyError(f"{len(groups)} patients/cases cannot fill {k} folds", None, f"use at most {len(groups)} folds or add cases")
     names = list(groups)
     order = np.random.default_rng(seed).permutation(len(names))
     # A stable sort by size after the shuffle keeps the seed's order among equal-sized groups.
@@ -126,9 +124,7 @@ def load_splits(path: str | Path) -> list[dict]:
     return _validate(raw, path)
 
 
-def split_for_fold(
-    dataset: RawDataset, fold: int, k: int = 5, seed: int = 0, splits_file: Path | None = None
-) -> tuple[list[Case], list[Case]]:
+def split_for_fold(dataset: RawDataset, fold: int, k: int = 5, seed: int = 0, splits_file: Path | None = None) -> tuple[list[Case], list[Case]]:
     """Train and validation cases (labelled only) of ``fold``; ``fold=-1`` trains on all of them.
 
     The split comes from ``splits_file`` if given, else ``<dataset>/splits_final.json`` if present

@@ -74,24 +74,18 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise MedalloyError("not a medalloy checkpoint", path, "load only checkpoints written by medalloy")
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
-        raise MedalloyError(
-            f"checkpoint format {record.get('format_version')} is newer than this medalloy reads ({FORMAT_VERSION})", path, "upgrade medalloy"
-        )
+        raise MedalloyError(f"checkpoint format {record.get('format_version')} is newer than this medalloy reads ({FORMAT_VERSION})", path, "upgrade medalloy")
     return record
 
 
-def load_checkpoint(
-    path: str | Path, method: str | None = None, map_location: str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: str | Path, method: str | None = None, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and record of a checkpoint; ``method`` (if given) must match the record's ``method``."""
     from safetensors.torch import load_file
 
     path = Path(path)
     record = read_record(path)
     if method is not None and record.get("method") != method:
-        raise MedalloyError(
-            f"checkpoint is for method '{record.get('method')}', not '{method}'", path, f"use a checkpoint trained with the '{method}' recipe"
-        )
+        raise MedalloyError(f"checkpoint is for method '{record.get('method')}', not '{method}'", path, f"use a checkpoint trained with the '{method}' recipe")
     try:
         tensors = load_file(str(path), device=map_location)
     except Exception as exc:
@@ -102,7 +96,7 @@ def load_checkpoint(
 def group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors stored under ``prefix/`` with that prefix removed (e.g. a module's state dict)."""
     p = prefix.rstrip("/") + "/"
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -57,9 +57,7 @@ class Predictor:
                 out = self.model(inp)
             return out.float()
 
-        return sliding_window_inference(
-            x, roi_size=self.plan.patch_size, sw_batch_size=4, predictor=net, overlap=self.overlap, mode="gaussian"
-        )
+        return sliding_window_inference(x, roi_size=self.plan.patch_size, sw_batch_size=4, predictor=net, overlap=self.overlap, mode="gaussian")
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)

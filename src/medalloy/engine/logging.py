@@ -75,7 +75,9 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
             if pts:
                 xs, ys = zip(*pts)
                 w = max(1, len(ys) // 10)
-                axes[0].plot(xs, [sum(ys[max(0, j - w + 1) : j + 1]) / (j + 1 - max(0, j - w + 1)) for j in range(len(ys))], lw=0.9, color=f"C{(i + 1) % 10}", label=k)
+                axes[0].plot(
+                    xs, [sum(ys[max(0, j - w + 1) : j + 1]) / (j + 1 - max(0, j - w + 1)) for j in range(len(ys))], lw=0.9, color=f"C{(i + 1) % 10}", label=k
+                )
         positive = min(loss) > 0 and all(r[k] > 0 for r in train for k in parts if isinstance(r.get(k), (int, float)))
         axes[0].set_yscale("log" if positive else "linear")
         axes[0].legend(fontsize=7)

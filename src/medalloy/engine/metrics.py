@@ -180,9 +180,7 @@ def _summarize_group(per_case: dict[str, dict[str, dict[str, float]]], cases: li
                 classes.append(name)
     out: dict = {"n_cases": len(cases), "classes": {}, "mean": {}}
     for name in classes:
-        out["classes"][name] = {
-            m: _stats([per_case[c][name][m] for c in cases if name in per_case[c] and m in per_case[c][name]]) for m in METRICS
-        }
+        out["classes"][name] = {m: _stats([per_case[c][name][m] for c in cases if name in per_case[c] and m in per_case[c][name]]) for m in METRICS}
     for m in METRICS:
         case_means = []
         for c in cases:

@@ -403,7 +403,9 @@ class Trainer:
 
             # Outside a terminal (CI logs, files) a bar line every few seconds would flood the log.
             interval = 1.0 if sys.stderr.isatty() else 30.0
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.spec.record.get("name", "train"), unit="step", dynamic_ncols=True, mininterval=interval)
+            bar = tqdm(
+                total=self.total_steps, initial=self.step, desc=self.spec.record.get("name", "train"), unit="step", dynamic_ncols=True, mininterval=interval
+            )
         t_start, data_time, compute_time, images = time.perf_counter(), 0.0, 0.0, 0
         start_step = self.step
         budget_mark: tuple[int, float] | None = None

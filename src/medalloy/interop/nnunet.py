@@ -141,7 +141,9 @@ def load_nnunet_expert(folder: str | Path, device: str = "cpu", checkpoint: str 
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         why = (lines[1] if len(lines) > 1 else lines[0]).rstrip(".")[:200]
-        raise MedalloyError(f"weights do not fit the network of plans.json ({why})", ckpt_path, "use the checkpoint with the plans.json of its own folder") from None
+        raise MedalloyError(
+            f"weights do not fit the network of plans.json ({why})", ckpt_path, "use the checkpoint with the plans.json of its own folder"
+        ) from None
     setattr(net, STAGES_ATTR, _stages(len(plan.network.filters)))
     setattr(net, CHANNELS_ATTR, channels)
     trainer = parts[0] if len(parts) == 3 else ck.get("trainer_name")
@@ -149,7 +151,13 @@ def load_nnunet_expert(folder: str | Path, device: str = "cpu", checkpoint: str 
         "method": METHOD,
         "name": f"nnunet-{plan.dataset}-{cfg_name}",
         "tasks": [
-            {"dataset": plan.dataset, "folder": plans.get("dataset_name", plan.dataset), "labels": plan.labels, "modality": _modality(dataset_json), "file_ending": dataset_json.get("file_ending")}
+            {
+                "dataset": plan.dataset,
+                "folder": plans.get("dataset_name", plan.dataset),
+                "labels": plan.labels,
+                "modality": _modality(dataset_json),
+                "file_ending": dataset_json.get("file_ending"),
+            }
         ],
         "activation": "softmax",
         "source": str(folder),
@@ -198,7 +206,10 @@ def _safe_globals() -> list[Any]:
         from numpy._core.multiarray import scalar  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy < 2
         from numpy.core.multiarray import scalar
-    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)]
+    dtypes = [
+        type(np.dtype(t))
+        for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)
+    ]
     # A checkpoint names the function as the numpy that wrote it did: numpy < 2 wrote numpy.core.
     aliases = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     return [scalar, *aliases, np.dtype, *dtypes]
@@ -215,7 +226,9 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         detail = m[1] if m else f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}"
         foreign = m is not None and detail.startswith(("Unsupported global", "Can only build"))
         why = "holds pickled objects medalloy does not unpickle" if foreign else "not a readable PyTorch checkpoint"
-        raise MedalloyError(f"{why} ({detail.split(' was not')[0][:120]})", path, "use the .pth nnU-Net wrote (only tensors, numbers and dicts), from a source you trust") from None
+        raise MedalloyError(
+            f"{why} ({detail.split(' was not')[0][:120]})", path, "use the .pth nnU-Net wrote (only tensors, numbers and dicts), from a source you trust"
+        ) from None
     if not isinstance(ck, dict) or not isinstance(ck.get("network_weights"), dict):
         raise MedalloyError("checkpoint has no 'network_weights'", path, "give a checkpoint_final.pth or checkpoint_best.pth written by nnU-Net v2")
     return ck
@@ -240,7 +253,9 @@ def _configuration(plans: dict[str, Any], name: str, path: Path) -> dict[str, An
     chain: list[str] = []
     while name not in chain:
         if name not in configs:
-            raise MedalloyError(f"configuration {name!r} not in plans.json (it has {', '.join(configs)})", path, "give the folder of a configuration these plans define")
+            raise MedalloyError(
+                f"configuration {name!r} not in plans.json (it has {', '.join(configs)})", path, "give the folder of a configuration these plans define"
+            )
         chain.append(name)
         name = configs[name].get("inherits_from", name)
     if name != chain[-1]:
@@ -249,7 +264,9 @@ def _configuration(plans: dict[str, Any], name: str, path: Path) -> dict[str, An
     for n in reversed(chain):
         cfg.update(configs[n])
     if cfg.get("previous_stage"):
-        raise MedalloyError(f"cascade configuration {chain[0]!r} needs the low-resolution stage's prediction as input", path, "import the 3d_lowres or 3d_fullres model instead")
+        raise MedalloyError(
+            f"cascade configuration {chain[0]!r} needs the low-resolution stage's prediction as input", path, "import the 3d_lowres or 3d_fullres model instead"
+        )
     if "architecture" not in cfg:
         raise MedalloyError("plans.json has no 'architecture' entry (written before nnU-Net v2.3)", path, "import models planned by nnU-Net v2.3 or later")
     return cfg
@@ -259,7 +276,9 @@ def _axes(plans: dict[str, Any], dataset_json: dict[str, Any], dim: int, path: P
     """``perm[k]``: the nnU-Net network axis that is medalloy's network axis ``k``; and for a 2D
     configuration on volumes, the medalloy array axis nnU-Net slices (module doc)."""
     ending = str(dataset_json.get("file_ending", "")).lower()
-    reader = plans.get("image_reader_writer") or dataset_json.get("overwrite_image_reader_writer") or ("NaturalImage2DIO" if ending in _NATURAL else "SimpleITKIO")
+    reader = (
+        plans.get("image_reader_writer") or dataset_json.get("overwrite_image_reader_writer") or ("NaturalImage2DIO" if ending in _NATURAL else "SimpleITKIO")
+    )
     t = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
     if sorted(t) != [0, 1, 2]:
         raise MedalloyError(f"transpose_forward {t} is not a permutation of three axes", path, "use the plans.json nnU-Net wrote")
@@ -270,7 +289,11 @@ def _axes(plans: dict[str, Any], dataset_json: dict[str, Any], dim: int, path: P
     elif reader in ("SimpleITKIO", "NibabelIO"):
         medalloy_axis = {0: 2, 1: 1, 2: 0}  # reader axes (k, j, i); medalloy keeps nibabel's (i, j, k)
     else:
-        raise MedalloyError(f"nnU-Net reader {reader} orders or orients voxels in a way medalloy does not reproduce", path, "import models planned with SimpleITKIO, NibabelIO or NaturalImage2DIO")
+        raise MedalloyError(
+            f"nnU-Net reader {reader} orders or orients voxels in a way medalloy does not reproduce",
+            path,
+            "import models planned with SimpleITKIO, NibabelIO or NaturalImage2DIO",
+        )
     net_axes = t[1:] if dim == 2 else t
     perm = sorted(range(dim), key=lambda a: medalloy_axis[net_axes[a]])  # medalloy's 2D slices keep the in-plane axes ascending
     slice_axis = medalloy_axis.get(t[0]) if dim == 2 else None  # 2D images: no slice axis
@@ -283,7 +306,11 @@ def _labels(dataset_json: dict[str, Any], path: Path) -> dict[str, int]:
     if not isinstance(raw, dict) or not raw:
         raise MedalloyError("dataset.json has no 'labels'", path, "use the dataset.json nnU-Net wrote beside plans.json")
     if "regions_class_order" in dataset_json or any(not isinstance(v, int) for v in raw.values()):
-        raise MedalloyError("region-based nnU-Net model (labels as lists, regions_class_order)", path, "import a model trained with one integer per label: medalloy predicts one label per voxel")
+        raise MedalloyError(
+            "region-based nnU-Net model (labels as lists, regions_class_order)",
+            path,
+            "import a model trained with one integer per label: medalloy predicts one label per voxel",
+        )
     return {k: v for k, v in raw.items() if k != "ignore"}
 
 
@@ -301,7 +328,11 @@ def _normalization(plans: dict[str, Any], cfg: dict[str, Any], channels: int, pa
             raise MedalloyError(f"normalisation {scheme} of channel {c} is not supported", path, f"supported: {', '.join(_NORMS)}")
         if c < len(masked) and masked[c]:
             # nnU-Net then z-scores inside the non-zero mask only and zeroes the rest: medalloy has no such mask.
-            raise MedalloyError(f"channel {c} uses a masked z-score (use_mask_for_norm)", path, "medalloy's preprocessing does not reproduce it; import a model planned without it")
+            raise MedalloyError(
+                f"channel {c} uses a masked z-score (use_mask_for_norm)",
+                path,
+                "medalloy's preprocessing does not reproduce it; import a model planned without it",
+            )
         if short == "CTNormalization":
             s = stats.get(str(c), {})
             if not all(k in s for k in ("mean", "std", "percentile_00_5", "percentile_99_5")):
@@ -352,7 +383,9 @@ def _plan(plans: dict, cfg: dict, dataset_json: dict, cfg_name: str, path: Path,
         )
     except (ValidationError, KeyError, TypeError, ValueError) as exc:
         why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else f"{exc.__class__.__name__}: {exc}"
-        raise MedalloyError(f"configuration {cfg_name!r} does not describe a U-Net medalloy can run ({why})", path, "use the plans.json nnU-Net wrote") from None
+        raise MedalloyError(
+            f"configuration {cfg_name!r} does not describe a U-Net medalloy can run ({why})", path, "use the plans.json nnU-Net wrote"
+        ) from None
     return plan, perm
 
 
@@ -368,7 +401,11 @@ def _layer(name: str, path: Path) -> Any:
         return getattr(torch.nn, cls)
     if name in _DNA_BLOCKS:
         return getattr(importlib.import_module("dynamic_network_architectures.building_blocks.residual"), _DNA_BLOCKS[name])
-    raise MedalloyError(f"layer {name!r} is not on medalloy's list of torch.nn layers", path, "use the plans.json nnU-Net wrote (torch.nn convolutions, norms, dropout, activations)")
+    raise MedalloyError(
+        f"layer {name!r} is not on medalloy's list of torch.nn layers",
+        path,
+        "use the plans.json nnU-Net wrote (torch.nn convolutions, norms, dropout, activations)",
+    )
 
 
 def _network(cfg: dict[str, Any], plan: Plan, perm: list[int], path: Path) -> tuple[nn.Module, dict[str, int]]:

@@ -22,6 +22,7 @@ from medalloy.runtime.sidecar import INPUT, OUTPUT, SIDECAR_FORMAT, SIDECAR_VERS
 
 __all__ = ["INPUT", "OUTPUT", "SIDECAR_FORMAT", "SIDECAR_VERSION", "OnnxModule", "file_sha256", "load_onnx", "read_sidecar", "sidecar_path"]
 
+
 class OnnxModule(nn.Module):
     """An ONNX Runtime session as a module: float32 in, float32 logits out (CPU)."""
 

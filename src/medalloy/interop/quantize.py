@@ -40,7 +40,7 @@ def quantize_int8(src: str | Path, dst: str | Path, mode: QuantMode, calibration
     try:
         from onnxruntime import quantization as q
     except ImportError:
-        raise MedalloyError("int8 quantization needs onnxruntime", src, 'pip install onnxruntime (part of the base install)') from None
+        raise MedalloyError("int8 quantization needs onnxruntime", src, "pip install onnxruntime (part of the base install)") from None
     src, dst = Path(src), Path(dst)
     # the quantizer's own notes (skipped nodes, pre-processing advice) are not the user's concern
     logging.getLogger("root").setLevel(logging.ERROR)

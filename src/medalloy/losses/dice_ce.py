@@ -19,9 +19,7 @@ class DiceCELoss(nn.Module):
 
     def __init__(self, include_background: bool = False, batch: bool = True, smooth: float = 1e-5):
         super().__init__()
-        self.loss = _MonaiDiceCE(
-            include_background=include_background, to_onehot_y=True, softmax=True, batch=batch, smooth_nr=smooth, smooth_dr=smooth
-        )
+        self.loss = _MonaiDiceCE(include_background=include_background, to_onehot_y=True, softmax=True, batch=batch, smooth_nr=smooth, smooth_dr=smooth)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.ndim == logits.ndim - 1:

@@ -51,6 +51,6 @@ class KernelMMDLoss(nn.Module):
             return ((gram(t) - gram(s)) ** 2).sum((1, 2)).mean() / (n * n)
 
         def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.exp(-torch.cdist(a.transpose(1, 2), b.transpose(1, 2)) ** 2 / (2 * self.sigma**2))
+            return torch.exp(-(torch.cdist(a.transpose(1, 2), b.transpose(1, 2)) ** 2) / (2 * self.sigma**2))
 
         return (k(t, t).mean((1, 2)) + k(s, s).mean((1, 2)) - 2 * k(t, s).mean((1, 2))).mean()

@@ -85,14 +85,15 @@ class HermesNet(nn.Module):
         if unknown:
             raise ValueError(f"unknown fusion stages {unknown}; the backbone has {list(paths)}")
         self.fusion = nn.ModuleDict(
-            {s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width, identity_init, prior_init_std) for s in self.fusion_stages}
+            {
+                s: PriorFusionLayer(channels[s], n_tasks, n_modalities, depth, tokens_per_modality, fusion_width, identity_init, prior_init_std)
+                for s in self.fusion_stages
+            }
         )
         out_dim = channels["dec0"]
         if self.fusion:
             token_dim = sum(layer.width for layer in self.fusion.values())
-            self.task_head = nn.Sequential(
-                nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim)
-            )
+            self.task_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, out_dim))
         # One vector per task, N(0, 1/C0): without priors it is the whole 1x1 output head (the "no
         # priors" baseline); with priors (``task_anchors``) an anchor added to the fused prototype.
         # Task tokens start at 0.02 scale and read the same image, so the prototypes the head makes

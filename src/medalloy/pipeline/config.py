@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,7 +64,7 @@ def budget_minutes(value: str | float | int | None) -> float | None:
     return minutes
 
 
-Budget = Annotated[Union[str, float, None], Field(description="a duration: 90m, 1.5h, 45s or minutes as a number")]
+Budget = Annotated[str | float | None, Field(description="a duration: 90m, 1.5h, 45s or minutes as a number")]
 
 
 class _Strict(BaseModel):
@@ -198,7 +198,7 @@ class ReportStage(StageBase):
 
 
 Stage = Annotated[
-    Union[PretrainStage, ExpertsStage, UniversalStage, AmalgamateStage, DistillStage, ExportStage, EvaluateStage, ReportStage],
+    PretrainStage | ExpertsStage | UniversalStage | AmalgamateStage | DistillStage | ExportStage | EvaluateStage | ReportStage,
     Field(discriminator="kind"),
 ]
 MODEL_KINDS = ("experts", "universal", "amalgamate", "distill", "export")

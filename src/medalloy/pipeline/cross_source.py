@@ -93,7 +93,9 @@ def _score(ctx: Context, model_path: Path, d: str, ids: list[str], tasks: list[s
         name = f"{cid}{raw.spec.file_ending}"
         g, gmeta = read_label(raw.case(cid).label)
         write_label(gt / name, np.where(np.isin(g, [own[t] for t in tasks]), g, 0), gmeta)
-    return evaluate_folders(pred, gt, dataset=ctx.datasets[d].path, labels={t: own[t] for t in tasks}, out_dir=folder, overlays=False, overwrite=True, progress=False)
+    return evaluate_folders(
+        pred, gt, dataset=ctx.datasets[d].path, labels={t: own[t] for t in tasks}, out_dir=folder, overlays=False, overwrite=True, progress=False
+    )
 
 
 @dataclass
@@ -269,6 +271,7 @@ def cross_source_rows(ctx: Context, p: StagePlan) -> tuple[list[dict[str, Any]],
     candidates = [n for n in ctx.records if n in p.needs and ctx.records[n]["kind"] in RETRAINED]
     stages = _with_inputs(ctx, candidates)
     notes = [f"{n}: scored by the rows of the stage it exports (the same weights)" for n in ctx.records if n in p.needs and ctx.records[n]["kind"] == "export"]
+
     def sets(names: list[str]) -> list[str]:
         return sorted({d for n in names for m in ctx.models_of(n) for d in m["datasets"]}, key=list(ctx.datasets).index)
 
@@ -295,14 +298,23 @@ def cross_source_rows(ctx: Context, p: StagePlan) -> tuple[list[dict[str, Any]],
             cfg = recipe_config(ctx.cfg.stages[stage], ctx.cfg.seed, ctx.cfg.device, budget)
             for job in jobs:
                 ctx.log(f"{p.name}: {job.what}")
-                train_run(job.folder, lambda resume, overwrite, job=job: job.train(cfg, resume, overwrite))
+                train_run(job.folder, lambda resume, overwrite, job=job, cfg=cfg: job.train(cfg, resume, overwrite))
             for name, path, shared, as_dataset in _answers(ctx, stage, w, dom) if stage in candidates else []:
                 out = dom.base / stage / "scores" / name.replace("/", "-").replace(" ", "_")
                 result = _score(ctx, path, dom.dataset, dom.ids, shared, out, as_dataset)
-                row = {"stage": stage, "model": name, "dataset": dom.dataset, "source": dom.source, "tasks": shared, "cases": len(dom.ids), "summary": result["summary"]}
+                row = {
+                    "stage": stage,
+                    "model": name,
+                    "dataset": dom.dataset,
+                    "source": dom.source,
+                    "tasks": shared,
+                    "cases": len(dom.ids),
+                    "summary": result["summary"],
+                }
                 write_json_atomic(out / "row.json", row)
                 rows.append(row)
     return rows, notes
+
 
 def cross_source_dice(rows: list[dict[str, Any]], stage: str, dataset: str) -> float | None:
     """A stage's mean Dice over its rows on ``dataset``'s sources (None: no row)."""

@@ -114,9 +114,7 @@ def _build(name: str, entry: DatasetEntry, target: Path, progress: bool) -> Path
     return target
 
 
-def resolve_datasets(
-    entries: dict[str, DatasetEntry], data_dir: Path, build: bool, progress: bool = True, held_out: float = 0.2
-) -> dict[str, ResolvedDataset]:
+def resolve_datasets(entries: dict[str, DatasetEntry], data_dir: Path, build: bool, progress: bool = True, held_out: float = 0.2) -> dict[str, ResolvedDataset]:
     """Each entry as a raw folder with its key (which includes the held-out share where one is
     drawn). ``build=False`` (a dry run) writes nothing: an imported or synthetic dataset not yet
     built is keyed by its sources alone."""

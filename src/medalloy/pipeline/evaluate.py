@@ -49,7 +49,9 @@ def _score(ctx: Context, model: dict[str, Any], dataset: str, folder: Path, over
         labels.mkdir(parents=True, exist_ok=True)
         for cid in split["test"]:
             shutil.copyfile(raw.case(cid).label, labels / f"{cid}{raw.spec.file_ending}")
-        predict_cases(ctx.path(model), ds.path, split["test"], folder / "predictions", device="cpu", overwrite=True, progress=ctx.progress, as_dataset=as_dataset)
+        predict_cases(
+            ctx.path(model), ds.path, split["test"], folder / "predictions", device="cpu", overwrite=True, progress=ctx.progress, as_dataset=as_dataset
+        )
     else:
         images, labels = ds.path / "imagesTs", ds.path / "labelsTs"
         if not (images.is_dir() and labels.is_dir()):

@@ -72,7 +72,9 @@ def _stage_or_path(value: str, stages: dict[str, StageBase], kinds: tuple[str, .
     path = Path(value)
     if not path.exists():
         known = ", ".join(n for n, s in stages.items() if s.kind in kinds) or "none"
-        raise MedalloyError(f"stage '{who}' reads '{value}': no such stage (its {'/'.join(kinds)} stages: {known}) and no such path", fix="name a stage or an existing folder")
+        raise MedalloyError(
+            f"stage '{who}' reads '{value}': no such stage (its {'/'.join(kinds)} stages: {known}) and no such path", fix="name a stage or an existing folder"
+        )
     return path
 
 
@@ -103,7 +105,10 @@ def _wiring(name: str, stage: StageBase, stages: dict[str, StageBase], all_datas
         else:
             needs += [n for n, s in stages.items() if s.kind in ("experts", "universal", "amalgamate")]
             if not needs:
-                raise MedalloyError(f"stage '{name}' asks for the best teacher, but the pipeline trains no experts, universal or amalgamate stage", fix="add one or name a teacher run")
+                raise MedalloyError(
+                    f"stage '{name}' asks for the best teacher, but the pipeline trains no experts, universal or amalgamate stage",
+                    fix="add one or name a teacher run",
+                )
     elif isinstance(stage, ExportStage):
         read(stage.from_, ("experts", "universal", "amalgamate", "distill"))
     elif isinstance(stage, EvaluateStage):

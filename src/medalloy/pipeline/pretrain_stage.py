@@ -25,7 +25,9 @@ def _pairs(ctx: Context, p: StagePlan) -> tuple[Path, Path | None, Path | None]:
     made = generate_report_pairs(data / "train", n_cases=s.cases, size=size, seed=seed, text_only=s.text_only, overwrite=True, progress=ctx.progress)
     test = None
     if s.test_cases:
-        test = generate_report_pairs(data / "test", n_cases=s.test_cases, text_only=0, size=size, seed=seed + SYNTHETIC_TEST_SEED, overwrite=True, progress=ctx.progress)
+        test = generate_report_pairs(
+            data / "test", n_cases=s.test_cases, text_only=0, size=size, seed=seed + SYNTHETIC_TEST_SEED, overwrite=True, progress=ctx.progress
+        )
     return made / "pairs.csv", (made / "reports.csv") if s.text_only else None, None if test is None else test / "pairs.csv"
 
 
@@ -57,14 +59,15 @@ def held_out_scores(run: Path, test_pairs: Path, size: int, classes: list[str] |
 
 
 def run_pretrain(ctx: Context, p: StagePlan) -> dict[str, Any]:
-    from medalloy.recipes.pretrain import pretrain
-
     from medalloy.engine.distributed import current, from_main
+    from medalloy.recipes.pretrain import pretrain
 
     pairs, text_only, test_pairs = from_main(lambda: _pairs(ctx, p), current())  # rank 0 writes the synthetic pairs
     cfg = ctx.recipe_config(p, p.budget)
     folder = ctx.root / p.name / "run"
-    summary = train_run(folder, lambda resume, overwrite: pretrain(pairs, folder, text_only=text_only, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress))
+    summary = train_run(
+        folder, lambda resume, overwrite: pretrain(pairs, folder, text_only=text_only, config=cfg, resume=resume, overwrite=overwrite, progress=ctx.progress)
+    )
     model = {
         "name": f"{p.name}/run", "stage": p.name, "path": f"{p.name}/run", "format": "pretrain", "datasets": [],
         "params": summary.get("params"), "seconds": summary.get("seconds"), "steps": summary.get("steps"),

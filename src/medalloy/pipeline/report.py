@@ -139,7 +139,7 @@ def _json_field(path: Path, keys: tuple[str, ...]) -> str | None:
 
 def _figures(ctx: Context, rows: list[dict[str, Any]]) -> list[str]:
     lines = []
-    for name, rec in ctx.records.items():
+    for rec in ctx.records.values():
         for m in rec.get("models", []):
             curve = ctx.path(m) / "training_curve.png"
             if m.get("format") == "run" and curve.is_file():
@@ -178,7 +178,15 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     rec = recommend(rows, st.tolerance, cross)  # type: ignore[attr-defined]
     lines = [f"# medalloy pipeline report: {ctx.cfg.name}", "", "## Held-out cases", ""]
     if rows:
-        lines += ["Dice / HD95 on each dataset's held-out cases (its `imagesTs`, or the share the pipeline held out), by the model of each stage.", "", *_held_out_table(rows), "", "## Models", "", *_model_table(rows)]
+        lines += [
+            "Dice / HD95 on each dataset's held-out cases (its `imagesTs`, or the share the pipeline held out), by the model of each stage.",
+            "",
+            *_held_out_table(rows),
+            "",
+            "## Models",
+            "",
+            *_model_table(rows),
+        ]
     else:
         lines.append("No evaluate stage ran, or no dataset has held-out labels (imagesTs + labelsTs).")
     lines += ["", "## Recommended model per dataset", ""]
@@ -218,7 +226,9 @@ def run_report(ctx: Context, p: StagePlan) -> dict[str, Any]:
     text = "\n".join(lines).rstrip() + "\n"
     write_text_atomic(ctx.root / "report.md", text)
     write_text_atomic(ctx.root / "report.html", markdown_to_html(text, ctx.root, f"medalloy report: {ctx.cfg.name}"))
-    stages = {n: {k: r.get(k) for k in ("kind", "key", "seconds", "note", "models", "held_out", "teacher") if r.get(k) is not None} for n, r in ctx.records.items()}
+    stages = {
+        n: {k: r.get(k) for k in ("kind", "key", "seconds", "note", "models", "held_out", "teacher") if r.get(k) is not None} for n, r in ctx.records.items()
+    }
     write_json_atomic(ctx.root / "report.json", {"name": ctx.cfg.name, "rows": rows, "cross_source": cross, "recommendation": rec, "stages": stages})
     return {"models": [], "report": "report.md", "note": "report.html, report.md, report.json", "recommendation": rec}
 

@@ -122,7 +122,9 @@ def _check_static(order: list[StagePlan], datasets: dict[str, ResolvedDataset], 
     if info is not None and info.enabled:
         loso = [p.name for p in order if getattr(p.stage, "leave_one_source_out", False)]
         if loso:
-            raise MedalloyError(f"stage '{loso[0]}': leave_one_source_out retrains inside evaluate, which runs on rank 0 alone", fix="run that pipeline without torchrun")
+            raise MedalloyError(
+                f"stage '{loso[0]}': leave_one_source_out retrains inside evaluate, which runs on rank 0 alone", fix="run that pipeline without torchrun"
+            )
     for p in order:
         if isinstance(p.stage, DistillStage) and p.stage.teacher in by_name:
             missing = [d for d in p.datasets if d not in by_name[p.stage.teacher].datasets]
@@ -184,7 +186,9 @@ def run(
             continue
         missing = [n for n in p.needs if n not in ctx.records]
         if missing:
-            raise MedalloyError(f"stage '{p.name}' reads '{missing[0]}', which has not finished", root, f"run without --only/--until, or add --only {missing[0]}")
+            raise MedalloyError(
+                f"stage '{p.name}' reads '{missing[0]}', which has not finished", root, f"run without --only/--until, or add --only {missing[0]}"
+            )
 
         def begin(p: StagePlan = p, status: str = status, why: str = row["why"]) -> None:
             if status == "run" and (root / p.name).exists():
@@ -202,7 +206,13 @@ def run(
         else:
             record = from_main(lambda p=p: runner_for(p.kind)(ctx, p), info)
         seconds = broadcast_object(time.perf_counter() - t0, info)
-        state["stages"][p.name] = {**state["stages"][p.name], **record, "status": "done", "seconds": round(seconds, 1), "finished": broadcast_object(_now(), info)}
+        state["stages"][p.name] = {
+            **state["stages"][p.name],
+            **record,
+            "status": "done",
+            "seconds": round(seconds, 1),
+            "finished": broadcast_object(_now(), info),
+        }
         ctx.records[p.name] = state["stages"][p.name]
         from_main(lambda: write_json_atomic(root / STATE_FILE, state), info)
         note = record.get("note")

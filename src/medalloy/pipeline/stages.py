@@ -131,7 +131,9 @@ def train_expert_job(job: ExpertJob) -> dict[str, Any]:
     cfg = ExpertConfig.model_validate(job.config)
     return train_run(
         job.folder,
-        lambda resume, overwrite: train_expert(job.dataset, job.folder, config=cfg, init=job.init, split=job.split, resume=resume, overwrite=overwrite, progress=job.progress),
+        lambda resume, overwrite: train_expert(
+            job.dataset, job.folder, config=cfg, init=job.init, split=job.split, resume=resume, overwrite=overwrite, progress=job.progress
+        ),
     )
 
 
@@ -185,7 +187,13 @@ def run_universal(ctx: Context, p: StagePlan) -> dict[str, Any]:
 
     cfg = ctx.recipe_config(p, p.budget)
     paths = [ctx.datasets[d].path for d in p.datasets]
-    return _multi(ctx, p, lambda resume, overwrite: train_universal(paths, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress))
+    return _multi(
+        ctx,
+        p,
+        lambda resume, overwrite: train_universal(
+            paths, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress
+        ),
+    )
 
 
 def run_amalgamate(ctx: Context, p: StagePlan) -> dict[str, Any]:
@@ -200,7 +208,11 @@ def run_amalgamate(ctx: Context, p: StagePlan) -> dict[str, Any]:
     cfg = ctx.recipe_config(p, p.budget)
     paths = [ctx.datasets[d].path for d in p.datasets]
     return _multi(
-        ctx, p, lambda resume, overwrite: train_amalgamate(paths, experts, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress)
+        ctx,
+        p,
+        lambda resume, overwrite: train_amalgamate(
+            paths, experts, ctx.root / p.name, config=cfg, splits=ctx.splits_of(p.datasets), resume=resume, overwrite=overwrite, progress=ctx.progress
+        ),
     )
 
 
@@ -245,9 +257,12 @@ def run_distill(ctx: Context, p: StagePlan) -> dict[str, Any]:
         folder = ctx.root / p.name / group[0] if per_dataset else ctx.root / p.name
         paths = [ctx.datasets[d].path for d in group]
         ctx.log(f"{p.name}: a student of {teacher_path.relative_to(ctx.root) if teacher_path.is_relative_to(ctx.root) else teacher_path} on {', '.join(group)}")
-        summary = train_run(
-            folder, lambda resume, overwrite: train_distill(paths, teacher_path, folder, config=cfg, split=ctx.splits_of(group), resume=resume, overwrite=overwrite, progress=ctx.progress)
-        )
+        split = ctx.splits_of(group)
+
+        def train(resume: bool, overwrite: bool, paths=paths, teacher_path=teacher_path, folder=folder, split=split) -> dict[str, Any]:
+            return train_distill(paths, teacher_path, folder, config=cfg, split=split, resume=resume, overwrite=overwrite, progress=ctx.progress)
+
+        summary = train_run(folder, train)
         entry = model_entry(ctx, p.name, folder, group, summary)
         entry["teacher"] = teacher_path.relative_to(ctx.root).as_posix() if teacher_path.is_relative_to(ctx.root) else str(teacher_path)
         models.append(entry)
@@ -267,7 +282,17 @@ def run_export(ctx: Context, p: StagePlan) -> dict[str, Any]:
             out = ctx.root / p.name / f"{stem}.onnx"
             ctx.log(f"{p.name}: {m['name']}{f' ({d})' if many else ''} -> {out.relative_to(ctx.root)}")
             export_onnx(ctx.path(m), out, dataset=ctx.datasets[d].raw.name if many else None, opset=st.opset, overwrite=True, quantize=st.quantize)  # type: ignore[attr-defined]
-            models.append({**m, "name": f"{p.name}/{stem}", "stage": p.name, "path": out.relative_to(ctx.root).as_posix(), "format": "onnx", "datasets": [d], "from": m["name"]})
+            models.append(
+                {
+                    **m,
+                    "name": f"{p.name}/{stem}",
+                    "stage": p.name,
+                    "path": out.relative_to(ctx.root).as_posix(),
+                    "format": "onnx",
+                    "datasets": [d],
+                    "from": m["name"],
+                }
+            )
     if source not in ctx.records:
         raise MedalloyError(f"stage '{p.name}' exports '{source}', which has not finished", fix=f"run '{source}' first")
     return {"models": models, "note": f"{len(models)} ONNX model(s)"}

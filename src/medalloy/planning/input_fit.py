@@ -123,7 +123,9 @@ def choose_plan(plans: dict[str, Plan], geometry: InputGeometry, tolerance: floa
     if known[best] <= tolerance:
         return PlanFit(best, False, f"inputs of {geometry.describe()} are closest to {best}'s typical {typical} (x{known[best]:.2f}){versus}")
     if geometry.spacing is None:
-        reason = f"inputs of {geometry.describe()} fit no candidate within x{tolerance:g}; the closest is {best}, typical {typical} (x{known[best]:.2f}){versus}"
+        reason = (
+            f"inputs of {geometry.describe()} fit no candidate within x{tolerance:g}; the closest is {best}, typical {typical} (x{known[best]:.2f}){versus}"
+        )
         return PlanFit(best, True, reason)
     return PlanFit(best, False, f"inputs of {geometry.describe()} are closest to {best}'s typical {typical} (x{known[best]:.2f}, by their spacing){versus}")
 

@@ -61,7 +61,9 @@ def common_in_channels(plans: dict[str, Plan]) -> int:
 def dataset_plan(own: Plan, patch: list[int], network: NetworkPlan, batch: int, label_values: list[int], note: str) -> Plan:
     """A dataset's own plan with its patch and batch in the shared model, the shared network, and
     its classes in the model's order (``label_values``, background first)."""
-    return own.model_copy(update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": list(label_values), "notes": own.notes + [note]})
+    return own.model_copy(
+        update={"patch_size": list(patch), "network": network, "batch_size": int(batch), "label_values": list(label_values), "notes": own.notes + [note]}
+    )
 
 
 def shared_network(patch: int, base_filters: int, max_filters: int, dim: int = 2) -> tuple[list[int], NetworkPlan]:

@@ -152,7 +152,9 @@ def target_spacing_2d(median: np.ndarray, spacing: list[float], max_side: int) -
     """Median spacing, scaled up uniformly when the median image side exceeds ``max_side`` (rule 2)."""
     side = float(median.max())
     if side <= max_side:
-        return list(spacing), f"target spacing {_fmt(spacing)}: median spacing (median image {_fmt(np.rint(median).astype(int).tolist())} fits max_2d_side={max_side})"
+        return list(
+            spacing
+        ), f"target spacing {_fmt(spacing)}: median spacing (median image {_fmt(np.rint(median).astype(int).tolist())} fits max_2d_side={max_side})"
     factor = side / max_side
     target = [float(s * factor) for s in spacing]
     return target, (
@@ -176,7 +178,10 @@ def target_spacing_3d(shapes: list[list[int]], spacings: list[list[float]], spac
         else:
             sp = sp * 1.05
     target = [float(round(s, 6)) for s in sp]
-    return target, f"target spacing {_fmt(target)}: median spacing {_fmt(spacing)} coarsened so the median volume is <= {VOLUME_SLACK_3D} x max_3d_voxels={max_voxels}"
+    return (
+        target,
+        f"target spacing {_fmt(target)}: median spacing {_fmt(spacing)} coarsened so the median volume is <= {VOLUME_SLACK_3D} x max_3d_voxels={max_voxels}",
+    )
 
 
 def _kernel(spacing: np.ndarray, reference: float, dim: int) -> list[int]:

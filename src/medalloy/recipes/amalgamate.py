@@ -266,7 +266,9 @@ class AmalgamateRecipe(MultiDatasetRecipe[AmalgamateConfig]):
         self.loaded = [load_frozen_expert(e) for e in self.expert_paths]
         for _, plan, _, spec in self.loaded:
             if plan.dim != self.cfg.dim:
-                raise MedalloyError(f"a {plan.dim}D expert in a {self.cfg.dim}D amalgamation", spec["source"], f"give {self.cfg.dim}D experts or set dim: {plan.dim}")
+                raise MedalloyError(
+                    f"a {plan.dim}D expert in a {self.cfg.dim}D amalgamation", spec["source"], f"give {self.cfg.dim}D experts or set dim: {plan.dim}"
+                )
         self.registry = build_registry(self.dss, self.cfg.task_names)
 
     def inputs(self) -> dict[str, Any]:
@@ -292,7 +294,9 @@ class AmalgamateRecipe(MultiDatasetRecipe[AmalgamateConfig]):
         for k, e in enumerate(experts):
             if e["dataset"] is not None and k not in paired and progress:  # e.g. an nnU-Net expert whose labels were renumbered
                 values = sorted(self.registry.datasets[e["dataset"]]["labels"].values())
-                print(f"warning: expert {e['source']} (of {e['dataset']}) has none of its label values {values} (it has {e['label_values']}): no expert prior from it")
+                print(
+                    f"warning: expert {e['source']} (of {e['dataset']}) has none of its label values {values} (it has {e['label_values']}): no expert prior from it"
+                )
         return links.task
 
     def train_spec(self, run: Run, split: dict[str, Any]) -> TrainSpec:

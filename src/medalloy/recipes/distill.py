@@ -43,7 +43,6 @@ from medalloy.planning.input_fit import dataset_geometry, misfit
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.config import SegmentationConfig
 from medalloy.recipes.registry import load_checkpoint_model, register
-from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
     Recipe,
     Run,
@@ -58,6 +57,7 @@ from medalloy.recipes.scaffold import (
     split_record,
     task_entry,
 )
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.students import build_student, default_stem
 from medalloy.runs import resolve_checkpoint
 from medalloy.seeding import seed_everything
@@ -284,7 +284,9 @@ class DistillRecipe(Recipe[DistillConfig]):
         for d in self.dss:
             ratio = misfit(self.plan, dataset_geometry(d)) if self.plan.median_shape else None
             if ratio is not None:
-                self.rescaled[d.name] = f"{d.name}: images x{ratio:.2f} off the plan's typical {'x'.join(map(str, self.plan.median_shape))} px, each resampled to it"
+                self.rescaled[d.name] = (
+                    f"{d.name}: images x{ratio:.2f} off the plan's typical {'x'.join(map(str, self.plan.median_shape))} px, each resampled to it"
+                )
         if self.rescaled:
             self.plan = self.plan.model_copy(update={"notes": self.plan.notes + list(self.rescaled.values())})
             if run.progress:
@@ -322,12 +324,16 @@ class DistillRecipe(Recipe[DistillConfig]):
         samplers, samples, self.train_cases, self.val_sets = [], [], {}, []
         for d, is_full in zip(self.dss, self.full):
             rescale = d.name in self.rescaled
-            train_prep = cache_cases(d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress, rescale=rescale)
+            train_prep = cache_cases(
+                d, cases_of(d, ids[d.name]["train"]), plan, pad=True, seed=seed, desc=f"{d.name}: caching train", progress=run.progress, rescale=rescale
+            )
             samplers.append(PatchSampler(train_prep, plan.patch_size, plan.batch_size, plan.dim, seed, plan.foreground_oversample, cfg.augment))
             self.train_cases[d.name] = len(train_prep)
             samples.append(sample_count(train_prep, plan.dim))
             # validation: a partially labelled dataset scores the classes it labels (its "background" hides the others)
-            val_prep = cache_cases(d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress, rescale=rescale)
+            val_prep = cache_cases(
+                d, cases_of(d, ids[d.name]["val"]), plan, pad=False, seed=seed, desc=f"{d.name}: caching val", progress=run.progress, rescale=rescale
+            )
             if val_prep:
                 labelled = None if is_full else [plan.label_values.index(v) for v in sorted(v for v in d.spec.labels.values() if v)]
                 self.val_sets.append((d.name, val_prep, labelled))
@@ -409,8 +415,11 @@ class DistillRecipe(Recipe[DistillConfig]):
             "plan": self.plan.model_dump(mode="json"),
             "activation": self.activation,
             "teacher": {
-                "path": str(self.teacher), "method": tr.get("method"), "name": tr.get("name"),
-                "params": count_parameters(self.teacher_model), "steps": tr.get("total_steps"),
+                "path": str(self.teacher),
+                "method": tr.get("method"),
+                "name": tr.get("name"),
+                "params": count_parameters(self.teacher_model),
+                "steps": tr.get("total_steps"),
             },  # fmt: skip
             "losses": cfg.losses,
             "params": count_parameters(self.student),

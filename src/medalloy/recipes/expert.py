@@ -34,7 +34,6 @@ from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.config import SegmentationConfig, load_recipe_config
 from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
 from medalloy.recipes.registry import register
-from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.scaffold import (
     Recipe,
     Run,
@@ -50,6 +49,7 @@ from medalloy.recipes.scaffold import (
     split_record,
     task_entry,
 )
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.seeding import seed_everything
 
 METHOD = "expert"
@@ -197,7 +197,14 @@ class ExpertRecipe(Recipe[ExpertConfig]):
 
     def result(self, summary: dict[str, Any]) -> dict[str, Any]:
         r = self.record
-        return {"name": self.ds.name, "fold": self.cfg.fold, "train_cases": len(self.train_prep), "val_cases": len(self.val_prep), "params": r["params"], "init": r["init"]}
+        return {
+            "name": self.ds.name,
+            "fold": self.cfg.fold,
+            "train_cases": len(self.train_prep),
+            "val_cases": len(self.val_prep),
+            "params": r["params"],
+            "init": r["init"],
+        }
 
 
 def train_expert(

@@ -223,7 +223,9 @@ def dataset_sources(
     for ds in dss:
         plan, entry = plans[ds.name], registry.datasets[ds.name]
         prepared = cache_cases(ds, cases_of(ds, ids[ds.name]["train"]), plan, pad=True, seed=seed, desc=f"{ds.name}: caching train", progress=run.progress)
-        val_cases[ds.name] = cache_cases(ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress)
+        val_cases[ds.name] = cache_cases(
+            ds, cases_of(ds, ids[ds.name]["val"]), plan, pad=False, seed=seed, desc=f"{ds.name}: caching val", progress=run.progress
+        )
         sampler = PatchSampler(prepared, plan.patch_size, 1, plan.dim, seed, plan.foreground_oversample, cfg.augment)
         order = tasks_in_label_order(entry)
         task_ids = [registry.tasks.index(k) for k in order]

@@ -137,7 +137,7 @@ class SourceKind:
 
     name: str
     matches: Callable[[Path], bool]
-    resolve: Callable[[Path, "str | None"], Path]
+    resolve: Callable[[Path, str | None], Path]
     load: Loader
     no_tasks: tuple[str, str]
 
@@ -184,7 +184,13 @@ def load_model(source: str | Path, device: str = "cpu", dataset: str | None = No
 
 
 def load_task_model(
-    source: str | Path, tasks: list[str], dataset: str | None = None, modality: str | None = None, device: str = "cpu", which: str = "best", geometry: Any = None
+    source: str | Path,
+    tasks: list[str],
+    dataset: str | None = None,
+    modality: str | None = None,
+    device: str = "cpu",
+    which: str = "best",
+    geometry: Any = None,
 ) -> tuple[nn.Module, Plan, dict[str, Any], str]:
     """:func:`load_checkpoint_tasks` of a run folder or checkpoint; other kinds of source are refused in one line."""
     src = resolve_source(source, which)

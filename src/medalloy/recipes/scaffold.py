@@ -213,9 +213,7 @@ def explicit_split(ds: RawDataset, split: dict[str, list[str]]) -> tuple[list[Ca
     return [known[i] for i in split["train"]], [known[i] for i in split.get("val", [])]
 
 
-def select_cases(
-    ds: RawDataset, fold: int, folds: int, seed: int, max_val: int, split: dict[str, list[str]] | None = None
-) -> dict[str, list[str]]:
+def select_cases(ds: RawDataset, fold: int, folds: int, seed: int, max_val: int, split: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Training and validation case ids: an explicit ``split``, else the dataset's fold; labelled
     cases only, at most ``max_val`` validation cases."""
     from medalloy.data.splits import split_for_fold

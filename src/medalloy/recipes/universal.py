@@ -39,9 +39,9 @@ from medalloy.models.unet import count_parameters
 from medalloy.planning.multi_dataset import MIXED_BATCH, universal_plans
 from medalloy.planning.plan import NetworkPlan, Plan
 from medalloy.recipes.config import MultiDatasetConfig, load_recipe_config
-from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.recipes.multitask import MultiDatasetRecipe, TaskRegistry, register_multitask
 from medalloy.recipes.scaffold import Run, resolve_config, run_recipe, task_entry
+from medalloy.recipes.spec import ModelSpec, read_spec, register_spec
 from medalloy.seeding import seed_everything
 
 METHOD = "universal"
@@ -56,12 +56,16 @@ class UniversalConfig(MultiDatasetConfig):
     priors: Literal["task+modality", "task", "none"] = Field("task+modality", description="ablations: task priors only, or none (one head per task)")
     fusion_width: int | None = Field(64, ge=8)  # fusion layers at min(channels, width); None: at the backbone's width
     fusion_finest_skipped: int = Field(2, ge=0)  # never at the two finest scales, as the paper
-    fusion_scales: int | None = Field(1, ge=1)  # at the bottleneck (measured: docs/methods/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
+    fusion_scales: int | None = Field(
+        1, ge=1
+    )  # at the bottleneck (measured: docs/methods/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
     task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
-    prior_init_std: float = Field(0.02, gt=0.0)  # task and modality tokens start at N(0, std^2) (1.0 measured worse: docs/methods/hermes.md "What the task head learns")
+    prior_init_std: float = Field(
+        0.02, gt=0.0
+    )  # task and modality tokens start at N(0, std^2) (1.0 measured worse: docs/methods/hermes.md "What the task head learns")
     fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
 
 

@@ -43,7 +43,7 @@ def antialias_weights(n_in: int, n_out: int) -> np.ndarray:
 def resize_linear(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """``x`` ``(..., *spatial)`` float to ``size`` on its last ``len(size)`` axes: linear, with
     antialiasing on every axis when a 2D image shrinks along any (as ``preprocess._resize``)."""
-    spatial = x.shape[-len(size):]
+    spatial = x.shape[-len(size) :]
     if tuple(spatial) == tuple(size):
         return x
     aa = len(size) == 2 and any(s < n for s, n in zip(size, spatial))
@@ -57,7 +57,7 @@ def resize_linear(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
 
 def resize_nearest(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """``x`` ``(..., *spatial)`` to ``size`` by nearest-exact sampling (labels)."""
-    spatial = x.shape[-len(size):]
+    spatial = x.shape[-len(size) :]
     for k, (n_in, n_out) in enumerate(zip(spatial, size)):
         idx = np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
         x = np.take(x, idx, axis=x.ndim - len(size) + k)

@@ -32,7 +32,7 @@ def onnx_session(path: Path, threads: int | None):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MedalloyError("onnxruntime is not installed", path, 'pip install onnxruntime (part of the base install: pip install medalloy)') from None
+        raise MedalloyError("onnxruntime is not installed", path, "pip install onnxruntime (part of the base install: pip install medalloy)") from None
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -50,10 +50,16 @@ def read_sidecar(onnx_file: str | Path) -> dict[str, Any]:
     if not onnx_file.is_file():
         raise MedalloyError("ONNX file not found", onnx_file, "give the path medalloy export wrote")
     if not side.is_file():
-        raise MedalloyError(f"no sidecar {side.name} beside the graph (it holds the plan and labels prediction needs)", onnx_file, "export with medalloy export, which writes both")
+        raise MedalloyError(
+            f"no sidecar {side.name} beside the graph (it holds the plan and labels prediction needs)",
+            onnx_file,
+            "export with medalloy export, which writes both",
+        )
     meta = read_json(side, "sidecar", "export again with medalloy export")
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise MedalloyError("not a medalloy ONNX sidecar", side, "export again with medalloy export")
     if meta.get("onnx_sha256") != file_sha256(onnx_file):
-        raise MedalloyError("the sidecar describes another model (sha256 differs from the graph's)", side, "keep each .onnx with the .onnx.json exported with it")
+        raise MedalloyError(
+            "the sidecar describes another model (sha256 differs from the graph's)", side, "keep each .onnx with the .onnx.json exported with it"
+        )
     return meta
