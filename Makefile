@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test lint install install-dev clean mutation mutation-report
+.PHONY: demo test lint docs install install-dev clean mutation mutation-report
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,onnx,nnunet,text]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,onnx,nnunet,text,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +29,10 @@ lint: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the documentation site (mkdocs.yml) into site/; --strict: a broken link or anchor, or a page missing from the nav, fails
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 # Mutation testing of the method cores (docs/testing.md); not in CI: about 20-30 min on 2 idle cores,
 # about 75 min when the cores are shared. Starts afresh, so edits since the last run are seen; src/ and
@@ -51,4 +55,4 @@ mutation-report:
 	$(BIN)/python tools/mutation_report.py
 
 clean:
-	rm -rf $(VENV) runs mutants
+	rm -rf $(VENV) runs mutants site

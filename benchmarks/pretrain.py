@@ -37,7 +37,7 @@ token_level and hybridmed arms take more steps in the same budget; give it its o
 
 Writes ``benchmarks/results/pretrain/results.json`` (the issue's shape: means over seeds),
 ``raw.json`` (every seed) and ``results.md``; what the runs found is written by people in
-docs/methods/pretraining.md.
+docs/methods/pretraining.md (its history in docs/research/pretraining.md).
 """
 
 from __future__ import annotations

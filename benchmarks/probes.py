@@ -3,7 +3,7 @@
 
 - ``head``: ACDC, the expert's DynUNet + softmax Dice/CE against the universal no-priors network +
   exclusive class loss, with task logits from 0 and from logit(0.01); loss parts every 20 steps
-  (docs/methods/hermes.md, "ACDC").
+  (docs/research/hermes.md, "ACDC").
 - ``width``: JSRT, a tiny student's filter profile (6..48: the first rule; 11..44: the current one)
   trained alone with Dice + CE; predicted share of each class every 25 steps (docs/methods/distillation.md).
 - ``latency``: batch-1 latency at JSRT's 224 px plan of the teacher's network, the tiny student at
@@ -16,7 +16,7 @@
   of real training patches): norms of the anchors and of the head's part, the mean cosine between
   the tasks' head parts, effective prototypes and fused task tokens, how far the head's part moves
   between noise and real input, and the cosine between datasets of the part their tasks share
-  (docs/methods/hermes.md, "What the task head learns").
+  (docs/research/hermes.md, "What the task head learns").
 - ``students``: the tiny student's filters, parameters and GFLOPs at JSRT's 224 px and the polyp
   128 px plans, plain and depthwise-separable (``--separable``), at full resolution and at the
   default stem (docs/methods/distillation.md, "separable"); no training, no timing.

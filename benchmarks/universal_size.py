@@ -6,7 +6,7 @@ For the planner's 6-stage layout of a 128 px and a 256 px plan (filters 16..256;
 modalities, 3 channels): parameters, and the median time of a training step (forward + backward +
 SGD, bf16 autocast, the torch threads as set) at the planner's batch for that patch, for several
 fusion widths and placements, beside the plain DynUNet expert. Writes ``size.json`` and ``size.md`` in
-``benchmarks/results/universal/`` (docs/methods/hermes.md "Size" quotes them).
+``benchmarks/results/universal/`` (docs/research/hermes.md "Size" quotes them).
 """
 
 from __future__ import annotations

@@ -35,12 +35,38 @@ def test_train_method_and_its_old_name_parse_alike(method):
     assert new == old and new["set"] is None
 
 
-def test_the_old_names_are_left_out_of_the_help():
+def test_the_help_lists_every_command_once_by_group_and_not_the_old_names():
     text = build_parser().format_help()
-    commands = text.split("{", 1)[1].split("}", 1)[0].split(",")
-    assert commands[:3] == ["data", "plan", "train"] and not set(commands) & set(MOVED_ARGS)
-    listed = re.findall(r"^    (\S+)", text, flags=re.MULTILINE)  # a command per line, its help beside or below it
-    assert listed == commands
+    listed = re.findall(r"^  ([a-z]\S*)  ", text.split("commands, by what they are for:")[1], flags=re.MULTILINE)  # a command per line, its help beside it
+    at = [text.index(f"\n{g}:\n") for g in cli.COMMAND_GROUPS]
+    assert at == sorted(at)
+    assert listed == [n for names in cli.COMMAND_GROUPS.values() for n in names]
+    assert not set(listed) & set(MOVED_ARGS)
+    assert listed[:3] == ["data", "plan", "train"] and "export" in listed and "pipeline" in listed
+
+
+def _all_flags(parser, path=("medalloy",)):
+    import argparse
+
+    parser.ready() if hasattr(parser, "ready") else None
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_flags(sub, (*path, name))
+        elif action.option_strings and action.dest not in ("help", "version"):
+            yield " ".join(path), parser, action
+
+
+def test_every_flag_of_every_command_has_help_that_says_its_default():
+    missing, silent = [], []
+    for where, parser, action in _all_flags(build_parser()):
+        shown = parser._get_formatter()._expand_help(action) if action.help else ""
+        if not shown.strip():
+            missing.append(f"{where} {action.option_strings[0]}")
+        elif action.default not in (None, False) and "default" not in shown.lower():
+            silent.append(f"{where} {action.option_strings[0]}: {shown}")
+    assert not missing, missing
+    assert not silent, silent
 
 
 @pytest.mark.parametrize("method", sorted(MOVED_ARGS))
@@ -291,3 +317,23 @@ def test_building_the_parser_imports_no_recipe():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_version_lives_in_one_place(capsys):
+    from pathlib import Path
+
+    import tomllib
+    import yaml
+
+    import medalloy
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"medalloy {medalloy.__version__}"
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"] and project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "medalloy.__version__"}
+    assert yaml.safe_load((root / "CITATION.cff").read_text(encoding="utf-8"))["version"] == medalloy.__version__  # kept in step
+    assert f"({medalloy.__version__})" in (root / "CHANGELOG.md").read_text(encoding="utf-8") or f"## {medalloy.__version__}" in (
+        root / "CHANGELOG.md"
+    ).read_text(encoding="utf-8")

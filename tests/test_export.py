@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import medalloy
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -65,6 +67,7 @@ def test_expert_graph_matches_pytorch_and_predicts_through_onnx_runtime(data, ru
     assert main(["-q", "export", str(runs / "expert"), "--out", str(out)]) == 0
     meta = json.loads(sidecar_path(out).read_text(encoding="utf-8"))
     assert meta["opset"] >= 17 and meta["activation"] == "softmax" and meta["labels"] == {"background": 0, "lung": 1, "heart": 2}
+    assert meta["medalloy"] == medalloy.__version__  # the release, from its one place
     model, plan, _ = load_model(runs / "expert" / "checkpoints" / "best.safetensors")
     assert _max_diff(model, out, (plan.in_channels, *plan.patch_size)) < 1e-3
     # dynamic spatial size: any multiple of the total stride, e.g. one more stride along the first axis

@@ -27,11 +27,56 @@ from medalloy.errors import MedalloyError
 AUGMENT_CHOICES = ("default", "strong")
 
 
+class _Help(argparse.HelpFormatter):
+    """Every flag's help ends with its default where the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _TopHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """The command groups are laid out by hand (the epilog)."""
+
+
+# `medalloy --help` lists the commands by what they are for
+COMMAND_GROUPS = {
+    "data": ("data", "plan"),
+    "train": ("train", "pipeline", "demo"),
+    "predict and score": ("predict", "evaluate"),
+    "deploy": ("export",),
+    "pretraining tools": ("zeroshot", "caption", "probe", "retrieve"),
+}
+_COMMAND_HELP: dict[str, str] = {}
+
+
+def _command(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A top-level command: its one line in the grouped listing and atop its own --help."""
+    _COMMAND_HELP[name] = text
+    return sub.add_parser(name, description=text.replace("%%", "%").capitalize())
+
+
+def _grouped_commands() -> str:
+    width = max(len(n) for n in _COMMAND_HELP) + 2
+    lines = []
+    for group, names in COMMAND_GROUPS.items():
+        lines.append(f"{group}:")
+        lines += [f"  {n:<{width}}{_COMMAND_HELP[n].replace('%%', '%')}" for n in names]
+        lines.append("")
+    return "commands, by what they are for:\n\n" + "\n".join(lines) + "`medalloy COMMAND --help` describes each command and its flags."
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that may add its arguments when first used (:meth:`later`): a train method's
     flags come from its recipe's config class, whose import (torch, MONAI: seconds) no other command waits for."""
 
     _later: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
         self._later = add
@@ -345,7 +390,7 @@ def _run_flags(c: argparse.ArgumentParser, method: str, what: str) -> None:
     _field_flags(c, method)
     c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse, or --resume it)")
     _set_flag(c)
 
 
@@ -363,7 +408,7 @@ def _overrides(a: argparse.Namespace, method: str, special: dict[str, Any] | Non
 def _expert_flags(c: argparse.ArgumentParser) -> None:
     """The flags of ``train expert``."""
     c.add_argument("dataset")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the run folder to write")
     c.add_argument("--plan", default=None, help="plan JSON (default: plan the dataset now)")
     c.add_argument("--init", default=None, metavar="RUN", help="start the encoder from a pretrain (or expert) run; without --plan the plan takes its network")
     _run_flags(c, "expert", "train/augment")
@@ -373,7 +418,7 @@ def _expert_flags(c: argparse.ArgumentParser) -> None:
 def _universal_flags(c: argparse.ArgumentParser) -> None:
     """The flags of ``train universal``."""
     c.add_argument("datasets", nargs="+")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the run folder to write")
     c.add_argument(
         "--patch", type=int, default=None,
         help="one square (cube) patch side for every dataset, datasets mixed in each batch "
@@ -387,7 +432,7 @@ def _distill_flags(c: argparse.ArgumentParser) -> None:
     """The flags of ``train distill`` (and of its old name, ``distill``)."""
     c.add_argument("datasets", nargs="+", metavar="DATASET")
     c.add_argument("--teacher", required=True, help="run folder or checkpoint of any medalloy model")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the run folder to write")
     c.add_argument("--separable", action="store_true", help="depthwise-separable convolutions in the student (wider filters within the same budget)")
     c.add_argument(
         "--stem",
@@ -418,7 +463,7 @@ def _amalgamate_flags(c: argparse.ArgumentParser) -> None:
         "--experts", nargs="+", action="extend", default=[], metavar="RUN",
         help="medalloy expert runs or trained nnU-Net v2 model folders (.../nnUNetTrainer__nnUNetPlans__2d[/fold_0]); none: the foundation alone",
     )  # fmt: skip
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the run folder to write")
     c.add_argument(
         "--foundation", default=None, help="swinunetr (from scratch, default), a weights file (.safetensors, MONAI's model_swinvit.pt) or an amalgamate run"
     )
@@ -437,7 +482,7 @@ def _pretrain_flags(c: argparse.ArgumentParser) -> None:
     """The flags of ``train pretrain`` (and of its old name, ``pretrain``)."""
     c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row")
     c.add_argument("--text-only", default=None, metavar="CSV", help="findings -> impression reports without images (summarization stage)")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the run folder to write")
     c.add_argument("--plan", default=None, help="plan JSON of a 2D X-ray dataset (default: the planner's network for --image-size)")
     _report_column_flags(c)
     c.add_argument("--text-only-findings-column", default=None, help="--text-only CSV column of the findings (default 'findings')")
@@ -562,40 +607,45 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 def build_parser() -> _Parser:
     from medalloy import __version__
 
-    p = _Parser(prog="medalloy", description="Universal medical image segmentation from many datasets and models.")
+    p = _Parser(
+        prog="medalloy",
+        description="Universal medical image segmentation from many datasets and models.",
+        formatter_class=_TopHelp,
+        usage="medalloy [-h] [--version] [--threads THREADS] [-q] COMMAND ...",
+    )
     p.add_argument("--version", action="version", version=f"medalloy {__version__}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)  # listed by group in the epilog
 
-    data = sub.add_parser("data", help="datasets: check, import, synthesise, split").add_subparsers(dest="data_command", required=True)
+    data = _command(sub, "data", "datasets: check, import, synthesise, split").add_subparsers(dest="data_command", required=True)
     c = data.add_parser("check", help="list every problem of an nnU-Net raw dataset (exit 1 if any)")
     c.add_argument("dataset")
     c.set_defaults(fn=cmd_data_check)
     c = data.add_parser("import-folders", help="images/ + masks/ folders into an nnU-Net raw dataset (PNG)")
-    c.add_argument("--images", required=True)
-    c.add_argument("--masks", required=True)
+    c.add_argument("--images", required=True, help="folder of images (PNG, JPEG, BMP or TIFF)")
+    c.add_argument("--masks", required=True, help="folder of masks with the same file stems (pixel value = label value)")
     c.add_argument("--out", required=True, help="DatasetNNN_Name folder (created, or extended with a new source)")
     c.add_argument("--source", required=True, help="centre/scanner/site name of these cases")
     c.add_argument("--label", action="append", metavar="NAME=VALUE", help="label map entry (repeatable); default foreground=1")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace cases of this source already in --out")
     c.set_defaults(fn=cmd_data_import)
     c = data.add_parser("synth", help="write the built-in synthetic multi-site collection")
-    c.add_argument("--out", required=True)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="folder for the four Dataset9NN_Synth* datasets")
+    c.add_argument("--seed", type=int, default=0, help="the images' seed (the same seed, the same data)")
     c.add_argument("--cases", type=int, default=10, help="training cases per source")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace datasets already in --out")
     c.set_defaults(fn=cmd_data_synth)
     c = data.add_parser("split", help="write k-fold (by patient when known) or leave-one-source-out splits")
     c.add_argument("dataset")
-    c.add_argument("--folds", type=int, default=5)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--folds", type=int, default=5, help="number of folds")
+    c.add_argument("--seed", type=int, default=0, help="the shuffle of patients (groups) before they are dealt to folds")
     c.add_argument("--loso", action="store_true", help="leave-one-source-out instead of k-fold")
-    c.add_argument("--out", default=None)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--out", default=None, help="JSON to write (default: DATASET/splits_final.json, as nnU-Net; splits_loso.json with --loso)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing splits file")
     c.set_defaults(fn=cmd_data_split)
 
-    c = sub.add_parser("plan", help="fingerprint a dataset and write an editable plan JSON")
+    c = _command(sub, "plan", "fingerprint a dataset and write an editable plan JSON")
     c.add_argument("dataset")
     c.add_argument("--out", default=None, help="default DATASET/plan.json")
     c.add_argument("--dim", type=int, choices=(2, 3), default=None, help="force 2D or 3D")
@@ -604,11 +654,13 @@ def build_parser() -> _Parser:
         "--max-2d-patch", type=int, default=None,
         help="2D: cap the patch side; larger images are cropped in training, tiled in inference (cheaper steps, less context: changes how the expert fares on other sources, either way; measure it there)",
     )  # fmt: skip
-    c.add_argument("--base-filters", type=int, default=None)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument(
+        "--base-filters", type=int, default=None, help="filters of the first stage, doubled per stage up to the planner's cap (default: the planner's 16)"
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     c.set_defaults(fn=cmd_plan)
 
-    train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
+    train = _command(sub, "train", "train a model").add_subparsers(dest="method", required=True)
     for name, (text, add_flags) in TRAIN_METHODS.items():
         train.add_parser(name, help=text).later(add_flags)
         if name in MOVED:
@@ -616,15 +668,15 @@ def build_parser() -> _Parser:
             alias.later(add_flags)
             alias.set_defaults(moved=name)
 
-    c = sub.add_parser("predict", help="segment a folder of images with a trained run")
+    c = _command(sub, "predict", "segment a folder of images with a trained run")
     c.add_argument("run", help="run folder, .safetensors checkpoint or exported .onnx graph (run by ONNX Runtime)")
-    c.add_argument("--input", required=True)
-    c.add_argument("--output", required=True)
+    c.add_argument("--input", required=True, help="folder of images (nnU-Net CASE_0000.nii.gz / PNG / JPEG; a DICOM series per subfolder)")
+    c.add_argument("--output", required=True, help="folder for the label maps (same names and geometry as the inputs)")
     c.add_argument("--tta", action="store_true", help="average over mirrored inputs")
     c.add_argument("--probabilities", action="store_true", help="also write CASE.npz with class probabilities")
-    c.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    c.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of a run folder")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 where the device computes it fast")
     c.add_argument("--dataset", default=None, help="universal models: the training dataset (name, folder name or path) whose tasks and preprocessing apply")
     c.add_argument(
         "--task",
@@ -639,26 +691,26 @@ def build_parser() -> _Parser:
         action="store_true",
         help="keep PNG/JPEG inputs at their own pixel size (default: where their median size is more than 1.25x off the training data's typical size, each is resampled to it)",
     )
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace predictions already in --output")
     c.set_defaults(fn=cmd_predict)
 
-    c = sub.add_parser("zeroshot", help="classify radiographs by text prompts with a pretrain run")
+    c = _command(sub, "zeroshot", "classify radiographs by text prompts with a pretrain run")
     c.add_argument("run", help="pretrain run folder or checkpoint")
     c.add_argument("--images", required=True, help="folder of radiographs")
     c.add_argument("--classes", required=True, help='comma-separated class names, e.g. "COVID-19,No Finding"')
     c.add_argument("--prompt", default="{}", help="text for a class, {} replaced by its name (default: the name itself)")
     c.add_argument("--output", default="zeroshot.csv", help="CSV to write (default zeroshot.csv)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     c.set_defaults(fn=cmd_zeroshot)
 
-    c = sub.add_parser("caption", help="generate an impression for each radiograph with a pretrain run")
+    c = _command(sub, "caption", "generate an impression for each radiograph with a pretrain run")
     c.add_argument("run", help="pretrain run folder or checkpoint")
     c.add_argument("--images", required=True, help="folder of radiographs")
     c.add_argument("--output", default="captions.csv", help="CSV to write (default captions.csv)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     c.set_defaults(fn=cmd_caption)
 
-    c = sub.add_parser("probe", help="linear probe of a pretrain run's frozen encoder with 1, 10, 100 %% of the labels (patients held out)")
+    c = _command(sub, "probe", "linear probe of a pretrain run's frozen encoder with 1, 10, 100 %% of the labels (patients held out)")
     c.add_argument("run", help="pretrain run folder or checkpoint")
     c.add_argument("--pairs", required=True, metavar="CSV", help="image path, patient, label (and findings, impression) per row")
     c.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="F", help="shares of the training labels (default 0.01 0.1 1.0)")
@@ -666,27 +718,27 @@ def build_parser() -> _Parser:
     c.add_argument("--seed", type=int, default=0, help="which patients are held out, which labels are kept")
     _report_column_flags(c, label="finding")
     c.add_argument("--output", default="probe.json", help="JSON to write (default probe.json)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     c.set_defaults(fn=cmd_probe)
 
-    c = sub.add_parser("retrieve", help="image <-> impression retrieval Recall@k with a pretrain run")
+    c = _command(sub, "retrieve", "image <-> impression retrieval Recall@k with a pretrain run")
     c.add_argument("run", help="pretrain run folder or checkpoint")
     c.add_argument("--pairs", required=True, metavar="CSV", help="image path, findings, impression (and patient) per row; score pairs the run did not train on")
     c.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="Recall@k for each k (default 1 5 10)")
     _report_column_flags(c)
     c.add_argument("--output", default="retrieval.json", help="JSON to write (default retrieval.json)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     c.set_defaults(fn=cmd_retrieve)
 
-    c = sub.add_parser("export", help="a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
+    c = _command(sub, "export", "a trained model as an ONNX graph and its JSON sidecar, for ONNX Runtime")
     c.add_argument("run", help="run folder, .safetensors checkpoint or trained nnU-Net v2 model folder")
-    c.add_argument("--format", choices=("onnx",), default="onnx")
+    c.add_argument("--format", choices=("onnx",), default="onnx", help="the exported format")
     c.add_argument("--out", required=True, help="MODEL.onnx (the sidecar MODEL.onnx.json is written beside it)")
-    c.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    c.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of a run folder")
     c.add_argument("--dataset", default=None, help="universal models: export bound to this training dataset's tasks and preprocessing")
     c.add_argument("--task", action="append", default=None, metavar="T", help="universal models: export bound to these tasks (one sigmoid map each)")
     c.add_argument("--modality", default=None, help="with --task and no --dataset: the preprocessing of a training dataset of this modality")
-    c.add_argument("--opset", type=int, default=18)
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or later)")
     c.add_argument(
         "--quantize", choices=("int8",), default=None, help="int8 graph through ONNX Runtime: static with --calibration, else dynamic (weights only)"
     )
@@ -696,18 +748,18 @@ def build_parser() -> _Parser:
         metavar="DIR",
         help="with --quantize: images (as for predict --input, e.g. DATASET/imagesTr) whose activation ranges calibrate int8",
     )
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing graph and sidecar")
     c.set_defaults(fn=cmd_export)
 
-    c = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice of predictions against ground truth")
-    c.add_argument("--pred", required=True)
-    c.add_argument("--gt", required=True)
+    c = _command(sub, "evaluate", "Dice, HD95 and surface Dice of predictions against ground truth")
+    c.add_argument("--pred", required=True, help="folder of predicted label maps")
+    c.add_argument("--gt", required=True, help="folder of ground-truth label maps (same file names)")
     c.add_argument("--dataset", default=None, help="dataset folder, for labels, sources and images in overlays")
     c.add_argument("--out", default=None, help="default PRED/evaluation")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
     c.set_defaults(fn=cmd_evaluate)
 
-    c = sub.add_parser("pipeline", help="datasets -> experts -> universal -> amalgamated -> student -> ONNX -> report, from one YAML")
+    c = _command(sub, "pipeline", "datasets -> experts -> universal -> amalgamated -> student -> ONNX -> report, from one YAML")
     c.add_argument("config", nargs="?", default=None, help="the pipeline file (examples/demo.yaml)")
     c.add_argument("--out", default=None, help="the run folder; a run started again in it reuses the stages that finished")
     c.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
@@ -717,13 +769,14 @@ def build_parser() -> _Parser:
     c.add_argument("--schema", action="store_true", help="print the pipeline file's JSON schema and exit")
     c.set_defaults(fn=cmd_pipeline)
 
-    c = sub.add_parser("demo", help="the demo pipeline (examples/demo.yaml) on built-in synthetic data")
-    c.add_argument("--out", default="runs/demo")
+    c = _command(sub, "demo", "the demo pipeline (examples/demo.yaml) on built-in synthetic data")
+    c.add_argument("--out", default="runs/demo", help="the run folder")
     c.add_argument("--steps", type=int, default=None, help="every training stage's steps (a quick look; default: the demo's own)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--seed", type=int, default=0, help="every stage's seed")
+    c.add_argument("--overwrite", action="store_true", help="start the run folder afresh (default: reuse what finished)")
     c.set_defaults(fn=cmd_demo)
-    sub.metavar = "{" + ",".join(name for name in sub.choices if name not in MOVED) + "}"
+    assert sorted(n for g in COMMAND_GROUPS.values() for n in g) == sorted(_COMMAND_HELP), "every command in one group"
+    p.epilog = _grouped_commands()
     return p
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from medalloy import __version__
 from medalloy.errors import MedalloyError
 from medalloy.interop.onnx_runtime import INPUT, OUTPUT, SIDECAR_FORMAT, SIDECAR_VERSION, file_sha256, sidecar_path
 from medalloy.jsonio import atomic_path, write_json_atomic
@@ -140,6 +141,7 @@ def export_onnx(
     meta = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
+        "medalloy": __version__,  # the release that exported it (the sidecar's own format is "version")
         "onnx_file": out.name,
         "onnx_sha256": sha,
         "opset": opset,

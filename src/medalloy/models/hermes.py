@@ -101,7 +101,7 @@ class HermesNet(nn.Module):
         # one label map (ACDC's RV / MYO / LV) then begin as one class, and the hardest of them never
         # split off (trained RV vs LV prototypes: cosine 0.99, RV Dice 0.01). The anchor gives every
         # task its own direction from the start; the priors then modulate it per image
-        # (docs/methods/hermes.md "Task anchors").
+        # (docs/research/hermes.md "Task anchors").
         if not self.fusion or task_anchors:
             self.task_weight = nn.Embedding(n_tasks + 1, out_dim)
             nn.init.normal_(self.task_weight.weight, std=out_dim**-0.5)
@@ -110,12 +110,12 @@ class HermesNet(nn.Module):
         if identity_init and self.fusion and self.task_weight is not None:
             # the prototype starts as the anchor alone: with the fusion layers at identity, a fresh
             # network is the no-priors one (its backbone, a vector and an offset per task), and the
-            # priors add only what training finds useful (docs/methods/hermes.md)
+            # priors add only what training finds useful (docs/research/hermes.md)
             nn.init.zeros_(self.task_head[-1].weight)
             nn.init.zeros_(self.task_head[-1].bias)
         # a learned logit offset per task, started at the prior probability (RetinaNet's init): every
         # task begins by predicting "mostly absent", as the experts' softmax quickly learns to, instead
-        # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/methods/hermes.md)
+        # of spending its first hundreds of steps pulling 0.5 everywhere down (docs/research/hermes.md)
         if prior_probability is not None or not self.fusion:
             self.task_bias = nn.Embedding(n_tasks + 1, 1)
             start = 0.0 if prior_probability is None else float(torch.logit(torch.tensor(prior_probability)))

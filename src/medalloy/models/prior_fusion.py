@@ -19,13 +19,13 @@ Shapes (``P`` = prior tokens of a sample = ``T`` task tokens + ``M`` modality to
 - :class:`PriorFusionLayer` ``(features (B, C, *sp), task_ids, modality_ids)``: when ``width < C``
   the fusion runs on ``z = Down(f)`` (a per-position linear map C -> width) and returns
   ``f + Up(z' - z)`` (``Up``: width -> C), so its cost and size are those of a ``width``-channel
-  layer at every scale (medalloy's choice, docs/methods/hermes.md "Size"). ``identity_init``: the
+  layer at every scale (medalloy's choice, docs/research/hermes.md "Size"). ``identity_init``: the
   layer's feature output starts at zero (``Up``, or each block's last feature projections when the
   layer runs at full width), so a fresh layer passes the features through unchanged (ControlNet's
-  zero convolution; docs/methods/hermes.md "Fusion that starts as the identity"). ``prior_init_std``:
+  zero convolution; docs/research/hermes.md "Fusion that starts as the identity"). ``prior_init_std``:
   the prior tables start at N(0, std^2) (0.02: ViT's token init; larger keeps a task's identity
   above what its token reads from the image, though not in what the trained head makes of it:
-  docs/methods/hermes.md "What the task head learns").
+  docs/research/hermes.md "What the task head learns").
 """
 
 from __future__ import annotations

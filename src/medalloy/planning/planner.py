@@ -22,7 +22,7 @@ rules below, and is explained in ``Plan.notes``.
    which changes how an expert fares on other sources, either way: a Shenzhen expert planned with
    128 px crops labelled the dark border of a third source's X-rays as lung, 0.71 Dice vs 0.90
    whole-image, yet scored 0.81 vs 0.20 on JSRT, and JSRT's 0.66 vs 0.76 on Shenzhen; the experts
-   benchmark's `-crop128` cross rows, docs/methods/hermes.md "Field of view"). 3D: while the padded patch exceeds ``max_3d_voxels`` the largest axis is shrunk by
+   benchmark's `-crop128` cross rows, docs/research/hermes.md "Field of view"). 3D: while the padded patch exceeds ``max_3d_voxels`` the largest axis is shrunk by
    its divisibility step. Each axis is finally rounded *up* to a multiple of ``2**pools`` on that
    axis (smaller images are padded, as nnU-Net does).
 4. **Network** (MONAI DynUNet). Stage 0 has stride 1. Each further stage has stride 2 on every

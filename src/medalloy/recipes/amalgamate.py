@@ -18,7 +18,7 @@ With ``expert_priors`` (default) each task's logits start from its own experts' 
 
 Datasets keep their own plans (spacing, normalisation, patch, batch); patches are rounded up to
 the foundation's 32 and every expert's total stride; each optimizer step averages the losses of
-``datasets_per_step`` datasets' own batches (as the universal model, docs/methods/hermes.md). The
+``datasets_per_step`` datasets' own batches (as the universal model, docs/research/hermes.md). The
 checkpoint holds the experts too, so ``medalloy predict RUN --dataset NAME`` (or ``--task T``)
 needs nothing else. Run folder as for the universal model (``registry.json``, ``plans/``, ...).
 """

@@ -9,7 +9,7 @@ case-insensitively. Each dataset keeps its own preprocessing plan (spacing, norm
 
 Field of view: by default each dataset keeps its own plan's patch and batch size (whole images
 where its expert would use them) and each optimizer step averages the losses of ``datasets_per_step``
-distinct datasets' batches (2 by default; docs/methods/hermes.md), drawn by ``dataset_weighting``;
+distinct datasets' batches (2 by default; docs/research/hermes.md "Two datasets a step"), drawn by ``dataset_weighting``;
 the network is the planner's topology of the plan with the most stages, and the other datasets'
 patches are padded up to its poolings. ``patch_size`` instead gives every dataset one square (cube)
 patch and mixes datasets within each batch, as the paper does.
@@ -58,15 +58,15 @@ class UniversalConfig(MultiDatasetConfig):
     fusion_finest_skipped: int = Field(2, ge=0)  # never at the two finest scales, as the paper
     fusion_scales: int | None = Field(
         1, ge=1
-    )  # at the bottleneck (measured: docs/methods/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
+    )  # at the bottleneck (measured: docs/research/hermes.md "Fusion at the bottleneck"; 3: the paper's placement, None: all but the finest)
     fusion_depth: int = Field(1, ge=1)
     tokens_per_modality: int = Field(10, ge=1)
     modality_weight: float = Field(0.01, ge=0.0)
-    task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/methods/hermes.md "Task anchors")
+    task_anchors: bool = True  # a learned vector per task added to its prototype: tasks start apart (docs/research/hermes.md "Task anchors")
     prior_init_std: float = Field(
         0.02, gt=0.0
-    )  # task and modality tokens start at N(0, std^2) (1.0 measured worse: docs/methods/hermes.md "What the task head learns")
-    fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/methods/hermes.md)
+    )  # task and modality tokens start at N(0, std^2) (1.0 measured worse: docs/research/hermes.md "What the task head learns")
+    fusion_identity_init: bool = True  # fusion layers start as the identity, prototypes as their anchors (docs/research/hermes.md)
 
 
 class UniversalSpec(ModelSpec):
