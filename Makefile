@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # the documentation site (mkdocs.yml) into site/; --strict: a broken link or anchor, or a page missing from the nav, fails
 docs: install

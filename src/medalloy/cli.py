@@ -159,8 +159,18 @@ def cmd_plan(a: argparse.Namespace) -> int:
         for k, v in {"max_2d_side": a.max_2d_side, "max_2d_patch": a.max_2d_patch, "base_filters": a.base_filters, "force_dim": a.dim}.items()
         if v is not None
     }
+    if a.budget_minutes:
+        from medalloy.engine.distributed import resolve_device
+        from medalloy.recipes.step_timing import machine_description, step_seconds
+
+        device = str(resolve_device(a.device))
+        kw.update(budget_minutes=a.budget_minutes, step_seconds=step_seconds(device), machine=machine_description(device))
     plan = plan_and_save(a.dataset, out, overwrite=a.overwrite, progress=not a.quiet, **kw)
     print(f"{out}: {plan.dim}D, patch {plan.patch_size}, spacing {plan.target_spacing}, batch {plan.batch_size}, filters {plan.network.filters}")
+    if plan.budget is not None:
+        for c in plan.budget.candidates:
+            mark = "*" if c.name == plan.budget.chosen else " "
+            print(f"  {mark} {c.name}: patch {c.patch_size}, {c.seconds_per_step:g} s/step, {c.expected_steps} steps, {c.expected_epochs:g} epochs")
     for note in plan.notes:
         print(f"  - {note}")
     return 0
@@ -654,6 +664,11 @@ def build_parser() -> _Parser:
         "--max-2d-patch", type=int, default=None,
         help="2D: cap the patch side; larger images are cropped in training, tiled in inference (cheaper steps, less context: changes how the expert fares on other sources, either way; measure it there)",
     )  # fmt: skip
+    c.add_argument(
+        "--budget-minutes", type=float, default=None,
+        help="choose the finest resolution and width expected to converge in this training time, from step times measured here (cached per machine; plan.json says why); without it, the planner's rules alone",
+    )  # fmt: skip
+    c.add_argument("--device", default="auto", help="with --budget-minutes: where step times are measured (cpu, cuda, cuda:N or auto)")
     c.add_argument(
         "--base-filters", type=int, default=None, help="filters of the first stage, doubled per stage up to the planner's cap (default: the planner's 16)"
     )

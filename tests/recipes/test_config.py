@@ -68,7 +68,11 @@ def test_named_overrides_are_the_config_fields_and_the_train_fields():
     uni = universal_config(None, fusion_width=32, task_anchors=False, plan_options={"Dataset001_A": {"max_2d_side": 64}})
     assert (uni.fusion_width, uni.task_anchors, uni.plan_options["Dataset001_A"].max_2d_side) == (32, False, 64)
     top, train = override_names(ExpertConfig)
-    assert top == ("augment", "fold", "folds", "max_val_cases", "batch_size") and train[:3] == ("steps", "optimizer", "lr") and "time_budget_minutes" in train
+    assert (
+        top == ("augment", "fold", "folds", "max_val_cases", "batch_size", "plan_for_budget")
+        and train[:3] == ("steps", "optimizer", "lr")
+        and "time_budget_minutes" in train
+    )
     for cls in (ExpertConfig, UniversalConfig, DistillConfig, AmalgamateConfig, PretrainConfig):
         top, train = override_names(cls)
         assert not set(top) & set(train) and "train" not in top and "seed" in train  # one meaning per name
@@ -117,7 +121,7 @@ def test_set_leaves_a_given_config_object_unchanged():
 @pytest.mark.parametrize(
     ("sets", "match"),
     [
-        (["bogus=1"], r"^--set bogus: ExpertConfig has no field 'bogus'; use one of train, augment, fold, folds, max_val_cases, batch_size$"),
+        (["bogus=1"], r"^--set bogus: ExpertConfig has no field 'bogus'; use one of train, augment, fold, folds, max_val_cases, batch_size, plan_for_budget$"),
         (["train.lrr=1"], r"^--set train.lrr: ExpertConfig.train has no field 'lrr'; use one of steps, optimizer, lr, "),
         (["augment.bogus=1"], r"^--set augment.bogus: ExpertConfig.augment has no field 'bogus'; use one of enabled, "),
         (["fold.x=1"], r"^--set fold.x: 'fold' is a value, not a section; set it whole: --set fold=VALUE$"),

@@ -126,3 +126,31 @@ def test_train_expert_total_is_dice_plus_ce_with_nnunets_head_weights(deep_super
         heads, weights = [logits], [1.0]
     expected = sum(w * _dice_ce_by_hand(h, label) for w, h in zip(weights, heads))
     assert row["loss"] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("plan_for_budget", [True, False])
+def test_an_expert_with_a_time_budget_trains_the_budget_planners_plan(tmp_path, monkeypatch, plan_for_budget):
+    from medalloy.data.dataset import RawDataset
+    from medalloy.data.synth import generate_dataset
+    from medalloy.planning.fingerprint import fingerprint
+    from medalloy.planning.plan import load_plan
+    from medalloy.planning.planner import plan_dataset
+    from medalloy.recipes import expert as expert_recipe
+    from medalloy.recipes import step_timing
+
+    monkeypatch.setenv("MEDALLOY_CACHE", str(tmp_path / "cache"))
+    # a machine on which the full-resolution step is too slow for the budget: 1 s a step at 112 px, 16 filters
+    monkeypatch.setattr(step_timing, "measure_step_seconds", lambda plan, device: (plan.patch_size[0] / 112) ** 2 * (plan.network.filters[0] / 16) ** 2)
+    path = generate_dataset("Dataset902_SynthCXR", tmp_path / "synth", seed=1, cases_per_source=2, test_cases_per_source=0, progress=False)
+    cfg = expert_recipe.ExpertConfig(folds=2, max_val_cases=1, plan_for_budget=plan_for_budget)
+    cfg.train.time_budget_minutes, cfg.train.val_every, cfg.train.precision = 0.02, 1000, "fp32"
+    expert_recipe.train_expert(path, tmp_path / "run", config=cfg, progress=False)
+    plan = load_plan(tmp_path / "run" / "plan.json")
+    own = plan_dataset(RawDataset(path), fingerprint(RawDataset(path), progress=False))
+    if not plan_for_budget:
+        assert plan.budget is None and plan.patch_size == own.patch_size
+        return
+    # 1.2 s of training cannot give the 112 px plan its epochs: a coarser or narrower plan, and why
+    assert plan.budget.minutes == 0.02 and plan.budget.train_cases == 2 and plan.budget.chosen != "full resolution"
+    assert plan.budget.candidates[0].patch_size == own.patch_size
+    assert plan.patch_size != own.patch_size or plan.network.filters != own.network.filters

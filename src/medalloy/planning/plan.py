@@ -68,6 +68,36 @@ class NetworkPlan(BaseModel):
         return [math.prod(s[a] for s in self.strides) for a in range(len(self.strides[0]))]
 
 
+class BudgetCandidate(BaseModel):
+    """One configuration the budget planner weighed: its size, and what this machine makes of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    patch_size: list[int]
+    target_spacing: list[float]
+    filters: list[int]
+    batch_size: int
+    seconds_per_step: float  # measured here, the engine's overhead included
+    expected_steps: int
+    expected_epochs: float  # training cases seen, each as often
+
+
+class BudgetChoice(BaseModel):
+    """Why a plan was chosen for a time budget (:mod:`medalloy.planning.budget`): the candidates in
+    order of quality, each one's measured step time and expected epochs, and the rule's reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    minutes: float
+    min_epochs: float
+    train_cases: int
+    chosen: str
+    why: str
+    machine: str = ""
+    candidates: list[BudgetCandidate]
+
+
 class Plan(BaseModel):
     """Everything decided about a dataset before training."""
 
@@ -94,6 +124,8 @@ class Plan(BaseModel):
     # kept): with median_shape, the geometry that predict compares new images with (planning/input_fit.py).
     median_spacing: list[float] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    # a plan chosen for a time budget says how (None: the planner's rules alone)
+    budget: BudgetChoice | None = None
 
     @property
     def num_classes(self) -> int:

@@ -308,8 +308,12 @@ def plan_dataset(
     batch_2d: int | None = None,
     force_dim: int | None = None,
     max_2d_patch: int | None = None,
+    resolution_factor: float = 1.0,
 ) -> Plan:
     """Make a :class:`Plan` for ``dataset`` by the rules in the module docstring.
+
+    ``resolution_factor`` > 1 trains at a coarser resolution: the target spacing of rule 2 times
+    it (nnU-Net's lower-resolution stage; predictions are resampled back to each image's geometry).
 
     ``fp`` is the dataset's fingerprint (computed when None). ``Plan.median_shape`` is the raw
     median shape in array axes (all spatial axes, before resampling); ``target_spacing`` and
@@ -331,6 +335,11 @@ def plan_dataset(
     else:
         target, why = target_spacing_3d(fp["shapes"], fp["spacings"], spacing, max_3d_voxels)
     notes.append(why)
+    if resolution_factor != 1.0:
+        if resolution_factor < 1.0:
+            raise MedalloyError(f"resolution_factor {resolution_factor} < 1", fix="give 1 (the planner's resolution) or more (coarser)")
+        target = [float(round(t * resolution_factor, 6)) for t in target]
+        notes.append(f"target spacing {_fmt(target)}: x{resolution_factor:g} coarser (a lower-resolution plan; predictions resampled back)")
     median = resampled_median(fp["shapes"], fp["spacings"], axes, target)
     cap = max_2d_patch if dim == 2 else None
     patch, kernels, strides = patch_and_topology(median, target, dim, max_3d_voxels if dim == 3 else None, cap)
@@ -372,12 +381,19 @@ def plan_dataset(
     )
 
 
+def train_cases_of(dataset: RawDataset, folds: int = 5) -> int:
+    """The cases one fold of ``folds`` trains on (the experts' default split)."""
+    n = len(dataset.labelled_cases())
+    return max(1, n - -(-n // folds))
+
+
 def plan_and_save(dataset_path: str | Path, out_path: str | Path, overwrite: bool = False, **kw: Any) -> Plan:
     """Fingerprint and plan the dataset at ``dataset_path``; write the plan to ``out_path`` and the
     fingerprint to ``fingerprint.json`` beside it.
 
-    ``max_cases``, ``seed`` and ``progress`` in ``kw`` go to :func:`fingerprint`, the rest to
-    :func:`plan_dataset`. Existing files are only replaced with ``overwrite=True``; both are
+    ``max_cases``, ``seed`` and ``progress`` in ``kw`` go to :func:`fingerprint`; with
+    ``budget_minutes`` (and ``step_seconds``, ``train_cases``, ``machine``) the plan is the budget
+    planner's (:func:`medalloy.planning.budget.choose_for_budget`); the rest go to :func:`plan_dataset`. Existing files are only replaced with ``overwrite=True``; both are
     checked before any work is done.
     """
     out = Path(out_path)
@@ -389,8 +405,15 @@ def plan_and_save(dataset_path: str | Path, out_path: str | Path, overwrite: boo
             raise MedalloyError("file already exists", path, "pass overwrite=True (--overwrite) or choose another output folder")
     dataset = RawDataset(dataset_path)
     fp_kw = {k: kw.pop(k) for k in ("max_cases", "seed", "progress") if k in kw}
+    budget = {k: kw.pop(k) for k in ("budget_minutes", "step_seconds", "train_cases", "machine") if k in kw}
     fp = fingerprint(dataset, **fp_kw)
-    plan = plan_dataset(dataset, fp, **kw)
+    if budget.get("budget_minutes"):
+        from medalloy.planning.budget import choose_for_budget
+
+        cases = budget.get("train_cases") or train_cases_of(dataset)
+        plan = choose_for_budget(dataset, fp, budget["budget_minutes"], budget["step_seconds"], cases, machine=budget.get("machine", ""), **kw)
+    else:
+        plan = plan_dataset(dataset, fp, **kw)
     save_fingerprint(fp, fp_path, overwrite=True)
     save_plan(plan, out)
     return plan

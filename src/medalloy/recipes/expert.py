@@ -59,6 +59,11 @@ class ExpertConfig(SegmentationConfig):
     """Everything of an expert run that is not in the plan (YAML: ``--config CFG.yaml``)."""
 
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, val_every=100, lr=3e-3))
+    plan_for_budget: bool = Field(
+        True,
+        description="with train.time_budget_minutes and no plan given: the finest resolution and width expected to converge in the budget, "
+        "from step times measured on this machine (planning/budget.py; plan.json says why)",
+    )
 
 
 class ExpertSpec(ModelSpec):
@@ -114,14 +119,33 @@ def expert_loss(plan: Plan):
     return loss
 
 
-def _choose_plan(run: Run, ds: RawDataset, plan: str | Path | Plan | None, cfg: ExpertConfig, progress: bool, init: InitEncoder | None = None) -> Plan:
-    """Rank 0: the given plan, the resumed run's own, or a new one (with ``init``: on the
-    encoder's network); saved as ``plan.json``."""
+def _choose_plan(
+    run: Run,
+    ds: RawDataset,
+    plan: str | Path | Plan | None,
+    cfg: ExpertConfig,
+    progress: bool,
+    init: InitEncoder | None = None,
+    split: dict[str, list[str]] | None = None,
+) -> Plan:
+    """Rank 0: the given plan, the resumed run's own, or a new one (with a time budget: the budget
+    planner's; with ``init``: on the encoder's network); saved as ``plan.json``."""
     from medalloy.planning.fingerprint import fingerprint
     from medalloy.planning.planner import plan_dataset
 
     def new_plan() -> Plan:
-        made = plan_dataset(ds, fingerprint(ds, progress=progress))
+        fp = fingerprint(ds, progress=progress)
+        minutes = cfg.train.time_budget_minutes
+        if minutes and cfg.plan_for_budget and init is None:  # an encoder to start from fixes the network
+            from medalloy.engine.distributed import resolve_device
+            from medalloy.planning.budget import choose_for_budget
+            from medalloy.planning.planner import train_cases_of
+            from medalloy.recipes.step_timing import machine_description, step_seconds
+
+            device = str(resolve_device(cfg.train.device))
+            cases = len(split["train"]) if split else train_cases_of(ds, cfg.folds)
+            return choose_for_budget(ds, fp, minutes, step_seconds(device), cases, machine=machine_description(device))
+        made = plan_dataset(ds, fp)
         return made if init is None else adopt_encoder_network(made, init)
 
     the_plan = given_or_kept_plan(run, plan, new_plan)
@@ -159,7 +183,7 @@ class ExpertRecipe(Recipe[ExpertConfig]):
         return {"dataset": str(self.ds.root)}
 
     def prepare(self, run: Run) -> None:
-        self.plan = run.main(lambda: _choose_plan(run, self.ds, self.given_plan, self.cfg, self.progress, self.init_enc))
+        self.plan = run.main(lambda: _choose_plan(run, self.ds, self.given_plan, self.cfg, self.progress, self.init_enc, self.given_split))
 
     def choose_split(self, run: Run) -> dict[str, Any]:
         given = None if self.given_split is None else {self.ds.name: self.given_split}
