@@ -144,12 +144,17 @@ def test_an_expert_with_a_time_budget_trains_the_budget_planners_plan(tmp_path, 
     path = generate_dataset("Dataset902_SynthCXR", tmp_path / "synth", seed=1, cases_per_source=2, test_cases_per_source=0, progress=False)
     cfg = expert_recipe.ExpertConfig(folds=2, max_val_cases=1, plan_for_budget=plan_for_budget)
     cfg.train.time_budget_minutes, cfg.train.val_every, cfg.train.precision = 0.02, 1000, "fp32"
-    expert_recipe.train_expert(path, tmp_path / "run", config=cfg, progress=False)
+    summary = expert_recipe.train_expert(path, tmp_path / "run", config=cfg, progress=False)
     plan = load_plan(tmp_path / "run" / "plan.json")
     own = plan_dataset(RawDataset(path), fingerprint(RawDataset(path), progress=False))
     if not plan_for_budget:
-        assert plan.budget is None and plan.patch_size == own.patch_size
+        assert plan.budget is None and plan.patch_size == own.patch_size and "budget_check" not in summary
         return
+    # the run says what the planner expected and what it did (a run that stops early shows here)
+    check = summary["budget_check"]
+    chosen = next(c for c in plan.budget.candidates if c.name == plan.budget.chosen)
+    assert (check["expected_steps"], check["expected_epochs"], check["steps"]) == (chosen.expected_steps, chosen.expected_epochs, summary["steps"])
+    assert check["epochs"] == round(summary["steps"] * plan.batch_size / 2, 1)
     # 1.2 s of training cannot give the 112 px plan its epochs: a coarser or narrower plan, and why
     assert plan.budget.minutes == 0.02 and plan.budget.train_cases == 2 and plan.budget.chosen != "full resolution"
     assert plan.budget.candidates[0].patch_size == own.patch_size

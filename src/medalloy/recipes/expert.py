@@ -30,6 +30,7 @@ from medalloy.errors import MedalloyError
 from medalloy.losses import DiceCELoss
 from medalloy.models.image_encoder import load_encoder_into
 from medalloy.models.unet import build_unet, count_parameters
+from medalloy.planning.budget import samples_per_epoch
 from medalloy.planning.plan import NetworkPlan, Plan, save_plan
 from medalloy.recipes.config import SegmentationConfig, load_recipe_config
 from medalloy.recipes.init_weights import InitEncoder, adopt_encoder_network, read_init_encoder
@@ -221,7 +222,7 @@ class ExpertRecipe(Recipe[ExpertConfig]):
 
     def result(self, summary: dict[str, Any]) -> dict[str, Any]:
         r = self.record
-        return {
+        out = {
             "name": self.ds.name,
             "fold": self.cfg.fold,
             "train_cases": len(self.train_prep),
@@ -229,6 +230,15 @@ class ExpertRecipe(Recipe[ExpertConfig]):
             "params": r["params"],
             "init": r["init"],
         }
+        if self.plan.budget is not None:  # what the budget planner expected, against what the run did
+            expected = next(c for c in self.plan.budget.candidates if c.name == self.plan.budget.chosen)
+            steps = int(summary.get("steps") or 0)
+            out["budget_check"] = {
+                "expected_steps": expected.expected_steps, "steps": steps, "expected_epochs": expected.expected_epochs,
+                "epochs": round(steps * self.plan.batch_size / samples_per_epoch(self.plan, max(1, len(self.train_prep))), 1),
+                "min_epochs": self.plan.budget.min_epochs,
+            }  # fmt: skip
+        return out
 
 
 def train_expert(
