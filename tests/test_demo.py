@@ -20,6 +20,7 @@ def test_the_demo_file_is_a_valid_pipeline_of_every_stage():
     quick = demo_config(steps=3)
     assert all(s["train"]["steps"] == 3 for s in quick["stages"].values() if "train" in s)
     assert quick["stages"]["pretrain"]["summarize_steps"] == 3
+    assert quick["stages"]["evaluate"]["latency_runs"] == 3 and "latency_runs" not in demo_config()["stages"]["evaluate"]
 
 
 def test_demo_writes_the_report_with_every_model_on_the_held_out_cases(tmp_path):

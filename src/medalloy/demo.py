@@ -23,17 +23,22 @@ from medalloy.pipeline.runner import STATE_FILE
 DEMO_FILE = "demo.yaml"
 
 
+QUICK_LATENCY_RUNS = 3
+
+
 def demo_config(steps: int | None = None, seed: int = 0) -> dict[str, Any]:
     """The demo pipeline as a dict; ``steps`` (for a quick look or a test) replaces every training
-    stage's step count, pretraining's summarization steps too."""
+    stage's step count, pretraining's summarization steps too, and times each model 3 times."""
     cfg = yaml.safe_load(resources.files("medalloy.pipeline").joinpath(DEMO_FILE).read_text(encoding="utf-8"))
     cfg["seed"] = seed
     if steps is not None:
-        for stage in cfg["stages"].values():
+        for name, stage in cfg["stages"].items():
             if "train" in stage:
                 stage["train"] = {**stage["train"], "steps": steps, "val_every": max(1, steps // 2)}
             if "summarize_steps" in stage:
                 stage["summarize_steps"] = steps
+            if stage.get("kind", name) == "evaluate":
+                stage["latency_runs"] = QUICK_LATENCY_RUNS  # a quick look times nothing worth 20 runs
     return cfg
 
 
