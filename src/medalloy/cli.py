@@ -398,7 +398,10 @@ def _run_flags(c: argparse.ArgumentParser, method: str, what: str) -> None:
     """The training flags every train method has: --config, its field flags, --budget-minutes, --resume, --overwrite, --set."""
     c.add_argument("--config", default=None, help=f"YAML with {what} settings")
     _field_flags(c, method)
-    c.add_argument("--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time")
+    planned = "; without --plan, also the finest plan expected to converge in it (plan.json says why; plan_for_budget: false keeps the planner's own)"
+    c.add_argument(
+        "--budget-minutes", type=float, default=None, help="train as many steps as fit this wall-clock time" + (planned if method == "expert" else "")
+    )
     c.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     c.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse, or --resume it)")
     _set_flag(c)
