@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import tempfile
 from datetime import date
@@ -105,10 +104,9 @@ def score(run: Path, datasets: list[str]) -> list[dict[str, Any]]:
 
 
 def machine() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")] if info.exists() else []
-    model = names[0] if names else platform.processor() or "unknown CPU"
-    return f"{os.cpu_count()} CPU cores, {model}"
+    from medalloy.engine.machine import cpu_model
+
+    return f"{os.cpu_count()} CPU cores, {cpu_model()}"
 
 
 def render(result: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from medalloy.engine.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,19 +44,9 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None, "medalloy": medalloy.__version__}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
     """The hardware a time or a budget was measured on."""
-    info: dict[str, Any] = {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "gpu": None}
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "gpu": None}
     try:
         import torch
 

@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         }[name]
         print(json.dumps(fn()))
         return 0
-    import platform
 
     import torch
 
@@ -319,10 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "dice_difference": round(mean(bf16["dice"]) - mean(fp32["dice"]), 4),
     }
     fastest = min(infer2d["seconds_per_case"], key=infer2d["seconds_per_case"].get)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if ln.startswith("model name")),
-        platform.processor(),
-    )
+    from medalloy.engine.machine import cpu_model
+
+    cpu = cpu_model()
     flags = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
     units = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     result = {
