@@ -20,6 +20,7 @@ Every arm gets ``benchmarks/results/<study>/manifests/<arm>.json`` (:mod:`benchm
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -87,8 +88,6 @@ def _call(cmd: list[str]) -> int:
 
 
 def _pipeline_steps_minutes(out: Path) -> tuple[dict[str, int], dict[str, float]]:
-    import json
-
     state = json.loads((out / "pipeline.json").read_text(encoding="utf-8"))
     steps = {m["name"]: m["steps"] for s in state["stages"].values() for m in s.get("models", []) if m.get("steps") is not None}
     minutes = {name: round(s.get("seconds", 0.0) / 60, 2) for name, s in state["stages"].items()}

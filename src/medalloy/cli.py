@@ -160,11 +160,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
         if v is not None
     }
     if a.budget_minutes:
-        from medalloy.engine.distributed import resolve_device
-        from medalloy.recipes.step_timing import machine_description, step_seconds
+        from medalloy.recipes.step_timing import budget_timing
 
-        device = str(resolve_device(a.device))
-        kw.update(budget_minutes=a.budget_minutes, step_seconds=step_seconds(device), machine=machine_description(device))
+        kw.update(budget_minutes=a.budget_minutes, **budget_timing(a.device))
     plan = plan_and_save(a.dataset, out, overwrite=a.overwrite, progress=not a.quiet, **kw)
     print(f"{out}: {plan.dim}D, patch {plan.patch_size}, spacing {plan.target_spacing}, batch {plan.batch_size}, filters {plan.network.filters}")
     if plan.budget is not None:

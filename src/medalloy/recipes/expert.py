@@ -138,14 +138,13 @@ def _choose_plan(
         fp = fingerprint(ds, progress=progress)
         minutes = cfg.train.time_budget_minutes
         if minutes and cfg.plan_for_budget and init is None:  # an encoder to start from fixes the network
-            from medalloy.engine.distributed import resolve_device
             from medalloy.planning.budget import choose_for_budget
             from medalloy.planning.planner import train_cases_of
-            from medalloy.recipes.step_timing import machine_description, step_seconds
+            from medalloy.recipes.step_timing import budget_timing
 
-            device = str(resolve_device(cfg.train.device))
+            timing = budget_timing(cfg.train.device)
             cases = len(split["train"]) if split else train_cases_of(ds, cfg.folds)
-            return choose_for_budget(ds, fp, minutes, step_seconds(device), cases, machine=machine_description(device))
+            return choose_for_budget(ds, fp, minutes, timing["step_seconds"], cases, machine=timing["machine"])
         made = plan_dataset(ds, fp)
         return made if init is None else adopt_encoder_network(made, init)
 

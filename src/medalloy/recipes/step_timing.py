@@ -100,3 +100,12 @@ def step_seconds(device: str = "cpu", cache: Path | None = None, measure=None):
         return float(known[key])
 
     return seconds
+
+
+def budget_timing(device_name: str) -> dict[str, object]:
+    """What the budget planner takes from this machine: ``step_seconds`` (cached) and ``machine``
+    (its description), for ``device_name`` as the commands give it (``auto``, ``cpu``, ``cuda:N``)."""
+    from medalloy.engine.distributed import resolve_device
+
+    device = str(resolve_device(device_name))
+    return {"step_seconds": step_seconds(device), "machine": machine_description(device)}
